@@ -1,0 +1,38 @@
+# Fresh clone: `make demo` and `make test` need only python3 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint format demo calibrate clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check dedup tests benchmarks
+	$(BIN)/ruff format --check dedup tests benchmarks
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix dedup tests benchmarks
+	$(BIN)/ruff format dedup tests benchmarks
+
+demo: $(STAMP)
+	rm -rf demo-data
+	$(BIN)/python -m dedup.synth demo-data/shards 200 100
+	$(BIN)/dedup demo-data/shards --out demo-data/clean
+	@echo "report: demo-data/clean/dedup-report/ (summary.json, samples.parquet, clusters.parquet)"
+
+calibrate: $(STAMP)
+	$(BIN)/python benchmarks/calibrate_phash.py
+
+clean:
+	rm -rf demo-data bench-data .pytest_cache

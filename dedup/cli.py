@@ -1,0 +1,151 @@
+"""Command line: options -> Config -> pipeline.run(); no logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from dedup import __version__
+from dedup.config import KEEP_RULES, dump_config, load_config
+from dedup.errors import EXIT_INTERNAL, DedupError
+
+log = logging.getLogger("dedup")
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s dedup %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    )
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@click.option(
+    "-o",
+    "--out",
+    metavar="DIR",
+    help="Output directory: one cleaned shard per input shard, same file name.",
+)
+@click.option(
+    "--signals",
+    metavar="LIST",
+    help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash).",
+)
+@click.option(
+    "--phash-threshold",
+    type=int,
+    metavar="BITS",
+    help="Largest pHash Hamming distance (of 64 bits) that counts as a duplicate.",
+)
+@click.option(
+    "--keep",
+    type=click.Choice(KEEP_RULES),
+    help="Survivor rule: largest (most pixels, then bytes, then input order) or first.",
+)
+@click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores.")
+@click.option(
+    "--max-pixels",
+    type=int,
+    metavar="N",
+    help="Images above this many pixels (read from the header) pass through unhashed.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="YAML config file; flags given here override it.",
+)
+@click.option(
+    "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout at the end.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Write into a non-empty OUT not made by dedup, and recompute all features.",
+)
+@click.option("--dry-run", is_flag=True, help="Compute and report duplicates; write no shards.")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="dedup")
+def main(
+    inputs,
+    out,
+    signals,
+    phash_threshold,
+    keep,
+    workers,
+    max_pixels,
+    config_path,
+    report_dir,
+    as_json,
+    overwrite,
+    dry_run,
+    print_config,
+    quiet,
+    debug,
+):
+    """Remove duplicate and near-duplicate images from WebDataset shards.
+
+    Each INPUT is a directory (its *.tar shards, sorted), a shard file, a glob, or a
+    brace pattern such as 'data/shard-{000000..000099}.tar'.
+
+    Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
+    4 output directory refused or not writable.
+    """
+    _setup_logging(quiet)
+    try:
+        config = load_config(
+            config_path,
+            {
+                "signals": signals,
+                "phash_threshold": phash_threshold,
+                "keep": keep,
+                "workers": workers,
+                "max_pixels": max_pixels,
+            },
+        )
+        if print_config:
+            click.echo(dump_config(config), nl=False)
+            return
+        if not inputs:
+            raise click.UsageError("give at least one INPUT (shard, directory, glob or pattern)")
+        if not out:
+            raise click.UsageError("--out DIR is required")
+        from dedup.pipeline import run
+        from dedup.report import human_summary
+
+        summary = run(
+            list(inputs), out, config, report_dir=report_dir, overwrite=overwrite, dry_run=dry_run
+        )
+    except click.UsageError:
+        raise
+    except DedupError as e:
+        if debug:
+            raise
+        click.echo(f"dedup: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("dedup: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug: one line unless --debug
+        if debug:
+            raise
+        click.echo(
+            f"dedup: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+            err=True,
+        )
+        sys.exit(EXIT_INTERNAL)
+    for line in human_summary(summary):
+        click.echo(f"dedup: {line}", err=True)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))

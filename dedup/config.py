@@ -1,0 +1,145 @@
+"""Run settings: one frozen dataclass, loaded from YAML, overridden by flags, fingerprinted."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from dedup.errors import ConfigError
+
+KNOWN_SIGNALS = ("exact", "phash")
+KEEP_RULES = ("largest", "first")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting that changes what dedup computes or keeps.
+
+    Defaults here are the product defaults; `configs/default.yaml` lists them all and a
+    test keeps the two equal.
+    """
+
+    signals: tuple[str, ...] = ("exact", "phash")
+    phash_threshold: int = 8
+    keep: str = "largest"
+    workers: int = 0
+    max_pixels: int = 100_000_000
+    image_extensions: tuple[str, ...] = (
+        "jpg",
+        "jpeg",
+        "png",
+        "webp",
+        "gif",
+        "bmp",
+        "tif",
+        "tiff",
+    )
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
+
+    def __post_init__(self) -> None:
+        if not self.signals:
+            raise ConfigError("signals: at least one signal is needed (exact, phash)")
+        for name in self.signals:
+            if name not in KNOWN_SIGNALS:
+                raise ConfigError(
+                    f"signals: unknown signal {name!r}; known: {', '.join(KNOWN_SIGNALS)}"
+                )
+        if len(set(self.signals)) != len(self.signals):
+            raise ConfigError(f"signals: listed twice in {','.join(self.signals)}")
+        if not 0 <= self.phash_threshold <= 32:
+            raise ConfigError(
+                f"phash_threshold: {self.phash_threshold} is outside 0..32 (bits of 64)"
+            )
+        if self.keep not in KEEP_RULES:
+            raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers: {self.workers} is negative (0 means all cores)")
+        if self.max_pixels <= 0:
+            raise ConfigError(f"max_pixels: {self.max_pixels} must be positive")
+
+    @property
+    def worker_count(self) -> int:
+        """Worker processes to use: `workers`, or every core when it is 0."""
+        return self.workers or os.cpu_count() or 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON- and YAML-ready settings (tuples as lists)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def feature_fingerprint(self) -> str:
+        """Hash of the settings that change per-shard features (not thresholds or keep rule)."""
+        relevant = {
+            "max_pixels": self.max_pixels,
+            "image_extensions": sorted(self.image_extensions),
+            "image_formats": sorted(self.image_formats),
+        }
+        return _digest(relevant)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn a YAML or flag value into the field's type, or raise a one-line ConfigError."""
+    kind = _FIELD_TYPES[name]
+    if kind.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+        return tuple(value)
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected text, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {kind} for {name}")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then `overrides` (None values are ignored)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except OSError as e:
+            raise ConfigError(f"config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}: expected a mapping of settings")
+        for name, value in loaded.items():
+            if name not in _FIELD_TYPES:
+                raise ConfigError(
+                    f"config {path}: unknown setting {name!r}; known: {', '.join(_FIELD_TYPES)}"
+                )
+            values[name] = _coerce(name, value)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    return Config(**values)
+
+
+def dump_config(config: Config) -> str:
+    """The config as YAML, in field order."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)

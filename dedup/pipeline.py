@@ -1,0 +1,435 @@
+"""extract (per shard) -> cluster (global) -> write (per shard), and the run that chains them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from dedup.cluster import NO_DISTANCE, Candidates, Clusters, cluster
+from dedup.config import Config
+from dedup.errors import DedupError, OutputError
+from dedup.extract import STATUS_OK, ShardFeatures, extract_shard
+from dedup.fsutil import write_atomic
+from dedup.report import (
+    CLUSTERS_SCHEMA,
+    LARGEST_CLUSTERS,
+    SAMPLES_SCHEMA,
+    package_versions,
+    report_paths,
+    size_histogram,
+    write_summary,
+    write_table,
+)
+from dedup.shards import Shard, list_shards
+from dedup.write import WriteResult, write_shard
+
+log = logging.getLogger("dedup")
+
+STATE_DIR = ".dedup"
+JOB_FILE = "job.json"
+REPORT_DIR = "dedup-report"
+
+
+@dataclass
+class Plan:
+    """Phase 2's result over all shards, in input order (one entry per sample)."""
+
+    shard_of: np.ndarray  # int64 shard position of each sample
+    features: pa.Table  # all shards' feature rows, concatenated
+    keep: np.ndarray  # bool: the sample goes to the output
+    passthrough: np.ndarray  # bool: no decodable image; kept untouched, counted by reason
+    cluster_id: np.ndarray
+    cluster_size: np.ndarray
+    reason: np.ndarray  # object
+    survivor: np.ndarray  # int64 global row, -1 when the sample is not removed
+    phash_distance: np.ndarray
+    clusters: Clusters | None
+    candidate_rows: np.ndarray  # global row of each candidate
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def prepare_output(out: str, shards: list[Shard], overwrite: bool, report_dir: str) -> None:
+    """Refuse an OUT that would clobber inputs or someone else's files; mark it as ours."""
+    out_real = os.path.realpath(out)
+    for shard in shards:
+        if os.path.realpath(os.path.dirname(os.path.abspath(shard.path))) == out_real:
+            raise OutputError(
+                f"{out}: is the directory of input shard {shard.path}; choose another --out"
+            )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(f"{out}: exists and is not a directory")
+    job_path = os.path.join(out, STATE_DIR, JOB_FILE)
+    ours = os.path.isfile(job_path)
+    if os.path.isdir(out) and os.listdir(out) and not ours and not overwrite:
+        raise OutputError(
+            f"{out}: is not empty and was not written by dedup; "
+            "pass --overwrite to write into it anyway"
+        )
+    previous: list[str] = []
+    if ours:
+        try:
+            with open(job_path, encoding="utf-8") as fh:
+                previous = list(json.load(fh).get("outputs", []))
+        except (OSError, ValueError, AttributeError):
+            previous = []
+    current = {s.name for s in shards}
+    for name in previous:
+        # Shards this tool wrote for an earlier input set would mislead a downstream glob.
+        if name not in current and os.path.basename(name) == name:
+            stale = os.path.join(out, name)
+            if os.path.isfile(stale):
+                os.unlink(stale)
+    if overwrite:
+        _clear_features(os.path.join(out, STATE_DIR, "features"))
+    os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
+    os.makedirs(report_dir, exist_ok=True)
+    write_atomic(
+        job_path, json.dumps({"tool": "dedup", "outputs": sorted(current)}, indent=1).encode()
+    )
+
+
+def _clear_features(store: str) -> None:
+    if os.path.isdir(store):
+        for name in os.listdir(store):
+            os.unlink(os.path.join(store, name))
+
+
+# ---------------------------------------------------------------- parallel map
+
+
+def map_shards(
+    fn: Callable, items: list, workers: int, phase: str, count: Callable[[Any], int]
+) -> list:
+    """fn over items in worker processes, results in input order, a log line per shard."""
+    started = time.monotonic()
+    done_items = 0
+    results: list = []
+
+    def note(result) -> None:
+        nonlocal done_items
+        done_items += count(result)
+        rate = done_items / max(time.monotonic() - started, 1e-9)
+        log.info(
+            "%s: %d/%d shards, %s samples, %.0f samples/s",
+            phase,
+            len(results),
+            len(items),
+            f"{done_items:,}",
+            rate,
+        )
+
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            results.append(fn(item))
+            note(results[-1])
+        return results
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx) as pool:
+        for result in pool.map(fn, items):
+            results.append(result)
+            note(result)
+    return results
+
+
+# ---------------------------------------------------------------- phases
+
+
+def extract_all(shards: list[Shard], config: Config, store: str) -> list[ShardFeatures]:
+    """Phase 1 over every shard."""
+    return map_shards(
+        _Extract(config, store), shards, config.worker_count, "extract", lambda f: f.table.num_rows
+    )
+
+
+@dataclass
+class _Extract:
+    config: Config
+    store: str
+
+    def __call__(self, shard: Shard) -> ShardFeatures:
+        return extract_shard(shard, self.config, self.store)
+
+
+def plan(features: list[ShardFeatures], config: Config) -> Plan:
+    """Phase 2: cluster every decoded image of every shard; decide each sample's fate."""
+    table = pa.concat_tables([f.table for f in features]) if features else None
+    n = table.num_rows if table is not None else 0
+    shard_of = np.repeat(
+        np.arange(len(features), dtype=np.int64), [f.table.num_rows for f in features]
+    ).astype(np.int64)
+    status = np.array(table.column("status").to_pylist() if n else [], dtype=object)
+    candidate_rows = np.flatnonzero(status == STATUS_OK)
+    rows = np.arange(n, dtype=np.int64)
+    keep = np.ones(n, dtype=bool)
+    cluster_id = rows.copy()
+    cluster_size = np.ones(n, dtype=np.int64)
+    reason = status.copy()  # passthrough reasons stay as they are
+    survivor = np.full(n, -1, dtype=np.int64)
+    phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
+    clusters = None
+    if len(candidate_rows):
+        cand_table = table.take(pa.array(candidate_rows))
+        pixels = np.asarray(cand_table.column("width").to_numpy(), dtype=np.int64) * np.asarray(
+            cand_table.column("height").to_numpy(), dtype=np.int64
+        )
+        phash = None
+        if "phash" in config.signals:
+            phash = np.frombuffer(
+                b"".join(cand_table.column("phash").to_pylist()), dtype=np.uint8
+            ).reshape(-1, 8)
+        cand = Candidates(
+            pixels=pixels,
+            nbytes=np.asarray(cand_table.column("bytes").to_numpy(), dtype=np.int64),
+            sha256=cand_table.column("sha256").to_pylist(),
+            phash=phash,
+        )
+        clusters = cluster(cand, config)
+        cand_global = candidate_rows
+        cluster_id[cand_global] = cand_global[clusters.cluster_id]
+        cluster_size[cand_global] = clusters.cluster_size
+        reason[cand_global] = clusters.reason
+        removed = clusters.survivor != np.arange(len(cand_global))
+        keep[cand_global[removed]] = False
+        survivor[cand_global[removed]] = cand_global[clusters.survivor[removed]]
+        phash_distance[cand_global] = clusters.phash_distance
+    return Plan(
+        shard_of,
+        table,
+        keep,
+        status != STATUS_OK,
+        cluster_id,
+        cluster_size,
+        reason,
+        survivor,
+        phash_distance,
+        clusters,
+        candidate_rows,
+    )
+
+
+def write_all(shards: list[Shard], the_plan: Plan, out: str, workers: int) -> list[WriteResult]:
+    """Phase 3 over every shard."""
+    keys = the_plan.features.column("key").to_pylist() if the_plan.features else []
+    jobs = []
+    for pos, shard in enumerate(shards):
+        rows = np.flatnonzero(the_plan.shard_of == pos)
+        jobs.append(
+            (
+                shard,
+                [keys[r] for r in rows],
+                the_plan.keep[rows].tolist(),
+                os.path.join(out, shard.name),
+            )
+        )
+    return map_shards(_write_job, jobs, workers, "write", lambda r: r.samples_written)
+
+
+def _write_job(job) -> WriteResult:
+    return write_shard(*job)
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(
+    inputs: list[str],
+    out: str,
+    config: Config,
+    report_dir: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """The whole job: list shards, extract, cluster, write, report. Returns summary.json."""
+    shards = list_shards(inputs)
+    report_dir = report_dir or os.path.join(out, REPORT_DIR)
+    prepare_output(out, shards, overwrite, report_dir)
+    store = os.path.join(out, STATE_DIR, "features")
+    log.info(
+        "%d shards, signals %s, %d workers",
+        len(shards),
+        ",".join(config.signals),
+        config.worker_count,
+    )
+
+    t0 = time.monotonic()
+    features = extract_all(shards, config, store)
+    t1 = time.monotonic()
+    the_plan = plan(features, config)
+    t2 = time.monotonic()
+    written = [] if dry_run else write_all(shards, the_plan, out, config.worker_count)
+    t3 = time.monotonic()
+
+    shard_counts = _check_counts(shards, features, the_plan, written, dry_run)
+    n_images = len(the_plan.candidate_rows)
+    phases = {
+        "extract": _phase(t1 - t0, len(the_plan.keep)),
+        "cluster": _phase(t2 - t1, n_images),
+        "write": _phase(t3 - t2, len(the_plan.keep) if not dry_run else 0),
+    }
+    paths = report_paths(report_dir)
+    write_table(_samples_table(shards, the_plan), paths["samples"])
+    write_table(_clusters_table(shards, the_plan), paths["clusters"])
+    summary = _summary(
+        shards, features, the_plan, shard_counts, config, phases, out, report_dir, dry_run
+    )
+    write_summary(summary, paths["summary"])
+    return summary
+
+
+def _phase(seconds: float, items: int) -> dict[str, float]:
+    return {
+        "seconds": round(seconds, 3),
+        "images_per_second": round(items / seconds, 1) if seconds > 0 else 0.0,
+    }
+
+
+def _check_counts(shards, features, the_plan: Plan, written, dry_run) -> list[dict[str, Any]]:
+    """Samples in = kept + removed + passthrough, per shard; the writer agrees. Else fail."""
+    out = []
+    passthrough_mask = the_plan.passthrough
+    for pos, shard in enumerate(shards):
+        rows = the_plan.shard_of == pos
+        samples = int(rows.sum())
+        passthrough = int((rows & passthrough_mask).sum())
+        removed = int((rows & ~the_plan.keep).sum())
+        kept = int((rows & the_plan.keep & ~passthrough_mask).sum())
+        if samples != kept + removed + passthrough or samples != features[pos].table.num_rows:
+            raise DedupError(
+                f"{shard.path}: sample counts do not add up "
+                f"({samples} != {kept} + {removed} + {passthrough})"
+            )
+        if not dry_run and written[pos].samples_written != kept + passthrough:
+            raise DedupError(
+                f"{shard.path}: wrote {written[pos].samples_written} samples, "
+                f"expected {kept + passthrough}"
+            )
+        out.append(
+            {
+                "shard": shard.path,
+                "output": None if dry_run else written[pos].output,
+                "samples": samples,
+                "kept": kept,
+                "removed": removed,
+                "passthrough": passthrough,
+                "skipped_members": features[pos].skipped_members,
+                "features_reused": features[pos].reused,
+            }
+        )
+    return out
+
+
+def _samples_table(shards: list[Shard], p: Plan) -> pa.Table:
+    n = len(p.keep)
+    if n == 0:
+        return SAMPLES_SCHEMA.empty_table()
+    shard_paths = np.array([s.path for s in shards], dtype=object)
+    keys = np.array(p.features.column("key").to_pylist(), dtype=object)
+    removed = p.survivor >= 0
+    dup_of = np.full(n, None, dtype=object)
+    dup_of[removed] = keys[p.survivor[removed]]
+    dup_shard = np.full(n, None, dtype=object)
+    dup_shard[removed] = shard_paths[p.shard_of[p.survivor[removed]]]
+    sha = [None if d is None else d.hex() for d in p.features.column("sha256").to_pylist()]
+    ph = [None if d is None else d.hex() for d in p.features.column("phash").to_pylist()]
+    distance = pa.array(p.phash_distance, mask=p.phash_distance == NO_DISTANCE)
+    kept = p.keep & ~p.passthrough
+    return pa.table(
+        {
+            "shard": pa.array(shard_paths[p.shard_of], type=pa.string()),
+            "key": pa.array(keys, type=pa.string()),
+            "cluster_id": p.cluster_id,
+            "cluster_size": p.cluster_size,
+            "kept": kept,
+            "reason": pa.array(p.reason, type=pa.string()),
+            "duplicate_of": pa.array(dup_of, type=pa.string()),
+            "duplicate_of_shard": pa.array(dup_shard, type=pa.string()),
+            "phash_distance": distance,
+            "width": p.features.column("width"),
+            "height": p.features.column("height"),
+            "bytes": p.features.column("bytes"),
+            "image_member": p.features.column("image_member"),
+            "sha256": pa.array(sha, type=pa.string()),
+            "phash": pa.array(ph, type=pa.string()),
+        },
+        schema=SAMPLES_SCHEMA,
+    )
+
+
+def _clusters_table(shards: list[Shard], p: Plan) -> pa.Table:
+    if p.clusters is None or not p.clusters.groups:
+        return CLUSTERS_SCHEMA.empty_table()
+    keys = p.features.column("key").to_pylist()
+    rows = p.candidate_rows
+    groups = p.clusters.groups
+    return pa.table(
+        {
+            "cluster_id": [int(rows[g.cluster_id]) for g in groups],
+            "size": [g.size for g in groups],
+            "survivor_shard": [shards[p.shard_of[rows[g.survivor]]].path for g in groups],
+            "survivor_key": [keys[rows[g.survivor]] for g in groups],
+            "signals": [g.signals for g in groups],
+            "max_distance": [g.max_distance for g in groups],
+            "max_distance_to_survivor": [g.max_distance_to_survivor for g in groups],
+        },
+        schema=CLUSTERS_SCHEMA,
+    )
+
+
+def _summary(
+    shards, features, p: Plan, shard_counts, config: Config, phases, out, report_dir, dry_run
+) -> dict[str, Any]:
+    removed_by = Counter(p.reason[~p.keep].tolist())
+    pass_mask = p.passthrough
+    passthrough_by = Counter(p.reason[pass_mask].tolist())
+    groups = p.clusters.groups if p.clusters is not None else []
+    sizes = np.array([g.size for g in groups], dtype=np.int64)
+    keys = p.features.column("key").to_pylist() if p.features else []
+    largest = sorted(groups, key=lambda g: (-g.size, g.cluster_id))[:LARGEST_CLUSTERS]
+    skipped = Counter()
+    for f in features:
+        skipped.update(f.skipped_members)
+    return {
+        "counts": {
+            "samples": int(len(p.keep)),
+            "kept": int(sum(c["kept"] for c in shard_counts)),
+            "removed": int((~p.keep).sum()),
+            "passthrough": int(pass_mask.sum()),
+            "removed_by_reason": dict(sorted(removed_by.items())),
+            "passthrough_by_reason": dict(sorted(passthrough_by.items())),
+            "skipped_members": dict(sorted(skipped.items())),
+        },
+        "clusters": {
+            "count": len(groups),
+            "size_histogram": size_histogram(sizes),
+            "largest": [
+                {
+                    "cluster_id": int(p.candidate_rows[g.cluster_id]),
+                    "size": g.size,
+                    "survivor_shard": shards[p.shard_of[p.candidate_rows[g.survivor]]].path,
+                    "survivor_key": keys[p.candidate_rows[g.survivor]],
+                    "signals": g.signals,
+                    "max_distance": g.max_distance,
+                }
+                for g in largest
+            ],
+        },
+        "thresholds": {"phash": config.phash_threshold} if "phash" in config.signals else {},
+        "config": config.to_dict(),
+        "versions": package_versions(),
+        "phases": phases,
+        "shards": shard_counts,
+        "output": {"dir": out, "report": report_dir, "dry_run": dry_run},
+    }

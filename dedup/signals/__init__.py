@@ -1,0 +1,1 @@
+"""Signals: functions from a batch of samples to feature columns."""

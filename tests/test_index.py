@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from dedup.cluster import Candidates, cluster
+from dedup.config import Config
+from dedup.index import hamming_pairs, unique_codes
+from dedup.signals.phash import hamming
+
+
+def random_codes(n, seed, near=0.3):
+    """Random 64-bit codes, a share of them made by flipping a few bits of another."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n, 8), dtype=np.uint8)
+    for i in range(1, n):
+        if rng.random() < near:
+            bits = np.unpackbits(codes[rng.integers(0, i)])
+            flip = rng.choice(64, size=int(rng.integers(0, 12)), replace=False)
+            bits[flip] ^= 1
+            codes[i] = np.packbits(bits)
+    return codes
+
+
+def brute_pairs(codes, threshold):
+    d = hamming(codes[:, None, :], codes[None, :, :])
+    i, j = np.nonzero(np.triu(d <= threshold, k=1))
+    return i, j, d[i, j]
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 4, 8, 12])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faiss_pairs_equal_brute_force(threshold, seed):
+    codes = unique_codes(random_codes(600, seed))[0]
+    i, j, d = hamming_pairs(codes, threshold)
+    bi, bj, bd = brute_pairs(codes, threshold)
+    assert i.tolist() == bi.tolist()
+    assert j.tolist() == bj.tolist()
+    assert d.tolist() == bd.tolist()
+
+
+def test_pairs_across_query_batches(monkeypatch):
+    import dedup.index
+
+    monkeypatch.setattr(dedup.index, "QUERY_BATCH", 37)
+    codes = unique_codes(random_codes(300, 5))[0]
+    got = hamming_pairs(codes, 10)
+    want = brute_pairs(codes, 10)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def brute_components(codes, threshold):
+    """Union-find over every pair within the threshold, by brute force."""
+    n = len(codes)
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    d = hamming(codes[:, None, :], codes[None, :, :])
+    for a in range(n):
+        for b in range(a + 1, n):
+            if d[a, b] <= threshold:
+                parent[find(b)] = find(a)
+    roots = [find(x) for x in range(n)]
+    first = {}
+    for x, r in enumerate(roots):
+        first.setdefault(r, x)
+    return np.array([first[r] for r in roots])
+
+
+@pytest.mark.parametrize("threshold", [0, 6, 10])
+def test_clusters_equal_brute_force_union_find(threshold):
+    codes = random_codes(400, 11, near=0.5)
+    codes[50] = codes[10]  # repeated codes take the collapsed path
+    codes[51] = codes[10]
+    n = len(codes)
+    cand = Candidates(
+        pixels=np.ones(n, dtype=np.int64),
+        nbytes=np.ones(n, dtype=np.int64),
+        sha256=[bytes([i % 256, i // 256]) for i in range(n)],
+        phash=codes,
+    )
+    result = cluster(cand, Config(signals=("phash",), phash_threshold=threshold, keep="first"))
+    want = brute_components(codes, threshold)
+    assert result.cluster_id.tolist() == want.tolist()
+    assert result.survivor.tolist() == want.tolist()  # keep=first: the first row survives
+    sizes = np.bincount(want, minlength=n)[want]
+    assert result.cluster_size.tolist() == sizes.tolist()
+    for g in result.groups:
+        members = codes[g.members]
+        assert g.max_distance == int(hamming(members[:, None], members[None]).max())
+
+
+def test_survivor_rule_largest_then_bytes_then_order():
+    codes = np.zeros((5, 8), dtype=np.uint8)  # one cluster
+    cand = Candidates(
+        pixels=np.array([100, 400, 400, 400, 50], dtype=np.int64),
+        nbytes=np.array([999, 10, 30, 30, 5000], dtype=np.int64),
+        sha256=[b"a", b"b", b"c", b"c", b"e"],
+        phash=codes,
+    )
+    result = cluster(cand, Config(keep="largest"))
+    assert result.survivor.tolist() == [2] * 5
+    assert result.reason.tolist() == ["phash", "phash", "kept", "exact", "phash"]
+    first = cluster(cand, Config(keep="first"))
+    assert first.survivor.tolist() == [0] * 5
