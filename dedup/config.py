@@ -27,6 +27,7 @@ class Config:
 
     signals: tuple[str, ...] = ("exact", "phash")
     phash_threshold: int = 8
+    phash_draft: bool = True
     keep: str = "largest"
     workers: int = 0
     max_pixels: int = 100_000_000
@@ -82,6 +83,8 @@ class Config:
             "max_pixels": self.max_pixels,
             "image_extensions": sorted(self.image_extensions),
             "image_formats": sorted(self.image_formats),
+            "phash": "phash" in self.signals,
+            "phash_draft": self.phash_draft,
         }
         return _digest(relevant)
 
@@ -105,6 +108,10 @@ def _coerce(name: str, value: Any) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
         return value
     if kind == "str":
         if not isinstance(value, str):

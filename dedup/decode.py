@@ -40,8 +40,14 @@ def image_member(member_names: list[str], config: Config) -> int | None:
     return None
 
 
-def decode_image(data: bytes, config: Config) -> Decoded:
-    """Sniff, size-check from the header, decode and normalize; never raises on bad bytes."""
+def decode_image(data: bytes, config: Config, draft: int | None = None) -> Decoded:
+    """Sniff, size-check from the header, decode and normalize; never raises on bad bytes.
+
+    With `draft`, a JPEG is decoded in grayscale at the smallest DCT scale (1/2, 1/4,
+    1/8) that keeps both sides at least `draft` pixels: enough for a 32x32 hash, several
+    times cheaper than a full decode. `width` and `height` are always the full image's,
+    after EXIF orientation.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -59,21 +65,44 @@ def decode_image(data: bytes, config: Config) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            orientation = _orientation(img)
+            if orientation in TRANSPOSED:
+                width, height = height, width
+            if draft is not None and fmt == "JPEG":
+                img.draft("L", (draft, draft))
             img.load()
-            image = normalize(img)
+            image = normalize(img, orientation)
     except Exception:
         return Decoded(None, "undecodable", width, height, fmt)
-    return Decoded(image, None, image.width, image.height, fmt)
+    return Decoded(image, None, width, height, fmt)
 
 
-def normalize(img: Image.Image) -> Image.Image:
+# EXIF orientations that swap width and height.
+TRANSPOSED = (5, 6, 7, 8)
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag, 1 when absent or malformed."""
+    if "exif" not in img.info and img.format not in ("TIFF", "MPO"):
+        return 1
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # malformed EXIF: keep the stored orientation
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def normalize(img: Image.Image, orientation: int | None = None) -> Image.Image:
     """Orientation applied, first frame, 8-bit RGB or L; alpha composited on white.
 
     Unrelated images must not collide after this: 16-bit data is scaled rather than
     clipped, and transparent pixels take one fixed background.
     """
-    with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation
-        img = ImageOps.exif_transpose(img)
+    if orientation is None:
+        orientation = _orientation(img)
+    if orientation != 1:
+        with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation
+            img = ImageOps.exif_transpose(img)
     mode = img.mode
     if mode in ("L", "RGB"):
         return img

@@ -1,4 +1,4 @@
-"""Phase 1: per-shard features (digest, pHash, size) into one Parquet file per shard."""
+"""Phase 1: per-shard features (digest, pHash, size, member layout) into one Parquet file."""
 
 from __future__ import annotations
 
@@ -17,13 +17,16 @@ from dedup.decode import decode_image, image_member
 from dedup.fsutil import atomic_path
 from dedup.shards import Shard, iter_samples
 from dedup.signals.exact import digest
-from dedup.signals.phash import HASH_SIZE, phash_batch, phash_input
+from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, phash_input
 
 FEATURE_SCHEMA = pa.schema(
     [
         ("index", pa.int64()),
         ("key", pa.string()),
-        ("members", pa.int32()),
+        ("offset", pa.int64()),
+        ("member_names", pa.list_(pa.string())),
+        ("member_offsets", pa.list_(pa.int64())),
+        ("member_sizes", pa.list_(pa.int64())),
         ("image_member", pa.string()),
         ("status", pa.string()),
         ("width", pa.int32()),
@@ -34,15 +37,19 @@ FEATURE_SCHEMA = pa.schema(
     ]
 )
 STATUS_OK = "ok"
+PHASH_BATCH = 256
 
 
 @dataclass
 class ShardFeatures:
-    """A shard's feature table plus the members it skipped (non-regular), by kind."""
+    """Where a shard's features are stored and what phase 1 saw while reading it."""
 
     shard: Shard
-    table: pa.Table
+    path: str
+    rows: int
     skipped_members: dict[str, int]
+    input_size: int
+    input_mtime_ns: int
     reused: bool = False
 
 
@@ -50,75 +57,102 @@ def feature_path(store: str, shard: Shard) -> str:
     return os.path.join(store, shard.name + ".parquet")
 
 
-def shard_fingerprint(shard: Shard, config: Config) -> str:
-    """What the stored features depend on: the input file's identity, settings, versions."""
-    st = os.stat(shard.path)
+def shard_fingerprint(shard: Shard, config: Config) -> tuple[str, os.stat_result]:
+    """What stored features depend on: the input file's identity, settings, versions."""
     import PIL
     import scipy
 
-    return json.dumps(
+    try:
+        st = os.stat(shard.path)
+    except OSError as e:
+        from dedup.errors import ShardError
+
+        raise ShardError(shard.path, f"cannot stat ({e.strerror or e})") from None
+    text = json.dumps(
         {
             "path": os.path.realpath(shard.path),
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "config": config.feature_fingerprint(),
-            "phash": "phash" in config.signals,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
         sort_keys=True,
     )
+    return text, st
 
 
 def extract_shard(shard: Shard, config: Config, store: str) -> ShardFeatures:
     """Features of one shard, reused from `store` when its fingerprint still matches."""
     path = feature_path(store, shard)
-    fingerprint = shard_fingerprint(shard, config)
-    cached = _load_if_current(path, fingerprint, shard)
+    fingerprint, st = shard_fingerprint(shard, config)
+    cached = _load_if_current(path, fingerprint)
     if cached is not None:
-        return cached
-    features = compute_features(shard, config)
+        rows, skipped = cached
+        return ShardFeatures(shard, path, rows, skipped, st.st_size, st.st_mtime_ns, True)
+    table, skipped = compute_features(shard, config)
     meta = {
         b"dedup.fingerprint": fingerprint.encode(),
-        b"dedup.skipped_members": json.dumps(features.skipped_members, sort_keys=True).encode(),
+        b"dedup.skipped_members": json.dumps(skipped, sort_keys=True).encode(),
     }
-    table = features.table.replace_schema_metadata(meta)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return features
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
+    return ShardFeatures(shard, path, table.num_rows, skipped, st.st_size, st.st_mtime_ns)
 
 
-def _load_if_current(path: str, fingerprint: str, shard: Shard) -> ShardFeatures | None:
+def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] | None:
     if not os.path.exists(path):
         return None
     try:
-        table = pq.read_table(path)
+        meta = pq.read_metadata(path)
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException):
         return None  # unreadable leftovers are recomputed, never trusted
-    meta = table.schema.metadata or {}
-    if meta.get(b"dedup.fingerprint", b"").decode() != fingerprint:
+    kv = meta.metadata or {}
+    if kv.get(b"dedup.fingerprint", b"").decode() != fingerprint:
         return None
-    if table.schema.remove_metadata() != FEATURE_SCHEMA:
+    if schema.remove_metadata() != FEATURE_SCHEMA:
         return None
-    skipped = json.loads(meta.get(b"dedup.skipped_members", b"{}"))
-    return ShardFeatures(shard, table.replace_schema_metadata(None), skipped, reused=True)
+    return meta.num_rows, json.loads(kv.get(b"dedup.skipped_members", b"{}"))
 
 
-def compute_features(shard: Shard, config: Config) -> ShardFeatures:
+def read_features(path: str, columns: list[str]) -> pa.Table:
+    """Columns of a stored feature file."""
+    return pq.read_table(path, columns=columns).replace_schema_metadata(None)
+
+
+def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, int]]:
     """Read every sample of `shard` and compute its feature row; no caching."""
     want_phash = "phash" in config.signals
+    draft = IMG_SIZE if config.phash_draft else None
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
-    phash_rows: list[int] = []
-    phash_pixels: list[np.ndarray] = []
+    pending_rows: list[int] = []
+    pending_pixels: list[np.ndarray] = []
     skipped: Counter = Counter()
+
+    def flush() -> None:
+        if pending_pixels:
+            codes = phash_batch(np.stack(pending_pixels))
+            for row_index, code in zip(pending_rows, codes, strict=True):
+                cols["phash"][row_index] = code.tobytes()
+            pending_rows.clear()
+            pending_pixels.clear()
+
     for sample in iter_samples(shard, skipped):
         names = [m.name for m in sample.members]
+        row = {
+            "index": sample.index,
+            "key": sample.key,
+            "offset": sample.offset,
+            "member_names": names,
+            "member_offsets": [m.offset for m in sample.members],
+            "member_sizes": [m.size for m in sample.members],
+        }
         pos = image_member(names, config)
-        row = {"index": sample.index, "key": sample.key, "members": len(names)}
         if pos is None:
             row["status"] = "no_image"
         else:
             data = sample.members[pos].data
-            decoded = decode_image(data, config)
+            decoded = decode_image(data, config, draft=draft if want_phash else None)
             row.update(
                 image_member=names[pos],
                 status=decoded.reason or STATUS_OK,
@@ -129,13 +163,11 @@ def compute_features(shard: Shard, config: Config) -> ShardFeatures:
             if decoded.image is not None:
                 row["sha256"] = digest(data)
                 if want_phash:
-                    phash_rows.append(len(cols["index"]))
-                    phash_pixels.append(phash_input(decoded.image))
+                    pending_rows.append(len(cols["index"]))
+                    pending_pixels.append(phash_input(decoded.image))
         for name in FEATURE_SCHEMA.names:
             cols[name].append(row.get(name))
-    if phash_pixels:
-        codes = phash_batch(np.stack(phash_pixels))
-        for row_index, code in zip(phash_rows, codes, strict=True):
-            cols["phash"][row_index] = code.tobytes()
-    table = pa.table(cols, schema=FEATURE_SCHEMA)
-    return ShardFeatures(shard, table, dict(sorted(skipped.items())))
+        if len(pending_pixels) >= PHASH_BATCH:
+            flush()
+    flush()
+    return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))

@@ -19,7 +19,7 @@ import pyarrow as pa
 from dedup.cluster import NO_DISTANCE, Candidates, Clusters, cluster
 from dedup.config import Config
 from dedup.errors import DedupError, OutputError
-from dedup.extract import STATUS_OK, ShardFeatures, extract_shard
+from dedup.extract import FEATURE_SCHEMA, STATUS_OK, ShardFeatures, extract_shard, read_features
 from dedup.fsutil import write_atomic
 from dedup.report import (
     CLUSTERS_SCHEMA,
@@ -39,6 +39,8 @@ log = logging.getLogger("dedup")
 STATE_DIR = ".dedup"
 JOB_FILE = "job.json"
 REPORT_DIR = "dedup-report"
+# What phase 2 and the report read from the feature store; member layout stays on disk.
+PLAN_COLUMNS = ["key", "image_member", "status", "width", "height", "bytes", "sha256", "phash"]
 
 
 @dataclass
@@ -150,7 +152,7 @@ def map_shards(
 def extract_all(shards: list[Shard], config: Config, store: str) -> list[ShardFeatures]:
     """Phase 1 over every shard."""
     return map_shards(
-        _Extract(config, store), shards, config.worker_count, "extract", lambda f: f.table.num_rows
+        _Extract(config, store), shards, config.worker_count, "extract", lambda f: f.rows
     )
 
 
@@ -165,12 +167,13 @@ class _Extract:
 
 def plan(features: list[ShardFeatures], config: Config) -> Plan:
     """Phase 2: cluster every decoded image of every shard; decide each sample's fate."""
-    table = pa.concat_tables([f.table for f in features]) if features else None
-    n = table.num_rows if table is not None else 0
+    tables = [read_features(f.path, PLAN_COLUMNS) for f in features]
+    table = pa.concat_tables(tables) if tables else _empty_plan_table()
+    n = table.num_rows
     shard_of = np.repeat(
-        np.arange(len(features), dtype=np.int64), [f.table.num_rows for f in features]
+        np.arange(len(features), dtype=np.int64), [f.rows for f in features]
     ).astype(np.int64)
-    status = np.array(table.column("status").to_pylist() if n else [], dtype=object)
+    status = np.array(table.column("status").to_pylist(), dtype=object)
     candidate_rows = np.flatnonzero(status == STATUS_OK)
     rows = np.arange(n, dtype=np.int64)
     keep = np.ones(n, dtype=bool)
@@ -220,20 +223,18 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
     )
 
 
-def write_all(shards: list[Shard], the_plan: Plan, out: str, workers: int) -> list[WriteResult]:
+def _empty_plan_table() -> pa.Table:
+    return FEATURE_SCHEMA.empty_table().select(PLAN_COLUMNS)
+
+
+def write_all(
+    features: list[ShardFeatures], the_plan: Plan, out: str, workers: int
+) -> list[WriteResult]:
     """Phase 3 over every shard."""
-    keys = the_plan.features.column("key").to_pylist() if the_plan.features else []
     jobs = []
-    for pos, shard in enumerate(shards):
+    for pos, f in enumerate(features):
         rows = np.flatnonzero(the_plan.shard_of == pos)
-        jobs.append(
-            (
-                shard,
-                [keys[r] for r in rows],
-                the_plan.keep[rows].tolist(),
-                os.path.join(out, shard.name),
-            )
-        )
+        jobs.append((f, the_plan.keep[rows].tolist(), os.path.join(out, f.shard.name)))
     return map_shards(_write_job, jobs, workers, "write", lambda r: r.samples_written)
 
 
@@ -269,7 +270,7 @@ def run(
     t1 = time.monotonic()
     the_plan = plan(features, config)
     t2 = time.monotonic()
-    written = [] if dry_run else write_all(shards, the_plan, out, config.worker_count)
+    written = [] if dry_run else write_all(features, the_plan, out, config.worker_count)
     t3 = time.monotonic()
 
     shard_counts = _check_counts(shards, features, the_plan, written, dry_run)
@@ -306,7 +307,7 @@ def _check_counts(shards, features, the_plan: Plan, written, dry_run) -> list[di
         passthrough = int((rows & passthrough_mask).sum())
         removed = int((rows & ~the_plan.keep).sum())
         kept = int((rows & the_plan.keep & ~passthrough_mask).sum())
-        if samples != kept + removed + passthrough or samples != features[pos].table.num_rows:
+        if samples != kept + removed + passthrough or samples != features[pos].rows:
             raise DedupError(
                 f"{shard.path}: sample counts do not add up "
                 f"({samples} != {kept} + {removed} + {passthrough})"
@@ -396,7 +397,7 @@ def _summary(
     passthrough_by = Counter(p.reason[pass_mask].tolist())
     groups = p.clusters.groups if p.clusters is not None else []
     sizes = np.array([g.size for g in groups], dtype=np.int64)
-    keys = p.features.column("key").to_pylist() if p.features else []
+    keys = p.features.column("key").to_pylist()
     largest = sorted(groups, key=lambda g: (-g.size, g.cluster_id))[:LARGEST_CLUSTERS]
     skipped = Counter()
     for f in features:

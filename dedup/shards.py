@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import glob
 import os
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
+from dedup import tarscan
 from dedup.errors import InputError, ShardError
 
 SHARD_SUFFIX = ".tar"
@@ -30,15 +30,21 @@ class Shard:
 
 @dataclass
 class Member:
-    """One regular tar member: its full name inside the tar and its bytes."""
+    """One regular tar member: its name, where its data starts in the shard, and its bytes."""
 
     name: str
+    offset: int
     data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
 
 
 @dataclass
 class Sample:
-    """Members sharing a key, in tar order; `index` is the sample's position in its shard."""
+    """Members sharing a key, in tar order; `index` is the sample's position in its shard
+    and `offset` the byte offset of its first member's header."""
 
     key: str
     index: int
@@ -118,95 +124,45 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
     """Stream a shard's samples in tar order.
 
     Non-regular members (directories, links, devices) carry no sample data; they are
-    counted in `skipped` by type and never followed. Structural damage raises ShardError.
+    counted in `skipped` by kind and never followed. Structural damage raises ShardError
+    naming the byte offset.
     """
-    try:
-        fh = open(shard.path, "rb")  # noqa: SIM115 (closed by the with below)
-    except OSError as e:
-        raise ShardError(shard.path, f"cannot open ({e.strerror or e})") from None
-    with fh:
-        yield from _iter_open_shard(shard, fh, skipped if skipped is not None else Counter())
-
-
-def _iter_open_shard(shard: Shard, fh, skipped: Counter) -> Iterator[Sample]:
+    skipped = skipped if skipped is not None else Counter()
     finished: set[str] = set()
     current: Sample | None = None
-    offset = 0
-    try:
-        tar = tarfile.open(fileobj=fh, mode="r|")  # noqa: SIM115 (closed in finally)
-    except tarfile.ReadError as e:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise ShardError(shard.path, "empty file, not a tar archive") from None
-        raise ShardError(shard.path, f"not a readable tar archive ({e})", 0) from None
     index = 0
-    try:
-        while True:
-            try:
-                info = tar.next()
-            except (tarfile.TarError, EOFError) as e:
-                raise ShardError(shard.path, f"damaged tar header ({e})", tar.offset) from None
-            if info is None:
-                break
-            offset = info.offset
-            if not info.isreg():
-                skipped[_member_kind(info)] += 1
-                continue
-            try:
-                reader = tar.extractfile(info)
-                data = reader.read() if reader is not None else b""
-            except (tarfile.TarError, EOFError, OSError) as e:
+    for header_offset, name, data_offset, data in iter_members(shard, skipped):
+        key, _ = split_member_name(name)
+        if current is None or key != current.key:
+            if current is not None:
+                finished.add(current.key)
+                yield current
+                index += 1
+            if key in finished:
                 raise ShardError(
-                    shard.path, f"member {info.name!r} is truncated ({e})", offset
-                ) from None
-            if len(data) != info.size:
-                raise ShardError(shard.path, f"member {info.name!r} is truncated", offset)
-            key, _ = split_member_name(info.name)
-            if current is None or key != current.key:
-                if current is not None:
-                    finished.add(current.key)
-                    yield current
-                    index += 1
-                if key in finished:
-                    raise ShardError(
-                        shard.path,
-                        f"members of sample {key!r} are not adjacent "
-                        f"(member {info.name!r} comes after another sample)",
-                        offset,
-                    )
-                current = Sample(key=key, index=index, offset=offset)
-            elif any(m.name == info.name for m in current.members):
-                raise ShardError(
-                    shard.path, f"sample {key!r} has the member {info.name!r} twice", offset
+                    shard.path,
+                    f"members of sample {key!r} are not adjacent "
+                    f"(member {name!r} comes after another sample)",
+                    header_offset,
                 )
-            current.members.append(Member(info.name, data))
-        _check_end_of_archive(shard, fh, tar.offset)
-    finally:
-        tar.close()
+            current = Sample(key=key, index=index, offset=header_offset)
+        elif any(m.name == name for m in current.members):
+            raise ShardError(
+                shard.path, f"sample {key!r} has the member {name!r} twice", header_offset
+            )
+        current.members.append(Member(name, data_offset, data))
     if current is not None:
         yield current
 
 
-def _check_end_of_archive(shard: Shard, fh, end: int) -> None:
-    """tarfile stops quietly at a damaged header; make sure what follows is the zero trailer."""
-    size = os.fstat(fh.fileno()).st_size
-    if end >= size:
-        if end > size:
-            raise ShardError(shard.path, "tar is truncated", size)
-        raise ShardError(shard.path, "tar ends without its end-of-archive blocks (truncated?)", end)
-    fh.seek(end)
-    while True:
-        block = fh.read(1 << 16)
-        if not block:
-            return
-        if block.count(0) != len(block):
-            raise ShardError(shard.path, "damaged tar header (not a valid member)", end)
-
-
-def _member_kind(info: tarfile.TarInfo) -> str:
-    if info.isdir():
-        return "directory"
-    if info.issym() or info.islnk():
-        return "link"
-    if info.isdev():
-        return "device"
-    return "other"
+def iter_members(shard: Shard, skipped: Counter) -> Iterator[tuple[int, str, int, bytes]]:
+    """(header offset, name, data offset, data) of each regular member, in tar order."""
+    try:
+        fh = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise ShardError(shard.path, f"cannot open ({e.strerror or e})") from None
+    with fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            raise ShardError(shard.path, "empty file, not a tar archive")
+        yield from tarscan.scan(fh, shard.path, size, skipped)

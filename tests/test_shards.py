@@ -1,5 +1,6 @@
 import io
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,30 @@ def test_non_regular_members_are_counted_not_read(tmp_path):
     ]
     assert skipped == {"directory": 1, "link": 1}
     assert os.path.exists(path)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_reader_agrees_with_tarfile_on_names_and_bytes(tmp_path, fmt):
+    names = [
+        "plain.jpg",
+        "deep/" * 20 + "long.key.txt",  # over 100 characters: prefix, GNU L or PAX path
+        "k/" + "x" * 90 + ".json",  # base name alone near the ustar limit
+    ]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("ünïcödé/ключ.txt")
+    path = tmp_path / "f.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for n, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            data = bytes([n]) * (n * 700 + 1)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        want = [(i.name, tar.extractfile(i).read()) for i in tar if i.isreg()]
+    got = [(m.name, m.data) for s in iter_samples(Shard(str(path))) for m in s.members]
+    assert got == want
+    offsets = [m.offset for s in iter_samples(Shard(str(path))) for m in s.members]
+    raw = path.read_bytes()
+    assert [raw[o : o + len(d)] for o, (_, d) in zip(offsets, got, strict=True)] == [
+        d for _, d in got
+    ]
