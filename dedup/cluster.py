@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
-import scipy.sparse.csgraph
 
 from dedup.config import Config
 from dedup.index import hamming_pairs, unique_codes
 from dedup.signals.exact import exact_groups
-from dedup.signals.phash import hamming
 
 NO_DISTANCE = -1
+# Edge signals as small integers; a cluster's signals are a bit mask of these.
+SIGNALS = ("exact", "phash")
+EXACT, PHASH = 0, 1
 
 
 @dataclass
@@ -22,30 +22,57 @@ class Candidates:
 
     pixels: np.ndarray  # int64 (N,)
     nbytes: np.ndarray  # int64 (N,)
-    sha256: list[bytes]  # N digests
+    sha256: list[bytes | None]  # N digests
     phash: np.ndarray | None  # uint8 (N, 8), or None when the signal is off
 
 
 @dataclass
 class Edges:
-    """Undirected links between candidate rows; `signal` names what linked them."""
+    """Undirected links between candidate rows; `signal` says what linked them."""
 
     i: np.ndarray
     j: np.ndarray
     distance: np.ndarray
-    signal: np.ndarray  # object array of signal names
+    signal: np.ndarray  # int8 index into SIGNALS
+
+    @staticmethod
+    def of(i, j, distance, signal: int) -> Edges:
+        i = np.asarray(i, dtype=np.int64)
+        return Edges(
+            i,
+            np.asarray(j, dtype=np.int64),
+            np.asarray(distance, dtype=np.int32),
+            np.full(len(i), signal, dtype=np.int8),
+        )
 
     @staticmethod
     def concat(parts: list[Edges]) -> Edges:
         if not parts:
-            empty = np.zeros(0, dtype=np.int64)
-            return Edges(empty, empty, empty.astype(np.int32), np.zeros(0, dtype=object))
+            return Edges.of([], [], [], 0)
         return Edges(
             *(
                 np.concatenate([getattr(p, f) for p in parts])
                 for f in ("i", "j", "distance", "signal")
             )
         )
+
+
+@dataclass
+class Groups:
+    """Columns describing each cluster of two or more rows, in cluster-id order."""
+
+    cluster_id: np.ndarray  # int64: the cluster's smallest row
+    size: np.ndarray  # int64
+    survivor: np.ndarray  # int64 row
+    signals: np.ndarray  # int64 bit mask over SIGNALS
+    max_distance: np.ndarray  # int32 largest pairwise pHash distance, NO_DISTANCE if none
+    max_distance_to_survivor: np.ndarray  # int32, NO_DISTANCE if none
+
+    def __len__(self) -> int:
+        return len(self.cluster_id)
+
+    def signal_names(self, k: int) -> list[str]:
+        return [name for bit, name in enumerate(SIGNALS) if self.signals[k] >> bit & 1]
 
 
 @dataclass
@@ -57,31 +84,20 @@ class Clusters:
     survivor: np.ndarray  # int64 row of the cluster's survivor
     reason: np.ndarray  # object: unique | kept | exact | phash
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE when n/a
-    groups: list[ClusterInfo]
+    groups: Groups
 
 
-@dataclass
-class ClusterInfo:
-    """A cluster of two or more rows."""
-
-    cluster_id: int
-    size: int
-    survivor: int
-    members: np.ndarray
-    signals: list[str]
-    max_distance: int | None
-    max_distance_to_survivor: int | None
-
-
-def exact_edges(sha256: list[bytes]) -> Edges:
+def exact_edges(sha256: list[bytes | None]) -> Edges:
     """Each row with the same image bytes as an earlier row links to the first such row."""
     parts = []
     for rows in exact_groups(sha256):
-        parts.append(_star(rows, "exact"))
+        parts.append(
+            Edges.of(np.full(len(rows) - 1, rows[0]), rows[1:], np.zeros(len(rows) - 1), EXACT)
+        )
     return Edges.concat(parts)
 
 
-def phash_edges(codes: np.ndarray, threshold: int) -> Edges:
+def phash_edges(codes: np.ndarray, threshold: int, workers: int = 1) -> Edges:
     """Rows within `threshold` bits: equal codes link to one representative row, and
     representatives of distinct codes link when their codes are close enough."""
     if len(codes) < 2:
@@ -92,23 +108,12 @@ def phash_edges(codes: np.ndarray, threshold: int) -> Edges:
     rows_desc = np.arange(len(codes) - 1, -1, -1)
     rep[inverse[rows_desc]] = rows_desc
     same = np.flatnonzero(rep[inverse] != np.arange(len(codes)))
-    parts = [
-        Edges(
-            rep[inverse[same]],
-            same,
-            np.zeros(len(same), dtype=np.int32),
-            np.full(len(same), "phash", dtype=object),
-        )
-    ]
-    a, b, d = hamming_pairs(unique, threshold)
-    parts.append(Edges(rep[a], rep[b], d, np.full(len(a), "phash", dtype=object)))
-    return Edges.concat(parts)
-
-
-def _star(rows: np.ndarray, signal: str) -> Edges:
-    n = len(rows) - 1
-    return Edges(
-        np.full(n, rows[0]), rows[1:], np.zeros(n, dtype=np.int32), np.full(n, signal, dtype=object)
+    a, b, d = hamming_pairs(unique, threshold, workers=workers)
+    return Edges.concat(
+        [
+            Edges.of(rep[inverse[same]], same, np.zeros(len(same)), PHASH),
+            Edges.of(rep[a], rep[b], d, PHASH),
+        ]
     )
 
 
@@ -118,7 +123,7 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
     if "exact" in config.signals:
         parts.append(exact_edges(cand.sha256))
     if "phash" in config.signals and cand.phash is not None:
-        parts.append(phash_edges(cand.phash, config.phash_threshold))
+        parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count))
     return Edges.concat(parts)
 
 
@@ -126,15 +131,9 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     """Connected components over all edges, a survivor per component, reasons per row."""
     n = len(cand.pixels)
     edges = build_edges(cand, config)
-    graph = scipy.sparse.coo_matrix(
-        (np.ones(len(edges.i), dtype=np.int8), (edges.i, edges.j)), shape=(n, n)
-    )
-    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
     rows = np.arange(n, dtype=np.int64)
     # A cluster's id is its first row in input order: stable across runs and engines.
-    cluster_id = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
-    np.minimum.at(cluster_id, labels, rows)
-    cluster_id = cluster_id[labels]
+    cluster_id = connected_components(n, edges.i, edges.j)
     size = np.bincount(cluster_id, minlength=n)[cluster_id] if n else rows
 
     survivor = _survivors(cluster_id, cand, config.keep)
@@ -147,16 +146,47 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
         same_bytes = np.array(
             [
                 cand.sha256[r] == cand.sha256[s]
-                for r, s in zip(rows[removed], survivor[removed], strict=True)
+                for r, s in zip(rows[removed].tolist(), survivor[removed].tolist(), strict=True)
             ],
             dtype=bool,
         )
         reason[np.flatnonzero(removed)[same_bytes]] = "exact"
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
+    words = None
     if cand.phash is not None:
-        distance[removed] = hamming(cand.phash[removed], cand.phash[survivor[removed]])
-    groups = _describe(cluster_id, survivor, distance, edges, cand)
+        words = cand.phash.view(">u8").reshape(-1).astype(np.uint64)
+        distance[removed] = np.bitwise_count(words[removed] ^ words[survivor[removed]])
+    groups = _describe(cluster_id, size, survivor, distance, edges, words)
     return Clusters(cluster_id, size, survivor, reason, distance, groups)
+
+
+def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Union-find over edges (i, j), vectorized: each row's label is the smallest row of
+    its component.
+
+    Hook-and-compress: every edge points the larger of its two roots at the smaller,
+    then paths are halved until every row points at a root; repeat until no edge joins
+    two roots. A root only ever points lower, so the last root of a component is its
+    smallest row.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    if len(i) == 0:
+        return parent
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    while True:
+        ri, rj = parent[i], parent[j]
+        differ = ri != rj
+        if not differ.any():
+            return parent
+        lo = np.minimum(ri[differ], rj[differ])
+        hi = np.maximum(ri[differ], rj[differ])
+        np.minimum.at(parent, hi, lo)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
 
 
 def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarray:
@@ -175,38 +205,33 @@ def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarra
     return best[cluster_id]
 
 
-def _describe(cluster_id, survivor, distance, edges: Edges, cand: Candidates) -> list[ClusterInfo]:
-    """A ClusterInfo for each cluster of two or more rows, in cluster-id order."""
-    order = np.argsort(cluster_id, kind="stable")
-    ids = cluster_id[order]
-    bounds = np.flatnonzero(np.diff(ids)) + 1
-    edge_cluster = cluster_id[edges.i]
-    signals_of: dict[int, set[str]] = {}
-    for cid, sig in zip(edge_cluster.tolist(), edges.signal.tolist(), strict=True):
-        signals_of.setdefault(cid, set()).add(sig)
-    groups = []
-    for members in np.split(order, bounds):
-        if len(members) < 2:
-            continue
-        cid = int(cluster_id[members[0]])
-        surv = int(survivor[members[0]])
-        max_d = max_to_s = None
-        if cand.phash is not None:
-            max_d = _diameter(cand.phash[members])
-            max_to_s = int(distance[members].max(initial=0))
-        groups.append(
-            ClusterInfo(
-                cid, len(members), surv, members, sorted(signals_of.get(cid, ())), max_d, max_to_s
-            )
-        )
-    return groups
+def _describe(cluster_id, size, survivor, distance, edges: Edges, words) -> Groups:
+    """Groups for every cluster of two or more rows, vectorized but for the diameter of
+    clusters with three or more distinct codes."""
+    n = len(cluster_id)
+    ids = np.flatnonzero((cluster_id == np.arange(n)) & (size > 1))
+    mask = np.zeros(n, dtype=np.int64)
+    np.bitwise_or.at(mask, cluster_id[edges.i], np.int64(1) << edges.signal.astype(np.int64))
+    to_survivor = np.full(n, NO_DISTANCE, dtype=np.int32)
+    diameter = np.full(n, NO_DISTANCE, dtype=np.int32)
+    if words is not None:
+        np.maximum.at(to_survivor, cluster_id, np.maximum(distance, 0))
+        diameter[ids] = to_survivor[ids]  # exact for clusters with at most two codes
+        members = np.flatnonzero(size > 2)
+        if len(members):
+            order = members[np.argsort(cluster_id[members], kind="stable")]
+            bounds = np.flatnonzero(np.diff(cluster_id[order])) + 1
+            for group in np.split(order, bounds):
+                codes = np.unique(words[group])
+                if len(codes) > 2:
+                    diameter[cluster_id[group[0]]] = _diameter(codes)
+    return Groups(ids, size[ids], survivor[ids], mask[ids], diameter[ids], to_survivor[ids])
 
 
-def _diameter(codes: np.ndarray, chunk: int = 1024) -> int:
-    """Largest pairwise Hamming distance among `codes`, over distinct codes, in chunks."""
-    unique = np.unique(codes, axis=0)
+def _diameter(words: np.ndarray, chunk: int = 2048) -> int:
+    """Largest pairwise Hamming distance among distinct 64-bit codes, in chunks."""
     best = 0
-    for start in range(0, len(unique), chunk):
-        block = unique[start : start + chunk]
-        best = max(best, int(hamming(block[:, None, :], unique[None, :, :]).max()))
+    for start in range(0, len(words), chunk):
+        block = words[start : start + chunk]
+        best = max(best, int(np.bitwise_count(block[:, None] ^ words[None, :]).max()))
     return best

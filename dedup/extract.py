@@ -15,6 +15,7 @@ from dedup import __version__
 from dedup.config import Config
 from dedup.decode import decode_image, image_member
 from dedup.fsutil import atomic_path
+from dedup.progress import REPORT_EVERY, advance
 from dedup.shards import Shard, iter_samples
 from dedup.signals.exact import digest
 from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, phash_input
@@ -137,7 +138,11 @@ def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, 
             pending_rows.clear()
             pending_pixels.clear()
 
+    reported_samples = reported_bytes = 0
     for sample in iter_samples(shard, skipped):
+        if sample.index - reported_samples >= REPORT_EVERY:
+            advance(sample.index - reported_samples, sample.offset - reported_bytes)
+            reported_samples, reported_bytes = sample.index, sample.offset
         names = [m.name for m in sample.members]
         row = {
             "index": sample.index,
@@ -170,4 +175,12 @@ def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, 
         if len(pending_pixels) >= PHASH_BATCH:
             flush()
     flush()
+    advance(len(cols["index"]) - reported_samples, _file_size(shard.path) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

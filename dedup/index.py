@@ -1,11 +1,28 @@
-"""FAISS search: binary codes in, (i, j, distance) pairs out, each pair once with i < j."""
+"""Binary codes in, (i, j, distance) pairs out, each pair once with i < j.
+
+Two exact engines, chosen by a cost model: FAISS `IndexBinaryFlat` range search
+(every query against every code), and multi-index hashing (Norouzi et al., 2012) for
+large sets: split the 64 bits into m chunks; two codes within t bits agree within
+floor(t / m) bits on at least one chunk (pigeonhole), so probing each chunk's table
+at that radius finds every pair, and each candidate is then checked in full.
+Both return exactly the pairs a brute force returns; tests hold them to that.
+"""
 
 from __future__ import annotations
 
-import faiss
+from itertools import combinations
+from math import comb
+
 import numpy as np
 
 QUERY_BATCH = 65536
+MIH_BATCH = 16384
+MIH_PARALLEL_MIN = 200_000  # below this, forking search workers costs more than it saves
+CODE_BITS = 64
+MAX_CHUNK_BITS = 22  # a chunk table has 2^bits + 1 int64 entries (32 MiB at 22)
+# How much more a probe or candidate costs in numpy than one brute-force comparison in
+# FAISS; measured with benchmarks/cluster_scale.py (the crossover is near 50,000 codes).
+MIH_OVERHEAD = 30
 
 
 def unique_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -16,21 +33,52 @@ def unique_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, inverse.reshape(-1)
 
 
-def hamming_pairs(codes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i < j) of rows of `codes` (N, bytes) within `threshold` bits, by range search.
+def hamming_pairs(
+    codes: np.ndarray, threshold: int, engine: str = "auto", workers: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of `codes` (N, 8 bytes) within `threshold` bits, sorted.
 
     Callers pass distinct codes (see `unique_codes`); equal rows are still found, at
     distance 0, but a code repeated k times would cost k^2 pairs.
     """
-    n = len(codes)
-    empty = np.zeros(0, dtype=np.int64)
-    if n < 2:
-        return empty, empty, empty.astype(np.int32)
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if len(codes) < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty.astype(np.int32)
+    if engine == "auto":
+        engine = choose_engine(len(codes), threshold)[0]
+    if engine == "flat":
+        i, j, d = _flat_pairs(codes, threshold)
+    else:
+        m = choose_engine(len(codes), threshold, "mih")[1]
+        i, j, d = _mih_pairs(codes, threshold, m, workers)
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
+
+
+def choose_engine(n: int, threshold: int, force: str | None = None) -> tuple[str, int]:
+    """(engine, chunks): the cheaper of brute force and the best multi-index hashing split,
+    in expected work per query (probes plus candidates, for uniformly spread codes)."""
+    best_m, best_cost = 0, float("inf")
+    for m in range(CODE_BITS // MAX_CHUNK_BITS + 1, 17):
+        bits = CODE_BITS // m
+        radius = threshold // m
+        probes = m * sum(comb(bits, k) for k in range(radius + 1))
+        cost = probes * (1 + n / 2**bits)
+        if cost < best_cost:
+            best_m, best_cost = m, cost
+    if force == "mih" or (force is None and best_cost * MIH_OVERHEAD < n):
+        return "mih", best_m
+    return "flat", 0
+
+
+def _flat_pairs(codes: np.ndarray, threshold: int):
+    import faiss  # imported here: a run without pHash never pays for it
+
     index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     index.add(codes)
     out_i, out_j, out_d = [], [], []
-    for start in range(0, n, QUERY_BATCH):
+    for start in range(0, len(codes), QUERY_BATCH):
         # FAISS binary range search keeps distances strictly below the radius.
         lims, dist, labels = index.range_search(codes[start : start + QUERY_BATCH], threshold + 1)
         counts = np.diff(lims).astype(np.int64)
@@ -39,6 +87,77 @@ def hamming_pairs(codes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.nda
         out_i.append(query[keep])
         out_j.append(labels[keep].astype(np.int64))
         out_d.append(dist[keep].astype(np.int32))
-    i, j, d = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
-    order = np.lexsort((j, i))
-    return i[order], j[order], d[order]
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+
+
+def _chunks(m: int) -> list[tuple[int, int]]:
+    """(shift, bits) of m near-equal chunks of a 64-bit word."""
+    sizes = [CODE_BITS // m + (1 if k < CODE_BITS % m else 0) for k in range(m)]
+    out, shift = [], CODE_BITS
+    for bits in sizes:
+        shift -= bits
+        out.append((shift, bits))
+    return out
+
+
+def _flip_masks(bits: int, radius: int) -> np.ndarray:
+    masks = [0]
+    for k in range(1, radius + 1):
+        for positions in combinations(range(bits), k):
+            masks.append(sum(1 << p for p in positions))
+    return np.asarray(masks, dtype=np.int64)
+
+
+# Set before forking MIH workers, which read them; never changed while they run.
+_MIH_STATE: dict = {}
+
+
+def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
+    words = codes.view(">u8").reshape(-1).astype(np.uint64)
+    n = len(words)
+    tables = []
+    for shift, bits in _chunks(m):
+        keys = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        starts = np.zeros((1 << bits) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys, minlength=1 << bits), out=starts[1:])
+        tables.append((keys, order, starts, _flip_masks(bits, threshold // m)))
+    _MIH_STATE.update(words=words, tables=tables, threshold=threshold)
+    tasks = [(c, q0) for c in range(m) for q0 in range(0, n, MIH_BATCH)]
+    try:
+        if workers > 1 and n >= MIH_PARALLEL_MIN:
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+                found = pool.map(_mih_task, tasks, chunksize=1)
+        else:
+            found = [_mih_task(t) for t in tasks]
+    finally:
+        _MIH_STATE.clear()
+    i = np.concatenate([f[0] for f in found])
+    j = np.concatenate([f[1] for f in found])
+    d = np.concatenate([f[2] for f in found])
+    # A pair that agrees on several chunks is found once per chunk.
+    _, first = np.unique(i * n + j, return_index=True)
+    return i[first], j[first], d[first]
+
+
+def _mih_task(task: tuple[int, int]):
+    """Pairs (query > candidate excluded) found by probing one chunk's table for a batch."""
+    chunk, q0 = task
+    words, threshold = _MIH_STATE["words"], _MIH_STATE["threshold"]
+    keys, order, starts, masks = _MIH_STATE["tables"][chunk]
+    qkeys = keys[q0 : q0 + MIH_BATCH]
+    probes = (qkeys[:, None] ^ masks[None, :]).reshape(-1)
+    lo = starts[probes]
+    counts = starts[probes + 1] - lo
+    total = int(counts.sum())
+    query = np.repeat(np.repeat(np.arange(q0, q0 + len(qkeys), dtype=np.int64), len(masks)), counts)
+    cand = order[
+        np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total, dtype=np.int64)
+    ]
+    later = cand > query
+    query, cand = query[later], cand[later]
+    dist = np.bitwise_count(words[query] ^ words[cand]).astype(np.int32)
+    close = dist <= threshold
+    return query[close], cand[close], dist[close]

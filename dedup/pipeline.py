@@ -9,7 +9,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from dedup.config import Config
 from dedup.errors import DedupError, OutputError
 from dedup.extract import FEATURE_SCHEMA, STATUS_OK, ShardFeatures, extract_shard, read_features
 from dedup.fsutil import write_atomic
+from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
     LARGEST_CLUSTERS,
@@ -39,6 +40,7 @@ log = logging.getLogger("dedup")
 STATE_DIR = ".dedup"
 JOB_FILE = "job.json"
 REPORT_DIR = "dedup-report"
+TICK_SECONDS = 0.5
 # What phase 2 and the report read from the feature store; member layout stays on disk.
 PLAN_COLUMNS = ["key", "image_member", "status", "width", "height", "bytes", "sha256", "phash"]
 
@@ -112,37 +114,30 @@ def _clear_features(store: str) -> None:
 # ---------------------------------------------------------------- parallel map
 
 
-def map_shards(
-    fn: Callable, items: list, workers: int, phase: str, count: Callable[[Any], int]
-) -> list:
-    """fn over items in worker processes, results in input order, a log line per shard."""
-    started = time.monotonic()
-    done_items = 0
-    results: list = []
+def map_shards(fn: Callable, items: list, workers: int, progress: Progress) -> list:
+    """fn over items in worker processes (forked), results in input order.
 
-    def note(result) -> None:
-        nonlocal done_items
-        done_items += count(result)
-        rate = done_items / max(time.monotonic() - started, 1e-9)
-        log.info(
-            "%s: %d/%d shards, %s samples, %.0f samples/s",
-            phase,
-            len(results),
-            len(items),
-            f"{done_items:,}",
-            rate,
-        )
-
+    The first failure cancels the shards not yet started and is raised here.
+    """
+    results: list = [None] * len(items)
     if workers <= 1 or len(items) <= 1:
-        for item in items:
-            results.append(fn(item))
-            note(results[-1])
+        for n, item in enumerate(items):
+            results[n] = fn(item)
+            progress.tick()
+        progress.close()
         return results
     ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx) as pool:
-        for result in pool.map(fn, items):
-            results.append(result)
-            note(result)
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx)
+    try:
+        pending = {pool.submit(fn, item): n for n, item in enumerate(items)}
+        while pending:
+            done, _ = wait(pending, timeout=TICK_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[pending.pop(future)] = future.result()
+            progress.tick()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    progress.close()
     return results
 
 
@@ -151,9 +146,17 @@ def map_shards(
 
 def extract_all(shards: list[Shard], config: Config, store: str) -> list[ShardFeatures]:
     """Phase 1 over every shard."""
+    total = sum(_size(s.path) for s in shards)
     return map_shards(
-        _Extract(config, store), shards, config.worker_count, "extract", lambda f: f.rows
+        _Extract(config, store), shards, config.worker_count, Progress("extract", total_bytes=total)
     )
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 @dataclass
@@ -235,7 +238,8 @@ def write_all(
     for pos, f in enumerate(features):
         rows = np.flatnonzero(the_plan.shard_of == pos)
         jobs.append((f, the_plan.keep[rows].tolist(), os.path.join(out, f.shard.name)))
-    return map_shards(_write_job, jobs, workers, "write", lambda r: r.samples_written)
+    total = int(the_plan.keep.sum())
+    return map_shards(_write_job, jobs, workers, Progress("write", total_items=total))
 
 
 def _write_job(job) -> WriteResult:
@@ -282,9 +286,10 @@ def run(
     }
     paths = report_paths(report_dir)
     write_table(_samples_table(shards, the_plan), paths["samples"])
-    write_table(_clusters_table(shards, the_plan), paths["clusters"])
+    clusters = _clusters_table(shards, the_plan)
+    write_table(clusters, paths["clusters"])
     summary = _summary(
-        shards, features, the_plan, shard_counts, config, phases, out, report_dir, dry_run
+        features, the_plan, clusters, shard_counts, config, phases, out, report_dir, dry_run
     )
     write_summary(summary, paths["summary"])
     return summary
@@ -370,35 +375,46 @@ def _samples_table(shards: list[Shard], p: Plan) -> pa.Table:
 
 
 def _clusters_table(shards: list[Shard], p: Plan) -> pa.Table:
-    if p.clusters is None or not p.clusters.groups:
+    """One row per cluster of two or more, in cluster-id order, with global row ids."""
+    if p.clusters is None or not len(p.clusters.groups):
         return CLUSTERS_SCHEMA.empty_table()
-    keys = p.features.column("key").to_pylist()
-    rows = p.candidate_rows
-    groups = p.clusters.groups
+    g = p.clusters.groups
+    keys = np.array(p.features.column("key").to_pylist(), dtype=object)
+    shard_paths = np.array([s.path for s in shards], dtype=object)
+    survivors = p.candidate_rows[g.survivor]
     return pa.table(
         {
-            "cluster_id": [int(rows[g.cluster_id]) for g in groups],
-            "size": [g.size for g in groups],
-            "survivor_shard": [shards[p.shard_of[rows[g.survivor]]].path for g in groups],
-            "survivor_key": [keys[rows[g.survivor]] for g in groups],
-            "signals": [g.signals for g in groups],
-            "max_distance": [g.max_distance for g in groups],
-            "max_distance_to_survivor": [g.max_distance_to_survivor for g in groups],
+            "cluster_id": p.candidate_rows[g.cluster_id],
+            "size": g.size,
+            "survivor_shard": pa.array(shard_paths[p.shard_of[survivors]], type=pa.string()),
+            "survivor_key": pa.array(keys[survivors], type=pa.string()),
+            "signals": [g.signal_names(k) for k in range(len(g))],
+            "max_distance": pa.array(g.max_distance, mask=g.max_distance == NO_DISTANCE),
+            "max_distance_to_survivor": pa.array(
+                g.max_distance_to_survivor, mask=g.max_distance_to_survivor == NO_DISTANCE
+            ),
         },
         schema=CLUSTERS_SCHEMA,
     )
 
 
 def _summary(
-    shards, features, p: Plan, shard_counts, config: Config, phases, out, report_dir, dry_run
+    features,
+    p: Plan,
+    clusters: pa.Table,
+    shard_counts,
+    config: Config,
+    phases,
+    out,
+    report_dir,
+    dry_run,
 ) -> dict[str, Any]:
     removed_by = Counter(p.reason[~p.keep].tolist())
     pass_mask = p.passthrough
     passthrough_by = Counter(p.reason[pass_mask].tolist())
-    groups = p.clusters.groups if p.clusters is not None else []
-    sizes = np.array([g.size for g in groups], dtype=np.int64)
-    keys = p.features.column("key").to_pylist()
-    largest = sorted(groups, key=lambda g: (-g.size, g.cluster_id))[:LARGEST_CLUSTERS]
+    sizes = clusters.column("size").to_numpy()
+    largest = np.lexsort((clusters.column("cluster_id").to_numpy(), -sizes))[:LARGEST_CLUSTERS]
+    largest_rows = clusters.take(pa.array(largest, type=pa.int64())).to_pylist()
     skipped = Counter()
     for f in features:
         skipped.update(f.skipped_members)
@@ -413,19 +429,9 @@ def _summary(
             "skipped_members": dict(sorted(skipped.items())),
         },
         "clusters": {
-            "count": len(groups),
+            "count": clusters.num_rows,
             "size_histogram": size_histogram(sizes),
-            "largest": [
-                {
-                    "cluster_id": int(p.candidate_rows[g.cluster_id]),
-                    "size": g.size,
-                    "survivor_shard": shards[p.shard_of[p.candidate_rows[g.survivor]]].path,
-                    "survivor_key": keys[p.candidate_rows[g.survivor]],
-                    "signals": g.signals,
-                    "max_distance": g.max_distance,
-                }
-                for g in largest
-            ],
+            "largest": largest_rows,
         },
         "thresholds": {"phash": config.phash_threshold} if "phash" in config.signals else {},
         "config": config.to_dict(),

@@ -31,9 +31,10 @@ def make_image(seed: int, width: int = 256, height: int = 256) -> Image.Image:
             draw.ellipse(box, fill=colour)
         else:
             draw.rectangle(box, fill=colour)
-    noise = rng.normal(0, 6, size=(height, width, 3))
-    arr = np.clip(np.asarray(field_img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
+    arr = np.asarray(field_img, dtype=np.int16) + rng.integers(
+        -10, 11, (height, width, 3), dtype=np.int16
+    )
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **params) -> bytes:

@@ -88,9 +88,14 @@ def test_clusters_equal_brute_force_union_find(threshold):
     assert result.survivor.tolist() == want.tolist()  # keep=first: the first row survives
     sizes = np.bincount(want, minlength=n)[want]
     assert result.cluster_size.tolist() == sizes.tolist()
-    for g in result.groups:
-        members = codes[g.members]
-        assert g.max_distance == int(hamming(members[:, None], members[None]).max())
+    g = result.groups
+    assert g.cluster_id.tolist() == sorted(set(want[sizes > 1].tolist()))
+    for k, cid in enumerate(g.cluster_id.tolist()):
+        members = codes[want == cid]
+        assert g.size[k] == len(members)
+        assert g.max_distance[k] == int(hamming(members[:, None], members[None]).max())
+        assert g.max_distance_to_survivor[k] == int(hamming(members, codes[cid]).max())
+        assert g.signal_names(k) == ["phash"]
 
 
 def test_survivor_rule_largest_then_bytes_then_order():
@@ -106,3 +111,47 @@ def test_survivor_rule_largest_then_bytes_then_order():
     assert result.reason.tolist() == ["phash", "phash", "kept", "exact", "phash"]
     first = cluster(cand, Config(keep="first"))
     assert first.survivor.tolist() == [0] * 5
+
+
+def test_connected_components_on_long_chains_and_stars():
+    from dedup.cluster import connected_components
+
+    n = 2000
+    rng = np.random.default_rng(4)
+    perm = rng.permutation(n)
+    # A path visiting rows in random order, plus a star and isolated rows.
+    i = np.concatenate([perm[:999], np.full(300, 1500)])
+    j = np.concatenate([perm[1:1000], np.arange(1200, 1500)])
+    keep = (i < 1200) == (j < 1200)  # the star lives in rows >= 1200
+    labels = connected_components(n, i[keep], j[keep])
+    path_rows = perm[:1000]
+    path_rows = path_rows[path_rows < 1200]
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in zip(i[keep].tolist(), j[keep].tolist(), strict=True):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    assert labels.tolist() == [find(x) for x in range(n)]
+    assert len(set(labels[path_rows].tolist())) >= 1
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 8, 12])
+def test_multi_index_hashing_equals_brute_force(threshold):
+    codes = unique_codes(random_codes(900, 21 + threshold, near=0.5))[0]
+    got = hamming_pairs(codes, threshold, engine="mih")
+    want = brute_pairs(codes, threshold)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(got[0]) > 0 or threshold == 0
+
+
+def test_engine_choice():
+    from dedup.index import choose_engine
+
+    assert choose_engine(1000, 8)[0] == "flat"
+    assert choose_engine(1_000_000, 8) == ("mih", 3)

@@ -1,0 +1,312 @@
+"""`make bench`: dedup's CPU throughput against the JPEG decode floor and imagededup.
+
+On one data set, in one run:
+  (a) decode floor: read every shard and decode every JPEG at 1/8 scale in grayscale,
+      on all cores, nothing else (pool start-up excluded);
+  (b) `dedup --signals exact,phash` end to end as a user runs it, process start included;
+  (c) imagededup's PHash: encode_images + find_duplicates on the images as files;
+  (d) a plain loop of imagehash.phash over the same files, one process.
+It prints images per second for each, the ratios b/a and b/c, and the peak memory of (b)
+at two dataset sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from multiprocessing import get_context
+
+import numpy as np
+
+DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
+
+# ---------------------------------------------------------------- data
+
+
+def _shard_samples(args):
+    """Samples of one benchmark shard: originals and planted JPEG copies, with captions."""
+    from PIL import Image, ImageEnhance, ImageFilter
+
+    from dedup.synth import encode, make_image
+
+    shard_no, per_shard, width, height, seed = args
+    rng = np.random.default_rng(seed * 1_000_003 + shard_no)
+    out = []
+    originals = []
+    for i in range(per_shard):
+        key = f"{shard_no:05d}{i:05d}"
+        r = rng.random()
+        if originals and r < 0.2:  # a fifth are copies of an earlier picture of this shard
+            base = originals[int(rng.integers(len(originals)))]
+            kind = ("exact", "reencode", "resize", "brighten", "blur")[int(rng.integers(5))]
+            if kind == "exact":
+                data = base
+            else:
+                img = Image.open(io.BytesIO(base)).convert("RGB")
+                if kind == "resize":
+                    img = img.resize((width * 3 // 4, height * 3 // 4))
+                elif kind == "brighten":
+                    img = ImageEnhance.Brightness(img).enhance(1.08)
+                elif kind == "blur":
+                    img = img.filter(ImageFilter.GaussianBlur(1))
+                data = encode(img, "JPEG", quality=int(rng.integers(70, 95)))
+        else:
+            kind = "original"
+            data = encode(make_image(int(rng.integers(1 << 62)), width, height), "JPEG", quality=85)
+            originals.append(data)
+        caption = f"benchmark picture {key} ({kind})"
+        out.append((key, data, caption))
+    return out
+
+
+def _write_shard(args):
+    from dedup.synth import PlantedSample, write_shards
+
+    path_dir, shard_no, per_shard, width, height, seed, images_dir = args
+    samples = _shard_samples((shard_no, per_shard, width, height, seed))
+    planted = [
+        PlantedSample(
+            key,
+            {
+                "jpg": data,
+                "txt": caption.encode(),
+                "json": json.dumps({"caption": caption}).encode(),
+            },
+            None,
+            "",
+        )
+        for key, data, caption in samples
+    ]
+    write_shards(planted, path_dir, per_shard, prefix=f"bench-{shard_no:05d}")
+    for key, data, _ in samples:
+        with open(os.path.join(images_dir, key + ".jpg"), "wb") as fh:
+            fh.write(data)
+    return len(samples)
+
+
+def build(root: str, images: int, per_shard: int, width: int, height: int, seed: int = 1):
+    """Shards under root/shards and the same JPEGs as files under root/images (cached)."""
+    stamp = os.path.join(root, "params.json")
+    params = {
+        "images": images,
+        "per_shard": per_shard,
+        "size": [width, height],
+        "seed": seed,
+        "version": 2,
+    }
+    if os.path.exists(stamp):
+        with open(stamp) as fh:
+            if json.load(fh) == params:
+                return
+    shutil.rmtree(root, ignore_errors=True)
+    shards_dir, images_dir = os.path.join(root, "shards"), os.path.join(root, "images")
+    os.makedirs(shards_dir)
+    os.makedirs(images_dir)
+    n_shards = images // per_shard
+    t = time.monotonic()
+    jobs = [(shards_dir, s, per_shard, width, height, seed, images_dir) for s in range(n_shards)]
+    with get_context("fork").Pool(os.cpu_count()) as pool:
+        made = sum(pool.map(_write_shard, jobs))
+    # write_shards names files prefix-000000.tar; give them one sortable series.
+    for s in range(n_shards):
+        os.rename(
+            os.path.join(shards_dir, f"bench-{s:05d}-000000.tar"),
+            os.path.join(shards_dir, f"bench-{s:05d}.tar"),
+        )
+    with open(stamp, "w") as fh:
+        json.dump(params, fh)
+    print(
+        f"  built {made:,} samples of {width}x{height} in {n_shards} shards "
+        f"({time.monotonic() - t:.0f} s)",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------- (a) decode floor
+
+
+def _floor_shard(path):
+    from PIL import Image
+
+    from dedup.tarscan import scan
+
+    n = 0
+    with open(path, "rb", buffering=1 << 20) as fh:
+        for _, name, _, data in scan(fh, path, os.fstat(fh.fileno()).st_size, Counter()):
+            if name.endswith(".jpg"):
+                img = Image.open(io.BytesIO(data))
+                img.draft("L", (img.width // 8, img.height // 8))
+                img.load()
+                n += 1
+    return n
+
+
+def decode_floor(shards: list[str]) -> tuple[float, int]:
+    with get_context("fork").Pool(os.cpu_count()) as pool:
+        pool.map(abs, range(os.cpu_count() * 4))  # workers up before the clock starts
+        t = time.perf_counter()
+        n = sum(pool.map(_floor_shard, shards, chunksize=1))
+        return time.perf_counter() - t, n
+
+
+# ---------------------------------------------------------------- (b) dedup
+
+
+def run_dedup(inputs: list[str], out: str) -> tuple[float, int, dict]:
+    """Wall time, peak RSS in KiB (its largest process) and summary of one dedup run."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [DEDUP, *inputs, "--out", out, "--signals", "exact,phash", "--json", "-q"]
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+        # wait4 gives this child's own resource use, workers included, apart from others.
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        stderr.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"dedup failed: {stderr.read().decode()[-2000:]}")
+        return elapsed, usage.ru_maxrss, json.loads(stdout.read())
+
+
+# ---------------------------------------------------------------- (c) imagededup, (d) loop
+
+
+def run_imagededup(images_dir: str, threshold: int) -> tuple[float, int] | None:
+    code = (
+        "import time, json, logging; logging.disable(logging.WARNING)\n"
+        "from imagededup.methods import PHash\n"
+        "h = PHash(verbose=False)\n"
+        "t = time.perf_counter()\n"
+        f"enc = h.encode_images(image_dir={images_dir!r})\n"
+        f"dups = h.find_duplicates(encoding_map=enc, max_distance_threshold={threshold})\n"
+        "print(json.dumps([time.perf_counter() - t, len(enc), sum(1 for v in dups.values() if v)]))"
+    )
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    except OSError:
+        return None
+    if res.returncode != 0:
+        print(f"  imagededup unavailable: {res.stderr.strip().splitlines()[-1:]}")
+        return None
+    seconds, n, _ = json.loads(res.stdout.strip().splitlines()[-1])
+    return seconds, n
+
+
+def imagehash_loop(images_dir: str, limit: int) -> tuple[float, int]:
+    import imagehash
+    from PIL import Image
+
+    files = sorted(os.listdir(images_dir))[:limit]
+    t = time.perf_counter()
+    for name in files:
+        imagehash.phash(Image.open(os.path.join(images_dir, name)))
+    return time.perf_counter() - t, len(files)
+
+
+# ---------------------------------------------------------------- report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def bench_set(name, root, images, per_shard, width, height, loop_limit, memory_sizes):
+    print(
+        f"\n== {name}: {images:,} JPEGs of {width}x{height} "
+        f"({width * height / 1e6:.1f} MP) with .txt and .json captions",
+        flush=True,
+    )
+    build(root, images, per_shard, width, height)
+    shards = sorted(
+        os.path.join(root, "shards", f) for f in os.listdir(os.path.join(root, "shards"))
+    )
+    images_dir = os.path.join(root, "images")
+    a_s, a_n = decode_floor(shards)
+    print(f"  (a) decode floor          {a_n / a_s:>9,.0f} images/s  ({a_s:.2f} s)", flush=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        b_s, b_rss, summary = run_dedup(shards, os.path.join(tmp, "out"))
+        c = summary["counts"]
+        print(
+            f"  (b) dedup exact,phash     {c['samples'] / b_s:>9,.0f} images/s  ({b_s:.2f} s; "
+            f"removed {c['removed']:,} of {c['samples']:,})",
+            flush=True,
+        )
+        phases = summary["phases"]
+        print("      phases: " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in phases.items()))
+        mem = []
+        for count in memory_sizes:
+            _, rss, s = run_dedup(shards[:count], os.path.join(tmp, f"mem{count}"))
+            mem.append((count, s["counts"]["samples"], rss))
+    cres = run_imagededup(images_dir, 8)
+    if cres:
+        c_s, c_n = cres
+        print(f"  (c) imagededup PHash      {c_n / c_s:>9,.0f} images/s  ({c_s:.2f} s)", flush=True)
+    d_s, d_n = imagehash_loop(images_dir, loop_limit)
+    print(f"  (d) imagehash.phash loop  {d_n / d_s:>9,.0f} images/s  (first {d_n:,} files)")
+    b_rate, a_rate = c["samples"] / b_s, a_n / a_s
+    print(f"  b/a = {b_rate / a_rate:.2f}   (target >= 0.85)")
+    if cres:
+        print(f"  b/c = {b_rate / (c_n / c_s):.2f}   (target >= 4.5)")
+    for count, samples, rss in mem:
+        print(
+            f"  peak memory of (b), {count} shards ({samples:,} images): {rss / 1024:.0f} MiB "
+            "(largest process)"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--data", default="bench-data")
+    ap.add_argument("--images", type=int, default=24_000)
+    ap.add_argument("--big-images", type=int, default=2_400)
+    ap.add_argument(
+        "--loop-limit", type=int, default=2_000, help="files for the single-process imagehash loop"
+    )
+    args = ap.parse_args()
+    print(f"machine: {machine()}")
+    per = 1000
+    bench_set(
+        "web size",
+        os.path.join(args.data, "small"),
+        args.images,
+        per,
+        512,
+        384,
+        args.loop_limit,
+        [args.images // per // 2, args.images // per],
+    )
+    bench_set(
+        "2 megapixels",
+        os.path.join(args.data, "big"),
+        args.big_images,
+        200,
+        1632,
+        1224,
+        args.loop_limit // 4,
+        [args.big_images // 200 // 2, args.big_images // 200],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Progress per phase: a live line on a terminal, plain periodic log lines elsewhere.
+
+Worker processes add to shared counters (inherited through fork); the main process
+reads them while it waits for shard results.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+import time
+
+log = logging.getLogger("dedup")
+
+_items = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+_bytes = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+REPORT_EVERY = 64  # samples between counter updates in a worker
+
+
+def advance(items: int, nbytes: int = 0) -> None:
+    """Called by a phase's inner loop (in any process) as work gets done."""
+    # One writer per counter slot is not guaranteed, but a lost update only skews the
+    # display; the final counts come from results, never from here.
+    _items.value += items
+    _bytes.value += nbytes
+
+
+class Progress:
+    """Shows one phase's progress; `total_bytes` or `total_items` gives the ETA."""
+
+    def __init__(
+        self,
+        phase: str,
+        total_items: int | None = None,
+        total_bytes: int | None = None,
+        log_interval: float = 30.0,
+        stream=None,
+    ) -> None:
+        self.phase = phase
+        self.total_items = total_items
+        self.total_bytes = total_bytes
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.log_interval = log_interval
+        self.started = time.monotonic()
+        self.last_log = self.started
+        _items.value = 0
+        _bytes.value = 0
+
+    def _fraction(self) -> float | None:
+        if self.total_bytes:
+            return min(_bytes.value / self.total_bytes, 1.0)
+        if self.total_items:
+            return min(_items.value / self.total_items, 1.0)
+        return None
+
+    def _text(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        items = _items.value
+        text = f"{self.phase}: {items:,} samples, {items / elapsed:,.0f}/s"
+        fraction = self._fraction()
+        if fraction is not None:
+            text += f", {fraction:.0%}"
+            if 0 < fraction < 1:
+                eta = elapsed * (1 - fraction) / fraction
+                text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+        return text
+
+    def tick(self) -> None:
+        """Refresh the live line, or log when the interval has passed."""
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r\033[K" + self._text())
+            self.stream.flush()
+        elif now - self.last_log >= self.log_interval:
+            self.last_log = now
+            log.info("%s", self._text())
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        log.info("%s, done in %.1f s", self._text(), time.monotonic() - self.started)
