@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate clean
+.PHONY: install test lint format demo calibrate bench bench-cluster clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,19 @@ demo: $(STAMP)
 
 calibrate: $(STAMP)
 	$(BIN)/python benchmarks/calibrate_phash.py
+
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+# CPU throughput against the decode floor and imagededup; builds bench-data/ once.
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench.py
+
+# The global phase alone at 1 and 10 million planted codes.
+bench-cluster: $(STAMP)
+	$(BIN)/python benchmarks/cluster_scale.py 1000000 10000000
 
 clean:
 	rm -rf demo-data bench-data .pytest_cache

@@ -40,15 +40,43 @@ STRONGER = {
 }
 
 
+def varied_jpegs(originals: list[bytes]) -> dict[str, list[bytes]]:
+    """JPEGs of several sizes, contents and qualities for the draft-versus-full check."""
+    rng = np.random.default_rng(5)
+
+    def gradient(k: int) -> Image.Image:
+        y, x = np.mgrid[0:300, 0:400]
+        angle = k * 0.7
+        v = (np.cos(angle) * x + np.sin(angle) * y) / 500 * 255
+        rgb = np.stack([v, v[::-1], 255 - v], -1)
+        return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+    def noise() -> Image.Image:
+        return Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), "RGB")
+
+    return {
+        "shapes 512x384 q85": originals,
+        "shapes 1632x1224 q90": [
+            encode(make_image(50_000 + k, 1632, 1224), "JPEG", quality=90) for k in range(40)
+        ],
+        "shapes 200x150 q75": [
+            encode(make_image(60_000 + k, 200, 150), "JPEG", quality=75) for k in range(200)
+        ],
+        "noise 256x256 q90": [encode(noise(), "JPEG", quality=90) for _ in range(100)],
+        "gradients 400x300 q85": [encode(gradient(k), "JPEG", quality=85) for k in range(100)],
+    }
+
+
 def main(n: int = 2000, edited: int = 300) -> None:
     originals = [encode(make_image(10_000 + s, 512, 384), "JPEG", quality=85) for s in range(n)]
     codes = np.stack([code(d) for d in originals])
-    full = np.stack([code(d, draft=False) for d in originals[:edited]])
-    moved = hamming(codes[:edited], full)
-    print(
-        f"draft vs full decode, {edited} JPEGs of 512x384: bits differing mean "
-        f"{moved.mean():.2f}, p99 {np.percentile(moved, 99):.0f}, max {moved.max()}"
-    )
+    print("bits that the draft decode moves, against a full decode of the same JPEG:")
+    for label, images in varied_jpegs(originals[:edited]).items():
+        moved = np.array([int(hamming(code(d), code(d, draft=False))) for d in images])
+        print(
+            f"  {label:<24} mean {moved.mean():5.2f}  p99 {np.percentile(moved, 99):3.0f}"
+            f"  max {moved.max():3d}  ({len(images)} images)"
+        )
     print(
         f"\n{n} originals, 512x384 JPEG q85; distance of each edited copy to its original "
         "(dedup's default draft path)"

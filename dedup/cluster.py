@@ -22,7 +22,7 @@ class Candidates:
 
     pixels: np.ndarray  # int64 (N,)
     nbytes: np.ndarray  # int64 (N,)
-    sha256: list[bytes | None]  # N digests
+    sha256: np.ndarray  # uint8 (N, 32) SHA-256 digests
     phash: np.ndarray | None  # uint8 (N, 8), or None when the signal is off
 
 
@@ -87,14 +87,10 @@ class Clusters:
     groups: Groups
 
 
-def exact_edges(sha256: list[bytes | None]) -> Edges:
+def exact_edges(sha256: np.ndarray) -> Edges:
     """Each row with the same image bytes as an earlier row links to the first such row."""
-    parts = []
-    for rows in exact_groups(sha256):
-        parts.append(
-            Edges.of(np.full(len(rows) - 1, rows[0]), rows[1:], np.zeros(len(rows) - 1), EXACT)
-        )
-    return Edges.concat(parts)
+    first, rows = exact_groups(sha256)
+    return Edges.of(first, rows, np.zeros(len(rows)), EXACT)
 
 
 def phash_edges(codes: np.ndarray, threshold: int, workers: int = 1) -> Edges:
@@ -143,13 +139,7 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     reason[in_cluster & (survivor == rows)] = "kept"
     removed = in_cluster & (survivor != rows)
     if "exact" in config.signals:
-        same_bytes = np.array(
-            [
-                cand.sha256[r] == cand.sha256[s]
-                for r, s in zip(rows[removed].tolist(), survivor[removed].tolist(), strict=True)
-            ],
-            dtype=bool,
-        )
+        same_bytes = (cand.sha256[removed] == cand.sha256[survivor[removed]]).all(axis=1)
         reason[np.flatnonzero(removed)[same_bytes]] = "exact"
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None

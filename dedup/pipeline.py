@@ -193,13 +193,11 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         )
         phash = None
         if "phash" in config.signals:
-            phash = np.frombuffer(
-                b"".join(cand_table.column("phash").to_pylist()), dtype=np.uint8
-            ).reshape(-1, 8)
+            phash = fixed_binary_array(cand_table.column("phash"))
         cand = Candidates(
             pixels=pixels,
             nbytes=np.asarray(cand_table.column("bytes").to_numpy(), dtype=np.int64),
-            sha256=cand_table.column("sha256").to_pylist(),
+            sha256=fixed_binary_array(cand_table.column("sha256")),
             phash=phash,
         )
         clusters = cluster(cand, config)
@@ -224,6 +222,17 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         clusters,
         candidate_rows,
     )
+
+
+def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size binary column without nulls as an (N, width) uint8 array, without a
+    detour through Python objects."""
+    width = column.type.byte_width
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        raise ValueError("fixed_binary_array needs a column without nulls")
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
 def _empty_plan_table() -> pa.Table:

@@ -79,7 +79,7 @@ def test_clusters_equal_brute_force_union_find(threshold):
     cand = Candidates(
         pixels=np.ones(n, dtype=np.int64),
         nbytes=np.ones(n, dtype=np.int64),
-        sha256=[bytes([i % 256, i // 256]) for i in range(n)],
+        sha256=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
         phash=codes,
     )
     result = cluster(cand, Config(signals=("phash",), phash_threshold=threshold, keep="first"))
@@ -103,7 +103,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
     cand = Candidates(
         pixels=np.array([100, 400, 400, 400, 50], dtype=np.int64),
         nbytes=np.array([999, 10, 30, 30, 5000], dtype=np.int64),
-        sha256=[b"a", b"b", b"c", b"c", b"e"],
+        sha256=np.repeat(np.array([[1], [2], [3], [3], [5]], dtype=np.uint8), 32, axis=1),
         phash=codes,
     )
     result = cluster(cand, Config(keep="largest"))
@@ -155,3 +155,22 @@ def test_engine_choice():
 
     assert choose_engine(1000, 8)[0] == "flat"
     assert choose_engine(1_000_000, 8) == ("mih", 3)
+
+
+def test_exact_groups_link_each_repeat_to_its_first_row():
+    from dedup.signals.exact import exact_groups
+
+    rng = np.random.default_rng(9)
+    pool = rng.integers(0, 256, (30, 32), dtype=np.uint8)
+    digests = pool[rng.integers(0, 30, 200)]
+    first, rows = exact_groups(digests)
+    seen = {}
+    want = []
+    for r, d in enumerate(digests):
+        key = d.tobytes()
+        if key in seen:
+            want.append((seen[key], r))
+        else:
+            seen[key] = r
+    got = sorted(zip(first.tolist(), rows.tolist(), strict=True), key=lambda p: p[1])
+    assert got == want

@@ -12,10 +12,20 @@ def digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
-def exact_groups(digests: list[bytes | None]) -> list[np.ndarray]:
-    """Row indices of each group of two or more equal digests, in first-seen order."""
-    first: dict[bytes, list[int]] = {}
-    for row, d in enumerate(digests):
-        if d is not None:
-            first.setdefault(d, []).append(row)
-    return [np.asarray(rows, dtype=np.int64) for rows in first.values() if len(rows) > 1]
+def exact_groups(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For (N, 32) digests: (first, row) pairs linking every row to the first earlier row
+    with the same digest; rows with a unique digest appear in neither."""
+    n = len(digests)
+    if n < 2:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    words = np.ascontiguousarray(digests).view(np.uint64).reshape(n, -1)
+    order = np.lexsort((np.arange(n),) + tuple(words[:, k] for k in range(words.shape[1])))
+    ranked = words[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (ranked[1:] != ranked[:-1]).any(axis=1)
+    # Within a group rows are in input order (the last lexsort key), so its first row is
+    # the group's earliest.
+    first = order[np.maximum.accumulate(np.where(new_group, np.arange(n), 0))]
+    dup = ~new_group
+    return first[dup], order[dup]
