@@ -10,7 +10,7 @@ import click
 
 from dedup import __version__
 from dedup.config import KEEP_RULES, dump_config, load_config
-from dedup.errors import EXIT_INTERNAL, DedupError
+from dedup.errors import EXIT_INTERNAL, EXIT_SKIPPED_SHARDS, DedupError
 
 log = logging.getLogger("dedup")
 
@@ -73,6 +73,11 @@ def _setup_logging(quiet: bool) -> None:
     help="Write into a non-empty OUT not made by dedup, and recompute all features.",
 )
 @click.option("--dry-run", is_flag=True, help="Compute and report duplicates; write no shards.")
+@click.option(
+    "--skip-bad-shards",
+    is_flag=True,
+    help="Leave out damaged shards (listed in the report, exit code 5) instead of failing.",
+)
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -90,6 +95,7 @@ def main(
     as_json,
     overwrite,
     dry_run,
+    skip_bad_shards,
     print_config,
     quiet,
     debug,
@@ -100,7 +106,8 @@ def main(
     brace pattern such as 'data/shard-{000000..000099}.tar'.
 
     Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
-    4 output directory refused or not writable.
+    4 output directory refused or not writable, 5 done but damaged shards were skipped
+    (--skip-bad-shards).
     """
     _setup_logging(quiet)
     try:
@@ -125,7 +132,13 @@ def main(
         from dedup.report import human_summary
 
         summary = run(
-            list(inputs), out, config, report_dir=report_dir, overwrite=overwrite, dry_run=dry_run
+            list(inputs),
+            out,
+            config,
+            report_dir=report_dir,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            skip_bad_shards=skip_bad_shards,
         )
     except click.UsageError:
         raise
@@ -149,3 +162,5 @@ def main(
         click.echo(f"dedup: {line}", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+    if summary["skipped_shards"]:
+        sys.exit(EXIT_SKIPPED_SHARDS)

@@ -7,6 +7,7 @@ EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_OUTPUT = 4
+EXIT_SKIPPED_SHARDS = 5
 
 
 class DedupError(Exception):

@@ -6,6 +6,9 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+# Temporary names: `.NAME.tmp-PID` beside the final path; a later run removes leftovers.
+TEMP_PATTERN = r"\..+\.tmp-\d+"
+
 
 @contextlib.contextmanager
 def atomic_path(final: str) -> Iterator[str]:

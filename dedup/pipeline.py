@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -18,9 +18,9 @@ import pyarrow as pa
 
 from dedup.cluster import NO_DISTANCE, Candidates, Clusters, cluster
 from dedup.config import Config
-from dedup.errors import DedupError, OutputError
+from dedup.errors import DedupError, ShardError
 from dedup.extract import FEATURE_SCHEMA, STATUS_OK, ShardFeatures, extract_shard, read_features
-from dedup.fsutil import write_atomic
+from dedup.outdir import claim_output, feature_store
 from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
@@ -37,8 +37,6 @@ from dedup.write import WriteResult, write_shard
 
 log = logging.getLogger("dedup")
 
-STATE_DIR = ".dedup"
-JOB_FILE = "job.json"
 REPORT_DIR = "dedup-report"
 TICK_SECONDS = 0.5
 # What phase 2 and the report read from the feature store; member layout stays on disk.
@@ -60,55 +58,6 @@ class Plan:
     phash_distance: np.ndarray
     clusters: Clusters | None
     candidate_rows: np.ndarray  # global row of each candidate
-
-
-# ---------------------------------------------------------------- output directory
-
-
-def prepare_output(out: str, shards: list[Shard], overwrite: bool, report_dir: str) -> None:
-    """Refuse an OUT that would clobber inputs or someone else's files; mark it as ours."""
-    out_real = os.path.realpath(out)
-    for shard in shards:
-        if os.path.realpath(os.path.dirname(os.path.abspath(shard.path))) == out_real:
-            raise OutputError(
-                f"{out}: is the directory of input shard {shard.path}; choose another --out"
-            )
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutputError(f"{out}: exists and is not a directory")
-    job_path = os.path.join(out, STATE_DIR, JOB_FILE)
-    ours = os.path.isfile(job_path)
-    if os.path.isdir(out) and os.listdir(out) and not ours and not overwrite:
-        raise OutputError(
-            f"{out}: is not empty and was not written by dedup; "
-            "pass --overwrite to write into it anyway"
-        )
-    previous: list[str] = []
-    if ours:
-        try:
-            with open(job_path, encoding="utf-8") as fh:
-                previous = list(json.load(fh).get("outputs", []))
-        except (OSError, ValueError, AttributeError):
-            previous = []
-    current = {s.name for s in shards}
-    for name in previous:
-        # Shards this tool wrote for an earlier input set would mislead a downstream glob.
-        if name not in current and os.path.basename(name) == name:
-            stale = os.path.join(out, name)
-            if os.path.isfile(stale):
-                os.unlink(stale)
-    if overwrite:
-        _clear_features(os.path.join(out, STATE_DIR, "features"))
-    os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
-    os.makedirs(report_dir, exist_ok=True)
-    write_atomic(
-        job_path, json.dumps({"tool": "dedup", "outputs": sorted(current)}, indent=1).encode()
-    )
-
-
-def _clear_features(store: str) -> None:
-    if os.path.isdir(store):
-        for name in os.listdir(store):
-            os.unlink(os.path.join(store, name))
 
 
 # ---------------------------------------------------------------- parallel map
@@ -144,11 +93,25 @@ def map_shards(fn: Callable, items: list, workers: int, progress: Progress) -> l
 # ---------------------------------------------------------------- phases
 
 
-def extract_all(shards: list[Shard], config: Config, store: str) -> list[ShardFeatures]:
-    """Phase 1 over every shard."""
+@dataclass
+class BadShard:
+    """A shard left out under --skip-bad-shards, and why."""
+
+    shard: Shard
+    error: str
+
+
+def extract_all(
+    shards: list[Shard], config: Config, store: str, skip_bad_shards: bool = False
+) -> list[ShardFeatures | BadShard]:
+    """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
+    instead of ending the run."""
     total = sum(_size(s.path) for s in shards)
     return map_shards(
-        _Extract(config, store), shards, config.worker_count, Progress("extract", total_bytes=total)
+        _Extract(config, store, skip_bad_shards),
+        shards,
+        config.worker_count,
+        Progress("extract", total_bytes=total),
     )
 
 
@@ -163,9 +126,15 @@ def _size(path: str) -> int:
 class _Extract:
     config: Config
     store: str
+    skip_bad_shards: bool
 
-    def __call__(self, shard: Shard) -> ShardFeatures:
-        return extract_shard(shard, self.config, self.store)
+    def __call__(self, shard: Shard) -> ShardFeatures | BadShard:
+        try:
+            return extract_shard(shard, self.config, self.store)
+        except ShardError as e:
+            if not self.skip_bad_shards:
+                raise
+            return BadShard(shard, str(e))
 
 
 def plan(features: list[ShardFeatures], config: Config) -> Plan:
@@ -265,12 +234,17 @@ def run(
     report_dir: str | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    skip_bad_shards: bool = False,
 ) -> dict[str, Any]:
     """The whole job: list shards, extract, cluster, write, report. Returns summary.json."""
     shards = list_shards(inputs)
     report_dir = report_dir or os.path.join(out, REPORT_DIR)
-    prepare_output(out, shards, overwrite, report_dir)
-    store = os.path.join(out, STATE_DIR, "features")
+    with claim_output(out, shards, overwrite, report_dir):
+        return _run(shards, out, config, report_dir, dry_run, skip_bad_shards)
+
+
+def _run(shards, out, config: Config, report_dir: str, dry_run: bool, skip_bad_shards: bool):
+    store = feature_store(out)
     log.info(
         "%d shards, signals %s, %d workers",
         len(shards),
@@ -279,7 +253,15 @@ def run(
     )
 
     t0 = time.monotonic()
-    features = extract_all(shards, config, store)
+    extracted = extract_all(shards, config, store, skip_bad_shards)
+    bad = [r for r in extracted if isinstance(r, BadShard)]
+    features = [r for r in extracted if isinstance(r, ShardFeatures)]
+    shards = [f.shard for f in features]
+    for b in bad:
+        log.warning("skipped bad shard: %s", b.error)
+        # An output an earlier run wrote for this shard no longer reflects the input.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out, b.shard.name))
     t1 = time.monotonic()
     the_plan = plan(features, config)
     t2 = time.monotonic()
@@ -300,6 +282,7 @@ def run(
     summary = _summary(
         features, the_plan, clusters, shard_counts, config, phases, out, report_dir, dry_run
     )
+    summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
     write_summary(summary, paths["summary"])
     return summary
 
