@@ -39,7 +39,7 @@ def main(sizes: list[int]) -> None:
         cand = Candidates(
             pixels=np.ones(n, dtype=np.int64),
             nbytes=np.ones(n, dtype=np.int64),
-            sha256=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
+            digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
             phash=codes,
         )
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -22,7 +22,7 @@ class Candidates:
 
     pixels: np.ndarray  # int64 (N,)
     nbytes: np.ndarray  # int64 (N,)
-    sha256: np.ndarray  # uint8 (N, 32) SHA-256 digests
+    digest: np.ndarray  # uint8 (N, 32) image-byte digests
     phash: np.ndarray | None  # uint8 (N, 8), or None when the signal is off
 
 
@@ -87,9 +87,9 @@ class Clusters:
     groups: Groups
 
 
-def exact_edges(sha256: np.ndarray) -> Edges:
+def exact_edges(digests: np.ndarray) -> Edges:
     """Each row with the same image bytes as an earlier row links to the first such row."""
-    first, rows = exact_groups(sha256)
+    first, rows = exact_groups(digests)
     return Edges.of(first, rows, np.zeros(len(rows)), EXACT)
 
 
@@ -117,7 +117,7 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
     """Edges from every enabled signal."""
     parts = []
     if "exact" in config.signals:
-        parts.append(exact_edges(cand.sha256))
+        parts.append(exact_edges(cand.digest))
     if "phash" in config.signals and cand.phash is not None:
         parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count))
     return Edges.concat(parts)
@@ -139,7 +139,7 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     reason[in_cluster & (survivor == rows)] = "kept"
     removed = in_cluster & (survivor != rows)
     if "exact" in config.signals:
-        same_bytes = (cand.sha256[removed] == cand.sha256[survivor[removed]]).all(axis=1)
+        same_bytes = (cand.digest[removed] == cand.digest[survivor[removed]]).all(axis=1)
         reason[np.flatnonzero(removed)[same_bytes]] = "exact"
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None

@@ -28,6 +28,7 @@ class Config:
     signals: tuple[str, ...] = ("exact", "phash")
     phash_threshold: int = 8
     phash_draft: bool = True
+    exact_digest: str = "blake3"
     keep: str = "largest"
     workers: int = 0
     max_pixels: int = 100_000_000
@@ -57,6 +58,8 @@ class Config:
             raise ConfigError(
                 f"phash_threshold: {self.phash_threshold} is outside 0..32 (bits of 64)"
             )
+        if self.exact_digest not in ("blake3", "sha256"):
+            raise ConfigError(f"exact_digest: {self.exact_digest!r} is not blake3 or sha256")
         if self.keep not in KEEP_RULES:
             raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
         if self.workers < 0:
@@ -85,6 +88,7 @@ class Config:
             "image_formats": sorted(self.image_formats),
             "phash": "phash" in self.signals,
             "phash_draft": self.phash_draft,
+            "exact_digest": self.exact_digest,
         }
         return _digest(relevant)
 

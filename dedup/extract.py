@@ -18,7 +18,7 @@ from dedup.fsutil import atomic_path
 from dedup.progress import REPORT_EVERY, advance
 from dedup.shards import Shard, iter_samples
 from dedup.signals.exact import digest
-from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, phash_input
+from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, shrink, stack_shrunk
 
 FEATURE_SCHEMA = pa.schema(
     [
@@ -33,7 +33,7 @@ FEATURE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("bytes", pa.int64()),
-        ("sha256", pa.binary(32)),
+        ("digest", pa.binary(32)),
         ("phash", pa.binary(HASH_SIZE)),
     ]
 )
@@ -122,59 +122,79 @@ def read_features(path: str, columns: list[str]) -> pa.Table:
 
 
 def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, int]]:
-    """Read every sample of `shard` and compute its feature row; no caching."""
+    """Read every sample of `shard` and compute its feature row; no caching.
+
+    An image whose bytes repeat an earlier one of the shard is not decoded again: equal
+    bytes decode to equal features.
+    """
     want_phash = "phash" in config.signals
-    draft = IMG_SIZE if config.phash_draft else None
+    draft = IMG_SIZE if (want_phash and config.phash_draft) else None
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
+    phash_col = cols["phash"]
     pending_rows: list[int] = []
-    pending_pixels: list[np.ndarray] = []
+    pending_smalls: list = []
+    seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
+    copies: list[tuple[int, int]] = []  # (row, first row) whose pHash is copied at the end
     skipped: Counter = Counter()
 
     def flush() -> None:
-        if pending_pixels:
-            codes = phash_batch(np.stack(pending_pixels))
+        if pending_smalls:
+            codes = phash_batch(stack_shrunk(pending_smalls))
             for row_index, code in zip(pending_rows, codes, strict=True):
-                cols["phash"][row_index] = code.tobytes()
+                phash_col[row_index] = code.tobytes()
             pending_rows.clear()
-            pending_pixels.clear()
+            pending_smalls.clear()
 
     reported_samples = reported_bytes = 0
     for sample in iter_samples(shard, skipped):
-        if sample.index - reported_samples >= REPORT_EVERY:
-            advance(sample.index - reported_samples, sample.offset - reported_bytes)
-            reported_samples, reported_bytes = sample.index, sample.offset
-        names = [m.name for m in sample.members]
-        row = {
-            "index": sample.index,
-            "key": sample.key,
-            "offset": sample.offset,
-            "member_names": names,
-            "member_offsets": [m.offset for m in sample.members],
-            "member_sizes": [m.size for m in sample.members],
-        }
+        row = sample.index
+        if row - reported_samples >= REPORT_EVERY:
+            advance(row - reported_samples, sample.offset - reported_bytes)
+            reported_samples, reported_bytes = row, sample.offset
+        members = sample.members
+        names = [m.name for m in members]
+        cols["index"].append(row)
+        cols["key"].append(sample.key)
+        cols["offset"].append(sample.offset)
+        cols["member_names"].append(names)
+        cols["member_offsets"].append([m.offset for m in members])
+        cols["member_sizes"].append([m.size for m in members])
         pos = image_member(names, config)
-        if pos is None:
-            row["status"] = "no_image"
-        else:
-            data = sample.members[pos].data
-            decoded = decode_image(data, config, draft=draft if want_phash else None)
-            row.update(
-                image_member=names[pos],
-                status=decoded.reason or STATUS_OK,
-                width=decoded.width,
-                height=decoded.height,
-                bytes=len(data),
-            )
-            if decoded.image is not None:
-                row["sha256"] = digest(data)
-                if want_phash:
-                    pending_rows.append(len(cols["index"]))
-                    pending_pixels.append(phash_input(decoded.image))
-        for name in FEATURE_SCHEMA.names:
-            cols[name].append(row.get(name))
-        if len(pending_pixels) >= PHASH_BATCH:
+        status, width, height, nbytes, image_digest, code = "no_image", None, None, None, None, None
+        if pos is not None:
+            data = members[pos].data
+            nbytes = len(data)
+            image_digest = digest(data, config.exact_digest)
+            first = seen.get(image_digest)
+            if first is not None:
+                status, width, height = (
+                    cols["status"][first],
+                    cols["width"][first],
+                    cols["height"][first],
+                )
+                if status == STATUS_OK and want_phash:
+                    copies.append((row, first))
+            else:
+                seen[image_digest] = row
+                decoded = decode_image(data, config, draft=draft)
+                status, width, height = decoded.reason or STATUS_OK, decoded.width, decoded.height
+                if decoded.image is not None and want_phash:
+                    pending_rows.append(row)
+                    pending_smalls.append(shrink(decoded.image))
+            if status != STATUS_OK:
+                image_digest = None
+        cols["image_member"].append(None if pos is None else names[pos])
+        cols["status"].append(status)
+        cols["width"].append(width)
+        cols["height"].append(height)
+        cols["bytes"].append(nbytes)
+        cols["digest"].append(image_digest)
+        phash_col.append(code)
+        if len(pending_smalls) >= PHASH_BATCH:
             flush()
     flush()
+    for row, first in copies:
+        phash_col[row] = phash_col[first]
     advance(len(cols["index"]) - reported_samples, _file_size(shard.path) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))
 

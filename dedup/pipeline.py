@@ -40,7 +40,7 @@ log = logging.getLogger("dedup")
 REPORT_DIR = "dedup-report"
 TICK_SECONDS = 0.5
 # What phase 2 and the report read from the feature store; member layout stays on disk.
-PLAN_COLUMNS = ["key", "image_member", "status", "width", "height", "bytes", "sha256", "phash"]
+PLAN_COLUMNS = ["key", "image_member", "status", "width", "height", "bytes", "digest", "phash"]
 
 
 @dataclass
@@ -166,7 +166,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         cand = Candidates(
             pixels=pixels,
             nbytes=np.asarray(cand_table.column("bytes").to_numpy(), dtype=np.int64),
-            sha256=fixed_binary_array(cand_table.column("sha256")),
+            digest=fixed_binary_array(cand_table.column("digest")),
             phash=phash,
         )
         clusters = cluster(cand, config)
@@ -340,7 +340,7 @@ def _samples_table(shards: list[Shard], p: Plan) -> pa.Table:
     dup_of[removed] = keys[p.survivor[removed]]
     dup_shard = np.full(n, None, dtype=object)
     dup_shard[removed] = shard_paths[p.shard_of[p.survivor[removed]]]
-    sha = [None if d is None else d.hex() for d in p.features.column("sha256").to_pylist()]
+    sha = [None if d is None else d.hex() for d in p.features.column("digest").to_pylist()]
     ph = [None if d is None else d.hex() for d in p.features.column("phash").to_pylist()]
     distance = pa.array(p.phash_distance, mask=p.phash_distance == NO_DISTANCE)
     kept = p.keep & ~p.passthrough
@@ -359,7 +359,7 @@ def _samples_table(shards: list[Shard], p: Plan) -> pa.Table:
             "height": p.features.column("height"),
             "bytes": p.features.column("bytes"),
             "image_member": p.features.column("image_member"),
-            "sha256": pa.array(sha, type=pa.string()),
+            "digest": pa.array(sha, type=pa.string()),
             "phash": pa.array(ph, type=pa.string()),
         },
         schema=SAMPLES_SCHEMA,

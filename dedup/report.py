@@ -32,7 +32,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("bytes", pa.int64()),
         ("image_member", pa.string()),
-        ("sha256", pa.string()),
+        ("digest", pa.string()),
         ("phash", pa.string()),
     ]
 )

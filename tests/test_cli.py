@@ -42,7 +42,8 @@ def test_bad_config_is_one_line_exit_2(tmp_path):
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         f"dedup: error: config {cfg}: unknown setting 'phash_treshold'; known: signals, "
-        "phash_threshold, phash_draft, keep, workers, max_pixels, image_extensions, image_formats"
+        "phash_threshold, phash_draft, exact_digest, keep, workers, max_pixels, "
+        "image_extensions, image_formats"
     ]
     result = CliRunner().invoke(main, ["x.tar", "--out", "o", "--signals", "exact,clipp"])
     assert result.exit_code == 2 and "unknown signal 'clipp'" in result.output

@@ -79,7 +79,7 @@ def test_clusters_equal_brute_force_union_find(threshold):
     cand = Candidates(
         pixels=np.ones(n, dtype=np.int64),
         nbytes=np.ones(n, dtype=np.int64),
-        sha256=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
+        digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
         phash=codes,
     )
     result = cluster(cand, Config(signals=("phash",), phash_threshold=threshold, keep="first"))
@@ -103,7 +103,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
     cand = Candidates(
         pixels=np.array([100, 400, 400, 400, 50], dtype=np.int64),
         nbytes=np.array([999, 10, 30, 30, 5000], dtype=np.int64),
-        sha256=np.repeat(np.array([[1], [2], [3], [3], [5]], dtype=np.uint8), 32, axis=1),
+        digest=np.repeat(np.array([[1], [2], [3], [3], [5]], dtype=np.uint8), 32, axis=1),
         phash=codes,
     )
     result = cluster(cand, Config(keep="largest"))

@@ -52,3 +52,11 @@ def test_hamming_counts_differing_bits():
     a = np.array([[0b1011, 0, 0, 0, 0, 0, 0, 0xFF]], dtype=np.uint8)
     b = np.array([[0b0001, 0, 0, 0, 0, 0, 0, 0x0F]], dtype=np.uint8)
     assert hamming(a, b).tolist() == [2 + 4]
+
+
+def test_stacked_strip_equals_per_image_arrays():
+    from dedup.signals.phash import shrink, stack_shrunk
+
+    images = [normalize(i) for i in varied_images()]
+    want = np.stack([phash_input(i) for i in images])
+    assert np.array_equal(stack_shrunk([shrink(i) for i in images]), want)

@@ -94,9 +94,9 @@ def test_report_schema_and_reasons(result):
             assert survivor["kept"] and survivor["cluster_id"] == r["cluster_id"]
             assert r["cluster_size"] == survivor["cluster_size"] >= 2
             if r["reason"] == "exact":
-                assert r["sha256"] == survivor["sha256"]
+                assert r["digest"] == survivor["digest"]
             else:
-                assert r["sha256"] != survivor["sha256"]
+                assert r["digest"] != survivor["digest"]
                 assert 0 <= r["phash_distance"] <= 8
         if edit_of[r["key"]] in ("reencode", "resize", "png", "webp", "brighten"):
             assert r["cluster_size"] >= 2

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import hashlib
 
+import blake3
 import numpy as np
 
+DIGESTS = ("blake3", "sha256")
 
-def digest(data: bytes) -> bytes:
-    """SHA-256 of the image member's bytes."""
+
+def digest(data: bytes, algorithm: str = "blake3") -> bytes:
+    """A 32-byte cryptographic digest of the image member's bytes.
+
+    BLAKE3 by default: as collision-resistant as SHA-256 and about three times faster
+    here (SHA-256 alone cost a tenth of the time of a 2-megapixel JPEG's draft decode).
+    `sha256` matches the digests some datasets publish.
+    """
+    if algorithm == "blake3":
+        return blake3.blake3(data).digest()
     return hashlib.sha256(data).digest()
 
 
