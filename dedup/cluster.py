@@ -11,6 +11,9 @@ from dedup.index import hamming_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 
 NO_DISTANCE = -1
+# What happened to a candidate row; Clusters.reason holds indices into this.
+DECISIONS = ("unique", "kept", "exact", "phash")
+UNIQUE, KEPT, EXACT_COPY, PHASH_COPY = range(4)
 # Edge signals as small integers; a cluster's signals are a bit mask of these.
 SIGNALS = ("exact", "phash")
 EXACT, PHASH = 0, 1
@@ -82,7 +85,7 @@ class Clusters:
     cluster_id: np.ndarray  # int64: smallest row of the cluster
     cluster_size: np.ndarray  # int64
     survivor: np.ndarray  # int64 row of the cluster's survivor
-    reason: np.ndarray  # object: unique | kept | exact | phash
+    reason: np.ndarray  # int8 index into DECISIONS
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE when n/a
     groups: Groups
 
@@ -133,14 +136,14 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     size = np.bincount(cluster_id, minlength=n)[cluster_id] if n else rows
 
     survivor = _survivors(cluster_id, cand, config.keep)
-    reason = np.full(n, "unique", dtype=object)
+    reason = np.full(n, UNIQUE, dtype=np.int8)
     in_cluster = size > 1
-    reason[in_cluster] = "phash"
-    reason[in_cluster & (survivor == rows)] = "kept"
+    reason[in_cluster] = PHASH_COPY
+    reason[in_cluster & (survivor == rows)] = KEPT
     removed = in_cluster & (survivor != rows)
     if "exact" in config.signals:
         same_bytes = (cand.digest[removed] == cand.digest[survivor[removed]]).all(axis=1)
-        reason[np.flatnonzero(removed)[same_bytes]] = "exact"
+        reason[np.flatnonzero(removed)[same_bytes]] = EXACT_COPY
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None
     if cand.phash is not None:

@@ -38,6 +38,8 @@ FEATURE_SCHEMA = pa.schema(
     ]
 )
 STATUS_OK = "ok"
+# Why a sample passes through untouched; decode.py and compute_features set these.
+PASSTHROUGH_REASONS = ("no_image", "undecodable", "unsupported_format", "too_large")
 PHASH_BATCH = 256
 
 

@@ -15,17 +15,26 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from dedup.cluster import NO_DISTANCE, Candidates, Clusters, cluster
+from dedup.cluster import DECISIONS, NO_DISTANCE, Candidates, Groups, cluster
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
-from dedup.extract import FEATURE_SCHEMA, STATUS_OK, ShardFeatures, extract_shard, read_features
-from dedup.outdir import claim_output, feature_store
+from dedup.extract import (
+    FEATURE_SCHEMA,
+    PASSTHROUGH_REASONS,
+    STATUS_OK,
+    ShardFeatures,
+    extract_shard,
+    read_features,
+)
+from dedup.outdir import claim_output, feature_store, remove_temporaries
 from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
     LARGEST_CLUSTERS,
     SAMPLES_SCHEMA,
+    merge_parts,
     package_versions,
     report_paths,
     size_histogram,
@@ -33,31 +42,13 @@ from dedup.report import (
     write_table,
 )
 from dedup.shards import Shard, list_shards
-from dedup.write import WriteResult, write_shard
+from dedup.write import write_shard
 
 log = logging.getLogger("dedup")
 
 REPORT_DIR = "dedup-report"
+PARTS_DIR = ".parts"
 TICK_SECONDS = 0.5
-# What phase 2 and the report read from the feature store; member layout stays on disk.
-PLAN_COLUMNS = ["key", "image_member", "status", "width", "height", "bytes", "digest", "phash"]
-
-
-@dataclass
-class Plan:
-    """Phase 2's result over all shards, in input order (one entry per sample)."""
-
-    shard_of: np.ndarray  # int64 shard position of each sample
-    features: pa.Table  # all shards' feature rows, concatenated
-    keep: np.ndarray  # bool: the sample goes to the output
-    passthrough: np.ndarray  # bool: no decodable image; kept untouched, counted by reason
-    cluster_id: np.ndarray
-    cluster_size: np.ndarray
-    reason: np.ndarray  # object
-    survivor: np.ndarray  # int64 global row, -1 when the sample is not removed
-    phash_distance: np.ndarray
-    clusters: Clusters | None
-    candidate_rows: np.ndarray  # global row of each candidate
 
 
 # ---------------------------------------------------------------- parallel map
@@ -137,60 +128,99 @@ class _Extract:
             return BadShard(shard, str(e))
 
 
+@dataclass
+class Plan:
+    """Phase 2's decisions, one entry per sample in input order, as plain arrays.
+
+    Only what clustering needs is held for every sample (a few tens of bytes each);
+    keys and other text stay in the feature store until a per-shard job writes them.
+    """
+
+    shard_starts: np.ndarray  # int64 (shards + 1,): first global row of each shard
+    keep: np.ndarray  # bool: the sample goes to the output
+    passthrough: np.ndarray  # bool: no usable image; copied untouched, counted by reason
+    cluster_id: np.ndarray  # int64 global row of the cluster's first sample
+    cluster_size: np.ndarray  # int64
+    reason: np.ndarray  # int8 index into REASONS
+    survivor: np.ndarray  # int64 global row of the survivor; -1 unless removed
+    phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE if none
+    clusters: pa.Table  # clusters.parquet rows
+
+    def rows(self, shard: int) -> slice:
+        return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
+
+
+# Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.
+REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
+# What phase 2 reads from the feature store.
+CLUSTER_COLUMNS = ["status", "width", "height", "bytes", "digest", "phash"]
+
+
 def plan(features: list[ShardFeatures], config: Config) -> Plan:
     """Phase 2: cluster every decoded image of every shard; decide each sample's fate."""
-    tables = [read_features(f.path, PLAN_COLUMNS) for f in features]
-    table = pa.concat_tables(tables) if tables else _empty_plan_table()
-    n = table.num_rows
-    shard_of = np.repeat(
-        np.arange(len(features), dtype=np.int64), [f.rows for f in features]
-    ).astype(np.int64)
-    status = np.array(table.column("status").to_pylist(), dtype=object)
-    candidate_rows = np.flatnonzero(status == STATUS_OK)
-    rows = np.arange(n, dtype=np.int64)
+    counts = [f.rows for f in features]
+    shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(shard_starts[-1])
+    tables = [read_features(f.path, CLUSTER_COLUMNS) for f in features]
+    table = (
+        pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table().select(CLUSTER_COLUMNS)
+    )
+    del tables
+    status = table.column("status")
+    candidate = pc.equal(status, STATUS_OK).to_numpy(zero_copy_only=False)
+    # Candidates get their reason from clustering; every other status is a pass-through.
+    codes = pc.fill_null(pc.index_in(status, value_set=pa.array(REASONS)), -1)
+    reason = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int8)
+    if (reason[~candidate] < len(DECISIONS)).any():
+        raise DedupError("the feature store holds an unknown status; rerun with --overwrite")
+    reason[candidate] = DECISIONS.index("unique")
+    candidate_rows = np.flatnonzero(candidate)
     keep = np.ones(n, dtype=bool)
-    cluster_id = rows.copy()
+    cluster_id = np.arange(n, dtype=np.int64)
     cluster_size = np.ones(n, dtype=np.int64)
-    reason = status.copy()  # passthrough reasons stay as they are
     survivor = np.full(n, -1, dtype=np.int64)
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
-    clusters = None
+    groups = None
     if len(candidate_rows):
         cand_table = table.take(pa.array(candidate_rows))
-        pixels = np.asarray(cand_table.column("width").to_numpy(), dtype=np.int64) * np.asarray(
-            cand_table.column("height").to_numpy(), dtype=np.int64
-        )
-        phash = None
-        if "phash" in config.signals:
-            phash = fixed_binary_array(cand_table.column("phash"))
+        del table
         cand = Candidates(
-            pixels=pixels,
-            nbytes=np.asarray(cand_table.column("bytes").to_numpy(), dtype=np.int64),
+            pixels=_ints(cand_table, "width") * _ints(cand_table, "height"),
+            nbytes=_ints(cand_table, "bytes"),
             digest=fixed_binary_array(cand_table.column("digest")),
-            phash=phash,
+            phash=(
+                fixed_binary_array(cand_table.column("phash"))
+                if "phash" in config.signals
+                else None
+            ),
         )
-        clusters = cluster(cand, config)
-        cand_global = candidate_rows
-        cluster_id[cand_global] = cand_global[clusters.cluster_id]
-        cluster_size[cand_global] = clusters.cluster_size
-        reason[cand_global] = clusters.reason
-        removed = clusters.survivor != np.arange(len(cand_global))
-        keep[cand_global[removed]] = False
-        survivor[cand_global[removed]] = cand_global[clusters.survivor[removed]]
-        phash_distance[cand_global] = clusters.phash_distance
+        del cand_table
+        result = cluster(cand, config)
+        g = candidate_rows  # candidate row -> global row
+        cluster_id[g] = g[result.cluster_id]
+        cluster_size[g] = result.cluster_size
+        reason[g] = result.reason
+        removed = result.survivor != np.arange(len(g))
+        keep[g[removed]] = False
+        survivor[g[removed]] = g[result.survivor[removed]]
+        phash_distance[g] = result.phash_distance
+        groups = result.groups
+    clusters = _clusters_table(features, shard_starts, candidate_rows, groups)
     return Plan(
-        shard_of,
-        table,
+        shard_starts,
         keep,
-        status != STATUS_OK,
+        ~candidate,
         cluster_id,
         cluster_size,
         reason,
         survivor,
         phash_distance,
         clusters,
-        candidate_rows,
     )
+
+
+def _ints(table: pa.Table, name: str) -> np.ndarray:
+    return np.asarray(table.column(name).to_numpy(), dtype=np.int64)
 
 
 def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
@@ -204,24 +234,137 @@ def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
     return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
-def _empty_plan_table() -> pa.Table:
-    return FEATURE_SCHEMA.empty_table().select(PLAN_COLUMNS)
+def _clusters_table(features, shard_starts, candidate_rows, groups: Groups | None) -> pa.Table:
+    """One row per cluster of two or more, in cluster-id order, with global row ids."""
+    if groups is None or not len(groups):
+        return CLUSTERS_SCHEMA.empty_table()
+    survivors = candidate_rows[groups.survivor]
+    shard_of = np.searchsorted(shard_starts, survivors, side="right") - 1
+    keys = np.empty(len(survivors), dtype=object)
+    for pos in np.unique(shard_of).tolist():
+        at = np.flatnonzero(shard_of == pos)
+        column = read_features(features[pos].path, ["key"]).column("key")
+        keys[at] = column.take(pa.array(survivors[at] - shard_starts[pos])).to_pylist()
+    paths = np.array([f.shard.path for f in features], dtype=object)
+    return pa.table(
+        {
+            "cluster_id": candidate_rows[groups.cluster_id],
+            "size": groups.size,
+            "survivor_shard": pa.array(paths[shard_of], type=pa.string()),
+            "survivor_key": pa.array(keys, type=pa.string()),
+            "signals": [groups.signal_names(k) for k in range(len(groups))],
+            "max_distance": pa.array(groups.max_distance, mask=groups.max_distance == NO_DISTANCE),
+            "max_distance_to_survivor": pa.array(
+                groups.max_distance_to_survivor,
+                mask=groups.max_distance_to_survivor == NO_DISTANCE,
+            ),
+        },
+        schema=CLUSTERS_SCHEMA,
+    )
 
 
-def write_all(
-    features: list[ShardFeatures], the_plan: Plan, out: str, workers: int
-) -> list[WriteResult]:
-    """Phase 3 over every shard."""
+@dataclass
+class FinishJob:
+    """Phase 3 for one shard: its decisions, and where to write the shard and report part."""
+
+    features: ShardFeatures
+    keep: np.ndarray
+    passthrough: np.ndarray
+    cluster_id: np.ndarray
+    cluster_size: np.ndarray
+    reason: np.ndarray
+    phash_distance: np.ndarray
+    duplicate_of: list  # survivor key per row (None unless removed)
+    duplicate_of_shard: list
+    output: str | None  # None in a dry run
+    part: str
+
+
+@dataclass
+class Finished:
+    shard_path: str
+    output: str | None
+    samples_written: int
+
+
+def finish_all(
+    features: list[ShardFeatures], p: Plan, out: str, parts_dir: str, dry_run: bool, workers: int
+) -> list[Finished]:
+    """Phase 3 over every shard: write its cleaned copy and its part of samples.parquet."""
+    survivor_of = {}
+    if p.clusters.num_rows:
+        ids = p.clusters.column("cluster_id").to_numpy()
+        keys = p.clusters.column("survivor_key").to_pylist()
+        shards = p.clusters.column("survivor_shard").to_pylist()
+        survivor_of = dict(zip(ids.tolist(), zip(keys, shards, strict=True), strict=True))
     jobs = []
     for pos, f in enumerate(features):
-        rows = np.flatnonzero(the_plan.shard_of == pos)
-        jobs.append((f, the_plan.keep[rows].tolist(), os.path.join(out, f.shard.name)))
-    total = int(the_plan.keep.sum())
-    return map_shards(_write_job, jobs, workers, Progress("write", total_items=total))
+        rows = p.rows(pos)
+        removed = p.survivor[rows] >= 0
+        dup = [None] * (rows.stop - rows.start)
+        dup_shard = [None] * len(dup)
+        for k in np.flatnonzero(removed).tolist():
+            dup[k], dup_shard[k] = survivor_of[int(p.cluster_id[rows.start + k])]
+        jobs.append(
+            FinishJob(
+                f,
+                p.keep[rows],
+                p.passthrough[rows],
+                p.cluster_id[rows],
+                p.cluster_size[rows],
+                p.reason[rows],
+                p.phash_distance[rows],
+                dup,
+                dup_shard,
+                None if dry_run else os.path.join(out, f.shard.name),
+                os.path.join(parts_dir, f"{pos:08d}.parquet"),
+            )
+        )
+    total = int(p.keep.sum()) if not dry_run else len(p.keep)
+    return map_shards(_finish, jobs, workers, Progress("write", total_items=total))
 
 
-def _write_job(job) -> WriteResult:
-    return write_shard(*job)
+def _finish(job: FinishJob) -> Finished:
+    written = None
+    if job.output is not None:
+        written = write_shard(job.features, job.keep.tolist(), job.output)
+    write_table(samples_part(job), job.part)
+    return Finished(job.features.shard.path, job.output, written.samples_written if written else 0)
+
+
+def samples_part(job: FinishJob) -> pa.Table:
+    """This shard's rows of samples.parquet."""
+    f = read_features(job.features.path, SAMPLE_COLUMNS)
+    n = f.num_rows
+    hexed = {
+        name: pa.array(
+            [None if v is None else v.hex() for v in f.column(name).to_pylist()], type=pa.string()
+        )
+        for name in ("digest", "phash")
+    }
+    return pa.table(
+        {
+            "shard": pa.array([job.features.shard.path] * n, type=pa.string()),
+            "key": f.column("key"),
+            "cluster_id": job.cluster_id,
+            "cluster_size": job.cluster_size,
+            "kept": job.keep & ~job.passthrough,
+            "reason": pa.array(np.array(REASONS, dtype=object)[job.reason], type=pa.string()),
+            "duplicate_of": pa.array(job.duplicate_of, type=pa.string()),
+            "duplicate_of_shard": pa.array(job.duplicate_of_shard, type=pa.string()),
+            "phash_distance": pa.array(job.phash_distance, mask=job.phash_distance == NO_DISTANCE),
+            "width": f.column("width"),
+            "height": f.column("height"),
+            "bytes": f.column("bytes"),
+            "image_member": f.column("image_member"),
+            "digest": hexed["digest"],
+            "phash": hexed["phash"],
+        },
+        schema=SAMPLES_SCHEMA,
+    )
+
+
+SAMPLE_COLUMNS = ["key", "width", "height", "bytes", "image_member", "digest", "phash"]
 
 
 # ---------------------------------------------------------------- run
@@ -244,19 +387,16 @@ def run(
 
 
 def _run(shards, out, config: Config, report_dir: str, dry_run: bool, skip_bad_shards: bool):
-    store = feature_store(out)
     log.info(
         "%d shards, signals %s, %d workers",
         len(shards),
         ",".join(config.signals),
         config.worker_count,
     )
-
     t0 = time.monotonic()
-    extracted = extract_all(shards, config, store, skip_bad_shards)
+    extracted = extract_all(shards, config, feature_store(out), skip_bad_shards)
     bad = [r for r in extracted if isinstance(r, BadShard)]
     features = [r for r in extracted if isinstance(r, ShardFeatures)]
-    shards = [f.shard for f in features]
     for b in bad:
         log.warning("skipped bad shard: %s", b.error)
         # An output an earlier run wrote for this shard no longer reflects the input.
@@ -265,23 +405,26 @@ def _run(shards, out, config: Config, report_dir: str, dry_run: bool, skip_bad_s
     t1 = time.monotonic()
     the_plan = plan(features, config)
     t2 = time.monotonic()
-    written = [] if dry_run else write_all(features, the_plan, out, config.worker_count)
+    parts_dir = os.path.join(report_dir, PARTS_DIR)
+    os.makedirs(parts_dir, exist_ok=True)
+    remove_temporaries(parts_dir)
+    finished = finish_all(features, the_plan, out, parts_dir, dry_run, config.worker_count)
     t3 = time.monotonic()
 
-    shard_counts = _check_counts(shards, features, the_plan, written, dry_run)
-    n_images = len(the_plan.candidate_rows)
+    shard_counts = _check_counts(features, the_plan, finished, dry_run)
+    n = len(the_plan.keep)
     phases = {
-        "extract": _phase(t1 - t0, len(the_plan.keep)),
-        "cluster": _phase(t2 - t1, n_images),
-        "write": _phase(t3 - t2, len(the_plan.keep) if not dry_run else 0),
+        "extract": _phase(t1 - t0, n),
+        "cluster": _phase(t2 - t1, int((~the_plan.passthrough).sum())),
+        "write": _phase(t3 - t2, n),
     }
     paths = report_paths(report_dir)
-    write_table(_samples_table(shards, the_plan), paths["samples"])
-    clusters = _clusters_table(shards, the_plan)
-    write_table(clusters, paths["clusters"])
-    summary = _summary(
-        features, the_plan, clusters, shard_counts, config, phases, out, report_dir, dry_run
+    merge_parts(
+        [os.path.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
+        paths["samples"],
     )
+    write_table(the_plan.clusters, paths["clusters"])
+    summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
     write_summary(summary, paths["summary"])
     return summary
@@ -294,116 +437,47 @@ def _phase(seconds: float, items: int) -> dict[str, float]:
     }
 
 
-def _check_counts(shards, features, the_plan: Plan, written, dry_run) -> list[dict[str, Any]]:
+def _check_counts(features, p: Plan, finished, dry_run) -> list[dict[str, Any]]:
     """Samples in = kept + removed + passthrough, per shard; the writer agrees. Else fail."""
     out = []
-    passthrough_mask = the_plan.passthrough
-    for pos, shard in enumerate(shards):
-        rows = the_plan.shard_of == pos
-        samples = int(rows.sum())
-        passthrough = int((rows & passthrough_mask).sum())
-        removed = int((rows & ~the_plan.keep).sum())
-        kept = int((rows & the_plan.keep & ~passthrough_mask).sum())
-        if samples != kept + removed + passthrough or samples != features[pos].rows:
+    for pos, f in enumerate(features):
+        rows = p.rows(pos)
+        samples = rows.stop - rows.start
+        passthrough = int(p.passthrough[rows].sum())
+        removed = int((~p.keep[rows]).sum())
+        kept = int((p.keep[rows] & ~p.passthrough[rows]).sum())
+        if samples != kept + removed + passthrough or samples != f.rows:
             raise DedupError(
-                f"{shard.path}: sample counts do not add up "
+                f"{f.shard.path}: sample counts do not add up "
                 f"({samples} != {kept} + {removed} + {passthrough})"
             )
-        if not dry_run and written[pos].samples_written != kept + passthrough:
+        if not dry_run and finished[pos].samples_written != kept + passthrough:
             raise DedupError(
-                f"{shard.path}: wrote {written[pos].samples_written} samples, "
+                f"{f.shard.path}: wrote {finished[pos].samples_written} samples, "
                 f"expected {kept + passthrough}"
             )
         out.append(
             {
-                "shard": shard.path,
-                "output": None if dry_run else written[pos].output,
+                "shard": f.shard.path,
+                "output": finished[pos].output,
                 "samples": samples,
                 "kept": kept,
                 "removed": removed,
                 "passthrough": passthrough,
-                "skipped_members": features[pos].skipped_members,
-                "features_reused": features[pos].reused,
+                "skipped_members": f.skipped_members,
+                "features_reused": f.reused,
             }
         )
     return out
 
 
-def _samples_table(shards: list[Shard], p: Plan) -> pa.Table:
-    n = len(p.keep)
-    if n == 0:
-        return SAMPLES_SCHEMA.empty_table()
-    shard_paths = np.array([s.path for s in shards], dtype=object)
-    keys = np.array(p.features.column("key").to_pylist(), dtype=object)
-    removed = p.survivor >= 0
-    dup_of = np.full(n, None, dtype=object)
-    dup_of[removed] = keys[p.survivor[removed]]
-    dup_shard = np.full(n, None, dtype=object)
-    dup_shard[removed] = shard_paths[p.shard_of[p.survivor[removed]]]
-    sha = [None if d is None else d.hex() for d in p.features.column("digest").to_pylist()]
-    ph = [None if d is None else d.hex() for d in p.features.column("phash").to_pylist()]
-    distance = pa.array(p.phash_distance, mask=p.phash_distance == NO_DISTANCE)
-    kept = p.keep & ~p.passthrough
-    return pa.table(
-        {
-            "shard": pa.array(shard_paths[p.shard_of], type=pa.string()),
-            "key": pa.array(keys, type=pa.string()),
-            "cluster_id": p.cluster_id,
-            "cluster_size": p.cluster_size,
-            "kept": kept,
-            "reason": pa.array(p.reason, type=pa.string()),
-            "duplicate_of": pa.array(dup_of, type=pa.string()),
-            "duplicate_of_shard": pa.array(dup_shard, type=pa.string()),
-            "phash_distance": distance,
-            "width": p.features.column("width"),
-            "height": p.features.column("height"),
-            "bytes": p.features.column("bytes"),
-            "image_member": p.features.column("image_member"),
-            "digest": pa.array(sha, type=pa.string()),
-            "phash": pa.array(ph, type=pa.string()),
-        },
-        schema=SAMPLES_SCHEMA,
-    )
-
-
-def _clusters_table(shards: list[Shard], p: Plan) -> pa.Table:
-    """One row per cluster of two or more, in cluster-id order, with global row ids."""
-    if p.clusters is None or not len(p.clusters.groups):
-        return CLUSTERS_SCHEMA.empty_table()
-    g = p.clusters.groups
-    keys = np.array(p.features.column("key").to_pylist(), dtype=object)
-    shard_paths = np.array([s.path for s in shards], dtype=object)
-    survivors = p.candidate_rows[g.survivor]
-    return pa.table(
-        {
-            "cluster_id": p.candidate_rows[g.cluster_id],
-            "size": g.size,
-            "survivor_shard": pa.array(shard_paths[p.shard_of[survivors]], type=pa.string()),
-            "survivor_key": pa.array(keys[survivors], type=pa.string()),
-            "signals": [g.signal_names(k) for k in range(len(g))],
-            "max_distance": pa.array(g.max_distance, mask=g.max_distance == NO_DISTANCE),
-            "max_distance_to_survivor": pa.array(
-                g.max_distance_to_survivor, mask=g.max_distance_to_survivor == NO_DISTANCE
-            ),
-        },
-        schema=CLUSTERS_SCHEMA,
-    )
-
-
 def _summary(
-    features,
-    p: Plan,
-    clusters: pa.Table,
-    shard_counts,
-    config: Config,
-    phases,
-    out,
-    report_dir,
-    dry_run,
+    features, p: Plan, shard_counts, config: Config, phases, out, report_dir, dry_run
 ) -> dict[str, Any]:
-    removed_by = Counter(p.reason[~p.keep].tolist())
-    pass_mask = p.passthrough
-    passthrough_by = Counter(p.reason[pass_mask].tolist())
+    names = np.array(REASONS, dtype=object)
+    removed_by = Counter(names[p.reason[~p.keep]].tolist())
+    passthrough_by = Counter(names[p.reason[p.passthrough]].tolist())
+    clusters = p.clusters
     sizes = clusters.column("size").to_numpy()
     largest = np.lexsort((clusters.column("cluster_id").to_numpy(), -sizes))[:LARGEST_CLUSTERS]
     largest_rows = clusters.take(pa.array(largest, type=pa.int64())).to_pylist()
@@ -415,7 +489,7 @@ def _summary(
             "samples": int(len(p.keep)),
             "kept": int(sum(c["kept"] for c in shard_counts)),
             "removed": int((~p.keep).sum()),
-            "passthrough": int(pass_mask.sum()),
+            "passthrough": int(p.passthrough.sum()),
             "removed_by_reason": dict(sorted(removed_by.items())),
             "passthrough_by_reason": dict(sorted(passthrough_by.items())),
             "skipped_members": dict(sorted(skipped.items())),
@@ -426,6 +500,7 @@ def _summary(
             "largest": largest_rows,
         },
         "thresholds": {"phash": config.phash_threshold} if "phash" in config.signals else {},
+        "digest": config.exact_digest,
         "config": config.to_dict(),
         "versions": package_versions(),
         "phases": phases,

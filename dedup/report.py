@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -54,6 +55,19 @@ def write_table(table: pa.Table, path: str) -> None:
     """Parquet, written atomically; no timestamps, so equal tables give equal bytes."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
+
+
+def merge_parts(parts: list[str], path: str) -> None:
+    """Concatenate per-shard Parquet parts, in order, into one file; delete the parts.
+
+    One part is read at a time, so memory does not grow with the number of shards."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SAMPLES_SCHEMA, compression="zstd") as w:
+        for part in parts:
+            w.write_table(pq.read_table(part).cast(SAMPLES_SCHEMA))
+    for part in parts:
+        os.unlink(part)
+    with contextlib.suppress(OSError):  # the parts' folder, once empty
+        os.rmdir(os.path.dirname(parts[0]) if parts else "")
 
 
 def write_summary(summary: dict[str, Any], path: str) -> None:

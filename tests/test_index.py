@@ -108,7 +108,9 @@ def test_survivor_rule_largest_then_bytes_then_order():
     )
     result = cluster(cand, Config(keep="largest"))
     assert result.survivor.tolist() == [2] * 5
-    assert result.reason.tolist() == ["phash", "phash", "kept", "exact", "phash"]
+    from dedup.cluster import DECISIONS
+
+    assert [DECISIONS[r] for r in result.reason] == ["phash", "phash", "kept", "exact", "phash"]
     first = cluster(cand, Config(keep="first"))
     assert first.survivor.tolist() == [0] * 5
 
