@@ -21,8 +21,8 @@ MIH_PARALLEL_MIN = 200_000  # below this, forking search workers costs more than
 CODE_BITS = 64
 MAX_CHUNK_BITS = 22  # a chunk table has 2^bits + 1 int64 entries (32 MiB at 22)
 # How much more a probe or candidate costs in numpy than one brute-force comparison in
-# FAISS; measured with benchmarks/cluster_scale.py (the crossover is near 50,000 codes).
-MIH_OVERHEAD = 30
+# FAISS, measured on 2 cores: at threshold 8 brute force wins up to about 100,000 codes.
+MIH_OVERHEAD = 140
 
 
 def unique_codes(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -115,25 +115,29 @@ _MIH_STATE: dict = {}
 def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
     words = codes.view(">u8").reshape(-1).astype(np.uint64)
     n = len(words)
-    tables = []
+    found = []
+    # One chunk's table at a time: 2^bits + 1 int32 bucket starts (16 MiB at 22 bits).
     for shift, bits in _chunks(m):
-        keys = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
-        order = np.argsort(keys, kind="stable")
-        starts = np.zeros((1 << bits) + 1, dtype=np.int64)
+        keys = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+        order = np.argsort(keys, kind="stable").astype(np.int32)
+        starts = np.zeros((1 << bits) + 1, dtype=np.int32)
         np.cumsum(np.bincount(keys, minlength=1 << bits), out=starts[1:])
-        tables.append((keys, order, starts, _flip_masks(bits, threshold // m)))
-    _MIH_STATE.update(words=words, tables=tables, threshold=threshold)
-    tasks = [(c, q0) for c in range(m) for q0 in range(0, n, MIH_BATCH)]
-    try:
-        if workers > 1 and n >= MIH_PARALLEL_MIN:
-            import multiprocessing
+        _MIH_STATE.update(
+            words=words,
+            table=(keys, order, starts, _flip_masks(bits, threshold // m)),
+            threshold=threshold,
+        )
+        batches = list(range(0, n, MIH_BATCH))
+        try:
+            if workers > 1 and n >= MIH_PARALLEL_MIN:
+                import multiprocessing
 
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
-                found = pool.map(_mih_task, tasks, chunksize=1)
-        else:
-            found = [_mih_task(t) for t in tasks]
-    finally:
-        _MIH_STATE.clear()
+                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                    found.extend(pool.map(_mih_task, batches, chunksize=1))
+            else:
+                found.extend(_mih_task(q0) for q0 in batches)
+        finally:
+            _MIH_STATE.clear()
     i = np.concatenate([f[0] for f in found])
     j = np.concatenate([f[1] for f in found])
     d = np.concatenate([f[2] for f in found])
@@ -142,20 +146,19 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
     return i[first], j[first], d[first]
 
 
-def _mih_task(task: tuple[int, int]):
-    """Pairs (query > candidate excluded) found by probing one chunk's table for a batch."""
-    chunk, q0 = task
+def _mih_task(q0: int):
+    """Pairs (query < candidate) found by probing the current chunk's table for a batch."""
     words, threshold = _MIH_STATE["words"], _MIH_STATE["threshold"]
-    keys, order, starts, masks = _MIH_STATE["tables"][chunk]
-    qkeys = keys[q0 : q0 + MIH_BATCH]
+    keys, order, starts, masks = _MIH_STATE["table"]
+    qkeys = keys[q0 : q0 + MIH_BATCH].astype(np.int64)
     probes = (qkeys[:, None] ^ masks[None, :]).reshape(-1)
-    lo = starts[probes]
+    lo = starts[probes].astype(np.int64)
     counts = starts[probes + 1] - lo
     total = int(counts.sum())
     query = np.repeat(np.repeat(np.arange(q0, q0 + len(qkeys), dtype=np.int64), len(masks)), counts)
     cand = order[
         np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total, dtype=np.int64)
-    ]
+    ].astype(np.int64)
     later = cand > query
     query, cand = query[later], cand[later]
     dist = np.bitwise_count(words[query] ^ words[cand]).astype(np.int32)
