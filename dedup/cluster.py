@@ -7,16 +7,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from dedup.config import Config
-from dedup.index import hamming_pairs, unique_codes
+from dedup.index import cosine_pairs, hamming_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "kept", "exact", "phash")
-UNIQUE, KEPT, EXACT_COPY, PHASH_COPY = range(4)
+DECISIONS = ("unique", "kept", "exact", "phash", "clip")
+UNIQUE, KEPT, EXACT_COPY, PHASH_COPY, CLIP_COPY = range(5)
 # Edge signals as small integers; a cluster's signals are a bit mask of these.
-SIGNALS = ("exact", "phash")
-EXACT, PHASH = 0, 1
+SIGNALS = ("exact", "phash", "clip")
+EXACT, PHASH, CLIP = 0, 1, 2
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Candidates:
     nbytes: np.ndarray  # int64 (N,)
     digest: np.ndarray  # uint8 (N, 32) image-byte digests
     phash: np.ndarray | None  # uint8 (N, 8), or None when the signal is off
+    clip: np.ndarray | None = None  # float16 (N, dim) unit vectors, or None
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Groups:
     signals: np.ndarray  # int64 bit mask over SIGNALS
     max_distance: np.ndarray  # int32 largest pairwise pHash distance, NO_DISTANCE if none
     max_distance_to_survivor: np.ndarray  # int32, NO_DISTANCE if none
+    min_similarity_to_survivor: np.ndarray  # float32 cosine, NaN without clip
 
     def __len__(self) -> int:
         return len(self.cluster_id)
@@ -87,6 +89,7 @@ class Clusters:
     survivor: np.ndarray  # int64 row of the cluster's survivor
     reason: np.ndarray  # int8 index into DECISIONS
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE when n/a
+    clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN when n/a
     groups: Groups
 
 
@@ -116,6 +119,13 @@ def phash_edges(codes: np.ndarray, threshold: int, workers: int = 1) -> Edges:
     )
 
 
+def clip_edges(vectors: np.ndarray, threshold: float, index: str, device: str) -> Edges:
+    """Rows whose embeddings have cosine similarity at least `threshold`."""
+    a, b, sim = cosine_pairs(vectors, threshold, engine=index, device=device)
+    # Edge distances are integers; a similarity is kept as 1 - cosine in millionths.
+    return Edges.of(a, b, np.round((1.0 - sim) * 1e6), CLIP)
+
+
 def build_edges(cand: Candidates, config: Config) -> Edges:
     """Edges from every enabled signal."""
     parts = []
@@ -123,34 +133,100 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
         parts.append(exact_edges(cand.digest))
     if "phash" in config.signals and cand.phash is not None:
         parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count))
+    if "clip" in config.signals and cand.clip is not None:
+        parts.append(clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device))
     return Edges.concat(parts)
 
 
+def direct_links(
+    rows: np.ndarray, others: np.ndarray, cand: Candidates, config: Config
+) -> np.ndarray:
+    """For each pair, the first signal (exact, phash, clip) that links rows[k] to
+    others[k] directly, as a DECISIONS code; UNIQUE where none does."""
+    out = np.full(len(rows), UNIQUE, dtype=np.int8)
+    if len(rows) == 0:
+        return out
+    if "clip" in config.signals and cand.clip is not None:
+        sim = _cosine(cand.clip, rows, others)
+        out[sim >= np.float32(config.clip_threshold)] = CLIP_COPY
+    if "phash" in config.signals and cand.phash is not None:
+        words = cand.phash.view(">u8").reshape(-1)
+        close = np.bitwise_count(words[rows] ^ words[others]) <= config.phash_threshold
+        out[close] = PHASH_COPY
+    if "exact" in config.signals:
+        out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
+    return out
+
+
+def _cosine(vectors: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), 65536):
+        a = vectors[rows[start : start + 65536]].astype(np.float32)
+        b = vectors[others[start : start + 65536]].astype(np.float32)
+        out[start : start + 65536] = np.einsum("ij,ij->i", a, b)
+    return out
+
+
 def cluster(cand: Candidates, config: Config) -> Clusters:
-    """Connected components over all edges, a survivor per component, reasons per row."""
+    """Clusters over the edges of all signals, a survivor per cluster, reasons per row.
+
+    `cluster_rule: components` takes connected components as they are. `star` (the
+    default) then keeps in a cluster only the rows linked directly to its survivor by
+    some signal; the others are clustered again among themselves, round after round, so
+    a chain of near-duplicates never removes a picture unlike the one that is kept.
+    """
     n = len(cand.pixels)
     edges = build_edges(cand, config)
     rows = np.arange(n, dtype=np.int64)
-    # A cluster's id is its first row in input order: stable across runs and engines.
-    cluster_id = connected_components(n, edges.i, edges.j)
+    if config.cluster_rule == "components":
+        cluster_id = connected_components(n, edges.i, edges.j)
+        survivor = _survivors(cluster_id, cand, config.keep)
+    else:
+        survivor = np.full(n, -1, dtype=np.int64)
+        active = np.ones(n, dtype=bool)
+        while active.any():
+            live = active[edges.i] & active[edges.j]
+            labels = connected_components(n, edges.i[live], edges.j[live])
+            best = _survivors(labels, cand, config.keep)
+            pending = np.flatnonzero(active & (best != rows))
+            linked = direct_links(pending, best[pending], cand, config) != UNIQUE
+            done = np.concatenate([np.flatnonzero(active & (best == rows)), pending[linked]])
+            survivor[done] = best[done]
+            active[done] = False
+        # A cluster's id is its first row in input order: stable across runs and engines.
+        first = np.full(n, n, dtype=np.int64)
+        np.minimum.at(first, survivor, rows)
+        cluster_id = first[survivor]
     size = np.bincount(cluster_id, minlength=n)[cluster_id] if n else rows
 
-    survivor = _survivors(cluster_id, cand, config.keep)
     reason = np.full(n, UNIQUE, dtype=np.int8)
     in_cluster = size > 1
-    reason[in_cluster] = PHASH_COPY
     reason[in_cluster & (survivor == rows)] = KEPT
-    removed = in_cluster & (survivor != rows)
-    if "exact" in config.signals:
-        same_bytes = (cand.digest[removed] == cand.digest[survivor[removed]]).all(axis=1)
-        reason[np.flatnonzero(removed)[same_bytes]] = EXACT_COPY
+    removed = np.flatnonzero(in_cluster & (survivor != rows))
+    link = direct_links(removed, survivor[removed], cand, config)
+    if (link == UNIQUE).any():  # components rule: linked through a chain only
+        link[link == UNIQUE] = _strongest_incident(edges, removed[link == UNIQUE])
+    reason[removed] = link
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None
     if cand.phash is not None:
         words = cand.phash.view(">u8").reshape(-1).astype(np.uint64)
         distance[removed] = np.bitwise_count(words[removed] ^ words[survivor[removed]])
-    groups = _describe(cluster_id, size, survivor, distance, edges, words)
-    return Clusters(cluster_id, size, survivor, reason, distance, groups)
+    similarity = np.full(n, np.nan, dtype=np.float32)
+    if cand.clip is not None:
+        similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
+    groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words)
+    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups)
+
+
+def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
+    """The first signal (exact, phash, clip) among the edges touching each row."""
+    size = int(max(edges.i.max(), edges.j.max())) + 1
+    best = np.full(size, len(SIGNALS), dtype=np.int8)
+    for side in (edges.i, edges.j):
+        np.minimum.at(best, side, edges.signal)
+    code = np.array([EXACT_COPY, PHASH_COPY, CLIP_COPY], dtype=np.int8)
+    return code[best[rows]]
 
 
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -198,13 +274,16 @@ def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarra
     return best[cluster_id]
 
 
-def _describe(cluster_id, size, survivor, distance, edges: Edges, words) -> Groups:
+def _describe(cluster_id, size, survivor, distance, similarity, edges: Edges, words) -> Groups:
     """Groups for every cluster of two or more rows, vectorized but for the diameter of
     clusters with three or more distinct codes."""
     n = len(cluster_id)
     ids = np.flatnonzero((cluster_id == np.arange(n)) & (size > 1))
     mask = np.zeros(n, dtype=np.int64)
-    np.bitwise_or.at(mask, cluster_id[edges.i], np.int64(1) << edges.signal.astype(np.int64))
+    inside = cluster_id[edges.i] == cluster_id[edges.j]  # the star rule may cut an edge
+    np.bitwise_or.at(
+        mask, cluster_id[edges.i[inside]], np.int64(1) << edges.signal[inside].astype(np.int64)
+    )
     to_survivor = np.full(n, NO_DISTANCE, dtype=np.int32)
     diameter = np.full(n, NO_DISTANCE, dtype=np.int32)
     if words is not None:
@@ -218,7 +297,11 @@ def _describe(cluster_id, size, survivor, distance, edges: Edges, words) -> Grou
                 codes = np.unique(words[group])
                 if len(codes) > 2:
                     diameter[cluster_id[group[0]]] = _diameter(codes)
-    return Groups(ids, size[ids], survivor[ids], mask[ids], diameter[ids], to_survivor[ids])
+    lowest = np.full(n, np.nan, dtype=np.float32)
+    np.fmin.at(lowest, cluster_id, similarity)
+    return Groups(
+        ids, size[ids], survivor[ids], mask[ids], diameter[ids], to_survivor[ids], lowest[ids]
+    )
 
 
 def _diameter(words: np.ndarray, chunk: int = 2048) -> int:

@@ -13,8 +13,10 @@ import yaml
 
 from dedup.errors import ConfigError
 
-KNOWN_SIGNALS = ("exact", "phash")
+KNOWN_SIGNALS = ("exact", "phash", "clip")
 KEEP_RULES = ("largest", "first")
+CLUSTER_RULES = ("star", "components")
+CLIP_INDEXES = ("auto", "flat", "ivf")
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,18 @@ class Config:
     test keeps the two equal.
     """
 
-    signals: tuple[str, ...] = ("exact", "phash")
+    signals: tuple[str, ...] = ("exact", "phash", "clip")
     phash_threshold: int = 8
     phash_draft: bool = True
     exact_digest: str = "blake3"
+    clip_model: str = "ViT-B-32"
+    clip_pretrained: str = "laion2b_s34b_b79k"
+    clip_threshold: float = 0.94
+    clip_index: str = "auto"
+    device: str = "auto"
+    batch_size: int = 64
     keep: str = "largest"
+    cluster_rule: str = "star"
     workers: int = 0
     max_pixels: int = 100_000_000
     image_extensions: tuple[str, ...] = (
@@ -46,7 +55,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.signals:
-            raise ConfigError("signals: at least one signal is needed (exact, phash)")
+            raise ConfigError("signals: at least one signal is needed (exact, phash, clip)")
         for name in self.signals:
             if name not in KNOWN_SIGNALS:
                 raise ConfigError(
@@ -60,6 +69,20 @@ class Config:
             )
         if self.exact_digest not in ("blake3", "sha256"):
             raise ConfigError(f"exact_digest: {self.exact_digest!r} is not blake3 or sha256")
+        if not 0.0 < self.clip_threshold <= 1.0:
+            raise ConfigError(f"clip_threshold: {self.clip_threshold} is outside (0, 1] (cosine)")
+        if self.clip_index not in CLIP_INDEXES:
+            raise ConfigError(
+                f"clip_index: {self.clip_index!r} is not one of {', '.join(CLIP_INDEXES)}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size: {self.batch_size} must be positive")
+        if self.cluster_rule not in CLUSTER_RULES:
+            raise ConfigError(
+                f"cluster_rule: {self.cluster_rule!r} is not one of {', '.join(CLUSTER_RULES)}"
+            )
         if self.keep not in KEEP_RULES:
             raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
         if self.workers < 0:
@@ -87,6 +110,7 @@ class Config:
             "image_extensions": sorted(self.image_extensions),
             "image_formats": sorted(self.image_formats),
             "phash": "phash" in self.signals,
+            "clip": "clip" in self.signals,
             "phash_draft": self.phash_draft,
             "exact_digest": self.exact_digest,
         }
@@ -113,6 +137,10 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{name}: expected a whole number, got {value!r}")
         return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{name}: expected true or false, got {value!r}")

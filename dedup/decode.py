@@ -40,12 +40,15 @@ def image_member(member_names: list[str], config: Config) -> int | None:
     return None
 
 
-def decode_image(data: bytes, config: Config, draft: int | None = None) -> Decoded:
+def decode_image(
+    data: bytes, config: Config, draft: int | None = None, draft_mode: str = "L"
+) -> Decoded:
     """Sniff, size-check from the header, decode and normalize; never raises on bad bytes.
 
-    With `draft`, a JPEG is decoded in grayscale at the smallest DCT scale (1/2, 1/4,
-    1/8) that keeps both sides at least `draft` pixels: enough for a 32x32 hash, several
-    times cheaper than a full decode. `width` and `height` are always the full image's,
+    With `draft`, a JPEG is decoded (in `draft_mode`, grayscale by default) at the
+    smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least `draft` pixels:
+    enough for a 32x32 hash or a 224x224 CLIP input, several times cheaper than a full
+    decode. `width` and `height` are always the full image's,
     after EXIF orientation.
     """
     try:
@@ -69,7 +72,7 @@ def decode_image(data: bytes, config: Config, draft: int | None = None) -> Decod
             if orientation in TRANSPOSED:
                 width, height = height, width
             if draft is not None and fmt == "JPEG":
-                img.draft("L", (draft, draft))
+                img.draft(draft_mode, (draft, draft))
             img.load()
             image = normalize(img, orientation)
     except Exception:

@@ -8,6 +8,7 @@ EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_OUTPUT = 4
 EXIT_SKIPPED_SHARDS = 5
+EXIT_MODEL = 6
 
 
 class DedupError(Exception):
@@ -42,3 +43,9 @@ class OutputError(DedupError):
     """An output directory that is refused or cannot be written."""
 
     exit_code = EXIT_OUTPUT
+
+
+class ModelError(DedupError):
+    """Model weights that cannot be had, or a device that is not there."""
+
+    exit_code = EXIT_MODEL

@@ -6,6 +6,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +19,9 @@ from dedup.fsutil import atomic_path
 from dedup.progress import REPORT_EVERY, advance
 from dedup.shards import Shard, iter_samples
 from dedup.signals.exact import digest
+
+if TYPE_CHECKING:
+    from dedup.signals.clip import ClipSpec
 from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, shrink, stack_shrunk
 
 FEATURE_SCHEMA = pa.schema(
@@ -35,6 +39,7 @@ FEATURE_SCHEMA = pa.schema(
         ("bytes", pa.int64()),
         ("digest", pa.binary(32)),
         ("phash", pa.binary(HASH_SIZE)),
+        ("clip", pa.binary()),  # float16 L2-normalized embedding
     ]
 )
 STATUS_OK = "ok"
@@ -60,7 +65,9 @@ def feature_path(store: str, shard: Shard) -> str:
     return os.path.join(store, shard.name + ".parquet")
 
 
-def shard_fingerprint(shard: Shard, config: Config) -> tuple[str, os.stat_result]:
+def shard_fingerprint(
+    shard: Shard, config: Config, clip: ClipSpec | None = None
+) -> tuple[str, os.stat_result]:
     """What stored features depend on: the input file's identity, settings, versions."""
     import PIL
     import scipy
@@ -77,6 +84,7 @@ def shard_fingerprint(shard: Shard, config: Config) -> tuple[str, os.stat_result
             "size": st.st_size,
             "mtime_ns": st.st_mtime_ns,
             "config": config.feature_fingerprint(),
+            "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
         sort_keys=True,
@@ -84,15 +92,17 @@ def shard_fingerprint(shard: Shard, config: Config) -> tuple[str, os.stat_result
     return text, st
 
 
-def extract_shard(shard: Shard, config: Config, store: str) -> ShardFeatures:
+def extract_shard(
+    shard: Shard, config: Config, store: str, clip: ClipSpec | None = None
+) -> ShardFeatures:
     """Features of one shard, reused from `store` when its fingerprint still matches."""
     path = feature_path(store, shard)
-    fingerprint, st = shard_fingerprint(shard, config)
+    fingerprint, st = shard_fingerprint(shard, config, clip)
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped = cached
         return ShardFeatures(shard, path, rows, skipped, st.st_size, st.st_mtime_ns, True)
-    table, skipped = compute_features(shard, config)
+    table, skipped = compute_features(shard, config, clip)
     meta = {
         b"dedup.fingerprint": fingerprint.encode(),
         b"dedup.skipped_members": json.dumps(skipped, sort_keys=True).encode(),
@@ -123,7 +133,9 @@ def read_features(path: str, columns: list[str]) -> pa.Table:
     return pq.read_table(path, columns=columns).replace_schema_metadata(None)
 
 
-def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, int]]:
+def compute_features(
+    shard: Shard, config: Config, clip: ClipSpec | None = None
+) -> tuple[pa.Table, dict[str, int]]:
     """Read every sample of `shard` and compute its feature row; no caching.
 
     An image whose bytes repeat an earlier one of the shard is not decoded again: equal
@@ -131,13 +143,32 @@ def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, 
     """
     want_phash = "phash" in config.signals
     draft = IMG_SIZE if (want_phash and config.phash_draft) else None
+    draft_mode = "L"
+    embedder = None
+    if clip is not None:
+        from dedup.signals.clip import Embedder, pick_device
+
+        embedder = Embedder.get(clip, pick_device(config.device))
+        # One RGB decode serves both signals, at the scale CLIP needs.
+        draft, draft_mode = embedder.image_size, "RGB"
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
     phash_col = cols["phash"]
+    clip_col = cols["clip"]
+    clip_rows: list[int] = []
+    clip_images: list = []
     pending_rows: list[int] = []
     pending_smalls: list = []
     seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
-    copies: list[tuple[int, int]] = []  # (row, first row) whose pHash is copied at the end
+    copies: list[tuple[int, int]] = []  # (row, first row) whose vectors are copied at the end
     skipped: Counter = Counter()
+
+    def flush_clip() -> None:
+        if clip_images:
+            vectors = embedder.embed(clip_images)
+            for row_index, vector in zip(clip_rows, vectors, strict=True):
+                clip_col[row_index] = vector.tobytes()
+            clip_rows.clear()
+            clip_images.clear()
 
     def flush() -> None:
         if pending_smalls:
@@ -174,15 +205,18 @@ def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, 
                     cols["width"][first],
                     cols["height"][first],
                 )
-                if status == STATUS_OK and want_phash:
+                if status == STATUS_OK:
                     copies.append((row, first))
             else:
                 seen[image_digest] = row
-                decoded = decode_image(data, config, draft=draft)
+                decoded = decode_image(data, config, draft=draft, draft_mode=draft_mode)
                 status, width, height = decoded.reason or STATUS_OK, decoded.width, decoded.height
                 if decoded.image is not None and want_phash:
                     pending_rows.append(row)
                     pending_smalls.append(shrink(decoded.image))
+                if decoded.image is not None and embedder is not None:
+                    clip_rows.append(row)
+                    clip_images.append(decoded.image)
             if status != STATUS_OK:
                 image_digest = None
         cols["image_member"].append(None if pos is None else names[pos])
@@ -192,11 +226,16 @@ def compute_features(shard: Shard, config: Config) -> tuple[pa.Table, dict[str, 
         cols["bytes"].append(nbytes)
         cols["digest"].append(image_digest)
         phash_col.append(code)
+        clip_col.append(None)
         if len(pending_smalls) >= PHASH_BATCH:
             flush()
+        if len(clip_images) >= config.batch_size:
+            flush_clip()
     flush()
+    flush_clip()
     for row, first in copies:
         phash_col[row] = phash_col[first]
+        clip_col[row] = clip_col[first]
     advance(len(cols["index"]) - reported_samples, _file_size(shard.path) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))
 

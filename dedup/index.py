@@ -164,3 +164,74 @@ def _mih_task(q0: int):
     dist = np.bitwise_count(words[query] ^ words[cand]).astype(np.int32)
     close = dist <= threshold
     return query[close], cand[close], dist[close]
+
+
+# ---------------------------------------------------------------- CLIP vectors
+
+# Exact inner-product search up to this many vectors; above it an IVF index, which is
+# approximate (see README for its measured recall).
+CLIP_FLAT_MAX = 50_000
+GPU_NEIGHBOURS = 64
+
+
+def cosine_pairs(
+    vectors: np.ndarray, threshold: float, engine: str = "auto", device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of unit vectors with cosine similarity >= `threshold`, sorted.
+
+    `flat` is exact; `ivf` clusters the vectors into cells and searches the nearest
+    cells only (approximate); `auto` picks flat up to CLIP_FLAT_MAX vectors. With a GPU
+    build of FAISS and a CUDA device, the flat search runs on the GPU as a k-nearest
+    search (k = GPU_NEIGHBOURS) filtered by the threshold.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = x.shape if x.ndim == 2 else (0, 0)
+    empty = np.zeros(0, dtype=np.int64)
+    if n < 2:
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    if engine == "auto":
+        engine = "flat" if n <= CLIP_FLAT_MAX else "ivf"
+    # FAISS keeps inner products strictly above the radius.
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if engine == "flat" and gpus and device.startswith(("cuda", "auto")):
+        return _gpu_knn_pairs(faiss, x, radius)
+    if engine == "flat":
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = max(1, int(4 * np.sqrt(n)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        index.train(sample)
+        index.nprobe = min(nlist, 32)
+    index.add(x)
+    out_i, out_j, out_s = [], [], []
+    for start in range(0, n, QUERY_BATCH):
+        lims, sims, labels = index.range_search(x[start : start + QUERY_BATCH], radius)
+        counts = np.diff(lims).astype(np.int64)
+        query = np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts)
+        keep = labels > query
+        out_i.append(query[keep])
+        out_j.append(labels[keep].astype(np.int64))
+        out_s.append(sims[keep].astype(np.float32))
+    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+    order = np.lexsort((j, i))
+    return i[order], j[order], s[order]
+
+
+def _gpu_knn_pairs(faiss, x: np.ndarray, radius: float):  # pragma: no cover - needs a GPU
+    resources = faiss.StandardGpuResources()
+    index = faiss.GpuIndexFlatIP(resources, x.shape[1])
+    index.add(x)
+    k = min(GPU_NEIGHBOURS, len(x))
+    sims, labels = index.search(x, k)
+    query = np.repeat(np.arange(len(x), dtype=np.int64), k)
+    sims, labels = sims.reshape(-1), labels.reshape(-1).astype(np.int64)
+    keep = (sims > radius) & (labels >= 0)
+    a, b = np.minimum(query[keep], labels[keep]), np.maximum(query[keep], labels[keep])
+    pairs = np.unique(np.stack([a, b], 1)[a != b], axis=0)
+    sim = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]]).astype(np.float32)
+    return pairs[:, 0], pairs[:, 1], sim

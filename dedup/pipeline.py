@@ -54,7 +54,9 @@ TICK_SECONDS = 0.5
 # ---------------------------------------------------------------- parallel map
 
 
-def map_shards(fn: Callable, items: list, workers: int, progress: Progress) -> list:
+def map_shards(
+    fn: Callable, items: list, workers: int, progress: Progress, start_method: str = "fork"
+) -> list:
     """fn over items in worker processes (forked), results in input order.
 
     The first failure cancels the shards not yet started and is raised here.
@@ -66,7 +68,7 @@ def map_shards(fn: Callable, items: list, workers: int, progress: Progress) -> l
             progress.tick()
         progress.close()
         return results
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(start_method)
     pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx)
     try:
         pending = {pool.submit(fn, item): n for n, item in enumerate(items)}
@@ -97,12 +99,23 @@ def extract_all(
 ) -> list[ShardFeatures | BadShard]:
     """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
     instead of ending the run."""
+    clip = None
+    start_method = "fork"
+    if "clip" in config.signals:
+        from dedup.signals.clip import pick_device, resolve
+
+        clip = resolve(config.clip_model, config.clip_pretrained)  # fails fast, once
+        device = pick_device(config.device)
+        log.info("clip: %s from %s on %s", clip.model, clip.checkpoint, device)
+        if device.startswith("cuda"):
+            start_method = "spawn"  # CUDA cannot be used in a forked child
     total = sum(_size(s.path) for s in shards)
     return map_shards(
-        _Extract(config, store, skip_bad_shards),
+        _Extract(config, store, skip_bad_shards, clip),
         shards,
         config.worker_count,
         Progress("extract", total_bytes=total),
+        start_method,
     )
 
 
@@ -118,10 +131,11 @@ class _Extract:
     config: Config
     store: str
     skip_bad_shards: bool
+    clip: Any = None  # a resolved ClipSpec when the clip signal is on
 
     def __call__(self, shard: Shard) -> ShardFeatures | BadShard:
         try:
-            return extract_shard(shard, self.config, self.store)
+            return extract_shard(shard, self.config, self.store, self.clip)
         except ShardError as e:
             if not self.skip_bad_shards:
                 raise
@@ -144,6 +158,7 @@ class Plan:
     reason: np.ndarray  # int8 index into REASONS
     survivor: np.ndarray  # int64 global row of the survivor; -1 unless removed
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE if none
+    clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN if none
     clusters: pa.Table  # clusters.parquet rows
 
     def rows(self, shard: int) -> slice:
@@ -153,7 +168,7 @@ class Plan:
 # Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
 # What phase 2 reads from the feature store.
-CLUSTER_COLUMNS = ["status", "width", "height", "bytes", "digest", "phash"]
+CLUSTER_COLUMNS = ["status", "width", "height", "bytes", "digest", "phash", "clip"]
 
 
 def plan(features: list[ShardFeatures], config: Config) -> Plan:
@@ -180,6 +195,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
     cluster_size = np.ones(n, dtype=np.int64)
     survivor = np.full(n, -1, dtype=np.int64)
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
+    clip_similarity = np.full(n, np.nan, dtype=np.float32)
     groups = None
     if len(candidate_rows):
         cand_table = table.take(pa.array(candidate_rows))
@@ -193,6 +209,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
                 if "phash" in config.signals
                 else None
             ),
+            clip=_vectors(cand_table.column("clip")) if "clip" in config.signals else None,
         )
         del cand_table
         result = cluster(cand, config)
@@ -204,6 +221,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         keep[g[removed]] = False
         survivor[g[removed]] = g[result.survivor[removed]]
         phash_distance[g] = result.phash_distance
+        clip_similarity[g] = result.clip_similarity
         groups = result.groups
     clusters = _clusters_table(features, shard_starts, candidate_rows, groups)
     return Plan(
@@ -215,8 +233,20 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         reason,
         survivor,
         phash_distance,
+        clip_similarity,
         clusters,
     )
+
+
+def _vectors(column: pa.ChunkedArray) -> np.ndarray:
+    """Stored float16 embeddings (all of one length) as an (N, dim) array."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise DedupError("the feature store lacks CLIP embeddings; rerun with --overwrite")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset :]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    start, stop = int(offsets[0]), int(offsets[len(array)])
+    return data[start:stop].view(np.float16).reshape(len(array), -1)
 
 
 def _ints(table: pa.Table, name: str) -> np.ndarray:
@@ -258,6 +288,10 @@ def _clusters_table(features, shard_starts, candidate_rows, groups: Groups | Non
                 groups.max_distance_to_survivor,
                 mask=groups.max_distance_to_survivor == NO_DISTANCE,
             ),
+            "min_similarity_to_survivor": pa.array(
+                groups.min_similarity_to_survivor,
+                mask=np.isnan(groups.min_similarity_to_survivor),
+            ),
         },
         schema=CLUSTERS_SCHEMA,
     )
@@ -274,6 +308,7 @@ class FinishJob:
     cluster_size: np.ndarray
     reason: np.ndarray
     phash_distance: np.ndarray
+    clip_similarity: np.ndarray
     duplicate_of: list  # survivor key per row (None unless removed)
     duplicate_of_shard: list
     output: str | None  # None in a dry run
@@ -314,6 +349,7 @@ def finish_all(
                 p.cluster_size[rows],
                 p.reason[rows],
                 p.phash_distance[rows],
+                p.clip_similarity[rows],
                 dup,
                 dup_shard,
                 None if dry_run else os.path.join(out, f.shard.name),
@@ -353,6 +389,7 @@ def samples_part(job: FinishJob) -> pa.Table:
             "duplicate_of": pa.array(job.duplicate_of, type=pa.string()),
             "duplicate_of_shard": pa.array(job.duplicate_of_shard, type=pa.string()),
             "phash_distance": pa.array(job.phash_distance, mask=job.phash_distance == NO_DISTANCE),
+            "clip_similarity": pa.array(job.clip_similarity, mask=np.isnan(job.clip_similarity)),
             "width": f.column("width"),
             "height": f.column("height"),
             "bytes": f.column("bytes"),
@@ -499,7 +536,10 @@ def _summary(
             "size_histogram": size_histogram(sizes),
             "largest": largest_rows,
         },
-        "thresholds": {"phash": config.phash_threshold} if "phash" in config.signals else {},
+        "thresholds": {
+            **({"phash": config.phash_threshold} if "phash" in config.signals else {}),
+            **({"clip": config.clip_threshold} if "clip" in config.signals else {}),
+        },
         "digest": config.exact_digest,
         "config": config.to_dict(),
         "versions": package_versions(),

@@ -29,6 +29,7 @@ SAMPLES_SCHEMA = pa.schema(
         ("duplicate_of", pa.string()),
         ("duplicate_of_shard", pa.string()),
         ("phash_distance", pa.int32()),
+        ("clip_similarity", pa.float32()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("bytes", pa.int64()),
@@ -47,6 +48,7 @@ CLUSTERS_SCHEMA = pa.schema(
         ("signals", pa.list_(pa.string())),
         ("max_distance", pa.int32()),
         ("max_distance_to_survivor", pa.int32()),
+        ("min_similarity_to_survivor", pa.float32()),
     ]
 )
 

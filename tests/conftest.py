@@ -8,7 +8,17 @@ import tarfile
 
 import pytest
 
+from dedup.config import Config
 from dedup.synth import planted_dataset, write_shards
+
+# The signals that need no model weights; CLIP tests build their own tiny model.
+NO_MODEL = ("exact", "phash")
+NO_MODEL_FLAGS = ["--signals", "exact,phash"]
+
+
+def cfg(**settings) -> Config:
+    """A Config with the model-free signals unless the test names others."""
+    return Config(**{"signals": NO_MODEL, **settings})
 
 
 def read_tar(path: str) -> list[tuple[str, bytes]]:

@@ -82,7 +82,12 @@ def test_clusters_equal_brute_force_union_find(threshold):
         digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
         phash=codes,
     )
-    result = cluster(cand, Config(signals=("phash",), phash_threshold=threshold, keep="first"))
+    result = cluster(
+        cand,
+        Config(
+            signals=("phash",), phash_threshold=threshold, keep="first", cluster_rule="components"
+        ),
+    )
     want = brute_components(codes, threshold)
     assert result.cluster_id.tolist() == want.tolist()
     assert result.survivor.tolist() == want.tolist()  # keep=first: the first row survives
@@ -176,3 +181,51 @@ def test_exact_groups_link_each_repeat_to_its_first_row():
             seen[key] = r
     got = sorted(zip(first.tolist(), rows.tolist(), strict=True), key=lambda p: p[1])
     assert got == want
+
+
+def _chain_codes():
+    """A, B, C with d(A, B) = 5, d(B, C) = 5, d(A, C) = 10, and D far from all."""
+    bits = np.zeros((4, 64), dtype=np.uint8)
+    bits[1, :5] = 1
+    bits[2, :10] = 1
+    bits[3, 20:50] = 1
+    return np.packbits(bits, axis=1)
+
+
+def _chain_candidates(codes):
+    n = len(codes)
+    return Candidates(
+        pixels=np.ones(n, dtype=np.int64),
+        nbytes=np.ones(n, dtype=np.int64),
+        digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
+        phash=codes,
+    )
+
+
+def test_star_rule_cuts_chains():
+    from dedup.cluster import DECISIONS
+
+    cand = _chain_candidates(_chain_codes())
+    comp = cluster(
+        cand, Config(signals=("phash",), phash_threshold=6, keep="first", cluster_rule="components")
+    )
+    assert comp.survivor.tolist() == [0, 0, 0, 3]
+    star = cluster(cand, Config(signals=("phash",), phash_threshold=6, keep="first"))
+    assert star.survivor.tolist() == [0, 0, 2, 3]  # C is 10 bits from A: it stays
+    assert star.cluster_id.tolist() == [0, 0, 2, 3]
+    assert [DECISIONS[r] for r in star.reason] == ["kept", "phash", "unique", "unique"]
+    assert star.phash_distance.tolist()[1] == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_star_rule_keeps_every_removed_row_within_the_threshold(seed):
+    codes = random_codes(500, 30 + seed, near=0.6)
+    n = len(codes)
+    cand = _chain_candidates(codes)
+    result = cluster(cand, Config(signals=("phash",), phash_threshold=8, keep="first"))
+    removed = result.survivor != np.arange(n)
+    d = hamming(codes[removed], codes[result.survivor[removed]])
+    assert (d <= 8).all()
+    assert (result.survivor[result.survivor] == result.survivor).all()  # survivors stay
+    comp = brute_components(codes, 8)
+    assert (comp[result.survivor] == comp).all()  # star clusters split components only

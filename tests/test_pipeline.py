@@ -7,10 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dedup.config import Config
 from dedup.errors import OutputError
 from dedup.pipeline import run
-from tests.conftest import read_tar, write_tar
+from tests.conftest import cfg, read_tar, write_tar
 
 
 def expected_survivors(samples, keep="largest"):
@@ -41,7 +40,7 @@ def expected_survivors(samples, keep="largest"):
 def result(planted, tmp_path_factory):
     samples, paths, shard_dir = planted
     out = str(tmp_path_factory.mktemp("run") / "clean")
-    summary = run([shard_dir], out, Config(workers=2))
+    summary = run([shard_dir], out, cfg(workers=2))
     return samples, paths, out, summary
 
 
@@ -119,7 +118,7 @@ def test_report_schema_and_reasons(result):
 def test_two_runs_give_identical_bytes(planted, tmp_path, result):
     _, paths, out1, _ = result
     out2 = str(tmp_path / "again")
-    run([planted[2]], out2, Config(workers=1))
+    run([planted[2]], out2, cfg(workers=1))
     for name in [os.path.basename(p) for p in paths] + [
         "dedup-report/samples.parquet",
         "dedup-report/clusters.parquet",
@@ -131,21 +130,21 @@ def test_two_runs_give_identical_bytes(planted, tmp_path, result):
 def test_keep_first(planted, tmp_path):
     samples, _, shard_dir = planted
     out = str(tmp_path / "first")
-    run([shard_dir], out, Config(keep="first", workers=1))
+    run([shard_dir], out, cfg(keep="first", workers=1))
     rows = pq.read_table(os.path.join(out, "dedup-report", "samples.parquet")).to_pylist()
     assert {r["key"] for r in rows if r["kept"]} == expected_survivors(samples, "first")
 
 
 def test_exact_only_keeps_near_duplicates(planted, tmp_path):
     samples, _, shard_dir = planted
-    summary = run([shard_dir], str(tmp_path / "x"), Config(signals=("exact",), workers=1))
+    summary = run([shard_dir], str(tmp_path / "x"), cfg(signals=("exact",), workers=1))
     assert summary["counts"]["removed"] == sum(1 for s in samples if s.edit == "exact")
     assert summary["counts"]["removed_by_reason"] == {"exact": summary["counts"]["removed"]}
 
 
 def test_dry_run_writes_report_but_no_shards(planted, tmp_path):
     out = tmp_path / "dry"
-    summary = run([planted[2]], str(out), Config(workers=1), dry_run=True)
+    summary = run([planted[2]], str(out), cfg(workers=1), dry_run=True)
     assert not list(out.glob("*.tar"))
     assert (out / "dedup-report" / "samples.parquet").exists()
     assert summary["output"]["dry_run"] is True
@@ -157,7 +156,7 @@ def test_shard_with_every_sample_removed_is_an_empty_tar(tmp_path):
     image = encode(make_image(1, 64, 64))
     write_tar(str(tmp_path / "in/a.tar"), [("x.jpg", image), ("x.txt", b"first")])
     write_tar(str(tmp_path / "in/b.tar"), [("y.jpg", image), ("y.txt", b"copy")])
-    summary = run([str(tmp_path / "in")], str(tmp_path / "out"), Config(workers=1))
+    summary = run([str(tmp_path / "in")], str(tmp_path / "out"), cfg(workers=1))
     assert read_tar(str(tmp_path / "out/a.tar")) == [("x.jpg", image), ("x.txt", b"first")]
     assert read_tar(str(tmp_path / "out/b.tar")) == []
     assert [s["kept"] for s in summary["shards"]] == [1, 0]
@@ -166,17 +165,17 @@ def test_shard_with_every_sample_removed_is_an_empty_tar(tmp_path):
 def test_out_refusals(planted, tmp_path):
     _, paths, shard_dir = planted
     with pytest.raises(OutputError, match="directory of input shard"):
-        run([shard_dir], shard_dir, Config(workers=1))
+        run([shard_dir], shard_dir, cfg(workers=1))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="not empty and was not written by dedup"):
-        run([paths[0]], str(foreign), Config(workers=1))
-    run([paths[0]], str(foreign), Config(workers=1), overwrite=True)
+        run([paths[0]], str(foreign), cfg(workers=1))
+    run([paths[0]], str(foreign), cfg(workers=1), overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
     assert (foreign / os.path.basename(paths[0])).exists()
     # A second run into our own OUT is fine, and drops shards of the earlier input set.
-    run([paths[1]], str(foreign), Config(workers=1))
+    run([paths[1]], str(foreign), cfg(workers=1))
     assert not (foreign / os.path.basename(paths[0])).exists()
     assert (foreign / os.path.basename(paths[1])).exists()
 

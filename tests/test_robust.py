@@ -19,13 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dedup.cli import main
-from dedup.config import Config
 from dedup.decode import decode_image
 from dedup.errors import OutputError, ShardError
 from dedup.pipeline import run
 from dedup.shards import Shard, iter_samples
 from dedup.synth import encode, make_image, planted_dataset, write_shards
-from tests.conftest import read_tar, write_tar
+from tests.conftest import NO_MODEL_FLAGS, cfg, read_tar, write_tar
 from tests.test_decode import png_bomb
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
@@ -90,7 +89,7 @@ def test_fuzzed_tars_give_samples_or_a_shard_error(tmp_path, edits):
 @given(edits=EDITS)
 def test_fuzzed_images_decode_or_get_a_reason(edits):
     for draft in (None, 32):
-        d = decode_image(_mutate(VALID_JPEG, edits), Config(), draft=draft)
+        d = decode_image(_mutate(VALID_JPEG, edits), cfg(), draft=draft)
         assert (d.image is None) == (d.reason is not None)
         assert d.reason in (None, "undecodable", "unsupported_format", "too_large")
 
@@ -119,13 +118,15 @@ def many_shards(tmp_path_factory):
     )
     write_shards(samples, str(root / "in"), per_shard=20)
     clean = root / "clean"
-    run([str(root / "in")], str(clean), Config(workers=1))
+    run([str(root / "in")], str(clean), cfg(workers=1))
     return root, _outputs(clean)
 
 
 def _start(args):
     return subprocess.Popen(
-        [DEDUP, *args, "--workers", "1", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [DEDUP, *args, *NO_MODEL_FLAGS, "--workers", "1", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -160,7 +161,17 @@ def test_sigkill_then_rerun_gives_identical_output(many_shards, tmp_path, point)
     for shard in out.glob("*.tar"):
         read_tar(str(shard))
     rerun = subprocess.run(
-        [DEDUP, str(root / "in"), "--out", str(out), "--workers", "1", "--json", "-q"],
+        [
+            DEDUP,
+            str(root / "in"),
+            "--out",
+            str(out),
+            *NO_MODEL_FLAGS,
+            "--workers",
+            "1",
+            "--json",
+            "-q",
+        ],
         capture_output=True,
         text=True,
     )
@@ -180,7 +191,7 @@ def test_leftover_temporaries_are_removed(many_shards, tmp_path):
     (out / ".dedup" / "job.json").write_text(json.dumps({"tool": "dedup", "outputs": []}))
     (out / ".shard-000000.tar.tmp-999").write_bytes(b"partial")
     (out / ".dedup" / "features" / ".shard-000000.tar.parquet.tmp-999").write_bytes(b"x")
-    run([str(root / "in")], str(out), Config(workers=1))
+    run([str(root / "in")], str(out), cfg(workers=1))
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     assert _outputs(out) == clean
 
@@ -188,28 +199,28 @@ def test_leftover_temporaries_are_removed(many_shards, tmp_path):
 def test_stale_features_are_recomputed(many_shards, tmp_path):
     root, clean = many_shards
     out = tmp_path / "out"
-    first = run([str(root / "in")], str(out), Config(workers=1))
+    first = run([str(root / "in")], str(out), cfg(workers=1))
     assert not any(s["features_reused"] for s in first["shards"])
-    again = run([str(root / "in")], str(out), Config(workers=1, phash_threshold=4))
+    again = run([str(root / "in")], str(out), cfg(workers=1, phash_threshold=4))
     assert all(s["features_reused"] for s in again["shards"])  # a threshold is not a feature
     shard = sorted((root / "in").glob("*.tar"))[0]
     st_ = shard.stat()
     os.utime(shard, ns=(st_.st_atime_ns, st_.st_mtime_ns + 1_000_000_000))
     try:
-        touched = run([str(root / "in")], str(out), Config(workers=1))
+        touched = run([str(root / "in")], str(out), cfg(workers=1))
         assert [s["features_reused"] for s in touched["shards"]][:2] == [False, True]
         assert _outputs(out) == clean
     finally:
         os.utime(shard, ns=(st_.st_atime_ns, st_.st_mtime_ns))
-    other = run([str(root / "in")], str(out), Config(workers=1, max_pixels=10**6))
+    other = run([str(root / "in")], str(out), cfg(workers=1, max_pixels=10**6))
     assert not any(s["features_reused"] for s in other["shards"])
 
 
 def test_overwrite_starts_over(many_shards, tmp_path):
     root, clean = many_shards
     out = tmp_path / "out"
-    run([str(root / "in")], str(out), Config(workers=1))
-    summary = run([str(root / "in")], str(out), Config(workers=1), overwrite=True)
+    run([str(root / "in")], str(out), cfg(workers=1))
+    summary = run([str(root / "in")], str(out), cfg(workers=1), overwrite=True)
     assert not any(s["features_reused"] for s in summary["shards"])
     assert _outputs(out) == clean
 
@@ -217,7 +228,7 @@ def test_overwrite_starts_over(many_shards, tmp_path):
 def test_inputs_are_never_modified(many_shards, tmp_path):
     root, _ = many_shards
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "in").glob("*.tar")}
-    run([str(root / "in")], str(tmp_path / "out"), Config(workers=2))
+    run([str(root / "in")], str(tmp_path / "out"), cfg(workers=2))
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (root / "in").glob("*.tar")}
     assert after == before
 
@@ -230,7 +241,7 @@ def test_a_second_run_on_the_same_out_is_refused(many_shards, tmp_path):
     with open(out / ".dedup" / "lock", "w") as holder:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(OutputError, match="another dedup run is writing here"):
-            run([str(root / "in")], str(out), Config(workers=1))
+            run([str(root / "in")], str(out), cfg(workers=1))
 
 
 def test_skip_bad_shards(tmp_path):
@@ -239,11 +250,22 @@ def test_skip_bad_shards(tmp_path):
     (tmp_path / "in/b.tar").write_bytes(VALID_TAR[:700])  # truncated
     write_tar(str(tmp_path / "in/c.tar"), [("y.jpg", image), ("z.txt", b"no image")])
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(tmp_path / "in"), "--out", str(out), "--workers", "1"])
+    result = CliRunner().invoke(
+        main, [str(tmp_path / "in"), "--out", str(out), *NO_MODEL_FLAGS, "--workers", "1"]
+    )
     assert result.exit_code == 3
     assert "b.tar at byte" in result.stderr.strip().splitlines()[-1]
     result = CliRunner().invoke(
-        main, [str(tmp_path / "in"), "--out", str(out), "--skip-bad-shards", "--json", "-q"]
+        main,
+        [
+            str(tmp_path / "in"),
+            "--out",
+            str(out),
+            "--skip-bad-shards",
+            "--json",
+            "-q",
+            *NO_MODEL_FLAGS,
+        ],
     )
     assert result.exit_code == 5
     summary = json.loads(result.stdout)
@@ -268,7 +290,7 @@ def test_unusual_keys_round_trip(tmp_path):
         ("/abs/path.txt", b"absolute names stay strings"),
     ]
     write_tar(str(tmp_path / "in/s.tar"), members)
-    summary = run([str(tmp_path / "in")], str(tmp_path / "out"), Config(workers=1))
+    summary = run([str(tmp_path / "in")], str(tmp_path / "out"), cfg(workers=1))
     rows = pq.read_table(tmp_path / "out/dedup-report/samples.parquet").to_pylist()
     assert [r["key"] for r in rows] == [
         "données/élan",
@@ -290,7 +312,8 @@ def test_pixel_bomb_costs_no_memory(tmp_path):
     )
     code = (
         "import resource, sys; from dedup.config import Config; from dedup.pipeline import run\n"
-        f"s = run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, Config(workers=1))\n"
+        f"s = run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
+        "Config(workers=1, signals=('exact', 'phash')))\n"
         "print(s['counts']['passthrough_by_reason'], "
         "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )

@@ -1,0 +1,202 @@
+"""CLIP image embeddings through open_clip: weights resolved once, models set up once per
+worker, images in batches, L2-normalized float16 vectors out.
+
+torch and open_clip are imported only here, and only when the clip signal is on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from dedup.errors import ModelError
+
+HUB_HOST = ("huggingface.co", 443)
+PROBE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Everything a worker needs to build the model without touching the network."""
+
+    model: str  # open_clip model name
+    config_file: str | None  # a model config JSON registered with open_clip, if custom
+    checkpoint: str | None  # local weights file; None only for random weights in tests
+    preprocess: tuple  # (name, value) overrides: image_mean, image_std, interpolation...
+    fingerprint: str  # what the embeddings depend on
+
+
+def _remedy(model: str) -> str:
+    return (
+        f"pass --clip-pretrained PATH to a local {model} checkpoint, "
+        "or run without CLIP: --signals exact,phash"
+    )
+
+
+def resolve(model: str, pretrained: str) -> ClipSpec:
+    """Find the weights for `model` and `pretrained` (an open_clip tag or a checkpoint path)
+    without downloading unless the hub answers; raise ModelError with the remedies."""
+    try:
+        import open_clip
+        import torch
+    except ImportError as e:  # pragma: no cover - both are dependencies
+        raise ModelError(f"clip: cannot import {e.name}; reinstall dedup") from None
+    config_file = None
+    name = model
+    if model.endswith(".json"):
+        if not os.path.isfile(model):
+            raise ModelError(f"clip: model config {model} not found")
+        config_file = os.path.abspath(model)
+        open_clip.add_model_config(config_file)
+        name = os.path.splitext(os.path.basename(model))[0]
+    if name not in open_clip.list_models():
+        raise ModelError(
+            f"clip: unknown model {model!r}; see open_clip.list_models() or pass a config JSON"
+        )
+    preprocess: dict = {}
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag_cfg:
+        for key in ("mean", "std"):
+            if key in tag_cfg:
+                preprocess[f"image_{key}"] = tuple(tag_cfg[key])
+        for key in ("interpolation", "resize_mode"):
+            if key in tag_cfg:
+                preprocess[f"image_{key}"] = tag_cfg[key]
+        checkpoint = _cached_weights(tag_cfg)
+        if checkpoint is None:
+            if not _hub_reachable():
+                raise ModelError(
+                    f"clip: weights {name}/{pretrained} are not in the local cache and the "
+                    f"model hub cannot be reached; {_remedy(name)}"
+                )
+            try:
+                checkpoint = open_clip.download_pretrained(tag_cfg)
+            except Exception as e:
+                raise ModelError(
+                    f"clip: downloading {name}/{pretrained} failed ({e}); {_remedy(name)}"
+                ) from None
+    elif os.path.isfile(pretrained):
+        checkpoint = os.path.abspath(pretrained)
+    else:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ModelError(
+            f"clip: {pretrained!r} is neither a checkpoint file nor an open_clip tag of "
+            f"{name} (tags: {tags}); {_remedy(name)}"
+        )
+    st = os.stat(checkpoint)
+    fingerprint = json.dumps(
+        {
+            "model": name,
+            "config": _file_text(config_file),
+            "checkpoint": [os.path.realpath(checkpoint), st.st_size, st.st_mtime_ns],
+            "preprocess": preprocess,
+            "versions": [open_clip.__version__, torch.__version__],
+        },
+        sort_keys=True,
+    )
+    return ClipSpec(name, config_file, checkpoint, tuple(sorted(preprocess.items())), fingerprint)
+
+
+def _file_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def _cached_weights(tag_cfg: dict) -> str | None:
+    """The local file of a pretrained tag, if a download already put it in a cache."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"] if os.path.isfile(tag_cfg["file"]) else None
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        repo, filename = os.path.split(hub)
+        for name in (
+            [filename]
+            if filename
+            else ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+        ):
+            found = try_to_load_from_cache(repo, name)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+    url = tag_cfg.get("url", "")
+    if url:
+        path = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        return path if os.path.isfile(path) else None
+    return None
+
+
+def _hub_reachable() -> bool:
+    """A short TCP probe, so an offline machine fails in seconds, not after retries."""
+    if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=PROBE_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
+def pick_device(device: str) -> str:
+    """`auto` is the first GPU when torch sees one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"clip: --device {device} asked for, but torch sees no GPU")
+    return device
+
+
+class Embedder:
+    """One model in one process; `embed` takes decoded images, returns (N, dim) float16."""
+
+    _cache: dict = {}
+
+    def __init__(self, spec: ClipSpec, device: str):
+        import open_clip
+        import torch
+
+        if spec.config_file:
+            open_clip.add_model_config(spec.config_file)
+        if device == "cpu":
+            torch.set_num_threads(1)  # one worker process per core already
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=spec.checkpoint, device=device, **dict(spec.preprocess)
+        )
+        model.eval()
+        self.model = model
+        self.preprocess = preprocess
+        self.device = device
+        self.torch = torch
+        size = model.visual.image_size
+        self.image_size = max(size) if isinstance(size, (tuple, list)) else int(size)
+
+    @classmethod
+    def get(cls, spec: ClipSpec, device: str) -> Embedder:
+        """The process's embedder for this spec, built on first use."""
+        key = (spec, device)
+        if key not in cls._cache:
+            cls._cache[key] = cls(spec, device)
+        return cls._cache[key]
+
+    def embed(self, images: list) -> np.ndarray:
+        torch = self.torch
+        batch = torch.stack([self.preprocess(img) for img in images]).to(self.device)
+        with torch.inference_mode():
+            if self.device.startswith("cuda"):
+                with torch.autocast("cuda", dtype=torch.float16):
+                    vectors = self.model.encode_image(batch)
+            else:
+                vectors = self.model.encode_image(batch)
+            vectors = torch.nn.functional.normalize(vectors.float(), dim=-1)
+        return vectors.cpu().numpy().astype(np.float16)
