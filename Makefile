@@ -28,7 +28,12 @@ format: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-data
 	$(BIN)/python -m dedup.synth demo-data/shards 200 100
-	$(BIN)/dedup demo-data/shards --out demo-data/clean
+	@if $(BIN)/dedup --check-clip 2>/dev/null; then signals=exact,phash,clip; \
+	else signals=exact,phash; \
+	echo "demo: no CLIP weights here (no network, none cached): running exact,phash only."; \
+	echo "demo: to turn CLIP on, pass --clip-pretrained PATH to a ViT-B-32 checkpoint."; fi; \
+	echo "demo: dedup demo-data/shards --out demo-data/clean --signals $$signals"; \
+	$(BIN)/dedup demo-data/shards --out demo-data/clean --signals $$signals
 	@echo "report: demo-data/clean/dedup-report/ (summary.json, samples.parquet, clusters.parquet)"
 
 calibrate: $(STAMP)

@@ -162,21 +162,26 @@ def decode_floor(shards: list[str]) -> tuple[float, int]:
 
 
 def run_dedup(inputs: list[str], out: str) -> tuple[float, int, dict]:
-    """Wall time, peak RSS in KiB (its largest process) and summary of one dedup run."""
+    """Wall time, peak RSS in KiB (its largest process) and summary of one dedup run.
+
+    The peak comes from GNU time, whose own small process forks dedup: the kernel carries
+    a forked child's pre-exec peak over exec, so forking dedup from this (larger) process
+    would count this process too.
+    """
     shutil.rmtree(out, ignore_errors=True)
     cmd = [DEDUP, *inputs, "--out", out, "--signals", "exact,phash", "--json", "-q"]
-    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
-        # wait4 gives this child's own resource use, workers included, apart from others.
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0)
-        stderr.seek(0)
-        if proc.returncode != 0:
-            raise SystemExit(f"dedup failed: {stderr.read().decode()[-2000:]}")
-        return elapsed, usage.ru_maxrss, json.loads(stdout.read())
+    timed = os.path.exists("/usr/bin/time")
+    if timed:
+        cmd = ["/usr/bin/time", "-f", "maxrss %M", *cmd]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"dedup failed: {proc.stderr[-2000:]}")
+    rss = 0
+    if timed:
+        rss = int(proc.stderr.strip().splitlines()[-1].split()[-1])
+    return elapsed, rss, json.loads(proc.stdout)
 
 
 # ---------------------------------------------------------------- (c) imagededup, (d) loop

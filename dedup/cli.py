@@ -9,7 +9,7 @@ import sys
 import click
 
 from dedup import __version__
-from dedup.config import KEEP_RULES, dump_config, load_config
+from dedup.config import CLIP_INDEXES, CLUSTER_RULES, KEEP_RULES, dump_config, load_config
 from dedup.errors import EXIT_INTERNAL, EXIT_SKIPPED_SHARDS, DedupError
 
 log = logging.getLogger("dedup")
@@ -36,7 +36,8 @@ def _setup_logging(quiet: bool) -> None:
 @click.option(
     "--signals",
     metavar="LIST",
-    help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash).",
+    help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash), "
+    "clip (CLIP embeddings).",
 )
 @click.option(
     "--phash-threshold",
@@ -49,6 +50,24 @@ def _setup_logging(quiet: bool) -> None:
     type=click.Choice(KEEP_RULES),
     help="Survivor rule: largest (most pixels, then bytes, then input order) or first.",
 )
+@click.option(
+    "--cluster-rule",
+    type=click.Choice(CLUSTER_RULES),
+    help="star: each removed sample is within a threshold of its survivor (default); "
+    "components: plain connected components.",
+)
+@click.option("--clip-model", metavar="NAME", help="open_clip model name or config JSON path.")
+@click.option(
+    "--clip-pretrained", metavar="TAG|PATH", help="open_clip pretrained tag or checkpoint file."
+)
+@click.option(
+    "--clip-threshold", type=float, metavar="COS", help="Smallest CLIP cosine that is a duplicate."
+)
+@click.option(
+    "--clip-index", type=click.Choice(CLIP_INDEXES), help="CLIP search: flat (exact), ivf, auto."
+)
+@click.option("--device", metavar="DEV", help="Where CLIP runs: auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=int, metavar="N", help="Images per CLIP forward pass.")
 @click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores.")
 @click.option(
     "--max-pixels",
@@ -79,17 +98,17 @@ def _setup_logging(quiet: bool) -> None:
     help="Leave out damaged shards (listed in the report, exit code 5) instead of failing.",
 )
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@click.option(
+    "--check-clip",
+    is_flag=True,
+    help="Check that the CLIP weights can be loaded, say where from, and exit (0 or 6).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="dedup")
 def main(
     inputs,
     out,
-    signals,
-    phash_threshold,
-    keep,
-    workers,
-    max_pixels,
     config_path,
     report_dir,
     as_json,
@@ -97,8 +116,10 @@ def main(
     dry_run,
     skip_bad_shards,
     print_config,
+    check_clip,
     quiet,
     debug,
+    **settings,
 ):
     """Remove duplicate and near-duplicate images from WebDataset shards.
 
@@ -107,22 +128,22 @@ def main(
 
     Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
     4 output directory refused or not writable, 5 done but damaged shards were skipped
-    (--skip-bad-shards).
+    (--skip-bad-shards), 6 CLIP weights or device not available.
     """
     _setup_logging(quiet)
     try:
-        config = load_config(
-            config_path,
-            {
-                "signals": signals,
-                "phash_threshold": phash_threshold,
-                "keep": keep,
-                "workers": workers,
-                "max_pixels": max_pixels,
-            },
-        )
+        config = load_config(config_path, settings)  # flags given override the file
         if print_config:
             click.echo(dump_config(config), nl=False)
+            return
+        if check_clip:
+            from dedup.signals.clip import pick_device, resolve
+
+            spec = resolve(config.clip_model, config.clip_pretrained)
+            device = pick_device(config.device)
+            click.echo(
+                f"dedup: clip: {spec.model} weights at {spec.checkpoint}, device {device}", err=True
+            )
             return
         if not inputs:
             raise click.UsageError("give at least one INPUT (shard, directory, glob or pattern)")

@@ -94,20 +94,29 @@ class BadShard:
     error: str
 
 
+def resolve_clip(config: Config):
+    """The CLIP weights and device for this run, found before any work starts (a missing
+    checkpoint ends the run in seconds, with the remedies); None without the signal."""
+    if "clip" not in config.signals:
+        return None
+    from dedup.signals.clip import pick_device, resolve
+
+    spec = resolve(config.clip_model, config.clip_pretrained)
+    device = pick_device(config.device)
+    log.info("clip: %s from %s on %s", spec.model, spec.checkpoint, device)
+    return spec
+
+
 def extract_all(
-    shards: list[Shard], config: Config, store: str, skip_bad_shards: bool = False
+    shards: list[Shard], config: Config, store: str, skip_bad_shards: bool = False, clip=None
 ) -> list[ShardFeatures | BadShard]:
     """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
-    instead of ending the run."""
-    clip = None
+    instead of ending the run. `clip` is the resolved spec when the clip signal is on."""
     start_method = "fork"
-    if "clip" in config.signals:
-        from dedup.signals.clip import pick_device, resolve
+    if clip is not None:
+        from dedup.signals.clip import pick_device
 
-        clip = resolve(config.clip_model, config.clip_pretrained)  # fails fast, once
-        device = pick_device(config.device)
-        log.info("clip: %s from %s on %s", clip.model, clip.checkpoint, device)
-        if device.startswith("cuda"):
+        if pick_device(config.device).startswith("cuda"):
             start_method = "spawn"  # CUDA cannot be used in a forked child
     total = sum(_size(s.path) for s in shards)
     return map_shards(
@@ -418,12 +427,13 @@ def run(
 ) -> dict[str, Any]:
     """The whole job: list shards, extract, cluster, write, report. Returns summary.json."""
     shards = list_shards(inputs)
+    clip = resolve_clip(config)
     report_dir = report_dir or os.path.join(out, REPORT_DIR)
     with claim_output(out, shards, overwrite, report_dir):
-        return _run(shards, out, config, report_dir, dry_run, skip_bad_shards)
+        return _run(shards, out, config, report_dir, dry_run, skip_bad_shards, clip)
 
 
-def _run(shards, out, config: Config, report_dir: str, dry_run: bool, skip_bad_shards: bool):
+def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip):
     log.info(
         "%d shards, signals %s, %d workers",
         len(shards),
@@ -431,7 +441,7 @@ def _run(shards, out, config: Config, report_dir: str, dry_run: bool, skip_bad_s
         config.worker_count,
     )
     t0 = time.monotonic()
-    extracted = extract_all(shards, config, feature_store(out), skip_bad_shards)
+    extracted = extract_all(shards, config, feature_store(out), skip_bad_shards, clip)
     bad = [r for r in extracted if isinstance(r, BadShard)]
     features = [r for r in extracted if isinstance(r, ShardFeatures)]
     for b in bad:

@@ -1,0 +1,206 @@
+"""CLIP through open_clip with a tiny, randomly initialized model whose checkpoint the
+test writes and then loads by path, exactly as real weights are loaded."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from dedup.cli import main
+from dedup.errors import ModelError
+from dedup.index import cosine_pairs
+from dedup.pipeline import run
+from dedup.signals.clip import Embedder, resolve
+from dedup.synth import encode, make_image
+from tests.conftest import cfg, read_tar, write_tar
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+TINY = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(config JSON path, checkpoint path) of a random tiny open_clip model."""
+    root = tmp_path_factory.mktemp("tiny")
+    config = root / "dedup-tiny.json"
+    config.write_text(json.dumps(TINY))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    model = open_clip.create_model("dedup-tiny")
+    checkpoint = root / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)
+    return str(config), str(checkpoint)
+
+
+def clip_cfg(tiny, **settings):
+    config, checkpoint = tiny
+    return cfg(
+        **{
+            "signals": ("clip",),
+            "clip_model": config,
+            "clip_pretrained": checkpoint,
+            "device": "cpu",
+            "batch_size": 4,
+            "workers": 1,
+            "clip_threshold": 0.999,
+            **settings,
+        }
+    )
+
+
+def test_checkpoint_loads_by_path_and_identical_images_have_cosine_one(tiny):
+    config, checkpoint = tiny
+    spec = resolve(config, checkpoint)
+    assert spec.model == "dedup-tiny" and spec.checkpoint == os.path.abspath(checkpoint)
+    embedder = Embedder.get(spec, "cpu")
+    reference = open_clip.create_model("dedup-tiny", pretrained=checkpoint)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            embedder.model.state_dict().values(), reference.state_dict().values(), strict=True
+        )
+    )
+    a, b = make_image(1, 64, 48), make_image(2, 64, 48)
+    vectors = embedder.embed([a, a.copy(), b]).astype(np.float32)
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=2e-3)
+    assert float(vectors[0] @ vectors[1]) == pytest.approx(1.0, abs=2e-3)
+    assert float(vectors[0] @ vectors[2]) < 0.999
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("engine", ["flat", "ivf"])
+def test_cosine_pairs_equal_brute_force(threshold, engine):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    x[200:] = x[:200] + rng.normal(scale=0.3, size=(200, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    i, j, s = cosine_pairs(x, threshold, engine=engine)
+    sims = x @ x.T
+    bi, bj = np.nonzero(np.triu(sims >= np.float32(threshold), k=1))
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    want = set(zip(bi.tolist(), bj.tolist(), strict=True))
+    if engine == "flat":
+        assert got == want
+        assert np.allclose(s, sims[i, j], atol=1e-5)
+    else:  # approximate: nothing wrong found, most found (recall on this data)
+        assert got <= want and len(got) >= 0.9 * len(want)
+
+
+def test_end_to_end_clip_only(tiny, tmp_path):
+    a = encode(make_image(11, 80, 60))
+    b = encode(make_image(12, 80, 60))
+    write_tar(
+        str(tmp_path / "in/s.tar"),
+        [("x.jpg", a), ("x.txt", b"x"), ("y.jpg", b), ("z.jpg", a), ("z.txt", b"z copy")],
+    )
+    # A random model does not tell pictures apart as a trained one does: only (nearly)
+    # identical images are above this threshold.
+    summary = run([str(tmp_path / "in")], str(tmp_path / "out"), clip_cfg(tiny))
+    assert summary["counts"]["removed_by_reason"] == {"clip": 1}
+    assert summary["thresholds"] == {"clip": 0.999}
+    assert read_tar(str(tmp_path / "out/s.tar")) == [("x.jpg", a), ("x.txt", b"x"), ("y.jpg", b)]
+    rows = pq.read_table(tmp_path / "out/dedup-report/samples.parquet").to_pylist()
+    z = next(r for r in rows if r["key"] == "z")
+    assert z["reason"] == "clip" and z["duplicate_of"] == "x"
+    assert z["clip_similarity"] == pytest.approx(1.0, abs=2e-3)
+    clusters = pq.read_table(tmp_path / "out/dedup-report/clusters.parquet").to_pylist()
+    assert [c["signals"] for c in clusters] == [["clip"]]
+    # Embeddings are stored per shard and reused by a rerun with the same model.
+    again = run([str(tmp_path / "in")], str(tmp_path / "out"), clip_cfg(tiny))
+    assert again["counts"] == summary["counts"]
+    assert again["shards"][0]["features_reused"] is True
+
+
+def test_all_three_signals_reasons(tiny, tmp_path):
+    a = encode(make_image(21, 96, 72), quality=90)
+    reencoded = encode(make_image(21, 96, 72), quality=60)
+    write_tar(str(tmp_path / "in/s.tar"), [("a.jpg", a), ("b.jpg", a), ("c.jpg", reencoded)])
+    summary = run(
+        [str(tmp_path / "in")],
+        str(tmp_path / "out"),
+        clip_cfg(tiny, signals=("exact", "phash", "clip")),
+    )
+    # b repeats a's bytes (exact wins over the other links); c is a's picture re-encoded.
+    assert summary["counts"]["removed_by_reason"] == {"exact": 1, "phash": 1}
+
+
+def test_missing_weights_fail_fast_with_remedies(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    result = CliRunner().invoke(main, [str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 6
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dedup: error: clip: weights ViT-B-32/")
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert "--clip-pretrained PATH" in lines[0] and "--signals exact,phash" in lines[0]
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(
+        main,
+        [
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--clip-pretrained",
+            str(tmp_path / "nope.pt"),
+        ],
+    )
+    assert result.exit_code == 6 and "neither a checkpoint file nor" in result.stderr
+
+
+def test_bad_model_name(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'ViT-Q-99'"):
+        resolve("ViT-Q-99", "x")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: CUDA path not tested here")
+def test_gpu_embeddings_match_cpu(tiny):  # pragma: no cover - runs on a GPU machine
+    spec = resolve(*tiny)
+    images = [make_image(k, 64, 48) for k in range(8)]
+    cpu = Embedder.get(spec, "cpu").embed(images).astype(np.float32)
+    gpu = Embedder.get(spec, "cuda").embed(images).astype(np.float32)
+    assert np.allclose(cpu, gpu, atol=2e-2)
+
+
+def test_a_run_without_clip_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    code = (
+        "import sys; from dedup.config import Config; from dedup.pipeline import run; "
+        f"run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
+        "Config(signals=('exact', 'phash'), workers=1)); "
+        "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+
+
+def test_check_clip_flag(tiny):
+    config, checkpoint = tiny
+    result = CliRunner().invoke(
+        main,
+        [
+            "--check-clip",
+            "--clip-model",
+            config,
+            "--clip-pretrained",
+            checkpoint,
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0
+    assert f"dedup-tiny weights at {os.path.abspath(checkpoint)}, device cpu" in result.stderr
