@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate bench bench-cluster clean
+.PHONY: install test lint format demo calibrate bench bench-cluster bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -47,6 +47,10 @@ $(BENCH_STAMP): $(STAMP)
 # CPU throughput against the decode floor and imagededup; builds bench-data/ once.
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# CLIP per stage and end to end; meant for a GPU machine (random ViT-B-32 weights).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/bench_gpu.py
 
 # The global phase alone at 1 and 10 million planted codes.
 bench-cluster: $(STAMP)
