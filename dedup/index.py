@@ -169,8 +169,9 @@ def _mih_task(q0: int):
 # ---------------------------------------------------------------- CLIP vectors
 
 # Exact inner-product search up to this many vectors; above it an IVF index, which is
-# approximate (see README for its measured recall).
-CLIP_FLAT_MAX = 50_000
+# approximate. On 2 cores at 512 dimensions: flat 0.7 s at 10,000 and 15.6 s at 50,000
+# vectors (it grows with the square); IVF 9.5 s at 50,000 and 26 s at 100,000.
+CLIP_FLAT_MAX = 20_000
 GPU_NEIGHBOURS = 64
 
 
@@ -201,7 +202,8 @@ def cosine_pairs(
     if engine == "flat":
         index = faiss.IndexFlatIP(dim)
     else:
-        nlist = max(1, int(4 * np.sqrt(n)))
+        # FAISS wants 39 training points or more per cell.
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
         sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
