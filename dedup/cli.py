@@ -10,9 +10,10 @@ import click
 
 from dedup import __version__
 from dedup.config import CLIP_INDEXES, CLUSTER_RULES, KEEP_RULES, dump_config, load_config
-from dedup.errors import EXIT_INTERNAL, EXIT_SKIPPED_SHARDS, DedupError
+from dedup.errors import EXIT_INTERNAL, EXIT_SKIPPED_SHARDS, EXIT_USAGE, DedupError
 
 log = logging.getLogger("dedup")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -25,7 +26,23 @@ def _setup_logging(quiet: bool) -> None:
     log.propagate = False
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+class _DefaultToRun(click.Group):
+    """`dedup ARGS` means `dedup run ARGS` unless ARGS starts with another command's name,
+    so `dedup shards/ --out clean/` and `dedup --help` (run's options) work as written."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToRun, context_settings=CONTEXT)
+def main() -> None:
+    """dedup: remove duplicate images from WebDataset shards (`dedup run`, the default),
+    and re-render a report (`dedup report`)."""
+
+
+@main.command("run", context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option(
     "-o",
@@ -106,7 +123,7 @@ def _setup_logging(quiet: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary on stderr.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="dedup")
-def main(
+def run_command(
     inputs,
     out,
     config_path,
@@ -124,7 +141,8 @@ def main(
     """Remove duplicate and near-duplicate images from WebDataset shards.
 
     Each INPUT is a directory (its *.tar shards, sorted), a shard file, a glob, or a
-    brace pattern such as 'data/shard-{000000..000099}.tar'.
+    brace pattern such as 'data/shard-{000000..000099}.tar'. `dedup report DIR`
+    re-renders DIR/report.html from the report's Parquet files.
 
     Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
     4 output directory refused or not writable, 5 done but damaged shards were skipped
@@ -185,3 +203,18 @@ def main(
         click.echo(json.dumps(summary, indent=2))
     if summary["skipped_shards"]:
         sys.exit(EXIT_SKIPPED_SHARDS)
+
+
+@main.command("report", context_settings=CONTEXT)
+@click.argument("report_dir", metavar="REPORT_DIR", type=click.Path(file_okay=False))
+def report_command(report_dir: str) -> None:
+    """Re-render REPORT_DIR/report.html from samples.parquet, clusters.parquet,
+    previews.parquet, calibration.parquet and summary.json."""
+    from dedup.htmlreport import render
+
+    try:
+        path = render(report_dir)
+    except (OSError, ValueError, KeyError) as e:
+        click.echo(f"dedup: error: {report_dir}: not a dedup report ({e})", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"dedup: wrote {path}", err=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -91,6 +91,7 @@ class Clusters:
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE when n/a
     clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN when n/a
     groups: Groups
+    calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
 
 
 def exact_edges(digests: np.ndarray) -> Edges:
@@ -216,7 +217,76 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     if cand.clip is not None:
         similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
     groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words)
-    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups)
+    calibration = calibration_pairs(cand, config, edges)
+    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, calibration)
+
+
+CALIBRATION_PAIRS = 6  # per signal and side of its threshold
+CALIBRATION_SAMPLE = 20_000  # rows searched for pairs just outside a threshold
+
+
+def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tuple]:
+    """Pairs just inside and just outside each threshold, for a person to judge it:
+    (signal, "inside" | "outside", row a, row b, distance or similarity)."""
+    out: list[tuple] = []
+    n = len(cand.pixels)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(n, size=min(n, CALIBRATION_SAMPLE), replace=False))
+    if "phash" in config.signals and cand.phash is not None:
+        t = config.phash_threshold
+        inside = (edges.signal == PHASH) & (edges.distance > 0)
+        order = np.lexsort((edges.j[inside], edges.i[inside], -edges.distance[inside]))
+        for k in order[:CALIBRATION_PAIRS]:
+            out.append(
+                (
+                    "phash",
+                    "inside",
+                    int(edges.i[inside][k]),
+                    int(edges.j[inside][k]),
+                    float(edges.distance[inside][k]),
+                )
+            )
+        # Distinct codes only (their first rows): a repeated picture is one pair, not many.
+        unique, inverse = unique_codes(cand.phash[sample])
+        rep = np.full(len(unique), len(sample), dtype=np.int64)
+        np.minimum.at(rep, inverse, np.arange(len(sample)))
+        a, b, d = hamming_pairs(unique, min(t + 8, 32))
+        beyond = d > t
+        a, b, d = rep[a[beyond]], rep[b[beyond]], d[beyond]
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        order = np.lexsort((hi, lo, d))[:CALIBRATION_PAIRS]
+        out += [
+            ("phash", "outside", int(sample[lo[k]]), int(sample[hi[k]]), float(d[k])) for k in order
+        ]
+    if "clip" in config.signals and cand.clip is not None:
+        t = config.clip_threshold
+        sims = 1.0 - edges.distance / 1e6
+        inside = (edges.signal == CLIP) & (sims < 0.9999)
+        order = np.lexsort((edges.j[inside], edges.i[inside], sims[inside]))
+        for k in order[:CALIBRATION_PAIRS]:
+            out.append(
+                (
+                    "clip",
+                    "inside",
+                    int(edges.i[inside][k]),
+                    int(edges.j[inside][k]),
+                    round(float(sims[inside][k]), 4),
+                )
+            )
+        a, b, s = cosine_pairs(cand.clip[sample][:5000], max(t - 0.1, 0.0), engine="flat")
+        below = s < np.float32(t)
+        order = np.lexsort((b[below], a[below], -s[below]))[:CALIBRATION_PAIRS]
+        out += [
+            (
+                "clip",
+                "outside",
+                int(sample[a[below][k]]),
+                int(sample[b[below][k]]),
+                round(float(s[below][k]), 4),
+            )
+            for k in order
+        ]
+    return out
 
 
 def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,6 +28,13 @@ from dedup.extract import (
     extract_shard,
     read_features,
 )
+from dedup.htmlreport import (
+    CALIBRATION_SCHEMA,
+    PREVIEWS_SCHEMA,
+    SHOWN_MEMBERS,
+    shown_clusters,
+)
+from dedup.htmlreport import render as render_html
 from dedup.outdir import claim_output, feature_store, remove_temporaries
 from dedup.progress import Progress
 from dedup.report import (
@@ -42,6 +49,7 @@ from dedup.report import (
     write_table,
 )
 from dedup.shards import Shard, list_shards
+from dedup.thumbs import read_previews
 from dedup.write import write_shard
 
 log = logging.getLogger("dedup")
@@ -169,6 +177,7 @@ class Plan:
     phash_distance: np.ndarray  # int32 distance to the survivor, NO_DISTANCE if none
     clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN if none
     clusters: pa.Table  # clusters.parquet rows
+    calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
 
     def rows(self, shard: int) -> slice:
         return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
@@ -206,6 +215,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     clip_similarity = np.full(n, np.nan, dtype=np.float32)
     groups = None
+    calibration: list = []
     if len(candidate_rows):
         cand_table = table.take(pa.array(candidate_rows))
         del table
@@ -232,6 +242,9 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         phash_distance[g] = result.phash_distance
         clip_similarity[g] = result.clip_similarity
         groups = result.groups
+        calibration = [
+            (sig, side, int(g[a]), int(g[b]), v) for sig, side, a, b, v in result.calibration
+        ]
     clusters = _clusters_table(features, shard_starts, candidate_rows, groups)
     return Plan(
         shard_starts,
@@ -244,6 +257,7 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
         phash_distance,
         clip_similarity,
         clusters,
+        calibration,
     )
 
 
@@ -273,23 +287,30 @@ def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
     return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
+def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
+    """(shard path, key) of global rows, reading only the key column of their shards."""
+    rows = np.asarray(rows, dtype=np.int64)
+    shard_of = np.searchsorted(shard_starts, rows, side="right") - 1
+    keys = np.empty(len(rows), dtype=object)
+    for pos in np.unique(shard_of).tolist():
+        at = np.flatnonzero(shard_of == pos)
+        column = read_features(features[pos].path, ["key"]).column("key")
+        keys[at] = column.take(pa.array(rows[at] - shard_starts[pos])).to_pylist()
+    paths = [features[pos].shard.path for pos in shard_of.tolist()]
+    return paths, keys.tolist()
+
+
 def _clusters_table(features, shard_starts, candidate_rows, groups: Groups | None) -> pa.Table:
     """One row per cluster of two or more, in cluster-id order, with global row ids."""
     if groups is None or not len(groups):
         return CLUSTERS_SCHEMA.empty_table()
     survivors = candidate_rows[groups.survivor]
-    shard_of = np.searchsorted(shard_starts, survivors, side="right") - 1
-    keys = np.empty(len(survivors), dtype=object)
-    for pos in np.unique(shard_of).tolist():
-        at = np.flatnonzero(shard_of == pos)
-        column = read_features(features[pos].path, ["key"]).column("key")
-        keys[at] = column.take(pa.array(survivors[at] - shard_starts[pos])).to_pylist()
-    paths = np.array([f.shard.path for f in features], dtype=object)
+    paths, keys = keys_at(features, shard_starts, survivors)
     return pa.table(
         {
             "cluster_id": candidate_rows[groups.cluster_id],
             "size": groups.size,
-            "survivor_shard": pa.array(paths[shard_of], type=pa.string()),
+            "survivor_shard": pa.array(paths, type=pa.string()),
             "survivor_key": pa.array(keys, type=pa.string()),
             "signals": [groups.signal_names(k) for k in range(len(groups))],
             "max_distance": pa.array(groups.max_distance, mask=groups.max_distance == NO_DISTANCE),
@@ -322,6 +343,7 @@ class FinishJob:
     duplicate_of_shard: list
     output: str | None  # None in a dry run
     part: str
+    preview_rows: list[int] = field(default_factory=list)  # rows the HTML report shows
 
 
 @dataclass
@@ -329,6 +351,7 @@ class Finished:
     shard_path: str
     output: str | None
     samples_written: int
+    previews: list = field(default_factory=list)  # (key, thumbnail, caption)
 
 
 def finish_all(
@@ -341,9 +364,11 @@ def finish_all(
         keys = p.clusters.column("survivor_key").to_pylist()
         shards = p.clusters.column("survivor_shard").to_pylist()
         survivor_of = dict(zip(ids.tolist(), zip(keys, shards, strict=True), strict=True))
+    shown = preview_rows(p)
     jobs = []
     for pos, f in enumerate(features):
         rows = p.rows(pos)
+        local = shown[(shown >= rows.start) & (shown < rows.stop)] - rows.start
         removed = p.survivor[rows] >= 0
         dup = [None] * (rows.stop - rows.start)
         dup_shard = [None] * len(dup)
@@ -363,6 +388,7 @@ def finish_all(
                 dup_shard,
                 None if dry_run else os.path.join(out, f.shard.name),
                 os.path.join(parts_dir, f"{pos:08d}.parquet"),
+                local.tolist(),
             )
         )
     total = int(p.keep.sum()) if not dry_run else len(p.keep)
@@ -374,7 +400,42 @@ def _finish(job: FinishJob) -> Finished:
     if job.output is not None:
         written = write_shard(job.features, job.keep.tolist(), job.output)
     write_table(samples_part(job), job.part)
-    return Finished(job.features.shard.path, job.output, written.samples_written if written else 0)
+    previews = []
+    if job.preview_rows:
+        f = read_features(
+            job.features.path,
+            ["key", "member_names", "member_offsets", "member_sizes", "image_member"],
+        )
+        keys = f.column("key").to_pylist()
+        found = read_previews(
+            job.features.shard.path,
+            job.preview_rows,
+            f.column("member_names").to_pylist(),
+            f.column("member_offsets").to_pylist(),
+            f.column("member_sizes").to_pylist(),
+            f.column("image_member").to_pylist(),
+        )
+        previews = [(keys[row], thumb, cap) for row, thumb, cap in found]
+    return Finished(
+        job.features.shard.path, job.output, written.samples_written if written else 0, previews
+    )
+
+
+def preview_rows(p: Plan) -> np.ndarray:
+    """Global rows the HTML report shows: the survivor and first copies of each of the
+    largest clusters, and both sides of every calibration pair."""
+    rows = [np.asarray([r for _, _, a, b, _ in p.calibration for r in (a, b)], dtype=np.int64)]
+    shown = shown_clusters(p.clusters).column("cluster_id").to_numpy()
+    if len(shown):
+        members = np.flatnonzero(np.isin(p.cluster_id, shown))
+        survivors = members[p.survivor[members] < 0]
+        copies = members[p.survivor[members] >= 0]
+        order = np.argsort(p.cluster_id[copies], kind="stable")
+        copies = copies[order]
+        starts = np.searchsorted(p.cluster_id[copies], p.cluster_id[copies], side="left")
+        rank = np.arange(len(copies)) - starts
+        rows += [survivors, copies[rank < SHOWN_MEMBERS - 1]]
+    return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
 def samples_part(job: FinishJob) -> pa.Table:
@@ -471,10 +532,50 @@ def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip
         paths["samples"],
     )
     write_table(the_plan.clusters, paths["clusters"])
+    _write_report_extras(features, the_plan, finished, report_dir)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
     write_summary(summary, paths["summary"])
+    render_html(report_dir)
     return summary
+
+
+def _write_report_extras(features, p: Plan, finished: list[Finished], report_dir: str) -> None:
+    """previews.parquet (thumbnails and captions of the shown samples), calibration.parquet."""
+    shard_col, key_col, thumb_col, cap_col = [], [], [], []
+    for done in finished:
+        for key, thumb, cap in done.previews:
+            shard_col.append(done.shard_path)
+            key_col.append(key)
+            thumb_col.append(thumb)
+            cap_col.append(cap)
+    write_table(
+        pa.table(
+            {"shard": shard_col, "key": key_col, "thumbnail": thumb_col, "caption": cap_col},
+            schema=PREVIEWS_SCHEMA,
+        ),
+        os.path.join(report_dir, "previews.parquet"),
+    )
+    cal = p.calibration
+    rows_a = np.array([c[2] for c in cal], dtype=np.int64)
+    rows_b = np.array([c[3] for c in cal], dtype=np.int64)
+    shards_a, keys_a = keys_at(features, p.shard_starts, rows_a)
+    shards_b, keys_b = keys_at(features, p.shard_starts, rows_b)
+    write_table(
+        pa.table(
+            {
+                "signal": [c[0] for c in cal],
+                "side": [c[1] for c in cal],
+                "value": [float(c[4]) for c in cal],
+                "shard_a": shards_a,
+                "key_a": keys_a,
+                "shard_b": shards_b,
+                "key_b": keys_b,
+            },
+            schema=CALIBRATION_SCHEMA,
+        ),
+        os.path.join(report_dir, "calibration.parquet"),
+    )
 
 
 def _phase(seconds: float, items: int) -> dict[str, float]:

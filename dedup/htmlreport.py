@@ -1,0 +1,266 @@
+"""report.html: one self-contained page (thumbnails inline, no network, no scripts from
+elsewhere) rendered from the report's Parquet files, so `dedup report DIR` can redo it."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dedup.fsutil import write_atomic
+
+SHOWN_CLUSTERS = 50
+SHOWN_MEMBERS = 12  # thumbnails per cluster strip; the rest are counted
+RISK_TIERS = (10, 100)
+
+PREVIEWS_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("thumbnail", pa.binary()),
+        ("caption", pa.string()),
+    ]
+)
+CALIBRATION_SCHEMA = pa.schema(
+    [
+        ("signal", pa.string()),
+        ("side", pa.string()),
+        ("value", pa.float64()),
+        ("shard_a", pa.string()),
+        ("key_a", pa.string()),
+        ("shard_b", pa.string()),
+        ("key_b", pa.string()),
+    ]
+)
+
+
+def risk_tiers(sizes: list[int]) -> list[dict[str, int]]:
+    """Clusters with at least 10 and at least 100 copies, and the samples in them."""
+    return [
+        {
+            "min_size": lo,
+            "clusters": sum(1 for s in sizes if s >= lo),
+            "samples": sum(s for s in sizes if s >= lo),
+        }
+        for lo in RISK_TIERS
+    ]
+
+
+def shown_clusters(clusters: pa.Table, limit: int = SHOWN_CLUSTERS) -> pa.Table:
+    """The largest clusters, biggest first, ties by id."""
+    if clusters.num_rows == 0:
+        return clusters
+    order = pc.sort_indices(clusters, [("size", "descending"), ("cluster_id", "ascending")])
+    return clusters.take(order[:limit])
+
+
+def _img(thumb: bytes | None, alt: str) -> str:
+    if not thumb:
+        return f'<div class="noimg" title="{html.escape(alt)}">no preview</div>'
+    data = base64.b64encode(thumb).decode("ascii")
+    return f'<img src="data:image/jpeg;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _histogram_svg(sizes: list[int]) -> str:
+    """Cluster sizes in powers-of-two bins, counts on a log scale, as inline SVG."""
+    if not sizes:
+        return "<p>No clusters of two or more.</p>"
+    bins: dict[int, int] = {}
+    for s in sizes:
+        b = int(math.log2(s))
+        bins[b] = bins.get(b, 0) + 1
+    top = max(bins)
+    width, height, pad, top_pad = max(40 * (top + 1) + 60, 560), 220, 40, 20
+    peak = math.log10(max(bins.values()) + 1)
+    parts = [
+        f'<svg class="hist" width="{width}" height="{height + top_pad + 50}" role="img" '
+        f'aria-label="cluster sizes"><g transform="translate(0,{top_pad})">'
+    ]
+    for b in range(1, top + 1):
+        count = bins.get(b, 0)
+        h = 0 if count == 0 else max(2.0, height * math.log10(count + 1) / peak)
+        x = pad + 40 * (b - 1)
+        label = f"{2**b}-{2 ** (b + 1) - 1}"
+        parts.append(
+            f'<rect x="{x}" y="{height - h:.1f}" width="32" height="{h:.1f}" '
+            f'class="{"risk" if 2**b >= RISK_TIERS[0] else "bar"}">'
+            f"<title>{label}: {count:,}</title></rect>"
+        )
+        parts.append(f'<text x="{x + 16}" y="{height - h - 4:.1f}" class="n">{count:,}</text>')
+        parts.append(f'<text x="{x + 16}" y="{height + 16}" class="l">{label}</text>')
+    parts.append(
+        f'<text x="{pad}" y="{height + 40}" class="axis">cluster size '
+        "(members); bar height: number of clusters, log scale</text></g></svg>"
+    )
+    return "".join(parts)
+
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
+table.t{border-collapse:collapse}table.t td,table.t th{padding:3px 10px;text-align:right;
+border-bottom:1px solid #eee}table.t th{text-align:left}
+.strip{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0 20px}
+.m{width:150px;font-size:11px;border:1px solid #ddd;padding:4px;background:#fafafa}
+.m.kept{border:3px solid #1a7f37;background:#eefbea}.m img{max-width:140px;max-height:110px;
+display:block;margin:auto}.noimg{width:140px;height:60px;background:#eee;color:#888;
+text-align:center;line-height:60px}.cap{color:#555;overflow:hidden;max-height:44px}
+.hist .bar{fill:#6a8fd0}.hist .risk{fill:#d0533a}.hist text{font-size:10px;
+text-anchor:middle}.hist .axis{text-anchor:start;font-size:11px}
+.pair{display:inline-flex;gap:6px;border:1px solid #ddd;padding:6px;margin:4px;
+align-items:center}.pair img{max-width:110px;max-height:90px}.note{color:#555}
+"""
+
+
+def render(report_dir: str) -> str:
+    """Write report_dir/report.html from the files beside it; return its path."""
+    with open(os.path.join(report_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    clusters = pq.read_table(os.path.join(report_dir, "clusters.parquet"))
+    previews = _read_optional(os.path.join(report_dir, "previews.parquet"), PREVIEWS_SCHEMA)
+    calibration = _read_optional(
+        os.path.join(report_dir, "calibration.parquet"), CALIBRATION_SCHEMA
+    )
+    shown = shown_clusters(clusters)
+    ids = shown.column("cluster_id").to_pylist()
+    members = pq.read_table(
+        os.path.join(report_dir, "samples.parquet"),
+        filters=[("cluster_id", "in", ids)] if ids else [("cluster_id", "<", -1)],
+    )
+    thumbs = {(r["shard"], r["key"]): r for r in previews.to_pylist()}
+    page = _page(summary, clusters, shown, members, thumbs, calibration.to_pylist())
+    path = os.path.join(report_dir, "report.html")
+    write_atomic(path, page.encode("utf-8"))
+    return path
+
+
+def _read_optional(path: str, schema: pa.Schema) -> pa.Table:
+    return pq.read_table(path) if os.path.exists(path) else schema.empty_table()
+
+
+def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
+    c = summary["counts"]
+    esc = html.escape
+    sizes = clusters.column("size").to_pylist()
+    tiers = risk_tiers(sizes)
+    phases = summary.get("phases", {})
+    total_s = sum(p["seconds"] for p in phases.values()) or 0.0
+    rows = [("samples", c["samples"]), ("kept", c["kept"]), ("removed", c["removed"])]
+    rows += [(f"removed: {k}", v) for k, v in c["removed_by_reason"].items()]
+    rows += [("passed through", c["passthrough"])]
+    rows += [(f"passed through: {k}", v) for k, v in c["passthrough_by_reason"].items()]
+    config = summary.get("config", {})
+    models = (
+        f"{config.get('clip_model')} / {config.get('clip_pretrained')}"
+        if "clip" in config.get("signals", [])
+        else "none (CLIP off)"
+    )
+    out = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        "<meta name=viewport content='width=device-width'>",
+        "<title>dedup report</title><style>",
+        CSS,
+        "</style></head><body>",
+        "<h1>dedup report</h1>",
+        "<table class=t>",
+        *(f"<tr><th>{esc(k)}</th><td>{v:,}</td></tr>" for k, v in rows),
+        f"<tr><th>thresholds</th><td>{esc(json.dumps(summary.get('thresholds', {})))}</td></tr>",
+        f"<tr><th>signals</th><td>{esc(', '.join(config.get('signals', [])))}</td></tr>",
+        f"<tr><th>CLIP model</th><td>{esc(models)}</td></tr>",
+        f"<tr><th>run time</th><td>{total_s:,.1f} s"
+        + (f" ({c['samples'] / total_s:,.0f} samples/s)" if total_s else "")
+        + "</td></tr>",
+        "</table>",
+        "<h2>Cluster sizes</h2>",
+        _histogram_svg(sizes),
+        "<h2>Memorization risk</h2>",
+        "<p class=note>Image generators memorize pictures that are repeated many times in "
+        "their training data: most images that Carlini et al. (2023, <i>Extracting Training "
+        "Data from Diffusion Models</i>) extracted from Stable Diffusion were duplicated about "
+        "a hundred times or more. Clusters in these tiers are the ones to check first.</p>",
+        "<table class=t><tr><th>copies</th><th>clusters</th><th>samples in them</th></tr>",
+        *(
+            f"<tr><td>{t['min_size']} or more</td><td>{t['clusters']:,}</td>"
+            f"<td>{t['samples']:,}</td></tr>"
+            for t in tiers
+        ),
+        "</table>",
+        f"<h2>Largest clusters ({shown.num_rows} of {clusters.num_rows:,})</h2>",
+        "<p class=note>The survivor has a green frame; each copy shows its distance "
+        "(pHash bits) or similarity (CLIP cosine) to it.</p>",
+    ]
+    by_cluster: dict[int, list[dict[str, Any]]] = {}
+    for r in members.to_pylist():
+        by_cluster.setdefault(r["cluster_id"], []).append(r)
+    for cl in shown.to_pylist():
+        # Survivor first, then the others in input order (the order of samples.parquet);
+        # the pipeline made previews for exactly these.
+        group = sorted(by_cluster.get(cl["cluster_id"], []), key=lambda r: not r["kept"])
+        out.append(
+            f"<h3 id=c{cl['cluster_id']}>cluster {cl['cluster_id']}: {cl['size']:,} "
+            f"samples, linked by {esc(', '.join(cl['signals']))}</h3><div class=strip>"
+        )
+        for r in group[:SHOWN_MEMBERS]:
+            preview = thumbs.get((r["shard"], r["key"]), {})
+            link = (
+                "survivor"
+                if r["kept"]
+                else f"{r['reason']}"
+                + (f", {r['phash_distance']} bits" if r.get("phash_distance") is not None else "")
+                + (
+                    f", cos {r['clip_similarity']:.3f}"
+                    if r.get("clip_similarity") is not None
+                    else ""
+                )
+            )
+            cap = preview.get("caption") or ""
+            out.append(
+                f"<div class='m{' kept' if r['kept'] else ''}'>"
+                + _img(preview.get("thumbnail"), r["key"])
+                + f"<div><b>{esc(r['key'])}</b></div><div>{esc(os.path.basename(r['shard']))}"
+                f"</div><div>{r['width']}x{r['height']}, {r['bytes']:,} B</div>"
+                f"<div>{esc(link)}</div><div class=cap>{esc(cap)}</div></div>"
+            )
+        if len(group) > SHOWN_MEMBERS:
+            out.append(f"<div class=m>and {len(group) - SHOWN_MEMBERS:,} more</div>")
+        out.append("</div>")
+    out.append(
+        "<h2>Calibration</h2><p class=note>Pairs just inside each threshold (counted "
+        "as duplicates) and just outside it (kept apart), side by side: if the outside "
+        "pairs look like copies, loosen the threshold; if the inside ones do not, "
+        "tighten it.</p>"
+    )
+    if not calibration:
+        out.append("<p>No pairs near a threshold.</p>")
+    for signal in sorted({p["signal"] for p in calibration}):
+        for side in ("inside", "outside"):
+            pairs = [p for p in calibration if p["signal"] == signal and p["side"] == side]
+            out.append(f"<h3>{esc(signal)}, {side} the threshold</h3><div>")
+            for p in pairs:
+                a = thumbs.get((p["shard_a"], p["key_a"]), {})
+                b = thumbs.get((p["shard_b"], p["key_b"]), {})
+                unit = "bits" if signal == "phash" else "cosine"
+                value = f"{p['value']:.0f}" if signal == "phash" else f"{p['value']:.3f}"
+                out.append(
+                    f"<span class=pair>{_img(a.get('thumbnail'), p['key_a'])}"
+                    f"{_img(b.get('thumbnail'), p['key_b'])}<span>{value} {unit}<br>"
+                    f"{esc(p['key_a'])}<br>{esc(p['key_b'])}</span></span>"
+                )
+            out.append("</div>")
+    # Lets a test (or a person with dev tools) see that the thumbnails decoded.
+    out.append(
+        "<script>addEventListener('load',()=>{const s=document.querySelector('.strip');"
+        "const i=s?Array.from(s.querySelectorAll('img')):[];"
+        "document.body.dataset.firstStripImages=i.length;"
+        "document.body.dataset.firstStripLoaded=i.filter(x=>x.naturalWidth>0).length;"
+        "});</script>"
+    )
+    out.append("</body></html>\n")
+    return "".join(out)

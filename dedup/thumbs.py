@@ -1,0 +1,77 @@
+"""Thumbnails and captions of the few samples the HTML report shows.
+
+Phase 3 reads them by the byte offsets phase 1 recorded, so making the report reads
+those samples only, never every shard again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+from PIL import Image
+
+from dedup.decode import normalize
+
+THUMB_SIZE = 128
+CAPTION_CHARS = 300
+
+
+def thumbnail(data: bytes) -> bytes | None:
+    """A small JPEG of an image, or None when it does not decode."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            if img.width * img.height > 100_000_000:
+                return None
+            if img.format == "JPEG":
+                img.draft("RGB", (THUMB_SIZE, THUMB_SIZE))
+            img = normalize(img).convert("RGB")
+            img.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=75)
+            return buf.getvalue()
+    except Exception:
+        return None
+
+
+def caption(members: dict[str, bytes]) -> str | None:
+    """The sample's caption: its .txt member, else a json member's caption field."""
+    for ext, data in members.items():
+        if ext == "txt" or ext.endswith(".txt"):
+            return data.decode("utf-8", "replace").strip()[:CAPTION_CHARS]
+    for ext, data in members.items():
+        if ext == "json" or ext.endswith(".json"):
+            try:
+                value = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(value, dict) and isinstance(value.get("caption"), str):
+                return value["caption"].strip()[:CAPTION_CHARS]
+    return None
+
+
+def read_previews(
+    path: str, rows: list[int], names: list, offsets: list, sizes: list, image_members: list
+) -> list[tuple[int, bytes | None, str | None]]:
+    """(row, thumbnail, caption) for the given rows of one shard, read by offset."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for row in rows:
+            members = {}
+            image = None
+            for name, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
+                base = name.rsplit("/", 1)[-1]
+                ext = base.split(".", 1)[1] if "." in base else ""
+                if name == image_members[row]:
+                    image = os.pread(fd, size, offset)
+                elif size <= 1 << 16 and (ext.endswith("txt") or ext.endswith("json")):
+                    members[ext] = os.pread(fd, size, offset)
+            out.append((row, thumbnail(image) if image else None, caption(members)))
+    finally:
+        os.close(fd)
+    return out
