@@ -17,7 +17,7 @@ from dedup.config import Config
 from dedup.decode import decode_image, image_member
 from dedup.fsutil import atomic_path
 from dedup.progress import REPORT_EVERY, advance
-from dedup.shards import Shard, iter_samples
+from dedup.shards import Shard, display_name, iter_samples, raw_name
 from dedup.signals.exact import digest
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ FEATURE_SCHEMA = pa.schema(
         ("index", pa.int64()),
         ("key", pa.string()),
         ("offset", pa.int64()),
-        ("member_names", pa.list_(pa.string())),
+        ("member_names", pa.list_(pa.binary())),  # exact bytes: names may not be UTF-8
         ("member_offsets", pa.list_(pa.int64())),
         ("member_sizes", pa.list_(pa.int64())),
         ("image_member", pa.string()),
@@ -187,9 +187,9 @@ def compute_features(
         members = sample.members
         names = [m.name for m in members]
         cols["index"].append(row)
-        cols["key"].append(sample.key)
+        cols["key"].append(display_name(sample.key))
         cols["offset"].append(sample.offset)
-        cols["member_names"].append(names)
+        cols["member_names"].append([raw_name(n) for n in names])
         cols["member_offsets"].append([m.offset for m in members])
         cols["member_sizes"].append([m.size for m in members])
         pos = image_member(names, config)
@@ -219,7 +219,7 @@ def compute_features(
                     clip_images.append(decoded.image)
             if status != STATUS_OK:
                 image_digest = None
-        cols["image_member"].append(None if pos is None else names[pos])
+        cols["image_member"].append(None if pos is None else display_name(names[pos]))
         cols["status"].append(status)
         cols["width"].append(width)
         cols["height"].append(height)

@@ -24,7 +24,9 @@ def feature_store(out: str) -> str:
 
 
 @contextlib.contextmanager
-def claim_output(out: str, shards: list[Shard], overwrite: bool, report_dir: str) -> Iterator[None]:
+def claim_output(
+    out: str, shards: list[Shard], overwrite: bool, report_dir: str, dry_run: bool = False
+) -> Iterator[None]:
     """Check OUT, take its lock for the run, remove leftovers of an interrupted run.
 
     OUT is refused when it is an input shard's directory, or not empty and not made by
@@ -36,6 +38,8 @@ def claim_output(out: str, shards: list[Shard], overwrite: bool, report_dir: str
             raise OutputError(
                 f"{out}: is the directory of input shard {shard.path}; choose another --out"
             )
+        if os.path.realpath(shard.path) == os.path.realpath(os.path.join(out, shard.name)):
+            raise OutputError(f"{out}: its {shard.name} is the input shard {shard.path}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise OutputError(f"{out}: exists and is not a directory")
     job_path = os.path.join(out, STATE_DIR, JOB_FILE)
@@ -58,21 +62,33 @@ def claim_output(out: str, shards: list[Shard], overwrite: bool, report_dir: str
             raise OutputError(f"{out}: another dedup run is writing here") from None
         previous = _previous_outputs(job_path) if ours else []
         current = {s.name for s in shards}
-        for name in previous:
-            # Shards written for an earlier input set would mislead a downstream glob.
-            if name not in current and os.path.basename(name) == name:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(out, name))
+        if dry_run:
+            current |= set(previous)  # a dry run leaves the shards it does not write alone
+        else:
+            for name in previous:
+                # Shards written for an earlier input set would mislead a downstream glob.
+                if name not in current and os.path.basename(name) == name:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(out, name))
         for directory in (out, feature_store(out), report_dir, os.path.join(out, STATE_DIR)):
             remove_temporaries(directory)
         if overwrite:
             _clear(feature_store(out))
-        write_atomic(
-            job_path, json.dumps({"tool": "dedup", "outputs": sorted(current)}, indent=1).encode()
-        )
+        # Until this run ends, OUT is a mix of old and new shards: no summary may claim
+        # otherwise, and job.json says the run is not complete.
+        for name in ("summary.json", "report.html"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(report_dir, name))
+        _write_job(job_path, current, complete=False)
         yield
+        _write_job(job_path, current, complete=True)
     finally:
         os.close(lock)
+
+
+def _write_job(job_path: str, outputs: set[str], complete: bool) -> None:
+    job = {"tool": "dedup", "complete": complete, "outputs": sorted(outputs)}
+    write_atomic(job_path, json.dumps(job, indent=1).encode())
 
 
 def remove_temporaries(directory: str) -> list[str]:

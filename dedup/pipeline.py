@@ -48,7 +48,7 @@ from dedup.report import (
     write_summary,
     write_table,
 )
-from dedup.shards import Shard, list_shards
+from dedup.shards import Shard, display_name, list_shards
 from dedup.thumbs import read_previews
 from dedup.write import write_shard
 
@@ -296,7 +296,7 @@ def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
         at = np.flatnonzero(shard_of == pos)
         column = read_features(features[pos].path, ["key"]).column("key")
         keys[at] = column.take(pa.array(rows[at] - shard_starts[pos])).to_pylist()
-    paths = [features[pos].shard.path for pos in shard_of.tolist()]
+    paths = [display_name(features[pos].shard.path) for pos in shard_of.tolist()]
     return paths, keys.tolist()
 
 
@@ -450,7 +450,7 @@ def samples_part(job: FinishJob) -> pa.Table:
     }
     return pa.table(
         {
-            "shard": pa.array([job.features.shard.path] * n, type=pa.string()),
+            "shard": pa.array([display_name(job.features.shard.path)] * n, type=pa.string()),
             "key": f.column("key"),
             "cluster_id": job.cluster_id,
             "cluster_size": job.cluster_size,
@@ -490,7 +490,7 @@ def run(
     shards = list_shards(inputs)
     clip = resolve_clip(config)
     report_dir = report_dir or os.path.join(out, REPORT_DIR)
-    with claim_output(out, shards, overwrite, report_dir):
+    with claim_output(out, shards, overwrite, report_dir, dry_run):
         return _run(shards, out, config, report_dir, dry_run, skip_bad_shards, clip)
 
 
@@ -507,9 +507,9 @@ def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip
     features = [r for r in extracted if isinstance(r, ShardFeatures)]
     for b in bad:
         log.warning("skipped bad shard: %s", b.error)
-        # An output an earlier run wrote for this shard no longer reflects the input.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(out, b.shard.name))
+        if not dry_run:  # an earlier output for this shard no longer reflects the input
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out, b.shard.name))
     t1 = time.monotonic()
     the_plan = plan(features, config)
     t2 = time.monotonic()
@@ -545,7 +545,7 @@ def _write_report_extras(features, p: Plan, finished: list[Finished], report_dir
     shard_col, key_col, thumb_col, cap_col = [], [], [], []
     for done in finished:
         for key, thumb, cap in done.previews:
-            shard_col.append(done.shard_path)
+            shard_col.append(display_name(done.shard_path))
             key_col.append(key)
             thumb_col.append(thumb)
             cap_col.append(cap)

@@ -52,6 +52,16 @@ class Sample:
     members: list[Member] = field(default_factory=list)
 
 
+def raw_name(name: str) -> bytes:
+    """The exact bytes of a member name as the tar held them (see tarscan)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def display_name(name: str) -> str:
+    """A name as valid UTF-8 text for reports: bytes that are not UTF-8 become \\xNN."""
+    return raw_name(name).decode("utf-8", "backslashreplace")
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """WebDataset's key rule: `a/b/c.d.jpg` -> (`a/b/c`, `d.jpg`); no dot -> (name, "")."""
     slash = name.rfind("/")

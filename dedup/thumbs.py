@@ -14,6 +14,7 @@ import warnings
 from PIL import Image
 
 from dedup.decode import normalize
+from dedup.shards import display_name
 
 THUMB_SIZE = 128
 CAPTION_CHARS = 300
@@ -64,7 +65,8 @@ def read_previews(
         for row in rows:
             members = {}
             image = None
-            for name, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
+            for raw, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
+                name = display_name(raw.decode("utf-8", "surrogateescape"))
                 base = name.rsplit("/", 1)[-1]
                 ext = base.split(".", 1)[1] if "." in base else ""
                 if name == image_members[row]:

@@ -68,7 +68,10 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
     table = read_features(features.path, ["member_names", "member_offsets", "member_sizes"])
     if table.num_rows != len(keep):
         raise ShardError(shard.path, "stored features do not match the plan; rerun")
-    names = table.column("member_names").to_pylist()
+    names = [
+        [raw.decode("utf-8", "surrogateescape") for raw in row]
+        for row in table.column("member_names").to_pylist()
+    ]
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
     samples = members = 0

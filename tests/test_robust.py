@@ -322,3 +322,62 @@ def test_pixel_bomb_costs_no_memory(tmp_path):
     assert reasons == "{'too_large': 1}"
     assert int(rss_kib) < 400 * 1024  # a decoded 30,000 x 30,000 image would be 900 MB
     assert read_tar(str(tmp_path / "out/bomb.tar"))[1] == ("b.txt", b"bomb")
+
+
+def test_member_names_that_are_not_utf8_round_trip(tmp_path):
+    a = encode(make_image(31, 48, 48))
+    b = encode(make_image(32, 48, 48))
+    path = tmp_path / "in" / "latin1.tar"
+    path.parent.mkdir()
+    raw = [(b"caf\xe9.jpg", a), (b"caf\xe9.txt", b"x"), (b"ok.jpg", b), (b"copy\xff.jpg", a)]
+    with tarfile.open(
+        path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        for name, data in raw:
+            info = tarfile.TarInfo(name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    run([str(tmp_path / "in")], str(tmp_path / "out"), cfg(workers=1))
+    with tarfile.open(
+        tmp_path / "out" / "latin1.tar", encoding="utf-8", errors="surrogateescape"
+    ) as tar:
+        got = [(i.name.encode("utf-8", "surrogateescape"), tar.extractfile(i).read()) for i in tar]
+    assert got == raw[:3]  # the copy of café.jpg is removed; names are byte-exact
+    rows = pq.read_table(tmp_path / "out/dedup-report/samples.parquet").to_pylist()
+    assert [r["key"] for r in rows] == ["caf\\xe9", "ok", "copy\\xff"]
+
+
+def test_dry_run_leaves_other_shards_alone(many_shards, tmp_path):
+    root, _ = many_shards
+    out = tmp_path / "out"
+    run([str(root / "in")], str(out), cfg(workers=1))
+    before = sorted(p.name for p in out.glob("*.tar"))
+    first = sorted((root / "in").glob("*.tar"))[0]
+    run([str(first)], str(out), cfg(workers=1), dry_run=True)
+    assert sorted(p.name for p in out.glob("*.tar")) == before
+
+
+def test_a_failed_rerun_leaves_no_summary_claiming_success(many_shards, tmp_path, monkeypatch):
+    import dedup.pipeline
+
+    root, clean = many_shards
+    out = tmp_path / "out"
+    run([str(root / "in")], str(out), cfg(workers=1))
+    assert json.loads((out / ".dedup/job.json").read_text())["complete"] is True
+    real = dedup.pipeline.write_shard
+
+    def failing(features, keep, output):
+        if output.endswith("shard-000003.tar"):
+            raise OSError("disk full")
+        return real(features, keep, output)
+
+    monkeypatch.setattr(dedup.pipeline, "write_shard", failing)
+    with pytest.raises(OSError):
+        run([str(root / "in")], str(out), cfg(workers=1, keep="first"))
+    assert not (out / "dedup-report/summary.json").exists()
+    assert not (out / "dedup-report/report.html").exists()
+    assert json.loads((out / ".dedup/job.json").read_text())["complete"] is False
+    monkeypatch.undo()
+    run([str(root / "in")], str(out), cfg(workers=1))
+    assert _outputs(out) == clean
+    assert json.loads((out / ".dedup/job.json").read_text())["complete"] is True
