@@ -34,7 +34,7 @@ demo: $(STAMP)
 	echo "demo: to turn CLIP on, pass --clip-pretrained PATH to a ViT-B-32 checkpoint."; fi; \
 	echo "demo: dedup demo-data/shards --out demo-data/clean --signals $$signals"; \
 	$(BIN)/dedup demo-data/shards --out demo-data/clean --signals $$signals
-	@echo "report: demo-data/clean/dedup-report/ (summary.json, samples.parquet, clusters.parquet)"
+	@echo "report: demo-data/clean/dedup-report/report.html (and summary.json, samples.parquet, clusters.parquet)"
 
 calibrate: $(STAMP)
 	$(BIN)/python benchmarks/calibrate_phash.py
