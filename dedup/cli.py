@@ -214,7 +214,7 @@ def report_command(report_dir: str) -> None:
 
     try:
         path = render(report_dir)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         click.echo(f"dedup: error: {report_dir}: not a dedup report ({e})", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(f"dedup: wrote {path}", err=True)

@@ -161,6 +161,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
                 loaded = yaml.safe_load(fh)
         except OSError as e:
             raise ConfigError(f"config {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if loaded is None:

@@ -37,6 +37,8 @@ from dedup.htmlreport import (
 from dedup.htmlreport import render as render_html
 from dedup.outdir import claim_output, feature_store, remove_temporaries
 from dedup.progress import Progress
+from dedup.progress import attach as progress_attach
+from dedup.progress import counters as progress_counters
 from dedup.report import (
     CLUSTERS_SCHEMA,
     LARGEST_CLUSTERS,
@@ -77,7 +79,12 @@ def map_shards(
         progress.close()
         return results
     ctx = multiprocessing.get_context(start_method)
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=ctx)
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(items)),
+        mp_context=ctx,
+        initializer=progress_attach,
+        initargs=progress_counters(),
+    )
     try:
         pending = {pool.submit(fn, item): n for n, item in enumerate(items)}
         while pending:

@@ -18,6 +18,18 @@ _bytes = multiprocessing.get_context("fork").Value("q", 0, lock=False)
 REPORT_EVERY = 64  # samples between counter updates in a worker
 
 
+def attach(items, nbytes) -> None:
+    """Pool initializer: use the parent's counters (needed where workers are spawned,
+    not forked, as for CUDA)."""
+    global _items, _bytes
+    _items, _bytes = items, nbytes
+
+
+def counters():
+    """The shared counters, for a pool initializer's arguments."""
+    return _items, _bytes
+
+
 def advance(items: int, nbytes: int = 0) -> None:
     """Called by a phase's inner loop (in any process) as work gets done."""
     # One writer per counter slot is not guaranteed, but a lost update only skews the
@@ -40,8 +52,12 @@ class Progress:
         self.phase = phase
         self.total_items = total_items
         self.total_bytes = total_bytes
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.stream = stream or sys.stderr  # None when stderr is closed (2>&-)
+        self.tty = bool(
+            self.stream is not None
+            and getattr(self.stream, "isatty", None)
+            and self.stream.isatty()
+        )
         self.log_interval = log_interval
         self.started = time.monotonic()
         self.last_log = self.started
@@ -78,7 +94,7 @@ class Progress:
             log.info("%s", self._text())
 
     def close(self) -> None:
-        if self.tty:
+        if self.tty and self.stream is not None:
             self.stream.write("\r\033[K")
             self.stream.flush()
         log.info("%s, done in %.1f s", self._text(), time.monotonic() - self.started)

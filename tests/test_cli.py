@@ -110,3 +110,28 @@ def test_installed_console_script_as_subprocess(planted, tmp_path):
     assert sorted(os.listdir(out)) == sorted([".dedup"] + [os.path.basename(p) for p in planted[1]])
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("dedup: wrote 4 shards")
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_bytes(b"clip_threshold: 0.5\n\xff\xfe junk: 1\n")
+    result = CliRunner().invoke(main, ["--config", str(cfg), "--print-config"])
+    assert result.exit_code == 2 and "not UTF-8 text" in result.output
+
+
+def test_runs_with_stderr_closed(planted, tmp_path):
+    exe = shutil.which("dedup", path=os.path.dirname(sys.executable))
+    proc = subprocess.run(
+        [exe, planted[2], "--out", str(tmp_path / "o"), "--json", *NO_MODEL_FLAGS],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+        timeout=300,
+    )
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["counts"]["samples"] == len(planted[0])
+
+
+def test_report_command_on_something_else(tmp_path):
+    (tmp_path / "summary.json").write_text("[]")
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.startswith("dedup: error: ")

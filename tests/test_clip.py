@@ -204,3 +204,30 @@ def test_check_clip_flag(tiny):
     )
     assert result.exit_code == 0
     assert f"dedup-tiny weights at {os.path.abspath(checkpoint)}, device cpu" in result.stderr
+
+
+def test_weights_that_do_not_fit_the_model_fail_before_any_work(tiny, tmp_path):
+    config, _ = tiny
+    other = dict(TINY, embed_dim=16)
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    open_clip.add_model_config(str(tmp_path / "other.json"))
+    torch.save(open_clip.create_model("other").state_dict(), tmp_path / "other.pt")
+    (tmp_path / "notes.yaml").write_text("not: weights\n")
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    for weights in (tmp_path / "other.pt", tmp_path / "notes.yaml"):
+        args = ["--clip-model", config, "--clip-pretrained", str(weights), "--device", "cpu"]
+        check = CliRunner().invoke(main, ["--check-clip", *args])
+        assert check.exit_code == 6 and "does not load into dedup-tiny" in check.stderr
+        result = CliRunner().invoke(
+            main, [str(tmp_path / "in"), "--out", str(tmp_path / "out"), *args]
+        )
+        assert result.exit_code == 6 and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_model_config_that_is_not_json(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    result = CliRunner().invoke(
+        main, ["--check-clip", "--clip-model", str(tmp_path / "broken.json")]
+    )
+    assert result.exit_code == 6 and "is not a readable JSON file" in result.stderr

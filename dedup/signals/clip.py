@@ -51,6 +51,13 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
         if not os.path.isfile(model):
             raise ModelError(f"clip: model config {model} not found")
         config_file = os.path.abspath(model)
+        try:
+            with open(config_file, encoding="utf-8") as fh:
+                json.load(fh)
+        except (OSError, ValueError) as e:
+            raise ModelError(
+                f"clip: model config {model} is not a readable JSON file ({e})"
+            ) from None
         open_clip.add_model_config(config_file)
         name = os.path.splitext(os.path.basename(model))[0]
     if name not in open_clip.list_models():
@@ -87,6 +94,7 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
             f"clip: {pretrained!r} is neither a checkpoint file nor an open_clip tag of "
             f"{name} (tags: {tags}); {_remedy(name)}"
         )
+    _check_loads(name, checkpoint)
     st = os.stat(checkpoint)
     fingerprint = json.dumps(
         {
@@ -99,6 +107,20 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
         sort_keys=True,
     )
     return ClipSpec(name, config_file, checkpoint, tuple(sorted(preprocess.items())), fingerprint)
+
+
+def _check_loads(name: str, checkpoint: str) -> None:
+    """Build the model on the CPU with these weights once, so a wrong or damaged file ends
+    the run here, with the remedies, not later inside every worker."""
+    import open_clip
+
+    try:
+        open_clip.create_model(name, pretrained=checkpoint, device="cpu")
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"clip: {checkpoint} does not load into {name} ({first[:200]}); {_remedy(name)}"
+        ) from None
 
 
 def _file_text(path: str | None) -> str | None:
@@ -170,9 +192,12 @@ class Embedder:
             open_clip.add_model_config(spec.config_file)
         if device == "cpu":
             torch.set_num_threads(1)  # one worker process per core already
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=spec.checkpoint, device=device, **dict(spec.preprocess)
-        )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                spec.model, pretrained=spec.checkpoint, device=device, **dict(spec.preprocess)
+            )
+        except Exception as e:  # resolve() loaded it once already; a device can still fail
+            raise ModelError(f"clip: cannot set up {spec.model} on {device} ({e})") from None
         model.eval()
         self.model = model
         self.preprocess = preprocess
