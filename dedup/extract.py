@@ -193,7 +193,7 @@ def compute_features(
         cols["member_offsets"].append([m.offset for m in members])
         cols["member_sizes"].append([m.size for m in members])
         pos = image_member(names, config)
-        status, width, height, nbytes, image_digest, code = "no_image", None, None, None, None, None
+        status, width, height, nbytes, image_digest = "no_image", None, None, None, None
         if pos is not None:
             data = members[pos].data
             nbytes = len(data)
@@ -225,7 +225,7 @@ def compute_features(
         cols["height"].append(height)
         cols["bytes"].append(nbytes)
         cols["digest"].append(image_digest)
-        phash_col.append(code)
+        phash_col.append(None)  # filled by flush() or from a repeat's first row
         clip_col.append(None)
         if len(pending_smalls) >= PHASH_BATCH:
             flush()

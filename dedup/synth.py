@@ -10,7 +10,7 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
@@ -95,7 +95,6 @@ class PlantedSample:
     group: int | None  # the original's id; None for samples with no usable image
     edit: str  # original | exact | one of NEAR_EDITS / HARD_EDITS | no_image | undecodable
     shard: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def planted_dataset(

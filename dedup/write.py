@@ -20,7 +20,6 @@ class WriteResult:
     shard_path: str
     output: str
     samples_written: int
-    members_written: int
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -74,7 +73,7 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
     ]
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
-    samples = members = 0
+    samples = 0
     try:
         src = os.open(shard.path, os.O_RDONLY)
     except OSError as e:
@@ -102,7 +101,6 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
                     if pad:
                         out.write(bytes(pad))
                     written += len(header) + size + pad
-                    members += 1
                 samples += 1
                 if samples % REPORT_EVERY == 0:
                     advance(REPORT_EVERY)
@@ -111,4 +109,4 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
             out.write(bytes(end))
     finally:
         os.close(src)
-    return WriteResult(shard.path, output, samples, members)
+    return WriteResult(shard.path, output, samples)

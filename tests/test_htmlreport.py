@@ -1,6 +1,5 @@
 """The HTML report: its data without a browser, then the page in headless Chromium."""
 
-import json
 import os
 import re
 import shutil
@@ -142,4 +141,3 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         check=True,
     )
     assert shot.stat().st_size > 10_000
-    json.dumps({"screenshot": str(shot)})

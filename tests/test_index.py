@@ -131,8 +131,6 @@ def test_connected_components_on_long_chains_and_stars():
     j = np.concatenate([perm[1:1000], np.arange(1200, 1500)])
     keep = (i < 1200) == (j < 1200)  # the star lives in rows >= 1200
     labels = connected_components(n, i[keep], j[keep])
-    path_rows = perm[:1000]
-    path_rows = path_rows[path_rows < 1200]
     parent = list(range(n))
 
     def find(x):
@@ -145,7 +143,6 @@ def test_connected_components_on_long_chains_and_stars():
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     assert labels.tolist() == [find(x) for x in range(n)]
-    assert len(set(labels[path_rows].tolist())) >= 1
 
 
 @pytest.mark.parametrize("threshold", [0, 3, 8, 12])
