@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from dedup.index import cosine_pairs
+    from dedup.pairs import cosine_pairs
     from dedup.tarscan import scan
 
     device = (

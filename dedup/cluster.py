@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.config import Config
-from dedup.index import cosine_pairs, hamming_pairs, unique_codes
+from dedup.pairs import cosine_pairs, hamming_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "kept", "exact", "phash", "clip")
-UNIQUE, KEPT, EXACT_COPY, PHASH_COPY, CLIP_COPY = range(5)
+DECISIONS = ("unique", "survivor", "exact", "phash", "clip")
+UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY = range(5)
 # Edge signals as small integers; a cluster's signals are a bit mask of these.
 SIGNALS = ("exact", "phash", "clip")
 EXACT, PHASH, CLIP = 0, 1, 2
@@ -69,9 +69,9 @@ class Groups:
     size: np.ndarray  # int64
     survivor: np.ndarray  # int64 row
     signals: np.ndarray  # int64 bit mask over SIGNALS
-    max_distance: np.ndarray  # int32 largest pairwise pHash distance, NO_DISTANCE if none
-    max_distance_to_survivor: np.ndarray  # int32, NO_DISTANCE if none
-    min_similarity_to_survivor: np.ndarray  # float32 cosine, NaN without clip
+    max_phash_distance: np.ndarray  # int32 largest pairwise pHash distance, NO_DISTANCE if none
+    max_phash_distance_to_survivor: np.ndarray  # int32, NO_DISTANCE if none
+    min_clip_similarity_to_survivor: np.ndarray  # float32 cosine, NaN without clip
 
     def __len__(self) -> int:
         return len(self.cluster_id)
@@ -202,7 +202,7 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
 
     reason = np.full(n, UNIQUE, dtype=np.int8)
     in_cluster = size > 1
-    reason[in_cluster & (survivor == rows)] = KEPT
+    reason[in_cluster & (survivor == rows)] = SURVIVOR
     removed = np.flatnonzero(in_cluster & (survivor != rows))
     link = direct_links(removed, survivor[removed], cand, config)
     if (link == UNIQUE).any():  # components rule: linked through a chain only

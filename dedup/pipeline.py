@@ -320,14 +320,16 @@ def _clusters_table(features, shard_starts, candidate_rows, groups: Groups | Non
             "survivor_shard": pa.array(paths, type=pa.string()),
             "survivor_key": pa.array(keys, type=pa.string()),
             "signals": [groups.signal_names(k) for k in range(len(groups))],
-            "max_distance": pa.array(groups.max_distance, mask=groups.max_distance == NO_DISTANCE),
-            "max_distance_to_survivor": pa.array(
-                groups.max_distance_to_survivor,
-                mask=groups.max_distance_to_survivor == NO_DISTANCE,
+            "max_phash_distance": pa.array(
+                groups.max_phash_distance, mask=groups.max_phash_distance == NO_DISTANCE
             ),
-            "min_similarity_to_survivor": pa.array(
-                groups.min_similarity_to_survivor,
-                mask=np.isnan(groups.min_similarity_to_survivor),
+            "max_phash_distance_to_survivor": pa.array(
+                groups.max_phash_distance_to_survivor,
+                mask=groups.max_phash_distance_to_survivor == NO_DISTANCE,
+            ),
+            "min_clip_similarity_to_survivor": pa.array(
+                groups.min_clip_similarity_to_survivor,
+                mask=np.isnan(groups.min_clip_similarity_to_survivor),
             ),
         },
         schema=CLUSTERS_SCHEMA,
@@ -461,7 +463,7 @@ def samples_part(job: FinishJob) -> pa.Table:
             "key": f.column("key"),
             "cluster_id": job.cluster_id,
             "cluster_size": job.cluster_size,
-            "kept": job.keep & ~job.passthrough,
+            "kept": job.keep,
             "reason": pa.array(np.array(REASONS, dtype=object)[job.reason], type=pa.string()),
             "duplicate_of": pa.array(job.duplicate_of, type=pa.string()),
             "duplicate_of_shard": pa.array(job.duplicate_of_shard, type=pa.string()),

@@ -46,9 +46,9 @@ CLUSTERS_SCHEMA = pa.schema(
         ("survivor_shard", pa.string()),
         ("survivor_key", pa.string()),
         ("signals", pa.list_(pa.string())),
-        ("max_distance", pa.int32()),
-        ("max_distance_to_survivor", pa.int32()),
-        ("min_similarity_to_survivor", pa.float32()),
+        ("max_phash_distance", pa.int32()),
+        ("max_phash_distance_to_survivor", pa.int32()),
+        ("min_clip_similarity_to_survivor", pa.float32()),
     ]
 )
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from dedup.cli import main
 from dedup.errors import ModelError
-from dedup.index import cosine_pairs
+from dedup.pairs import cosine_pairs
 from dedup.pipeline import run
 from dedup.signals.clip import Embedder, resolve
 from dedup.synth import encode, make_image

@@ -3,7 +3,7 @@ import pytest
 
 from dedup.cluster import Candidates, cluster
 from dedup.config import Config
-from dedup.index import hamming_pairs, unique_codes
+from dedup.pairs import hamming_pairs, unique_codes
 from dedup.signals.phash import hamming
 
 
@@ -38,9 +38,9 @@ def test_faiss_pairs_equal_brute_force(threshold, seed):
 
 
 def test_pairs_across_query_batches(monkeypatch):
-    import dedup.index
+    import dedup.pairs
 
-    monkeypatch.setattr(dedup.index, "QUERY_BATCH", 37)
+    monkeypatch.setattr(dedup.pairs, "QUERY_BATCH", 37)
     codes = unique_codes(random_codes(300, 5))[0]
     got = hamming_pairs(codes, 10)
     want = brute_pairs(codes, 10)
@@ -98,8 +98,8 @@ def test_clusters_equal_brute_force_union_find(threshold):
     for k, cid in enumerate(g.cluster_id.tolist()):
         members = codes[want == cid]
         assert g.size[k] == len(members)
-        assert g.max_distance[k] == int(hamming(members[:, None], members[None]).max())
-        assert g.max_distance_to_survivor[k] == int(hamming(members, codes[cid]).max())
+        assert g.max_phash_distance[k] == int(hamming(members[:, None], members[None]).max())
+        assert g.max_phash_distance_to_survivor[k] == int(hamming(members, codes[cid]).max())
         assert g.signal_names(k) == ["phash"]
 
 
@@ -115,7 +115,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
     assert result.survivor.tolist() == [2] * 5
     from dedup.cluster import DECISIONS
 
-    assert [DECISIONS[r] for r in result.reason] == ["phash", "phash", "kept", "exact", "phash"]
+    assert [DECISIONS[r] for r in result.reason] == ["phash", "phash", "survivor", "exact", "phash"]
     first = cluster(cand, Config(keep="first"))
     assert first.survivor.tolist() == [0] * 5
 
@@ -155,7 +155,7 @@ def test_multi_index_hashing_equals_brute_force(threshold):
 
 
 def test_engine_choice():
-    from dedup.index import choose_engine
+    from dedup.pairs import choose_engine
 
     assert choose_engine(1000, 8)[0] == "flat"
     assert choose_engine(1_000_000, 8) == ("mih", 3)
@@ -210,7 +210,7 @@ def test_star_rule_cuts_chains():
     star = cluster(cand, Config(signals=("phash",), phash_threshold=6, keep="first"))
     assert star.survivor.tolist() == [0, 0, 2, 3]  # C is 10 bits from A: it stays
     assert star.cluster_id.tolist() == [0, 0, 2, 3]
-    assert [DECISIONS[r] for r in star.reason] == ["kept", "phash", "unique", "unique"]
+    assert [DECISIONS[r] for r in star.reason] == ["survivor", "phash", "unique", "unique"]
     assert star.phash_distance.tolist()[1] == 5
 
 
