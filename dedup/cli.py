@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
 
 import click
 
 from dedup import __version__
-from dedup.config import CLIP_INDEXES, CLUSTER_RULES, KEEP_RULES, dump_config, load_config
-from dedup.errors import EXIT_INTERNAL, EXIT_SKIPPED_SHARDS, EXIT_USAGE, DedupError
+from dedup.config import (
+    CLIP_INDEXES,
+    CLUSTER_RULES,
+    FINGERPRINTS,
+    KEEP_RULES,
+    dump_config,
+    load_config,
+)
+from dedup.errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OUTPUT,
+    EXIT_SKIPPED_SHARDS,
+    EXIT_USAGE,
+    OUTPUT_ERRNOS,
+    DedupError,
+    Interrupted,
+    output_error,
+)
 
 log = logging.getLogger("dedup")
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -93,6 +112,12 @@ def main() -> None:
     help="Images above this many pixels (read from the header) pass through unhashed.",
 )
 @click.option(
+    "--fingerprint",
+    type=click.Choice(FINGERPRINTS),
+    help="Reuse stored features of a shard when its stat (size, times, inode) is unchanged, "
+    "or only when its content (bytes) is too.",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
@@ -149,6 +174,7 @@ def run_command(
     (--skip-bad-shards), 6 CLIP weights or device not available.
     """
     _setup_logging(quiet)
+    _handle_stop_signals()
     try:
         config = load_config(config_path, settings)  # flags given override the file
         if print_config:
@@ -183,20 +209,21 @@ def run_command(
         raise
     except DedupError as e:
         if debug:
+            _print_worker_traceback(e)
             raise
-        click.echo(f"dedup: error: {e}", err=True)
+        prefix = "interrupted" if isinstance(e, Interrupted) else "error"
+        click.echo(f"dedup: {prefix}: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("dedup: interrupted", err=True)
-        sys.exit(130)
+        click.echo("dedup: interrupted: SIGINT: stopped; rerun to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:
+        if e.errno not in OUTPUT_ERRNOS or debug:
+            _internal_error(e, debug)
+        click.echo(f"dedup: error: {output_error(e)}", err=True)
+        sys.exit(EXIT_OUTPUT)
     except Exception as e:  # a bug: one line unless --debug
-        if debug:
-            raise
-        click.echo(
-            f"dedup: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-            err=True,
-        )
-        sys.exit(EXIT_INTERNAL)
+        _internal_error(e, debug)
     for line in human_summary(summary):
         click.echo(f"dedup: {line}", err=True)
     if as_json:
@@ -205,16 +232,59 @@ def run_command(
         sys.exit(EXIT_SKIPPED_SHARDS)
 
 
+def _internal_error(e: Exception, debug: bool) -> None:
+    if debug:
+        raise e
+    click.echo(
+        f"dedup: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
+        err=True,
+    )
+    sys.exit(EXIT_INTERNAL)
+
+
+def _print_worker_traceback(e: DedupError) -> None:
+    worker_traceback = getattr(e, "worker_traceback", "")
+    if worker_traceback:
+        click.echo(f"dedup: in a worker process:\n{worker_traceback}", err=True)
+
+
+def _raise_on_signal(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _handle_stop_signals() -> None:
+    """SIGTERM (a supervisor, a container runtime, `kill`) stops a run as Ctrl-C does:
+    workers stopped, temporaries removed, one line, exit 143 (130 for Ctrl-C)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (an embedding app)
+            signal.signal(signum, _raise_on_signal)
+
+
 @main.command("report", context_settings=CONTEXT)
 @click.argument("report_dir", metavar="REPORT_DIR", type=click.Path(file_okay=False))
 def report_command(report_dir: str) -> None:
     """Re-render REPORT_DIR/report.html from samples.parquet, clusters.parquet,
     previews.parquet, calibration.parquet and summary.json."""
+    import pyarrow as pa
+
     from dedup.htmlreport import render
 
     try:
         path = render(report_dir)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        click.echo(f"dedup: error: {report_dir}: not a dedup report ({e})", err=True)
+    except DedupError as e:  # the page cannot be written
+        click.echo(f"dedup: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        pa.ArrowException,
+    ) as e:
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        click.echo(f"dedup: error: {report_dir}: not a readable dedup report ({reason})", err=True)
         sys.exit(EXIT_USAGE)
     click.echo(f"dedup: wrote {path}", err=True)

@@ -12,11 +12,13 @@ from typing import Any
 import yaml
 
 from dedup.errors import ConfigError
+from dedup.signals.exact import DIGESTS
 
 KNOWN_SIGNALS = ("exact", "phash", "clip")
 KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
+FINGERPRINTS = ("stat", "content")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Config:
     cluster_rule: str = "star"
     workers: int = 0
     max_pixels: int = 100_000_000
+    fingerprint: str = "stat"
     image_extensions: tuple[str, ...] = (
         "jpg",
         "jpeg",
@@ -67,8 +70,10 @@ class Config:
             raise ConfigError(
                 f"phash_threshold: {self.phash_threshold} is outside 0..32 (bits of 64)"
             )
-        if self.exact_digest not in ("blake3", "sha256"):
-            raise ConfigError(f"exact_digest: {self.exact_digest!r} is not blake3 or sha256")
+        if self.exact_digest not in DIGESTS:
+            raise ConfigError(
+                f"exact_digest: {self.exact_digest!r} is not one of {', '.join(DIGESTS)}"
+            )
         if not 0.0 < self.clip_threshold <= 1.0:
             raise ConfigError(f"clip_threshold: {self.clip_threshold} is outside (0, 1] (cosine)")
         if self.clip_index not in CLIP_INDEXES:
@@ -87,6 +92,10 @@ class Config:
             raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
         if self.workers < 0:
             raise ConfigError(f"workers: {self.workers} is negative (0 means all cores)")
+        if self.fingerprint not in FINGERPRINTS:
+            raise ConfigError(
+                f"fingerprint: {self.fingerprint!r} is not one of {', '.join(FINGERPRINTS)}"
+            )
         if self.max_pixels <= 0:
             raise ConfigError(f"max_pixels: {self.max_pixels} must be positive")
 
@@ -165,6 +174,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config {path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except RecursionError:
+            raise ConfigError(f"config {path}: nested too deeply to be a dedup config") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import blake3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,9 +17,10 @@ import pyarrow.parquet as pq
 from dedup import __version__
 from dedup.config import Config
 from dedup.decode import decode_image, image_member
-from dedup.fsutil import atomic_path
+from dedup.errors import FeatureStoreError, ShardError
+from dedup.fsutil import atomic_path, write_atomic
 from dedup.progress import REPORT_EVERY, advance
-from dedup.shards import Shard, display_name, iter_samples, raw_name
+from dedup.shards import Shard, display_name, iter_samples, raw_name, shard_size
 from dedup.signals.exact import digest
 
 if TYPE_CHECKING:
@@ -56,81 +59,124 @@ class ShardFeatures:
     path: str
     rows: int
     skipped_members: dict[str, int]
-    input_size: int
-    input_mtime_ns: int
+    identity: tuple[int, ...]  # the input file's (size, mtime, ctime, inode) when read
     reused: bool = False
 
 
 def feature_path(store: str, shard: Shard) -> str:
-    return os.path.join(store, shard.name + ".parquet")
+    """The feature file of a shard: named by a digest of the shard's file name, so any
+    name (not UTF-8, 255 bytes long) gives a short, valid file name."""
+    digest = hashlib.sha256(raw_name(shard.name)).hexdigest()[:32]
+    return os.path.join(store, f"{digest}.parquet")
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a rewritten file from the one that was read. `cp -p`, `rsync -a` and
+    `tar x` restore the modification time, but the change time and the inode are set
+    by the kernel; none of the three can give a rewritten file the old ones."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def stat_shard(shard: Shard) -> os.stat_result:
+    try:
+        return os.stat(shard.path)
+    except OSError as e:
+        raise ShardError(shard.path, f"cannot stat ({e.strerror or e})") from None
+
+
+def content_digest(shard: Shard) -> str:
+    """BLAKE3 of the shard's bytes (the `fingerprint: content` check)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    try:
+        with open(shard.path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                hasher.update(chunk)
+    except OSError as e:
+        raise ShardError(shard.path, f"cannot read ({e.strerror or e})") from None
+    return hasher.hexdigest()
 
 
 def shard_fingerprint(
-    shard: Shard, config: Config, clip: ClipSpec | None = None
-) -> tuple[str, os.stat_result]:
-    """What stored features depend on: the input file's identity, settings, versions."""
+    shard: Shard, config: Config, st: os.stat_result, clip: ClipSpec | None = None
+) -> str:
+    """What stored features depend on: the input file's identity (and, with
+    `fingerprint: content`, its bytes), the settings and the versions."""
     import PIL
     import scipy
 
-    try:
-        st = os.stat(shard.path)
-    except OSError as e:
-        from dedup.errors import ShardError
-
-        raise ShardError(shard.path, f"cannot stat ({e.strerror or e})") from None
-    text = json.dumps(
+    return json.dumps(
         {
-            "path": os.path.realpath(shard.path),
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
+            "path": display_name(os.path.realpath(shard.path)),
+            "identity": file_identity(st),
+            "content": content_digest(shard) if config.fingerprint == "content" else None,
             "config": config.feature_fingerprint(),
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
         sort_keys=True,
     )
-    return text, st
 
 
 def extract_shard(
     shard: Shard, config: Config, store: str, clip: ClipSpec | None = None
 ) -> ShardFeatures:
-    """Features of one shard, reused from `store` when its fingerprint still matches."""
+    """Features of one shard, reused from `store` when its fingerprint still matches and
+    the stored file is intact."""
     path = feature_path(store, shard)
-    fingerprint, st = shard_fingerprint(shard, config, clip)
+    st = stat_shard(shard)
+    fingerprint = shard_fingerprint(shard, config, st, clip)
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped = cached
-        return ShardFeatures(shard, path, rows, skipped, st.st_size, st.st_mtime_ns, True)
+        return ShardFeatures(shard, path, rows, skipped, file_identity(st), True)
     table, skipped = compute_features(shard, config, clip)
-    meta = {
-        b"dedup.fingerprint": fingerprint.encode(),
-        b"dedup.skipped_members": json.dumps(skipped, sort_keys=True).encode(),
-    }
+    if file_identity(stat_shard(shard)) != file_identity(st):
+        raise ShardError(shard.path, "the shard changed while it was being read; rerun")
     with atomic_path(path) as tmp:
-        pq.write_table(table.replace_schema_metadata(meta), tmp)
-    return ShardFeatures(shard, path, table.num_rows, skipped, st.st_size, st.st_mtime_ns)
+        pq.write_table(table, tmp, write_page_checksum=True)
+        stored = _file_digest(tmp)
+    marker = {
+        "fingerprint": fingerprint,
+        "rows": table.num_rows,
+        "skipped_members": skipped,
+        "blake3": stored,
+    }
+    write_atomic(path + DONE_SUFFIX, json.dumps(marker, sort_keys=True).encode())
+    return ShardFeatures(shard, path, table.num_rows, skipped, file_identity(st))
+
+
+# A shard's features are complete when this marker, written last, names the feature
+# file's digest: a flipped bit anywhere in the feature file, or a marker from another
+# fingerprint, means the features are computed again, never trusted.
+DONE_SUFFIX = ".done"
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as fh:
+        return blake3.blake3(fh.read()).hexdigest()
 
 
 def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] | None:
-    if not os.path.exists(path):
-        return None
     try:
-        meta = pq.read_metadata(path)
-        schema = pq.read_schema(path)
-    except (OSError, pa.ArrowException):
-        return None  # unreadable leftovers are recomputed, never trusted
-    kv = meta.metadata or {}
-    if kv.get(b"dedup.fingerprint", b"").decode() != fingerprint:
-        return None
-    if schema.remove_metadata() != FEATURE_SCHEMA:
-        return None
-    return meta.num_rows, json.loads(kv.get(b"dedup.skipped_members", b"{}"))
+        with open(path + DONE_SUFFIX, "rb") as fh:
+            marker = json.loads(fh.read())
+        if marker["fingerprint"] != fingerprint or _file_digest(path) != marker["blake3"]:
+            return None
+        rows, skipped = int(marker["rows"]), dict(marker["skipped_members"])
+        if pq.read_schema(path).remove_metadata() != FEATURE_SCHEMA:
+            return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
+        return None  # missing, unreadable or damaged: recomputed, never trusted
+    return rows, skipped
 
 
 def read_features(path: str, columns: list[str]) -> pa.Table:
-    """Columns of a stored feature file."""
-    return pq.read_table(path, columns=columns).replace_schema_metadata(None)
+    """Columns of a stored feature file, its page checksums verified."""
+    try:
+        table = pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as e:
+        raise FeatureStoreError(f"{path}: feature file damaged during the run ({e}); rerun")
+    return table.replace_schema_metadata(None)
 
 
 def compute_features(
@@ -236,12 +282,5 @@ def compute_features(
     for row, first in copies:
         phash_col[row] = phash_col[first]
         clip_col[row] = clip_col[first]
-    advance(len(cols["index"]) - reported_samples, _file_size(shard.path) - reported_bytes)
+    advance(len(cols["index"]) - reported_samples, shard_size(shard) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0

@@ -1,30 +1,46 @@
-"""Files appear at their final path only when complete and synced."""
+"""Files appear at their final path only when complete and synced.
+
+A temporary file lives in a `.dedup-tmp/` folder beside its final path (same filesystem,
+so the rename is atomic) under a name no other process uses. dedup only ever sweeps
+that folder, never a name in a user's folder that merely looks like a temporary.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import uuid
 from collections.abc import Iterator
 
-# Temporary names: `.NAME.tmp-PID` beside the final path; a later run removes leftovers.
-TEMP_PATTERN = r"\..+\.tmp-\d+"
+from dedup.errors import OUTPUT_ERRNOS, output_error
+
+TEMP_DIR = ".dedup-tmp"
 
 
 @contextlib.contextmanager
 def atomic_path(final: str) -> Iterator[str]:
-    """Yield a temporary path beside `final`; on success fsync it and rename it into place."""
+    """Yield a temporary path for `final`; on success fsync it and rename it into place.
+
+    A full or read-only destination raises OutputError naming `final`.
+    """
     directory = os.path.dirname(final) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(final)}.tmp-{os.getpid()}")
+    temp_dir = os.path.join(directory, TEMP_DIR)
+    tmp = os.path.join(temp_dir, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
+        os.makedirs(temp_dir, exist_ok=True)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
         _fsync_dir(directory)
+    except OSError as e:
+        _unlink(tmp)
+        if e.errno in OUTPUT_ERRNOS or e.filename in (tmp, temp_dir, directory, final):
+            raise output_error(e, final) from None
+        raise
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _unlink(tmp)
         raise
 
 
@@ -32,6 +48,23 @@ def write_atomic(final: str, data: bytes) -> None:
     """Write `data` to `final` atomically."""
     with atomic_path(final) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Delete `directory`'s temporary folder and what interrupted runs left in it; return
+    the names. Call it only on a folder this run has claimed (locked), when no writer of
+    this run is active."""
+    temp_dir = os.path.join(directory, TEMP_DIR)
+    if not os.path.isdir(temp_dir) or os.path.islink(temp_dir):
+        return []
+    names = sorted(os.listdir(temp_dir))
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return names
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fsync_dir(directory: str) -> None:

@@ -1,22 +1,41 @@
-"""The output directory: refuse what would clobber, lock it, clean what a crash left."""
+"""The output and report directories: refuse what would clobber, lock them, clean up.
+
+A directory is dedup's when dedup's marker is in it: `OUT/.dedup/job.json` for OUT,
+`REPORT/.dedup-report.json` for a report directory elsewhere. dedup writes into a
+directory that is its own, or empty, or named with --overwrite; it deletes only files
+it wrote (shards listed in job.json, its own temporary folders), never a user's file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
-import re
+import shutil
 from collections.abc import Iterator
 
 from dedup.errors import OutputError
-from dedup.fsutil import TEMP_PATTERN, write_atomic
+from dedup.fsutil import remove_temporaries, write_atomic
 from dedup.shards import Shard
 
 STATE_DIR = ".dedup"
 JOB_FILE = "job.json"
 LOCK_FILE = "lock"
 FEATURES_DIR = "features"
+REPORT_MARKER = ".dedup-report.json"
+REPORT_LOCK = ".dedup-report.lock"
+# Report files a run replaces; a new run first removes the summary so that none is seen
+# describing a half-written OUT.
+REPORT_FILES = (
+    "summary.json",
+    "report.html",
+    "samples.parquet",
+    "clusters.parquet",
+    "previews.parquet",
+    "calibration.parquet",
+)
 
 
 def feature_store(out: str) -> str:
@@ -27,80 +46,143 @@ def feature_store(out: str) -> str:
 def claim_output(
     out: str, shards: list[Shard], overwrite: bool, report_dir: str, dry_run: bool = False
 ) -> Iterator[None]:
-    """Check OUT, take its lock for the run, remove leftovers of an interrupted run.
+    """Check OUT and the report directory, lock both for the run, remove what an
+    interrupted run left; mark the job complete when the body returns.
 
-    OUT is refused when it is an input shard's directory, or not empty and not made by
-    dedup (unless `overwrite`). An OUT that dedup made, finished or not, is resumed.
+    Each is refused when it is an input shard's directory, or not empty and not made by
+    dedup (unless `overwrite`), or locked by another run. An OUT that dedup made,
+    finished or not, is resumed.
     """
-    out_real = os.path.realpath(out)
-    for shard in shards:
-        if os.path.realpath(os.path.dirname(os.path.abspath(shard.path))) == out_real:
-            raise OutputError(
-                f"{out}: is the directory of input shard {shard.path}; choose another --out"
-            )
-        if os.path.realpath(shard.path) == os.path.realpath(os.path.join(out, shard.name)):
-            raise OutputError(f"{out}: its {shard.name} is the input shard {shard.path}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OutputError(f"{out}: exists and is not a directory")
+    _refuse_input_dirs(out, "--out", shards)
+    _refuse_input_dirs(report_dir, "--report", shards)
     job_path = os.path.join(out, STATE_DIR, JOB_FILE)
     ours = os.path.isfile(job_path)
-    if os.path.isdir(out) and os.listdir(out) and not ours and not overwrite:
-        raise OutputError(
-            f"{out}: is not empty and was not written by dedup; "
-            "pass --overwrite to write into it anyway"
-        )
+    _refuse_foreign(out, ours, overwrite, "--out")
+    if not ours and os.path.lexists(os.path.join(out, STATE_DIR)):
+        raise OutputError(f"{out}: holds a {STATE_DIR} that dedup did not write; remove it")
+    inside_out = os.path.realpath(os.path.dirname(os.path.abspath(report_dir))) == (
+        os.path.realpath(out)
+    )
+    report_ours = os.path.isfile(os.path.join(report_dir, REPORT_MARKER)) or (ours and inside_out)
+    same_dir = os.path.realpath(report_dir) == os.path.realpath(out)
+    if not same_dir:
+        _refuse_foreign(report_dir, report_ours, overwrite, "--report")
+    _make_dirs(out, os.path.join(out, STATE_DIR), report_dir)
+    out_lock = _lock(os.path.join(out, STATE_DIR, LOCK_FILE), out)
     try:
-        os.makedirs(os.path.join(out, STATE_DIR), exist_ok=True)
-        os.makedirs(report_dir, exist_ok=True)
-        lock = os.open(os.path.join(out, STATE_DIR, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create ({e.strerror or e})") from None
-    try:
+        report_lock = _lock(os.path.join(report_dir, REPORT_LOCK), report_dir)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(f"{out}: another dedup run is writing here") from None
-        previous = _previous_outputs(job_path) if ours else []
-        current = {s.name for s in shards}
-        if dry_run:
-            current |= set(previous)  # a dry run leaves the shards it does not write alone
-        else:
-            for name in previous:
-                # Shards written for an earlier input set would mislead a downstream glob.
-                if name not in current and os.path.basename(name) == name:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(out, name))
-        for directory in (out, feature_store(out), report_dir, os.path.join(out, STATE_DIR)):
-            remove_temporaries(directory)
-        if overwrite:
-            _clear(feature_store(out))
-        # Until this run ends, OUT is a mix of old and new shards: no summary may claim
-        # otherwise, and job.json says the run is not complete.
-        for name in ("summary.json", "report.html"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(report_dir, name))
-        _write_job(job_path, current, complete=False)
-        yield
-        _write_job(job_path, current, complete=True)
+            write_atomic(
+                os.path.join(report_dir, REPORT_MARKER),
+                json.dumps({"tool": "dedup", "out": os.path.abspath(out)}).encode(),
+            )
+            previous = _previous_outputs(job_path) if ours else []
+            current = {s.name for s in shards}
+            if dry_run:
+                current |= set(previous)  # a dry run leaves the shards it does not write alone
+            else:
+                for name in previous:
+                    # Shards written for an earlier input set would mislead a downstream glob.
+                    if name not in current and os.path.basename(name) == name:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(out, name))
+            sweep(out, report_dir)
+            if overwrite:
+                shutil.rmtree(feature_store(out), ignore_errors=True)
+            # Until this run ends, OUT is a mix of old and new shards: no summary may claim
+            # otherwise, and job.json says the run is not complete.
+            for name in ("summary.json", "report.html"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(report_dir, name))
+            _write_job(job_path, current, complete=False)
+            try:
+                yield
+                _write_job(job_path, current, complete=True)
+            finally:
+                sweep(out, report_dir)
+        finally:
+            os.close(report_lock)
     finally:
-        os.close(lock)
+        os.close(out_lock)
+
+
+def sweep(out: str, report_dir: str) -> None:
+    """Remove the temporary folders of OUT, its state and the report directory."""
+    for directory in (
+        out,
+        os.path.join(out, STATE_DIR),
+        feature_store(out),
+        report_dir,
+        os.path.join(report_dir, ".parts"),
+    ):
+        remove_temporaries(directory)
+
+
+def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None:
+    real = os.path.realpath(directory)
+    for shard in shards:
+        if os.path.realpath(os.path.dirname(os.path.abspath(shard.path))) == real:
+            raise OutputError(
+                f"{directory}: is the directory of input shard {shard.path}; "
+                f"choose another {option}"
+            )
+        if os.path.realpath(shard.path) == os.path.realpath(os.path.join(directory, shard.name)):
+            raise OutputError(f"{directory}: its {shard.name} is the input shard {shard.path}")
+
+
+def _refuse_foreign(directory: str, ours: bool, overwrite: bool, option: str) -> None:
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise OutputError(f"{directory}: exists and is not a directory ({option})")
+    if os.path.isdir(directory) and not ours and not overwrite and _listdir(directory):
+        raise OutputError(
+            f"{directory}: is not empty and was not written by dedup ({option}); "
+            "choose an empty or new directory, or pass --overwrite to write into it anyway"
+        )
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except OSError as e:
+        raise OutputError(f"{directory}: cannot read ({e.strerror or e})") from None
+
+
+def _make_dirs(*directories: str) -> None:
+    for directory in directories:
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{directory}: cannot create ({e.strerror or e})") from None
+
+
+def _lock(path: str, what: str) -> int:
+    """An exclusive POSIX lock on `path`, held until the descriptor is closed.
+
+    POSIX record locks belong to the process: forked workers do not inherit them, and
+    the kernel drops them when the process dies however it dies, so a lock whose owner
+    is gone is never in the way of a rerun.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot create a lock file ({e.strerror or e})") from None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            pid = f" (pid {owner})" if owner.isdigit() else ""
+            raise OutputError(f"{what}: another dedup run{pid} is writing here") from None
+        raise OutputError(f"{what}: cannot lock ({e.strerror or e})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _write_job(job_path: str, outputs: set[str], complete: bool) -> None:
     job = {"tool": "dedup", "complete": complete, "outputs": sorted(outputs)}
     write_atomic(job_path, json.dumps(job, indent=1).encode())
-
-
-def remove_temporaries(directory: str) -> list[str]:
-    """Delete the temporary files an interrupted run left in `directory`; return them."""
-    removed = []
-    if os.path.isdir(directory):
-        for name in sorted(os.listdir(directory)):
-            if re.fullmatch(TEMP_PATTERN, name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
-                removed.append(name)
-    return removed
 
 
 def _previous_outputs(job_path: str) -> list[str]:
@@ -110,9 +192,3 @@ def _previous_outputs(job_path: str) -> list[str]:
     except (OSError, ValueError, AttributeError):
         return []
     return [o for o in outputs if isinstance(o, str)]
-
-
-def _clear(store: str) -> None:
-    if os.path.isdir(store):
-        for name in os.listdir(store):
-            os.unlink(os.path.join(store, name))

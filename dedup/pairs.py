@@ -132,7 +132,12 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
             if workers > 1 and n >= MIH_PARALLEL_MIN:
                 import multiprocessing
 
-                with multiprocessing.get_context("fork").Pool(workers) as pool:
+                import os
+
+                from dedup.executor import worker_init
+
+                ctx = multiprocessing.get_context("fork")
+                with ctx.Pool(workers, worker_init, (os.getpid(),)) as pool:
                     found.extend(pool.map(_mih_task, batches, chunksize=1))
             else:
                 found.extend(_mih_task(q0) for q0 in batches)

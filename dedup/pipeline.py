@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +17,7 @@ import pyarrow.compute as pc
 from dedup.cluster import DECISIONS, NO_DISTANCE, Candidates, Groups, cluster
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
+from dedup.executor import map_local
 from dedup.extract import (
     FEATURE_SCHEMA,
     PASSTHROUGH_REASONS,
@@ -35,10 +33,8 @@ from dedup.htmlreport import (
     shown_clusters,
 )
 from dedup.htmlreport import render as render_html
-from dedup.outdir import claim_output, feature_store, remove_temporaries
+from dedup.outdir import claim_output, feature_store
 from dedup.progress import Progress
-from dedup.progress import attach as progress_attach
-from dedup.progress import counters as progress_counters
 from dedup.report import (
     CLUSTERS_SCHEMA,
     LARGEST_CLUSTERS,
@@ -50,7 +46,7 @@ from dedup.report import (
     write_summary,
     write_table,
 )
-from dedup.shards import Shard, display_name, list_shards
+from dedup.shards import Shard, display_name, list_shards, shard_size
 from dedup.thumbs import read_previews
 from dedup.write import write_shard
 
@@ -58,44 +54,6 @@ log = logging.getLogger("dedup")
 
 REPORT_DIR = "dedup-report"
 PARTS_DIR = ".parts"
-TICK_SECONDS = 0.5
-
-
-# ---------------------------------------------------------------- parallel map
-
-
-def map_shards(
-    fn: Callable, items: list, workers: int, progress: Progress, start_method: str = "fork"
-) -> list:
-    """fn over items in worker processes (forked), results in input order.
-
-    The first failure cancels the shards not yet started and is raised here.
-    """
-    results: list = [None] * len(items)
-    if workers <= 1 or len(items) <= 1:
-        for n, item in enumerate(items):
-            results[n] = fn(item)
-            progress.tick()
-        progress.close()
-        return results
-    ctx = multiprocessing.get_context(start_method)
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(items)),
-        mp_context=ctx,
-        initializer=progress_attach,
-        initargs=progress_counters(),
-    )
-    try:
-        pending = {pool.submit(fn, item): n for n, item in enumerate(items)}
-        while pending:
-            done, _ = wait(pending, timeout=TICK_SECONDS, return_when=FIRST_COMPLETED)
-            for future in done:
-                results[pending.pop(future)] = future.result()
-            progress.tick()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    progress.close()
-    return results
 
 
 # ---------------------------------------------------------------- phases
@@ -133,21 +91,15 @@ def extract_all(
 
         if pick_device(config.device).startswith("cuda"):
             start_method = "spawn"  # CUDA cannot be used in a forked child
-    total = sum(_size(s.path) for s in shards)
-    return map_shards(
+    total = sum(shard_size(s) for s in shards)
+    return map_local(
         _Extract(config, store, skip_bad_shards, clip),
         shards,
         config.worker_count,
         Progress("extract", total_bytes=total),
         start_method,
+        describe=lambda shard: shard.path,
     )
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 @dataclass
@@ -401,11 +353,17 @@ def finish_all(
             )
         )
     total = int(p.keep.sum()) if not dry_run else len(p.keep)
-    return map_shards(_finish, jobs, workers, Progress("write", total_items=total))
+    return map_local(
+        _finish,
+        jobs,
+        workers,
+        Progress("write", total_items=total),
+        describe=lambda job: job.features.shard.path,
+    )
 
 
 def _finish(job: FinishJob) -> Finished:
-    written = None
+    written = 0
     if job.output is not None:
         written = write_shard(job.features, job.keep.tolist(), job.output)
     write_table(samples_part(job), job.part)
@@ -425,9 +383,7 @@ def _finish(job: FinishJob) -> Finished:
             f.column("image_member").to_pylist(),
         )
         previews = [(keys[row], thumb, cap) for row, thumb, cap in found]
-    return Finished(
-        job.features.shard.path, job.output, written.samples_written if written else 0, previews
-    )
+    return Finished(job.features.shard.path, job.output, written, previews)
 
 
 def preview_rows(p: Plan) -> np.ndarray:
@@ -524,7 +480,6 @@ def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip
     t2 = time.monotonic()
     parts_dir = os.path.join(report_dir, PARTS_DIR)
     os.makedirs(parts_dir, exist_ok=True)
-    remove_temporaries(parts_dir)
     finished = finish_all(features, the_plan, out, parts_dir, dry_run, config.worker_count)
     t3 = time.monotonic()
 

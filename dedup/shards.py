@@ -52,6 +52,14 @@ class Sample:
     members: list[Member] = field(default_factory=list)
 
 
+def shard_size(shard: Shard) -> int:
+    """The shard file's size in bytes, 0 when it cannot be read (progress only)."""
+    try:
+        return os.path.getsize(shard.path)
+    except OSError:
+        return 0
+
+
 def raw_name(name: str) -> bytes:
     """The exact bytes of a member name as the tar held them (see tarscan)."""
     return name.encode("utf-8", "surrogateescape")
@@ -72,13 +80,20 @@ def split_member_name(name: str) -> tuple[str, str]:
 
 
 def list_shards(inputs: list[str]) -> list[Shard]:
-    """Expand directories (their *.tar, sorted), globs and brace patterns into shards."""
+    """Expand directories (their *.tar, sorted), globs and brace patterns into shards.
+
+    A path that exists is taken literally, before any brace or glob expansion: a shard
+    named `x[1].tar` or `a{b}.tar` is itself, not a pattern.
+    """
     if not inputs:
         raise InputError("no input given: name shard files, directories, globs or brace patterns")
     paths: list[str] = []
     for spec in inputs:
         if "://" in spec:
             raise InputError(f"{spec}: URLs are not supported yet; copy the shards to local disk")
+        if os.path.lexists(spec):
+            paths.extend(_expand_one(spec, literal=True))
+            continue
         for item in braceexpand(spec):
             paths.extend(_expand_one(item))
     seen: dict[str, str] = {}
@@ -100,27 +115,30 @@ def list_shards(inputs: list[str]) -> list[Shard]:
     return shards
 
 
-def _expand_one(item: str) -> list[str]:
+def _expand_one(item: str, literal: bool = False) -> list[str]:
     if os.path.isdir(item):
-        found = sorted(
-            os.path.join(item, n)
-            for n in os.listdir(item)
-            if n.endswith(SHARD_SUFFIX) and os.path.isfile(os.path.join(item, n))
-        )
+        try:
+            names = os.listdir(item)
+        except OSError as e:
+            raise InputError(f"{item}: cannot list ({e.strerror or e})") from None
+        found = sorted(os.path.join(item, n) for n in names if n.endswith(SHARD_SUFFIX))
         if not found:
             raise InputError(f"{item}: directory holds no *{SHARD_SUFFIX} shards")
-        return found
-    if _GLOB_CHARS & set(item):
-        found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+        return [_check_shard_file(p) for p in found]
+    if not literal and _GLOB_CHARS & set(item):
+        # A match that is a dangling link or not a file is an error, not a silent skip.
+        found = sorted(glob.glob(item))
         if not found:
             raise InputError(f"{item}: pattern matches no files")
-        return [_check_shard_file(p) for p in found]
-    if not os.path.exists(item):
+        return [_check_shard_file(p) for p in found if not os.path.isdir(p)]
+    if not os.path.lexists(item):
         raise InputError(f"{item}: no such file or directory")
     return [_check_shard_file(item)]
 
 
 def _check_shard_file(path: str) -> str:
+    if os.path.islink(path) and not os.path.exists(path):
+        raise InputError(f"{path}: a symbolic link to a file that does not exist")
     if not os.path.isfile(path):
         raise InputError(f"{path}: not a regular file")
     if not path.endswith(SHARD_SUFFIX):
@@ -134,14 +152,18 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
     """Stream a shard's samples in tar order.
 
     Non-regular members (directories, links, devices) carry no sample data; they are
-    counted in `skipped` by kind and never followed. Structural damage raises ShardError
-    naming the byte offset.
+    counted in `skipped` by kind and never followed. So are hidden members (a name whose
+    last part starts with a dot: macOS AppleDouble `._x.jpg`, `.DS_Store`), which
+    webdataset skips too. Structural damage raises ShardError naming the byte offset.
     """
     skipped = skipped if skipped is not None else Counter()
     finished: set[str] = set()
     current: Sample | None = None
     index = 0
     for header_offset, name, data_offset, data in iter_members(shard, skipped):
+        if name.rsplit("/", 1)[-1].startswith("."):
+            skipped["hidden"] += 1
+            continue
         key, _ = split_member_name(name)
         if current is None or key != current.key:
             if current is not None:

@@ -49,6 +49,14 @@ def _checksum_ok(header: bytes, path: str, offset: int) -> bool:
     return stored == signed
 
 
+def header_checksum_ok(header: bytes) -> bool:
+    """Whether a 512-byte block is a tar header whose checksum is right."""
+    try:
+        return _checksum_ok(header, "", 0)
+    except ShardError:
+        return False
+
+
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -91,11 +99,7 @@ def scan(
             if long_name is not None or pax:
                 raise ShardError(path, "extended header without a member", pos)
             return
-        try:
-            valid = _checksum_ok(header, path, pos)
-        except ShardError:
-            valid = False
-        if not valid:
+        if not header_checksum_ok(header):
             if pos == 0:
                 raise ShardError(path, "not a readable tar archive (no valid header)", 0)
             raise ShardError(path, "damaged tar header (bad checksum)", pos)
@@ -131,11 +135,15 @@ def scan(
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
             if data_offset + size > file_size:
                 raise ShardError(path, "tar is truncated: a member's data runs past the end", pos)
-        long_name, pax, entry_start = None, {}, None
-        if kind == b"S":
+        sparse = kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax)
+        if sparse:
+            # Old GNU (type S) and PAX (GNU.sparse.* records) sparse members store a map
+            # of holes, not the file's bytes: copying them would change the member.
+            real_name = pax.get("GNU.sparse.name", member_name)
             raise ShardError(
-                path, f"member {member_name!r} is a GNU sparse file, not supported", start
+                path, f"member {real_name!r} is a sparse file, which dedup does not read", start
             )
+        long_name, pax, entry_start = None, {}, None
         if kind in REGULAR and not (kind == b"\x00" and member_name.endswith("/")):
             data = _read(fh, size, padded, path, pos)
             yield start, member_name, data_offset, data

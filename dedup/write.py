@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass
 
 from dedup.errors import ShardError
-from dedup.extract import ShardFeatures, read_features
+from dedup.extract import ShardFeatures, file_identity, read_features
 from dedup.fsutil import atomic_path
 from dedup.progress import REPORT_EVERY, advance
+from dedup.tarscan import BLOCK, REGULAR, header_checksum_ok
 
-BLOCK = 512
 RECORD = 20 * BLOCK  # what tarfile pads an archive to; readers expect whole records
-
-
-@dataclass
-class WriteResult:
-    shard_path: str
-    output: str
-    samples_written: int
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -57,20 +49,23 @@ _TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as sp
 _TEMPLATE = bytes(_TEMPLATE)
 
 
-def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> WriteResult:
-    """Write the samples of a shard whose position has keep=True to `output`.
+def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
+    """Write the samples of a shard whose position has keep=True to `output`; return how
+    many were written.
 
-    Member bytes are copied from the offsets phase 1 recorded; a shard whose size or
-    modification time changed since then is an error, not a silent mismatch.
+    Member bytes are copied from the offsets phase 1 recorded. The shard must still be
+    the file that was read (size, times, inode), and the tar header in front of every
+    copied member must name that member and its size: a changed shard or a damaged
+    feature record is an error, never a shifted member.
     """
     shard = features.shard
-    table = read_features(features.path, ["member_names", "member_offsets", "member_sizes"])
+    table = read_features(
+        features.path, ["offset", "member_names", "member_offsets", "member_sizes"]
+    )
     if table.num_rows != len(keep):
         raise ShardError(shard.path, "stored features do not match the plan; rerun")
-    names = [
-        [raw.decode("utf-8", "surrogateescape") for raw in row]
-        for row in table.column("member_names").to_pylist()
-    ]
+    raw_names = table.column("member_names").to_pylist()
+    starts = table.column("offset").to_pylist()
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
     samples = 0
@@ -79,25 +74,27 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
     except OSError as e:
         raise ShardError(shard.path, f"cannot open ({e.strerror or e})") from None
     try:
-        st = os.fstat(src)
-        if (st.st_size, st.st_mtime_ns) != (features.input_size, features.input_mtime_ns):
-            raise ShardError(shard.path, "shard changed since its features were computed")
+        if file_identity(os.fstat(src)) != features.identity:
+            raise ShardError(shard.path, "shard changed since its features were computed; rerun")
         with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as out:
             written = 0
             for row, kept in enumerate(keep):
                 if not kept:
                     continue
-                # A sample's members are adjacent in the input: one read covers them all.
-                start = offsets[row][0]
+                # A sample's members are adjacent in the input: one read covers all of
+                # them and their headers.
+                start = starts[row]
                 span = offsets[row][-1] + sizes[row][-1] - start
                 blob = memoryview(os.pread(src, span, start))
                 if len(blob) != span:
                     raise ShardError(shard.path, "shard is shorter than when it was read", start)
-                for name, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
-                    header = member_header(name, size)
+                for raw, offset, size in zip(raw_names[row], offsets[row], sizes[row], strict=True):
+                    at = offset - start
+                    _check_header(blob, at - BLOCK, raw, size, shard.path, offset - BLOCK)
+                    header = member_header(raw.decode("utf-8", "surrogateescape"), size)
                     pad = -size % BLOCK
                     out.write(header)
-                    out.write(blob[offset - start : offset - start + size])
+                    out.write(blob[at : at + size])
                     if pad:
                         out.write(bytes(pad))
                     written += len(header) + size + pad
@@ -109,4 +106,25 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> Write
             out.write(bytes(end))
     finally:
         os.close(src)
-    return WriteResult(shard.path, output, samples)
+    return samples
+
+
+def _check_header(blob, at: int, raw_name: bytes, size: int, path: str, offset: int) -> None:
+    """The 512-byte header in front of a member's data must be a valid header of a
+    regular member whose name and size agree with what phase 1 recorded (the name where
+    it fits the header; longer names come from extended headers before it)."""
+    header = bytes(blob[at : at + BLOCK]) if at >= 0 else b""
+    ok = len(header) == BLOCK and header_checksum_ok(header) and header[156:157] in REGULAR
+    if ok:
+        field = header[124:136]
+        if not field[0] & 0x80 and field.strip(b"\x00 "):
+            ok = int(field.split(b"\x00", 1)[0].strip(b" ") or b"0", 8) in (size, 0)
+    if ok and len(raw_name) <= 100 and raw_name.isascii() and header[345] == 0:
+        ok = header[:100].split(b"\x00", 1)[0] == raw_name
+    if not ok:
+        raise ShardError(
+            path,
+            "the tar header here does not match the member recorded for it; "
+            "the shard or its stored features changed; rerun",
+            offset,
+        )

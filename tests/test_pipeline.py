@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dedup.errors import OutputError
+from dedup.fsutil import TEMP_DIR
 from dedup.pipeline import run
 from tests.conftest import cfg, read_tar, write_tar
 
@@ -187,5 +188,5 @@ def test_out_refusals(planted, tmp_path):
 
 def test_no_temporary_files_left(result):
     _, _, out, _ = result
-    leftovers = [f for _, _, files in os.walk(out) for f in files if ".tmp-" in f]
+    leftovers = [d for d, _, _ in os.walk(out) if TEMP_DIR in d]
     assert leftovers == []

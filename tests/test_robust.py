@@ -1,6 +1,5 @@
 """Bad inputs, crashes and reruns: nothing lost, nothing partial."""
 
-import fcntl
 import hashlib
 import io
 import json
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 from dedup.cli import main
 from dedup.decode import decode_image
 from dedup.errors import OutputError, ShardError
+from dedup.fsutil import TEMP_DIR
 from dedup.pipeline import run
 from dedup.shards import Shard, iter_samples
 from dedup.synth import encode, make_image, planted_dataset, write_shards
@@ -148,9 +148,9 @@ def test_sigkill_then_rerun_gives_identical_output(many_shards, tmp_path, point)
     proc = _start([str(root / "in"), "--out", str(out)])
     features = out / ".dedup" / "features"
     if point == "first features":
-        reached = _wait_for(lambda: len(list(features.glob("*.parquet"))) >= 1, proc)
+        reached = _wait_for(lambda: len(list(features.glob("*.done"))) >= 1, proc)
     elif point == "some features":
-        reached = _wait_for(lambda: len(list(features.glob("*.parquet"))) >= 10, proc)
+        reached = _wait_for(lambda: len(list(features.glob("*.done"))) >= 10, proc)
     else:
         reached = _wait_for(lambda: len(list(out.glob("*.tar"))) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
@@ -180,8 +180,7 @@ def test_sigkill_then_rerun_gives_identical_output(many_shards, tmp_path, point)
     reused = [s["features_reused"] for s in summary["shards"]]
     assert any(reused) and (point == "outputs" or not all(reused))
     assert _outputs(out) == clean
-    leftovers = [p.name for p in out.rglob("*") if ".tmp-" in p.name]
-    assert leftovers == []
+    assert [p for p in out.rglob("*") if TEMP_DIR in p.parts] == []
 
 
 def test_leftover_temporaries_are_removed(many_shards, tmp_path):
@@ -189,10 +188,12 @@ def test_leftover_temporaries_are_removed(many_shards, tmp_path):
     out = tmp_path / "out"
     (out / ".dedup" / "features").mkdir(parents=True)
     (out / ".dedup" / "job.json").write_text(json.dumps({"tool": "dedup", "outputs": []}))
-    (out / ".shard-000000.tar.tmp-999").write_bytes(b"partial")
-    (out / ".dedup" / "features" / ".shard-000000.tar.parquet.tmp-999").write_bytes(b"x")
+    (out / TEMP_DIR).mkdir()
+    (out / TEMP_DIR / "999-partial").write_bytes(b"partial")
+    (out / ".dedup" / "features" / TEMP_DIR).mkdir()
+    (out / ".dedup" / "features" / TEMP_DIR / "999-x").write_bytes(b"x")
     run([str(root / "in")], str(out), cfg(workers=1))
-    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+    assert not [p for p in out.rglob("*") if TEMP_DIR in p.parts]
     assert _outputs(out) == clean
 
 
@@ -233,15 +234,51 @@ def test_inputs_are_never_modified(many_shards, tmp_path):
     assert after == before
 
 
-def test_a_second_run_on_the_same_out_is_refused(many_shards, tmp_path):
-    root, _ = many_shards
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process that holds dedup's lock on `path` until killed."""
+    code = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'%d' % os.getpid())\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"locked\n"
+    return holder
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_a_dead_owner_is_taken_over(
+    many_shards, tmp_path
+):
+    root, clean = many_shards
     out = tmp_path / "out"
     (out / ".dedup").mkdir(parents=True)
     (out / ".dedup" / "job.json").write_text("{}")
-    with open(out / ".dedup" / "lock", "w") as holder:
-        fcntl.flock(holder, fcntl.LOCK_EX)
-        with pytest.raises(OutputError, match="another dedup run is writing here"):
-            run([str(root / "in")], str(out), cfg(workers=1))
+    holder = _hold_lock(out / ".dedup" / "lock")
+    try:
+        with pytest.raises(OutputError, match=rf"another dedup run \(pid {holder.pid}\)"):
+            run([str(root / "in")], str(out), cfg(workers=2))
+    finally:
+        holder.kill()
+        holder.wait()
+    run([str(root / "in")], str(out), cfg(workers=2))
+    assert _outputs(out) == clean
+
+
+def test_two_runs_sharing_a_report_directory(many_shards, tmp_path):
+    root, _ = many_shards
+    report = tmp_path / "report"
+    run([str(root / "in")], str(tmp_path / "out1"), cfg(workers=2), report_dir=str(report))
+    holder = _hold_lock(report / ".dedup-report.lock")
+    try:
+        with pytest.raises(OutputError, match="another dedup run"):
+            run([str(root / "in")], str(tmp_path / "out2"), cfg(workers=2), report_dir=str(report))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (tmp_path / "out2" / "shard-000000.tar").exists()
 
 
 def test_skip_bad_shards(tmp_path):

@@ -1,0 +1,146 @@
+"""Run a task over numbered parts in worker processes; results and errors come back as
+values, in input order.
+
+Workers never outlive the main process: each asks the kernel to kill it when its parent
+dies (and checks the parent's pid as a fallback), ignores Ctrl-C (the main process
+decides), and is terminated as soon as the run fails or is stopped. Every exception a
+task raises reaches the main process as a DedupError with its exit code and message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+from dedup.errors import OUTPUT_ERRNOS, DedupError, WorkerDied, output_error
+from dedup.progress import Progress
+from dedup.progress import attach as progress_attach
+from dedup.progress import counters as progress_counters
+
+TICK_SECONDS = 0.5
+PR_SET_PDEATHSIG = 1
+
+
+class TaskFailed(DedupError):
+    """A bug in a task: its type, message and the worker's traceback (for --debug)."""
+
+    def __init__(self, message: str, worker_traceback: str = ""):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
+@dataclass
+class _Guarded:
+    """Runs the task; turns whatever it raises into an error that pickles."""
+
+    fn: Callable
+
+    def __call__(self, item: Any) -> Any:
+        try:
+            return self.fn(item)
+        except DedupError:
+            raise
+        except OSError as e:
+            if e.errno in OUTPUT_ERRNOS:
+                raise output_error(e) from None
+            raise TaskFailed(f"{type(e).__name__}: {e}", traceback.format_exc()) from None
+        except Exception as e:
+            raise TaskFailed(f"{type(e).__name__}: {e}", traceback.format_exc()) from None
+
+
+def worker_init(parent_pid: int, *progress_args) -> None:
+    """Initializer of every worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent_pid)
+    if progress_args:
+        progress_attach(*progress_args)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when `parent_pid` is gone: SIGKILL from the kernel on Linux, and
+    a watcher thread elsewhere (and for the moment between fork and prctl)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="dedup-parent-watch").start()
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate a pool's workers now and wait for them (no task finishes after this)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.kill()
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.join(5)
+
+
+def map_local(
+    fn: Callable,
+    items: list,
+    workers: int,
+    progress: Progress,
+    start_method: str = "fork",
+    describe: Callable[[Any], str] = str,
+) -> list:
+    """fn over items in up to `workers` processes, results in input order.
+
+    The first failure stops every worker and is raised here; `describe(item)` names the
+    part a dead worker was processing.
+    """
+    results: list = [None] * len(items)
+    if workers <= 1 or len(items) <= 1:
+        for n, item in enumerate(items):
+            results[n] = fn(item)
+            progress.tick()
+        progress.close()
+        return results
+    pool = ProcessPoolExecutor(
+        max_workers=min(workers, len(items)),
+        mp_context=multiprocessing.get_context(start_method),
+        initializer=worker_init,
+        initargs=(os.getpid(), *progress_counters()),
+    )
+    guarded = _Guarded(fn)
+    try:
+        pending = {pool.submit(guarded, item): n for n, item in enumerate(items)}
+        while pending:
+            done, _ = wait(pending, timeout=TICK_SECONDS, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=pending.get):
+                n = pending.pop(future)
+                try:
+                    results[n] = future.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(
+                        f"{describe(items[n])}: a worker process died while working on it "
+                        "(killed, or out of memory?)"
+                    ) from None
+            progress.tick()
+    except BaseException:
+        stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+    progress.close()
+    return results

@@ -1,0 +1,478 @@
+"""Hostile inputs and faults, each through the real CLI on the default path: several shards,
+two workers (errors must cross the process boundary with their exit code and message)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dedup import errors
+from dedup.extract import ShardFeatures, feature_path, file_identity
+from dedup.shards import Shard
+from dedup.synth import encode, make_image, planted_dataset, write_shards
+from dedup.write import write_shard
+from tests.conftest import read_tar, write_tar
+
+DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
+FLAGS = ["--signals", "exact,phash", "--workers", "2"]
+
+
+def dedup(*args, check=None, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [DEDUP, *map(os.fsdecode, args), *FLAGS],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        **kwargs,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+def error_line(result) -> str:
+    """The one line a failed run prints."""
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("dedup: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """Five shards of 20 samples (the planted set) and the output of a clean run."""
+    root = tmp_path_factory.mktemp("hostile")
+    samples = planted_dataset(60, {"exact": 20, "reencode": 15}, seed=11, size=(64, 48))
+    write_shards(samples, str(root / "in"), per_shard=20)
+    dedup(root / "in", "--out", root / "clean", check=0)
+    return root
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    """Shards and result tables of an OUT, by name."""
+    names = [p for p in out.glob("*.tar")] + [
+        out / "dedup-report" / n for n in ("samples.parquet", "clusters.parquet")
+    ]
+    return {p.name: p.read_bytes() for p in sorted(names)}
+
+
+def copy_inputs(shard_set: Path, dest: Path) -> Path:
+    shutil.copytree(shard_set / "in", dest, copy_function=shutil.copy2)
+    return dest
+
+
+def tree_state(root: Path) -> dict[str, tuple[int, str]]:
+    return {
+        str(p): (p.lstat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ------------------------------------------------------------ errors cross processes
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        errors.ShardError("in/a.tar", "damaged tar header", 1024),
+        errors.ShardError("in/a.tar", "empty file"),
+        errors.ConfigError("bad"),
+        errors.InputError("missing"),
+        errors.OutputError("refused"),
+        errors.FeatureStoreError("damaged"),
+        errors.ModelError("no weights"),
+        errors.WorkerDied("died"),
+        errors.Interrupted(signal.SIGTERM),
+    ],
+)
+def test_every_error_pickles_with_its_message_and_exit_code(error):
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error)
+    assert str(back) == str(error) and back.exit_code == error.exit_code
+    assert back.__dict__ == error.__dict__
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "bad header"])
+def test_a_bad_shard_among_several_names_the_shard_with_workers(shard_set, tmp_path, damage):
+    inputs = copy_inputs(shard_set, tmp_path / "in")
+    bad = inputs / "shard-000002.tar"
+    data = bad.read_bytes()
+    if damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "garbage":
+        bad.write_bytes(os.urandom(5000))
+    elif damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    else:
+        bad.write_bytes(data[:100] + b"\xff" * 8 + data[108:])  # the mode field
+    result = dedup(inputs, "--out", tmp_path / "out", check=3)
+    assert error_line(result).startswith(f"dedup: error: {bad}")
+    skipped = dedup(inputs, "--out", tmp_path / "out2", "--skip-bad-shards", check=5)
+    assert not (tmp_path / "out2" / bad.name).exists()
+    assert "skipped bad shard" in skipped.stderr
+
+
+def test_a_shard_that_changes_during_the_run_is_named(shard_set, tmp_path):
+    inputs = copy_inputs(shard_set, tmp_path / "in")
+    out = tmp_path / "out"
+    dedup(inputs, "--out", out, "--dry-run", check=0)
+    # Features are now stored; rewrite one shard after they were taken (same size).
+    target = inputs / "shard-000001.tar"
+    path = feature_path(str(out / ".dedup" / "features"), Shard(str(target)))
+    rows = pq.read_metadata(path).num_rows
+    identity = file_identity(target.stat())
+    data = bytearray(target.read_bytes())
+    data[700] ^= 1
+    target.write_bytes(bytes(data))
+    with pytest.raises(errors.ShardError, match="changed since its features"):
+        write_shard(
+            ShardFeatures(Shard(str(target)), path, rows, {}, identity),
+            [True] * rows,
+            str(tmp_path / "x.tar"),
+        )
+    assert not (tmp_path / "x.tar").exists()
+
+
+# ------------------------------------------------------------ signals and workers
+
+
+def _dedup_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = Path("/proc", entry, "cmdline").read_bytes()
+                if marker.encode() in cmdline and b"dedup" in cmdline:
+                    pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def slow_set(tmp_path_factory):
+    """Enough work (about 3 s) to stop a run in the middle."""
+    root = tmp_path_factory.mktemp("slow")
+    samples = planted_dataset(900, {"exact": 100, "reencode": 100}, seed=5, size=(320, 240))
+    write_shards(samples, str(root / "in"), per_shard=100)
+    dedup(root / "in", "--out", root / "clean", check=0)
+    return root
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
+def test_stopping_the_main_process_stops_its_workers(slow_set, tmp_path, signum):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [DEDUP, str(slow_set / "in"), "--out", str(out), *FLAGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    features = out / ".dedup" / "features"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not list(features.glob("*.done")):
+        time.sleep(0.01)
+    assert len(_dedup_processes(str(out))) == 3  # the main process and two workers
+    proc.send_signal(signum)  # the main process only, not its group
+    stderr = proc.communicate(timeout=30)[1]
+    deadline = time.monotonic() + 5
+    while _dedup_processes(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _dedup_processes(str(out)) == []
+    if signum == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + signum
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == (
+            f"dedup: interrupted: {signal.Signals(signum).name}: stopped; rerun to resume"
+        )
+        assert [p for p in out.rglob("*") if ".dedup-tmp" in p.parts] == []
+    assert not (out / "dedup-report" / "summary.json").exists()
+    dedup(slow_set / "in", "--out", out, check=0)
+    assert outputs(out) == outputs(slow_set / "clean")
+
+
+# ------------------------------------------------------------ the feature store
+
+
+@pytest.mark.parametrize("target", ["parquet", "done"])
+def test_a_flipped_bit_in_the_feature_store_is_not_trusted(shard_set, tmp_path, target):
+    out = tmp_path / "out"
+    dedup(shard_set / "in", "--out", out, check=0)
+    stored = sorted((out / ".dedup" / "features").glob(f"*.{target}"))
+    assert len(stored) == 5
+    for k, path in enumerate(stored):
+        data = bytearray(path.read_bytes())
+        data[(k * 997 + 40) % len(data)] ^= 1 << (k % 8)
+        path.write_bytes(bytes(data))
+    result = dedup(shard_set / "in", "--out", out, "--json", check=0)
+    reused = [s["features_reused"] for s in json.loads(result.stdout)["shards"]]
+    assert reused == [False] * 5
+    assert outputs(out) == outputs(shard_set / "clean")
+
+
+def test_a_damaged_member_offset_never_shifts_a_member(shard_set, tmp_path):
+    """A feature record whose checksum matches but whose offset is wrong (as if written
+    wrong) is caught by the tar header check before a byte is copied."""
+    out = tmp_path / "out"
+    dedup(shard_set / "in", "--out", out, check=0)
+    shard = Shard(str(shard_set / "in" / "shard-000000.tar"))
+    path = feature_path(str(out / ".dedup" / "features"), shard)
+    table = pq.read_table(path)
+    offsets = table.column("member_offsets").to_pylist()
+    offsets[3] = [o + 2 for o in offsets[3]]
+    column = pa.array(offsets, type=table.schema.field("member_offsets").type)
+    damaged = table.set_column(
+        table.schema.get_field_index("member_offsets"), "member_offsets", column
+    )
+    pq.write_table(damaged, path)
+    features = ShardFeatures(shard, path, table.num_rows, {}, file_identity(os.stat(shard.path)))
+    with pytest.raises(errors.ShardError, match="does not match the member recorded"):
+        write_shard(features, [True] * table.num_rows, str(tmp_path / "x.tar"))
+    assert not (tmp_path / "x.tar").exists()
+
+
+def test_an_equal_size_swap_with_the_mtime_restored_is_seen(tmp_path):
+    """`cp -p` / `rsync -a` restore the mtime; the change time and inode still differ."""
+    a, b, c = (encode(make_image(seed, 64, 64)) for seed in (1, 2, 3))
+    b2 = encode(make_image(4, 64, 64))
+    while len(b2) != len(a):  # a different picture with exactly the bytes' length of `a`
+        b2 = b2[:-1] if len(b2) > len(a) else b2 + b"\0"
+    write_tar(str(tmp_path / "in/s0.tar"), [("x.jpg", a), ("y.jpg", b)])
+    write_tar(str(tmp_path / "in/s1.tar"), [("z.jpg", a), ("w.jpg", c)])
+    out = tmp_path / "out"
+    first = json.loads(dedup(tmp_path / "in", "--out", out, "--json", check=0).stdout)
+    assert first["counts"]["removed"] == 1  # z.jpg is a copy of x.jpg
+    shard = tmp_path / "in/s1.tar"
+    st = shard.stat()
+    swapped = tmp_path / "swap.tar"
+    write_tar(str(swapped), [("z.jpg", b2), ("w.jpg", c)])
+    assert swapped.stat().st_size == st.st_size
+    os.replace(swapped, shard)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = json.loads(dedup(tmp_path / "in", "--out", out, "--json", check=0).stdout)
+    assert [s["features_reused"] for s in second["shards"]] == [True, False]
+    assert second["counts"]["removed"] == 0
+    assert [n for n, _ in read_tar(str(out / "s1.tar"))] == ["z.jpg", "w.jpg"]
+
+
+def test_content_fingerprint_reads_the_bytes(tmp_path):
+    a, b = (encode(make_image(seed, 48, 48)) for seed in (1, 2))
+    write_tar(str(tmp_path / "in/s0.tar"), [("x.jpg", a)])
+    write_tar(str(tmp_path / "in/s1.tar"), [("y.jpg", b)])
+    out = tmp_path / "out"
+    dedup(tmp_path / "in", "--out", out, "--fingerprint", "content", check=0)
+    again = dedup(tmp_path / "in", "--out", out, "--fingerprint", "content", "--json", check=0)
+    assert [s["features_reused"] for s in json.loads(again.stdout)["shards"]] == [True, True]
+
+
+# ------------------------------------------------------------ listing inputs
+
+
+def test_a_dangling_symlink_among_the_shards_is_an_error(shard_set, tmp_path):
+    inputs = copy_inputs(shard_set, tmp_path / "in")
+    os.symlink(tmp_path / "gone.tar", inputs / "shard-000009.tar")
+    for spec in (inputs, f"{inputs}/*.tar", f"{inputs}/shard-00000{{0,1,2,3,4,9}}.tar"):
+        result = dedup(spec, "--out", tmp_path / "out", check=3)
+        assert str(inputs / "shard-000009.tar") in error_line(result)
+        assert "does not exist" in error_line(result)
+
+
+def test_an_existing_path_is_taken_literally_before_patterns(tmp_path):
+    a, b = (encode(make_image(seed, 48, 48)) for seed in (1, 2))
+    write_tar(str(tmp_path / "in/x[1].tar"), [("a.jpg", a)])
+    write_tar(str(tmp_path / "in/x1.tar"), [("b.jpg", b)])
+    write_tar(str(tmp_path / "in/y{1,2}.tar"), [("c.jpg", b)])
+    out = tmp_path / "out"
+    summary = json.loads(
+        dedup(tmp_path / "in/x[1].tar", tmp_path / "in/y{1,2}.tar", "--out", out, "--json").stdout
+    )
+    assert [s["shard"] for s in summary["shards"]] == [
+        str(tmp_path / "in/x[1].tar"),
+        str(tmp_path / "in/y{1,2}.tar"),
+    ]
+    assert read_tar(str(out / "x[1].tar")) == [("a.jpg", a)]
+
+
+@pytest.mark.parametrize("name", [b"caf\xe9.tar", b"s" * 251 + b".tar", "snow-\u2603.tar".encode()])
+def test_odd_shard_file_names(tmp_path, name):
+    a, b = (encode(make_image(seed, 48, 48)) for seed in (1, 2))
+    inputs = tmp_path / "in"
+    write_tar(str(inputs / "plain.tar"), [("x.jpg", a), ("y.jpg", b)])
+    odd = os.path.join(os.fsencode(inputs), name)
+    shutil.copyfile(inputs / "plain.tar", odd)
+    out = tmp_path / "out"
+    counts = json.loads(dedup(inputs, "--out", out, "--json", check=0).stdout)["counts"]
+    assert (counts["samples"], counts["removed"]) == (4, 2)
+    written = os.path.join(os.fsencode(out), name)
+    assert os.path.exists(written)
+    again = dedup(inputs, "--out", out, "--json", check=0)
+    assert [s["features_reused"] for s in json.loads(again.stdout)["shards"]] == [True, True]
+
+
+def test_macos_appledouble_members_are_skipped_and_counted(tmp_path):
+    a, b = (encode(make_image(seed, 48, 48)) for seed in (1, 2))
+    members = [
+        ("./._s0.jpg", b"\x00\x05\x16\x07appledouble"),
+        ("./s0.jpg", a),
+        ("./s0.txt", b"caption"),
+        ("./._s1.jpg", b"\x00\x05\x16\x07appledouble"),
+        ("./s1.jpg", b),
+        ("./.DS_Store", b"junk"),
+    ]
+    write_tar(str(tmp_path / "in/a.tar"), members)
+    write_tar(str(tmp_path / "in/b.tar"), [("./._c.jpg", b"x"), ("./c.jpg", a)])
+    out = tmp_path / "out"
+    summary = json.loads(dedup(tmp_path / "in", "--out", out, "--json", check=0).stdout)
+    assert summary["counts"]["skipped_members"] == {"hidden": 4}
+    assert summary["counts"]["removed"] == 1
+    assert read_tar(str(out / "a.tar")) == [
+        ("./s0.jpg", a),
+        ("./s0.txt", b"caption"),
+        ("./s1.jpg", b),
+    ]
+    assert read_tar(str(out / "b.tar")) == []
+
+
+def test_a_posix_sparse_member_is_refused_not_rewritten(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "s0.jpg").write_bytes(encode(make_image(1, 48, 48)))
+    with open(work / "s0.bin", "wb") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"end of a sparse file")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    subprocess.run(
+        ["tar", "--format=posix", "--sparse", "-cf", str(inputs / "a.tar"), "s0.jpg", "s0.bin"],
+        cwd=work,
+        check=True,
+    )
+    write_tar(str(inputs / "b.tar"), [("t.jpg", encode(make_image(2, 48, 48)))])
+    assert b"GNU.sparse.major=1" in (inputs / "a.tar").read_bytes()
+    result = dedup(inputs, "--out", tmp_path / "out", check=3)
+    line = error_line(result)
+    assert line.startswith(f"dedup: error: {inputs / 'a.tar'} at byte ")
+    assert "'s0.bin' is a sparse file" in line
+
+
+# ------------------------------------------------------------ OUT and the report directory
+
+
+def test_report_into_a_users_directory_is_refused(shard_set, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    files = {
+        "summary.json": b"my summary",
+        "report.html": b"my page",
+        "samples.parquet": b"my table",
+        ".report.html.tmp-123": b"my draft",
+    }
+    for name, data in files.items():
+        (mine / name).write_bytes(data)
+    result = dedup(shard_set / "in", "--out", tmp_path / "out", "--report", mine, check=4)
+    assert "was not written by dedup (--report)" in error_line(result)
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == files
+    # With --overwrite, dedup's own file names are replaced; nothing else is touched.
+    dedup(shard_set / "in", "--out", tmp_path / "out", "--report", mine, "--overwrite", check=0)
+    assert (mine / ".report.html.tmp-123").read_bytes() == b"my draft"
+    clean = json.loads((shard_set / "clean/dedup-report/summary.json").read_text())
+    assert json.loads((mine / "summary.json").read_text())["counts"] == clean["counts"]
+
+
+def test_overwrite_never_deletes_a_users_file(shard_set, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    users = {".draft.tmp-123": b"mine", ".shard-000000.tar.tmp-9": b"also mine", "notes": b"x"}
+    for name, data in users.items():
+        (out / name).write_bytes(data)
+    dedup(shard_set / "in", "--out", out, "--overwrite", check=0)
+    dedup(shard_set / "in", "--out", out, "--overwrite", check=0)
+    for name, data in users.items():
+        assert (out / name).read_bytes() == data
+    assert outputs(out) == outputs(shard_set / "clean")
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode == 0
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    if not _mount_tmpfs(mount, "size=256k"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_an_output_error(slow_set, small_disk):
+    before = tree_state(slow_set / "in")
+    result = dedup(slow_set / "in", "--out", small_disk / "out", check=4)
+    assert "No space left on device" in error_line(result)
+    assert tree_state(slow_set / "in") == before
+    partial = [p for p in (small_disk / "out").rglob("*") if ".dedup-tmp" in p.parts]
+    assert partial == []
+    for shard in (small_disk / "out").glob("*.tar"):
+        read_tar(str(shard))
+
+
+def test_a_file_size_limit_is_an_output_error(slow_set, tmp_path):
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    result = dedup(slow_set / "in", "--out", tmp_path / "out", preexec_fn=limit, check=4)
+    assert "File too large" in error_line(result)
+
+
+def test_a_read_only_report_directory_is_an_output_error(shard_set, tmp_path):
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "ro,size=64k"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        result = dedup(shard_set / "in", "--out", tmp_path / "out", "--report", ro / "r", check=4)
+        assert "Read-only file system" in error_line(result)
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+# ------------------------------------------------------------ config and report command
+
+
+def test_a_deeply_nested_yaml_config_is_a_usage_error(shard_set, tmp_path):
+    config = tmp_path / "deep.yaml"
+    config.write_text("a: " + "[" * 20000 + "]" * 20000 + "\n")
+    result = dedup(shard_set / "in", "--out", tmp_path / "out", "--config", config, check=2)
+    assert "nested too deeply" in error_line(result)
+
+
+@pytest.mark.parametrize(
+    "damage", [b"", b"{", b"[1, 2]", b'{"counts": 5}', b"\xff\xfe", b"[" * 100000]
+)
+def test_dedup_report_on_a_damaged_summary(shard_set, tmp_path, damage):
+    report = tmp_path / "report"
+    shutil.copytree(shard_set / "clean" / "dedup-report", report)
+    (report / "summary.json").write_bytes(damage)
+    result = subprocess.run([DEDUP, "report", str(report)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert error_line(result).startswith("dedup: error: ")
