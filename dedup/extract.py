@@ -175,7 +175,9 @@ def read_features(path: str, columns: list[str]) -> pa.Table:
     try:
         table = pq.read_table(path, columns=columns, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
-        raise FeatureStoreError(f"{path}: feature file damaged during the run ({e}); rerun")
+        raise FeatureStoreError(
+            f"{path}: feature file damaged during the run ({e}); rerun"
+        ) from None
     return table.replace_schema_metadata(None)
 
 

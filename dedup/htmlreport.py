@@ -15,10 +15,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup.fsutil import write_atomic
+from dedup.report import RISK_TIERS
 
 SHOWN_CLUSTERS = 50
 SHOWN_MEMBERS = 12  # thumbnails per cluster strip; the rest are counted
-RISK_TIERS = (10, 100)
 
 PREVIEWS_SCHEMA = pa.schema(
     [

@@ -10,6 +10,7 @@ Both return exactly the pairs a brute force returns; tests hold them to that.
 
 from __future__ import annotations
 
+import os
 from itertools import combinations
 from math import comb
 
@@ -77,17 +78,24 @@ def _flat_pairs(codes: np.ndarray, threshold: int):
 
     index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     index.add(codes)
-    out_i, out_j, out_d = [], [], []
-    for start in range(0, len(codes), QUERY_BATCH):
-        # FAISS binary range search keeps distances strictly below the radius.
-        lims, dist, labels = index.range_search(codes[start : start + QUERY_BATCH], threshold + 1)
+    # FAISS binary range search keeps distances strictly below the radius.
+    i, j, d = self_range_pairs(index, codes, threshold + 1)
+    return i, j, d.astype(np.int32)
+
+
+def self_range_pairs(index, x: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of `x`, which `index` holds in the same order, that the
+    index's range search returns, with their distances; queried in batches."""
+    out_i, out_j, out_v = [], [], []
+    for start in range(0, len(x), QUERY_BATCH):
+        lims, values, labels = index.range_search(x[start : start + QUERY_BATCH], radius)
         counts = np.diff(lims).astype(np.int64)
-        query = np.repeat(np.arange(start, start + len(lims) - 1, dtype=np.int64), counts)
+        query = np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts)
         keep = labels > query
         out_i.append(query[keep])
         out_j.append(labels[keep].astype(np.int64))
-        out_d.append(dist[keep].astype(np.int32))
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_d)
+        out_v.append(values[keep])
+    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_v)
 
 
 def _chunks(m: int) -> list[tuple[int, int]]:
@@ -131,8 +139,6 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
         try:
             if workers > 1 and n >= MIH_PARALLEL_MIN:
                 import multiprocessing
-
-                import os
 
                 from dedup.executor import worker_init
 
@@ -215,16 +221,8 @@ def cosine_pairs(
         index.train(sample)
         index.nprobe = min(nlist, 32)
     index.add(x)
-    out_i, out_j, out_s = [], [], []
-    for start in range(0, n, QUERY_BATCH):
-        lims, sims, labels = index.range_search(x[start : start + QUERY_BATCH], radius)
-        counts = np.diff(lims).astype(np.int64)
-        query = np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts)
-        keep = labels > query
-        out_i.append(query[keep])
-        out_j.append(labels[keep].astype(np.int64))
-        out_s.append(sims[keep].astype(np.float32))
-    i, j, s = np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_s)
+    i, j, s = self_range_pairs(index, x, radius)
+    s = s.astype(np.float32)
     order = np.lexsort((j, i))
     return i[order], j[order], s[order]
 

@@ -14,7 +14,15 @@ import pyarrow.parquet as pq
 
 from dedup.fsutil import atomic_path, write_atomic
 
-SIZE_TIERS = (("2", 2, 2), ("3-9", 3, 9), ("10-99", 10, 99), ("100+", 100, None))
+# Cluster sizes from which memorization risk is flagged: Carlini et al. (2023) extracted
+# images duplicated about a hundred times; ten copies is the early warning.
+RISK_TIERS = (10, 100)
+SIZE_TIERS = (
+    ("2", 2, 2),
+    (f"3-{RISK_TIERS[0] - 1}", 3, RISK_TIERS[0] - 1),
+    (f"{RISK_TIERS[0]}-{RISK_TIERS[1] - 1}", RISK_TIERS[0], RISK_TIERS[1] - 1),
+    (f"{RISK_TIERS[1]}+", RISK_TIERS[1], None),
+)
 LARGEST_CLUSTERS = 20
 PACKAGES = ("dedup", "numpy", "scipy", "pillow", "imagehash", "faiss-cpu", "pyarrow", "click")
 
