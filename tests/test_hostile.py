@@ -173,21 +173,33 @@ def slow_set(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT])
-def test_stopping_the_main_process_stops_its_workers(slow_set, tmp_path, signum):
+@pytest.mark.parametrize(
+    "signum, group",
+    [
+        (signal.SIGTERM, False),
+        (signal.SIGKILL, False),
+        (signal.SIGINT, False),
+        (signal.SIGINT, True),  # Ctrl-C in a terminal: the whole process group
+    ],
+)
+def test_stopping_the_main_process_stops_its_workers(slow_set, tmp_path, signum, group):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [DEDUP, str(slow_set / "in"), "--out", str(out), *FLAGS],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     features = out / ".dedup" / "features"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not list(features.glob("*.done")):
         time.sleep(0.01)
     assert len(_dedup_processes(str(out))) == 3  # the main process and two workers
-    proc.send_signal(signum)  # the main process only, not its group
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)  # the main process only, not its group
     stderr = proc.communicate(timeout=30)[1]
     deadline = time.monotonic() + 5
     while _dedup_processes(str(out)) and time.monotonic() < deadline:
