@@ -127,6 +127,12 @@ def main() -> None:
 @click.option(
     "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
 )
+@click.option(
+    "--state-dir",
+    metavar="DIR|URL",
+    help="Where per-shard features are stored (default OUT/.dedup/features); "
+    "a local directory or an s3:// or gs:// prefix.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout at the end.")
 @click.option(
     "--overwrite",
@@ -153,6 +159,7 @@ def run_command(
     out,
     config_path,
     report_dir,
+    state_dir,
     as_json,
     overwrite,
     dry_run,
@@ -166,7 +173,9 @@ def run_command(
     """Remove duplicate and near-duplicate images from WebDataset shards.
 
     Each INPUT is a directory (its *.tar shards, sorted), a shard file, a glob, or a
-    brace pattern such as 'data/shard-{000000..000099}.tar'. `dedup report DIR`
+    brace pattern such as 'data/shard-{000000..000099}.tar'; or a URL: s3://bucket/prefix/
+    (its *.tar objects), s3:// or gs:// objects, globs and braces, http(s):// shards, or
+    pipe:COMMAND. OUT and --report may be local or s3:// / gs:// prefixes. `dedup report DIR`
     re-renders DIR/report.html from the report's Parquet files.
 
     Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
@@ -204,6 +213,7 @@ def run_command(
             overwrite=overwrite,
             dry_run=dry_run,
             skip_bad_shards=skip_bad_shards,
+            state_dir=state_dir,
         )
     except click.UsageError:
         raise
@@ -249,7 +259,9 @@ def _print_worker_traceback(e: DedupError) -> None:
 
 
 def _raise_on_signal(signum: int, frame) -> None:
-    raise Interrupted(signum)
+    from dedup.executor import request_stop
+
+    request_stop(signum)
 
 
 def _handle_stop_signals() -> None:

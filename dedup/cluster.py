@@ -7,16 +7,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.config import Config
-from dedup.pairs import cosine_pairs, hamming_pairs, unique_codes
+from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, unique_codes
 from dedup.signals.exact import exact_groups
+from dedup.signals.phash import SIGNATURE_TOLERANCE, is_low_detail
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "survivor", "exact", "phash", "clip")
-UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY = range(5)
-# Edge signals as small integers; a cluster's signals are a bit mask of these.
-SIGNALS = ("exact", "phash", "clip")
-EXACT, PHASH, CLIP = 0, 1, 2
+DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat")
+UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY = range(6)
+# Edge signals as small integers; a cluster's signals are a bit mask of these. `flat`
+# is the pHash signal's rule for low-detail images: their colour signatures match.
+SIGNALS = ("exact", "phash", "clip", "flat")
+EXACT, PHASH, CLIP, FLAT = 0, 1, 2, 3
+# Which signal names a removal when several link a pair: exact, then phash or flat (a
+# pair is never linked by both), then clip. Indexed by signal.
+PRECEDENCE = np.array([0, 1, 3, 2], dtype=np.int8)
 
 
 @dataclass
@@ -28,6 +33,16 @@ class Candidates:
     digest: np.ndarray  # uint8 (N, 32) image-byte digests
     phash: np.ndarray | None  # uint8 (N, 8), or None when the signal is off
     clip: np.ndarray | None = None  # float16 (N, dim) unit vectors, or None
+    # The pHash's confident bits (int16 (N,)) and colour signatures (uint8 (N, 48)); with
+    # both, low-detail rows are matched by signature instead of by pHash.
+    detail: np.ndarray | None = None
+    signature: np.ndarray | None = None
+
+    def low_detail(self) -> np.ndarray:
+        """Rows whose pHash is mostly noise; none when detail is not known."""
+        if self.detail is None or self.signature is None:
+            return np.zeros(len(self.pixels), dtype=bool)
+        return is_low_detail(self.detail)
 
 
 @dataclass
@@ -100,22 +115,41 @@ def exact_edges(digests: np.ndarray) -> Edges:
     return Edges.of(first, rows, np.zeros(len(rows)), EXACT)
 
 
-def phash_edges(codes: np.ndarray, threshold: int, workers: int = 1) -> Edges:
+def phash_edges(
+    codes: np.ndarray, threshold: int, workers: int = 1, rows: np.ndarray | None = None
+) -> Edges:
     """Rows within `threshold` bits: equal codes link to one representative row, and
-    representatives of distinct codes link when their codes are close enough."""
-    if len(codes) < 2:
+    representatives of distinct codes link when their codes are close enough. With
+    `rows`, only those rows take part."""
+    return _collapsed_edges(
+        codes, rows, lambda unique: hamming_pairs(unique, threshold, workers=workers), PHASH
+    )
+
+
+def flat_edges(signatures: np.ndarray, rows: np.ndarray, tolerance: int) -> Edges:
+    """Low-detail `rows` whose colour signatures differ by at most `tolerance` in every
+    value; the edge's distance is the largest difference."""
+    return _collapsed_edges(signatures, rows, lambda unique: maxabs_pairs(unique, tolerance), FLAT)
+
+
+def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: int) -> Edges:
+    """Edges over distinct keys: rows with equal keys link to the first of them (input
+    order); `search(unique keys)` gives (a, b, distance) pairs of distinct keys, which
+    link through those first rows. `rows` (sorted) limits the rows that take part."""
+    if rows is None:
+        rows = np.arange(len(keys), dtype=np.int64)
+    if len(rows) < 2:
         return Edges.concat([])
-    unique, inverse = unique_codes(codes)
+    unique, inverse = unique_codes(keys[rows])
     rep = np.full(len(unique), -1, dtype=np.int64)
-    # The representative of a code is its first row in input order.
-    rows_desc = np.arange(len(codes) - 1, -1, -1)
-    rep[inverse[rows_desc]] = rows_desc
-    same = np.flatnonzero(rep[inverse] != np.arange(len(codes)))
-    a, b, d = hamming_pairs(unique, threshold, workers=workers)
+    order_desc = np.arange(len(rows) - 1, -1, -1)
+    rep[inverse[order_desc]] = order_desc
+    same = np.flatnonzero(rep[inverse] != np.arange(len(rows)))
+    a, b, d = search(unique)
     return Edges.concat(
         [
-            Edges.of(rep[inverse[same]], same, np.zeros(len(same)), PHASH),
-            Edges.of(rep[a], rep[b], d, PHASH),
+            Edges.of(rows[rep[inverse[same]]], rows[same], np.zeros(len(same)), signal),
+            Edges.of(rows[rep[a]], rows[rep[b]], d, signal),
         ]
     )
 
@@ -133,7 +167,11 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
     if "exact" in config.signals:
         parts.append(exact_edges(cand.digest))
     if "phash" in config.signals and cand.phash is not None:
-        parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count))
+        low = cand.low_detail()
+        detailed = np.flatnonzero(~low) if low.any() else None
+        parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count, detailed))
+        if low.any():
+            parts.append(flat_edges(cand.signature, np.flatnonzero(low), SIGNATURE_TOLERANCE))
     if "clip" in config.signals and cand.clip is not None:
         parts.append(clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device))
     return Edges.concat(parts)
@@ -142,8 +180,9 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
 def direct_links(
     rows: np.ndarray, others: np.ndarray, cand: Candidates, config: Config
 ) -> np.ndarray:
-    """For each pair, the first signal (exact, phash, clip) that links rows[k] to
-    others[k] directly, as a DECISIONS code; UNIQUE where none does."""
+    """For each pair, the first signal (exact, phash or flat, clip) that links rows[k]
+    to others[k] directly, as a DECISIONS code; UNIQUE where none does. pHash links two
+    detailed rows only, flat two low-detail rows only."""
     out = np.full(len(rows), UNIQUE, dtype=np.int8)
     if len(rows) == 0:
         return out
@@ -151,9 +190,15 @@ def direct_links(
         sim = _cosine(cand.clip, rows, others)
         out[sim >= np.float32(config.clip_threshold)] = CLIP_COPY
     if "phash" in config.signals and cand.phash is not None:
+        low = cand.low_detail()
         words = cand.phash.view(">u8").reshape(-1)
         close = np.bitwise_count(words[rows] ^ words[others]) <= config.phash_threshold
-        out[close] = PHASH_COPY
+        out[close & ~low[rows] & ~low[others]] = PHASH_COPY
+        both_low = np.flatnonzero(low[rows] & low[others])
+        if len(both_low):
+            a = cand.signature[rows[both_low]].astype(np.int16)
+            b = cand.signature[others[both_low]].astype(np.int16)
+            out[both_low[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = FLAT_COPY
     if "exact" in config.signals:
         out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
     return out
@@ -210,13 +255,17 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     reason[removed] = link
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None
+    # A pHash distance means something between two detailed images only.
+    low = cand.low_detail()
+    hashed = ~low & ~low[survivor]
     if cand.phash is not None:
         words = cand.phash.view(">u8").reshape(-1).astype(np.uint64)
-        distance[removed] = np.bitwise_count(words[removed] ^ words[survivor[removed]])
+        measured = removed[hashed[removed]]
+        distance[measured] = np.bitwise_count(words[measured] ^ words[survivor[measured]])
     similarity = np.full(n, np.nan, dtype=np.float32)
     if cand.clip is not None:
         similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
-    groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words)
+    groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words, hashed)
     calibration = calibration_pairs(cand, config, edges)
     return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, calibration)
 
@@ -247,16 +296,18 @@ def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tu
                 )
             )
         # Distinct codes only (their first rows): a repeated picture is one pair, not many.
-        unique, inverse = unique_codes(cand.phash[sample])
-        rep = np.full(len(unique), len(sample), dtype=np.int64)
-        np.minimum.at(rep, inverse, np.arange(len(sample)))
+        # Low-detail rows take no part: their codes are noise.
+        pool = sample[~cand.low_detail()[sample]]
+        unique, inverse = unique_codes(cand.phash[pool])
+        rep = np.full(len(unique), len(pool), dtype=np.int64)
+        np.minimum.at(rep, inverse, np.arange(len(pool)))
         a, b, d = hamming_pairs(unique, min(t + 8, 32))
         beyond = d > t
         a, b, d = rep[a[beyond]], rep[b[beyond]], d[beyond]
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         order = np.lexsort((hi, lo, d))[:CALIBRATION_PAIRS]
         out += [
-            ("phash", "outside", int(sample[lo[k]]), int(sample[hi[k]]), float(d[k])) for k in order
+            ("phash", "outside", int(pool[lo[k]]), int(pool[hi[k]]), float(d[k])) for k in order
         ]
     if "clip" in config.signals and cand.clip is not None:
         t = config.clip_threshold
@@ -290,12 +341,12 @@ def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tu
 
 
 def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
-    """The first signal (exact, phash, clip) among the edges touching each row."""
+    """The first signal (exact, phash or flat, clip) among the edges touching each row."""
     size = int(max(edges.i.max(), edges.j.max())) + 1
     best = np.full(size, len(SIGNALS), dtype=np.int8)
     for side in (edges.i, edges.j):
-        np.minimum.at(best, side, edges.signal)
-    code = np.array([EXACT_COPY, PHASH_COPY, CLIP_COPY], dtype=np.int8)
+        np.minimum.at(best, side, PRECEDENCE[edges.signal])
+    code = np.array([EXACT_COPY, PHASH_COPY, FLAT_COPY, CLIP_COPY], dtype=np.int8)
     return code[best[rows]]
 
 
@@ -344,9 +395,12 @@ def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarra
     return best[cluster_id]
 
 
-def _describe(cluster_id, size, survivor, distance, similarity, edges: Edges, words) -> Groups:
+def _describe(
+    cluster_id, size, survivor, distance, similarity, edges: Edges, words, hashed
+) -> Groups:
     """Groups for every cluster of two or more rows, vectorized but for the diameter of
-    clusters with three or more distinct codes."""
+    clusters with three or more distinct codes. pHash distances count between `hashed`
+    rows only (detailed rows with a detailed survivor)."""
     n = len(cluster_id)
     ids = np.flatnonzero((cluster_id == np.arange(n)) & (size > 1))
     mask = np.zeros(n, dtype=np.int64)
@@ -357,14 +411,16 @@ def _describe(cluster_id, size, survivor, distance, similarity, edges: Edges, wo
     to_survivor = np.full(n, NO_DISTANCE, dtype=np.int32)
     diameter = np.full(n, NO_DISTANCE, dtype=np.int32)
     if words is not None:
-        np.maximum.at(to_survivor, cluster_id, np.maximum(distance, 0))
+        np.maximum.at(
+            to_survivor, cluster_id, np.where(hashed, np.maximum(distance, 0), NO_DISTANCE)
+        )
         diameter[ids] = to_survivor[ids]  # exact for clusters with at most two codes
         members = np.flatnonzero(size > 2)
         if len(members):
             order = members[np.argsort(cluster_id[members], kind="stable")]
             bounds = np.flatnonzero(np.diff(cluster_id[order])) + 1
             for group in np.split(order, bounds):
-                codes = np.unique(words[group])
+                codes = np.unique(words[group[hashed[group]]])
                 if len(codes) > 2:
                     diameter[cluster_id[group[0]]] = _diameter(codes)
     lowest = np.full(n, np.nan, dtype=np.float32)

@@ -45,7 +45,7 @@ def decode_image(
 ) -> Decoded:
     """Sniff, size-check from the header, decode and normalize; never raises on bad bytes.
 
-    With `draft`, a JPEG is decoded (in `draft_mode`, grayscale by default) at the
+    With `draft`, a JPEG is decoded (in `draft_mode`: "L" grayscale or "RGB") at the
     smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least `draft` pixels:
     enough for a 32x32 hash or a 224x224 CLIP input, several times cheaper than a full
     decode. `width` and `height` are always the full image's,

@@ -17,19 +17,50 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from dedup.errors import OUTPUT_ERRNOS, DedupError, WorkerDied, output_error
+from dedup.errors import OUTPUT_ERRNOS, DedupError, Interrupted, WorkerDied, output_error
 from dedup.progress import Progress
 from dedup.progress import attach as progress_attach
 from dedup.progress import counters as progress_counters
 
 TICK_SECONDS = 0.5
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_stop_requested: list[int] = []
+
+
+def request_stop(signum: int) -> None:
+    """Note a stop signal; raise Interrupted here and at every later check. A signal
+    handler's exception can be swallowed (one raised inside an at-fork or finalizer
+    callback is only printed); the note makes the next check stop the run anyway."""
+    _stop_requested.append(signum)
+    raise Interrupted(signum)
+
+
+def check_stop() -> None:
+    """Raise Interrupted if a stop signal arrived (called between units of work)."""
+    if _stop_requested:
+        raise Interrupted(_stop_requested[0])
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while processes are forked: a handler that raised inside
+    fork's own callbacks would be swallowed and print a traceback. They are delivered,
+    and handled, as soon as the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class TaskFailed(DedupError):
@@ -63,6 +94,7 @@ def worker_init(parent_pid: int, *progress_args) -> None:
     """Initializer of every worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # forked while held
     die_with_parent(parent_pid)
     if progress_args:
         progress_attach(*progress_args)
@@ -111,9 +143,11 @@ def map_local(
     part a dead worker was processing.
     """
     results: list = [None] * len(items)
+    check_stop()
     if workers <= 1 or len(items) <= 1:
         for n, item in enumerate(items):
             results[n] = fn(item)
+            check_stop()
             progress.tick()
         progress.close()
         return results
@@ -125,8 +159,10 @@ def map_local(
     )
     guarded = _Guarded(fn)
     try:
-        pending = {pool.submit(guarded, item): n for n, item in enumerate(items)}
+        with signals_deferred():  # submit() forks the workers
+            pending = {pool.submit(guarded, item): n for n, item in enumerate(items)}
         while pending:
+            check_stop()
             done, _ = wait(pending, timeout=TICK_SECONDS, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=pending.get):
                 n = pending.pop(future)

@@ -14,18 +14,28 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup import __version__
+from dedup import __version__, storage
 from dedup.config import Config
 from dedup.decode import decode_image, image_member
-from dedup.errors import FeatureStoreError, ShardError
-from dedup.fsutil import atomic_path, write_atomic
+from dedup.errors import DedupError, FeatureStoreError, ShardError
+from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
 from dedup.shards import Shard, display_name, iter_samples, raw_name, shard_size
 from dedup.signals.exact import digest
 
 if TYPE_CHECKING:
     from dedup.signals.clip import ClipSpec
-from dedup.signals.phash import HASH_SIZE, IMG_SIZE, phash_batch, shrink, stack_shrunk
+from dedup.signals.phash import (
+    CODE_BYTES,
+    DETAIL_FLOOR,
+    IMG_SIZE,
+    SIGNATURE_BYTES,
+    SIGNATURE_SIDE,
+    colour_signature,
+    phash_and_detail,
+    shrink,
+    stack_shrunk,
+)
 
 FEATURE_SCHEMA = pa.schema(
     [
@@ -41,7 +51,9 @@ FEATURE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("bytes", pa.int64()),
         ("digest", pa.binary(32)),
-        ("phash", pa.binary(HASH_SIZE)),
+        ("phash", pa.binary(CODE_BYTES)),
+        ("detail", pa.int16()),  # confident pHash bits; below LOW_DETAIL_BITS: low-detail
+        ("colour_signature", pa.binary(SIGNATURE_BYTES)),  # 4x4 RGB thumbnail
         ("clip", pa.binary()),  # float16 L2-normalized embedding
     ]
 )
@@ -59,15 +71,16 @@ class ShardFeatures:
     path: str
     rows: int
     skipped_members: dict[str, int]
-    identity: tuple[int, ...]  # the input file's (size, mtime, ctime, inode) when read
+    identity: tuple | None  # the input's identity when read (see input_identity)
     reused: bool = False
+    content: str | None = None  # BLAKE3 of the input's bytes, where it was computed
 
 
 def feature_path(store: str, shard: Shard) -> str:
     """The feature file of a shard: named by a digest of the shard's file name, so any
     name (not UTF-8, 255 bytes long) gives a short, valid file name."""
     digest = hashlib.sha256(raw_name(shard.name)).hexdigest()[:32]
-    return os.path.join(store, f"{digest}.parquet")
+    return storage.join(store, f"{digest}.parquet")
 
 
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
@@ -77,9 +90,13 @@ def file_identity(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
-def stat_shard(shard: Shard) -> os.stat_result:
+def input_identity(shard: Shard) -> tuple | None:
+    """A local file's (size, mtime, ctime, inode); an object's size and ETag or
+    generation; None for a pipe: command, which only its bytes identify."""
+    if shard.is_url:
+        return storage.identity(shard.path)
     try:
-        return os.stat(shard.path)
+        return file_identity(os.stat(shard.path))
     except OSError as e:
         raise ShardError(shard.path, f"cannot stat ({e.strerror or e})") from None
 
@@ -88,8 +105,8 @@ def content_digest(shard: Shard) -> str:
     """BLAKE3 of the shard's bytes (the `fingerprint: content` check)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
     try:
-        with open(shard.path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
+        with storage.open_local_or_stream(shard.path) as fh:
+            for chunk in storage.iter_chunks(fh):
                 hasher.update(chunk)
     except OSError as e:
         raise ShardError(shard.path, f"cannot read ({e.strerror or e})") from None
@@ -97,19 +114,22 @@ def content_digest(shard: Shard) -> str:
 
 
 def shard_fingerprint(
-    shard: Shard, config: Config, st: os.stat_result, clip: ClipSpec | None = None
+    shard: Shard, config: Config, identity: tuple | None, clip: ClipSpec | None = None
 ) -> str:
-    """What stored features depend on: the input file's identity (and, with
-    `fingerprint: content`, its bytes), the settings and the versions."""
+    """What stored features depend on: the input's identity (and, with `fingerprint:
+    content` or an input without one, its bytes), the settings and the versions."""
     import PIL
     import scipy
 
+    by_content = config.fingerprint == "content" or identity is None
+    where = shard.path if shard.is_url else os.path.realpath(shard.path)
     return json.dumps(
         {
-            "path": display_name(os.path.realpath(shard.path)),
-            "identity": file_identity(st),
-            "content": content_digest(shard) if config.fingerprint == "content" else None,
+            "path": display_name(where),
+            "identity": identity,
+            "content": content_digest(shard) if by_content else None,
             "config": config.feature_fingerprint(),
+            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE],
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
@@ -123,14 +143,15 @@ def extract_shard(
     """Features of one shard, reused from `store` when its fingerprint still matches and
     the stored file is intact."""
     path = feature_path(store, shard)
-    st = stat_shard(shard)
-    fingerprint = shard_fingerprint(shard, config, st, clip)
+    identity = input_identity(shard)
+    fingerprint = shard_fingerprint(shard, config, identity, clip)
+    content = json.loads(fingerprint)["content"]
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped = cached
-        return ShardFeatures(shard, path, rows, skipped, file_identity(st), True)
+        return ShardFeatures(shard, path, rows, skipped, identity, True, content)
     table, skipped = compute_features(shard, config, clip)
-    if file_identity(stat_shard(shard)) != file_identity(st):
+    if input_identity(shard) != identity:
         raise ShardError(shard.path, "the shard changed while it was being read; rerun")
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, write_page_checksum=True)
@@ -142,7 +163,7 @@ def extract_shard(
         "blake3": stored,
     }
     write_atomic(path + DONE_SUFFIX, json.dumps(marker, sort_keys=True).encode())
-    return ShardFeatures(shard, path, table.num_rows, skipped, file_identity(st))
+    return ShardFeatures(shard, path, table.num_rows, skipped, identity, False, content)
 
 
 # A shard's features are complete when this marker, written last, names the feature
@@ -152,20 +173,29 @@ DONE_SUFFIX = ".done"
 
 
 def _file_digest(path: str) -> str:
-    with open(path, "rb") as fh:
-        return blake3.blake3(fh.read()).hexdigest()
+    return blake3.blake3(read_file(path)).hexdigest()
 
 
 def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] | None:
     try:
-        with open(path + DONE_SUFFIX, "rb") as fh:
-            marker = json.loads(fh.read())
-        if marker["fingerprint"] != fingerprint or _file_digest(path) != marker["blake3"]:
+        marker = json.loads(read_file(path + DONE_SUFFIX))
+        if marker["fingerprint"] != fingerprint:
+            return None
+        data = read_file(path)
+        if blake3.blake3(data).hexdigest() != marker["blake3"]:
             return None
         rows, skipped = int(marker["rows"]), dict(marker["skipped_members"])
-        if pq.read_schema(path).remove_metadata() != FEATURE_SCHEMA:
+        if pq.read_schema(pa.BufferReader(data)).remove_metadata() != FEATURE_SCHEMA:
             return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
+    except (
+        OSError,
+        DedupError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        pa.ArrowException,
+    ):
         return None  # missing, unreadable or damaged: recomputed, never trusted
     return rows, skipped
 
@@ -173,7 +203,8 @@ def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] 
 def read_features(path: str, columns: list[str]) -> pa.Table:
     """Columns of a stored feature file, its page checksums verified."""
     try:
-        table = pq.read_table(path, columns=columns, page_checksum_verification=True)
+        source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
+        table = pq.read_table(source, columns=columns, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
         raise FeatureStoreError(
             f"{path}: feature file damaged during the run ({e}); rerun"
@@ -191,7 +222,9 @@ def compute_features(
     """
     want_phash = "phash" in config.signals
     draft = IMG_SIZE if (want_phash and config.phash_draft) else None
-    draft_mode = "L"
+    # RGB, not L: low-detail images are compared by a colour signature. The pHash is
+    # unchanged in kind: shrink() converts to L, as imagehash does with any image.
+    draft_mode = "RGB"
     embedder = None
     if clip is not None:
         from dedup.signals.clip import Embedder, pick_device
@@ -201,6 +234,8 @@ def compute_features(
         draft, draft_mode = embedder.image_size, "RGB"
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
     phash_col = cols["phash"]
+    detail_col = cols["detail"]
+    signature_col = cols["colour_signature"]
     clip_col = cols["clip"]
     clip_rows: list[int] = []
     clip_images: list = []
@@ -220,9 +255,10 @@ def compute_features(
 
     def flush() -> None:
         if pending_smalls:
-            codes = phash_batch(stack_shrunk(pending_smalls))
-            for row_index, code in zip(pending_rows, codes, strict=True):
+            codes, detail = phash_and_detail(stack_shrunk(pending_smalls))
+            for row_index, code, bits in zip(pending_rows, codes, detail.tolist(), strict=True):
                 phash_col[row_index] = code.tobytes()
+                detail_col[row_index] = bits
             pending_rows.clear()
             pending_smalls.clear()
 
@@ -242,6 +278,7 @@ def compute_features(
         cols["member_sizes"].append([m.size for m in members])
         pos = image_member(names, config)
         status, width, height, nbytes, image_digest = "no_image", None, None, None, None
+        signature = None
         if pos is not None:
             data = members[pos].data
             nbytes = len(data)
@@ -262,6 +299,7 @@ def compute_features(
                 if decoded.image is not None and want_phash:
                     pending_rows.append(row)
                     pending_smalls.append(shrink(decoded.image))
+                    signature = colour_signature(decoded.image)
                 if decoded.image is not None and embedder is not None:
                     clip_rows.append(row)
                     clip_images.append(decoded.image)
@@ -274,6 +312,8 @@ def compute_features(
         cols["bytes"].append(nbytes)
         cols["digest"].append(image_digest)
         phash_col.append(None)  # filled by flush() or from a repeat's first row
+        detail_col.append(None)  # the same
+        signature_col.append(signature)  # a repeat's is copied from its first row
         clip_col.append(None)
         if len(pending_smalls) >= PHASH_BATCH:
             flush()
@@ -283,6 +323,8 @@ def compute_features(
     flush_clip()
     for row, first in copies:
         phash_col[row] = phash_col[first]
+        detail_col[row] = detail_col[first]
+        signature_col[row] = signature_col[first]
         clip_col[row] = clip_col[first]
     advance(len(cols["index"]) - reported_samples, shard_size(shard) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))

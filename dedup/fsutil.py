@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 
-from dedup.errors import OUTPUT_ERRNOS, output_error
+from dedup import storage
+from dedup.errors import OUTPUT_ERRNOS, OutputError, output_error
 
 TEMP_DIR = ".dedup-tmp"
 
@@ -22,8 +24,14 @@ TEMP_DIR = ".dedup-tmp"
 def atomic_path(final: str) -> Iterator[str]:
     """Yield a temporary path for `final`; on success fsync it and rename it into place.
 
-    A full or read-only destination raises OutputError naming `final`.
+    `final` may be a URL: the temporary is then a local file, uploaded when complete (an
+    object appears whole or not at all). A full or read-only destination raises
+    OutputError naming `final`.
     """
+    if storage.is_url(final):
+        with _remote_atomic(final) as tmp:
+            yield tmp
+        return
     directory = os.path.dirname(final) or "."
     temp_dir = os.path.join(directory, TEMP_DIR)
     tmp = os.path.join(temp_dir, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
@@ -45,15 +53,41 @@ def atomic_path(final: str) -> Iterator[str]:
 
 
 def write_atomic(final: str, data: bytes) -> None:
-    """Write `data` to `final` atomically."""
+    """Write `data` to `final` (a path or URL) atomically."""
+    if storage.is_url(final):
+        storage.put_bytes(final, data)
+        return
     with atomic_path(final) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a small file at a path or URL."""
+    if storage.is_url(path):
+        return storage.read_bytes(path, OutputError)
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+@contextlib.contextmanager
+def _remote_atomic(final: str) -> Iterator[str]:
+    fd, tmp = tempfile.mkstemp(prefix="dedup-upload-")
+    os.close(fd)
+    try:
+        yield tmp
+        storage.put_file(tmp, final)
+    except OSError as e:
+        raise output_error(e, final) from None
+    finally:
+        _unlink(tmp)
 
 
 def remove_temporaries(directory: str) -> list[str]:
     """Delete `directory`'s temporary folder and what interrupted runs left in it; return
     the names. Call it only on a folder this run has claimed (locked), when no writer of
     this run is active."""
+    if storage.is_url(directory):
+        return []  # objects are put whole: nothing partial is ever left in a store
     temp_dir = os.path.join(directory, TEMP_DIR)
     if not os.path.isdir(temp_dir) or os.path.islink(temp_dir):
         return []

@@ -14,10 +14,14 @@ import fcntl
 import json
 import os
 import shutil
+import socket
+import threading
+import uuid
 from collections.abc import Iterator
 
-from dedup.errors import OutputError
-from dedup.fsutil import remove_temporaries, write_atomic
+from dedup import storage
+from dedup.errors import DedupError, OutputError
+from dedup.fsutil import read_file, remove_temporaries, write_atomic
 from dedup.shards import Shard
 
 STATE_DIR = ".dedup"
@@ -38,89 +42,145 @@ REPORT_FILES = (
 )
 
 
-def feature_store(out: str) -> str:
-    return os.path.join(out, STATE_DIR, FEATURES_DIR)
+def feature_store(out: str, state_dir: str | None = None) -> str:
+    """Where per-shard features live: `--state-dir`, else OUT/.dedup/features."""
+    return state_dir or storage.join(storage.join(out, STATE_DIR), FEATURES_DIR)
+
+
+def _same_place(a: str, b: str) -> bool:
+    if storage.is_url(a) or storage.is_url(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _parent(path: str) -> str:
+    if storage.is_url(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
 
 
 @contextlib.contextmanager
 def claim_output(
-    out: str, shards: list[Shard], overwrite: bool, report_dir: str, dry_run: bool = False
+    out: str,
+    shards: list[Shard],
+    overwrite: bool,
+    report_dir: str,
+    dry_run: bool = False,
+    state_dir: str | None = None,
 ) -> Iterator[None]:
     """Check OUT and the report directory, lock both for the run, remove what an
     interrupted run left; mark the job complete when the body returns.
 
     Each is refused when it is an input shard's directory, or not empty and not made by
     dedup (unless `overwrite`), or locked by another run. An OUT that dedup made,
-    finished or not, is resumed.
+    finished or not, is resumed. Either may be a local directory or an object-store
+    prefix (s3://, gs://).
     """
+    for where in (out, report_dir):
+        if storage.is_url(where) and storage.scheme(where) not in ("s3", "s3a", "gs", "gcs"):
+            raise OutputError(f"{where}: dedup writes to local paths, s3:// or gs:// only")
     _refuse_input_dirs(out, "--out", shards)
     _refuse_input_dirs(report_dir, "--report", shards)
-    job_path = os.path.join(out, STATE_DIR, JOB_FILE)
-    ours = os.path.isfile(job_path)
+    job_path = storage.join(storage.join(out, STATE_DIR), JOB_FILE)
+    ours = _isfile(job_path)
     _refuse_foreign(out, ours, overwrite, "--out")
-    if not ours and os.path.lexists(os.path.join(out, STATE_DIR)):
+    if not ours and _exists(storage.join(out, STATE_DIR)):
         raise OutputError(f"{out}: holds a {STATE_DIR} that dedup did not write; remove it")
-    inside_out = os.path.realpath(os.path.dirname(os.path.abspath(report_dir))) == (
-        os.path.realpath(out)
-    )
-    report_ours = os.path.isfile(os.path.join(report_dir, REPORT_MARKER)) or (ours and inside_out)
-    same_dir = os.path.realpath(report_dir) == os.path.realpath(out)
-    if not same_dir:
+    inside_out = _same_place(_parent(report_dir), out)
+    report_ours = _isfile(storage.join(report_dir, REPORT_MARKER)) or (ours and inside_out)
+    if not _same_place(report_dir, out):
         _refuse_foreign(report_dir, report_ours, overwrite, "--report")
-    _make_dirs(out, os.path.join(out, STATE_DIR), report_dir)
-    out_lock = _lock(os.path.join(out, STATE_DIR, LOCK_FILE), out)
-    try:
-        report_lock = _lock(os.path.join(report_dir, REPORT_LOCK), report_dir)
+    _make_dirs(out, storage.join(out, STATE_DIR), report_dir)
+    store = feature_store(out, state_dir)
+    with (
+        _locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out),
+        _locked(storage.join(report_dir, REPORT_LOCK), report_dir),
+    ):
+        write_atomic(
+            storage.join(report_dir, REPORT_MARKER),
+            json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
+        )
+        previous = _previous_outputs(job_path) if ours else []
+        current = {s.name for s in shards}
+        if dry_run:
+            current |= set(previous)  # a dry run leaves the shards it does not write alone
+        else:
+            for name in previous:
+                # Shards written for an earlier input set would mislead a downstream glob.
+                if name not in current and os.path.basename(name) == name and name:
+                    remove_output(storage.join(out, name))
+        sweep(out, report_dir, store)
+        if overwrite:
+            _clear_store(store)
+        # Until this run ends, OUT is a mix of old and new shards: no summary may claim
+        # otherwise, and job.json says the run is not complete.
+        for name in ("summary.json", "report.html"):
+            remove_output(storage.join(report_dir, name))
+        _write_job(job_path, current, complete=False)
         try:
-            write_atomic(
-                os.path.join(report_dir, REPORT_MARKER),
-                json.dumps({"tool": "dedup", "out": os.path.abspath(out)}).encode(),
-            )
-            previous = _previous_outputs(job_path) if ours else []
-            current = {s.name for s in shards}
-            if dry_run:
-                current |= set(previous)  # a dry run leaves the shards it does not write alone
-            else:
-                for name in previous:
-                    # Shards written for an earlier input set would mislead a downstream glob.
-                    if name not in current and os.path.basename(name) == name:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(os.path.join(out, name))
-            sweep(out, report_dir)
-            if overwrite:
-                shutil.rmtree(feature_store(out), ignore_errors=True)
-            # Until this run ends, OUT is a mix of old and new shards: no summary may claim
-            # otherwise, and job.json says the run is not complete.
-            for name in ("summary.json", "report.html"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(report_dir, name))
-            _write_job(job_path, current, complete=False)
-            try:
-                yield
-                _write_job(job_path, current, complete=True)
-            finally:
-                sweep(out, report_dir)
+            yield
+            _write_job(job_path, current, complete=True)
         finally:
-            os.close(report_lock)
-    finally:
-        os.close(out_lock)
+            sweep(out, report_dir, store)
 
 
-def sweep(out: str, report_dir: str) -> None:
+def _absolute(path: str) -> str:
+    return path if storage.is_url(path) else os.path.abspath(path)
+
+
+def _isfile(path: str) -> bool:
+    if storage.is_url(path):
+        return storage.exists(path)
+    return os.path.isfile(path)
+
+
+def _exists(path: str) -> bool:
+    if storage.is_url(path):
+        return bool(storage.listdir(path)) or storage.exists(path)
+    return os.path.lexists(path)
+
+
+def remove_output(path: str) -> None:
+    """Delete a file dedup wrote (a path or URL); gone already is fine."""
+    if storage.is_url(path):
+        storage.remove(path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _clear_store(store: str) -> None:
+    if storage.is_url(store):
+        for name in storage.listdir(store):
+            storage.remove(storage.join(store, name))
+    else:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def sweep(out: str, report_dir: str, store: str) -> None:
     """Remove the temporary folders of OUT, its state and the report directory."""
     for directory in (
         out,
-        os.path.join(out, STATE_DIR),
-        feature_store(out),
+        storage.join(out, STATE_DIR),
+        store,
         report_dir,
-        os.path.join(report_dir, ".parts"),
+        storage.join(report_dir, ".parts"),
     ):
         remove_temporaries(directory)
 
 
 def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None:
+    if storage.is_url(directory):
+        for shard in shards:
+            if shard.is_url and _same_place(_parent(shard.path), directory):
+                raise OutputError(
+                    f"{directory}: holds input shard {shard.path}; choose another {option}"
+                )
+        return
     real = os.path.realpath(directory)
     for shard in shards:
+        if shard.is_url:
+            continue
         if os.path.realpath(os.path.dirname(os.path.abspath(shard.path))) == real:
             raise OutputError(
                 f"{directory}: is the directory of input shard {shard.path}; "
@@ -131,6 +191,13 @@ def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None
 
 
 def _refuse_foreign(directory: str, ours: bool, overwrite: bool, option: str) -> None:
+    if storage.is_url(directory):
+        if not ours and not overwrite and storage.listdir(directory):
+            raise OutputError(
+                f"{directory}: is not empty and was not written by dedup ({option}); "
+                "choose an empty or new prefix, or pass --overwrite to write into it anyway"
+            )
+        return
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise OutputError(f"{directory}: exists and is not a directory ({option})")
     if os.path.isdir(directory) and not ours and not overwrite and _listdir(directory):
@@ -149,10 +216,70 @@ def _listdir(directory: str) -> list[str]:
 
 def _make_dirs(*directories: str) -> None:
     for directory in directories:
+        if storage.is_url(directory):
+            continue  # a prefix exists once an object is put under it
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{directory}: cannot create ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def _locked(path: str, what: str) -> Iterator[None]:
+    if storage.is_url(path):
+        with _object_lock(path, what):
+            yield
+        return
+    fd = _lock(path, what)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+# An object-store lock is an object created only if absent (a conditional PUT); its
+# owner rewrites it every LOCK_REFRESH_SECONDS, and one not rewritten for
+# LOCK_STALE_SECONDS belongs to a run that is gone and is taken over.
+LOCK_REFRESH_SECONDS = 30.0
+LOCK_STALE_SECONDS = 300.0
+
+
+@contextlib.contextmanager
+def _object_lock(url: str, what: str) -> Iterator[None]:
+    owner = json.dumps(
+        {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+    ).encode()
+    if not storage.create_exclusive(url, owner):
+        age = storage.modified_seconds_ago(url)
+        if age is not None and age < LOCK_STALE_SECONDS:
+            try:
+                holder = json.loads(storage.read_bytes(url, OutputError))
+                who = f" (pid {holder['pid']} on {holder['host']})"
+            except (DedupError, ValueError, KeyError, TypeError):
+                who = ""
+            raise OutputError(
+                f"{what}: another dedup run{who} is writing here (its lock is taken over "
+                f"once not refreshed for {LOCK_STALE_SECONDS:.0f} s)"
+            )
+        storage.remove(url)  # stale: its owner stopped refreshing it
+        if not storage.create_exclusive(url, owner):
+            raise OutputError(f"{what}: another dedup run is writing here")
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(LOCK_REFRESH_SECONDS):
+            with contextlib.suppress(DedupError):
+                storage.put_bytes(url, owner)
+
+    thread = threading.Thread(target=refresh, daemon=True, name="dedup-lock-refresh")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(DedupError):
+            storage.remove(url)
 
 
 def _lock(path: str, what: str) -> int:
@@ -187,8 +314,7 @@ def _write_job(job_path: str, outputs: set[str], complete: bool) -> None:
 
 def _previous_outputs(job_path: str) -> list[str]:
     try:
-        with open(job_path, encoding="utf-8") as fh:
-            outputs = json.load(fh).get("outputs", [])
-    except (OSError, ValueError, AttributeError):
+        outputs = json.loads(read_file(job_path)).get("outputs", [])
+    except (OSError, DedupError, ValueError, AttributeError):
         return []
     return [o for o in outputs if isinstance(o, str)]

@@ -140,10 +140,12 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
             if workers > 1 and n >= MIH_PARALLEL_MIN:
                 import multiprocessing
 
-                from dedup.executor import worker_init
+                from dedup.executor import signals_deferred, worker_init
 
                 ctx = multiprocessing.get_context("fork")
-                with ctx.Pool(workers, worker_init, (os.getpid(),)) as pool:
+                with signals_deferred():
+                    pool = ctx.Pool(workers, worker_init, (os.getpid(),))
+                with pool:
                     found.extend(pool.map(_mih_task, batches, chunksize=1))
             else:
                 found.extend(_mih_task(q0) for q0 in batches)
@@ -175,6 +177,40 @@ def _mih_task(q0: int):
     dist = np.bitwise_count(words[query] ^ words[cand]).astype(np.int32)
     close = dist <= threshold
     return query[close], cand[close], dist[close]
+
+
+# ---------------------------------------------------------------- small uint8 vectors
+
+
+def maxabs_pairs(vectors: np.ndarray, tolerance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of `vectors` (N, D uint8) whose values all differ by at
+    most `tolerance`, with that largest difference; sorted. Exact.
+
+    Rows within `tolerance` in every value are within D * tolerance^2 in squared L2, so
+    a FAISS flat L2 range search at that radius finds a superset, which is then checked
+    value by value. Like `hamming_pairs`, callers pass distinct rows.
+    """
+    import faiss
+
+    empty = np.zeros(0, dtype=np.int64)
+    if len(vectors) < 2:
+        return empty, empty, empty.astype(np.int32)
+    # Centred, so float32 squared norms stay small and exact enough; the slack covers
+    # the rounding of FAISS's expanded |x|^2 + |y|^2 - 2xy.
+    x = np.ascontiguousarray(vectors, dtype=np.float32) - np.float32(128)
+    dim = x.shape[1]
+    index = faiss.IndexFlatL2(dim)
+    index.add(x)
+    i, j, _ = self_range_pairs(index, x, float(dim * tolerance * tolerance) + 4.0)
+    d = np.zeros(len(i), dtype=np.int32)
+    for start in range(0, len(i), QUERY_BATCH):
+        a = vectors[i[start : start + QUERY_BATCH]].astype(np.int16)
+        b = vectors[j[start : start + QUERY_BATCH]].astype(np.int16)
+        d[start : start + QUERY_BATCH] = np.abs(a - b).max(axis=1)
+    close = d <= tolerance
+    i, j, d = i[close], j[close], d[close]
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
 
 
 # ---------------------------------------------------------------- CLIP vectors

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,10 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dedup import storage
 from dedup.cluster import DECISIONS, NO_DISTANCE, Candidates, Groups, cluster
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
-from dedup.executor import map_local
+from dedup.executor import check_stop, map_local
 from dedup.extract import (
     FEATURE_SCHEMA,
     PASSTHROUGH_REASONS,
@@ -33,7 +34,7 @@ from dedup.htmlreport import (
     shown_clusters,
 )
 from dedup.htmlreport import render as render_html
-from dedup.outdir import claim_output, feature_store
+from dedup.outdir import claim_output, feature_store, remove_output
 from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
@@ -145,7 +146,17 @@ class Plan:
 # Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
 # What phase 2 reads from the feature store.
-CLUSTER_COLUMNS = ["status", "width", "height", "bytes", "digest", "phash", "clip"]
+CLUSTER_COLUMNS = [
+    "status",
+    "width",
+    "height",
+    "bytes",
+    "digest",
+    "phash",
+    "detail",
+    "colour_signature",
+    "clip",
+]
 
 
 def plan(features: list[ShardFeatures], config: Config) -> Plan:
@@ -188,6 +199,16 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
                 else None
             ),
             clip=_vectors(cand_table.column("clip")) if "clip" in config.signals else None,
+            detail=(
+                np.asarray(cand_table.column("detail").to_numpy(), dtype=np.int16)
+                if "phash" in config.signals
+                else None
+            ),
+            signature=(
+                fixed_binary_array(cand_table.column("colour_signature"))
+                if "phash" in config.signals
+                else None
+            ),
         )
         del cand_table
         result = cluster(cand, config)
@@ -347,7 +368,7 @@ def finish_all(
                 p.clip_similarity[rows],
                 dup,
                 dup_shard,
-                None if dry_run else os.path.join(out, f.shard.name),
+                None if dry_run else storage.join(out, f.shard.name),
                 os.path.join(parts_dir, f"{pos:08d}.parquet"),
                 local.tolist(),
             )
@@ -450,16 +471,31 @@ def run(
     overwrite: bool = False,
     dry_run: bool = False,
     skip_bad_shards: bool = False,
+    state_dir: str | None = None,
 ) -> dict[str, Any]:
-    """The whole job: list shards, extract, cluster, write, report. Returns summary.json."""
+    """The whole job: list shards, extract, cluster, write, report. Returns summary.json.
+
+    `out`, `report_dir` and `state_dir` may be local paths or s3:// / gs:// prefixes."""
     shards = list_shards(inputs)
     clip = resolve_clip(config)
-    report_dir = report_dir or os.path.join(out, REPORT_DIR)
-    with claim_output(out, shards, overwrite, report_dir, dry_run):
-        return _run(shards, out, config, report_dir, dry_run, skip_bad_shards, clip)
+    report_dir = report_dir or storage.join(out, REPORT_DIR)
+    store = feature_store(out, state_dir)
+    with claim_output(out, shards, overwrite, report_dir, dry_run, state_dir):
+        if not storage.is_url(report_dir):
+            return _run(shards, out, store, config, report_dir, dry_run, skip_bad_shards, clip)
+        # A report in a store is made in a local folder, then put object by object,
+        # summary.json last: whoever sees the summary sees a complete report.
+        with tempfile.TemporaryDirectory(prefix="dedup-report-") as staging:
+            summary = _run(shards, out, store, config, staging, dry_run, skip_bad_shards, clip)
+            summary["output"]["report"] = report_dir
+            write_summary(summary, report_paths(staging)["summary"])
+            for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+                if os.path.isfile(os.path.join(staging, name)):
+                    storage.put_file(os.path.join(staging, name), storage.join(report_dir, name))
+            return summary
 
 
-def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip):
+def _run(shards, out, store, config: Config, report_dir, dry_run, skip_bad_shards, clip):
     log.info(
         "%d shards, signals %s, %d workers",
         len(shards),
@@ -467,14 +503,13 @@ def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip
         config.worker_count,
     )
     t0 = time.monotonic()
-    extracted = extract_all(shards, config, feature_store(out), skip_bad_shards, clip)
+    extracted = extract_all(shards, config, store, skip_bad_shards, clip)
     bad = [r for r in extracted if isinstance(r, BadShard)]
     features = [r for r in extracted if isinstance(r, ShardFeatures)]
     for b in bad:
         log.warning("skipped bad shard: %s", b.error)
         if not dry_run:  # an earlier output for this shard no longer reflects the input
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(out, b.shard.name))
+            remove_output(storage.join(out, b.shard.name))
     t1 = time.monotonic()
     the_plan = plan(features, config)
     t2 = time.monotonic()
@@ -499,6 +534,7 @@ def _run(shards, out, config: Config, report_dir, dry_run, skip_bad_shards, clip
     _write_report_extras(features, the_plan, finished, report_dir)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
+    check_stop()  # a stop signal that came while the report was made still stops the run
     write_summary(summary, paths["summary"])
     render_html(report_dir)
     return summary

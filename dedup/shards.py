@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
-from dedup import tarscan
+from dedup import storage, tarscan
 from dedup.errors import InputError, ShardError
 
 SHARD_SUFFIX = ".tar"
@@ -25,7 +25,11 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return os.path.basename(self.path)
+        return storage.basename(self.path)
+
+    @property
+    def is_url(self) -> bool:
+        return storage.is_url(self.path)
 
 
 @dataclass
@@ -53,10 +57,10 @@ class Sample:
 
 
 def shard_size(shard: Shard) -> int:
-    """The shard file's size in bytes, 0 when it cannot be read (progress only)."""
+    """The shard's size in bytes, 0 when it cannot be had (progress only)."""
     try:
-        return os.path.getsize(shard.path)
-    except OSError:
+        return storage.size(shard.path) if shard.is_url else os.path.getsize(shard.path)
+    except (OSError, InputError):
         return 0
 
 
@@ -89,8 +93,12 @@ def list_shards(inputs: list[str]) -> list[Shard]:
         raise InputError("no input given: name shard files, directories, globs or brace patterns")
     paths: list[str] = []
     for spec in inputs:
-        if "://" in spec:
-            raise InputError(f"{spec}: URLs are not supported yet; copy the shards to local disk")
+        if storage.is_url(spec):
+            for item in braceexpand(spec):
+                paths.extend(_check_shard_name(url) for url in storage.list_url(item))
+            if not paths:
+                raise InputError(f"{spec}: names no *{SHARD_SUFFIX} shards")
+            continue
         if os.path.lexists(spec):
             paths.extend(_expand_one(spec, literal=True))
             continue
@@ -100,7 +108,7 @@ def list_shards(inputs: list[str]) -> list[Shard]:
     names: dict[str, str] = {}
     shards = []
     for path in paths:
-        real = os.path.realpath(path)
+        real = path if storage.is_url(path) else os.path.realpath(path)
         if real in seen:
             raise InputError(f"{path}: the same shard is listed twice (also as {seen[real]})")
         seen[real] = path
@@ -134,6 +142,15 @@ def _expand_one(item: str, literal: bool = False) -> list[str]:
     if not os.path.lexists(item):
         raise InputError(f"{item}: no such file or directory")
     return [_check_shard_file(item)]
+
+
+def _check_shard_name(url: str) -> str:
+    if not storage.basename(url).endswith(SHARD_SUFFIX):
+        raise InputError(
+            f"{url}: not a {SHARD_SUFFIX} shard (the name must end in {SHARD_SUFFIX}; "
+            "for pipe: the last word of the command)"
+        )
+    return url
 
 
 def _check_shard_file(path: str) -> str:
@@ -189,6 +206,13 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
 
 def iter_members(shard: Shard, skipped: Counter) -> Iterator[tuple[int, str, int, bytes]]:
     """(header offset, name, data offset, data) of each regular member, in tar order."""
+    if shard.is_url:
+        with storage.open_stream(shard.path) as stream:
+            first = stream.read(tarscan.BLOCK)
+            if not first:
+                raise ShardError(shard.path, "empty object, not a tar archive")
+            yield from tarscan.scan(_Prefixed(first, stream), shard.path, None, skipped)
+        return
     try:
         fh = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed below)
     except OSError as e:
@@ -198,3 +222,19 @@ def iter_members(shard: Shard, skipped: Counter) -> Iterator[tuple[int, str, int
         if size == 0:
             raise ShardError(shard.path, "empty file, not a tar archive")
         yield from tarscan.scan(fh, shard.path, size, skipped)
+
+
+class _Prefixed:
+    """A stream with bytes already read put back in front."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self.head = head
+        self.stream = stream
+
+    def read(self, n: int) -> bytes:
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            if len(out) < n:
+                out += self.stream.read(n - len(out))
+            return out
+        return self.stream.read(n)

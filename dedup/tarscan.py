@@ -80,10 +80,11 @@ def _pax_records(data: bytes, path: str, offset: int) -> dict[str, str]:
 
 
 def scan(
-    fh: BinaryIO, path: str, file_size: int, skipped: Counter
+    fh: BinaryIO, path: str, file_size: int | None, skipped: Counter
 ) -> Iterator[tuple[int, str, int, bytes]]:
     """Yield (header offset, name, data offset, data) for each regular member of a tar
-    read sequentially from `fh`; count the other kinds in `skipped`."""
+    read sequentially from `fh` (a file or a stream: only `read` is used); count the
+    other kinds in `skipped`. `file_size`, when known, catches truncation early."""
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -109,7 +110,7 @@ def scan(
             raise ShardError(path, "damaged tar header (negative size)", pos)
         data_offset = pos + BLOCK
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        if data_offset + size > file_size:
+        if file_size is not None and data_offset + size > file_size:
             raise ShardError(path, "tar is truncated: a member's data runs past the end", pos)
         start = pos if entry_start is None else entry_start
         if kind in (b"L", b"K", b"x", b"g"):
@@ -133,7 +134,7 @@ def scan(
             except ValueError:
                 raise ShardError(path, "damaged PAX size record", pos) from None
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
-            if data_offset + size > file_size:
+            if file_size is not None and data_offset + size > file_size:
                 raise ShardError(path, "tar is truncated: a member's data runs past the end", pos)
         sparse = kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax)
         if sparse:
@@ -158,7 +159,7 @@ def _read(fh: BinaryIO, size: int, padded: int, path: str, pos: int) -> bytes:
     if len(data) != size:
         raise ShardError(path, "tar is truncated inside a member's data", pos)
     if padded > size:
-        fh.seek(padded - size, 1)
+        fh.read(padded - size)  # read, not seek: the input may be a stream
     return data
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 
 from PIL import Image
 
 from dedup.decode import normalize
 from dedup.shards import display_name
+from dedup.storage import read_ranges
 
 THUMB_SIZE = 128
 CAPTION_CHARS = 300
@@ -59,21 +59,25 @@ def read_previews(
     path: str, rows: list[int], names: list, offsets: list, sizes: list, image_members: list
 ) -> list[tuple[int, bytes | None, str | None]]:
     """(row, thumbnail, caption) for the given rows of one shard, read by offset."""
-    out = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for row in rows:
-            members = {}
-            image = None
-            for raw, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
-                name = display_name(raw.decode("utf-8", "surrogateescape"))
-                base = name.rsplit("/", 1)[-1]
-                ext = base.split(".", 1)[1] if "." in base else ""
-                if name == image_members[row]:
-                    image = os.pread(fd, size, offset)
-                elif size <= 1 << 16 and (ext.endswith("txt") or ext.endswith("json")):
-                    members[ext] = os.pread(fd, size, offset)
-            out.append((row, thumbnail(image) if image else None, caption(members)))
-    finally:
-        os.close(fd)
-    return out
+    wanted = []  # (row, "image" or caption extension, offset, size)
+    for row in rows:
+        for raw, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
+            name = display_name(raw.decode("utf-8", "surrogateescape"))
+            base = name.rsplit("/", 1)[-1]
+            ext = base.split(".", 1)[1] if "." in base else ""
+            if name == image_members[row]:
+                wanted.append((row, None, offset, size))
+            elif size <= 1 << 16 and (ext.endswith("txt") or ext.endswith("json")):
+                wanted.append((row, ext, offset, size))
+    found = read_ranges(path, [(offset, size) for _, _, offset, size in wanted])
+    images: dict[int, bytes] = {}
+    captions: dict[int, dict[str, bytes]] = {row: {} for row in rows}
+    for (row, ext, _, _), data in zip(wanted, found, strict=True):
+        if ext is None:
+            images[row] = data
+        else:
+            captions[row][ext] = data
+    return [
+        (row, thumbnail(images[row]) if images.get(row) else None, caption(captions[row]))
+        for row in rows
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tarfile
 
+from dedup import storage
 from dedup.errors import ShardError
 from dedup.extract import ShardFeatures, file_identity, read_features
 from dedup.fsutil import atomic_path
@@ -50,13 +51,14 @@ _TEMPLATE = bytes(_TEMPLATE)
 
 
 def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
-    """Write the samples of a shard whose position has keep=True to `output`; return how
-    many were written.
+    """Write the samples of a shard whose position has keep=True to `output` (a path or
+    URL); return how many were written.
 
-    Member bytes are copied from the offsets phase 1 recorded. The shard must still be
-    the file that was read (size, times, inode), and the tar header in front of every
-    copied member must name that member and its size: a changed shard or a damaged
-    feature record is an error, never a shifted member.
+    The source is read in one sequential pass (one streaming GET from a store), member
+    bytes taken from the offsets phase 1 recorded. The shard must still be what was read
+    (file identity, ETag, or for a pipe: command the same bytes), and the tar header in
+    front of every copied member must name that member and its size: a changed shard or
+    a damaged feature record is an error, never a shifted member.
     """
     shard = features.shard
     table = read_features(
@@ -69,14 +71,8 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
     samples = 0
-    try:
-        src = os.open(shard.path, os.O_RDONLY)
-    except OSError as e:
-        raise ShardError(shard.path, f"cannot open ({e.strerror or e})") from None
-    try:
-        if file_identity(os.fstat(src)) != features.identity:
-            raise ShardError(shard.path, "shard changed since its features were computed; rerun")
-        with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as out:
+    with _Source(features) as src, atomic_path(output) as tmp:
+        with open(tmp, "wb", buffering=1 << 20) as out:
             written = 0
             for row, kept in enumerate(keep):
                 if not kept:
@@ -85,7 +81,8 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
                 # them and their headers.
                 start = starts[row]
                 span = offsets[row][-1] + sizes[row][-1] - start
-                blob = memoryview(os.pread(src, span, start))
+                src.skip_to(start)
+                blob = memoryview(src.read(span))
                 if len(blob) != span:
                     raise ShardError(shard.path, "shard is shorter than when it was read", start)
                 for raw, offset, size in zip(raw_names[row], offsets[row], sizes[row], strict=True):
@@ -104,9 +101,68 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
             advance(samples % REPORT_EVERY)
             end = 2 * BLOCK + (-(written + 2 * BLOCK) % RECORD)
             out.write(bytes(end))
-    finally:
-        os.close(src)
+        src.finish()
     return samples
+
+
+class _Source:
+    """The input shard, read forward only; checked against what phase 1 read."""
+
+    def __init__(self, features: ShardFeatures) -> None:
+        self.features = features
+        self.path = features.shard.path
+        self.hasher = None
+        if features.identity is None:  # a pipe: command: only its bytes tell
+            import blake3
+
+            self.hasher = blake3.blake3()
+
+    def __enter__(self) -> _Source:
+        if self.features.shard.is_url:
+            known = self.features.identity
+            if known is not None and storage.identity(self.path) != known:
+                raise ShardError(self.path, "shard changed since its features were computed")
+            self.reader = storage.open_stream(self.path)
+        else:
+            try:
+                self.reader = open(self.path, "rb", buffering=0)  # noqa: SIM115
+            except OSError as e:
+                raise ShardError(self.path, f"cannot open ({e.strerror or e})") from None
+            if file_identity(os.fstat(self.reader.fileno())) != self.features.identity:
+                self.reader.close()
+                raise ShardError(self.path, "shard changed since its features were computed; rerun")
+        self.position = 0
+        return self
+
+    def read(self, n: int) -> bytes:
+        data = self.reader.read(n)
+        self.position += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        return data
+
+    def skip_to(self, offset: int) -> None:
+        if offset < self.position:
+            raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
+        if self.hasher is None and not self.features.shard.is_url:
+            self.reader.seek(offset)
+            self.position = offset
+            return
+        while self.position < offset:
+            if not self.read(min(1 << 22, offset - self.position)):
+                break
+
+    def finish(self) -> None:
+        """For an input known only by its bytes: they must be the ones phase 1 read."""
+        if self.hasher is None:
+            return
+        while self.read(1 << 22):
+            pass
+        if self.hasher.hexdigest() != self.features.content:
+            raise ShardError(self.path, "the command's output changed since it was read")
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
 
 
 def _check_header(blob, at: int, raw_name: bytes, size: int, path: str, offset: int) -> None:

@@ -48,7 +48,7 @@ def test_list_dirs_globs_braces_sorted(tmp_path):
         (["{d}/s.tar", "{d}/s.tar"], "listed twice"),
         (["{d}/s.tar", "{d}/other/s.tar"], "would collide"),
         (["{d}/empty"], "holds no"),
-        (["http://host/s.tar"], "URLs are not supported"),
+        (["pipe:cat {d}/notes.md"], "not a .tar shard"),
         (["{d}/notes.md"], "not a .tar shard"),
     ],
 )

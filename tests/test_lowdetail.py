@@ -1,0 +1,378 @@
+"""Low-detail images (solid colours, near-flat frames, gradients): their pHash is mostly
+rounding noise, so they are matched by a colour signature instead (reason `flat`)."""
+
+import io
+import os
+
+import imagehash
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from dedup.cluster import DECISIONS, Candidates, cluster, direct_links
+from dedup.config import Config
+from dedup.decode import decode_image
+from dedup.pairs import maxabs_pairs, unique_codes
+from dedup.pipeline import run
+from dedup.signals.phash import (
+    DETAIL_FLOOR,
+    LOW_DETAIL_BITS,
+    SIGNATURE_BYTES,
+    SIGNATURE_TOLERANCE,
+    colour_signature,
+    phash_and_detail,
+    phash_batch,
+    phash_input,
+    shrink,
+    stack_shrunk,
+)
+from dedup.synth import encode, make_image
+from tests.conftest import cfg, write_tar
+
+COLOURS = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "gray": (128, 128, 128),
+}
+
+
+def solid(rgb, size=(64, 64)) -> Image.Image:
+    return Image.new("RGB", size, rgb)
+
+
+def noisy(rgb, seed, amplitude=2, size=(64, 64)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-amplitude, amplitude + 1, (size[1], size[0], 3))
+    pixels = np.clip(np.asarray(solid(rgb, size), dtype=np.int16) + noise, 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def gradient(start, stop, direction, size=(128, 128)) -> Image.Image:
+    """A linear ramp from colour `start` to `stop`, left to right ("h") or top down ("v")."""
+    w, h = size
+    t = (
+        np.linspace(0, 1, w)[None, :, None]
+        if direction == "h"
+        else np.linspace(0, 1, h)[:, None, None]
+    )
+    t = np.broadcast_to(t, (h, w, 1))
+    pixels = np.asarray(start, float) * (1 - t) + np.asarray(stop, float) * t
+    return Image.fromarray(np.round(pixels).astype(np.uint8), "RGB")
+
+
+def png(img) -> bytes:
+    return encode(img, "PNG")
+
+
+def jpeg(img, quality=95) -> bytes:
+    return encode(img, "JPEG", quality=quality)
+
+
+def detail_of(images) -> np.ndarray:
+    return phash_and_detail(stack_shrunk([shrink(i) for i in images]))[1]
+
+
+def dedup_run(tmp_path, shards, workers=2, **settings) -> list[dict]:
+    """Run on shards given as lists of (member name, bytes); the samples.parquet rows."""
+    paths = [
+        write_tar(str(tmp_path / "in" / f"shard-{k:02d}.tar"), members)
+        for k, members in enumerate(shards)
+    ]
+    out = str(tmp_path / "out")
+    run(paths, out, cfg(workers=workers, **settings))
+    return pq.read_table(os.path.join(out, "dedup-report", "samples.parquet")).to_pylist()
+
+
+def removed(rows: list[dict]) -> dict:
+    """{removed key: (reason, survivor key)}."""
+    return {r["key"]: (r["reason"], r["duplicate_of"]) for r in rows if not r["kept"]}
+
+
+# ---------------------------------------------------------------- the detail measure
+
+
+def _dct_matrix_detail(pixels: np.ndarray) -> np.ndarray:
+    """The detail measure from first principles: the unnormalized DCT-II as a matrix."""
+    n = np.arange(32)
+    basis = 2 * np.cos(np.pi * np.arange(8)[:, None] * (2 * n[None, :] + 1) / 64)
+    low = np.einsum("kx,bxy,ly->bkl", basis, pixels.astype(np.float64), basis).reshape(
+        len(pixels), -1
+    )
+    deviation = np.abs(low - np.median(low, axis=1, keepdims=True))
+    return (deviation > DETAIL_FLOOR).sum(axis=1)
+
+
+def test_detail_counts_coefficients_beyond_the_floor_against_a_matrix_dct():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (1, 32, 32)).astype(np.float64)
+    # From flat to busy: contrast 0 .. 1 around mid grey, so counts span 0..64.
+    pixels = np.stack([np.clip(128 + c * (base[0] - 128), 0, 255) for c in np.linspace(0, 1, 60)])
+    pixels = np.round(pixels).astype(np.uint8)
+    got = phash_and_detail(pixels)[1]
+    want = _dct_matrix_detail(pixels)
+    assert got.tolist() == want.tolist()
+    assert got.dtype == np.int16
+    assert got.min() <= 1 and got.max() >= 55 and len(set(got.tolist())) > 20
+
+
+def test_detail_of_flat_ramps_and_pictures():
+    zeros = np.zeros((32, 32), np.uint8)
+    grey = np.full((32, 32), 200, np.uint8)
+    ramp = np.tile(np.linspace(0, 255, 32).round().astype(np.uint8), (32, 1))
+    got = phash_and_detail(np.stack([zeros, grey, ramp, ramp.T]))[1]
+    # Black: nothing; a solid colour: its DC term only; a ramp: DC and odd columns 1, 3, 5, 7.
+    assert got.tolist() == [0, 1, 5, 5]
+    # Pictures, small and large: far above the threshold (measured minimum 43).
+    small = detail_of([make_image(s, 28, 28) for s in range(1000)])
+    large = detail_of([make_image(s, 256, 256) for s in range(1000, 1200)])
+    assert small.min() >= LOW_DETAIL_BITS + 20
+    assert large.min() >= LOW_DETAIL_BITS + 20
+
+
+def test_flat_near_flat_and_gradients_are_low_detail():
+    images = [solid(c) for c in COLOURS.values()]
+    images += [noisy(c, seed, size=(28, 28)) for seed, c in enumerate(COLOURS.values())]
+    images += [Image.open(io.BytesIO(jpeg(noisy(c, 9), quality=50))) for c in COLOURS.values()]
+    images += [gradient((0, 0, 0), (255, 255, 255), d) for d in "hv"]
+    images += [gradient((200, 30, 30), (30, 30, 200), d, (640, 360)) for d in "hv"]
+    detail = detail_of(images)
+    assert (detail < LOW_DETAIL_BITS).all(), detail.tolist()
+
+
+def test_phash_of_an_rgb_draft_decode_is_imagehash_of_that_image():
+    # Phase 1 now decodes JPEGs in RGB (the colour signature needs colour).
+    for seed, size in ((1, (640, 360)), (2, (96, 80)), (3, (33, 47))):
+        data = jpeg(make_image(seed, *size), quality=80)
+        image = decode_image(data, Config(), draft=32, draft_mode="RGB").image
+        assert image.mode == "RGB"
+        ours = phash_batch(phash_input(image)[None])[0]
+        assert ours.tobytes().hex() == str(imagehash.phash(image))
+
+
+def test_colour_signature_is_a_4x4_rgb_thumbnail():
+    left_red = Image.new("RGB", (64, 32), (255, 0, 0))
+    left_red.paste((0, 0, 255), (32, 0, 64, 32))
+    sig = np.frombuffer(colour_signature(left_red), np.uint8).reshape(4, 4, 3)
+    assert len(colour_signature(left_red)) == SIGNATURE_BYTES == 48
+    assert (sig[:, :2] == (255, 0, 0)).all() and (sig[:, 2:] == (0, 0, 255)).all()
+    grey = colour_signature(Image.new("L", (10, 10), 77))
+    assert grey == bytes([77]) * 48
+
+
+# ---------------------------------------------------------------- pair search
+
+
+@pytest.mark.parametrize("tolerance", [0, 1, 4, 9])
+def test_maxabs_pairs_equal_brute_force(tolerance):
+    rng = np.random.default_rng(tolerance)
+    centres = rng.integers(0, 256, (40, 48))
+    rows = centres[rng.integers(0, 40, 600)] + rng.integers(-6, 7, (600, 48))
+    # Boundary cases: every value off by exactly the tolerance, and by one more.
+    rows[:40] = np.clip(centres, 10, 245)
+    rows[40:80] = np.clip(centres, 10, 245) + tolerance
+    rows[80:120] = np.clip(centres, 10, 245) - tolerance - 1
+    vectors = unique_codes(np.clip(rows, 0, 255).astype(np.uint8))[0]
+    got = maxabs_pairs(vectors, tolerance)
+    diff = np.abs(vectors[:, None].astype(np.int16) - vectors[None].astype(np.int16)).max(-1)
+    i, j = np.nonzero(np.triu(diff <= tolerance, 1))
+    assert got[0].tolist() == i.tolist()
+    assert got[1].tolist() == j.tolist()
+    assert got[2].tolist() == diff[i, j].tolist()
+    assert len(i) >= (40 if tolerance else 0)  # distinct rows: none at tolerance 0
+
+
+def test_maxabs_pairs_small_inputs():
+    assert [len(a) for a in maxabs_pairs(np.zeros((1, 48), np.uint8), 4)] == [0, 0, 0]
+    assert [a.tolist() for a in maxabs_pairs(np.array([[0, 9], [4, 5]], np.uint8), 4)] == [
+        [0],
+        [1],
+        [4],
+    ]
+
+
+# ---------------------------------------------------------------- clustering rules
+
+
+def _candidates(phash, detail, signature, clip=None):
+    n = len(phash)
+    return Candidates(
+        pixels=np.ones(n, dtype=np.int64),
+        nbytes=np.ones(n, dtype=np.int64),
+        digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
+        phash=np.asarray(phash, dtype=np.uint8),
+        clip=clip,
+        detail=np.asarray(detail, dtype=np.int16),
+        signature=np.asarray(signature, dtype=np.uint8),
+    )
+
+
+def test_a_low_detail_row_never_links_to_a_detailed_row_by_phash():
+    # Equal codes and equal signatures: only the detail of each row differs.
+    phash = np.zeros((4, 8))
+    signature = np.full((4, 48), 50)
+    config = Config(signals=("exact", "phash"), keep="first")
+    both_detailed = cluster(_candidates(phash[:2], [40, 40], signature[:2]), config)
+    assert [DECISIONS[r] for r in both_detailed.reason] == ["survivor", "phash"]
+    mixed = _candidates(phash, [40, 3, 40, 3], signature)
+    result = cluster(mixed, config)
+    assert [DECISIONS[r] for r in result.reason] == ["survivor", "survivor", "phash", "flat"]
+    assert result.survivor.tolist() == [0, 1, 0, 1]
+    links = direct_links(np.array([0, 0, 1, 2]), np.array([1, 3, 3, 3]), mixed, config)
+    assert [DECISIONS[r] for r in links] == ["unique", "unique", "flat", "unique"]
+    # The pHash distance of a flat copy is noise: not reported.
+    assert result.phash_distance.tolist() == [-1, -1, 0, -1]
+    assert result.groups.max_phash_distance.tolist() == [0, -1]
+    assert [result.groups.signal_names(k) for k in range(2)] == [["phash"], ["flat"]]
+
+
+def test_flat_rule_is_part_of_the_phash_signal():
+    signature = np.full((2, 48), 50)
+    cand = _candidates(np.zeros((2, 8)), [1, 1], signature)
+    on = cluster(cand, Config(signals=("exact", "phash"), keep="first"))
+    off = cluster(cand, Config(signals=("exact",), keep="first"))
+    assert [DECISIONS[r] for r in on.reason] == ["survivor", "flat"]
+    assert [DECISIONS[r] for r in off.reason] == ["unique", "unique"]
+
+
+def test_signature_tolerance_and_chains():
+    # A-B and B-C within the tolerance, A-C not: the star rule keeps C; components
+    # removes it through B, and its reason is the flat edge, not the CLIP one it also has.
+    t = SIGNATURE_TOLERANCE
+    signature = np.array([[100] * 48, [100 + t] * 48, [100 + 2 * t] * 48, [100 + 3 * t + 1] * 48])
+    clip = np.array([[1, 0], [0, 1], [0, 1], [0.6, 0.8]], dtype=np.float16)
+    cand = _candidates(np.zeros((4, 8)), [2, 2, 2, 2], signature, clip)
+    signals = ("exact", "phash", "clip")
+    star = cluster(cand, Config(signals=signals, keep="first", clip_threshold=0.9))
+    assert star.survivor.tolist() == [0, 0, 2, 3]
+    assert [DECISIONS[r] for r in star.reason] == ["survivor", "flat", "unique", "unique"]
+    comp = cluster(
+        cand, Config(signals=signals, keep="first", clip_threshold=0.9, cluster_rule="components")
+    )
+    assert comp.survivor.tolist() == [0, 0, 0, 3]
+    assert [DECISIONS[r] for r in comp.reason] == ["survivor", "flat", "flat", "unique"]
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def test_six_solid_colours_are_all_kept(tmp_path):
+    shard = [(f"{name}.png", png(solid(rgb))) for name, rgb in COLOURS.items()]
+    rows = dedup_run(tmp_path, [shard])
+    assert removed(rows) == {}
+    assert sorted(r["reason"] for r in rows) == ["unique"] * 6
+
+
+def test_each_solid_colour_as_png_and_jpeg_is_one_sample(tmp_path):
+    shard = []
+    for name, rgb in COLOURS.items():
+        shard += [(f"{name}-png.png", png(solid(rgb))), (f"{name}-jpg.jpg", jpeg(solid(rgb)))]
+    rows = dedup_run(tmp_path, [shard])
+    sizes = dict((n.split(".")[0], len(d)) for n, d in shard)
+    want = {}
+    for name in COLOURS:
+        # Equal pixels: the larger file survives.
+        small, large = sorted([f"{name}-png", f"{name}-jpg"], key=sizes.get)
+        want[small] = ("flat", large)
+    assert removed(rows) == want
+    assert all(r["phash_distance"] is None for r in rows if not r["kept"])
+
+
+def test_near_flat_copies_merge_and_other_colours_do_not(tmp_path):
+    a, b, c = (120, 60, 30), (120 + SIGNATURE_TOLERANCE + 4, 60, 30), (40, 40, 200)
+    shard = [
+        ("a1.png", png(noisy(a, 1))),
+        ("a2.png", png(noisy(a, 2))),
+        ("a3.jpg", jpeg(noisy(a, 3), quality=85)),
+        ("b1.png", png(noisy(b, 4))),
+        ("c1.png", png(noisy(c, 5))),
+        ("c2.png", png(noisy(c, 6, size=(48, 48)))),
+    ]
+    rows = dedup_run(tmp_path, [shard], keep="first")
+    assert removed(rows) == {"a2": ("flat", "a1"), "a3": ("flat", "a1"), "c2": ("flat", "c1")}
+
+
+def test_gradients(tmp_path):
+    black, white = (0, 0, 0), (255, 255, 255)
+    h = gradient(black, white, "h")
+    shard = [
+        ("h.png", png(h)),
+        ("h-jpeg.jpg", jpeg(h, quality=90)),  # the same gradient re-encoded: merges
+        ("v.png", png(gradient(black, white, "v"))),
+        ("h-reversed.png", png(gradient(white, black, "h"))),
+        ("h-red-blue.png", png(gradient((255, 0, 0), (0, 0, 255), "h"))),
+        ("h-dark.png", png(gradient((0, 0, 0), (128, 128, 128), "h"))),
+    ]
+    rows = dedup_run(tmp_path, [shard], keep="first")
+    assert removed(rows) == {"h-jpeg": ("flat", "h")}
+
+
+def test_pictures_and_flat_images_do_not_link(tmp_path):
+    picture = make_image(11, 96, 80)
+    mean = tuple(int(v) for v in np.asarray(picture).reshape(-1, 3).mean(0).round())
+    shard = [
+        ("picture.png", png(picture)),
+        ("picture-jpeg.jpg", jpeg(picture, quality=75)),
+        ("mean-colour.png", png(solid(mean, (96, 80)))),
+        ("mean-colour-jpeg.jpg", jpeg(solid(mean, (96, 80)))),
+    ]
+    rows = dedup_run(tmp_path, [shard], keep="first")
+    assert removed(rows) == {
+        "picture-jpeg": ("phash", "picture"),
+        "mean-colour-jpeg": ("flat", "mean-colour"),
+    }
+    cluster_of = {r["key"]: r["cluster_id"] for r in rows}
+    assert cluster_of["picture"] != cluster_of["mean-colour"]
+
+
+def test_across_shards_with_repeated_bytes(tmp_path):
+    red = png(solid(COLOURS["red"]))
+    ramp = gradient((20, 40, 60), (220, 200, 180), "v", (96, 96))
+    first = [
+        ("red.png", red),
+        ("red-again.png", red),  # same bytes: features copied, not decoded again
+        ("blue.png", png(solid(COLOURS["blue"]))),
+        ("ramp.png", png(ramp)),
+        ("picture.png", png(make_image(5, 96, 80))),
+    ]
+    second = [
+        ("red-jpeg.jpg", jpeg(solid(COLOURS["red"]), quality=75)),
+        ("ramp-jpeg.jpg", jpeg(ramp, quality=90)),
+        ("green.png", png(solid(COLOURS["green"]))),
+        ("red-again.png", red),
+    ]
+    rows = dedup_run(tmp_path, [first, second], workers=2, keep="first")
+    assert len(rows) == 9
+    gone = sorted(
+        (os.path.basename(r["shard"]), r["key"], r["reason"], r["duplicate_of"])
+        for r in rows
+        if not r["kept"]
+    )
+    assert gone == [
+        ("shard-00.tar", "red-again", "exact", "red"),
+        ("shard-01.tar", "ramp-jpeg", "flat", "ramp"),
+        ("shard-01.tar", "red-again", "exact", "red"),
+        ("shard-01.tar", "red-jpeg", "flat", "red"),
+    ]
+    clusters = pq.read_table(tmp_path / "out" / "dedup-report" / "clusters.parquet").to_pylist()
+    signals = sorted(sorted(c["signals"]) for c in clusters)
+    assert signals == [["exact", "flat"], ["flat"]]
+    assert all(c["max_phash_distance"] is None for c in clusters)
+
+
+def test_no_planted_picture_is_low_detail(planted):
+    # The planted set's survivors (tests/test_pipeline.py) stay as they were: none of its
+    # pictures or their copies leaves the pHash search.
+    samples, _, _ = planted
+    images = []
+    for s in samples:
+        for ext, data in s.members.items():
+            if ext in ("jpg", "png", "webp"):
+                decoded = decode_image(data, Config(), draft=32, draft_mode="RGB")
+                if decoded.image is not None:
+                    images.append(decoded.image)
+    assert len(images) >= 60
+    assert detail_of(images).min() >= LOW_DETAIL_BITS + 16

@@ -1,0 +1,286 @@
+"""Object storage and URLs against real servers on the loopback: an S3-compatible server
+(moto's server mode, one per test session) and Python's HTTP server."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dedup import errors, storage
+from dedup.synth import planted_dataset, write_shards
+
+DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
+FLAGS = ["--signals", "exact,phash", "--workers", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1, and the environment that points at it."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """Four local shards and the output of a local run of them (the reference)."""
+    root = tmp_path_factory.mktemp("store")
+    samples = planted_dataset(50, {"exact": 15, "reencode": 12}, seed=21, size=(64, 48))
+    write_shards(samples, str(root / "in"), per_shard=20)
+    dedup(root / "in", "--out", root / "local", env=os.environ, check=0)
+    return root
+
+
+def dedup(*args, env, check=None, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [DEDUP, *map(str, args), *FLAGS],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        **kwargs,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+def fs():
+    return storage.filesystem("s3://x")
+
+
+def upload(local: Path, url: str) -> None:
+    for path in sorted(local.glob("*.tar")):
+        storage.put_file(str(path), f"{url.rstrip('/')}/{path.name}")
+
+
+def _tables(read) -> dict[str, list]:
+    """samples.parquet and clusters.parquet rows, shard paths reduced to file names (the
+    report names shards as they were listed: a URL or a local path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name in ("samples.parquet", "clusters.parquet"):
+        rows = pq.read_table(pa.BufferReader(read(name))).to_pylist()
+        for row in rows:
+            for column in ("shard", "duplicate_of_shard", "survivor_shard"):
+                if row.get(column):
+                    row[column] = row[column].rsplit("/", 1)[-1]
+        out[name] = rows
+    return out
+
+
+def local_outputs(out: Path) -> dict:
+    shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+    return {**shards, **_tables(lambda n: (out / "dedup-report" / n).read_bytes())}
+
+
+def remote_outputs(url: str, report: str | None = None) -> dict:
+    report = report or f"{url}/dedup-report"
+    names = [n for n in storage.listdir(url) if n.endswith(".tar")]
+    shards = {n: storage.read_bytes(f"{url}/{n}") for n in names}
+    return {**shards, **_tables(lambda n: storage.read_bytes(f"{report}/{n}"))}
+
+
+_bucket_count = iter(range(1000))
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"bucket-{next(_bucket_count)}"
+    fs().mkdir(name)
+    return f"s3://{name}"
+
+
+def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket):
+    upload(shard_set / "in", f"{bucket}/in")
+    result = dedup(f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0)
+    summary = json.loads(result.stdout)
+    assert remote_outputs(f"{bucket}/out") == local_outputs(shard_set / "local")
+    assert summary["output"]["report"] == f"{bucket}/out/dedup-report"
+    stored = json.loads(storage.read_bytes(f"{bucket}/out/dedup-report/summary.json"))
+    assert stored["counts"] == summary["counts"]
+    # A rerun reuses every shard's features (identified by size and ETag) and gives
+    # the same bytes.
+    again = json.loads(
+        dedup(f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0).stdout
+    )
+    assert [s["features_reused"] for s in again["shards"]] == [True] * 4
+    assert remote_outputs(f"{bucket}/out") == local_outputs(shard_set / "local")
+    # Nothing but dedup's own objects in OUT: shards, report, state.
+    assert storage.listdir(f"{bucket}/out") == sorted(
+        [".dedup", "dedup-report", *(p.name for p in (shard_set / "in").glob("*.tar"))]
+    )
+
+
+def test_braces_globs_and_a_local_out(s3, shard_set, bucket, tmp_path):
+    upload(shard_set / "in", f"{bucket}/in")
+    for spec in (f"{bucket}/in/shard-{{000000..000003}}.tar", f"{bucket}/in/*.tar"):
+        out = tmp_path / hashlib.md5(spec.encode()).hexdigest()
+        dedup(spec, "--out", out, env=s3, check=0)
+        assert local_outputs(out) == local_outputs(shard_set / "local")
+
+
+def test_local_in_s3_out_with_a_local_state_dir(s3, shard_set, bucket, tmp_path):
+    state = tmp_path / "state"
+    dedup(shard_set / "in", "--out", f"{bucket}/clean", "--state-dir", state, env=s3, check=0)
+    assert remote_outputs(f"{bucket}/clean") == local_outputs(shard_set / "local")
+    assert len(list(state.glob("*.done"))) == 4
+    assert not [n for n in storage.listdir(f"{bucket}/clean/.dedup") if n == "features"]
+
+
+def test_a_shard_that_vanishes_mid_run_is_named(s3, shard_set, bucket, monkeypatch, tmp_path):
+    """Deleted between reading and writing, with two workers: exit 3 naming the URL."""
+    from dedup import pipeline
+    from dedup.config import Config
+
+    upload(shard_set / "in", f"{bucket}/in")
+    gone = f"{bucket}/in/shard-000002.tar"
+    original = pipeline.plan
+
+    def plan_then_delete(features, config):
+        storage.remove(gone)
+        return original(features, config)
+
+    monkeypatch.setattr(pipeline, "plan", plan_then_delete)
+    config = Config(signals=("exact", "phash"), workers=2)
+    with pytest.raises(errors.InputError, match=f"^{gone}: no such object"):
+        pipeline.run([f"{bucket}/in/"], f"{bucket}/out", config)
+    assert not storage.exists(f"{bucket}/out/shard-000002.tar")
+
+
+def test_a_damaged_object_among_several_is_exit_3(s3, shard_set, bucket):
+    upload(shard_set / "in", f"{bucket}/in")
+    storage.put_bytes(f"{bucket}/in/shard-000001.tar", b"not a tar" * 100)
+    result = dedup(f"{bucket}/in/", "--out", f"{bucket}/out", env=s3, check=3)
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"dedup: error: {bucket}/in/shard-000001.tar at byte 0: not a readable tar")
+    )
+
+
+def test_an_unreachable_endpoint_is_one_line(shard_set, tmp_path):
+    pytest.importorskip("s3fs")
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    result = dedup("s3://nowhere/in/", "--out", tmp_path / "out", env=env, check=3, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dedup: error: s3://nowhere/in/: ")
+    assert "after 4 tries" in lines[0]
+    assert not (tmp_path / "out").exists()
+    out = dedup(shard_set / "in", "--out", "s3://nowhere/out", env=env, check=4, timeout=120)
+    assert out.stderr.strip().splitlines()[-1].startswith("dedup: error: s3://nowhere/out")
+
+
+def test_s3_out_refusals_and_lock(s3, shard_set, bucket):
+    storage.put_bytes(f"{bucket}/mine/notes.txt", b"mine")
+    refused = dedup(shard_set / "in", "--out", f"{bucket}/mine", env=s3, check=4)
+    assert "was not written by dedup" in refused.stderr
+    assert storage.read_bytes(f"{bucket}/mine/notes.txt") == b"mine"
+    lock = f"{bucket}/out/.dedup/lock"
+    storage.put_bytes(f"{bucket}/out/.dedup/job.json", b"{}")
+    storage.put_bytes(lock, json.dumps({"host": "elsewhere", "pid": 42}).encode())
+    busy = dedup(shard_set / "in", "--out", f"{bucket}/out", env=s3, check=4)
+    assert "another dedup run (pid 42 on elsewhere) is writing here" in busy.stderr
+    storage.remove(lock)
+    dedup(shard_set / "in", "--out", f"{bucket}/out", env=s3, check=0)
+    assert not storage.exists(lock)  # released at the end
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_root(shard_set):
+    handler = functools.partial(_QuietHandler, directory=str(shard_set / "in"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_http_and_pipe_inputs_equal_a_local_run(shard_set, http_root, tmp_path):
+    pytest.importorskip("aiohttp")
+    out = tmp_path / "http"
+    dedup(f"{http_root}/shard-{{000000..000003}}.tar", "--out", out, env={}, check=0)
+    assert local_outputs(out) == local_outputs(shard_set / "local")
+    shards = sorted((shard_set / "in").glob("*.tar"))
+    pipes = [f"pipe:cat {p}" for p in shards]
+    out = tmp_path / "pipe"
+    dedup(*pipes, "--out", out, env={}, check=0)
+    assert local_outputs(out) == local_outputs(shard_set / "local")
+    again = json.loads(dedup(*pipes, "--out", out, "--json", env={}, check=0).stdout)
+    assert [s["features_reused"] for s in again["shards"]] == [True] * 4
+
+
+def test_a_failing_pipe_command_is_exit_3(shard_set, tmp_path):
+    shards = sorted((shard_set / "in").glob("*.tar"))
+    broken = f"pipe:cat {shards[0]}; exit 7 # {shards[0].name}"
+    result = dedup(broken, f"pipe:cat {shards[1]}", "--out", tmp_path / "o", env={}, check=3)
+    assert "exited with status 7" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_missing_extra_names_it(tmp_path, monkeypatch):
+    import fsspec
+
+    def missing(protocol, **kwargs):
+        raise ImportError("Install gcsfs to access Google Storage", name="gcsfs")
+
+    monkeypatch.setattr(fsspec, "filesystem", missing)
+    with pytest.raises(errors.ConfigError, match=r"pip install 'dedup-wds\[gcs\]'"):
+        storage.list_url("gs://bucket/in/")
+
+
+def test_stream_skip_read_and_ranges(s3, bucket):
+    data = os.urandom(3 << 20)
+    storage.put_bytes(f"{bucket}/blob", data)
+    with storage.open_stream(f"{bucket}/blob") as stream:
+        assert stream.skip(1000) == 1000
+        assert stream.read(5) == data[1000:1005]
+        assert stream.read() == data[1005:]
+    assert storage.read_ranges(f"{bucket}/blob", [(7, 3), (0, 2)]) == [data[7:10], data[:2]]
