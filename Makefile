@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate bench bench-cluster bench-gpu clean
+.PHONY: install test lint format demo calibrate bench bench-cluster bench-gpu bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -51,6 +51,10 @@ bench: $(BENCH_STAMP)
 # CLIP per stage and end to end; meant for a GPU machine (random ViT-B-32 weights).
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py
+
+# Local disk against a local S3-compatible server, same data, same run.
+bench-storage: $(STAMP)
+	$(BIN)/python benchmarks/bench_storage.py
 
 # The global phase alone at 1 and 10 million planted codes.
 bench-cluster: $(STAMP)

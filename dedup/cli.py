@@ -215,6 +215,11 @@ def run_command(
             skip_bad_shards=skip_bad_shards,
             state_dir=state_dir,
         )
+        # The work is done and recorded: a stop signal from here on must not turn a
+        # finished run into a killed one (Python drops its handlers as it exits).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):
+                signal.signal(signum, signal.SIG_IGN)
     except click.UsageError:
         raise
     except DedupError as e:

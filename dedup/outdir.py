@@ -167,6 +167,9 @@ def sweep(out: str, report_dir: str, store: str) -> None:
         storage.join(report_dir, ".parts"),
     ):
         remove_temporaries(directory)
+    if not storage.is_url(report_dir):
+        with contextlib.suppress(OSError):  # the report parts' folder, once merged
+            os.rmdir(os.path.join(report_dir, ".parts"))
 
 
 def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None:

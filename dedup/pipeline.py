@@ -49,7 +49,7 @@ from dedup.report import (
 )
 from dedup.shards import Shard, display_name, list_shards, shard_size
 from dedup.thumbs import read_previews
-from dedup.write import write_shard
+from dedup.write import WRITE_COLUMNS, write_shard
 
 log = logging.getLogger("dedup")
 
@@ -384,16 +384,20 @@ def finish_all(
 
 
 def _finish(job: FinishJob) -> Finished:
-    written = 0
+    # One read of the shard's features serves the writer, samples.parquet and previews.
+    f = read_features(job.features.path, sorted({*WRITE_COLUMNS, *FINISH_COLUMNS}))
+    written, captured = 0, {}
     if job.output is not None:
-        written = write_shard(job.features, job.keep.tolist(), job.output)
-    write_table(samples_part(job), job.part)
+        written, captured = write_shard(
+            job.features,
+            job.keep.tolist(),
+            job.output,
+            frozenset(job.preview_rows),
+            f.select(WRITE_COLUMNS),
+        )
+    write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part)
     previews = []
     if job.preview_rows:
-        f = read_features(
-            job.features.path,
-            ["key", "member_names", "member_offsets", "member_sizes", "image_member"],
-        )
         keys = f.column("key").to_pylist()
         found = read_previews(
             job.features.shard.path,
@@ -402,6 +406,7 @@ def _finish(job: FinishJob) -> Finished:
             f.column("member_offsets").to_pylist(),
             f.column("member_sizes").to_pylist(),
             f.column("image_member").to_pylist(),
+            captured,
         )
         previews = [(keys[row], thumb, cap) for row, thumb, cap in found]
     return Finished(job.features.shard.path, job.output, written, previews)
@@ -424,9 +429,10 @@ def preview_rows(p: Plan) -> np.ndarray:
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
-def samples_part(job: FinishJob) -> pa.Table:
-    """This shard's rows of samples.parquet."""
-    f = read_features(job.features.path, SAMPLE_COLUMNS)
+def samples_part(job: FinishJob, f: pa.Table | None = None) -> pa.Table:
+    """This shard's rows of samples.parquet (`f`: its SAMPLE_COLUMNS, if read already)."""
+    if f is None:
+        f = read_features(job.features.path, SAMPLE_COLUMNS)
     n = f.num_rows
     hexed = {
         name: pa.array(
@@ -458,6 +464,7 @@ def samples_part(job: FinishJob) -> pa.Table:
 
 
 SAMPLE_COLUMNS = ["key", "width", "height", "bytes", "image_member", "digest", "phash"]
+FINISH_COLUMNS = [*SAMPLE_COLUMNS, "member_names", "member_offsets", "member_sizes"]
 
 
 # ---------------------------------------------------------------- run

@@ -164,7 +164,9 @@ def size(url: str) -> int:
 class Stream:
     """A sequential reader over one GET (or one command's stdout): `read(n)` only.
 
-    `skip(n)` reads past bytes without keeping them; `tell()` counts bytes read.
+    Reads from the source in blocks of STREAM_BLOCK and serves small reads (a tar
+    header is 512 bytes) from that buffer. `skip(n)` reads past bytes without keeping
+    them; `tell()` counts bytes read.
     """
 
     def __init__(self, read: Callable[[int], bytes], close: Callable[[], None], url: str):
@@ -172,6 +174,13 @@ class Stream:
         self._close = close
         self.url = url
         self.position = 0
+        self._buffer = b""
+        self._at = 0
+
+    def _fill(self) -> bool:
+        chunk = self._read(STREAM_BLOCK)
+        self._buffer, self._at = chunk, 0
+        return bool(chunk)
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -181,12 +190,13 @@ class Stream:
             return b"".join(parts)
         out = []
         while n > 0:
-            chunk = self._read(n)
-            if not chunk:
+            if self._at >= len(self._buffer) and not self._fill():
                 break
-            out.append(chunk)
-            n -= len(chunk)
-        data = b"".join(out)
+            piece = self._buffer[self._at : self._at + n]
+            self._at += len(piece)
+            out.append(piece)
+            n -= len(piece)
+        data = out[0] if len(out) == 1 else b"".join(out)
         self.position += len(data)
         return data
 
@@ -301,11 +311,13 @@ def read_ranges(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
                 stream.skip(offset - stream.tell())
                 found[(offset, size)] = stream.read(size)
         return [found[r] for r in ranges]
+    if not ranges:
+        return []
     fs = filesystem(path)
-    return [
-        retry(lambda o=offset, n=size: fs.cat_file(path, start=o, end=o + n), path)
-        for offset, size in ranges
-    ]
+    starts = [offset for offset, _ in ranges]
+    ends = [offset + size for offset, size in ranges]
+    # Concurrent ranged GETs (fsspec runs them together on its event loop).
+    return retry(lambda: fs.cat_ranges([path] * len(ranges), starts, ends), path)
 
 
 def read_bytes(url: str, error: type[DedupError] = InputError) -> bytes:

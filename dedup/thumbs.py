@@ -56,23 +56,37 @@ def caption(members: dict[str, bytes]) -> str | None:
 
 
 def read_previews(
-    path: str, rows: list[int], names: list, offsets: list, sizes: list, image_members: list
+    path: str,
+    rows: list[int],
+    names: list,
+    offsets: list,
+    sizes: list,
+    image_members: list,
+    captured: dict[int, list[bytes]] | None = None,
 ) -> list[tuple[int, bytes | None, str | None]]:
-    """(row, thumbnail, caption) for the given rows of one shard, read by offset."""
-    wanted = []  # (row, "image" or caption extension, offset, size)
+    """(row, thumbnail, caption) for the given rows of one shard: from `captured` member
+    bytes (read during the write pass) where given, else read by offset."""
+    captured = captured or {}
+    wanted = []  # (row, "image" or caption extension, offset, size, captured bytes)
     for row in rows:
-        for raw, offset, size in zip(names[row], offsets[row], sizes[row], strict=True):
+        have = captured.get(row)
+        for k, (raw, offset, size) in enumerate(
+            zip(names[row], offsets[row], sizes[row], strict=True)
+        ):
             name = display_name(raw.decode("utf-8", "surrogateescape"))
             base = name.rsplit("/", 1)[-1]
             ext = base.split(".", 1)[1] if "." in base else ""
+            data = have[k] if have is not None else None
             if name == image_members[row]:
-                wanted.append((row, None, offset, size))
+                wanted.append((row, None, offset, size, data))
             elif size <= 1 << 16 and (ext.endswith("txt") or ext.endswith("json")):
-                wanted.append((row, ext, offset, size))
-    found = read_ranges(path, [(offset, size) for _, _, offset, size in wanted])
+                wanted.append((row, ext, offset, size, data))
+    missing = [(offset, size) for _, _, offset, size, data in wanted if data is None]
+    fetched = iter(read_ranges(path, missing))
+    found = [data if data is not None else next(fetched) for *_, data in wanted]
     images: dict[int, bytes] = {}
     captions: dict[int, dict[str, bytes]] = {row: {} for row in rows}
-    for (row, ext, _, _), data in zip(wanted, found, strict=True):
+    for (row, ext, *_), data in zip(wanted, found, strict=True):
         if ext is None:
             images[row] = data
         else:

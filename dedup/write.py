@@ -50,9 +50,20 @@ _TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as sp
 _TEMPLATE = bytes(_TEMPLATE)
 
 
-def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
+WRITE_COLUMNS = ["offset", "member_names", "member_offsets", "member_sizes"]
+
+
+def write_shard(
+    features: ShardFeatures,
+    keep: list[bool],
+    output: str,
+    capture: frozenset[int] = frozenset(),
+    table=None,
+) -> tuple[int, dict[int, list[bytes]]]:
     """Write the samples of a shard whose position has keep=True to `output` (a path or
-    URL); return how many were written.
+    URL). Return how many were written, and the member bytes of the `capture` rows (for
+    the report's thumbnails: read in the same pass, kept or not). `table` holds the
+    shard's WRITE_COLUMNS when the caller has read them already.
 
     The source is read in one sequential pass (one streaming GET from a store), member
     bytes taken from the offsets phase 1 recorded. The shard must still be what was read
@@ -61,9 +72,8 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
     a damaged feature record is an error, never a shifted member.
     """
     shard = features.shard
-    table = read_features(
-        features.path, ["offset", "member_names", "member_offsets", "member_sizes"]
-    )
+    if table is None:
+        table = read_features(features.path, WRITE_COLUMNS)
     if table.num_rows != len(keep):
         raise ShardError(shard.path, "stored features do not match the plan; rerun")
     raw_names = table.column("member_names").to_pylist()
@@ -71,11 +81,12 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
     samples = 0
+    captured: dict[int, list[bytes]] = {}
     with _Source(features) as src, atomic_path(output) as tmp:
         with open(tmp, "wb", buffering=1 << 20) as out:
             written = 0
             for row, kept in enumerate(keep):
-                if not kept:
+                if not kept and row not in capture:
                     continue
                 # A sample's members are adjacent in the input: one read covers all of
                 # them and their headers.
@@ -85,6 +96,13 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
                 blob = memoryview(src.read(span))
                 if len(blob) != span:
                     raise ShardError(shard.path, "shard is shorter than when it was read", start)
+                if row in capture:
+                    captured[row] = [
+                        bytes(blob[o - start : o - start + n])
+                        for o, n in zip(offsets[row], sizes[row], strict=True)
+                    ]
+                if not kept:
+                    continue
                 for raw, offset, size in zip(raw_names[row], offsets[row], sizes[row], strict=True):
                     at = offset - start
                     _check_header(blob, at - BLOCK, raw, size, shard.path, offset - BLOCK)
@@ -102,7 +120,7 @@ def write_shard(features: ShardFeatures, keep: list[bool], output: str) -> int:
             end = 2 * BLOCK + (-(written + 2 * BLOCK) % RECORD)
             out.write(bytes(end))
         src.finish()
-    return samples
+    return samples, captured
 
 
 class _Source:

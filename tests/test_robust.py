@@ -403,10 +403,10 @@ def test_a_failed_rerun_leaves_no_summary_claiming_success(many_shards, tmp_path
     assert json.loads((out / ".dedup/job.json").read_text())["complete"] is True
     real = dedup.pipeline.write_shard
 
-    def failing(features, keep, output):
+    def failing(features, keep, output, *args):
         if output.endswith("shard-000003.tar"):
             raise OSError("disk full")
-        return real(features, keep, output)
+        return real(features, keep, output, *args)
 
     monkeypatch.setattr(dedup.pipeline, "write_shard", failing)
     with pytest.raises(OSError):
