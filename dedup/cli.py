@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 
@@ -242,7 +243,18 @@ def run_command(
     for line in human_summary(summary):
         click.echo(f"dedup: {line}", err=True)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        try:
+            click.echo(json.dumps(summary, indent=2))
+            sys.stdout.flush()
+        except OSError as e:  # a closed pipe (`| head -c0`), a full device
+            with contextlib.suppress(OSError):  # nothing more may go to that stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            click.echo(
+                f"dedup: error: cannot write the summary to stdout ({e.strerror or e}); "
+                "the run itself finished: see summary.json in the report",
+                err=True,
+            )
+            sys.exit(EXIT_OUTPUT)
     if summary["skipped_shards"]:
         sys.exit(EXIT_SKIPPED_SHARDS)
 

@@ -136,29 +136,39 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Config)}
 def _coerce(name: str, value: Any) -> Any:
     """Turn a YAML or flag value into the field's type, or raise a one-line ConfigError."""
     kind = _FIELD_TYPES[name]
+    value_text = _short(value)
     if kind.startswith("tuple"):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}: expected a list of names, got {value!r}")
+            raise ConfigError(f"{name}: expected a list of names, got {value_text}")
         return tuple(value)
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{name}: expected a whole number, got {value_text}")
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
+            raise ConfigError(f"{name}: expected a number, got {value_text}")
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+            raise ConfigError(f"{name}: expected true or false, got {value_text}")
         return value
     if kind == "str":
         if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected text, got {value!r}")
+            raise ConfigError(f"{name}: expected text, got {value_text}")
         return value
     raise AssertionError(f"unhandled config type {kind} for {name}")
+
+
+def _short(value: Any) -> str:
+    """A value for an error message: a YAML alias bomb must not be expanded into it."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxstring, short.maxother = 2, 4, 60, 60
+    return short.repr(value)
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -176,6 +186,8 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
         except RecursionError:
             raise ConfigError(f"config {path}: nested too deeply to be a dedup config") from None
+        except ValueError as e:  # e.g. an integer of thousands of digits
+            raise ConfigError(f"config {path}: {str(e)[:200]}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

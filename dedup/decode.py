@@ -129,11 +129,23 @@ def normalize(img: Image.Image, orientation: int | None = None) -> Image.Image:
 def _scale_to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img)
     if arr.dtype.kind == "f":
-        arr = np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255.0
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if arr.min(initial=0.0) < 0.0 or arr.max(initial=0.0) > 1.0:
+            return _stretch(arr)  # not a 0..1 image: its own range, never clipped
+        arr = arr * 255.0
     else:
         # 16-bit PNG and TIFF data arrive as I;16* (or as I in some Pillow versions) with
         # range 0..65535; an I image whose values all fit in 8 bits is kept as it is.
-        arr = np.clip(arr.astype(np.int64), 0, 65535)
+        arr = arr.astype(np.int64)
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 65535:
+            return _stretch(arr)  # 32-bit data: its own range, never clipped
         if img.mode != "I" or arr.max(initial=0) > 255:
             arr = arr >> 8
     return Image.fromarray(arr.astype(np.uint8), mode="L")
+
+
+def _stretch(arr: np.ndarray) -> Image.Image:
+    """Map an image's own value range onto 0..255 (deterministic, per image)."""
+    lo, hi = float(arr.min(initial=0)), float(arr.max(initial=0))
+    scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr, dtype=float)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")

@@ -82,7 +82,7 @@ def claim_output(
     _refuse_input_dirs(out, "--out", shards)
     _refuse_input_dirs(report_dir, "--report", shards)
     job_path = storage.join(storage.join(out, STATE_DIR), JOB_FILE)
-    ours = _isfile(job_path)
+    ours = _isfile(job_path) or _only_ours(storage.join(out, STATE_DIR))
     _refuse_foreign(out, ours, overwrite, "--out")
     if not ours and _exists(storage.join(out, STATE_DIR)):
         raise OutputError(f"{out}: holds a {STATE_DIR} that dedup did not write; remove it")
@@ -122,6 +122,20 @@ def claim_output(
             _write_job(job_path, current, complete=True)
         finally:
             sweep(out, report_dir, store)
+
+
+# What dedup puts in OUT/.dedup before job.json: a run killed in between left only these.
+STATE_NAMES = {LOCK_FILE, JOB_FILE, FEATURES_DIR, ".dedup-tmp"}
+
+
+def _only_ours(state: str) -> bool:
+    """A state folder that holds nothing but names dedup creates there (or nothing)."""
+    if storage.is_url(state):
+        names = storage.listdir(state)
+        return bool(names) and set(names) <= STATE_NAMES
+    if not os.path.isdir(state) or os.path.islink(state):
+        return False
+    return set(os.listdir(state)) <= STATE_NAMES
 
 
 def _absolute(path: str) -> str:

@@ -176,6 +176,7 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
     skipped = skipped if skipped is not None else Counter()
     finished: set[str] = set()
     current: Sample | None = None
+    names_in_sample: set[str] = set()
     index = 0
     for header_offset, name, data_offset, data in iter_members(shard, skipped):
         if name.rsplit("/", 1)[-1].startswith("."):
@@ -195,10 +196,12 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
                     header_offset,
                 )
             current = Sample(key=key, index=index, offset=header_offset)
-        elif any(m.name == name for m in current.members):
+            names_in_sample = set()
+        elif name in names_in_sample:
             raise ShardError(
                 shard.path, f"sample {key!r} has the member {name!r} twice", header_offset
             )
+        names_in_sample.add(name)
         current.members.append(Member(name, data_offset, data))
     if current is not None:
         yield current

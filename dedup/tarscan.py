@@ -136,6 +136,8 @@ def scan(
             padded = (size + BLOCK - 1) // BLOCK * BLOCK
             if file_size is not None and data_offset + size > file_size:
                 raise ShardError(path, "tar is truncated: a member's data runs past the end", pos)
+        if "\x00" in member_name:
+            raise ShardError(path, f"member name {member_name!r} holds a NUL byte", start)
         sparse = kind == b"S" or any(k.startswith("GNU.sparse.") for k in pax)
         if sparse:
             # Old GNU (type S) and PAX (GNU.sparse.* records) sparse members store a map

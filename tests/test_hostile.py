@@ -488,3 +488,94 @@ def test_dedup_report_on_a_damaged_summary(shard_set, tmp_path, damage):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert error_line(result).startswith("dedup: error: ")
+
+
+# ------------------------------------------------------------ found by the hostile-input hunt
+
+
+def test_a_run_killed_before_job_json_is_resumed_not_refused(shard_set, tmp_path):
+    out = tmp_path / "out"
+    (out / ".dedup").mkdir(parents=True)
+    (out / ".dedup" / "lock").write_bytes(b"")  # all a run killed this early leaves
+    dedup(shard_set / "in", "--out", out, check=0)
+    assert outputs(out) == outputs(shard_set / "clean")
+    foreign = tmp_path / "foreign"
+    (foreign / ".dedup").mkdir(parents=True)
+    (foreign / ".dedup" / "mine.txt").write_text("x")
+    result = dedup(shard_set / "in", "--out", foreign, "--overwrite", check=4)
+    assert "holds a .dedup that dedup did not write" in error_line(result)
+
+
+def test_a_nul_in_a_pax_member_name_is_shard_damage_found_while_reading(shard_set, tmp_path):
+    import io
+    import tarfile
+
+    inputs = copy_inputs(shard_set, tmp_path / "in")
+    bad = inputs / "shard-000004.tar"
+    with tarfile.open(bad, "w", format=tarfile.PAX_FORMAT) as tar:
+        data = encode(make_image(9, 32, 32))
+        info = tarfile.TarInfo("pq.jpg")
+        info.pax_headers = {"path": "p\x00q.jpg"}
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    result = dedup(inputs, "--out", tmp_path / "out", check=3)
+    assert error_line(result).startswith(f"dedup: error: {bad} at byte 0: member name")
+    dedup(inputs, "--out", tmp_path / "out2", "--skip-bad-shards", check=5)
+    assert not (tmp_path / "out2" / bad.name).exists()
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_wide_integer_and_float_images_are_scaled_not_clipped(tmp_path, mode):
+    """Two different pictures stored with values far outside 0..255 (or 0..1) must not
+    clip to the same saturated image."""
+    import numpy as np
+    from PIL import Image
+
+    def stored(seed: int) -> bytes:
+        pixels = np.asarray(make_image(seed, 64, 64).convert("L"), dtype=np.float64)
+        values = pixels * 1_000_000 + 70_000 if mode == "I" else pixels * 40.0 - 100.0
+        image = Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32), mode)
+        return encode(image, "TIFF")
+
+    write_tar(str(tmp_path / "in/a.tar"), [("x.tif", stored(1))])
+    write_tar(str(tmp_path / "in/b.tar"), [("y.tif", stored(2)), ("z.tif", stored(1))])
+    summary = json.loads(dedup(tmp_path / "in", "--out", tmp_path / "o", "--json", check=0).stdout)
+    assert summary["counts"]["removed_by_reason"] == {"exact": 1}
+
+
+def test_a_yaml_alias_bomb_is_a_quick_usage_error(shard_set, tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    for k in range(1, 9):
+        lines.append(f"a{k}: &a{k} [" + ", ".join([f"*a{k - 1}"] * 9) + "]")
+    lines.append("signals: *a8")
+    config = tmp_path / "bomb.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    start = time.monotonic()
+    result = dedup(shard_set / "in", "--out", tmp_path / "out", "--config", config, check=2)
+    assert time.monotonic() - start < 30
+    assert len(error_line(result)) < 400
+
+
+def test_a_huge_integer_in_a_config_is_a_usage_error(shard_set, tmp_path):
+    config = tmp_path / "big.yaml"
+    config.write_text("workers: " + "9" * 5000 + "\n")
+    result = dedup(shard_set / "in", "--out", tmp_path / "out", "--config", config, check=2)
+    assert error_line(result).startswith(f"dedup: error: config {config}: ")
+
+
+def test_json_to_a_closed_pipe_is_one_line(shard_set, tmp_path):
+    result = subprocess.run(
+        f"'{DEDUP}' '{shard_set / 'in'}' --out '{tmp_path / 'out'}' {' '.join(FLAGS)} "
+        "-q --json | head -c0; exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("dedup: error: cannot write the summary to stdout (Broken pipe)")
+    )
