@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def main() -> None:
         )
         assert same, "S3 output differs from the local output"
     server.stop()
+    shutil.rmtree(root, ignore_errors=True)
 
     print(
         f"{len(samples):,} samples in {len(list((root / 'in').glob('*.tar')))} shards, "

@@ -129,9 +129,12 @@ def bucket(s3):
     return f"s3://{name}"
 
 
-def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket):
+def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket, tmp_path):
     upload(shard_set / "in", f"{bucket}/in")
-    result = dedup(f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0)
+    result = dedup(
+        f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0, cwd=tmp_path
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing local, no folder named "s3:"
     summary = json.loads(result.stdout)
     assert remote_outputs(f"{bucket}/out") == local_outputs(shard_set / "local")
     assert summary["output"]["report"] == f"{bucket}/out/dedup-report"
