@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -98,6 +99,11 @@ class Config:
             )
         if self.max_pixels <= 0:
             raise ConfigError(f"max_pixels: {self.max_pixels} must be positive")
+
+    @functools.cached_property
+    def image_extension_set(self) -> frozenset[str]:
+        """`image_extensions`, lower-cased, for a membership test per tar member."""
+        return frozenset(e.lower() for e in self.image_extensions)
 
     @property
     def worker_count(self) -> int:

@@ -32,12 +32,16 @@ class Decoded:
 
 def image_member(member_names: list[str], config: Config) -> int | None:
     """Position of the sample's image: the first member whose last extension is an image type."""
-    allowed = {e.lower() for e in config.image_extensions}
     for i, name in enumerate(member_names):
-        base = name.rsplit("/", 1)[-1]
-        if "." in base and base.rsplit(".", 1)[1].lower() in allowed:
+        if is_image_name(name, config):
             return i
     return None
+
+
+def is_image_name(name: str, config: Config) -> bool:
+    """Whether a member's last extension is one of the image types."""
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.rsplit(".", 1)[1].lower() in config.image_extension_set
 
 
 def decode_image(

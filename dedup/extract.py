@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from dedup import __version__, storage
 from dedup.config import Config
-from dedup.decode import decode_image, image_member
+from dedup.decode import decode_image, image_member, is_image_name
 from dedup.errors import DedupError, FeatureStoreError, ShardError
 from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
@@ -263,7 +263,8 @@ def compute_features(
             pending_smalls.clear()
 
     reported_samples = reported_bytes = 0
-    for sample in iter_samples(shard, skipped):
+    # Only image members are held in memory; captions and other members are measured.
+    for sample in iter_samples(shard, skipped, keep=lambda name: is_image_name(name, config)):
         row = sample.index
         if row - reported_samples >= REPORT_EVERY:
             advance(row - reported_samples, sample.offset - reported_bytes)

@@ -69,9 +69,31 @@ def read_file(path: str) -> bytes:
         return fh.read()
 
 
+SCRATCH_ENV = "DEDUP_SCRATCH"
+
+
+@contextlib.contextmanager
+def scratch_dir() -> Iterator[str]:
+    """A local folder for this run's uploads in the making, shared with its workers
+    (through the environment, which forked and spawned workers inherit) and deleted
+    when the run ends, however it ends but kill -9."""
+    path = tempfile.mkdtemp(prefix="dedup-run-")
+    previous = os.environ.get(SCRATCH_ENV)
+    os.environ[SCRATCH_ENV] = path
+    try:
+        yield path
+    finally:
+        if previous is None:
+            os.environ.pop(SCRATCH_ENV, None)
+        else:
+            os.environ[SCRATCH_ENV] = previous
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _remote_atomic(final: str) -> Iterator[str]:
-    fd, tmp = tempfile.mkstemp(prefix="dedup-upload-")
+    scratch = os.environ.get(SCRATCH_ENV)
+    fd, tmp = tempfile.mkstemp(prefix="upload-", dir=scratch if scratch else None)
     os.close(fd)
     try:
         yield tmp

@@ -13,7 +13,7 @@ import errno
 import fcntl
 import json
 import os
-import shutil
+import re
 import socket
 import threading
 import uuid
@@ -49,13 +49,13 @@ def feature_store(out: str, state_dir: str | None = None) -> str:
 
 def _same_place(a: str, b: str) -> bool:
     if storage.is_url(a) or storage.is_url(b):
-        return a.rstrip("/") == b.rstrip("/")
+        return storage.normal_url(a) == storage.normal_url(b)
     return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _parent(path: str) -> str:
     if storage.is_url(path):
-        return path.rstrip("/").rsplit("/", 1)[0]
+        return storage.normal_url(path).rsplit("/", 1)[0]
     return os.path.dirname(os.path.abspath(path))
 
 
@@ -90,12 +90,21 @@ def claim_output(
     report_ours = _isfile(storage.join(report_dir, REPORT_MARKER)) or (ours and inside_out)
     if not _same_place(report_dir, out):
         _refuse_foreign(report_dir, report_ours, overwrite, "--report")
-    _make_dirs(out, storage.join(out, STATE_DIR), report_dir)
     store = feature_store(out, state_dir)
-    with (
-        _locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out),
-        _locked(storage.join(report_dir, REPORT_LOCK), report_dir),
-    ):
+    if state_dir is not None:
+        _refuse_input_dirs(state_dir, "--state-dir", shards)
+        foreign = [n for n in _names(state_dir) if not STORE_NAME.fullmatch(n)]
+        if foreign and not overwrite:
+            raise OutputError(
+                f"{state_dir}: holds files dedup did not write ({foreign[0]}, ...) "
+                "(--state-dir); choose an empty or new directory"
+            )
+    _make_dirs(out, storage.join(out, STATE_DIR), report_dir, store)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(_locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out))
+        locks.enter_context(_locked(storage.join(report_dir, REPORT_LOCK), report_dir))
+        if state_dir is not None:  # the default store is inside OUT, under OUT's lock
+            locks.enter_context(_locked(storage.join(state_dir, STATE_LOCK), state_dir))
         write_atomic(
             storage.join(report_dir, REPORT_MARKER),
             json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
@@ -131,11 +140,12 @@ STATE_NAMES = {LOCK_FILE, JOB_FILE, FEATURES_DIR, ".dedup-tmp"}
 def _only_ours(state: str) -> bool:
     """A state folder that holds nothing but names dedup creates there (or nothing)."""
     if storage.is_url(state):
-        names = storage.listdir(state)
-        return bool(names) and set(names) <= STATE_NAMES
-    if not os.path.isdir(state) or os.path.islink(state):
+        names = set(storage.listdir(state))
+    elif os.path.isdir(state) and not os.path.islink(state):
+        names = set(os.listdir(state))
+    else:
         return False
-    return set(os.listdir(state)) <= STATE_NAMES
+    return LOCK_FILE in names and names <= STATE_NAMES
 
 
 def _absolute(path: str) -> str:
@@ -163,12 +173,23 @@ def remove_output(path: str) -> None:
         os.unlink(path)
 
 
+# What dedup writes in a feature store: `<digest>.parquet`, its `.done` marker, its lock
+# and its temporary folder. Only these names are ever deleted there.
+STATE_LOCK = ".dedup-state.lock"
+STORE_NAME = re.compile(r"[0-9a-f]{32}\.parquet(\.done)?|\.dedup-tmp|\.dedup-state\.lock")
+
+
+def _names(directory: str) -> list[str]:
+    if storage.is_url(directory):
+        return storage.listdir(directory)
+    return _listdir(directory) if os.path.isdir(directory) else []
+
+
 def _clear_store(store: str) -> None:
-    if storage.is_url(store):
-        for name in storage.listdir(store):
-            storage.remove(storage.join(store, name))
-    else:
-        shutil.rmtree(store, ignore_errors=True)
+    """Delete the stored features (--overwrite): dedup's own files only."""
+    for name in _names(store):
+        if STORE_NAME.fullmatch(name) and name not in (STATE_LOCK, ".dedup-tmp"):
+            remove_output(storage.join(store, name))
 
 
 def sweep(out: str, report_dir: str, store: str) -> None:

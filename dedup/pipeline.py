@@ -27,6 +27,7 @@ from dedup.extract import (
     extract_shard,
     read_features,
 )
+from dedup.fsutil import scratch_dir
 from dedup.htmlreport import (
     CALIBRATION_SCHEMA,
     PREVIEWS_SCHEMA,
@@ -487,12 +488,15 @@ def run(
     clip = resolve_clip(config)
     report_dir = report_dir or storage.join(out, REPORT_DIR)
     store = feature_store(out, state_dir)
-    with claim_output(out, shards, overwrite, report_dir, dry_run, state_dir):
+    with (
+        claim_output(out, shards, overwrite, report_dir, dry_run, state_dir),
+        scratch_dir() as scratch,
+    ):
         if not storage.is_url(report_dir):
             return _run(shards, out, store, config, report_dir, dry_run, skip_bad_shards, clip)
         # A report in a store is made in a local folder, then put object by object,
         # summary.json last: whoever sees the summary sees a complete report.
-        with tempfile.TemporaryDirectory(prefix="dedup-report-") as staging:
+        with tempfile.TemporaryDirectory(dir=scratch) as staging:
             summary = _run(shards, out, store, config, staging, dry_run, skip_bad_shards, clip)
             summary["output"]["report"] = report_dir
             write_summary(summary, report_paths(staging)["summary"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
@@ -34,15 +34,13 @@ class Shard:
 
 @dataclass
 class Member:
-    """One regular tar member: its name, where its data starts in the shard, and its bytes."""
+    """One regular tar member: its name, where its data starts in the shard, its size, and
+    its bytes (None when the reader was asked not to hold them)."""
 
     name: str
     offset: int
-    data: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
+    size: int
+    data: bytes | None
 
 
 @dataclass
@@ -112,7 +110,7 @@ def list_shards(inputs: list[str]) -> list[Shard]:
         if real in seen:
             raise InputError(f"{path}: the same shard is listed twice (also as {seen[real]})")
         seen[real] = path
-        name = os.path.basename(path)
+        name = Shard(path).name
         if name in names:
             raise InputError(
                 f"{path}: shares the file name {name!r} with {names[name]}; "
@@ -165,7 +163,9 @@ def _check_shard_file(path: str) -> str:
     return path
 
 
-def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sample]:
+def iter_samples(
+    shard: Shard, skipped: Counter | None = None, keep: Callable[[str], bool] | None = None
+) -> Iterator[Sample]:
     """Stream a shard's samples in tar order.
 
     Non-regular members (directories, links, devices) carry no sample data; they are
@@ -178,7 +178,7 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
     current: Sample | None = None
     names_in_sample: set[str] = set()
     index = 0
-    for header_offset, name, data_offset, data in iter_members(shard, skipped):
+    for header_offset, name, data_offset, size, data in iter_members(shard, skipped, keep):
         if name.rsplit("/", 1)[-1].startswith("."):
             skipped["hidden"] += 1
             continue
@@ -202,19 +202,22 @@ def iter_samples(shard: Shard, skipped: Counter | None = None) -> Iterator[Sampl
                 shard.path, f"sample {key!r} has the member {name!r} twice", header_offset
             )
         names_in_sample.add(name)
-        current.members.append(Member(name, data_offset, data))
+        current.members.append(Member(name, data_offset, size, data))
     if current is not None:
         yield current
 
 
-def iter_members(shard: Shard, skipped: Counter) -> Iterator[tuple[int, str, int, bytes]]:
-    """(header offset, name, data offset, data) of each regular member, in tar order."""
+def iter_members(
+    shard: Shard, skipped: Counter, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[int, str, int, int, bytes | None]]:
+    """(header offset, name, data offset, size, data) of each regular member, in tar
+    order; with `keep`, data only for the members it accepts (None for the others)."""
     if shard.is_url:
         with storage.open_stream(shard.path) as stream:
             first = stream.read(tarscan.BLOCK)
             if not first:
                 raise ShardError(shard.path, "empty object, not a tar archive")
-            yield from tarscan.scan(_Prefixed(first, stream), shard.path, None, skipped)
+            yield from tarscan.scan(_Prefixed(first, stream), shard.path, None, skipped, keep)
         return
     try:
         fh = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed below)
@@ -224,7 +227,7 @@ def iter_members(shard: Shard, skipped: Counter) -> Iterator[tuple[int, str, int
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise ShardError(shard.path, "empty file, not a tar archive")
-        yield from tarscan.scan(fh, shard.path, size, skipped)
+        yield from tarscan.scan(fh, shard.path, size, skipped, keep)
 
 
 class _Prefixed:

@@ -38,6 +38,19 @@ def scheme(url: str) -> str:
     return "pipe" if url.startswith(PIPE) else url.split("://", 1)[0].lower()
 
 
+SCHEME_ALIASES = {"s3a": "s3", "gcs": "gs"}
+
+
+def normal_url(url: str) -> str:
+    """One spelling of a store URL: `s3a://` is `s3://`, `gcs://` is `gs://`, repeated
+    and trailing slashes dropped; used to tell whether two names are one place."""
+    if not is_url(url) or url.startswith(PIPE):
+        return url
+    protocol, rest = url.split("://", 1)
+    protocol = SCHEME_ALIASES.get(protocol.lower(), protocol.lower())
+    return f"{protocol}://" + "/".join(p for p in rest.split("/") if p)
+
+
 def join(base: str, name: str) -> str:
     """`base`/`name` for a local path or a URL."""
     if is_url(base):

@@ -9,7 +9,7 @@ of any damage. Member names are only ever strings: nothing here touches the file
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from dedup.errors import ShardError
@@ -80,11 +80,17 @@ def _pax_records(data: bytes, path: str, offset: int) -> dict[str, str]:
 
 
 def scan(
-    fh: BinaryIO, path: str, file_size: int | None, skipped: Counter
-) -> Iterator[tuple[int, str, int, bytes]]:
-    """Yield (header offset, name, data offset, data) for each regular member of a tar
-    read sequentially from `fh` (a file or a stream: only `read` is used); count the
-    other kinds in `skipped`. `file_size`, when known, catches truncation early."""
+    fh: BinaryIO,
+    path: str,
+    file_size: int | None,
+    skipped: Counter,
+    keep: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[int, str, int, int, bytes | None]]:
+    """Yield (header offset, name, data offset, size, data) for each regular member of a
+    tar read sequentially from `fh` (a file or a stream: only `read` is used); count the
+    other kinds in `skipped`. `file_size`, when known, catches truncation early. With
+    `keep`, only members whose name it accepts are read into memory; the others are
+    passed over in bounded chunks and yielded with data None."""
     pos = 0
     long_name: str | None = None
     pax: dict[str, str] = {}
@@ -148,11 +154,14 @@ def scan(
             )
         long_name, pax, entry_start = None, {}, None
         if kind in REGULAR and not (kind == b"\x00" and member_name.endswith("/")):
-            data = _read(fh, size, padded, path, pos)
-            yield start, member_name, data_offset, data
+            if keep is None or keep(member_name):
+                data = _read(fh, size, padded, path, pos)
+            else:
+                data = _pass_over(fh, padded, path, pos)
+            yield start, member_name, data_offset, size, data
         else:
             skipped[KINDS.get(kind, "directory" if kind == b"\x00" else "other")] += 1
-            _read(fh, size, padded, path, pos)
+            _pass_over(fh, padded, path, pos)
         pos = data_offset + padded
 
 
@@ -163,6 +172,16 @@ def _read(fh: BinaryIO, size: int, padded: int, path: str, pos: int) -> bytes:
     if padded > size:
         fh.read(padded - size)  # read, not seek: the input may be a stream
     return data
+
+
+def _pass_over(fh: BinaryIO, padded: int, path: str, pos: int) -> None:
+    """Read past a member's data without holding it (a 1 GB member costs 1 MiB)."""
+    left = padded
+    while left > 0:
+        chunk = fh.read(min(left, 1 << 20))
+        if not chunk:
+            raise ShardError(path, "tar is truncated inside a member's data", pos)
+        left -= len(chunk)
 
 
 def _check_trailer(fh: BinaryIO, path: str, pos: int) -> None:

@@ -13,6 +13,8 @@ from dedup.progress import REPORT_EVERY, advance
 from dedup.tarscan import BLOCK, REGULAR, header_checksum_ok
 
 RECORD = 20 * BLOCK  # what tarfile pads an archive to; readers expect whole records
+COPY_CHUNK = 1 << 22
+CAPTURE_MAX = 1 << 26  # larger members are never a thumbnail or a caption
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -50,7 +52,7 @@ _TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as sp
 _TEMPLATE = bytes(_TEMPLATE)
 
 
-WRITE_COLUMNS = ["offset", "member_names", "member_offsets", "member_sizes"]
+WRITE_COLUMNS = ["member_names", "member_offsets", "member_sizes"]
 
 
 def write_shard(
@@ -77,7 +79,6 @@ def write_shard(
     if table.num_rows != len(keep):
         raise ShardError(shard.path, "stored features do not match the plan; rerun")
     raw_names = table.column("member_names").to_pylist()
-    starts = table.column("offset").to_pylist()
     offsets = table.column("member_offsets").to_pylist()
     sizes = table.column("member_sizes").to_pylist()
     samples = 0
@@ -88,31 +89,35 @@ def write_shard(
             for row, kept in enumerate(keep):
                 if not kept and row not in capture:
                     continue
-                # A sample's members are adjacent in the input: one read covers all of
-                # them and their headers.
-                start = starts[row]
-                span = offsets[row][-1] + sizes[row][-1] - start
-                src.skip_to(start)
-                blob = memoryview(src.read(span))
-                if len(blob) != span:
-                    raise ShardError(shard.path, "shard is shorter than when it was read", start)
+                # Members are read one by one, each in bounded chunks: the header in
+                # front of it is checked, its bytes are copied; nothing is held whole but
+                # what the report's thumbnails need.
+                members = zip(raw_names[row], offsets[row], sizes[row], strict=True)
+                held = []
+                for raw, offset, size in members:
+                    src.skip_to(offset - BLOCK)
+                    header_block = src.read(BLOCK)
+                    _check_header(header_block, 0, raw, size, shard.path, offset - BLOCK)
+                    keep_bytes = row in capture and size <= CAPTURE_MAX
+                    parts = []
+                    if kept:
+                        header = member_header(raw.decode("utf-8", "surrogateescape"), size)
+                        out.write(header)
+                        written += len(header)
+                    for chunk in src.chunks(size):
+                        if kept:
+                            out.write(chunk)
+                        if keep_bytes:
+                            parts.append(chunk)
+                    if kept:
+                        pad = -size % BLOCK
+                        out.write(bytes(pad))
+                        written += size + pad
+                    held.append(b"".join(parts) if keep_bytes else b"")
                 if row in capture:
-                    captured[row] = [
-                        bytes(blob[o - start : o - start + n])
-                        for o, n in zip(offsets[row], sizes[row], strict=True)
-                    ]
+                    captured[row] = held
                 if not kept:
                     continue
-                for raw, offset, size in zip(raw_names[row], offsets[row], sizes[row], strict=True):
-                    at = offset - start
-                    _check_header(blob, at - BLOCK, raw, size, shard.path, offset - BLOCK)
-                    header = member_header(raw.decode("utf-8", "surrogateescape"), size)
-                    pad = -size % BLOCK
-                    out.write(header)
-                    out.write(blob[at : at + size])
-                    if pad:
-                        out.write(bytes(pad))
-                    written += len(header) + size + pad
                 samples += 1
                 if samples % REPORT_EVERY == 0:
                     advance(REPORT_EVERY)
@@ -158,6 +163,16 @@ class _Source:
         if self.hasher is not None:
             self.hasher.update(data)
         return data
+
+    def chunks(self, size: int):
+        """The next `size` bytes, in pieces of at most COPY_CHUNK."""
+        left = size
+        while left > 0:
+            chunk = self.read(min(left, COPY_CHUNK))
+            if not chunk:
+                raise ShardError(self.path, "shard is shorter than when it was read", self.position)
+            left -= len(chunk)
+            yield chunk
 
     def skip_to(self, offset: int) -> None:
         if offset < self.position:

@@ -579,3 +579,80 @@ def test_json_to_a_closed_pipe_is_one_line(shard_set, tmp_path):
         .splitlines()[-1]
         .startswith("dedup: error: cannot write the summary to stdout (Broken pipe)")
     )
+
+
+def test_a_huge_caption_member_is_copied_without_holding_it_in_memory(tmp_path):
+    """A 600 MB non-image member (a hole on disk) passes through phase 1 in bounded chunks
+    and is copied byte for byte; no process of the run holds it whole."""
+    import tarfile
+
+    size = 600 << 20
+    image = encode(make_image(1, 48, 48))
+    shard = tmp_path / "in" / "big.tar"
+    shard.parent.mkdir()
+    with open(shard, "wb") as fh:
+        for name, data in [("a.jpg", image), ("a.bin", None)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data) if data is not None else size
+            fh.write(info.tobuf(tarfile.PAX_FORMAT))
+            if data is None:
+                fh.seek(size + (-size % 512), os.SEEK_CUR)  # zeros, left as a hole
+            else:
+                fh.write(data + bytes(-len(data) % 512))
+        fh.write(bytes(1024))
+    write_tar(str(tmp_path / "in" / "small.tar"), [("b.jpg", encode(make_image(2, 48, 48)))])
+    measure = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.call(sys.argv[1:])\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(code)\n"
+    )
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-c", measure, DEDUP, str(tmp_path / "in"), "--out", str(out), *FLAGS],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    peak_mib = int(result.stdout.strip()) / 1024
+    assert peak_mib < 450, f"a process of the run peaked at {peak_mib:.0f} MiB"
+    with tarfile.open(out / "big.tar") as tar:
+        members = tar.getmembers()
+        assert [(m.name, m.size) for m in members] == [("a.jpg", len(image)), ("a.bin", size)]
+        stream = tar.extractfile(members[1])
+        while chunk := stream.read(1 << 24):
+            assert not chunk.strip(b"\0")
+
+
+# ------------------------------------------------------------ found in review
+
+
+def test_a_state_dir_is_claimed_like_out(shard_set, tmp_path):
+    state = tmp_path / "scratch"
+    state.mkdir()
+    (state / "user-notes.txt").write_text("mine")
+    result = dedup(shard_set / "in", "--out", tmp_path / "o1", "--state-dir", state, check=4)
+    assert "holds files dedup did not write" in error_line(result)
+    dedup(shard_set / "in", "--out", tmp_path / "o1", "--state-dir", state, "--overwrite", check=0)
+    dedup(shard_set / "in", "--out", tmp_path / "o1", "--state-dir", state, "--overwrite", check=0)
+    assert (state / "user-notes.txt").read_text() == "mine"
+    assert len(list(state.glob("*.parquet.done"))) == 5
+    inputs = copy_inputs(shard_set, tmp_path / "in")
+    refused = dedup(inputs, "--out", tmp_path / "o2", "--state-dir", inputs, "--overwrite", check=4)
+    assert "is the directory of input shard" in error_line(refused)
+    assert sorted(p.name for p in inputs.iterdir()) == sorted(
+        p.name for p in (shard_set / "in").iterdir()
+    )
+
+
+def test_two_pipe_inputs_with_one_output_name_are_refused(tmp_path):
+    for folder, seed in (("a", 1), ("b", 2)):
+        write_tar(str(tmp_path / folder / "s.tar"), [("x.jpg", encode(make_image(seed, 32, 32)))])
+    result = dedup(
+        f"pipe:cat {tmp_path / 'a' / 's.tar'}",
+        f"pipe:cd {tmp_path / 'b'} && cat s.tar",
+        "--out",
+        tmp_path / "out",
+        check=3,
+    )
+    assert "shares the file name 's.tar'" in error_line(result)

@@ -287,3 +287,35 @@ def test_stream_skip_read_and_ranges(s3, bucket):
         assert stream.read(5) == data[1000:1005]
         assert stream.read() == data[1005:]
     assert storage.read_ranges(f"{bucket}/blob", [(7, 3), (0, 2)]) == [data[7:10], data[:2]]
+
+
+def test_one_prefix_spelled_two_ways_is_one_place(s3, shard_set, bucket):
+    upload(shard_set / "in", f"{bucket}/victim")
+    before = {
+        n: storage.read_bytes(f"{bucket}/victim/{n}") for n in storage.listdir(f"{bucket}/victim")
+    }
+    spelled = bucket.replace("s3://", "s3a://") + "//victim/"
+    result = dedup(spelled, "--out", f"{bucket}/victim", "--overwrite", env=s3, check=4)
+    assert "holds input shard" in result.stderr.strip().splitlines()[-1]
+    after = {
+        n: storage.read_bytes(f"{bucket}/victim/{n}") for n in storage.listdir(f"{bucket}/victim")
+    }
+    assert after == before
+
+
+def test_uploads_in_the_making_stay_in_the_runs_scratch_folder(s3, shard_set, bucket, tmp_path):
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = {**s3, "TMPDIR": str(scratch_root)}
+    dedup(shard_set / "in", "--out", f"{bucket}/out", env=env, check=0)
+    assert list(scratch_root.iterdir()) == []
+
+
+def test_the_scratch_folder_goes_when_a_run_fails():
+    from dedup.fsutil import SCRATCH_ENV, scratch_dir
+
+    with pytest.raises(RuntimeError), scratch_dir() as path:
+        assert os.environ[SCRATCH_ENV] == path
+        Path(path, "upload-x").write_bytes(b"partial")
+        raise RuntimeError("stopped")
+    assert not os.path.exists(path) and SCRATCH_ENV not in os.environ
