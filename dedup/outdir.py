@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,8 @@ from dedup import storage
 from dedup.errors import DedupError, OutputError
 from dedup.fsutil import read_file, remove_temporaries, write_atomic
 from dedup.shards import Shard
+
+log = logging.getLogger("dedup")
 
 STATE_DIR = ".dedup"
 JOB_FILE = "job.json"
@@ -304,8 +307,19 @@ def _object_lock(url: str, what: str) -> Iterator[None]:
             raise OutputError(f"{what}: another dedup run is writing here")
     stop = threading.Event()
 
+    def still_ours() -> bool:
+        try:
+            return storage.read_bytes(url, OutputError) == owner
+        except DedupError:
+            return False
+
     def refresh() -> None:
+        # Rewritten only while it is still ours: a run that was taken over (frozen for
+        # longer than LOCK_STALE_SECONDS) never overwrites or deletes the new owner's lock.
         while not stop.wait(LOCK_REFRESH_SECONDS):
+            if not still_ours():
+                log.warning("%s: this run's lock was taken over by another run", what)
+                return
             with contextlib.suppress(DedupError):
                 storage.put_bytes(url, owner)
 
@@ -316,8 +330,9 @@ def _object_lock(url: str, what: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(DedupError):
-            storage.remove(url)
+        if still_ours():
+            with contextlib.suppress(DedupError):
+                storage.remove(url)
 
 
 def _lock(path: str, what: str) -> int:

@@ -319,3 +319,28 @@ def test_the_scratch_folder_goes_when_a_run_fails():
         Path(path, "upload-x").write_bytes(b"partial")
         raise RuntimeError("stopped")
     assert not os.path.exists(path) and SCRATCH_ENV not in os.environ
+
+
+def test_a_stale_lock_object_is_taken_over_and_a_taken_lock_is_left_alone(
+    s3, shard_set, bucket, monkeypatch
+):
+    from dedup import outdir, pipeline
+    from dedup.config import Config
+
+    config = Config(signals=("exact", "phash"), workers=2)
+    lock = f"{bucket}/out/.dedup/lock"
+    storage.put_bytes(f"{bucket}/out/.dedup/job.json", b"{}")
+    storage.put_bytes(lock, json.dumps({"host": "gone", "pid": 1, "token": "old"}).encode())
+    monkeypatch.setattr(outdir, "LOCK_STALE_SECONDS", 0.0)  # every lock counts as stale
+    pipeline.run([str(shard_set / "in")], f"{bucket}/out", config)
+    assert not storage.exists(lock)
+    # A run whose lock another run took over must not delete the new owner's lock.
+    real_run = pipeline._run
+
+    def taken_over(*args, **kwargs):
+        storage.put_bytes(lock, b'{"token": "the new owner"}')
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run", taken_over)
+    pipeline.run([str(shard_set / "in")], f"{bucket}/out", config)
+    assert storage.read_bytes(lock) == b'{"token": "the new owner"}'
