@@ -141,8 +141,10 @@ def _floor_shard(path):
 
     n = 0
     with open(path, "rb", buffering=1 << 20) as fh:
-        for _, name, _, data in scan(fh, path, os.fstat(fh.fileno()).st_size, Counter()):
-            if name.endswith(".jpg"):
+        size = os.fstat(fh.fileno()).st_size
+        jpeg = lambda name: name.endswith(".jpg")  # noqa: E731 - captions are passed over
+        for _, _name, _, _, data in scan(fh, path, size, Counter(), jpeg):
+            if data is not None:
                 img = Image.open(io.BytesIO(data))
                 img.draft("L", (img.width // 8, img.height // 8))
                 img.load()

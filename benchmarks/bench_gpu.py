@@ -78,7 +78,7 @@ def main() -> None:
     blobs = []
     for path in shards:
         with open(path, "rb", buffering=1 << 20) as fh:
-            for _, name, _, data in scan(fh, path, os.fstat(fh.fileno()).st_size, Counter()):
+            for _, name, _, _, data in scan(fh, path, os.fstat(fh.fileno()).st_size, Counter()):
                 if name.endswith(".jpg"):
                     blobs.append(data)
     print(f"  read         {rate(len(blobs), time.perf_counter() - t)}  (1 process)")

@@ -180,8 +180,9 @@ def run_command(
     re-renders DIR/report.html from the report's Parquet files.
 
     Exit codes: 0 done, 1 internal error, 2 bad usage or config, 3 bad input shard,
-    4 output directory refused or not writable, 5 done but damaged shards were skipped
-    (--skip-bad-shards), 6 CLIP weights or device not available.
+    4 output or report directory refused or not writable, 5 done but damaged shards were
+    skipped (--skip-bad-shards), 6 CLIP weights or device not available, 130 / 143
+    stopped by SIGINT / SIGTERM (rerun to resume).
     """
     _setup_logging(quiet)
     _handle_stop_signals()

@@ -29,6 +29,7 @@ from dedup.signals.phash import (
     CODE_BYTES,
     DETAIL_FLOOR,
     IMG_SIZE,
+    LOW_DETAIL_BITS,
     SIGNATURE_BYTES,
     SIGNATURE_SIDE,
     colour_signature,
@@ -53,7 +54,8 @@ FEATURE_SCHEMA = pa.schema(
         ("digest", pa.binary(32)),
         ("phash", pa.binary(CODE_BYTES)),
         ("detail", pa.int16()),  # confident pHash bits; below LOW_DETAIL_BITS: low-detail
-        ("colour_signature", pa.binary(SIGNATURE_BYTES)),  # 4x4 RGB thumbnail
+        # 4x4 RGB thumbnail of a low-detail image (null for the others)
+        ("colour_signature", pa.binary(SIGNATURE_BYTES)),
         ("clip", pa.binary()),  # float16 L2-normalized embedding
     ]
 )
@@ -222,9 +224,9 @@ def compute_features(
     """
     want_phash = "phash" in config.signals
     draft = IMG_SIZE if (want_phash and config.phash_draft) else None
-    # RGB, not L: low-detail images are compared by a colour signature. The pHash is
-    # unchanged in kind: shrink() converts to L, as imagehash does with any image.
-    draft_mode = "RGB"
+    # Grayscale: all the pHash needs. The few low-detail images, compared by a colour
+    # signature, are decoded again in RGB when their detail is known (see flush()).
+    draft_mode = "L"
     embedder = None
     if clip is not None:
         from dedup.signals.clip import Embedder, pick_device
@@ -241,6 +243,7 @@ def compute_features(
     clip_images: list = []
     pending_rows: list[int] = []
     pending_smalls: list = []
+    pending_bytes: list = []  # image bytes, for an RGB decode if the image is low-detail
     seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
     copies: list[tuple[int, int]] = []  # (row, first row) whose vectors are copied at the end
     skipped: Counter = Counter()
@@ -256,11 +259,20 @@ def compute_features(
     def flush() -> None:
         if pending_smalls:
             codes, detail = phash_and_detail(stack_shrunk(pending_smalls))
-            for row_index, code, bits in zip(pending_rows, codes, detail.tolist(), strict=True):
+            for row_index, code, bits, data in zip(
+                pending_rows, codes, detail.tolist(), pending_bytes, strict=True
+            ):
                 phash_col[row_index] = code.tobytes()
                 detail_col[row_index] = bits
+                if bits >= LOW_DETAIL_BITS:
+                    signature_col[row_index] = None  # matched by pHash, not by colours
+                elif data is not None:
+                    again = decode_image(data, config, draft=draft, draft_mode="RGB")
+                    if again.image is not None:
+                        signature_col[row_index] = colour_signature(again.image)
             pending_rows.clear()
             pending_smalls.clear()
+            pending_bytes.clear()
 
     reported_samples = reported_bytes = 0
     # Only image members are held in memory; captions and other members are measured.
@@ -300,7 +312,11 @@ def compute_features(
                 if decoded.image is not None and want_phash:
                     pending_rows.append(row)
                     pending_smalls.append(shrink(decoded.image))
-                    signature = colour_signature(decoded.image)
+                    if decoded.image.mode == "RGB":  # decoded for CLIP: colours at hand
+                        signature = colour_signature(decoded.image)
+                        pending_bytes.append(None)
+                    else:
+                        pending_bytes.append(data)
                 if decoded.image is not None and embedder is not None:
                     clip_rows.append(row)
                     clip_images.append(decoded.image)
@@ -314,7 +330,8 @@ def compute_features(
         cols["digest"].append(image_digest)
         phash_col.append(None)  # filled by flush() or from a repeat's first row
         detail_col.append(None)  # the same
-        signature_col.append(signature)  # a repeat's is copied from its first row
+        # Only low-detail images need one (set here or in flush()); a repeat's is copied.
+        signature_col.append(signature)
         clip_col.append(None)
         if len(pending_smalls) >= PHASH_BATCH:
             flush()

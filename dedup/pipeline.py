@@ -49,6 +49,7 @@ from dedup.report import (
     write_table,
 )
 from dedup.shards import Shard, display_name, list_shards, shard_size
+from dedup.signals.phash import SIGNATURE_BYTES
 from dedup.thumbs import read_previews
 from dedup.write import WRITE_COLUMNS, write_shard
 
@@ -206,7 +207,12 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
                 else None
             ),
             signature=(
-                fixed_binary_array(cand_table.column("colour_signature"))
+                fixed_binary_array(
+                    pc.fill_null(
+                        cand_table.column("colour_signature"),
+                        pa.scalar(bytes(SIGNATURE_BYTES), pa.binary(SIGNATURE_BYTES)),
+                    )
+                )
                 if "phash" in config.signals
                 else None
             ),
