@@ -13,13 +13,13 @@ from typing import Any
 import yaml
 
 from dedup.errors import ConfigError
-from dedup.signals.exact import DIGESTS
 
 KNOWN_SIGNALS = ("exact", "phash", "clip")
 KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
 FINGERPRINTS = ("stat", "content")
+DIGESTS = ("blake3", "sha256")  # of image bytes, for the exact signal
 
 
 @dataclass(frozen=True)

@@ -77,6 +77,15 @@ class WorkerDied(DedupError):
     """A worker process ended without a result (killed, out of memory, crashed)."""
 
 
+class TaskFailed(DedupError):
+    """A bug in a task run in a worker: its type, message and the worker's traceback
+    (printed with --debug)."""
+
+    def __init__(self, message: str, worker_traceback: str = ""):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+
+
 class Interrupted(DedupError):
     """The run was stopped by a signal: Ctrl-C (SIGINT) or SIGTERM."""
 

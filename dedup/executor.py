@@ -23,7 +23,14 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from dedup.errors import OUTPUT_ERRNOS, DedupError, Interrupted, WorkerDied, output_error
+from dedup.errors import (
+    OUTPUT_ERRNOS,
+    DedupError,
+    Interrupted,
+    TaskFailed,
+    WorkerDied,
+    output_error,
+)
 from dedup.progress import Progress
 from dedup.progress import attach as progress_attach
 from dedup.progress import counters as progress_counters
@@ -61,14 +68,6 @@ def signals_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-class TaskFailed(DedupError):
-    """A bug in a task: its type, message and the worker's traceback (for --debug)."""
-
-    def __init__(self, message: str, worker_traceback: str = ""):
-        super().__init__(message)
-        self.worker_traceback = worker_traceback
 
 
 @dataclass

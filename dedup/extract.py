@@ -117,19 +117,21 @@ def content_digest(shard: Shard) -> str:
 
 def shard_fingerprint(
     shard: Shard, config: Config, identity: tuple | None, clip: ClipSpec | None = None
-) -> str:
+) -> tuple[str, str | None]:
     """What stored features depend on: the input's identity (and, with `fingerprint:
-    content` or an input without one, its bytes), the settings and the versions."""
+    content` or an input without one, its bytes), the settings and the versions; and the
+    BLAKE3 of the bytes where it was computed."""
     import PIL
     import scipy
 
     by_content = config.fingerprint == "content" or identity is None
+    content = content_digest(shard) if by_content else None
     where = shard.path if shard.is_url else os.path.realpath(shard.path)
-    return json.dumps(
+    text = json.dumps(
         {
             "path": display_name(where),
             "identity": identity,
-            "content": content_digest(shard) if by_content else None,
+            "content": content,
             "config": config.feature_fingerprint(),
             "detail": [DETAIL_FLOOR, SIGNATURE_SIDE],
             "clip": clip.fingerprint if clip is not None else None,
@@ -137,6 +139,7 @@ def shard_fingerprint(
         },
         sort_keys=True,
     )
+    return text, content
 
 
 def extract_shard(
@@ -146,8 +149,7 @@ def extract_shard(
     the stored file is intact."""
     path = feature_path(store, shard)
     identity = input_identity(shard)
-    fingerprint = shard_fingerprint(shard, config, identity, clip)
-    content = json.loads(fingerprint)["content"]
+    fingerprint, content = shard_fingerprint(shard, config, identity, clip)
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped = cached

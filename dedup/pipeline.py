@@ -436,10 +436,8 @@ def preview_rows(p: Plan) -> np.ndarray:
     return np.unique(np.concatenate(rows)) if rows else np.zeros(0, dtype=np.int64)
 
 
-def samples_part(job: FinishJob, f: pa.Table | None = None) -> pa.Table:
-    """This shard's rows of samples.parquet (`f`: its SAMPLE_COLUMNS, if read already)."""
-    if f is None:
-        f = read_features(job.features.path, SAMPLE_COLUMNS)
+def samples_part(job: FinishJob, f: pa.Table) -> pa.Table:
+    """This shard's rows of samples.parquet, from its SAMPLE_COLUMNS `f`."""
     n = f.num_rows
     hexed = {
         name: pa.array(

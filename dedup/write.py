@@ -97,7 +97,7 @@ def write_shard(
                 for raw, offset, size in members:
                     src.skip_to(offset - BLOCK)
                     header_block = src.read(BLOCK)
-                    _check_header(header_block, 0, raw, size, shard.path, offset - BLOCK)
+                    _check_header(header_block, raw, size, shard.path, offset - BLOCK)
                     keep_bytes = row in capture and size <= CAPTURE_MAX
                     parts = []
                     if kept:
@@ -198,11 +198,10 @@ class _Source:
         self.reader.close()
 
 
-def _check_header(blob, at: int, raw_name: bytes, size: int, path: str, offset: int) -> None:
+def _check_header(header: bytes, raw_name: bytes, size: int, path: str, offset: int) -> None:
     """The 512-byte header in front of a member's data must be a valid header of a
     regular member whose name and size agree with what phase 1 recorded (the name where
     it fits the header; longer names come from extended headers before it)."""
-    header = bytes(blob[at : at + BLOCK]) if at >= 0 else b""
     ok = len(header) == BLOCK and header_checksum_ok(header) and header[156:157] in REGULAR
     if ok:
         field = header[124:136]

@@ -53,14 +53,20 @@ def error_line(result) -> str:
     return lines[0]
 
 
+def planted_set(root: Path, originals: int, edits: dict, seed: int, size, per_shard: int):
+    """Planted shards under root/in and the output of a clean run under root/clean."""
+    samples = planted_dataset(originals, edits, seed=seed, size=size)
+    write_shards(samples, str(root / "in"), per_shard=per_shard)
+    dedup(root / "in", "--out", root / "clean", check=0)
+    return root
+
+
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     """Five shards of 20 samples (the planted set) and the output of a clean run."""
-    root = tmp_path_factory.mktemp("hostile")
-    samples = planted_dataset(60, {"exact": 20, "reencode": 15}, seed=11, size=(64, 48))
-    write_shards(samples, str(root / "in"), per_shard=20)
-    dedup(root / "in", "--out", root / "clean", check=0)
-    return root
+    return planted_set(
+        tmp_path_factory.mktemp("hostile"), 60, {"exact": 20, "reencode": 15}, 11, (64, 48), 20
+    )
 
 
 def outputs(out: Path) -> dict[str, bytes]:
@@ -98,6 +104,7 @@ def tree_state(root: Path) -> dict[str, tuple[int, str]]:
         errors.FeatureStoreError("damaged"),
         errors.ModelError("no weights"),
         errors.WorkerDied("died"),
+        errors.TaskFailed("ValueError: bug", "Traceback ..."),
         errors.Interrupted(signal.SIGTERM),
     ],
 )
@@ -166,11 +173,9 @@ def _dedup_processes(marker: str) -> list[int]:
 @pytest.fixture(scope="module")
 def slow_set(tmp_path_factory):
     """Enough work (about 3 s) to stop a run in the middle."""
-    root = tmp_path_factory.mktemp("slow")
-    samples = planted_dataset(900, {"exact": 100, "reencode": 100}, seed=5, size=(320, 240))
-    write_shards(samples, str(root / "in"), per_shard=100)
-    dedup(root / "in", "--out", root / "clean", check=0)
-    return root
+    return planted_set(
+        tmp_path_factory.mktemp("slow"), 900, {"exact": 100, "reencode": 100}, 5, (320, 240), 100
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,6 @@ import hashlib
 import blake3
 import numpy as np
 
-DIGESTS = ("blake3", "sha256")
-
 
 def digest(data: bytes, algorithm: str = "blake3") -> bytes:
     """A 32-byte cryptographic digest of the image member's bytes.
