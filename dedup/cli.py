@@ -15,6 +15,7 @@ from dedup import __version__
 from dedup.config import (
     CLIP_INDEXES,
     CLUSTER_RULES,
+    EXECUTORS,
     FINGERPRINTS,
     KEEP_RULES,
     dump_config,
@@ -106,6 +107,16 @@ def main() -> None:
 @click.option("--device", metavar="DEV", help="Where CLIP runs: auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, metavar="N", help="Images per CLIP forward pass.")
 @click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores.")
+@click.option(
+    "--executor",
+    type=click.Choice(EXECUTORS),
+    help="Where tasks run: local processes (default) or a Ray cluster (dedup-wds[ray]).",
+)
+@click.option(
+    "--ray-address",
+    metavar="ADDR",
+    help="Ray cluster for --executor ray (default: RAY_ADDRESS, else a new local one).",
+)
 @click.option(
     "--max-pixels",
     type=int,

@@ -19,6 +19,7 @@ KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
 FINGERPRINTS = ("stat", "content")
+EXECUTORS = ("local", "ray")
 DIGESTS = ("blake3", "sha256")  # of image bytes, for the exact signal
 
 
@@ -43,6 +44,8 @@ class Config:
     keep: str = "largest"
     cluster_rule: str = "star"
     workers: int = 0
+    executor: str = "local"
+    ray_address: str = ""
     max_pixels: int = 100_000_000
     fingerprint: str = "stat"
     image_extensions: tuple[str, ...] = (
@@ -93,6 +96,10 @@ class Config:
             raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
         if self.workers < 0:
             raise ConfigError(f"workers: {self.workers} is negative (0 means all cores)")
+        if self.executor not in EXECUTORS:
+            raise ConfigError(
+                f"executor: {_short(self.executor)} is not one of {', '.join(EXECUTORS)}"
+            )
         if self.fingerprint not in FINGERPRINTS:
             raise ConfigError(
                 f"fingerprint: {self.fingerprint!r} is not one of {', '.join(FINGERPRINTS)}"

@@ -179,3 +179,61 @@ def map_local(
     pool.shutdown(wait=True)
     progress.close()
     return results
+
+
+# ---------------------------------------------------------------- the seam
+
+
+class Executor:
+    """Runs a task over numbered parts and returns the results in input order.
+
+    Tasks are picklable callables over picklable items; they read their inputs and
+    write their results as files (atomically), so a task that runs twice (a retry, a
+    rerun after a stop) does no harm. Every failure reaches the caller as a DedupError
+    with its exit code and message. `cuda` says the task uses CUDA (a GPU stage).
+    """
+
+    name = "base"
+    # Tasks that can run at once; partitioned phases size their partitions by it.
+    parallelism = 1
+
+    def map(
+        self,
+        fn: Callable,
+        items: list,
+        progress: Progress,
+        describe: Callable[[Any], str] = str,
+        cuda: bool = False,
+    ) -> list:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the executor started (worker pools, a local Ray cluster)."""
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LocalExecutor(Executor):
+    """This machine's processes (forked; spawned for CUDA, which cannot be forked)."""
+
+    name = "local"
+
+    def __init__(self, workers: int) -> None:
+        self.parallelism = max(1, workers)
+
+    def map(self, fn, items, progress, describe=str, cuda=False) -> list:
+        start_method = "spawn" if cuda else "fork"
+        return map_local(fn, items, self.parallelism, progress, start_method, describe)
+
+
+def make_executor(name: str, workers: int, ray_address: str = "") -> Executor:
+    """The executor a run's config names."""
+    if name == "ray":
+        from dedup.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address)
+    return LocalExecutor(workers)

@@ -18,7 +18,7 @@ from dedup import storage
 from dedup.cluster import DECISIONS, NO_DISTANCE, Candidates, Groups, cluster
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
-from dedup.executor import check_stop, map_local
+from dedup.executor import Executor, LocalExecutor, check_stop, make_executor
 from dedup.extract import (
     FEATURE_SCHEMA,
     PASSTHROUGH_REASONS,
@@ -84,25 +84,32 @@ def resolve_clip(config: Config):
 
 
 def extract_all(
-    shards: list[Shard], config: Config, store: str, skip_bad_shards: bool = False, clip=None
+    shards: list[Shard],
+    config: Config,
+    store: str,
+    skip_bad_shards: bool = False,
+    clip=None,
+    executor: Executor | None = None,
 ) -> list[ShardFeatures | BadShard]:
     """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
     instead of ending the run. `clip` is the resolved spec when the clip signal is on."""
-    start_method = "fork"
+    cuda = False
     if clip is not None:
         from dedup.signals.clip import pick_device
 
-        if pick_device(config.device).startswith("cuda"):
-            start_method = "spawn"  # CUDA cannot be used in a forked child
+        cuda = pick_device(config.device).startswith("cuda")
     total = sum(shard_size(s) for s in shards)
-    return map_local(
+    return (executor or LocalExecutor(config.worker_count)).map(
         _Extract(config, store, skip_bad_shards, clip),
         shards,
-        config.worker_count,
         Progress("extract", total_bytes=total),
-        start_method,
-        describe=lambda shard: shard.path,
+        describe=_shard_path,
+        cuda=cuda,
     )
+
+
+def _shard_path(shard: Shard) -> str:
+    return shard.path
 
 
 @dataclass
@@ -344,7 +351,12 @@ class Finished:
 
 
 def finish_all(
-    features: list[ShardFeatures], p: Plan, out: str, parts_dir: str, dry_run: bool, workers: int
+    features: list[ShardFeatures],
+    p: Plan,
+    out: str,
+    parts_dir: str,
+    dry_run: bool,
+    executor: Executor,
 ) -> list[Finished]:
     """Phase 3 over every shard: write its cleaned copy and its part of samples.parquet."""
     survivor_of = {}
@@ -381,13 +393,13 @@ def finish_all(
             )
         )
     total = int(p.keep.sum()) if not dry_run else len(p.keep)
-    return map_local(
-        _finish,
-        jobs,
-        workers,
-        Progress("write", total_items=total),
-        describe=lambda job: job.features.shard.path,
+    return executor.map(
+        _finish, jobs, Progress("write", total_items=total), describe=_job_shard_path
     )
+
+
+def _job_shard_path(job: FinishJob) -> str:
+    return job.features.shard.path
 
 
 def _finish(job: FinishJob) -> Finished:
@@ -495,13 +507,15 @@ def run(
     with (
         claim_output(out, shards, overwrite, report_dir, dry_run, state_dir),
         scratch_dir() as scratch,
+        make_executor(config.executor, config.worker_count, config.ray_address) as executor,
     ):
+        job = _Job(out, store, config, executor, dry_run, skip_bad_shards, clip)
         if not storage.is_url(report_dir):
-            return _run(shards, out, store, config, report_dir, dry_run, skip_bad_shards, clip)
+            return _run(shards, job, report_dir)
         # A report in a store is made in a local folder, then put object by object,
         # summary.json last: whoever sees the summary sees a complete report.
         with tempfile.TemporaryDirectory(dir=scratch) as staging:
-            summary = _run(shards, out, store, config, staging, dry_run, skip_bad_shards, clip)
+            summary = _run(shards, job, staging)
             summary["output"]["report"] = report_dir
             write_summary(summary, report_paths(staging)["summary"])
             for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
@@ -510,15 +524,30 @@ def run(
             return summary
 
 
-def _run(shards, out, store, config: Config, report_dir, dry_run, skip_bad_shards, clip):
+@dataclass
+class _Job:
+    """What every phase of one run shares."""
+
+    out: str
+    store: str
+    config: Config
+    executor: Executor
+    dry_run: bool
+    skip_bad_shards: bool
+    clip: Any
+
+
+def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
+    out, config, dry_run = job.out, job.config, job.dry_run
     log.info(
-        "%d shards, signals %s, %d workers",
+        "%d shards, signals %s, executor %s (%d parallel tasks)",
         len(shards),
         ",".join(config.signals),
-        config.worker_count,
+        job.executor.name,
+        job.executor.parallelism,
     )
     t0 = time.monotonic()
-    extracted = extract_all(shards, config, store, skip_bad_shards, clip)
+    extracted = extract_all(shards, config, job.store, job.skip_bad_shards, job.clip, job.executor)
     bad = [r for r in extracted if isinstance(r, BadShard)]
     features = [r for r in extracted if isinstance(r, ShardFeatures)]
     for b in bad:
@@ -530,7 +559,7 @@ def _run(shards, out, store, config: Config, report_dir, dry_run, skip_bad_shard
     t2 = time.monotonic()
     parts_dir = os.path.join(report_dir, PARTS_DIR)
     os.makedirs(parts_dir, exist_ok=True)
-    finished = finish_all(features, the_plan, out, parts_dir, dry_run, config.worker_count)
+    finished = finish_all(features, the_plan, out, parts_dir, dry_run, job.executor)
     t3 = time.monotonic()
 
     shard_counts = _check_counts(features, the_plan, finished, dry_run)
