@@ -38,6 +38,23 @@ class Candidates:
     detail: np.ndarray | None = None
     signature: np.ndarray | None = None
 
+    def take(self, rows: np.ndarray) -> Candidates:
+        """The candidates at `rows`, in that order."""
+        return Candidates(
+            *(
+                None if value is None else value[rows]
+                for value in (
+                    self.pixels,
+                    self.nbytes,
+                    self.digest,
+                    self.phash,
+                    self.clip,
+                    self.detail,
+                    self.signature,
+                )
+            )
+        )
+
     def low_detail(self) -> np.ndarray:
         """Rows whose pHash is mostly noise; none when detail is not known."""
         if self.detail is None or self.signature is None:
@@ -221,8 +238,17 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     some signal; the others are clustered again among themselves, round after round, so
     a chain of near-duplicates never removes a picture unlike the one that is kept.
     """
-    n = len(cand.pixels)
     edges = build_edges(cand, config)
+    result = resolve(cand, edges, config)
+    result.calibration = calibration_pairs(cand, config, edges)
+    return result
+
+
+def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
+    """Clusters, survivors and reasons from given edges (row indices into `cand`); the
+    star rule's rounds and every other step work per connected component, so the rows
+    of any set of whole components can be resolved apart from the rest."""
+    n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
     if config.cluster_rule == "components":
         cluster_id = connected_components(n, edges.i, edges.j)
@@ -266,22 +292,33 @@ def cluster(cand: Candidates, config: Config) -> Clusters:
     if cand.clip is not None:
         similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
     groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words, hashed)
-    calibration = calibration_pairs(cand, config, edges)
-    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, calibration)
+    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups)
 
 
 CALIBRATION_PAIRS = 6  # per signal and side of its threshold
 CALIBRATION_SAMPLE = 20_000  # rows searched for pairs just outside a threshold
 
 
+def calibration_sample(n: int) -> np.ndarray:
+    """The candidate ordinals (sorted) searched for pairs just outside a threshold."""
+    rng = np.random.default_rng(0)
+    return np.sort(rng.choice(n, size=min(n, CALIBRATION_SAMPLE), replace=False))
+
+
 def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tuple]:
     """Pairs just inside and just outside each threshold, for a person to judge it:
     (signal, "inside" | "outside", row a, row b, distance or similarity)."""
+    sample = calibration_sample(len(cand.pixels))
+    return calibration_from(edges, config, cand.take(sample), sample)
+
+
+def calibration_from(
+    edges: Edges, config: Config, sample: Candidates, sample_rows: np.ndarray
+) -> list[tuple]:
+    """`calibration_pairs` from the run's edges and the sampled candidates (`sample`,
+    whose rows are `sample_rows` in the edges' numbering)."""
     out: list[tuple] = []
-    n = len(cand.pixels)
-    rng = np.random.default_rng(0)
-    sample = np.sort(rng.choice(n, size=min(n, CALIBRATION_SAMPLE), replace=False))
-    if "phash" in config.signals and cand.phash is not None:
+    if "phash" in config.signals and sample.phash is not None:
         t = config.phash_threshold
         inside = (edges.signal == PHASH) & (edges.distance > 0)
         order = np.lexsort((edges.j[inside], edges.i[inside], -edges.distance[inside]))
@@ -297,8 +334,8 @@ def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tu
             )
         # Distinct codes only (their first rows): a repeated picture is one pair, not many.
         # Low-detail rows take no part: their codes are noise.
-        pool = sample[~cand.low_detail()[sample]]
-        unique, inverse = unique_codes(cand.phash[pool])
+        pool = np.flatnonzero(~sample.low_detail())
+        unique, inverse = unique_codes(sample.phash[pool])
         rep = np.full(len(unique), len(pool), dtype=np.int64)
         np.minimum.at(rep, inverse, np.arange(len(pool)))
         a, b, d = hamming_pairs(unique, min(t + 8, 32))
@@ -307,9 +344,16 @@ def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tu
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         order = np.lexsort((hi, lo, d))[:CALIBRATION_PAIRS]
         out += [
-            ("phash", "outside", int(pool[lo[k]]), int(pool[hi[k]]), float(d[k])) for k in order
+            (
+                "phash",
+                "outside",
+                int(sample_rows[pool[lo[k]]]),
+                int(sample_rows[pool[hi[k]]]),
+                float(d[k]),
+            )
+            for k in order
         ]
-    if "clip" in config.signals and cand.clip is not None:
+    if "clip" in config.signals and sample.clip is not None:
         t = config.clip_threshold
         sims = 1.0 - edges.distance / 1e6
         inside = (edges.signal == CLIP) & (sims < 0.9999)
@@ -324,15 +368,15 @@ def calibration_pairs(cand: Candidates, config: Config, edges: Edges) -> list[tu
                     round(float(sims[inside][k]), 4),
                 )
             )
-        a, b, s = cosine_pairs(cand.clip[sample][:5000], max(t - 0.1, 0.0), engine="flat")
+        a, b, s = cosine_pairs(sample.clip[:5000], max(t - 0.1, 0.0), engine="flat")
         below = s < np.float32(t)
         order = np.lexsort((b[below], a[below], -s[below]))[:CALIBRATION_PAIRS]
         out += [
             (
                 "clip",
                 "outside",
-                int(sample[a[below][k]]),
-                int(sample[b[below][k]]),
+                int(sample_rows[a[below][k]]),
+                int(sample_rows[b[below][k]]),
                 round(float(s[below][k]), 4),
             )
             for k in order

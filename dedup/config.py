@@ -46,6 +46,7 @@ class Config:
     workers: int = 0
     executor: str = "local"
     ray_address: str = ""
+    partition_rows: int = 2_000_000
     max_pixels: int = 100_000_000
     fingerprint: str = "stat"
     image_extensions: tuple[str, ...] = (
@@ -100,6 +101,8 @@ class Config:
             raise ConfigError(
                 f"executor: {_short(self.executor)} is not one of {', '.join(EXECUTORS)}"
             )
+        if self.partition_rows <= 0:
+            raise ConfigError(f"partition_rows: {self.partition_rows} must be positive")
         if self.fingerprint not in FINGERPRINTS:
             raise ConfigError(
                 f"fingerprint: {self.fingerprint!r} is not one of {', '.join(FINGERPRINTS)}"

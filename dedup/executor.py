@@ -14,6 +14,7 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -95,6 +96,12 @@ def worker_init(parent_pid: int, *progress_args) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # forked while held
     die_with_parent(parent_pid)
+    # OpenMP's thread pool does not survive fork: a forked worker whose parent already
+    # ran a parallel FAISS search hangs in its first one. One thread per worker (there
+    # is a worker per core) never starts the pool.
+    faiss = sys.modules.get("faiss")
+    if faiss is not None:
+        faiss.omp_set_num_threads(1)
     if progress_args:
         progress_attach(*progress_args)
 

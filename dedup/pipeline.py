@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -12,22 +14,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dedup import storage
-from dedup.cluster import DECISIONS, NO_DISTANCE, Candidates, Groups, cluster
+from dedup.cluster import DECISIONS, NO_DISTANCE, Groups, calibration_from, calibration_sample
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
 from dedup.executor import Executor, LocalExecutor, check_stop, make_executor
 from dedup.extract import (
-    FEATURE_SCHEMA,
     PASSTHROUGH_REASONS,
-    STATUS_OK,
     ShardFeatures,
     extract_shard,
     read_features,
 )
 from dedup.fsutil import scratch_dir
+from dedup.globalphase import Resolved, members_candidates, read_members, run_global
 from dedup.htmlreport import (
     CALIBRATION_SCHEMA,
     PREVIEWS_SCHEMA,
@@ -35,7 +35,7 @@ from dedup.htmlreport import (
     shown_clusters,
 )
 from dedup.htmlreport import render as render_html
-from dedup.outdir import claim_output, feature_store, remove_output
+from dedup.outdir import GLOBAL_DIR, STATE_DIR, claim_output, feature_store, remove_output
 from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
@@ -49,7 +49,6 @@ from dedup.report import (
     write_table,
 )
 from dedup.shards import Shard, display_name, list_shards, shard_size
-from dedup.signals.phash import SIGNATURE_BYTES
 from dedup.thumbs import read_previews
 from dedup.write import WRITE_COLUMNS, write_shard
 
@@ -154,92 +153,80 @@ class Plan:
 
 # Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
-# What phase 2 reads from the feature store.
-CLUSTER_COLUMNS = [
-    "status",
-    "width",
-    "height",
-    "bytes",
-    "digest",
-    "phash",
-    "detail",
-    "colour_signature",
-    "clip",
-]
 
 
-def plan(features: list[ShardFeatures], config: Config) -> Plan:
-    """Phase 2: cluster every decoded image of every shard; decide each sample's fate."""
+def plan(
+    features: list[ShardFeatures],
+    config: Config,
+    executor: Executor | None = None,
+    work: str | None = None,
+) -> Plan:
+    """Phase 2: cluster every decoded image of every shard; decide each sample's fate.
+    The work runs as partitioned tasks (dedup.globalphase) with their files in `work`
+    (a fresh temporary folder when None)."""
     counts = [f.rows for f in features]
     shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    executor = executor or LocalExecutor(config.worker_count)
+    with _work_folder(work) as folder:
+        r = run_global([f.path for f in features], shard_starts, config, executor, folder, REASONS)
+        return _assemble(features, config, shard_starts, r)
+
+
+@contextlib.contextmanager
+def _work_folder(work: str | None):
+    """`work`, emptied before and removed after; or a temporary folder."""
+    if work is None:
+        with tempfile.TemporaryDirectory(prefix="dedup-global-") as folder:
+            yield folder
+        return
+    _remove_tree(work)
+    try:
+        yield work
+    finally:
+        _remove_tree(work)
+
+
+def _remove_tree(path: str) -> None:
+    if storage.is_url(path):
+        fs = storage.filesystem(path)
+        if storage.retry(lambda: fs.exists(path), path):
+            storage.retry(lambda: fs.rm(path, recursive=True), path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -> Plan:
+    """The Plan from the global phase's outcome."""
     n = int(shard_starts[-1])
-    tables = [read_features(f.path, CLUSTER_COLUMNS) for f in features]
-    table = (
-        pa.concat_tables(tables) if tables else FEATURE_SCHEMA.empty_table().select(CLUSTER_COLUMNS)
-    )
-    del tables
-    status = table.column("status")
-    candidate = pc.equal(status, STATUS_OK).to_numpy(zero_copy_only=False)
-    # Candidates get their reason from clustering; every other status is a pass-through.
-    codes = pc.fill_null(pc.index_in(status, value_set=pa.array(REASONS)), -1)
-    reason = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int8)
+    candidate = r.candidate
+    reason = r.reason.copy()
     if (reason[~candidate] < len(DECISIONS)).any():
         raise DedupError("the feature store holds an unknown status; rerun with --overwrite")
     reason[candidate] = DECISIONS.index("unique")
-    candidate_rows = np.flatnonzero(candidate)
     keep = np.ones(n, dtype=bool)
     cluster_id = np.arange(n, dtype=np.int64)
     cluster_size = np.ones(n, dtype=np.int64)
     survivor = np.full(n, -1, dtype=np.int64)
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     clip_similarity = np.full(n, np.nan, dtype=np.float32)
-    groups = None
-    calibration: list = []
+    if r.members is not None:
+        m = r.members
+        rows = m["rows"]
+        cluster_id[rows] = m["cluster_id"]
+        cluster_size[rows] = m["cluster_size"]
+        reason[rows] = m["reason"]
+        removed = m["survivor"] != rows
+        keep[rows[removed]] = False
+        survivor[rows[removed]] = m["survivor"][removed]
+        phash_distance[rows] = m["phash_distance"]
+        clip_similarity[rows] = m["clip_similarity"]
+    candidate_rows = np.flatnonzero(candidate)
+    calibration = []
     if len(candidate_rows):
-        cand_table = table.take(pa.array(candidate_rows))
-        del table
-        cand = Candidates(
-            pixels=_ints(cand_table, "width") * _ints(cand_table, "height"),
-            nbytes=_ints(cand_table, "bytes"),
-            digest=fixed_binary_array(cand_table.column("digest")),
-            phash=(
-                fixed_binary_array(cand_table.column("phash"))
-                if "phash" in config.signals
-                else None
-            ),
-            clip=_vectors(cand_table.column("clip")) if "clip" in config.signals else None,
-            detail=(
-                np.asarray(cand_table.column("detail").to_numpy(), dtype=np.int16)
-                if "phash" in config.signals
-                else None
-            ),
-            signature=(
-                fixed_binary_array(
-                    pc.fill_null(
-                        cand_table.column("colour_signature"),
-                        pa.scalar(bytes(SIGNATURE_BYTES), pa.binary(SIGNATURE_BYTES)),
-                    )
-                )
-                if "phash" in config.signals
-                else None
-            ),
-        )
-        del cand_table
-        result = cluster(cand, config)
-        g = candidate_rows  # candidate row -> global row
-        cluster_id[g] = g[result.cluster_id]
-        cluster_size[g] = result.cluster_size
-        reason[g] = result.reason
-        removed = result.survivor != np.arange(len(g))
-        keep[g[removed]] = False
-        survivor[g[removed]] = g[result.survivor[removed]]
-        phash_distance[g] = result.phash_distance
-        clip_similarity[g] = result.clip_similarity
-        groups = result.groups
-        calibration = [
-            (sig, side, int(g[a]), int(g[b]), v) for sig, side, a, b, v in result.calibration
-        ]
-    clusters = _clusters_table(features, shard_starts, candidate_rows, groups)
+        sample_rows = candidate_rows[calibration_sample(len(candidate_rows))]
+        sample = members_candidates(_read_rows(features, shard_starts, sample_rows, r.dim), config)
+        calibration = calibration_from(r.edges, config, sample, sample_rows)
+    clusters = _clusters_table(features, shard_starts, r.groups)
     return Plan(
         shard_starts,
         keep,
@@ -255,6 +242,17 @@ def plan(features: list[ShardFeatures], config: Config) -> Plan:
     )
 
 
+def _read_rows(features, shard_starts, rows: np.ndarray, dim: int) -> np.ndarray:
+    """Member records of sorted global `rows`, read shard by shard."""
+    shard_of = np.searchsorted(shard_starts, rows, side="right") - 1
+    parts = []
+    for pos in np.unique(shard_of).tolist():
+        start = int(shard_starts[pos])
+        local = rows[shard_of == pos] - start
+        parts.append(read_members(features[pos].path, start, local, dim))
+    return np.concatenate(parts)
+
+
 def _vectors(column: pa.ChunkedArray) -> np.ndarray:
     """Stored float16 embeddings (all of one length) as an (N, dim) array."""
     array = column.combine_chunks()
@@ -264,10 +262,6 @@ def _vectors(column: pa.ChunkedArray) -> np.ndarray:
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
     start, stop = int(offsets[0]), int(offsets[len(array)])
     return data[start:stop].view(np.float16).reshape(len(array), -1)
-
-
-def _ints(table: pa.Table, name: str) -> np.ndarray:
-    return np.asarray(table.column(name).to_numpy(), dtype=np.int64)
 
 
 def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
@@ -294,15 +288,14 @@ def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
     return paths, keys.tolist()
 
 
-def _clusters_table(features, shard_starts, candidate_rows, groups: Groups | None) -> pa.Table:
-    """One row per cluster of two or more, in cluster-id order, with global row ids."""
+def _clusters_table(features, shard_starts, groups: Groups | None) -> pa.Table:
+    """One row per cluster of two or more, in cluster-id order (groups over global rows)."""
     if groups is None or not len(groups):
         return CLUSTERS_SCHEMA.empty_table()
-    survivors = candidate_rows[groups.survivor]
-    paths, keys = keys_at(features, shard_starts, survivors)
+    paths, keys = keys_at(features, shard_starts, groups.survivor)
     return pa.table(
         {
-            "cluster_id": candidate_rows[groups.cluster_id],
+            "cluster_id": groups.cluster_id,
             "size": groups.size,
             "survivor_shard": pa.array(paths, type=pa.string()),
             "survivor_key": pa.array(keys, type=pa.string()),
@@ -555,7 +548,8 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
         if not dry_run:  # an earlier output for this shard no longer reflects the input
             remove_output(storage.join(out, b.shard.name))
     t1 = time.monotonic()
-    the_plan = plan(features, config)
+    work = storage.join(storage.join(out, STATE_DIR), GLOBAL_DIR)
+    the_plan = plan(features, config, job.executor, work)
     t2 = time.monotonic()
     parts_dir = os.path.join(report_dir, PARTS_DIR)
     os.makedirs(parts_dir, exist_ok=True)

@@ -7,9 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
-import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,41 +17,10 @@ import pytest
 
 from dedup import errors, storage
 from dedup.synth import planted_dataset, write_shards
+from tests.conftest import free_port
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 FLAGS = ["--signals", "exact,phash", "--workers", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3(tmp_path_factory):
-    """A real S3-compatible server on 127.0.0.1, and the environment that points at it."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -178,9 +145,9 @@ def test_a_shard_that_vanishes_mid_run_is_named(s3, shard_set, bucket, monkeypat
     gone = f"{bucket}/in/shard-000002.tar"
     original = pipeline.plan
 
-    def plan_then_delete(features, config):
+    def plan_then_delete(*args):
         storage.remove(gone)
-        return original(features, config)
+        return original(*args)
 
     monkeypatch.setattr(pipeline, "plan", plan_then_delete)
     config = Config(signals=("exact", "phash"), workers=2)
@@ -203,7 +170,7 @@ def test_a_damaged_object_among_several_is_exit_3(s3, shard_set, bucket):
 def test_an_unreachable_endpoint_is_one_line(shard_set, tmp_path):
     pytest.importorskip("s3fs")
     env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_MAX_ATTEMPTS": "1",

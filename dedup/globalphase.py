@@ -1,0 +1,670 @@
+"""Phase 2 as partitioned tasks: no task holds every sample's features.
+
+Every step is a task over numbered parts that reads files and writes files (atomically),
+run by the run's executor; a rerun redoes it whole. Rows are global: a shard's first row
+follows the previous shard's last, so (shard, key) order is row order and every result
+(edges, cluster ids, survivors) is the same whatever the partitioning, executor or
+worker count.
+
+1. scatter (per shard): a shard's candidate rows go into per-partition runs of fixed
+   records: digests by digest prefix, pHash codes by a hash of the code, low-detail
+   colour signatures and CLIP vectors to their own parts.
+2. pairs (per partition): exact digests link to the first row with the same bytes;
+   equal pHash codes link to their first row, whose distinct codes are routed onward;
+   low-detail signatures and CLIP vectors are searched as before.
+3. near (per pHash chunk and prefix): multi-index hashing, partitioned by chunk value.
+   A code is within t bits of another only if some chunk of m is within r = t // m
+   bits (pigeonhole). Part (c, q) holds the distinct codes whose chunk c starts with
+   the k-bit prefix q; every code whose prefix is within r bits of q is sent there as a
+   query and probes only values that start with q. A pair is reported once: by its
+   first chunk within r bits, from its lower row.
+4. components (the driver, from edges only): compact ids, union-find, components
+   grouped into parts of about `partition_rows` rows.
+5. members (per shard): the features of the rows in components, scattered by group.
+6. resolve (per group): the star rule (cluster.resolve) on whole components.
+
+The driver holds, per sample, the decisions the write phase needs (see pipeline.Plan),
+and every edge while it forms components; the README gives the figures.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup import storage
+from dedup.cluster import (
+    PHASH,
+    Candidates,
+    Edges,
+    Groups,
+    clip_edges,
+    connected_components,
+    exact_edges,
+    flat_edges,
+    resolve,
+)
+from dedup.config import Config
+from dedup.errors import DedupError
+from dedup.executor import Executor
+from dedup.extract import STATUS_OK, read_features
+from dedup.fsutil import read_file, write_atomic
+from dedup.pairs import _chunks, choose_engine
+from dedup.progress import Progress
+from dedup.signals.phash import SIGNATURE_BYTES, SIGNATURE_TOLERANCE, is_low_detail
+
+log = logging.getLogger("dedup")
+
+# What the global phase reads from the feature store.
+CLUSTER_COLUMNS = [
+    "status",
+    "width",
+    "height",
+    "bytes",
+    "digest",
+    "phash",
+    "detail",
+    "colour_signature",
+    "clip",
+]
+DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
+CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
+SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8")])
+PROBE_BATCH = 16384
+
+
+def vector_record(dim: int) -> np.dtype:
+    return np.dtype([("vector", "<f2", (dim,)), ("row", "<i8")])
+
+
+def member_record(dim: int) -> np.dtype:
+    """Everything the star rule reads about one row (and its CLIP vector, if any)."""
+    fields = [
+        ("row", "<i8"),
+        ("pixels", "<i8"),
+        ("nbytes", "<i8"),
+        ("digest", "u1", 32),
+        ("word", "<u8"),
+        ("detail", "<i2"),
+        ("signature", "u1", SIGNATURE_BYTES),
+    ]
+    if dim:
+        fields.append(("vector", "<f2", (dim,)))
+    return np.dtype(fields)
+
+
+# ---------------------------------------------------------------- files of records
+
+
+def write_runs(path: str, records: np.ndarray, part: np.ndarray, parts: int) -> list[int]:
+    """Write `records` grouped by `part` (stable: row order kept within a part); return
+    the record offset of each part (parts + 1 entries)."""
+    order = np.argsort(part, kind="stable")
+    counts = np.bincount(part, minlength=parts) if len(part) else np.zeros(parts, np.int64)
+    write_atomic(path, np.ascontiguousarray(records[order]).tobytes())
+    return [0, *np.cumsum(counts).tolist()]
+
+
+def read_run(path: str, dtype: np.dtype, offsets: list[int], part: int) -> np.ndarray:
+    """The records of one part of a file `write_runs` wrote."""
+    lo, hi = offsets[part], offsets[part + 1]
+    if hi == lo:
+        return np.zeros(0, dtype=dtype)
+    (data,) = storage.read_ranges(path, [(lo * dtype.itemsize, (hi - lo) * dtype.itemsize)])
+    if len(data) != (hi - lo) * dtype.itemsize:
+        raise DedupError(f"{path}: shorter than its index says; rerun")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def gather(runs: list[tuple[str, list[int]]], dtype: np.dtype, part: int) -> np.ndarray:
+    """One part from every run file, in file order."""
+    pieces = [read_run(path, dtype, offsets, part) for path, offsets in runs]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def save_arrays(path: str, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_file(path))) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_edges(path: str, edges: Edges) -> None:
+    save_arrays(path, i=edges.i, j=edges.j, distance=edges.distance, signal=edges.signal)
+
+
+def load_edges(path: str) -> Edges:
+    a = load_arrays(path)
+    return Edges(a["i"], a["j"], a["distance"], a["signal"])
+
+
+# ---------------------------------------------------------------- the layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the global phase is partitioned: a function of the data sizes and the config
+    only (never of the executor or worker count), so results never depend on them."""
+
+    parts: int  # exact-digest and pHash-code partitions
+    chunks: int  # m: pHash chunks
+    prefix_bits: int  # k: bits of a chunk's value that pick its part
+    radius: int  # r: bits a chunk may differ by
+
+    @staticmethod
+    def of(rows: int, config: Config) -> Layout:
+        parts = max(1, math.ceil(rows / config.partition_rows))
+        t = config.phash_threshold
+        m = choose_engine(max(rows, 2), t, "mih")[1]
+        bits = min(b for _, b in _chunks(m))
+        k = min(bits, max(0, math.ceil(math.log2(parts)))) if parts > 1 else 0
+        return Layout(parts, m, k, t // m)
+
+    @property
+    def near_parts(self) -> int:
+        return self.chunks << self.prefix_bits
+
+
+def _masks(bits: int, weights: range) -> np.ndarray:
+    """Every `bits`-bit mask whose number of set bits is in `weights`."""
+    out = [sum(1 << p for p in ps) for w in weights for ps in combinations(range(bits), w)]
+    return np.asarray(out, dtype=np.int64)
+
+
+def _hash_part(words: np.ndarray, parts: int) -> np.ndarray:
+    """A well-mixed partition of 64-bit values (splitmix64's finalizer)."""
+    x = words.astype(np.uint64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(parts)).astype(np.int64)
+
+
+# ---------------------------------------------------------------- 1. scatter
+
+
+@dataclass
+class Scattered:
+    """What a scatter task wrote for one shard and what it saw."""
+
+    candidate: np.ndarray  # bool per row: a decoded image that takes part
+    reason: np.ndarray  # int8 per row: the status's index in `reasons` (-1: unknown)
+    runs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    dim: int = 0  # CLIP vector length
+
+
+def _read_candidates(path: str, local_rows: np.ndarray | None = None):
+    """(features, candidate local rows, their features) of one shard; `local_rows`
+    names the rows instead."""
+    table = read_features(path, CLUSTER_COLUMNS)
+    ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
+    rows = np.flatnonzero(ok) if local_rows is None else local_rows
+    return table, rows, table.take(pa.array(rows, type=pa.int64()))
+
+
+def _words(column: pa.ChunkedArray) -> np.ndarray:
+    from dedup.pipeline import fixed_binary_array
+
+    return fixed_binary_array(column).view(">u8").reshape(-1).astype(np.uint64)
+
+
+@dataclass
+class _Scatter:
+    work: str
+    config: Config
+    layout: Layout
+    reasons: tuple[str, ...]
+
+    def __call__(self, item: tuple[int, str, int]) -> Scattered:
+        from dedup.pipeline import fixed_binary_array
+
+        pos, path, start = item
+        table, local, cand = _read_candidates(path)
+        codes = pc.fill_null(pc.index_in(table.column("status"), pa.array(self.reasons)), -1)
+        reason = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int8)
+        candidate = np.zeros(len(reason), dtype=bool)
+        candidate[local] = True
+        out = Scattered(candidate, reason)
+        rows = local.astype(np.int64) + start
+        parts = self.layout.parts
+        signals = self.config.signals
+        if "exact" in signals and len(rows):
+            records = np.zeros(len(rows), DIGEST_RECORD)
+            records["digest"] = fixed_binary_array(cand.column("digest"))
+            records["row"] = rows
+            words = records["digest"][:, :8].copy().view("<u8").reshape(-1)
+            out.runs["exact"] = (
+                self._path(pos, "exact"),
+                write_runs(self._path(pos, "exact"), records, _hash_part(words, parts), parts),
+            )
+        if "phash" in signals and len(rows):
+            low = is_low_detail(np.asarray(cand.column("detail").to_numpy(), dtype=np.int16))
+            words = _words(cand.column("phash"))
+            detailed = np.flatnonzero(~low)
+            records = np.zeros(len(detailed), CODE_RECORD)
+            records["word"], records["row"] = words[detailed], rows[detailed]
+            out.runs["phash"] = (
+                self._path(pos, "phash"),
+                write_runs(
+                    self._path(pos, "phash"), records, _hash_part(records["word"], parts), parts
+                ),
+            )
+            flat = np.flatnonzero(low)
+            if len(flat):
+                sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
+                records = np.zeros(len(flat), SIGNATURE_RECORD)
+                records["signature"], records["row"] = sig, rows[flat]
+                out.runs["flat"] = (
+                    self._path(pos, "flat"),
+                    write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
+                )
+        if "clip" in signals and len(rows):
+            from dedup.pipeline import _vectors
+
+            vectors = _vectors(cand.column("clip"))
+            out.dim = vectors.shape[1]
+            records = np.zeros(len(rows), vector_record(vectors.shape[1]))
+            records["vector"], records["row"] = vectors, rows
+            out.runs["clip"] = (
+                self._path(pos, "clip"),
+                write_runs(self._path(pos, "clip"), records, np.zeros(len(rows), int), 1),
+            )
+        return out
+
+    def _path(self, pos: int, kind: str) -> str:
+        return storage.join(self.work, f"scatter-{pos:08d}.{kind}")
+
+
+# ---------------------------------------------------------------- 2. pairs
+
+
+@dataclass
+class _Pairs:
+    work: str
+    config: Config
+    layout: Layout
+    runs: dict[str, list[tuple[str, list[int]]]]
+    clip_dim: int
+
+    def __call__(self, item: tuple[str, int]) -> int:
+        kind, part = item
+        target = storage.join(self.work, f"edges-{kind}-{part:06d}")
+        if kind == "exact":
+            records = gather(self.runs["exact"], DIGEST_RECORD, part)
+            e = exact_edges(np.ascontiguousarray(records["digest"]))
+            edges = _renumber(e, records["row"])
+        elif kind == "phash":
+            edges = self._phash(part)
+        elif kind == "flat":
+            records = gather(self.runs["flat"], SIGNATURE_RECORD, 0)
+            e = flat_edges(
+                np.ascontiguousarray(records["signature"]),
+                np.arange(len(records), dtype=np.int64),
+                SIGNATURE_TOLERANCE,
+            )
+            edges = _renumber(e, records["row"])
+        else:  # clip
+            records = gather(self.runs["clip"], vector_record(self.clip_dim), 0)
+            c = self.config
+            e = clip_edges(
+                np.ascontiguousarray(records["vector"]), c.clip_threshold, c.clip_index, c.device
+            )
+            edges = _renumber(e, records["row"])
+        save_edges(target, edges)
+        return len(edges.i)
+
+    def _phash(self, part: int) -> Edges:
+        """Equal codes link to their first row; the distinct codes (with that row) are
+        routed to the near-pair parts."""
+        records = gather(self.runs["phash"], CODE_RECORD, part)
+        words, rows = records["word"], records["row"]
+        unique, first, inverse = np.unique(words, return_index=True, return_inverse=True)
+        # Rows arrive in ascending order, so a code's first index is its earliest row.
+        rep = rows[first]
+        same = np.flatnonzero(first[inverse] != np.arange(len(rows)))
+        edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), PHASH)
+        lay = self.layout
+        k, r = lay.prefix_bits, lay.radius
+        flips = _masks(k, range(min(r, k) + 1))
+        bucket_parts, out = [], []
+        for c, (shift, bits) in enumerate(_chunks(lay.chunks)):
+            prefix = (unique >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
+            targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)
+            bucket_parts.append(c * (1 << k) + targets)
+            out.append(np.repeat(np.arange(len(unique)), len(flips)))
+        chosen = np.concatenate(out) if out else np.zeros(0, np.int64)
+        routed = np.zeros(len(chosen), CODE_RECORD)
+        routed["word"], routed["row"] = unique[chosen], rep[chosen]
+        path = storage.join(self.work, f"routed-{part:06d}")
+        offsets = write_runs(
+            path, routed, np.concatenate(bucket_parts).astype(np.int64), lay.near_parts
+        )
+        save_arrays(path + ".index", offsets=np.asarray(offsets, dtype=np.int64))
+        return edges
+
+
+def _renumber(edges: Edges, rows: np.ndarray) -> Edges:
+    """Edges over positions in a gathered part, as edges over global rows."""
+    return Edges(rows[edges.i], rows[edges.j], edges.distance, edges.signal)
+
+
+# ---------------------------------------------------------------- 3. near pHash pairs
+
+
+@dataclass
+class _Near:
+    work: str
+    config: Config
+    layout: Layout
+    parts: int  # pHash partitions whose routed files are read
+
+    def __call__(self, bucket: int) -> int:
+        lay, t = self.layout, self.config.phash_threshold
+        k, r = lay.prefix_bits, lay.radius
+        chunk, prefix = divmod(bucket, 1 << k)
+        chunks = _chunks(lay.chunks)
+        shift, bits = chunks[chunk]
+        low_bits = bits - k
+        runs = []
+        for p in range(self.parts):
+            path = storage.join(self.work, f"routed-{p:06d}")
+            offsets = load_arrays(path + ".index")["offsets"].tolist()
+            runs.append((path, offsets))
+        queries = gather(runs, CODE_RECORD, bucket)
+        words, reps = queries["word"], queries["row"]
+        value = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
+        low = value & ((1 << low_bits) - 1)
+        flipped = np.bitwise_count((value >> low_bits) ^ prefix).astype(np.int64)
+        # The table: the codes of this part (prefix q itself), ordered by the low bits.
+        own = np.flatnonzero(flipped == 0)
+        order = own[np.argsort(low[own], kind="stable")]
+        t_low, t_words, t_reps = low[order], words[order], reps[order]
+        starts = np.zeros((1 << low_bits) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(t_low, minlength=1 << low_bits), out=starts[1:])
+        found = []
+        earlier = [(s, b) for s, b in chunks[:chunk]]
+        for used in range(min(r, k) + 1):
+            masks = _masks(low_bits, range(r - used + 1))
+            group = np.flatnonzero(flipped == used)
+            for q0 in range(0, len(group), PROBE_BATCH):
+                q = group[q0 : q0 + PROBE_BATCH]
+                probes = (low[q][:, None] ^ masks[None, :]).reshape(-1)
+                lo = starts[probes]
+                counts = starts[probes + 1] - lo
+                total = int(counts.sum())
+                if not total:
+                    continue
+                query = np.repeat(np.repeat(q, len(masks)), counts)
+                cand = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
+                qa, ta = reps[query], t_reps[cand]
+                keep = qa < ta
+                query, cand, qa, ta = query[keep], cand[keep], qa[keep], ta[keep]
+                x = words[query] ^ t_words[cand]
+                dist = np.bitwise_count(x).astype(np.int32)
+                keep = dist <= t
+                for s, b in earlier:  # reported by an earlier chunk already
+                    part = (x >> np.uint64(s)) & np.uint64((1 << b) - 1)
+                    keep &= np.bitwise_count(part) > r
+                found.append((qa[keep], ta[keep], dist[keep]))
+        i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+        j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+        d = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.int32)
+        save_edges(storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH))
+        return len(i)
+
+
+# ---------------------------------------------------------------- 5. members, 6. resolve
+
+
+def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.ndarray:
+    """Member records of the given rows of one shard (all candidates)."""
+    from dedup.pipeline import _vectors, fixed_binary_array
+
+    _, _, cand = _read_candidates(path, local_rows)
+    records = np.zeros(len(local_rows), member_record(dim))
+    records["row"] = local_rows.astype(np.int64) + start
+    width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
+    height = np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
+    records["pixels"] = width * height
+    records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
+    records["digest"] = fixed_binary_array(cand.column("digest"))
+    phash = cand.column("phash")
+    if phash.null_count == 0 and len(local_rows):
+        records["word"] = _words(phash)
+        records["detail"] = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
+        sig = pc.fill_null(
+            cand.column("colour_signature"),
+            pa.scalar(bytes(SIGNATURE_BYTES), pa.binary(SIGNATURE_BYTES)),
+        )
+        records["signature"] = fixed_binary_array(sig)
+    if dim and len(local_rows):
+        records["vector"] = _vectors(cand.column("clip"))
+    return records
+
+
+def members_candidates(records: np.ndarray, config: Config) -> Candidates:
+    """Candidates (in record order) from member records."""
+    phash = "phash" in config.signals
+    return Candidates(
+        pixels=records["pixels"],
+        nbytes=records["nbytes"],
+        digest=np.ascontiguousarray(records["digest"]),
+        phash=records["word"].astype(">u8").view(np.uint8).reshape(-1, 8) if phash else None,
+        clip=(
+            np.ascontiguousarray(records["vector"])
+            if "clip" in config.signals and "vector" in records.dtype.names
+            else None
+        ),
+        detail=records["detail"] if phash else None,
+        signature=np.ascontiguousarray(records["signature"]) if phash else None,
+    )
+
+
+@dataclass
+class _Members:
+    work: str
+    dim: int
+    groups: int
+
+    def __call__(self, item: tuple[int, str, int, np.ndarray, np.ndarray]):
+        pos, path, start, local_rows, group = item
+        records = read_members(path, start, local_rows, self.dim)
+        target = storage.join(self.work, f"members-{pos:08d}")
+        return target, write_runs(target, records, group, self.groups)
+
+
+@dataclass
+class _Resolve:
+    work: str
+    config: Config
+    dim: int
+    runs: list[tuple[str, list[int]]]
+
+    def __call__(self, group: int) -> str:
+        records = gather(self.runs, member_record(self.dim), group)
+        rows = records["row"]
+        e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
+        local = Edges(np.searchsorted(rows, e.i), np.searchsorted(rows, e.j), e.distance, e.signal)
+        result = resolve(members_candidates(records, self.config), local, self.config)
+        g = result.groups
+        target = storage.join(self.work, f"resolved-{group:06d}")
+        save_arrays(
+            target,
+            rows=rows,
+            cluster_id=rows[result.cluster_id],
+            cluster_size=result.cluster_size,
+            survivor=rows[result.survivor],
+            reason=result.reason,
+            phash_distance=result.phash_distance,
+            clip_similarity=result.clip_similarity,
+            g_cluster_id=rows[g.cluster_id],
+            g_size=g.size,
+            g_survivor=rows[g.survivor],
+            g_signals=g.signals,
+            g_max_phash_distance=g.max_phash_distance,
+            g_max_phash_distance_to_survivor=g.max_phash_distance_to_survivor,
+            g_min_clip_similarity_to_survivor=g.min_clip_similarity_to_survivor,
+        )
+        return target
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class Resolved:
+    """The global phase's outcome, over global rows."""
+
+    candidate: np.ndarray  # bool per row
+    reason: np.ndarray  # int8 per row: the status's index in `reasons` (-1: unknown)
+    members: dict[str, np.ndarray] | None  # per row in a component: rows, cluster_id, ...
+    groups: Groups | None  # clusters of two or more, by cluster id
+    edges: Edges
+    dim: int  # CLIP vector length, 0 without the signal
+
+
+def _describe_part(item) -> str:
+    return f"global phase part {item}"
+
+
+def run_global(
+    paths: list[str],
+    shard_starts: np.ndarray,
+    config: Config,
+    executor: Executor,
+    work: str,
+    reasons: tuple[str, ...],
+) -> Resolved:
+    """Phase 2 over shards' feature files `paths`, whose first global rows are
+    `shard_starts` (one more entry: the total); `work` is a folder (or prefix) for the
+    phase's files."""
+    rows_total = int(shard_starts[-1])
+    sources = [(path, int(shard_starts[pos])) for pos, path in enumerate(paths)]
+    shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
+    layout = Layout.of(rows_total, config)
+    scattered: list[Scattered] = executor.map(
+        _Scatter(work, config, layout, reasons),
+        shard_items,
+        Progress("scatter", total_items=len(shard_items)),
+        describe=_describe_part,
+    )
+    reason = np.concatenate([s.reason for s in scattered] or [np.zeros(0, np.int8)])
+    candidate = np.concatenate([s.candidate for s in scattered] or [np.zeros(0, bool)])
+    runs = {
+        kind: [s.runs[kind] for s in scattered if s.runs.get(kind)]
+        for kind in ("exact", "phash", "flat", "clip")
+    }
+    dim = max([s.dim for s in scattered] or [0])
+    items = [("exact", p) for p in range(layout.parts) if runs["exact"]]
+    items += [("phash", p) for p in range(layout.parts) if runs["phash"]]
+    items += [("flat", 0)] if runs["flat"] else []
+    items += [("clip", 0)] if runs["clip"] else []
+    executor.map(
+        _Pairs(work, config, layout, runs, dim),
+        items,
+        Progress("pairs", total_items=len(items)),
+        describe=_describe_part,
+    )
+    edge_files = [storage.join(work, f"edges-{kind}-{p:06d}") for kind, p in items]
+    if runs["phash"]:
+        buckets = list(range(layout.near_parts))
+        executor.map(
+            _Near(work, config, layout, layout.parts),
+            buckets,
+            Progress("near pairs", total_items=len(buckets)),
+            describe=_describe_part,
+        )
+        edge_files += [storage.join(work, f"edges-near-{b:06d}") for b in buckets]
+    edges = Edges.concat([load_edges(f) for f in edge_files])
+    members, groups = _components(edges, sources, config, executor, work, dim)
+    return Resolved(candidate, reason, members, groups, edges, dim)
+
+
+def _components(edges: Edges, sources, config: Config, executor: Executor, work: str, dim: int):
+    """Components from edges only (compact ids), grouped into parts of whole components;
+    the members' features scattered by group; the star rule per group."""
+    if not len(edges.i):
+        return None, None
+    nodes, inverse = np.unique(np.concatenate([edges.i, edges.j]), return_inverse=True)
+    half = len(edges.i)
+    label = connected_components(len(nodes), inverse[:half], inverse[half:])
+    # Groups of whole components, each about partition_rows rows, in label order.
+    sizes = np.bincount(label, minlength=len(nodes))
+    comp_ids = np.flatnonzero(sizes)
+    comp_group = np.cumsum(sizes[comp_ids]) // max(1, config.partition_rows)
+    comp_group -= comp_group[0]
+    _, comp_group = np.unique(comp_group, return_inverse=True)
+    groups_count = int(comp_group.max()) + 1
+    group_of_comp = np.zeros(len(nodes), dtype=np.int64)
+    group_of_comp[comp_ids] = comp_group
+    node_group = group_of_comp[label]
+    # Each group's edges, in global rows.
+    edge_group = node_group[inverse[:half]]
+    by_group = np.argsort(edge_group, kind="stable")
+    bounds = np.searchsorted(edge_group[by_group], np.arange(groups_count + 1))
+    for g in range(groups_count):
+        sel = by_group[bounds[g] : bounds[g + 1]]
+        save_edges(
+            storage.join(work, f"group-edges-{g:06d}"),
+            Edges(edges.i[sel], edges.j[sel], edges.distance[sel], edges.signal[sel]),
+        )
+    starts = [start for _, start in sources]
+    shard_of = np.searchsorted(starts, nodes, side="right") - 1
+    member_items = []
+    for pos in np.unique(shard_of).tolist():
+        at = np.flatnonzero(shard_of == pos)
+        path, start = sources[pos]
+        member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
+    runs = executor.map(
+        _Members(work, dim, groups_count),
+        member_items,
+        Progress("members", total_items=len(member_items)),
+        describe=_describe_part,
+    )
+    targets = executor.map(
+        _Resolve(work, config, dim, runs),
+        list(range(groups_count)),
+        Progress("resolve", total_items=groups_count),
+        describe=_describe_part,
+    )
+    parts = [load_arrays(t) for t in targets]
+    members = {
+        name: np.concatenate([p[name] for p in parts])
+        for name in (
+            "rows",
+            "cluster_id",
+            "cluster_size",
+            "survivor",
+            "reason",
+            "phash_distance",
+            "clip_similarity",
+        )
+    }
+    g_cols = {
+        name: np.concatenate([p["g_" + name] for p in parts])
+        for name in (
+            "cluster_id",
+            "size",
+            "survivor",
+            "signals",
+            "max_phash_distance",
+            "max_phash_distance_to_survivor",
+            "min_clip_similarity_to_survivor",
+        )
+    }
+    order = np.argsort(g_cols["cluster_id"], kind="stable")
+    groups = Groups(**{name: value[order] for name, value in g_cols.items()})
+    return members, groups

@@ -1,0 +1,182 @@
+"""The partitioned global phase against the one-process oracle (dedup.cluster.cluster):
+the same edges, clusters, survivors, reasons and distances, whatever the partitioning
+and the number of workers."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dedup.cluster import DECISIONS, Candidates, build_edges, cluster
+from dedup.config import Config
+from dedup.executor import LocalExecutor
+from dedup.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
+from dedup.globalphase import CLUSTER_COLUMNS, Layout, run_global
+from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES
+
+REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
+
+
+def planted_rows(n: int, seed: int, dim: int = 0):
+    """Candidate columns with planted exact repeats, pHash near copies and exact code
+    repeats (re-encodes), low-detail rows with close colour signatures, and CLIP vectors
+    with near copies; a few rows that did not decode."""
+    rng = np.random.default_rng(seed)
+    # Codes from a few "photos" with skew: many share chunks, as real pHashes do.
+    base = rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    words = base[rng.integers(0, 40, n)]
+    flips = np.zeros(n, dtype=np.uint64)
+    for _ in range(rng.integers(0, 14)):
+        bit = rng.integers(0, 64, n).astype(np.uint64)
+        flips ^= np.where(rng.random(n) < 0.5, np.uint64(1) << bit, np.uint64(0))
+    words ^= flips
+    digest = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    copies = rng.random(n) < 0.15
+    src = rng.integers(0, n, n)
+    digest[copies] = digest[src[copies]]
+    words[copies] = words[src[copies]]
+    detail = rng.integers(LOW_DETAIL_BITS, 64, n).astype(np.int16)
+    low = rng.random(n) < 0.08
+    detail[low] = rng.integers(0, LOW_DETAIL_BITS, int(low.sum()))
+    signature = np.zeros((n, SIGNATURE_BYTES), dtype=np.uint8)
+    colours = rng.integers(0, 256, (6, SIGNATURE_BYTES))
+    signature[low] = np.clip(
+        colours[rng.integers(0, 6, int(low.sum()))] + rng.integers(-3, 4, (int(low.sum()), 1)),
+        0,
+        255,
+    ).astype(np.uint8)
+    status = np.array(["ok"] * n, dtype=object)
+    status[rng.random(n) < 0.03] = "undecodable"
+    vectors = None
+    if dim:
+        centres = rng.normal(size=(30, dim))
+        v = centres[rng.integers(0, 30, n)] + rng.normal(scale=0.25, size=(n, dim))
+        vectors = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+    return {
+        "words": words,
+        "digest": digest,
+        "detail": detail,
+        "signature": signature,
+        "low": low,
+        "status": status,
+        "pixels": rng.integers(1, 5, n) * 100,
+        "nbytes": rng.integers(1000, 1010, n),
+        "vectors": vectors,
+    }
+
+
+def write_features(tmp_path, data, shard_sizes) -> list[str]:
+    paths, start = [], 0
+    for pos, size in enumerate(shard_sizes):
+        sl = slice(start, start + size)
+        start += size
+        ok = data["status"][sl] == "ok"
+        codes = data["words"][sl].astype(">u8").view(np.uint8).reshape(-1, 8)
+        sig = [
+            bytes(s) if low and good else None
+            for s, low, good in zip(data["signature"][sl], data["low"][sl], ok, strict=True)
+        ]
+        vectors = data["vectors"]
+        table = pa.table(
+            {
+                "index": np.arange(size),
+                "key": [f"{pos:03d}-{k:05d}" for k in range(size)],
+                "status": list(data["status"][sl]),
+                "width": (data["pixels"][sl] // 10).astype(np.int32),
+                "height": np.full(size, 10, dtype=np.int32),
+                "bytes": data["nbytes"][sl],
+                "digest": [
+                    bytes(d) if g else None for d, g in zip(data["digest"][sl], ok, strict=True)
+                ],
+                "phash": [bytes(c) if g else None for c, g in zip(codes, ok, strict=True)],
+                "detail": pa.array(data["detail"][sl], mask=~ok),
+                "colour_signature": pa.array(sig, type=pa.binary(SIGNATURE_BYTES)),
+                "clip": [
+                    vectors[start - size + k].tobytes() if vectors is not None and g else None
+                    for k, g in enumerate(ok)
+                ],
+            }
+        )
+        schema = pa.schema([FEATURE_SCHEMA.field(name) for name in table.column_names])
+        path = str(tmp_path / f"{pos:04d}.parquet")
+        pq.write_table(table.cast(schema), path)
+        paths.append(path)
+    return paths
+
+
+def oracle(data, config):
+    ok = np.flatnonzero(data["status"] == "ok")
+    cand = Candidates(
+        pixels=data["pixels"][ok] // 10 * 10,
+        nbytes=data["nbytes"][ok],
+        digest=data["digest"][ok],
+        phash=data["words"][ok].astype(">u8").view(np.uint8).reshape(-1, 8),
+        clip=data["vectors"][ok] if data["vectors"] is not None else None,
+        detail=data["detail"][ok],
+        signature=np.where(data["low"][ok, None], data["signature"][ok], 0).astype(np.uint8),
+    )
+    return ok, cand, cluster(cand, config), build_edges(cand, config)
+
+
+def edge_set(i, j, signal):
+    return {
+        (min(a, b), max(a, b), s)
+        for a, b, s in zip(i.tolist(), j.tolist(), signal.tolist(), strict=True)
+    }
+
+
+@pytest.mark.parametrize(
+    ("seed", "partition_rows", "workers", "threshold"),
+    [(0, 10**9, 1, 8), (1, 97, 2, 8), (2, 31, 2, 10), (3, 250, 1, 4), (4, 61, 2, 0)],
+)
+def test_partitioned_global_phase_equals_one_process_oracle(
+    tmp_path, seed, partition_rows, workers, threshold
+):
+    n = 1500
+    data = planted_rows(n, seed)
+    sizes = [400, 1, 0, 350, 749]
+    paths = write_features(tmp_path, data, sizes)
+    config = Config(
+        signals=("exact", "phash"), phash_threshold=threshold, partition_rows=partition_rows
+    )
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    r = run_global(paths, starts, config, LocalExecutor(workers), str(tmp_path / "w"), REASONS)
+    ok, cand, want, want_edges = oracle(data, config)
+    assert np.array_equal(np.flatnonzero(r.candidate), ok)
+    # The same links: pHash equal-code and near edges may name another row of the same
+    # code, so compare the components they make, and exact and flat edges as sets.
+    assert edge_set(r.edges.i, r.edges.j, r.edges.signal) == edge_set(
+        ok[want_edges.i], ok[want_edges.j], want_edges.signal
+    )
+    got = {name: np.zeros(n, dtype=np.int64) - 7 for name in ("cluster", "survivor", "reason")}
+    m = r.members
+    got["cluster"][ok] = ok  # rows in no edge are their own cluster
+    got["survivor"][ok] = ok
+    got["reason"][ok] = DECISIONS.index("unique")
+    got["cluster"][m["rows"]] = m["cluster_id"]
+    got["survivor"][m["rows"]] = m["survivor"]
+    got["reason"][m["rows"]] = m["reason"]
+    assert np.array_equal(got["cluster"][ok], ok[want.cluster_id])
+    assert np.array_equal(got["survivor"][ok], ok[want.survivor])
+    assert np.array_equal(got["reason"][ok], want.reason)
+    g = r.groups
+    assert np.array_equal(g.cluster_id, ok[want.groups.cluster_id])
+    assert np.array_equal(g.survivor, ok[want.groups.survivor])
+    assert np.array_equal(g.size, want.groups.size)
+    assert np.array_equal(g.signals, want.groups.signals)
+    assert np.array_equal(g.max_phash_distance, want.groups.max_phash_distance)
+    assert len(want.groups) > 20  # the planted set has real clusters
+    if partition_rows < n:
+        layout = Layout.of(n, config)
+        assert layout.parts > 1 and layout.near_parts > layout.chunks
+
+
+def test_layout_depends_on_data_and_config_only():
+    config = Config(partition_rows=1000)
+    assert Layout.of(10**6, config) == Layout.of(10**6, config)
+    small = Layout.of(10, config)
+    assert small.parts == 1 and small.prefix_bits == 0
+
+
+def test_cluster_columns_are_stored():
+    assert set(CLUSTER_COLUMNS) <= set(FEATURE_SCHEMA.names)
