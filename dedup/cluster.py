@@ -254,17 +254,7 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
         cluster_id = connected_components(n, edges.i, edges.j)
         survivor = _survivors(cluster_id, cand, config.keep)
     else:
-        survivor = np.full(n, -1, dtype=np.int64)
-        active = np.ones(n, dtype=bool)
-        while active.any():
-            live = active[edges.i] & active[edges.j]
-            labels = connected_components(n, edges.i[live], edges.j[live])
-            best = _survivors(labels, cand, config.keep)
-            pending = np.flatnonzero(active & (best != rows))
-            linked = direct_links(pending, best[pending], cand, config) != UNIQUE
-            done = np.concatenate([np.flatnonzero(active & (best == rows)), pending[linked]])
-            survivor[done] = best[done]
-            active[done] = False
+        survivor = star_survivors(cand, edges, config.keep)
         # A cluster's id is its first row in input order: stable across runs and engines.
         first = np.full(n, n, dtype=np.int64)
         np.minimum.at(first, survivor, rows)
@@ -421,6 +411,49 @@ def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
             if np.array_equal(grand, parent):
                 break
             parent = grand
+
+
+def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
+    """Each row's survivor under the star rule: best rows first (the keep rule), each
+    row not yet claimed is kept and claims every unclaimed row it links to directly.
+
+    Edges come collapsed: rows with equal keys (digest, pHash code, colour signature)
+    link to their group's first row at distance 0, and groups link by their first rows;
+    every row of a group adjacent to a row's group links to it directly. CLIP edges
+    link rows. Work is linear in rows and edges, however large a cluster is.
+    """
+    from dedup.kernels import star_claims
+
+    n = len(cand.pixels)
+    rows = np.arange(n, dtype=np.int64)
+    by_size = keep == "largest"
+    order = np.lexsort((rows, -cand.nbytes, -cand.pixels)) if by_size else rows
+    signals = len(SIGNALS)
+    group = np.tile(rows, (signals, 1))
+    mem_start = np.empty((signals, n + 1), dtype=np.int64)
+    members = np.empty((signals, n), dtype=np.int64)
+    adj_start = np.empty((signals, n + 1), dtype=np.int64)
+    adj_parts, base = [], 0
+    for s in range(signals):
+        of = edges.signal == s
+        star = of & (edges.distance == 0) if s != CLIP else np.zeros(len(of), dtype=bool)
+        group[s, edges.j[star]] = edges.i[star]
+        by_group = np.argsort(group[s], kind="stable")
+        members[s] = by_group
+        mem_start[s, 0] = 0
+        np.cumsum(np.bincount(group[s], minlength=n), out=mem_start[s, 1:])
+        link = of & ~star
+        a = np.concatenate([edges.i[link], edges.j[link]])
+        b = np.concatenate([edges.j[link], edges.i[link]])
+        ga, gb = group[s, a], group[s, b]
+        sort = np.lexsort((gb, ga))
+        adj_parts.append(gb[sort])
+        adj_start[s, 0] = base
+        np.cumsum(np.bincount(ga, minlength=n), out=adj_start[s, 1:])
+        adj_start[s, 1:] += base
+        base += len(a)
+    adj = np.concatenate(adj_parts) if adj_parts else np.zeros(0, dtype=np.int64)
+    return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj)
 
 
 def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarray:

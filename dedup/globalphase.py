@@ -56,6 +56,7 @@ from dedup.errors import DedupError
 from dedup.executor import Executor
 from dedup.extract import STATUS_OK, read_features
 from dedup.fsutil import read_file, write_atomic
+from dedup.kernels import near_pairs
 from dedup.pairs import _chunks, choose_engine
 from dedup.progress import Progress
 from dedup.signals.phash import SIGNATURE_BYTES, SIGNATURE_TOLERANCE, is_low_detail
@@ -384,7 +385,7 @@ class _Near:
             offsets = load_arrays(path + ".index")["offsets"].tolist()
             runs.append((path, offsets))
         queries = gather(runs, CODE_RECORD, bucket)
-        words, reps = queries["word"], queries["row"]
+        words, reps = np.ascontiguousarray(queries["word"]), np.ascontiguousarray(queries["row"])
         value = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
         low = value & ((1 << low_bits) - 1)
         flipped = np.bitwise_count((value >> low_bits) ^ prefix).astype(np.int64)
@@ -394,36 +395,28 @@ class _Near:
         t_low, t_words, t_reps = low[order], words[order], reps[order]
         starts = np.zeros((1 << low_bits) + 1, dtype=np.int64)
         np.cumsum(np.bincount(t_low, minlength=1 << low_bits), out=starts[1:])
-        found = []
-        earlier = [(s, b) for s, b in chunks[:chunk]]
-        for used in range(min(r, k) + 1):
-            masks = _masks(low_bits, range(r - used + 1))
-            group = np.flatnonzero(flipped == used)
-            for q0 in range(0, len(group), PROBE_BATCH):
-                q = group[q0 : q0 + PROBE_BATCH]
-                probes = (low[q][:, None] ^ masks[None, :]).reshape(-1)
-                lo = starts[probes]
-                counts = starts[probes + 1] - lo
-                total = int(counts.sum())
-                if not total:
-                    continue
-                query = np.repeat(np.repeat(q, len(masks)), counts)
-                cand = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(total)
-                qa, ta = reps[query], t_reps[cand]
-                keep = qa < ta
-                query, cand, qa, ta = query[keep], cand[keep], qa[keep], ta[keep]
-                x = words[query] ^ t_words[cand]
-                dist = np.bitwise_count(x).astype(np.int32)
-                keep = dist <= t
-                for s, b in earlier:  # reported by an earlier chunk already
-                    part = (x >> np.uint64(s)) & np.uint64((1 << b) - 1)
-                    keep &= np.bitwise_count(part) > r
-                found.append((qa[keep], ta[keep], dist[keep]))
-        i = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
-        j = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
-        d = np.concatenate([f[2] for f in found]) if found else np.zeros(0, np.int32)
+        masks = _masks(low_bits, range(r + 1))  # by weight: 0, then 1, ...
+        mask_end = np.cumsum([math.comb(low_bits, w) for w in range(r + 1)]).astype(np.int64)
+        earlier = np.asarray(chunks[:chunk], dtype=np.int64).reshape(-1, 2)
+        i, j, d = near_pairs(
+            low, words, reps, flipped, t_words, t_reps, starts, masks, mask_end, t, r, earlier
+        )
         save_edges(storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH))
-        return len(i)
+        sizes = np.diff(starts)
+        return NearStats(
+            len(i), len(order), len(words), int(sizes.max(initial=0)), int(sizes @ sizes)
+        )
+
+
+@dataclass
+class NearStats:
+    """What one near-pair part saw: its load, for the benchmark's occupancy figures."""
+
+    edges: int
+    table: int  # distinct codes it owns
+    queries: int  # codes sent to it (its own included)
+    largest_bucket: int  # codes sharing one chunk value
+    squared: int  # sum of bucket sizes squared: a code's expected bucket, times the table
 
 
 # ---------------------------------------------------------------- 5. members, 6. resolve
@@ -440,7 +433,9 @@ def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.
     height = np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
     records["pixels"] = width * height
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
-    records["digest"] = fixed_binary_array(cand.column("digest"))
+    records["digest"] = fixed_binary_array(
+        pc.fill_null(cand.column("digest"), pa.scalar(bytes(32), pa.binary(32)))
+    )
     phash = cand.column("phash")
     if phash.null_count == 0 and len(local_rows):
         records["word"] = _words(phash)
@@ -534,6 +529,7 @@ class Resolved:
     groups: Groups | None  # clusters of two or more, by cluster id
     edges: Edges
     dim: int  # CLIP vector length, 0 without the signal
+    stats: dict = field(default_factory=dict)  # the layout and each near part's load
 
 
 def _describe_part(item) -> str:
@@ -552,9 +548,11 @@ def run_global(
     `shard_starts` (one more entry: the total); `work` is a folder (or prefix) for the
     phase's files."""
     rows_total = int(shard_starts[-1])
+    stats: dict = {"layout": None, "near": []}
     sources = [(path, int(shard_starts[pos])) for pos, path in enumerate(paths)]
     shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
     layout = Layout.of(rows_total, config)
+    stats["layout"] = layout
     scattered: list[Scattered] = executor.map(
         _Scatter(work, config, layout, reasons),
         shard_items,
@@ -581,7 +579,7 @@ def run_global(
     edge_files = [storage.join(work, f"edges-{kind}-{p:06d}") for kind, p in items]
     if runs["phash"]:
         buckets = list(range(layout.near_parts))
-        executor.map(
+        stats["near"] = executor.map(
             _Near(work, config, layout, layout.parts),
             buckets,
             Progress("near pairs", total_items=len(buckets)),
@@ -590,7 +588,7 @@ def run_global(
         edge_files += [storage.join(work, f"edges-near-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
     members, groups = _components(edges, sources, config, executor, work, dim)
-    return Resolved(candidate, reason, members, groups, edges, dim)
+    return Resolved(candidate, reason, members, groups, edges, dim, stats)
 
 
 def _components(edges: Edges, sources, config: Config, executor: Executor, work: str, dim: int):

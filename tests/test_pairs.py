@@ -226,3 +226,32 @@ def test_star_rule_keeps_every_removed_row_within_the_threshold(seed):
     assert (result.survivor[result.survivor] == result.survivor).all()  # survivors stay
     comp = brute_components(codes, 8)
     assert (comp[result.survivor] == comp).all()  # star clusters split components only
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_star_rule_equals_brute_force_greedy(seed):
+    """The star rule against its definition on every pair: best rows first, each row
+    not yet claimed is kept and claims every unclaimed row linked to it directly (same
+    image bytes, or pHash codes within the threshold)."""
+    rng = np.random.default_rng(seed)
+    n = 400
+    codes = random_codes(n, seed, near=0.6)
+    words = codes.view(">u8").reshape(-1)
+    digest = rng.integers(0, 256, (n, 32), dtype=np.uint8)
+    copies = rng.random(n) < 0.2
+    digest[copies] = digest[rng.integers(0, n, n)[copies]]
+    pixels = rng.integers(1, 4, n) * 100
+    nbytes = rng.integers(0, 3, n)
+    cand = Candidates(pixels=pixels, nbytes=nbytes, digest=digest, phash=codes)
+    config = Config(signals=("exact", "phash"), phash_threshold=10)
+    got = cluster(cand, config)
+    linked = np.bitwise_count(words[:, None] ^ words[None, :]) <= 10
+    linked |= (digest[:, None, :] == digest[None, :, :]).all(axis=2)
+    want = np.full(n, -1)
+    for b in np.lexsort((np.arange(n), -nbytes, -pixels)).tolist():
+        if want[b] < 0:
+            want[b] = b
+            claim = linked[b] & (want < 0)
+            want[claim] = b
+    assert np.array_equal(got.survivor, want)
+    assert (got.survivor != np.arange(n)).sum() > n // 4  # real clusters

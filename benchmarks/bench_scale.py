@@ -1,0 +1,222 @@
+"""The global phase at scale, on pHash codes with the skew of real photographs.
+
+`python benchmarks/bench_scale.py 1000000 10000000 100000000 --old-up-to 10000000`
+
+For each N: the planted codes of benchmarks/scale_codes.py go into feature files of a
+million rows (as the extract phase writes them); then, each in a fresh process so that
+peak memory is its own:
+- new: the partitioned global phase (dedup.globalphase.run_global) on the local
+  executor with every core: time, peak RSS of the driver and of the largest worker,
+  the layout and the load of the near-pair parts (bucket occupancy);
+- old: the one-process engine this replaced (dedup.cluster.cluster over every code in
+  memory), up to --old-up-to codes;
+- a check against brute force: for 200 sampled rows, every row within the threshold
+  (FAISS flat search over all N) must be linked to it by an edge (through its code's
+  first row, as equal codes are collapsed), and no edge may be longer than the
+  threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dedup.config import Config  # noqa: E402
+
+SHARD_ROWS = 1_000_000
+THRESHOLD = 8
+SAMPLE = 200
+
+
+def planted(n: int) -> np.ndarray:
+    from scale_codes import realistic_codes
+
+    return realistic_codes(n)
+
+
+def write_features(codes: np.ndarray, folder: str) -> tuple[list[str], np.ndarray]:
+    """Feature files as the extract phase writes them (only what the phase reads)."""
+    from dedup.extract import FEATURE_SCHEMA
+
+    names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
+    names += ["colour_signature", "clip"]
+    schema = pa.schema([FEATURE_SCHEMA.field(name) for name in names])
+    paths, starts = [], [0]
+    for start in range(0, len(codes), SHARD_ROWS):
+        chunk = codes[start : start + SHARD_ROWS]
+        k = len(chunk)
+        table = pa.table(
+            {
+                "status": pa.array(["ok"] * k),
+                "width": np.full(k, 100, dtype=np.int32),
+                "height": np.full(k, 100, dtype=np.int32),
+                "bytes": np.full(k, 1000, dtype=np.int64),
+                "digest": pa.nulls(k, pa.binary(32)),
+                "phash": pa.FixedSizeBinaryArray.from_buffers(
+                    pa.binary(8), k, [None, pa.py_buffer(np.ascontiguousarray(chunk).tobytes())]
+                ),
+                "detail": np.full(k, 64, dtype=np.int16),
+                "colour_signature": pa.nulls(k, schema.field("colour_signature").type),
+                "clip": pa.nulls(k, pa.binary()),
+            },
+            schema=schema,
+        )
+        path = os.path.join(folder, f"{len(paths):06d}.parquet")
+        pq.write_table(table, path, compression="zstd")
+        paths.append(path)
+        starts.append(start + k)
+    return paths, np.asarray(starts, dtype=np.int64)
+
+
+def _peak_mib(who) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024
+
+
+def run_new(folder: str, paths: list[str], starts: np.ndarray, out: dict) -> None:
+    from dedup.executor import LocalExecutor
+    from dedup.globalphase import run_global
+    from dedup.pipeline import REASONS
+
+    config = Config(signals=("phash",), phash_threshold=THRESHOLD)
+    t = time.perf_counter()
+    r = run_global(
+        paths, starts, config, LocalExecutor(os.cpu_count() or 1), folder + "/work", REASONS
+    )
+    seconds = time.perf_counter() - t
+    near = r.stats["near"]
+    removed = int((r.members["survivor"] != r.members["rows"]).sum()) if r.members else 0
+    np.savez(folder + "/edges.npz", i=r.edges.i, j=r.edges.j, d=r.edges.distance)
+    layout = r.stats["layout"]
+    out.update(
+        seconds=round(seconds, 1),
+        driver_peak_mib=round(_peak_mib(resource.RUSAGE_SELF)),
+        worker_peak_mib=round(_peak_mib(resource.RUSAGE_CHILDREN)),
+        edges=len(r.edges.i),
+        clusters=len(r.groups) if r.groups is not None else 0,
+        removed=removed,
+        layout=dict(
+            parts=layout.parts,
+            chunks=layout.chunks,
+            prefix_bits=layout.prefix_bits,
+            radius=layout.radius,
+        ),
+        near_parts=len(near),
+        table_codes_max=max(s.table for s in near),
+        queries_max=max(s.queries for s in near),
+        largest_bucket=max(s.largest_bucket for s in near),
+        # A code's expected bucket: sum of squared bucket sizes over the codes.
+        mean_bucket_seen=round(sum(s.squared for s in near) / max(1, sum(s.table for s in near)), 2),
+    )
+
+
+def run_old(codes_path: str, out: dict) -> None:
+    from dedup.cluster import Candidates, cluster
+
+    codes = np.load(codes_path)
+    n = len(codes)
+    cand = Candidates(
+        pixels=np.full(n, 10000, dtype=np.int64),
+        nbytes=np.full(n, 1000, dtype=np.int64),
+        digest=np.zeros((n, 32), dtype=np.uint8),
+        phash=codes,
+    )
+    t = time.perf_counter()
+    result = cluster(cand, Config(signals=("phash",), phash_threshold=THRESHOLD))
+    out.update(
+        seconds=round(time.perf_counter() - t, 1),
+        driver_peak_mib=round(_peak_mib(resource.RUSAGE_SELF)),
+        worker_peak_mib=round(_peak_mib(resource.RUSAGE_CHILDREN)),
+        clusters=len(result.groups),
+        removed=int((result.survivor != np.arange(n)).sum()),
+    )
+
+
+def _in_child(target, *args) -> dict:
+    with multiprocessing.Manager() as manager:
+        out = manager.dict()
+        process = multiprocessing.get_context("spawn").Process(target=target, args=(*args, out))
+        process.start()
+        process.join()
+        if process.exitcode:
+            raise SystemExit(f"{target.__name__} failed with exit code {process.exitcode}")
+        return dict(out)
+
+
+def check(codes: np.ndarray, edges_path: str) -> dict:
+    """Every pair within the threshold of a sampled row is an edge between the first
+    rows of the two codes (or the codes are equal); no edge is longer."""
+    import faiss
+
+    e = np.load(edges_path)
+    i, j, d = e["i"], e["j"], e["d"]
+    words = codes.view(">u8").reshape(-1)
+    _, first, inverse = np.unique(words, return_index=True, return_inverse=True)
+    rep = first[inverse]
+    keys = np.sort(np.minimum(i, j) * len(codes) + np.maximum(i, j))
+    rng = np.random.default_rng(1)
+    sample = rng.choice(len(codes), SAMPLE, replace=False)
+    index = faiss.IndexBinaryFlat(64)
+    index.add(codes)
+    lims, dist, labels = index.range_search(codes[sample], THRESHOLD + 1)
+    pairs = linked = 0
+    for k, x in enumerate(sample.tolist()):
+        for y in labels[lims[k] : lims[k + 1]].tolist():
+            if y == x:
+                continue
+            pairs += 1
+            a, b = int(rep[x]), int(rep[y])
+            if a == b:
+                linked += 1  # equal codes: an equal-code edge each to the first row
+                continue
+            key = min(a, b) * len(codes) + max(a, b)
+            at = np.searchsorted(keys, key)
+            linked += bool(at < len(keys) and keys[at] == key)
+    actual = np.bitwise_count(words[i] ^ words[j])
+    return {
+        "sampled_rows": SAMPLE,
+        "pairs_brute_force": pairs,
+        "pairs_linked": linked,
+        "edges_over_threshold": int((actual > THRESHOLD).sum()),
+        "edge_distance_mismatch": int((actual != d).sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sizes", nargs="+", type=int)
+    parser.add_argument("--old-up-to", type=int, default=10_000_000)
+    args = parser.parse_args()
+    rows = []
+    for n in args.sizes:
+        codes = planted(n)
+        with tempfile.TemporaryDirectory(prefix="bench-scale-", dir="bench-data") as folder:
+            t = time.perf_counter()
+            paths, starts = write_features(codes, folder)
+            print(f"{n:,} codes: features written in {time.perf_counter() - t:.0f} s", flush=True)
+            row = {"codes": n, "new": _in_child(run_new, folder, paths, starts)}
+            print(json.dumps(row), flush=True)
+            row["check"] = check(codes, folder + "/edges.npz")
+            print(json.dumps(row["check"]), flush=True)
+            if n <= args.old_up_to:
+                np.save(folder + "/codes.npy", codes)
+                row["old"] = _in_child(run_old, folder + "/codes.npy")
+                row["speedup"] = round(row["old"]["seconds"] / row["new"]["seconds"], 2)
+                print(json.dumps(row["old"]), f"speedup {row['speedup']}", flush=True)
+            rows.append(row)
+    print(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
