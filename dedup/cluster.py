@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.config import Config
+from dedup.kernels import cluster_diameters, star_claims
 from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 from dedup.signals.phash import SIGNATURE_TOLERANCE, is_low_detail
@@ -422,8 +423,6 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     every row of a group adjacent to a row's group links to it directly. CLIP edges
     link rows. Work is linear in rows and edges, however large a cluster is.
     """
-    from dedup.kernels import star_claims
-
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
     by_size = keep == "largest"
@@ -436,6 +435,11 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     adj_parts, base = [], 0
     for s in range(signals):
         of = edges.signal == s
+        if not of.any():  # every row its own group, without neighbours
+            members[s] = rows
+            mem_start[s] = np.arange(n + 1)
+            adj_start[s] = base
+            continue
         star = of & (edges.distance == 0) if s != CLIP else np.zeros(len(of), dtype=bool)
         group[s, edges.j[star]] = edges.i[star]
         by_group = np.argsort(group[s], kind="stable")
@@ -492,25 +496,17 @@ def _describe(
             to_survivor, cluster_id, np.where(hashed, np.maximum(distance, 0), NO_DISTANCE)
         )
         diameter[ids] = to_survivor[ids]  # exact for clusters with at most two codes
-        members = np.flatnonzero(size > 2)
+        members = np.flatnonzero((size > 2) & hashed)
         if len(members):
-            order = members[np.argsort(cluster_id[members], kind="stable")]
-            bounds = np.flatnonzero(np.diff(cluster_id[order])) + 1
-            for group in np.split(order, bounds):
-                codes = np.unique(words[group[hashed[group]]])
-                if len(codes) > 2:
-                    diameter[cluster_id[group[0]]] = _diameter(codes)
+            order = members[np.lexsort((words[members], cluster_id[members]))]
+            labels = cluster_id[order]
+            bounds = np.flatnonzero(np.diff(labels)) + 1
+            starts = np.concatenate([[0], bounds, [len(order)]]).astype(np.int64)
+            found = cluster_diameters(words[order], starts)
+            big = found >= 0  # clusters with three or more distinct codes
+            diameter[labels[starts[:-1][big]]] = found[big]
     lowest = np.full(n, np.nan, dtype=np.float32)
     np.fmin.at(lowest, cluster_id, similarity)
     return Groups(
         ids, size[ids], survivor[ids], mask[ids], diameter[ids], to_survivor[ids], lowest[ids]
     )
-
-
-def _diameter(words: np.ndarray, chunk: int = 2048) -> int:
-    """Largest pairwise Hamming distance among distinct 64-bit codes, in chunks."""
-    best = 0
-    for start in range(0, len(words), chunk):
-        block = words[start : start + chunk]
-        best = max(best, int(np.bitwise_count(block[:, None] ^ words[None, :]).max()))
-    return best

@@ -398,9 +398,23 @@ class _Near:
         masks = _masks(low_bits, range(r + 1))  # by weight: 0, then 1, ...
         mask_end = np.cumsum([math.comb(low_bits, w) for w in range(r + 1)]).astype(np.int64)
         earlier = np.asarray(chunks[:chunk], dtype=np.int64).reshape(-1, 2)
+        by_low = np.argsort(low, kind="stable")
         i, j, d = near_pairs(
-            low, words, reps, flipped, t_words, t_reps, starts, masks, mask_end, t, r, earlier
+            low[by_low],
+            words[by_low],
+            reps[by_low],
+            flipped[by_low],
+            t_words,
+            t_reps,
+            starts,
+            masks,
+            mask_end,
+            t,
+            r,
+            earlier,
         )
+        sort = np.lexsort((j, i))  # the same file whatever order the probes ran in
+        i, j, d = i[sort], j[sort], d[sort]
         save_edges(storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH))
         sizes = np.diff(starts)
         return NearStats(

@@ -38,22 +38,30 @@ def near_pairs(
     """Pairs (query rep < table rep) within `threshold` bits, from probing a table ordered
     by its codes' low chunk bits (`starts`: the first entry of each value) with every
     query's low bits flipped by the masks of at most radius - q_used bits; a pair whose
-    earlier chunk (shift, bits in `earlier`) is within `radius` bits is left to it."""
+    earlier chunk (shift, bits in `earlier`) is within `radius` bits is left to it.
+
+    Queries come sorted by their low bits and the loop runs mask by mask, so that
+    consecutive probes land near each other in the table (a probe per query and mask,
+    hundreds per query: random order made each one a cache miss)."""
     cap = 1024
     out_i = np.empty(cap, np.int64)
     out_j = np.empty(cap, np.int64)
     out_d = np.empty(cap, np.int32)
     n = 0
-    for q in range(len(q_low)):
-        used = q_used[q]
-        if used > radius:
-            continue
-        word = q_words[q]
-        rep = q_reps[q]
-        low = q_low[q]
-        for m in range(mask_end[radius - used]):
-            v = low ^ masks[m]
-            for k in range(starts[v], starts[v + 1]):
+    for m in range(len(masks)):
+        mask = masks[m]
+        for q in range(len(q_low)):
+            used = q_used[q]
+            if used > radius or m >= mask_end[radius - used]:
+                continue
+            v = q_low[q] ^ mask
+            lo = starts[v]
+            hi = starts[v + 1]
+            if lo == hi:
+                continue
+            word = q_words[q]
+            rep = q_reps[q]
+            for k in range(lo, hi):
                 other = t_reps[k]
                 if rep >= other:
                     continue
@@ -119,3 +127,28 @@ def star_claims(order, group, mem_start, members, adj_start, adj):
                     for s2 in range(signals):
                         unclaimed[s2, group[s2, y]] -= 1
     return survivor
+
+
+@numba.njit(cache=True, nogil=True)
+def cluster_diameters(words, starts):
+    """Largest pairwise Hamming distance among the distinct codes of each cluster;
+    `words` sorted by cluster, then code, clusters at `starts`. -1 for a cluster with
+    fewer than three distinct codes (its caller knows the answer)."""
+    out = np.full(len(starts) - 1, -1, np.int64)
+    distinct = np.empty(len(words), np.uint64)
+    for c in range(len(starts) - 1):
+        k = 0
+        for r in range(starts[c], starts[c + 1]):
+            if k == 0 or words[r] != distinct[k - 1]:
+                distinct[k] = words[r]
+                k += 1
+        if k < 3:
+            continue
+        best = 0
+        for a in range(k):
+            for b in range(a + 1, k):
+                d = np.int64(_popcount(distinct[a] ^ distinct[b]))
+                if d > best:
+                    best = d
+        out[c] = best
+    return out
