@@ -41,6 +41,7 @@ import pyarrow.compute as pc
 
 from dedup import storage
 from dedup.cluster import (
+    CLIP,
     PHASH,
     Candidates,
     Edges,
@@ -78,7 +79,10 @@ CLUSTER_COLUMNS = [
 DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
 CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
 SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8")])
-PROBE_BATCH = 16384
+# CLIP vectors beyond CLIP_FLAT_MAX are split into k-means cells of about this many
+# rows; each vector is searched against the vectors of its CLIP_PROBES nearest cells.
+CLIP_CELL_ROWS = 20_000
+CLIP_PROBES = 4
 
 
 def vector_record(dim: int) -> np.dtype:
@@ -228,6 +232,7 @@ class _Scatter:
     config: Config
     layout: Layout
     reasons: tuple[str, ...]
+    centroids: np.ndarray | None = None  # CLIP cells (float32), when there are several
 
     def __call__(self, item: tuple[int, str, int]) -> Scattered:
         from dedup.pipeline import fixed_binary_array
@@ -279,14 +284,66 @@ class _Scatter:
             out.dim = vectors.shape[1]
             records = np.zeros(len(rows), vector_record(vectors.shape[1]))
             records["vector"], records["row"] = vectors, rows
+            part, cells = np.zeros(len(rows), dtype=np.int64), 1
+            if self.centroids is not None:
+                # Its nearest cell holds a vector; its CLIP_PROBES nearest get it as a query.
+                cells = len(self.centroids)
+                nearest = _nearest_cells(self.centroids, vectors, min(CLIP_PROBES, cells))
+                records = np.concatenate([records, np.repeat(records, nearest.shape[1])])
+                part = np.concatenate([nearest[:, 0], cells + nearest.reshape(-1)])
             out.runs["clip"] = (
                 self._path(pos, "clip"),
-                write_runs(self._path(pos, "clip"), records, np.zeros(len(rows), int), 1),
+                write_runs(self._path(pos, "clip"), records, part, 2 * cells),
             )
         return out
 
     def _path(self, pos: int, kind: str) -> str:
         return storage.join(self.work, f"scatter-{pos:08d}.{kind}")
+
+
+def _nearest_cells(centroids: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1])
+    index.add(centroids)
+    _, nearest = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+    return nearest.astype(np.int64)
+
+
+def clip_cells(sources: list[tuple[str, int]], rows_total: int, config: Config):
+    """k-means centroids that split the CLIP vectors into cells of about CLIP_CELL_ROWS,
+    trained on a seeded sample of rows; None when one exact search does (few vectors,
+    or clip_index flat)."""
+    from dedup.pairs import CLIP_FLAT_MAX
+
+    if config.clip_index == "flat" or rows_total <= CLIP_FLAT_MAX:
+        return None
+    cells = math.ceil(rows_total / CLIP_CELL_ROWS)
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(rows_total, min(rows_total, 100 * cells), replace=False))
+    starts = np.asarray([start for _, start in sources] + [rows_total])
+    shard_of = np.searchsorted(starts, sample, side="right") - 1
+    parts = []
+    for pos in np.unique(shard_of).tolist():
+        path, start = sources[pos]
+        table = read_features(path, ["status", "clip"])
+        local = sample[shard_of == pos] - start
+        ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)[local]
+        if ok.any():
+            from dedup.pipeline import _vectors
+
+            parts.append(_vectors(table.column("clip").take(pa.array(local[ok]))))
+    if not parts:
+        return None
+    x = np.concatenate(parts).astype(np.float32)
+    cells = min(cells, len(x) // 39)  # FAISS wants 39 training points per centroid
+    if cells < 2:
+        return None
+    import faiss
+
+    kmeans = faiss.Kmeans(x.shape[1], cells, niter=20, seed=1, spherical=True)
+    kmeans.train(x)
+    return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
 # ---------------------------------------------------------------- 2. pairs
@@ -299,6 +356,7 @@ class _Pairs:
     layout: Layout
     runs: dict[str, list[tuple[str, list[int]]]]
     clip_dim: int
+    clip_cells: int = 1
 
     def __call__(self, item: tuple[str, int]) -> int:
         kind, part = item
@@ -317,15 +375,43 @@ class _Pairs:
                 SIGNATURE_TOLERANCE,
             )
             edges = _renumber(e, records["row"])
-        else:  # clip
+        elif self.clip_cells == 1:
             records = gather(self.runs["clip"], vector_record(self.clip_dim), 0)
             c = self.config
             e = clip_edges(
                 np.ascontiguousarray(records["vector"]), c.clip_threshold, c.clip_index, c.device
             )
             edges = _renumber(e, records["row"])
+        else:
+            edges = self._clip_cell(part)
         save_edges(target, edges)
         return len(edges.i)
+
+    def _clip_cell(self, cell: int) -> Edges:
+        """Pairs of a cell's vectors with the vectors that probe it (each pair once here;
+        a pair found in two cells is made unique by the driver)."""
+        import faiss
+
+        dtype = vector_record(self.clip_dim)
+        table = gather(self.runs["clip"], dtype, cell)
+        queries = gather(self.runs["clip"], dtype, self.clip_cells + cell)
+        if not len(table) or not len(queries):
+            return Edges.concat([])
+        index = faiss.IndexFlatIP(self.clip_dim)
+        index.add(np.ascontiguousarray(table["vector"], dtype=np.float32))
+        x = np.ascontiguousarray(queries["vector"], dtype=np.float32)
+        radius = float(np.nextafter(np.float32(self.config.clip_threshold), np.float32(-np.inf)))
+        lims, sims, labels = index.range_search(x, radius)
+        q = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
+        a, b = queries["row"][q], table["row"][labels]
+        keep = a != b
+        lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
+        sim = sims[keep]
+        order = np.lexsort((hi, lo))
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (lo[order][1:] != lo[order][:-1]) | (hi[order][1:] != hi[order][:-1])
+        pick = order[first]
+        return Edges.of(lo[pick], hi[pick], np.round((1.0 - sim[pick]) * 1e6), CLIP)
 
     def _phash(self, part: int) -> Edges:
         """Equal codes link to their first row; the distinct codes (with that row) are
@@ -567,8 +653,11 @@ def run_global(
     shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
     layout = Layout.of(rows_total, config)
     stats["layout"] = layout
+    centroids = clip_cells(sources, rows_total, config) if "clip" in config.signals else None
+    cells = 1 if centroids is None else len(centroids)
+    stats["clip_cells"] = cells
     scattered: list[Scattered] = executor.map(
-        _Scatter(work, config, layout, reasons),
+        _Scatter(work, config, layout, reasons, centroids),
         shard_items,
         Progress("scatter", total_items=len(shard_items)),
         describe=_describe_part,
@@ -583,9 +672,9 @@ def run_global(
     items = [("exact", p) for p in range(layout.parts) if runs["exact"]]
     items += [("phash", p) for p in range(layout.parts) if runs["phash"]]
     items += [("flat", 0)] if runs["flat"] else []
-    items += [("clip", 0)] if runs["clip"] else []
+    items += [("clip", p) for p in range(cells) if runs["clip"]]
     executor.map(
-        _Pairs(work, config, layout, runs, dim),
+        _Pairs(work, config, layout, runs, dim, cells),
         items,
         Progress("pairs", total_items=len(items)),
         describe=_describe_part,
@@ -601,8 +690,19 @@ def run_global(
         )
         edge_files += [storage.join(work, f"edges-near-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
+    if cells > 1:  # a CLIP pair of vectors that share cells is found in each of them
+        edges = _unique_clip_edges(edges)
     members, groups = _components(edges, sources, config, executor, work, dim)
     return Resolved(candidate, reason, members, groups, edges, dim, stats)
+
+
+def _unique_clip_edges(edges: Edges) -> Edges:
+    clip = edges.signal == CLIP
+    i, j = edges.i[clip], edges.j[clip]
+    _, first = np.unique(np.stack([i, j], axis=1), axis=0, return_index=True)
+    keep = np.concatenate([np.flatnonzero(~clip), np.flatnonzero(clip)[np.sort(first)]])
+    keep.sort()
+    return Edges(edges.i[keep], edges.j[keep], edges.distance[keep], edges.signal[keep])
 
 
 def _components(edges: Edges, sources, config: Config, executor: Executor, work: str, dim: int):

@@ -180,3 +180,38 @@ def test_layout_depends_on_data_and_config_only():
 
 def test_cluster_columns_are_stored():
     assert set(CLUSTER_COLUMNS) <= set(FEATURE_SCHEMA.names)
+
+
+def test_clip_cells_find_true_pairs_the_same_way_every_time(tmp_path, monkeypatch):
+    """Past CLIP_FLAT_MAX vectors, CLIP pairs are searched per k-means cell (approximate):
+    every pair found is a true pair with its true similarity, nearly all true pairs are
+    found, and one and two workers give the same edges."""
+    import dedup.globalphase
+    import dedup.pairs
+    from dedup.cluster import CLIP
+    from dedup.pairs import cosine_pairs
+
+    monkeypatch.setattr(dedup.pairs, "CLIP_FLAT_MAX", 500)
+    monkeypatch.setattr(dedup.globalphase, "CLIP_CELL_ROWS", 150)
+    n, sizes = 1500, [700, 800]
+    data = planted_rows(n, 5, dim=16)
+    paths = write_features(tmp_path, data, sizes)
+    config = Config(signals=("clip",), clip_threshold=0.9, clip_index="auto")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    found = []
+    for workers in (1, 2):
+        r = run_global(
+            paths, starts, config, LocalExecutor(workers), str(tmp_path / f"w{workers}"), REASONS
+        )
+        assert r.stats["clip_cells"] == 10
+        e = r.edges
+        assert (e.signal == CLIP).all()
+        found.append(sorted(zip(e.i.tolist(), e.j.tolist(), e.distance.tolist(), strict=True)))
+    assert found[0] == found[1]
+    ok = np.flatnonzero(data["status"] == "ok")
+    a, b, sim = cosine_pairs(data["vectors"][ok], 0.9, engine="flat")
+    truth = {(int(ok[x]), int(ok[y])): s for x, y, s in zip(a, b, sim, strict=True)}
+    got = {(i, j): 1 - d / 1e6 for i, j, d in found[0]}
+    assert set(got) <= set(truth)
+    assert all(abs(got[p] - truth[p]) < 1e-3 for p in got)
+    assert len(got) >= 0.95 * len(truth) and len(truth) > 1000
