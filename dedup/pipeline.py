@@ -35,7 +35,14 @@ from dedup.htmlreport import (
     shown_clusters,
 )
 from dedup.htmlreport import render as render_html
-from dedup.outdir import GLOBAL_DIR, STATE_DIR, claim_output, feature_store, remove_output
+from dedup.outdir import (
+    GLOBAL_DIR,
+    PARTS_DIR,
+    STATE_DIR,
+    claim_output,
+    feature_store,
+    remove_output,
+)
 from dedup.progress import Progress
 from dedup.report import (
     CLUSTERS_SCHEMA,
@@ -55,7 +62,6 @@ from dedup.write import WRITE_COLUMNS, write_shard
 log = logging.getLogger("dedup")
 
 REPORT_DIR = "dedup-report"
-PARTS_DIR = ".parts"
 
 
 # ---------------------------------------------------------------- phases
@@ -381,7 +387,7 @@ def finish_all(
                 dup,
                 dup_shard,
                 None if dry_run else storage.join(out, f.shard.name),
-                os.path.join(parts_dir, f"{pos:08d}.parquet"),
+                storage.join(parts_dir, f"{pos:08d}.parquet"),
                 local.tolist(),
             )
         )
@@ -551,9 +557,15 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     work = storage.join(storage.join(out, STATE_DIR), GLOBAL_DIR)
     the_plan = plan(features, config, job.executor, work)
     t2 = time.monotonic()
-    parts_dir = os.path.join(report_dir, PARTS_DIR)
-    os.makedirs(parts_dir, exist_ok=True)
-    finished = finish_all(features, the_plan, out, parts_dir, dry_run, job.executor)
+    # Write tasks put their samples.parquet parts beside OUT, where every node of a
+    # cluster can write (the report folder may be this machine's staging folder).
+    parts_dir = storage.join(storage.join(out, STATE_DIR), PARTS_DIR)
+    with _work_folder(parts_dir):
+        finished = finish_all(features, the_plan, out, parts_dir, dry_run, job.executor)
+        merge_parts(
+            [storage.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
+            report_paths(report_dir)["samples"],
+        )
     t3 = time.monotonic()
 
     shard_counts = _check_counts(features, the_plan, finished, dry_run)
@@ -564,10 +576,6 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
         "write": _phase(t3 - t2, n),
     }
     paths = report_paths(report_dir)
-    merge_parts(
-        [os.path.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
-        paths["samples"],
-    )
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -12,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup.fsutil import atomic_path, write_atomic
+from dedup import storage
+from dedup.fsutil import atomic_path, read_file, write_atomic
 
 # Cluster sizes from which memorization risk is flagged: Carlini et al. (2023) extracted
 # images duplicated about a hundred times; ten copies is the early warning.
@@ -68,16 +68,13 @@ def write_table(table: pa.Table, path: str) -> None:
 
 
 def merge_parts(parts: list[str], path: str) -> None:
-    """Concatenate per-shard Parquet parts, in order, into one file; delete the parts.
+    """Concatenate per-shard Parquet parts (paths or URLs), in order, into one file.
 
     One part is read at a time, so memory does not grow with the number of shards."""
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SAMPLES_SCHEMA, compression="zstd") as w:
         for part in parts:
-            w.write_table(pq.read_table(part).cast(SAMPLES_SCHEMA))
-    for part in parts:
-        os.unlink(part)
-    with contextlib.suppress(OSError):  # the parts' folder, once empty
-        os.rmdir(os.path.dirname(parts[0]) if parts else "")
+            source = pa.BufferReader(read_file(part)) if storage.is_url(part) else part
+            w.write_table(pq.read_table(source).cast(SAMPLES_SCHEMA))
 
 
 def write_summary(summary: dict[str, Any], path: str) -> None:
