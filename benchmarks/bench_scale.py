@@ -84,12 +84,12 @@ def _peak_mib(who) -> float:
     return resource.getrusage(who).ru_maxrss / 1024
 
 
-def run_new(folder: str, paths: list[str], starts: np.ndarray, out: dict) -> None:
+def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: dict) -> None:
     from dedup.executor import LocalExecutor
     from dedup.globalphase import run_global
     from dedup.pipeline import REASONS
 
-    config = Config(signals=("phash",), phash_threshold=THRESHOLD)
+    config = Config(signals=("phash",), phash_threshold=THRESHOLD, partition_rows=rows)
     t = time.perf_counter()
     r = run_global(
         paths, starts, config, LocalExecutor(os.cpu_count() or 1), folder + "/work", REASONS
@@ -101,6 +101,7 @@ def run_new(folder: str, paths: list[str], starts: np.ndarray, out: dict) -> Non
     layout = r.stats["layout"]
     out.update(
         seconds=round(seconds, 1),
+        partition_rows=rows,
         driver_peak_mib=round(_peak_mib(resource.RUSAGE_SELF)),
         worker_peak_mib=round(_peak_mib(resource.RUSAGE_CHILDREN)),
         edges=len(r.edges.i),
@@ -117,7 +118,9 @@ def run_new(folder: str, paths: list[str], starts: np.ndarray, out: dict) -> Non
         queries_max=max(s.queries for s in near),
         largest_bucket=max(s.largest_bucket for s in near),
         # A code's expected bucket: sum of squared bucket sizes over the codes.
-        mean_bucket_seen=round(sum(s.squared for s in near) / max(1, sum(s.table for s in near)), 2),
+        mean_bucket_seen=round(
+            sum(s.squared for s in near) / max(1, sum(s.table for s in near)), 2
+        ),
     )
 
 
@@ -143,15 +146,28 @@ def run_old(codes_path: str, out: dict) -> None:
     )
 
 
-def _in_child(target, *args) -> dict:
+def _in_child(target, *args, timeout: float | None = None) -> dict:
     with multiprocessing.Manager() as manager:
         out = manager.dict()
         process = multiprocessing.get_context("spawn").Process(target=target, args=(*args, out))
         process.start()
-        process.join()
+        process.join(timeout)
+        if process.is_alive():  # the old engine past its budget: say so, do not wait
+            for child in _children(process.pid):
+                os.kill(child, 9)
+            process.kill()
+            process.join()
+            return {"seconds": None, "stopped_after_seconds": timeout}
         if process.exitcode:
             raise SystemExit(f"{target.__name__} failed with exit code {process.exitcode}")
         return dict(out)
+
+
+def _children(pid: int) -> list[int]:
+    import subprocess
+
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in found.split()]
 
 
 def check(codes: np.ndarray, edges_path: str) -> dict:
@@ -197,6 +213,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("sizes", nargs="+", type=int)
     parser.add_argument("--old-up-to", type=int, default=10_000_000)
+    parser.add_argument("--old-timeout", type=float, default=1800.0)
+    parser.add_argument("--partition-rows", type=int, default=Config().partition_rows)
     args = parser.parse_args()
     rows = []
     for n in args.sizes:
@@ -205,14 +223,18 @@ def main() -> None:
             t = time.perf_counter()
             paths, starts = write_features(codes, folder)
             print(f"{n:,} codes: features written in {time.perf_counter() - t:.0f} s", flush=True)
-            row = {"codes": n, "new": _in_child(run_new, folder, paths, starts)}
+            row = {
+                "codes": n,
+                "new": _in_child(run_new, folder, paths, starts, args.partition_rows),
+            }
             print(json.dumps(row), flush=True)
             row["check"] = check(codes, folder + "/edges.npz")
             print(json.dumps(row["check"]), flush=True)
             if n <= args.old_up_to:
                 np.save(folder + "/codes.npy", codes)
-                row["old"] = _in_child(run_old, folder + "/codes.npy")
-                row["speedup"] = round(row["old"]["seconds"] / row["new"]["seconds"], 2)
+                row["old"] = _in_child(run_old, folder + "/codes.npy", timeout=args.old_timeout)
+                old = row["old"]["seconds"] or row["old"]["stopped_after_seconds"]
+                row["speedup"] = round(old / row["new"]["seconds"], 2)
                 print(json.dumps(row["old"]), f"speedup {row['speedup']}", flush=True)
             rows.append(row)
     print(json.dumps(rows, indent=1))
