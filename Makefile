@@ -60,7 +60,8 @@ bench-storage: $(STAMP)
 # (against the one-process engine it replaced), then extract and write on Ray against
 # local processes on the bench set. Builds bench-data/codes/ once (minutes).
 bench-scale: $(BENCH_STAMP)
-	$(BIN)/python benchmarks/bench_scale.py 1000000 10000000
+	$(BIN)/python benchmarks/bench_scale.py 1000000 10000000 --clip 200000
+	$(BIN)/python benchmarks/bench_scale.py 100000000 --kind uniform --clip 0 --old-up-to 0 --partition-rows 25000000
 	$(BIN)/python benchmarks/bench_ray.py
 
 clean:

@@ -40,10 +40,10 @@ THRESHOLD = 8
 SAMPLE = 200
 
 
-def planted(n: int) -> np.ndarray:
-    from scale_codes import realistic_codes
+def planted(n: int, kind: str = "realistic") -> np.ndarray:
+    from scale_codes import realistic_codes, uniform_codes
 
-    return realistic_codes(n)
+    return realistic_codes(n) if kind == "realistic" else uniform_codes(n)
 
 
 def write_features(codes: np.ndarray, folder: str) -> tuple[list[str], np.ndarray]:
@@ -209,16 +209,85 @@ def check(codes: np.ndarray, edges_path: str) -> dict:
     }
 
 
+def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
+    """The CLIP search by k-means cell against an exact search over all pairs, on
+    clustered unit vectors (a tenth near copies of another vector)."""
+    from dedup.executor import LocalExecutor
+    from dedup.extract import FEATURE_SCHEMA
+    from dedup.globalphase import run_global
+    from dedup.pairs import cosine_pairs
+    from dedup.pipeline import REASONS
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(n // 20, dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + rng.normal(scale=0.9, size=(n, dim))
+    copies = rng.random(n) < 0.1
+    source = rng.integers(0, n, n)
+    x[copies] = x[source[copies]] + rng.normal(scale=0.15, size=(int(copies.sum()), dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    t = time.perf_counter()
+    a, b, _ = cosine_pairs(x, threshold, engine="flat")
+    exact_seconds = time.perf_counter() - t
+    truth = set(zip(a.tolist(), b.tolist(), strict=True))
+    with tempfile.TemporaryDirectory(prefix="bench-clip-", dir="bench-data") as folder:
+        names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
+        names += ["colour_signature", "clip"]
+        schema = pa.schema([FEATURE_SCHEMA.field(name) for name in names])
+        table = pa.table(
+            {
+                "status": pa.array(["ok"] * n),
+                "width": np.full(n, 100, dtype=np.int32),
+                "height": np.full(n, 100, dtype=np.int32),
+                "bytes": np.full(n, 1000, dtype=np.int64),
+                "digest": pa.nulls(n, pa.binary(32)),
+                "phash": pa.nulls(n, pa.binary(8)),
+                "detail": pa.nulls(n, pa.int16()),
+                "colour_signature": pa.nulls(n, schema.field("colour_signature").type),
+                "clip": [v.tobytes() for v in x],
+            },
+            schema=schema,
+        )
+        path = os.path.join(folder, "000000.parquet")
+        pq.write_table(table, path)
+        config = Config(signals=("clip",), clip_threshold=threshold)
+        t = time.perf_counter()
+        r = run_global(
+            [path],
+            np.array([0, n]),
+            config,
+            LocalExecutor(os.cpu_count() or 1),
+            folder + "/work",
+            REASONS,
+        )
+        cell_seconds = time.perf_counter() - t
+    found = set(zip(r.edges.i.tolist(), r.edges.j.tolist(), strict=True))
+    return {
+        "vectors": n,
+        "cells": r.stats["clip_cells"],
+        "true_pairs": len(truth),
+        "found": len(found),
+        "recall": round(len(found & truth) / max(1, len(truth)), 4),
+        "false_pairs": len(found - truth),
+        "exact_search_seconds": round(exact_seconds, 1),
+        "global_phase_seconds": round(cell_seconds, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("sizes", nargs="+", type=int)
+    parser.add_argument("sizes", nargs="*", type=int)
     parser.add_argument("--old-up-to", type=int, default=10_000_000)
     parser.add_argument("--old-timeout", type=float, default=1800.0)
     parser.add_argument("--partition-rows", type=int, default=Config().partition_rows)
+    parser.add_argument("--clip", type=int, default=200_000, help="CLIP vectors; 0: skip")
+    parser.add_argument("--clip-dim", type=int, default=128)
+    parser.add_argument("--kind", choices=("realistic", "uniform"), default="realistic")
     args = parser.parse_args()
+    if args.clip:
+        print(json.dumps({"clip": clip_recall(args.clip, args.clip_dim)}), flush=True)
     rows = []
     for n in args.sizes:
-        codes = planted(n)
+        codes = planted(n, args.kind)
         with tempfile.TemporaryDirectory(prefix="bench-scale-", dir="bench-data") as folder:
             t = time.perf_counter()
             paths, starts = write_features(codes, folder)

@@ -215,3 +215,26 @@ def test_clip_cells_find_true_pairs_the_same_way_every_time(tmp_path, monkeypatc
     assert set(got) <= set(truth)
     assert all(abs(got[p] - truth[p]) < 1e-3 for p in got)
     assert len(got) >= 0.95 * len(truth) and len(truth) > 1000
+
+
+def test_run_output_is_the_same_bytes_for_any_partitioning_and_worker_count(planted, tmp_path):
+    """The whole run: OUT's shards, samples.parquet and clusters.parquet are byte-equal
+    with one partition and one worker, and with partitions of 7 rows and two workers."""
+    import os
+    import pathlib
+
+    from dedup.pipeline import run
+
+    _, paths, shards = planted
+    outs = []
+    for name, settings in (("a", {"workers": 1}), ("b", {"workers": 2, "partition_rows": 7})):
+        out = str(tmp_path / name)
+        run([shards], out, Config(signals=("exact", "phash"), **settings))
+        outs.append(out)
+    names = [os.path.basename(p) for p in paths]
+    reports = ["samples.parquet", "clusters.parquet", "calibration.parquet"]
+    for name in names + [os.path.join("dedup-report", r) for r in reports]:
+        a, b = (pathlib.Path(out, name).read_bytes() for out in outs)
+        assert a == b, name
+    assert not os.path.exists(os.path.join(outs[1], ".dedup", "global"))
+    assert not os.path.exists(os.path.join(outs[1], ".dedup", "parts"))
