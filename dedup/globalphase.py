@@ -710,9 +710,21 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
     the members' features scattered by group; the star rule per group."""
     if not len(edges.i):
         return None, None
-    nodes, inverse = np.unique(np.concatenate([edges.i, edges.j]), return_inverse=True)
-    half = len(edges.i)
-    label = connected_components(len(nodes), inverse[:half], inverse[half:])
+    # Compact ids: the rows that have an edge, numbered in row order (a mark per row and
+    # a dense lookup: cheaper than sorting twice the edges).
+    rows_total = sources[-1][1] + 1 if sources else 0
+    rows_total = max(rows_total, int(max(edges.i.max(), edges.j.max())) + 1)
+    seen = np.zeros(rows_total, dtype=bool)
+    seen[edges.i] = True
+    seen[edges.j] = True
+    nodes = np.flatnonzero(seen)
+    del seen
+    lookup = np.full(rows_total, -1, dtype=np.int64)
+    lookup[nodes] = np.arange(len(nodes))
+    ci, cj = lookup[edges.i], lookup[edges.j]
+    del lookup
+    label = connected_components(len(nodes), ci, cj)
+    del cj
     # Groups of whole components, each about partition_rows rows, in label order.
     sizes = np.bincount(label, minlength=len(nodes))
     comp_ids = np.flatnonzero(sizes)
@@ -724,7 +736,8 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
     group_of_comp[comp_ids] = comp_group
     node_group = group_of_comp[label]
     # Each group's edges, in global rows.
-    edge_group = node_group[inverse[:half]]
+    edge_group = node_group[ci]
+    del ci
     by_group = np.argsort(edge_group, kind="stable")
     bounds = np.searchsorted(edge_group[by_group], np.arange(groups_count + 1))
     for g in range(groups_count):
