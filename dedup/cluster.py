@@ -427,34 +427,29 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     rows = np.arange(n, dtype=np.int64)
     by_size = keep == "largest"
     order = np.lexsort((rows, -cand.nbytes, -cand.pixels)) if by_size else rows
-    signals = len(SIGNALS)
-    group = np.tile(rows, (signals, 1))
-    mem_start = np.empty((signals, n + 1), dtype=np.int64)
-    members = np.empty((signals, n), dtype=np.int64)
-    adj_start = np.empty((signals, n + 1), dtype=np.int64)
+    # Only signals that have edges take part: the others leave every row alone.
+    present = [s for s in range(len(SIGNALS)) if (edges.signal == s).any()]
+    group = np.tile(rows, (len(present), 1))
+    mem_start = np.empty((len(present), n + 1), dtype=np.int64)
+    members = np.empty((len(present), n), dtype=np.int64)
+    adj_start = np.empty((len(present), n + 1), dtype=np.int64)
     adj_parts, base = [], 0
-    for s in range(signals):
+    for k, s in enumerate(present):
         of = edges.signal == s
-        if not of.any():  # every row its own group, without neighbours
-            members[s] = rows
-            mem_start[s] = np.arange(n + 1)
-            adj_start[s] = base
-            continue
         star = of & (edges.distance == 0) if s != CLIP else np.zeros(len(of), dtype=bool)
-        group[s, edges.j[star]] = edges.i[star]
-        by_group = np.argsort(group[s], kind="stable")
-        members[s] = by_group
-        mem_start[s, 0] = 0
-        np.cumsum(np.bincount(group[s], minlength=n), out=mem_start[s, 1:])
+        group[k, edges.j[star]] = edges.i[star]
+        members[k] = np.argsort(group[k], kind="stable")
+        mem_start[k, 0] = 0
+        np.cumsum(np.bincount(group[k], minlength=n), out=mem_start[k, 1:])
         link = of & ~star
         a = np.concatenate([edges.i[link], edges.j[link]])
         b = np.concatenate([edges.j[link], edges.i[link]])
-        ga, gb = group[s, a], group[s, b]
+        ga, gb = group[k, a], group[k, b]
         sort = np.lexsort((gb, ga))
         adj_parts.append(gb[sort])
-        adj_start[s, 0] = base
-        np.cumsum(np.bincount(ga, minlength=n), out=adj_start[s, 1:])
-        adj_start[s, 1:] += base
+        adj_start[k, 0] = base
+        np.cumsum(np.bincount(ga, minlength=n), out=adj_start[k, 1:])
+        adj_start[k, 1:] += base
         base += len(a)
     adj = np.concatenate(adj_parts) if adj_parts else np.zeros(0, dtype=np.int64)
     return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj)
