@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.config import Config
-from dedup.kernels import cluster_diameters, star_claims
+from dedup.kernels import cluster_diameters, star_claims, undirected_csr
 from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 from dedup.signals.phash import SIGNATURE_TOLERANCE, is_low_detail
@@ -441,16 +441,10 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
         members[k] = np.argsort(group[k], kind="stable")
         mem_start[k, 0] = 0
         np.cumsum(np.bincount(group[k], minlength=n), out=mem_start[k, 1:])
-        link = of & ~star
-        a = np.concatenate([edges.i[link], edges.j[link]])
-        b = np.concatenate([edges.j[link], edges.i[link]])
-        ga, gb = group[k, a], group[k, b]
-        sort = np.lexsort((gb, ga))
-        adj_parts.append(gb[sort])
-        adj_start[k, 0] = base
-        np.cumsum(np.bincount(ga, minlength=n), out=adj_start[k, 1:])
-        adj_start[k, 1:] += base
-        base += len(a)
+        starts, targets = undirected_csr(edges.i, edges.j, of & ~star, group[k], n)
+        adj_parts.append(targets)
+        adj_start[k] = starts + base
+        base += len(targets)
     adj = np.concatenate(adj_parts) if adj_parts else np.zeros(0, dtype=np.int64)
     return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj)
 

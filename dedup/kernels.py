@@ -152,3 +152,27 @@ def cluster_diameters(words, starts):
                     best = d
         out[c] = best
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def undirected_csr(i, j, keep, group, n):
+    """Adjacency of groups over the kept edges (i, j), both directions: (starts, targets)
+    with targets[starts[g]:starts[g + 1]] the groups linked to g. Counting sort: no
+    sorted copies of the edges."""
+    starts = np.zeros(n + 1, np.int64)
+    for e in range(len(i)):
+        if keep[e]:
+            starts[group[i[e]] + 1] += 1
+            starts[group[j[e]] + 1] += 1
+    for g in range(n):
+        starts[g + 1] += starts[g]
+    fill = starts[:-1].copy()
+    targets = np.empty(starts[n], np.int64)
+    for e in range(len(i)):
+        if keep[e]:
+            a, b = group[i[e]], group[j[e]]
+            targets[fill[a]] = b
+            fill[a] += 1
+            targets[fill[b]] = a
+            fill[b] += 1
+    return starts, targets
