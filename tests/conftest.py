@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
+import socket
 import tarfile
 
 import pytest
@@ -55,3 +57,61 @@ def planted(tmp_path_factory):
     )
     paths = write_shards(samples, str(root / "shards"), per_shard=18)
     return samples, paths, str(root / "shards")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server on 127.0.0.1, and the environment that points at it."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+# One simulated Ray node: one CPU, and small logical memory and object store, so that
+# several nodes on this one machine do not each claim its whole memory.
+RAY_NODE = {"num_cpus": 1, "memory": 512 * 2**20, "object_store_memory": 150 * 2**20}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A simulated two-node Ray cluster (a head and one worker node) on this machine, for
+    the session; started only when a test asks for it (about 8 s and 1 GB).
+
+    Its workers inherit this process's environment as it is when a node starts, so the S3
+    server's endpoint is set first: runs on the cluster reach it too. Ray's token
+    authentication follows RAY_AUTH_MODE (off unless set), for the nodes and the drivers
+    that tests start alike."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    cluster = cluster_utils.Cluster(
+        initialize_head=True, head_node_args={**RAY_NODE, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(**RAY_NODE)
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()

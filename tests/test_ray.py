@@ -1,0 +1,323 @@
+"""The Ray executor on a simulated two-node cluster (one session-wide `ray_cluster`): the
+same output bytes as local processes, work on every node, a node lost in the middle of a
+phase, and errors that cross Ray's process boundary with their exit code and message."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dedup import errors, storage
+from dedup.progress import Progress
+from dedup.synth import planted_dataset, write_shards
+from tests.conftest import RAY_NODE, free_port, read_tar
+from tests.test_hostile import DEDUP, FLAGS, dedup, error_line, outputs
+from tests.test_storage import local_outputs, remote_outputs, upload
+
+pytest.importorskip("ray")
+
+from dedup.ray_executor import RayExecutor  # noqa: E402 - after the skip without Ray
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def on(cluster) -> list[str]:
+    return ["--executor", "ray", "--ray-address", cluster.address]
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """Five shards of about 20 planted samples, and the output of a local run of them."""
+    root = tmp_path_factory.mktemp("ray")
+    samples = planted_dataset(60, {"exact": 20, "reencode": 15}, seed=11, size=(64, 48))
+    write_shards(samples, str(root / "in"), per_shard=20)
+    dedup(root / "in", "--out", root / "local", check=0)
+    return root, samples
+
+
+def survivors(out: Path) -> set[str]:
+    """Keys of the samples in an OUT's shards."""
+    return {
+        name.split(".", 1)[0] for shard in out.glob("*.tar") for name, _ in read_tar(str(shard))
+    }
+
+
+# ------------------------------------------------------------ the same output, every node
+
+
+def test_a_ray_run_equals_a_local_run(ray_cluster, shard_set, tmp_path):
+    root, samples = shard_set
+    assert len(list((root / "in").glob("*.tar"))) == 5
+    result = dedup(root / "in", "--out", tmp_path / "out", *on(ray_cluster), check=0)
+    assert outputs(tmp_path / "out") == outputs(root / "local")  # every byte
+    kept = survivors(tmp_path / "out")
+    assert kept == survivors(root / "local")
+    groups = [s.group for s in samples if s.key in kept and s.group is not None]
+    assert sorted(groups) == sorted({s.group for s in samples if s.group is not None})
+    assert {s.key for s in samples if s.group is None} <= kept  # passed through
+    assert f"ray: joined the Ray cluster at {ray_cluster.address}: 2 nodes, 2 CPUs" in (
+        result.stderr
+    )
+    assert "ran on 2 nodes" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def executor(ray_cluster):
+    """A RayExecutor in this process, joined to the cluster (its workers serve every test
+    here that maps through it)."""
+    with RayExecutor(ray_cluster.address) as executor:
+        yield executor
+
+
+def slow_square(n: int) -> int:
+    time.sleep(0.2)
+    return n * n
+
+
+def test_tasks_run_on_every_node_and_come_back_in_order(ray_cluster, executor):
+    assert executor.parallelism == 2
+    got = executor.map(slow_square, list(range(8)), Progress("test", total_items=8))
+    assert got == [n * n for n in range(8)]
+    assert executor.nodes_used == {node.node_id for node in ray_cluster.list_all_nodes()}
+
+
+# ------------------------------------------------------------ errors cross processes
+
+
+def test_a_bad_shard_among_several_names_the_shard(ray_cluster, shard_set, tmp_path):
+    root, _ = shard_set
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for shard in (root / "in").glob("*.tar"):
+        (inputs / shard.name).write_bytes(shard.read_bytes())
+    (inputs / "shard-000002.tar").write_bytes(os.urandom(5000))
+    # Relative paths, as typed: tasks resolve them where the driver runs, not where the
+    # cluster's nodes were started.
+    result = dedup("in", "--out", "out", *on(ray_cluster), check=3, cwd=tmp_path)
+    assert error_line(result).startswith("dedup: error: in/shard-000002.tar")
+
+
+def raise_a_shard_error(n: int) -> int:
+    if n == 3:
+        raise errors.ShardError("in/x.tar", "damaged tar header", 512)
+    return n
+
+
+class PlantedBug(Exception):
+    """An exception type no part of dedup knows."""
+
+
+def raise_a_planted_bug(n: int) -> int:
+    if n == 2:
+        raise PlantedBug(f"planted in part {n}")
+    return n
+
+
+def test_a_task_error_comes_back_as_itself(executor):
+    with pytest.raises(errors.ShardError) as raised:
+        executor.map(raise_a_shard_error, list(range(6)), Progress("test"))
+    assert type(raised.value) is errors.ShardError
+    assert str(raised.value) == "in/x.tar at byte 512: damaged tar header"
+    assert (raised.value.shard, raised.value.offset) == ("in/x.tar", 512)
+    assert raised.value.exit_code == errors.EXIT_BAD_INPUT
+    with pytest.raises(errors.TaskFailed) as raised:
+        executor.map(raise_a_planted_bug, list(range(6)), Progress("test"))
+    assert str(raised.value) == "PlantedBug: planted in part 2"
+    assert "in raise_a_planted_bug" in raised.value.worker_traceback
+
+
+class BuggyExtract:
+    """Takes the place of the pipeline's extract task in a driver that a test starts."""
+
+    def __init__(self, *args) -> None:
+        pass
+
+    def __call__(self, shard):
+        if shard.name == "shard-000001.tar":
+            raise PlantedBug(f"planted in {shard.name}")
+        time.sleep(0.5)  # the other parts are still running when it fails
+
+
+def run_with_a_planted_bug(*args) -> subprocess.CompletedProcess:
+    code = (
+        "import sys; from dedup import pipeline; from tests.test_ray import BuggyExtract\n"
+        "pipeline._Extract = BuggyExtract\n"
+        "from dedup.cli import main; main(sys.argv[1:])"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args), *FLAGS],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_an_unknown_exception_in_a_task_is_one_line(ray_cluster, shard_set, tmp_path, executor):
+    root, _ = shard_set
+    flags = on(ray_cluster) if executor == "ray" else []
+    result = run_with_a_planted_bug(root / "in", "--out", tmp_path / "out", *flags)
+    assert result.returncode == errors.EXIT_INTERNAL, result.stderr
+    assert "Traceback" not in result.stderr
+    assert error_line(result) == "dedup: error: PlantedBug: planted in shard-000001.tar"
+
+
+def test_without_ray_the_error_names_the_extra(shard_set, tmp_path):
+    root, _ = shard_set
+    code = "import sys; sys.modules['ray'] = None\nfrom dedup.cli import main; main(sys.argv[1:])"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            root / "in",
+            "--out",
+            tmp_path / "o",
+            *FLAGS,
+            "--executor",
+            "ray",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == errors.EXIT_USAGE
+    assert result.stderr.strip() == (
+        "dedup: error: executor ray: Ray is not installed; pip install 'dedup-wds[ray]'"
+    )
+
+
+def test_a_cluster_that_is_not_there_is_one_line(shard_set, tmp_path):
+    root, _ = shard_set
+    address = f"127.0.0.1:{free_port()}"
+    result = dedup(
+        root / "in", "--out", tmp_path / "o", "--executor", "ray", "--ray-address", address
+    )
+    assert result.returncode == errors.EXIT_USAGE
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dedup: error: executor ray: cannot join the Ray cluster at {address}: Connection refused"
+    )
+
+
+def test_sigterm_stops_a_ray_run_with_one_line(ray_cluster, shard_set, tmp_path):
+    root, _ = shard_set
+    held = tmp_path / "held"
+    inputs = held_inputs(root, held)
+    proc = subprocess.Popen(
+        [DEDUP, *inputs, "--out", str(tmp_path / "out"), *FLAGS, *on(ray_cluster)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(readers(held)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        (held / "go").touch()
+    assert proc.returncode == errors.EXIT_TERMINATED, stderr
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "dedup: interrupted: SIGTERM: stopped; rerun to resume"
+    )
+
+
+# ------------------------------------------------------------ object storage
+
+
+def test_s3_in_s3_out_on_ray_equals_a_local_run(ray_cluster, s3, shard_set, tmp_path):
+    root, _ = shard_set
+    bucket = "s3://ray-bucket"
+    storage.filesystem(bucket).mkdir("ray-bucket")
+    upload(root / "in", f"{bucket}/in")
+    dedup(f"{bucket}/in/", "--out", f"{bucket}/out", *on(ray_cluster), check=0, cwd=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert remote_outputs(f"{bucket}/out") == local_outputs(root / "local")
+
+
+# ------------------------------------------------------------ a node lost mid-phase
+
+# A pipe: input that notes which process reads it, then holds its bytes back until the
+# test writes `go` (30 s at most): tasks stay running until the test has done its part.
+HELD_SHARD = """\
+echo "$(basename "$2") $$" >> "$1/readers"
+i=0
+while [ ! -e "$1/go" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+exec cat "$2"
+"""
+
+
+def held_inputs(root: Path, folder: Path) -> list[str]:
+    folder.mkdir()
+    script = folder / "held.sh"
+    script.write_text(HELD_SHARD)
+    return [f"pipe:sh {script} {folder} {p}" for p in sorted((root / "in").glob("*.tar"))]
+
+
+def readers(folder: Path) -> list[tuple[str, int]]:
+    """(shard name, pid) of every read of a held input so far."""
+    with contextlib.suppress(FileNotFoundError):
+        lines = (folder / "readers").read_text().splitlines()
+        return [(name, int(pid)) for name, pid in (ln.split() for ln in lines)]
+    return []
+
+
+def ancestors(pid: int) -> set[int]:
+    found = set()
+    with contextlib.suppress(OSError, ValueError):
+        while pid > 1:
+            found.add(pid)
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return found
+
+
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_path):
+    root, _ = shard_set
+    held = tmp_path / "held"
+    inputs = held_inputs(root, held)
+    [worker_node] = ray_cluster.worker_nodes
+    lost: list[str] = []
+
+    def remove_the_worker_node() -> None:
+        # Both CPUs hold a read of a shard; remove the node that runs one of them.
+        deadline = time.monotonic() + 60
+        try:
+            while not lost and time.monotonic() < deadline:
+                for name, pid in readers(held):
+                    if raylet_pid(worker_node) in ancestors(pid):
+                        ray_cluster.remove_node(worker_node)
+                        lost.append(name)
+                        break
+                time.sleep(0.05)
+        finally:
+            (held / "go").touch()
+
+    remover = threading.Thread(target=remove_the_worker_node)
+    remover.start()
+    try:
+        dedup(*inputs, "--out", tmp_path / "out", *on(ray_cluster), check=0, timeout=120)
+    finally:
+        remover.join()
+        if worker_node not in ray_cluster.worker_nodes:
+            ray_cluster.add_node(**RAY_NODE)  # two nodes again for the tests after this
+            ray_cluster.wait_for_nodes()
+    assert lost, "no read of a shard ran on the worker node"
+    # The lost shard's read was started again (on the head node): extract, then write.
+    assert [name for name, _ in readers(held)].count(lost[0]) >= 3
+    # Every shard byte-equal, every table row equal (its shard named by file name: here
+    # the input is a pipe: command, there the file).
+    assert local_outputs(tmp_path / "out") == local_outputs(root / "local")
