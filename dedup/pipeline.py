@@ -503,10 +503,11 @@ def run(
     clip = resolve_clip(config)
     report_dir = report_dir or storage.join(out, REPORT_DIR)
     store = feature_store(out, state_dir)
+    # The executor first: a cluster that cannot be reached leaves OUT untouched.
     with (
+        make_executor(config.executor, config.worker_count, config.ray_address) as executor,
         claim_output(out, shards, overwrite, report_dir, dry_run, state_dir),
         scratch_dir() as scratch,
-        make_executor(config.executor, config.worker_count, config.ray_address) as executor,
     ):
         job = _Job(out, store, config, executor, dry_run, skip_bad_shards, clip)
         if not storage.is_url(report_dir):

@@ -192,6 +192,7 @@ def test_without_ray_the_error_names_the_extra(shard_set, tmp_path):
     assert result.stderr.strip() == (
         "dedup: error: executor ray: Ray is not installed; pip install 'dedup-wds[ray]'"
     )
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_cluster_that_is_not_there_is_one_line(shard_set, tmp_path):
@@ -204,6 +205,7 @@ def test_a_cluster_that_is_not_there_is_one_line(shard_set, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"dedup: error: executor ray: cannot join the Ray cluster at {address}: Connection refused"
     )
+    assert not (tmp_path / "o").exists()  # nothing is claimed before the cluster is joined
 
 
 def test_sigterm_stops_a_ray_run_with_one_line(ray_cluster, shard_set, tmp_path):
