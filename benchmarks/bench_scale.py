@@ -46,37 +46,43 @@ def planted(n: int, kind: str = "realistic") -> np.ndarray:
     return realistic_codes(n) if kind == "realistic" else uniform_codes(n)
 
 
-def write_features(codes: np.ndarray, folder: str) -> tuple[list[str], np.ndarray]:
-    """Feature files as the extract phase writes them (only what the phase reads)."""
+def feature_table(n: int, codes: np.ndarray | None = None, vectors=None) -> pa.Table:
+    """n decoded rows as the extract phase stores them: only what the global phase reads
+    (pHash codes and CLIP vectors where given, nulls elsewhere)."""
     from dedup.extract import FEATURE_SCHEMA
 
     names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
     names += ["colour_signature", "clip"]
     schema = pa.schema([FEATURE_SCHEMA.field(name) for name in names])
+    phash = pa.nulls(n, pa.binary(8))
+    if codes is not None:
+        data = pa.py_buffer(np.ascontiguousarray(codes).tobytes())
+        phash = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, data])
+    return pa.table(
+        {
+            "status": pa.array(["ok"] * n),
+            "width": np.full(n, 100, dtype=np.int32),
+            "height": np.full(n, 100, dtype=np.int32),
+            "bytes": np.full(n, 1000, dtype=np.int64),
+            "digest": pa.nulls(n, pa.binary(32)),
+            "phash": phash,
+            "detail": pa.array(np.full(n, 64, dtype=np.int16), mask=np.full(n, codes is None)),
+            "colour_signature": pa.nulls(n, schema.field("colour_signature").type),
+            "clip": pa.nulls(n, pa.binary()) if vectors is None else [v.tobytes() for v in vectors],
+        },
+        schema=schema,
+    )
+
+
+def write_features(codes: np.ndarray, folder: str) -> tuple[list[str], np.ndarray]:
+    """Feature files of SHARD_ROWS rows each, as the extract phase writes them."""
     paths, starts = [], [0]
     for start in range(0, len(codes), SHARD_ROWS):
         chunk = codes[start : start + SHARD_ROWS]
-        k = len(chunk)
-        table = pa.table(
-            {
-                "status": pa.array(["ok"] * k),
-                "width": np.full(k, 100, dtype=np.int32),
-                "height": np.full(k, 100, dtype=np.int32),
-                "bytes": np.full(k, 1000, dtype=np.int64),
-                "digest": pa.nulls(k, pa.binary(32)),
-                "phash": pa.FixedSizeBinaryArray.from_buffers(
-                    pa.binary(8), k, [None, pa.py_buffer(np.ascontiguousarray(chunk).tobytes())]
-                ),
-                "detail": np.full(k, 64, dtype=np.int16),
-                "colour_signature": pa.nulls(k, schema.field("colour_signature").type),
-                "clip": pa.nulls(k, pa.binary()),
-            },
-            schema=schema,
-        )
         path = os.path.join(folder, f"{len(paths):06d}.parquet")
-        pq.write_table(table, path, compression="zstd")
+        pq.write_table(feature_table(len(chunk), codes=chunk), path, compression="zstd")
         paths.append(path)
-        starts.append(start + k)
+        starts.append(start + len(chunk))
     return paths, np.asarray(starts, dtype=np.int64)
 
 
@@ -213,7 +219,6 @@ def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
     """The CLIP search by k-means cell against an exact search over all pairs, on
     clustered unit vectors (a tenth near copies of another vector)."""
     from dedup.executor import LocalExecutor
-    from dedup.extract import FEATURE_SCHEMA
     from dedup.globalphase import run_global
     from dedup.pairs import cosine_pairs
     from dedup.pipeline import REASONS
@@ -230,23 +235,7 @@ def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
     exact_seconds = time.perf_counter() - t
     truth = set(zip(a.tolist(), b.tolist(), strict=True))
     with tempfile.TemporaryDirectory(prefix="bench-clip-", dir="bench-data") as folder:
-        names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
-        names += ["colour_signature", "clip"]
-        schema = pa.schema([FEATURE_SCHEMA.field(name) for name in names])
-        table = pa.table(
-            {
-                "status": pa.array(["ok"] * n),
-                "width": np.full(n, 100, dtype=np.int32),
-                "height": np.full(n, 100, dtype=np.int32),
-                "bytes": np.full(n, 1000, dtype=np.int64),
-                "digest": pa.nulls(n, pa.binary(32)),
-                "phash": pa.nulls(n, pa.binary(8)),
-                "detail": pa.nulls(n, pa.int16()),
-                "colour_signature": pa.nulls(n, schema.field("colour_signature").type),
-                "clip": [v.tobytes() for v in x],
-            },
-            schema=schema,
-        )
+        table = feature_table(n, vectors=x)
         path = os.path.join(folder, "000000.parquet")
         pq.write_table(table, path)
         config = Config(signals=("clip",), clip_threshold=threshold)
