@@ -56,7 +56,7 @@ from dedup.config import Config
 from dedup.errors import DedupError
 from dedup.executor import Executor
 from dedup.extract import STATUS_OK, read_features
-from dedup.fsutil import read_file, write_atomic
+from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.kernels import near_pairs
 from dedup.pairs import _chunks, choose_engine
 from dedup.progress import Progress
@@ -426,19 +426,22 @@ class _Pairs:
         lay = self.layout
         k, r = lay.prefix_bits, lay.radius
         flips = _masks(k, range(min(r, k) + 1))
-        bucket_parts, out = [], []
-        for c, (shift, bits) in enumerate(_chunks(lay.chunks)):
-            prefix = (unique >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
-            targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)
-            bucket_parts.append(c * (1 << k) + targets)
-            out.append(np.repeat(np.arange(len(unique)), len(flips)))
-        chosen = np.concatenate(out) if out else np.zeros(0, np.int64)
-        routed = np.zeros(len(chosen), CODE_RECORD)
-        routed["word"], routed["row"] = unique[chosen], rep[chosen]
         path = storage.join(self.work, f"routed-{part:06d}")
-        offsets = write_runs(
-            path, routed, np.concatenate(bucket_parts).astype(np.int64), lay.near_parts
-        )
+        offsets = [0]
+        # One chunk's routed copies at a time (parts are chunk-major), appended to one
+        # file: a task holds a third of them, not all.
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            for shift, bits in _chunks(lay.chunks):
+                prefix = (unique >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
+                targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)
+                order = np.argsort(targets, kind="stable")
+                chosen = order // len(flips)
+                routed = np.zeros(len(chosen), CODE_RECORD)
+                routed["word"], routed["row"] = unique[chosen], rep[chosen]
+                fh.write(memoryview(routed).cast("B"))
+                counts = np.bincount(targets, minlength=1 << k)
+                offsets += (offsets[-1] + np.cumsum(counts)).tolist()
+                del targets, order, chosen, routed
         save_arrays(path + ".index", offsets=np.asarray(offsets, dtype=np.int64))
         return edges
 
