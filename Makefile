@@ -61,7 +61,6 @@ bench-storage: $(STAMP)
 # local processes on the bench set. Builds bench-data/codes/ once (minutes).
 bench-scale: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_scale.py 1000000 10000000 --clip 200000
-	$(BIN)/python benchmarks/bench_scale.py 100000000 --kind uniform --clip 0 --old-up-to 0 --partition-rows 25000000
 	$(BIN)/python benchmarks/bench_ray.py
 
 clean:
