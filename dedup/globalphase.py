@@ -105,6 +105,36 @@ def member_record(dim: int) -> np.dtype:
     return np.dtype(fields)
 
 
+def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
+    """Stored float16 embeddings (all of one length) as an (N, dim) array."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise DedupError("the feature store lacks CLIP embeddings; rerun with --overwrite")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset :]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    start, stop = int(offsets[0]), int(offsets[len(array)])
+    return data[start:stop].view(np.float16).reshape(len(array), -1)
+
+
+def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size binary column without nulls as an (N, width) uint8 array, without a
+    detour through Python objects."""
+    width = column.type.byte_width
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        raise ValueError("fixed_binary_array needs a column without nulls")
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
+
+
+def rows_by_shard(shard_starts, rows: np.ndarray):
+    """(shard position, indices into `rows`) for each shard that global `rows` fall in;
+    `shard_starts` holds each shard's first row (a last total entry may follow)."""
+    shard_of = np.searchsorted(np.asarray(shard_starts), rows, side="right") - 1
+    for pos in np.unique(shard_of).tolist():
+        yield pos, np.flatnonzero(shard_of == pos)
+
+
 # ---------------------------------------------------------------- files of records
 
 
@@ -221,8 +251,6 @@ def _read_candidates(path: str, local_rows: np.ndarray | None = None):
 
 
 def _words(column: pa.ChunkedArray) -> np.ndarray:
-    from dedup.pipeline import fixed_binary_array
-
     return fixed_binary_array(column).view(">u8").reshape(-1).astype(np.uint64)
 
 
@@ -235,8 +263,6 @@ class _Scatter:
     centroids: np.ndarray | None = None  # CLIP cells (float32), when there are several
 
     def __call__(self, item: tuple[int, str, int]) -> Scattered:
-        from dedup.pipeline import fixed_binary_array
-
         pos, path, start = item
         table, local, cand = _read_candidates(path)
         codes = pc.fill_null(pc.index_in(table.column("status"), pa.array(self.reasons)), -1)
@@ -278,9 +304,7 @@ class _Scatter:
                     write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
                 )
         if "clip" in signals and len(rows):
-            from dedup.pipeline import _vectors
-
-            vectors = _vectors(cand.column("clip"))
+            vectors = vectors_of(cand.column("clip"))
             out.dim = vectors.shape[1]
             records = np.zeros(len(rows), vector_record(vectors.shape[1]))
             records["vector"], records["row"] = vectors, rows
@@ -321,18 +345,14 @@ def clip_cells(sources: list[tuple[str, int]], rows_total: int, config: Config):
     cells = math.ceil(rows_total / CLIP_CELL_ROWS)
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(rows_total, min(rows_total, 100 * cells), replace=False))
-    starts = np.asarray([start for _, start in sources] + [rows_total])
-    shard_of = np.searchsorted(starts, sample, side="right") - 1
     parts = []
-    for pos in np.unique(shard_of).tolist():
+    for pos, at in rows_by_shard([start for _, start in sources], sample):
         path, start = sources[pos]
         table = read_features(path, ["status", "clip"])
-        local = sample[shard_of == pos] - start
+        local = sample[at] - start
         ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)[local]
         if ok.any():
-            from dedup.pipeline import _vectors
-
-            parts.append(_vectors(table.column("clip").take(pa.array(local[ok]))))
+            parts.append(vectors_of(table.column("clip").take(pa.array(local[ok]))))
     if not parts:
         return None
     x = np.concatenate(parts).astype(np.float32)
@@ -527,8 +547,6 @@ class NearStats:
 
 def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.ndarray:
     """Member records of the given rows of one shard (all candidates)."""
-    from dedup.pipeline import _vectors, fixed_binary_array
-
     _, _, cand = _read_candidates(path, local_rows)
     records = np.zeros(len(local_rows), member_record(dim))
     records["row"] = local_rows.astype(np.int64) + start
@@ -549,7 +567,7 @@ def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.
         )
         records["signature"] = fixed_binary_array(sig)
     if dim and len(local_rows):
-        records["vector"] = _vectors(cand.column("clip"))
+        records["vector"] = vectors_of(cand.column("clip"))
     return records
 
 
@@ -749,11 +767,8 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
             storage.join(work, f"group-edges-{g:06d}"),
             Edges(edges.i[sel], edges.j[sel], edges.distance[sel], edges.signal[sel]),
         )
-    starts = [start for _, start in sources]
-    shard_of = np.searchsorted(starts, nodes, side="right") - 1
     member_items = []
-    for pos in np.unique(shard_of).tolist():
-        at = np.flatnonzero(shard_of == pos)
+    for pos, at in rows_by_shard([start for _, start in sources], nodes):
         path, start = sources[pos]
         member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
     runs = executor.map(

@@ -27,7 +27,13 @@ from dedup.extract import (
     read_features,
 )
 from dedup.fsutil import scratch_dir
-from dedup.globalphase import Resolved, members_candidates, read_members, run_global
+from dedup.globalphase import (
+    Resolved,
+    members_candidates,
+    read_members,
+    rows_by_shard,
+    run_global,
+)
 from dedup.htmlreport import (
     CALIBRATION_SCHEMA,
     PREVIEWS_SCHEMA,
@@ -250,35 +256,12 @@ def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -
 
 def _read_rows(features, shard_starts, rows: np.ndarray, dim: int) -> np.ndarray:
     """Member records of sorted global `rows`, read shard by shard."""
-    shard_of = np.searchsorted(shard_starts, rows, side="right") - 1
     parts = []
-    for pos in np.unique(shard_of).tolist():
+    for pos, at in rows_by_shard(shard_starts, rows):
         start = int(shard_starts[pos])
-        local = rows[shard_of == pos] - start
+        local = rows[at] - start
         parts.append(read_members(features[pos].path, start, local, dim))
     return np.concatenate(parts)
-
-
-def _vectors(column: pa.ChunkedArray) -> np.ndarray:
-    """Stored float16 embeddings (all of one length) as an (N, dim) array."""
-    array = column.combine_chunks()
-    if array.null_count:
-        raise DedupError("the feature store lacks CLIP embeddings; rerun with --overwrite")
-    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset :]
-    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
-    start, stop = int(offsets[0]), int(offsets[len(array)])
-    return data[start:stop].view(np.float16).reshape(len(array), -1)
-
-
-def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size binary column without nulls as an (N, width) uint8 array, without a
-    detour through Python objects."""
-    width = column.type.byte_width
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if array.null_count:
-        raise ValueError("fixed_binary_array needs a column without nulls")
-    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
-    return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
 def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
