@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate bench bench-scale bench-gpu bench-storage clean
+.PHONY: install test lint format demo calibrate bench bench-scale bench-gpu gpu-wheels bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -48,9 +48,20 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench.py
 
-# CLIP per stage and end to end; meant for a GPU machine (random ViT-B-32 weights).
+# CLIP on a GPU: decode and model ceilings, then dedup end to end against the Pillow
+# path (random ViT-B-32 weights; about 6 minutes on one H200).
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/bench_gpu.py
+
+# Wheels (Python 3.12) of what a bare GPU machine with torch lacks, for
+# benchmarks/gpu_device.sh there; .whl/ is ignored by git (the device tool carries it).
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	for p in open_clip_torch ftfy wcwidth faiss-cpu imagehash PyWavelets blake3 braceexpand; do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $$p || exit 1; \
+	done
 
 # Local disk against a local S3-compatible server, same data, same run.
 bench-storage: $(STAMP)

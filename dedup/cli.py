@@ -13,7 +13,9 @@ import click
 
 from dedup import __version__
 from dedup.config import (
+    CLIP_DECODES,
     CLIP_INDEXES,
+    CLIP_STAGES,
     CLUSTER_RULES,
     EXECUTORS,
     FINGERPRINTS,
@@ -106,6 +108,18 @@ def main() -> None:
 )
 @click.option("--device", metavar="DEV", help="Where CLIP runs: auto, cpu, cuda, cuda:N.")
 @click.option("--batch-size", type=int, metavar="N", help="Images per CLIP forward pass.")
+@click.option(
+    "--clip-decode",
+    type=click.Choice(CLIP_DECODES),
+    help="Decode CLIP's JPEGs on the model's device (torchvision) or with Pillow; "
+    "auto: device on a GPU, pillow on a CPU.",
+)
+@click.option(
+    "--clip-stage",
+    type=click.Choice(CLIP_STAGES),
+    help="Run the model in one shared process per device or inline in every worker; "
+    "auto: shared on a GPU, inline on a CPU.",
+)
 @click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores.")
 @click.option(
     "--executor",

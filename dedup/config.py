@@ -18,6 +18,8 @@ KNOWN_SIGNALS = ("exact", "phash", "clip")
 KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
+CLIP_DECODES = ("auto", "device", "pillow")
+CLIP_STAGES = ("auto", "inline", "shared")
 FINGERPRINTS = ("stat", "content")
 EXECUTORS = ("local", "ray")
 DIGESTS = ("blake3", "sha256")  # of image bytes, for the exact signal
@@ -41,6 +43,12 @@ class Config:
     clip_index: str = "auto"
     device: str = "auto"
     batch_size: int = 64
+    # Where CLIP's JPEGs are decoded and resized: on the model's device (torchvision; the
+    # default on a GPU) or by the readers with Pillow (the default on a CPU). See README.
+    clip_decode: str = "auto"
+    # Where the model runs: `shared`, one process per device fed by every reader (the
+    # default on a GPU); `inline`, in each reader (the default on a CPU).
+    clip_stage: str = "auto"
     keep: str = "largest"
     cluster_rule: str = "star"
     workers: int = 0
@@ -87,6 +95,14 @@ class Config:
             )
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.clip_decode not in CLIP_DECODES:
+            raise ConfigError(
+                f"clip_decode: {self.clip_decode!r} is not one of {', '.join(CLIP_DECODES)}"
+            )
+        if self.clip_stage not in CLIP_STAGES:
+            raise ConfigError(
+                f"clip_stage: {self.clip_stage!r} is not one of {', '.join(CLIP_STAGES)}"
+            )
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size: {self.batch_size} must be positive")
         if self.cluster_rule not in CLUSTER_RULES:
@@ -210,8 +226,13 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"config {path}: expected a mapping of settings")
         for name, value in loaded.items():
             if name not in _FIELD_TYPES:
+                import difflib
+
+                close = difflib.get_close_matches(str(name), list(_FIELD_TYPES), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
-                    f"config {path}: unknown setting {name!r}; known: {', '.join(_FIELD_TYPES)}"
+                    f"config {path}: unknown setting {_short(name)}; {hint}"
+                    "`dedup --print-config` lists every setting"
                 )
             values[name] = _coerce(name, value)
     for name, value in (overrides or {}).items():

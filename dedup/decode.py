@@ -44,8 +44,54 @@ def is_image_name(name: str, config: Config) -> bool:
     return "." in base and base.rsplit(".", 1)[1].lower() in config.image_extension_set
 
 
+@dataclass
+class Header:
+    """What an image's header says, read without decoding its pixels; `reason` is set
+    when the image will not be decoded (its other fields as far as they are known)."""
+
+    img: Image.Image | None
+    reason: str | None
+    width: int | None = None  # after EXIF orientation
+    height: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    orientation: int = 1
+
+
+def read_header(data: bytes, config: Config) -> Header:
+    """Sniff the format, check the pixel count and read the EXIF orientation; never
+    raises on bad bytes. Nothing is decoded yet."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except Exception:  # Pillow raises many types on garbage; all mean the same here
+        return Header(None, "undecodable")
+    fmt = img.format
+    if fmt not in config.image_formats:
+        return Header(None, "unsupported_format", format=fmt)
+    width, height = img.size
+    if width * height > config.max_pixels:
+        return Header(None, "too_large", width, height, fmt)
+    if width == 0 or height == 0:
+        return Header(None, "undecodable", width, height, fmt)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orientation = _orientation(img)
+    except Exception:
+        return Header(None, "undecodable", width, height, fmt)
+    if orientation in TRANSPOSED:
+        width, height = height, width
+    return Header(img, None, width, height, fmt, img.mode, orientation)
+
+
 def decode_image(
-    data: bytes, config: Config, draft: int | None = None, draft_mode: str = "L"
+    data: bytes,
+    config: Config,
+    draft: int | None = None,
+    draft_mode: str = "L",
+    header: Header | None = None,
 ) -> Decoded:
     """Sniff, size-check from the header, decode and normalize; never raises on bad bytes.
 
@@ -53,32 +99,19 @@ def decode_image(
     smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least `draft` pixels:
     enough for a 32x32 hash or a 224x224 CLIP input, several times cheaper than a full
     decode. `width` and `height` are always the full image's,
-    after EXIF orientation.
+    after EXIF orientation. `header`: this image's `read_header`, when already read.
     """
+    h = header if header is not None else read_header(data, config)
+    if h.img is None:
+        return Decoded(None, h.reason, h.width, h.height, h.format)
+    img, fmt, width, height = h.img, h.format, h.width, h.height
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
-    except Exception:  # Pillow raises many types on garbage; all mean the same here
-        return Decoded(None, "undecodable")
-    fmt = img.format
-    if fmt not in config.image_formats:
-        return Decoded(None, "unsupported_format", format=fmt)
-    width, height = img.size
-    if width * height > config.max_pixels:
-        return Decoded(None, "too_large", width, height, fmt)
-    if width == 0 or height == 0:
-        return Decoded(None, "undecodable", width, height, fmt)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            orientation = _orientation(img)
-            if orientation in TRANSPOSED:
-                width, height = height, width
             if draft is not None and fmt == "JPEG":
                 img.draft(draft_mode, (draft, draft))
             img.load()
-            image = normalize(img, orientation)
+            image = normalize(img, h.orientation)
     except Exception:
         return Decoded(None, "undecodable", width, height, fmt)
     return Decoded(image, None, width, height, fmt)

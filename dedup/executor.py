@@ -214,6 +214,13 @@ class Executor:
     ) -> list:
         raise NotImplementedError
 
+    def clip_stages(self, spec, devices: list[str]):
+        """A context manager whose value lists one CLIP stage per device (picklable
+        handles with `.client()`), stopped when it exits."""
+        from dedup.signals.clipstage import StageProcesses
+
+        return _Stages(StageProcesses(spec, devices))
+
     def close(self) -> None:
         """Release what the executor started (worker pools, a local Ray cluster)."""
 
@@ -222,6 +229,17 @@ class Executor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Stages:
+    def __init__(self, owner) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> list:
+        return self.owner.stages
+
+    def __exit__(self, *exc) -> None:
+        self.owner.close()
 
 
 class LocalExecutor(Executor):

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import blake3
@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from dedup import __version__, storage
 from dedup.config import Config
-from dedup.decode import decode_image, image_member, is_image_name
+from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.errors import DedupError, FeatureStoreError, ShardError
 from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
@@ -76,6 +76,7 @@ class ShardFeatures:
     identity: tuple | None  # the input's identity when read (see input_identity)
     reused: bool = False
     content: str | None = None  # BLAKE3 of the input's bytes, where it was computed
+    clip_decode: dict[str, int] = field(default_factory=dict)  # images per CLIP decode route
 
 
 def feature_path(store: str, shard: Shard) -> str:
@@ -143,18 +144,19 @@ def shard_fingerprint(
 
 
 def extract_shard(
-    shard: Shard, config: Config, store: str, clip: ClipSpec | None = None
+    shard: Shard, config: Config, store: str, clip: ClipSpec | None = None, stage=None
 ) -> ShardFeatures:
     """Features of one shard, reused from `store` when its fingerprint still matches and
-    the stored file is intact."""
+    the stored file is intact. `stage`: the shared CLIP stage to send images to (see
+    dedup/signals/clipstage.py); None runs the model in this process."""
     path = feature_path(store, shard)
     identity = input_identity(shard)
     fingerprint, content = shard_fingerprint(shard, config, identity, clip)
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
-        rows, skipped = cached
-        return ShardFeatures(shard, path, rows, skipped, identity, True, content)
-    table, skipped = compute_features(shard, config, clip)
+        rows, skipped, routes = cached
+        return ShardFeatures(shard, path, rows, skipped, identity, True, content, routes)
+    table, skipped, routes = compute_features(shard, config, clip, stage)
     if input_identity(shard) != identity:
         raise ShardError(shard.path, "the shard changed while it was being read; rerun")
     with atomic_path(path) as tmp:
@@ -164,10 +166,11 @@ def extract_shard(
         "fingerprint": fingerprint,
         "rows": table.num_rows,
         "skipped_members": skipped,
+        "clip_decode": routes,
         "blake3": stored,
     }
     write_atomic(path + DONE_SUFFIX, json.dumps(marker, sort_keys=True).encode())
-    return ShardFeatures(shard, path, table.num_rows, skipped, identity, False, content)
+    return ShardFeatures(shard, path, table.num_rows, skipped, identity, False, content, routes)
 
 
 # A shard's features are complete when this marker, written last, names the feature
@@ -180,7 +183,7 @@ def _file_digest(path: str) -> str:
     return blake3.blake3(read_file(path)).hexdigest()
 
 
-def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] | None:
+def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict, dict] | None:
     try:
         marker = json.loads(read_file(path + DONE_SUFFIX))
         if marker["fingerprint"] != fingerprint:
@@ -189,6 +192,7 @@ def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] 
         if blake3.blake3(data).hexdigest() != marker["blake3"]:
             return None
         rows, skipped = int(marker["rows"]), dict(marker["skipped_members"])
+        routes = dict(marker.get("clip_decode", {}))
         if pq.read_schema(pa.BufferReader(data)).remove_metadata() != FEATURE_SCHEMA:
             return None
     except (
@@ -201,7 +205,7 @@ def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict[str, int]] 
         pa.ArrowException,
     ):
         return None  # missing, unreadable or damaged: recomputed, never trusted
-    return rows, skipped
+    return rows, skipped, routes
 
 
 def read_features(path: str, columns: list[str]) -> pa.Table:
@@ -217,46 +221,42 @@ def read_features(path: str, columns: list[str]) -> pa.Table:
 
 
 def compute_features(
-    shard: Shard, config: Config, clip: ClipSpec | None = None
-) -> tuple[pa.Table, dict[str, int]]:
-    """Read every sample of `shard` and compute its feature row; no caching.
+    shard: Shard, config: Config, clip: ClipSpec | None = None, stage=None
+) -> tuple[pa.Table, dict[str, int], dict[str, int]]:
+    """Read every sample of `shard` and compute its feature row; no caching. Returns the
+    table, the members skipped by reason, and the images per CLIP decode route.
 
     An image whose bytes repeat an earlier one of the shard is not decoded again: equal
     bytes decode to equal features.
     """
     want_phash = "phash" in config.signals
-    draft = IMG_SIZE if (want_phash and config.phash_draft) else None
+    hash_draft = IMG_SIZE if (want_phash and config.phash_draft) else None
     # Grayscale: all the pHash needs. The few low-detail images, compared by a colour
     # signature, are decoded again in RGB when their detail is known (see flush()).
-    draft_mode = "L"
-    embedder = None
+    feed = None
     if clip is not None:
-        from dedup.signals.clip import Embedder, pick_device
+        from dedup.signals import clipstage
 
-        embedder = Embedder.get(clip, pick_device(config.device))
-        # One RGB decode serves both signals, at the scale CLIP needs.
-        draft, draft_mode = embedder.image_size, "RGB"
+        client = (
+            stage.client()
+            if stage is not None
+            else clipstage.inline_client(clip, clip_device(config))
+        )
+        feed = clipstage.Feed(client, config.batch_size)
+        transform = clipstage.pixel_transform(clip)
+        clip_size = max(clip.pixels[0])
+        on_device = clip.decode == "device"
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
     phash_col = cols["phash"]
     detail_col = cols["detail"]
     signature_col = cols["colour_signature"]
     clip_col = cols["clip"]
-    clip_rows: list[int] = []
-    clip_images: list = []
     pending_rows: list[int] = []
     pending_smalls: list = []
     pending_bytes: list = []  # image bytes, for an RGB decode if the image is low-detail
     seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
-    copies: list[tuple[int, int]] = []  # (row, first row) whose vectors are copied at the end
+    copies: list[tuple[int, int]] = []  # (row, first row) whose features are copied at the end
     skipped: Counter = Counter()
-
-    def flush_clip() -> None:
-        if clip_images:
-            vectors = embedder.embed(clip_images)
-            for row_index, vector in zip(clip_rows, vectors, strict=True):
-                clip_col[row_index] = vector.tobytes()
-            clip_rows.clear()
-            clip_images.clear()
 
     def flush() -> None:
         if pending_smalls:
@@ -269,12 +269,23 @@ def compute_features(
                 if bits >= LOW_DETAIL_BITS:
                     signature_col[row_index] = None  # matched by pHash, not by colours
                 elif data is not None:
-                    again = decode_image(data, config, draft=draft, draft_mode="RGB")
+                    again = decode_image(data, config, draft=hash_draft, draft_mode="RGB")
                     if again.image is not None:
                         signature_col[row_index] = colour_signature(again.image)
             pending_rows.clear()
             pending_smalls.clear()
             pending_bytes.clear()
+
+    def clip_route(header) -> str:
+        """How this image reaches the model: "" for the stage's JPEG decoder, else the
+        Pillow route counted in the summary."""
+        if not on_device:
+            return clipstage.CPU_PILLOW
+        if header.format != "JPEG":
+            return clipstage.CPU_NOT_JPEG
+        if header.mode not in clipstage.DEVICE_MODES:
+            return clipstage.CPU_COLOUR_SPACE
+        return ""
 
     reported_samples = reported_bytes = 0
     # Only image members are held in memory; captions and other members are measured.
@@ -309,19 +320,32 @@ def compute_features(
                     copies.append((row, first))
             else:
                 seen[image_digest] = row
-                decoded = decode_image(data, config, draft=draft, draft_mode=draft_mode)
-                status, width, height = decoded.reason or STATUS_OK, decoded.width, decoded.height
-                if decoded.image is not None and want_phash:
-                    pending_rows.append(row)
-                    pending_smalls.append(shrink(decoded.image))
-                    if decoded.image.mode == "RGB":  # decoded for CLIP: colours at hand
-                        signature = colour_signature(decoded.image)
-                        pending_bytes.append(None)
-                    else:
-                        pending_bytes.append(data)
-                if decoded.image is not None and embedder is not None:
-                    clip_rows.append(row)
-                    clip_images.append(decoded.image)
+                header = read_header(data, config)
+                status, width, height = header.reason or STATUS_OK, header.width, header.height
+                route = clip_route(header) if feed is not None and header.img else None
+                if route == "":  # the stage decodes it, while this process hashes
+                    feed.add(row, clipstage.JPEG, data, header.orientation)
+                if header.img is not None and (want_phash or route):
+                    # One decode serves both signals when this process prepares CLIP's
+                    # pixels too: RGB, at the scale CLIP needs.
+                    draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "L")
+                    decoded = decode_image(data, config, draft, draft_mode, header=header)
+                    status = decoded.reason or STATUS_OK
+                    if decoded.image is not None and want_phash:
+                        pending_rows.append(row)
+                        pending_smalls.append(shrink(decoded.image))
+                        if decoded.image.mode == "RGB" and route:  # colours at hand
+                            signature = colour_signature(decoded.image)
+                            pending_bytes.append(None)
+                        else:
+                            pending_bytes.append(data)
+                    if decoded.image is not None and route:
+                        feed.add(
+                            row,
+                            clipstage.PIXELS,
+                            clipstage.pixels_of(decoded.image, transform),
+                            route=route,
+                        )
             if status != STATUS_OK:
                 image_digest = None
         cols["image_member"].append(None if pos is None else display_name(names[pos]))
@@ -337,14 +361,36 @@ def compute_features(
         clip_col.append(None)
         if len(pending_smalls) >= PHASH_BATCH:
             flush()
-        if len(clip_images) >= config.batch_size:
-            flush_clip()
     flush()
-    flush_clip()
+    routes: dict[str, int] = {}
+    if feed is not None:
+        feed.finish()
+        for row, vector in feed.vectors.items():
+            if cols["status"][row] == STATUS_OK:  # not when the hash's decode failed
+                clip_col[row] = vector
+        for row in feed.failed:  # no decoder could read it for CLIP: passed through
+            _not_decodable(cols, row)
+        routes = dict(sorted(feed.counts.items()))
     for row, first in copies:
+        if cols["status"][first] != STATUS_OK:  # its first copy failed in the CLIP stage
+            _not_decodable(cols, row)
+            continue
         phash_col[row] = phash_col[first]
         detail_col[row] = detail_col[first]
         signature_col[row] = signature_col[first]
         clip_col[row] = clip_col[first]
     advance(len(cols["index"]) - reported_samples, shard_size(shard) - reported_bytes)
-    return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items()))
+    return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items())), routes
+
+
+def _not_decodable(cols: dict[str, list], row: int) -> None:
+    cols["status"][row] = "undecodable"
+    for name in ("digest", "phash", "detail", "colour_signature", "clip"):
+        cols[name][row] = None
+
+
+def clip_device(config: Config) -> str:
+    """The device of a model run inside a reader (`clip_stage: inline`)."""
+    from dedup.signals.clip import pick_device
+
+    return pick_device(config.device)

@@ -58,7 +58,7 @@ from dedup.executor import Executor
 from dedup.extract import STATUS_OK, read_features
 from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.kernels import near_pairs
-from dedup.pairs import _chunks, choose_engine
+from dedup.pairs import _chunks, choose_engine, inner_product_search
 from dedup.progress import Progress
 from dedup.signals.phash import SIGNATURE_BYTES, SIGNATURE_TOLERANCE, is_low_detail
 
@@ -410,19 +410,15 @@ class _Pairs:
     def _clip_cell(self, cell: int) -> Edges:
         """Pairs of a cell's vectors with the vectors that probe it (each pair once here;
         a pair found in two cells is made unique by the driver)."""
-        import faiss
-
         dtype = vector_record(self.clip_dim)
         table = gather(self.runs["clip"], dtype, cell)
         queries = gather(self.runs["clip"], dtype, self.clip_cells + cell)
         if not len(table) or not len(queries):
             return Edges.concat([])
-        index = faiss.IndexFlatIP(self.clip_dim)
-        index.add(np.ascontiguousarray(table["vector"], dtype=np.float32))
         x = np.ascontiguousarray(queries["vector"], dtype=np.float32)
         radius = float(np.nextafter(np.float32(self.config.clip_threshold), np.float32(-np.inf)))
-        lims, sims, labels = index.range_search(x, radius)
-        q = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
+        vectors = np.ascontiguousarray(table["vector"], dtype=np.float32)
+        q, labels, sims = inner_product_search(vectors, x, radius, self.config.device)
         a, b = queries["row"][q], table["row"][labels]
         keep = a != b
         lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])

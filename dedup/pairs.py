@@ -86,16 +86,9 @@ def _flat_pairs(codes: np.ndarray, threshold: int):
 def self_range_pairs(index, x: np.ndarray, radius) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) of rows of `x`, which `index` holds in the same order, that the
     index's range search returns, with their distances; queried in batches."""
-    out_i, out_j, out_v = [], [], []
-    for start in range(0, len(x), QUERY_BATCH):
-        lims, values, labels = index.range_search(x[start : start + QUERY_BATCH], radius)
-        counts = np.diff(lims).astype(np.int64)
-        query = np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts)
-        keep = labels > query
-        out_i.append(query[keep])
-        out_j.append(labels[keep].astype(np.int64))
-        out_v.append(values[keep])
-    return np.concatenate(out_i), np.concatenate(out_j), np.concatenate(out_v)
+    q, labels, values = _range_search(index, x, radius)
+    keep = labels > q
+    return q[keep], labels[keep], values[keep]
 
 
 def _chunks(m: int) -> list[tuple[int, int]]:
@@ -229,8 +222,8 @@ def cosine_pairs(
 
     `flat` is exact; `ivf` clusters the vectors into cells and searches the nearest
     cells only (approximate); `auto` picks flat up to CLIP_FLAT_MAX vectors. With a GPU
-    build of FAISS and a CUDA device, the flat search runs on the GPU as a k-nearest
-    search (k = GPU_NEIGHBOURS) filtered by the threshold.
+    build of FAISS and a CUDA device, the flat search runs on the GPU (see
+    `inner_product_search`), exact too.
     """
     import faiss
 
@@ -243,19 +236,19 @@ def cosine_pairs(
         engine = "flat" if n <= CLIP_FLAT_MAX else "ivf"
     # FAISS keeps inner products strictly above the radius.
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if engine == "flat" and gpus and device.startswith(("cuda", "auto")):
-        return _gpu_knn_pairs(faiss, x, radius)
     if engine == "flat":
-        index = faiss.IndexFlatIP(dim)
-    else:
-        # FAISS wants 39 training points or more per cell.
-        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index.train(sample)
-        index.nprobe = min(nlist, 32)
+        q, labels, sims = inner_product_search(x, x, radius, device)
+        keep = labels > q
+        i, j, s = q[keep], labels[keep], sims[keep].astype(np.float32)
+        order = np.lexsort((j, i))
+        return i[order], j[order], s[order]
+    # FAISS wants 39 training points or more per cell.
+    nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    index.train(sample)
+    index.nprobe = min(nlist, 32)
     index.add(x)
     i, j, s = self_range_pairs(index, x, radius)
     s = s.astype(np.float32)
@@ -263,16 +256,65 @@ def cosine_pairs(
     return i[order], j[order], s[order]
 
 
-def _gpu_knn_pairs(faiss, x: np.ndarray, radius: float):  # pragma: no cover - needs a GPU
-    resources = faiss.StandardGpuResources()
-    index = faiss.GpuIndexFlatIP(resources, x.shape[1])
-    index.add(x)
-    k = min(GPU_NEIGHBOURS, len(x))
-    sims, labels = index.search(x, k)
-    query = np.repeat(np.arange(len(x), dtype=np.int64), k)
-    sims, labels = sims.reshape(-1), labels.reshape(-1).astype(np.int64)
-    keep = (sims > radius) & (labels >= 0)
-    a, b = np.minimum(query[keep], labels[keep]), np.maximum(query[keep], labels[keep])
-    pairs = np.unique(np.stack([a, b], 1)[a != b], axis=0)
-    sim = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]]).astype(np.float32)
-    return pairs[:, 0], pairs[:, 1], sim
+def gpu_count(device: str) -> int:
+    """GPUs FAISS can search on for this device setting (0 without a GPU build)."""
+    import faiss
+
+    if not device.startswith(("cuda", "auto")) or not hasattr(faiss, "get_num_gpus"):
+        return 0
+    return faiss.get_num_gpus()
+
+
+def inner_product_search(
+    table: np.ndarray, queries: np.ndarray, radius: float, device: str = "cpu"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (query row, table row, inner product) with the product above `radius`, exact.
+
+    On a GPU build of FAISS with a CUDA device: a k-nearest search on the GPU (which
+    has no range search), with the queries whose k neighbours are all above the radius
+    (there may be more) searched again by range on the CPU; else a CPU range search."""
+    import faiss
+
+    if gpu_count(device):  # pragma: no cover - needs a GPU
+        resources = faiss.StandardGpuResources()
+        index = faiss.GpuIndexFlatIP(resources, table.shape[1])
+        index.add(table)
+        return knn_range_search(index, table, queries, radius, GPU_NEIGHBOURS)
+    index = faiss.IndexFlatIP(table.shape[1])
+    index.add(table)
+    return _range_search(index, queries, radius)
+
+
+def knn_range_search(index, table: np.ndarray, queries: np.ndarray, radius: float, k: int):
+    """A range search made of `index`'s k-nearest search: a query's neighbours above the
+    radius, except for queries whose k-th neighbour is still above it (the list
+    overflowed), which a CPU flat range search over `table` answers in full. Same
+    result as a range search; no pair is lost however many neighbours a query has."""
+    import faiss
+
+    k = min(k, len(table))
+    sims, labels = index.search(queries, k)
+    overflow = sims[:, -1] > radius
+    inside = (sims > radius) & (labels >= 0) & ~overflow[:, None]
+    q = np.repeat(np.arange(len(queries), dtype=np.int64), inside.sum(axis=1))
+    found = [(q, labels[inside].astype(np.int64), sims[inside])]
+    if overflow.any():
+        rows = np.flatnonzero(overflow)
+        exact = faiss.IndexFlatIP(table.shape[1])
+        exact.add(table)
+        oq, ol, os_ = _range_search(exact, queries[rows], radius)
+        found.append((rows[oq], ol, os_))
+    q, labels, sims = (np.concatenate(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((labels, q))
+    return q[order], labels[order], sims[order]
+
+
+def _range_search(index, queries: np.ndarray, radius: float):
+    out_q, out_l, out_s = [], [], []
+    for start in range(0, max(len(queries), 1), QUERY_BATCH):
+        lims, sims, labels = index.range_search(queries[start : start + QUERY_BATCH], radius)
+        counts = np.diff(lims).astype(np.int64)
+        out_q.append(np.repeat(np.arange(start, start + len(counts), dtype=np.int64), counts))
+        out_l.append(labels.astype(np.int64))
+        out_s.append(sims)
+    return np.concatenate(out_q), np.concatenate(out_l), np.concatenate(out_s)

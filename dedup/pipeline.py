@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,7 +63,7 @@ from dedup.report import (
     write_summary,
     write_table,
 )
-from dedup.shards import Shard, display_name, list_shards, shard_size
+from dedup.shards import Shard, display_name, list_shards, raw_name, shard_size
 from dedup.thumbs import read_previews
 from dedup.write import WRITE_COLUMNS, write_shard
 
@@ -87,10 +89,22 @@ def resolve_clip(config: Config):
     if "clip" not in config.signals:
         return None
     from dedup.signals.clip import pick_device, resolve
+    from dedup.signals.clipstage import device_decodes
 
     spec = resolve(config.clip_model, config.clip_pretrained)
     device = pick_device(config.device)
-    log.info("clip: %s from %s on %s", spec.model, spec.checkpoint, device)
+    decode = config.clip_decode
+    if decode == "auto":
+        decode = "device" if device.startswith("cuda") else "pillow"
+    if decode == "device" and not device_decodes(spec):
+        log.info("clip: %s's input (%s) is prepared with Pillow", spec.model, spec.pixels)
+        decode = "pillow"
+    spec = dataclasses.replace(
+        spec, decode=decode, fingerprint=f"{spec.fingerprint} decode={decode}"
+    )
+    log.info(
+        "clip: %s from %s on %s, JPEGs decoded by %s", spec.model, spec.checkpoint, device, decode
+    )
     return spec
 
 
@@ -104,19 +118,23 @@ def extract_all(
 ) -> list[ShardFeatures | BadShard]:
     """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
     instead of ending the run. `clip` is the resolved spec when the clip signal is on."""
-    cuda = False
-    if clip is not None:
-        from dedup.signals.clip import pick_device
-
-        cuda = pick_device(config.device).startswith("cuda")
+    executor = executor or LocalExecutor(config.worker_count)
     total = sum(shard_size(s) for s in shards)
-    return (executor or LocalExecutor(config.worker_count)).map(
-        _Extract(config, store, skip_bad_shards, clip),
-        shards,
-        Progress("extract", total_bytes=total),
-        describe=_shard_path,
-        cuda=cuda,
-    )
+    progress = Progress("extract", total_bytes=total)
+    if clip is None:
+        return executor.map(_Extract(config, store, skip_bad_shards), shards, progress, _shard_path)
+    from dedup.signals.clip import stage_devices
+
+    devices = stage_devices(config.device)
+    on_gpu = devices[0].startswith("cuda")
+    if config.clip_stage == "inline" or (config.clip_stage == "auto" and not on_gpu):
+        task = _Extract(config, store, skip_bad_shards, clip)
+        return executor.map(task, shards, progress, _shard_path, cuda=on_gpu)
+    # One stage per device owns the model; the readers never touch the GPU themselves.
+    with executor.clip_stages(clip, devices) as stages:
+        log.info("clip: one shared stage on each of %s", ", ".join(devices))
+        task = _Extract(config, store, skip_bad_shards, clip, tuple(stages))
+        return executor.map(task, shards, progress, _shard_path)
 
 
 def _shard_path(shard: Shard) -> str:
@@ -129,10 +147,14 @@ class _Extract:
     store: str
     skip_bad_shards: bool
     clip: Any = None  # a resolved ClipSpec when the clip signal is on
+    stages: tuple = ()  # shared CLIP stages; shards are spread over them by name
 
     def __call__(self, shard: Shard) -> ShardFeatures | BadShard:
+        stage = None
+        if self.stages:
+            stage = self.stages[zlib.crc32(raw_name(shard.name)) % len(self.stages)]
         try:
-            return extract_shard(shard, self.config, self.store, self.clip)
+            return extract_shard(shard, self.config, self.store, self.clip, stage)
         except ShardError as e:
             if not self.skip_bad_shards:
                 raise
@@ -659,9 +681,10 @@ def _summary(
     sizes = clusters.column("size").to_numpy()
     largest = np.lexsort((clusters.column("cluster_id").to_numpy(), -sizes))[:LARGEST_CLUSTERS]
     largest_rows = clusters.take(pa.array(largest, type=pa.int64())).to_pylist()
-    skipped = Counter()
+    skipped, routes = Counter(), Counter()
     for f in features:
         skipped.update(f.skipped_members)
+        routes.update(f.clip_decode)
     return {
         "counts": {
             "samples": int(len(p.keep)),
@@ -671,6 +694,8 @@ def _summary(
             "removed_by_reason": dict(sorted(removed_by.items())),
             "passthrough_by_reason": dict(sorted(passthrough_by.items())),
             "skipped_members": dict(sorted(skipped.items())),
+            # images embedded, by where they were decoded (see README: CLIP on a GPU)
+            **({"clip_decode": dict(sorted(routes.items()))} if "clip" in config.signals else {}),
         },
         "clusters": {
             "count": clusters.num_rows,

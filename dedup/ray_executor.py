@@ -254,6 +254,32 @@ class RayExecutor(Executor):
                 f"{describe(item)}: Ray: {type(e).__name__}: {reason}", str(e)
             ) from None
 
+    def clip_stages(self, spec, devices: list[str]):
+        """One CLIP stage actor per GPU of the cluster (num_gpus=1 each, Ray picks the
+        node), or one CPU actor per listed device when the run is on the CPU."""
+        ray = self._ray
+        if devices[0].startswith("cuda"):
+            if not self.gpus:
+                raise ModelError("executor ray: CLIP on cuda, and the Ray cluster has no GPU")
+            placed = [("cuda", 1)] * self.gpus  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        else:
+            placed = [(device, 0) for device in devices]
+        actor_class = ray.remote(_StageActor)
+        stages = [
+            RayStage(actor_class.options(num_gpus=gpus, num_cpus=1).remote(spec, device), device)
+            for device, gpus in placed
+        ]
+        try:  # the model is built before any reader starts, so a failure ends the run here
+            ray.get([stage.actor.ready.remote() for stage in stages])
+        except self._ray.exceptions.RayError as e:
+            for stage in stages:
+                ray.kill(stage.actor)
+            cause = getattr(e, "cause", None)
+            raise ModelError(
+                f"clip: cannot start the stage on {devices[0]} ({cause or type(e).__name__})"
+            ) from None
+        return _RayStages(ray, stages)
+
     def _cancel(self, refs: list) -> None:
         """Stop tasks not yet done (their workers are killed) and wait a little for them to
         end, so that none writes after the run has failed or stopped."""
@@ -277,3 +303,57 @@ class RayExecutor(Executor):
             self._connected = False
             with contextlib.suppress(Exception), _own_signal_handlers():
                 self._ray.shutdown()
+
+
+class _StageActor:
+    """A CLIP stage (dedup/signals/clipstage.py) as a Ray actor."""
+
+    def __init__(self, spec, device: str) -> None:
+        from dedup.signals.clipstage import ClipStage
+
+        self.stage = ClipStage(spec, device)
+
+    def ready(self) -> bool:
+        return True
+
+    def embed(self, buffer, table):
+        return self.stage.embed(buffer, table)
+
+
+class RayStage:
+    """A reader's handle on a stage actor (picklable: Ray sends actor handles)."""
+
+    def __init__(self, actor, device: str) -> None:
+        self.actor = actor
+        self.device = device
+
+    def client(self) -> RayStage:
+        return self
+
+    def submit(self, batch):
+        return self.actor.embed.remote(*batch.packed())
+
+    def collect(self, ref):
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise ModelError(
+                f"clip: stage on {self.device}: {type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:200]}"
+            ) from None
+
+
+class _RayStages:
+    def __init__(self, ray, stages: list[RayStage]) -> None:
+        self.ray = ray
+        self.stages = stages
+
+    def __enter__(self) -> list[RayStage]:
+        return self.stages
+
+    def __exit__(self, *exc) -> None:
+        for stage in self.stages:
+            with contextlib.suppress(Exception):
+                self.ray.kill(stage.actor)

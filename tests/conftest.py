@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import os
 import socket
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +118,58 @@ def ray_cluster(s3):
         yield cluster
     finally:
         cluster.shutdown()
+
+
+# ViT-B-32's input size (224) on a tiny random model, so resizing is tested at full scale.
+TINY224 = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 56},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny224(tmp_path_factory):
+    """(config JSON, checkpoint) of a random tiny open_clip model with ViT-B-32's input
+    size; built only by tests that ask for it."""
+    return tiny_model(tmp_path_factory.mktemp("tiny224"), "dedup-tiny224", TINY224)
+
+
+def tiny_model(root: Path, name: str, model_config: dict) -> tuple[str, str]:
+    """A random open_clip model `name` (config JSON registered with open_clip, seeded
+    weights saved to a checkpoint), loaded by path as real weights are."""
+    import open_clip
+    import torch
+
+    config = root / f"{name}.json"
+    config.write_text(json.dumps(model_config))
+    open_clip.add_model_config(str(config))
+    torch.manual_seed(0)
+    checkpoint = root / f"{name}.pt"
+    torch.save(open_clip.create_model(name).state_dict(), checkpoint)
+    return str(config), str(checkpoint)
+
+
+# A pipe: input whose reader waits for a `go` file before it sends the shard, so a test
+# can act while a run's readers are all started and none is done.
+HELD_SHARD = """\
+echo "$(basename "$2") $$" >> "$1/readers"
+i=0
+while [ ! -e "$1/go" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+exec cat "$2"
+"""
+
+
+def held_inputs(root: Path, folder: Path) -> list[str]:
+    folder.mkdir()
+    script = folder / "held.sh"
+    script.write_text(HELD_SHARD)
+    return [f"pipe:sh {script} {folder} {p}" for p in sorted((root / "in").glob("*.tar"))]
+
+
+def readers(folder: Path) -> list[tuple[str, int]]:
+    """(shard name, pid) of every read of a held input so far."""
+    with contextlib.suppress(FileNotFoundError):
+        lines = (folder / "readers").read_text().splitlines()
+        return [(name, int(pid)) for name, pid in (ln.split() for ln in lines)]
+    return []

@@ -15,9 +15,10 @@ from dedup.pairs import cosine_pairs
 from dedup.pipeline import run
 from dedup.signals.clip import Embedder, resolve
 from dedup.synth import encode, make_image
-from tests.conftest import cfg, read_tar, write_tar
+from tests.conftest import cfg, read_tar, tiny_model, write_tar
 
 torch = pytest.importorskip("torch")
+faiss = pytest.importorskip("faiss")
 open_clip = pytest.importorskip("open_clip")
 
 TINY = {
@@ -30,15 +31,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(config JSON path, checkpoint path) of a random tiny open_clip model."""
-    root = tmp_path_factory.mktemp("tiny")
-    config = root / "dedup-tiny.json"
-    config.write_text(json.dumps(TINY))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model("dedup-tiny")
-    checkpoint = root / "tiny.pt"
-    torch.save(model.state_dict(), checkpoint)
-    return str(config), str(checkpoint)
+    return tiny_model(tmp_path_factory.mktemp("tiny"), "dedup-tiny", TINY)
 
 
 def clip_cfg(tiny, **settings):
@@ -235,3 +228,31 @@ def test_a_model_config_that_is_not_json(tmp_path):
         main, ["--check-clip", "--clip-model", str(tmp_path / "broken.json")]
     )
     assert result.exit_code == 6 and "is not a readable JSON file" in result.stderr
+
+
+@pytest.mark.parametrize("k", [1, 4, 64])
+def test_knn_search_with_range_fallback_loses_no_pair(k):
+    """The GPU search's shape on the CPU: a k-nearest search whose overflowing queries
+    (k neighbours all above the threshold) are searched again by range. Clusters of up
+    to 150 near-identical vectors overflow any k; the pairs equal brute force exactly."""
+    from dedup.pairs import knn_range_search
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 24)).astype(np.float32)
+    sizes = rng.integers(1, 150, size=30)
+    x = np.concatenate(
+        [c + rng.normal(scale=0.05, size=(s, 24)) for c, s in zip(centres, sizes, strict=True)]
+    ).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    radius = 0.98
+    index = faiss.IndexFlatIP(24)
+    index.add(x)
+    q, labels, sims = knn_range_search(index, x, x, radius, k)
+    brute = x @ x.T
+    bq, bl = np.nonzero(brute > radius)
+    assert ((brute > radius).sum(axis=1) > k).sum() > 100  # many queries overflow k
+    assert set(zip(q.tolist(), labels.tolist(), strict=True)) == set(
+        zip(bq.tolist(), bl.tolist(), strict=True)
+    )
+    assert len(q) == len(bq)  # each pair once per query
+    assert np.allclose(sims, brute[q, labels], atol=1e-5)

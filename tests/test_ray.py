@@ -18,7 +18,7 @@ import pytest
 from dedup import errors, storage
 from dedup.progress import Progress
 from dedup.synth import planted_dataset, write_shards
-from tests.conftest import RAY_NODE, free_port, read_tar
+from tests.conftest import RAY_NODE, free_port, held_inputs, read_tar, readers
 from tests.test_hostile import DEDUP, FLAGS, dedup, error_line, outputs
 from tests.test_storage import local_outputs, remote_outputs, upload
 
@@ -248,31 +248,9 @@ def test_s3_in_s3_out_on_ray_equals_a_local_run(ray_cluster, s3, shard_set, tmp_
 
 # ------------------------------------------------------------ a node lost mid-phase
 
+
 # A pipe: input that notes which process reads it, then holds its bytes back until the
 # test writes `go` (30 s at most): tasks stay running until the test has done its part.
-HELD_SHARD = """\
-echo "$(basename "$2") $$" >> "$1/readers"
-i=0
-while [ ! -e "$1/go" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-exec cat "$2"
-"""
-
-
-def held_inputs(root: Path, folder: Path) -> list[str]:
-    folder.mkdir()
-    script = folder / "held.sh"
-    script.write_text(HELD_SHARD)
-    return [f"pipe:sh {script} {folder} {p}" for p in sorted((root / "in").glob("*.tar"))]
-
-
-def readers(folder: Path) -> list[tuple[str, int]]:
-    """(shard name, pid) of every read of a held input so far."""
-    with contextlib.suppress(FileNotFoundError):
-        lines = (folder / "readers").read_text().splitlines()
-        return [(name, int(pid)) for name, pid in (ln.split() for ln in lines)]
-    return []
-
-
 def ancestors(pid: int) -> set[int]:
     found = set()
     with contextlib.suppress(OSError, ValueError):
@@ -323,3 +301,37 @@ def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_
     # Every shard byte-equal, every table row equal (its shard named by file name: here
     # the input is a pipe: command, there the file).
     assert local_outputs(tmp_path / "out") == local_outputs(root / "local")
+
+
+# ------------------------------------------------------------ CLIP stages as actors
+
+
+def test_clip_stage_actors_give_the_output_of_a_local_run(ray_cluster, tiny224, tmp_path):
+    """The shared CLIP stage as a Ray actor (on the CPU here; num_gpus=1 on a GPU
+    cluster): readers on both nodes send it their batches; the output is a local run's."""
+    import json
+
+    from tests.test_clipstage import shards_of_every_kind
+
+    shards_of_every_kind(tmp_path / "in")
+    config, checkpoint = tiny224
+    flags = [
+        "--signals", "exact,phash,clip", "--clip-model", config, "--clip-pretrained",
+        checkpoint, "--device", "cpu", "--clip-decode", "device", "--batch-size", "3",
+        "--clip-threshold", "0.999", "--json",
+    ]  # fmt: skip
+    runs = {}
+    for name, extra in [
+        ("local", ["--clip-stage", "inline", "--workers", "1"]),
+        ("ray", ["--clip-stage", "shared", *on(ray_cluster)]),
+    ]:
+        result = subprocess.run(
+            [DEDUP, str(tmp_path / "in"), "--out", str(tmp_path / name), *flags, *extra],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        runs[name] = json.loads(result.stdout)
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+    assert runs["ray"]["counts"]["clip_decode"] == {"cpu_cmyk": 1, "cpu_not_jpeg": 2, "device": 6}
+    assert runs["ray"]["counts"] == runs["local"]["counts"]

@@ -28,6 +28,10 @@ class ClipSpec:
     checkpoint: str | None  # local weights file; None only for random weights in tests
     preprocess: tuple  # (name, value) overrides: image_mean, image_std, interpolation...
     fingerprint: str  # what the embeddings depend on
+    # The model's input: (size, mean, std, interpolation, resize_mode), overrides applied;
+    # what a reader needs to prepare pixels without building the model.
+    pixels: tuple = ()
+    decode: str = "pillow"  # where JPEGs are decoded: "pillow" (reader CPUs) or "device"
 
 
 def _remedy(model: str) -> str:
@@ -94,7 +98,7 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
             f"clip: {pretrained!r} is neither a checkpoint file nor an open_clip tag of "
             f"{name} (tags: {tags}); {_remedy(name)}"
         )
-    _check_loads(name, checkpoint)
+    pixels = _check_loads(name, checkpoint, preprocess)
     st = os.stat(checkpoint)
     fingerprint = json.dumps(
         {
@@ -106,21 +110,41 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
         },
         sort_keys=True,
     )
-    return ClipSpec(name, config_file, checkpoint, tuple(sorted(preprocess.items())), fingerprint)
+    return ClipSpec(
+        name, config_file, checkpoint, tuple(sorted(preprocess.items())), fingerprint, pixels
+    )
 
 
-def _check_loads(name: str, checkpoint: str) -> None:
+def _check_loads(name: str, checkpoint: str, overrides: dict) -> tuple:
     """Build the model on the CPU with these weights once, so a wrong or damaged file ends
-    the run here, with the remedies, not later inside every worker."""
+    the run here, with the remedies, not later inside every worker; returns its input
+    spec (see ClipSpec.pixels)."""
     import open_clip
 
     try:
-        open_clip.create_model(name, pretrained=checkpoint, device="cpu")
+        model = open_clip.create_model(name, pretrained=checkpoint, device="cpu")
+        cfg = dict(open_clip.get_model_preprocess_cfg(model))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
             f"clip: {checkpoint} does not load into {name} ({first[:200]}); {_remedy(name)}"
         ) from None
+    for key, value in overrides.items():
+        cfg[key.removeprefix("image_")] = value
+    size = cfg.get("size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return (
+        size,
+        tuple(float(v) for v in cfg.get("mean", OPENAI_MEAN)),
+        tuple(float(v) for v in cfg.get("std", OPENAI_STD)),
+        cfg.get("interpolation") or "bicubic",
+        cfg.get("resize_mode") or "shortest",
+    )
+
+
+# open_clip's defaults, when a model config names none.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _file_text(path: str | None) -> str | None:
@@ -179,6 +203,23 @@ def pick_device(device: str) -> str:
     return device
 
 
+def stage_devices(device: str) -> list[str]:
+    """The devices that each get one CLIP stage: every visible GPU for `cuda` (and for
+    `auto` when torch sees one), the one named by `cuda:N`, else the CPU."""
+    import torch
+
+    picked = pick_device(device)
+    if picked == "cpu":
+        return ["cpu"]
+    count = torch.cuda.device_count()
+    if picked == "cuda":
+        return [f"cuda:{i}" for i in range(count)]
+    index = picked.split(":", 1)[1]
+    if not index.isdigit() or int(index) >= count:
+        raise ModelError(f"clip: --device {device}: torch sees {count} GPU(s) (cuda:0..)")
+    return [picked]
+
+
 class Embedder:
     """One model in one process; `embed` takes decoded images, returns (N, dim) float16."""
 
@@ -205,6 +246,7 @@ class Embedder:
         self.torch = torch
         size = model.visual.image_size
         self.image_size = max(size) if isinstance(size, (tuple, list)) else int(size)
+        self.output_dim = int(model.visual.output_dim)
 
     @classmethod
     def get(cls, spec: ClipSpec, device: str) -> Embedder:
@@ -215,8 +257,15 @@ class Embedder:
         return cls._cache[key]
 
     def embed(self, images: list) -> np.ndarray:
+        """Pillow images through open_clip's own transform and the model."""
+        batch = self.torch.stack([self.preprocess(img) for img in images])
+        return self.embed_tensor(batch)
+
+    def embed_tensor(self, batch) -> np.ndarray:
+        """A normalized (N, 3, size, size) batch in, (N, dim) unit float16 vectors out; fp16
+        on a GPU."""
         torch = self.torch
-        batch = torch.stack([self.preprocess(img) for img in images]).to(self.device)
+        batch = batch.to(self.device)
         with torch.inference_mode():
             if self.device.startswith("cuda"):
                 with torch.autocast("cuda", dtype=torch.float16):
