@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate bench bench-scale bench-gpu gpu-wheels bench-storage clean
+.PHONY: install test lint format demo calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,12 @@ demo: $(STAMP)
 
 calibrate: $(STAMP)
 	$(BIN)/python benchmarks/calibrate_phash.py
+
+# pHash distances on the real photographs bundled with the bench extra's packages, and
+# the tiny-image rule's effect (README: "The pHash threshold on real photographs").
+calibrate-photos: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/calibrate_photos.py
+	$(BIN)/python benchmarks/tiny_images.py
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)

@@ -34,6 +34,8 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the shared data builder)
 
@@ -162,11 +164,23 @@ def ceilings(spec, device: str, blobs: list[bytes], batch_sizes: list[int], resu
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for buffer, table in packed:
-        stage.embed(buffer, table)
+    vectors = [stage.embed(buffer, table)[0] for buffer, table in packed]
     sync(torch, device)
     results["one_stage"] = line(
         f"one stage: bytes to vectors, batch {chosen}", len(blobs), time.perf_counter() - t
+    )
+    # Random weights map every picture to nearly the same direction: at a trained model's
+    # threshold every image would link to every other, and the global phase would face
+    # N^2 / 2 pairs no real run has. The end-to-end runs use a threshold halfway between
+    # the 99.9th percentile of these images' cosines and 1, so few pairs link, as with a
+    # trained model.
+    v = np.concatenate(vectors).astype(np.float32)
+    sims = (v @ v.T)[np.triu_indices(len(v), 1)]
+    q = float(np.percentile(sims, 99.9))
+    results["clip_threshold"] = round(q + (1.0 - q) / 2, 6)
+    print(
+        f"  random weights: 99.9% of cosines below {q:.5f}; end-to-end runs use "
+        f"--clip-threshold {results['clip_threshold']}"
     )
     if device.startswith("cuda"):
         results["stage_gpu_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -263,7 +277,7 @@ def main() -> None:
             f"{os.cpu_count()} cores:"
         )
         clip = ["--clip-model", args.model, "--clip-pretrained", ckpt, "--device", device]
-        clip += ["--batch-size", str(chosen)]
+        clip += ["--batch-size", str(chosen), "--clip-threshold", str(results["clip_threshold"])]
         end_to_end(
             "dedup --signals exact,phash",
             linked,

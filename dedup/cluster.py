@@ -8,21 +8,29 @@ import numpy as np
 
 from dedup.config import Config
 from dedup.kernels import cluster_diameters, star_claims, undirected_csr
-from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, unique_codes
+from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, rms_pairs, unique_codes
 from dedup.signals.exact import exact_groups
-from dedup.signals.phash import SIGNATURE_TOLERANCE, is_low_detail
+from dedup.signals.phash import (
+    SIGNATURE_SIDE,
+    SIGNATURE_TOLERANCE,
+    TINY_RMS,
+    by_signature,
+    is_tiny,
+    signature_luma,
+)
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat")
-UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY = range(6)
+DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat", "tiny")
+UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY, TINY_COPY = range(7)
 # Edge signals as small integers; a cluster's signals are a bit mask of these. `flat`
-# is the pHash signal's rule for low-detail images: their colour signatures match.
-SIGNALS = ("exact", "phash", "clip", "flat")
-EXACT, PHASH, CLIP, FLAT = 0, 1, 2, 3
-# Which signal names a removal when several link a pair: exact, then phash or flat (a
-# pair is never linked by both), then clip. Indexed by signal.
-PRECEDENCE = np.array([0, 1, 3, 2], dtype=np.int8)
+# and `tiny` are the pHash signal's rules for low-detail and for tiny images: their
+# colour signatures match.
+SIGNALS = ("exact", "phash", "clip", "flat", "tiny")
+EXACT, PHASH, CLIP, FLAT, TINY = 0, 1, 2, 3, 4
+# Which signal names a removal when several link a pair: exact, then phash, flat or
+# tiny (a pair is linked by one of the three at most), then clip. Indexed by signal.
+PRECEDENCE = np.array([0, 1, 4, 2, 3], dtype=np.int8)
 
 
 @dataclass
@@ -57,10 +65,11 @@ class Candidates:
         )
 
     def low_detail(self) -> np.ndarray:
-        """Rows whose pHash is mostly noise; none when detail is not known."""
+        """Rows matched by colour signature instead of pHash bits: low-detail images (their
+        pHash is mostly noise) and tiny ones; none when detail is not known."""
         if self.detail is None or self.signature is None:
             return np.zeros(len(self.pixels), dtype=bool)
-        return is_low_detail(self.detail)
+        return by_signature(self.detail, self.pixels)
 
 
 @dataclass
@@ -144,10 +153,28 @@ def phash_edges(
     )
 
 
-def flat_edges(signatures: np.ndarray, rows: np.ndarray, tolerance: int) -> Edges:
-    """Low-detail `rows` whose colour signatures differ by at most `tolerance` in every
-    value; the edge's distance is the largest difference."""
-    return _collapsed_edges(signatures, rows, lambda unique: maxabs_pairs(unique, tolerance), FLAT)
+def flat_edges(signatures: np.ndarray, rows: np.ndarray, tiny: np.ndarray) -> Edges:
+    """Edges between signature `rows` (low-detail or tiny images; `tiny` aligned with
+    them): two tiny images link when their signatures' luminance differs by at most
+    TINY_RMS, root mean square (signal `tiny`, distance that difference), any other pair when no
+    value differs by more than SIGNATURE_TOLERANCE (signal `flat`, distance the largest
+    difference)."""
+    e = _collapsed_edges(
+        signatures, rows, lambda unique: maxabs_pairs(unique, SIGNATURE_TOLERANCE), FLAT
+    )
+    if len(e.i) and tiny.any():
+        order = np.argsort(rows, kind="stable")
+
+        def tiny_at(r: np.ndarray) -> np.ndarray:
+            return tiny[order[np.searchsorted(rows[order], r)]]
+
+        other = ~(tiny_at(e.i) & tiny_at(e.j))
+        e = Edges(e.i[other], e.j[other], e.distance[other], e.signal[other])
+    tiny_rows = np.sort(rows[tiny])
+    luma = np.zeros((len(signatures), SIGNATURE_SIDE * SIGNATURE_SIDE), dtype=np.uint8)
+    luma[tiny_rows] = signature_luma(signatures[tiny_rows])
+    close = _collapsed_edges(luma, tiny_rows, lambda unique: rms_pairs(unique, TINY_RMS), TINY)
+    return Edges.concat([e, close])
 
 
 def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: int) -> Edges:
@@ -189,7 +216,8 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
         detailed = np.flatnonzero(~low) if low.any() else None
         parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count, detailed))
         if low.any():
-            parts.append(flat_edges(cand.signature, np.flatnonzero(low), SIGNATURE_TOLERANCE))
+            rows = np.flatnonzero(low)
+            parts.append(flat_edges(cand.signature, rows, is_tiny(cand.pixels[rows])))
     if "clip" in config.signals and cand.clip is not None:
         parts.append(clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device))
     return Edges.concat(parts)
@@ -216,7 +244,14 @@ def direct_links(
         if len(both_low):
             a = cand.signature[rows[both_low]].astype(np.int16)
             b = cand.signature[others[both_low]].astype(np.int16)
-            out[both_low[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = FLAT_COPY
+            tiny = is_tiny(cand.pixels)
+            both_tiny = tiny[rows[both_low]] & tiny[others[both_low]]
+            flat = np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE
+            la = signature_luma(a).astype(np.int64)
+            squares = ((la - signature_luma(b)) ** 2).sum(axis=1)
+            close = squares <= int(np.floor(la.shape[1] * TINY_RMS * TINY_RMS))
+            out[both_low[~both_tiny & flat]] = FLAT_COPY
+            out[both_low[both_tiny & close]] = TINY_COPY
     if "exact" in config.signals:
         out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
     return out
@@ -381,7 +416,7 @@ def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
     best = np.full(size, len(SIGNALS), dtype=np.int8)
     for side in (edges.i, edges.j):
         np.minimum.at(best, side, PRECEDENCE[edges.signal])
-    code = np.array([EXACT_COPY, PHASH_COPY, FLAT_COPY, CLIP_COPY], dtype=np.int8)
+    code = np.array([EXACT_COPY, PHASH_COPY, FLAT_COPY, TINY_COPY, CLIP_COPY], dtype=np.int8)
     return code[best[rows]]
 
 

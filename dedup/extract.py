@@ -32,6 +32,7 @@ from dedup.signals.phash import (
     LOW_DETAIL_BITS,
     SIGNATURE_BYTES,
     SIGNATURE_SIDE,
+    TINY_PIXELS,
     colour_signature,
     phash_and_detail,
     shrink,
@@ -134,7 +135,7 @@ def shard_fingerprint(
             "identity": identity,
             "content": content,
             "config": config.feature_fingerprint(),
-            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE],
+            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS],
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
@@ -266,7 +267,8 @@ def compute_features(
             ):
                 phash_col[row_index] = code.tobytes()
                 detail_col[row_index] = bits
-                if bits >= LOW_DETAIL_BITS:
+                tiny = cols["width"][row_index] * cols["height"][row_index] <= TINY_PIXELS
+                if bits >= LOW_DETAIL_BITS and not tiny:
                     signature_col[row_index] = None  # matched by pHash, not by colours
                 elif data is not None:
                     again = decode_image(data, config, draft=hash_draft, draft_mode="RGB")

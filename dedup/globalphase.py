@@ -60,7 +60,7 @@ from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.kernels import near_pairs
 from dedup.pairs import _chunks, choose_engine, inner_product_search
 from dedup.progress import Progress
-from dedup.signals.phash import SIGNATURE_BYTES, SIGNATURE_TOLERANCE, is_low_detail
+from dedup.signals.phash import SIGNATURE_BYTES, by_signature, is_tiny
 
 log = logging.getLogger("dedup")
 
@@ -78,7 +78,7 @@ CLUSTER_COLUMNS = [
 ]
 DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
 CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
-SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8")])
+SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8"), ("tiny", "?")])
 # CLIP vectors beyond CLIP_FLAT_MAX are split into k-means cells of about this many
 # rows; each vector is searched against the vectors of its CLIP_PROBES nearest cells.
 CLIP_CELL_ROWS = 20_000
@@ -250,6 +250,12 @@ def _read_candidates(path: str, local_rows: np.ndarray | None = None):
     return table, rows, table.take(pa.array(rows, type=pa.int64()))
 
 
+def _pixels(cand: pa.Table) -> np.ndarray:
+    """width x height of candidate rows (decoded images: never null)."""
+    width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
+    return width * np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
+
+
 def _words(column: pa.ChunkedArray) -> np.ndarray:
     return fixed_binary_array(column).view(">u8").reshape(-1).astype(np.uint64)
 
@@ -283,7 +289,8 @@ class _Scatter:
                 write_runs(self._path(pos, "exact"), records, _hash_part(words, parts), parts),
             )
         if "phash" in signals and len(rows):
-            low = is_low_detail(np.asarray(cand.column("detail").to_numpy(), dtype=np.int16))
+            detail = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
+            low = by_signature(detail, _pixels(cand))
             words = _words(cand.column("phash"))
             detailed = np.flatnonzero(~low)
             records = np.zeros(len(detailed), CODE_RECORD)
@@ -299,6 +306,7 @@ class _Scatter:
                 sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
                 records = np.zeros(len(flat), SIGNATURE_RECORD)
                 records["signature"], records["row"] = sig, rows[flat]
+                records["tiny"] = is_tiny(_pixels(cand)[flat])
                 out.runs["flat"] = (
                     self._path(pos, "flat"),
                     write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
@@ -392,7 +400,7 @@ class _Pairs:
             e = flat_edges(
                 np.ascontiguousarray(records["signature"]),
                 np.arange(len(records), dtype=np.int64),
-                SIGNATURE_TOLERANCE,
+                records["tiny"],
             )
             edges = _renumber(e, records["row"])
         elif self.clip_cells == 1:
@@ -546,9 +554,7 @@ def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.
     _, _, cand = _read_candidates(path, local_rows)
     records = np.zeros(len(local_rows), member_record(dim))
     records["row"] = local_rows.astype(np.int64) + start
-    width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
-    height = np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
-    records["pixels"] = width * height
+    records["pixels"] = _pixels(cand)
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
     records["digest"] = fixed_binary_array(
         pc.fill_null(cand.column("digest"), pa.scalar(bytes(32), pa.binary(32)))

@@ -206,6 +206,34 @@ def maxabs_pairs(vectors: np.ndarray, tolerance: int) -> tuple[np.ndarray, np.nd
     return i[order], j[order], d[order]
 
 
+def rms_pairs(vectors: np.ndarray, rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of rows of `vectors` (N, D uint8) whose root-mean-square difference
+    is at most `rms`, with that difference rounded to a whole level; sorted. Exact: a
+    FAISS flat L2 range search with some slack finds a superset, then each candidate's
+    sum of squares is checked in integers. Callers pass distinct rows."""
+    import faiss
+
+    empty = np.zeros(0, dtype=np.int64)
+    if len(vectors) < 2:
+        return empty, empty, empty.astype(np.int32)
+    x = np.ascontiguousarray(vectors, dtype=np.float32) - np.float32(128)
+    dim = x.shape[1]
+    limit = int(np.floor(dim * rms * rms))  # the largest sum of squares allowed
+    index = faiss.IndexFlatL2(dim)
+    index.add(x)
+    i, j, _ = self_range_pairs(index, x, float(limit) + 4.0 + 1e-3 * limit)
+    squares = np.zeros(len(i), dtype=np.int64)
+    for start in range(0, len(i), QUERY_BATCH):
+        a = vectors[i[start : start + QUERY_BATCH]].astype(np.int64)
+        b = vectors[j[start : start + QUERY_BATCH]].astype(np.int64)
+        squares[start : start + QUERY_BATCH] = ((a - b) ** 2).sum(axis=1)
+    close = squares <= limit
+    i, j = i[close], j[close]
+    d = np.round(np.sqrt(squares[close] / dim)).astype(np.int32)
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
+
+
 # ---------------------------------------------------------------- CLIP vectors
 
 # Exact inner-product search up to this many vectors; above it an IVF index, which is

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 
 def make_image(seed: int, width: int = 256, height: int = 256) -> Image.Image:
@@ -35,6 +35,26 @@ def make_image(seed: int, width: int = 256, height: int = 256) -> Image.Image:
         -10, 11, (height, width, 3), dtype=np.int16
     )
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_digit(d: int, variant: int, side: int = 28) -> Image.Image:
+    """A handwriting-like digit, MNIST style (white strokes on black); each variant has
+    its own offset, stroke, slant and blur, so no two variants are copies."""
+    dx, dy = variant % 5 - 2, variant // 5 % 3 - 1
+    angle = (variant * 7) % 25 - 12
+    img = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=int(side * 0.8))
+    draw.text(
+        (7 + dx, 1 + dy),
+        str(d),
+        fill=255,
+        font=font,
+        stroke_width=variant // 15 % 2,
+        stroke_fill=255,
+    )
+    img = img.rotate(angle, resample=Image.Resampling.BILINEAR)
+    return img.filter(ImageFilter.GaussianBlur(0.4 + 0.1 * (variant % 4)))
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **params) -> bytes:

@@ -256,3 +256,35 @@ def test_knn_search_with_range_fallback_loses_no_pair(k):
     )
     assert len(q) == len(bq)  # each pair once per query
     assert np.allclose(sims, brute[q, labels], atol=1e-5)
+
+
+def test_workers_forked_after_a_model_was_built_do_not_hang(tiny, tmp_path):
+    """resolve() builds the model in the process that later forks the global phase's
+    workers. Had torch started its OpenMP pool there, a forked worker's FAISS search
+    would hang for ever (seen with ViT-B-32 on a CPU); with the fix it returns."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np, torch
+from dedup.signals.clip import resolve
+resolve({tiny[0]!r}, {tiny[1]!r})
+x = torch.randn(1500, 1500)
+(x @ x).sum()  # the driver's own torch work after resolve(), as a 1-shard run does
+from dedup.executor import LocalExecutor
+from dedup.progress import Progress
+from tests.test_clip import near_identical_pairs
+print(LocalExecutor(2).map(near_identical_pairs, [1, 2], Progress("t", total_items=2)))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[499500, 499500]"
+
+
+def near_identical_pairs(seed: int) -> int:
+    """Pairs among 1,000 near-identical unit vectors: FAISS runs it in parallel."""
+    v = np.random.default_rng(seed).normal(size=(1000, 64)).astype("float32") * 0.01 + 1
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return len(cosine_pairs(v, 0.9)[0])

@@ -7,12 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedup.cluster import DECISIONS, Candidates, build_edges, cluster
+from dedup.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
 from dedup.config import Config
 from dedup.executor import LocalExecutor
 from dedup.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
 from dedup.globalphase import CLUSTER_COLUMNS, Layout, run_global
-from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES
+from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
 
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
 
@@ -36,15 +36,23 @@ def planted_rows(n: int, seed: int, dim: int = 0):
     digest[copies] = digest[src[copies]]
     words[copies] = words[src[copies]]
     detail = rng.integers(LOW_DETAIL_BITS, 64, n).astype(np.int16)
-    low = rng.random(n) < 0.08
-    detail[low] = rng.integers(0, LOW_DETAIL_BITS, int(low.sum()))
+    low_detail = rng.random(n) < 0.08
+    detail[low_detail] = rng.integers(0, LOW_DETAIL_BITS, int(low_detail.sum()))
+    # Tiny images (some of them low-detail too) are matched by signature at a wider
+    # tolerance than the others: offsets up to 10 straddle both tolerances.
+    tiny = rng.random(n) < 0.08
+    pixels = np.where(tiny, rng.integers(1, 11, n) * 100, rng.integers(1, 5, n) * 100_000)
+    low = low_detail | tiny
     signature = np.zeros((n, SIGNATURE_BYTES), dtype=np.uint8)
     colours = rng.integers(0, 256, (6, SIGNATURE_BYTES))
-    signature[low] = np.clip(
-        colours[rng.integers(0, 6, int(low.sum()))] + rng.integers(-3, 4, (int(low.sum()), 1)),
-        0,
-        255,
-    ).astype(np.uint8)
+    # low-detail: a colour moved by a few levels; tiny: noise in every value (each rule
+    # then links some pairs the other would not)
+    noise = np.where(
+        tiny[:, None],
+        rng.integers(-3, 4, (n, SIGNATURE_BYTES)),
+        rng.integers(-3, 4, (n, 1)),
+    )
+    signature[low] = np.clip(colours[rng.integers(0, 6, n)] + noise, 0, 255)[low]
     status = np.array(["ok"] * n, dtype=object)
     status[rng.random(n) < 0.03] = "undecodable"
     vectors = None
@@ -59,7 +67,7 @@ def planted_rows(n: int, seed: int, dim: int = 0):
         "signature": signature,
         "low": low,
         "status": status,
-        "pixels": rng.integers(1, 5, n) * 100,
+        "pixels": pixels,
         "nbytes": rng.integers(1000, 1010, n),
         "vectors": vectors,
     }
@@ -166,6 +174,12 @@ def test_partitioned_global_phase_equals_one_process_oracle(
     assert np.array_equal(g.signals, want.groups.signals)
     assert np.array_equal(g.max_phash_distance, want.groups.max_phash_distance)
     assert len(want.groups) > 20  # the planted set has real clusters
+    # ... and every kind of edge, with tiny pairs that the flat rule would not link
+    assert set(want_edges.signal.tolist()) == set(range(len(SIGNALS))) - {SIGNALS.index("clip")}
+    tiny_edges = want_edges.signal == SIGNALS.index("tiny")
+    a = cand.signature[want_edges.i[tiny_edges]].astype(int)
+    b = cand.signature[want_edges.j[tiny_edges]].astype(int)
+    assert (np.abs(a - b).max(axis=1) > SIGNATURE_TOLERANCE).any()
     if partition_rows < n:
         layout = Layout.of(n, config)
         assert layout.parts > 1 and layout.near_parts > layout.chunks

@@ -27,7 +27,7 @@ from dedup.signals.phash import (
     shrink,
     stack_shrunk,
 )
-from dedup.synth import encode, make_image
+from dedup.synth import encode, make_digit, make_image
 from tests.conftest import cfg, write_tar
 
 COLOURS = {
@@ -153,14 +153,14 @@ def test_phash_of_an_rgb_draft_decode_is_imagehash_of_that_image():
         assert ours.tobytes().hex() == str(imagehash.phash(image))
 
 
-def test_colour_signature_is_a_4x4_rgb_thumbnail():
+def test_colour_signature_is_an_8x8_rgb_thumbnail():
     left_red = Image.new("RGB", (64, 32), (255, 0, 0))
     left_red.paste((0, 0, 255), (32, 0, 64, 32))
-    sig = np.frombuffer(colour_signature(left_red), np.uint8).reshape(4, 4, 3)
-    assert len(colour_signature(left_red)) == SIGNATURE_BYTES == 48
-    assert (sig[:, :2] == (255, 0, 0)).all() and (sig[:, 2:] == (0, 0, 255)).all()
+    sig = np.frombuffer(colour_signature(left_red), np.uint8).reshape(8, 8, 3)
+    assert len(colour_signature(left_red)) == SIGNATURE_BYTES == 192
+    assert (sig[:, :4] == (255, 0, 0)).all() and (sig[:, 4:] == (0, 0, 255)).all()
     grey = colour_signature(Image.new("L", (10, 10), 77))
-    assert grey == bytes([77]) * 48
+    assert grey == bytes([77]) * 192
 
 
 # ---------------------------------------------------------------- pair search
@@ -197,10 +197,10 @@ def test_maxabs_pairs_small_inputs():
 # ---------------------------------------------------------------- clustering rules
 
 
-def _candidates(phash, detail, signature, clip=None):
+def _candidates(phash, detail, signature, clip=None, pixels=None):
     n = len(phash)
     return Candidates(
-        pixels=np.ones(n, dtype=np.int64),
+        pixels=np.full(n, 640 * 480, dtype=np.int64) if pixels is None else np.asarray(pixels),
         nbytes=np.ones(n, dtype=np.int64),
         digest=np.arange(n, dtype=np.int64).view(np.uint8).reshape(n, 8).repeat(4, axis=1),
         phash=np.asarray(phash, dtype=np.uint8),
@@ -213,7 +213,7 @@ def _candidates(phash, detail, signature, clip=None):
 def test_a_low_detail_row_never_links_to_a_detailed_row_by_phash():
     # Equal codes and equal signatures: only the detail of each row differs.
     phash = np.zeros((4, 8))
-    signature = np.full((4, 48), 50)
+    signature = np.full((4, SIGNATURE_BYTES), 50)
     config = Config(signals=("exact", "phash"), keep="first")
     both_detailed = cluster(_candidates(phash[:2], [40, 40], signature[:2]), config)
     assert [DECISIONS[r] for r in both_detailed.reason] == ["survivor", "phash"]
@@ -230,7 +230,7 @@ def test_a_low_detail_row_never_links_to_a_detailed_row_by_phash():
 
 
 def test_flat_rule_is_part_of_the_phash_signal():
-    signature = np.full((2, 48), 50)
+    signature = np.full((2, SIGNATURE_BYTES), 50)
     cand = _candidates(np.zeros((2, 8)), [1, 1], signature)
     on = cluster(cand, Config(signals=("exact", "phash"), keep="first"))
     off = cluster(cand, Config(signals=("exact",), keep="first"))
@@ -242,7 +242,7 @@ def test_signature_tolerance_and_chains():
     # A-B and B-C within the tolerance, A-C not: the star rule keeps C; components
     # removes it through B, and its reason is the flat edge, not the CLIP one it also has.
     t = SIGNATURE_TOLERANCE
-    signature = np.array([[100] * 48, [100 + t] * 48, [100 + 2 * t] * 48, [100 + 3 * t + 1] * 48])
+    signature = np.array([[100 + k * t + (k == 3)] * SIGNATURE_BYTES for k in range(4)])
     clip = np.array([[1, 0], [0, 1], [0, 1], [0.6, 0.8]], dtype=np.float16)
     cand = _candidates(np.zeros((4, 8)), [2, 2, 2, 2], signature, clip)
     signals = ("exact", "phash", "clip")
@@ -376,3 +376,81 @@ def test_no_planted_picture_is_low_detail(planted):
                     images.append(decoded.image)
     assert len(images) >= 60
     assert detail_of(images).min() >= LOW_DETAIL_BITS + 16
+
+
+# ---------------------------------------------------------------- tiny images
+
+
+def tiny_set():
+    """Shards of 28x28 digits (10 digits x 24 variants, PNG) and 32x32 pictures (60,
+    PNG), with copies of some: JPEG q90 and q75, WebP, BMP, and a PNG with other pixels'
+    bytes (a different compression level: equal pixels)."""
+    import random
+
+    originals = {f"d{d}v{v:02d}": make_digit(d, v) for d in range(10) for v in range(24)}
+    originals |= {f"p{k:02d}": make_image(500 + k, 32, 32) for k in range(60)}
+    copies = {}
+    for n, key in enumerate(sorted(originals)[::9]):
+        img = originals[key]
+        edit = n % 5
+        if edit == 0:
+            copies[f"{key}-q90"] = ("jpg", encode(img.convert("RGB"), "JPEG", quality=90))
+        elif edit == 1:
+            copies[f"{key}-q75"] = ("jpg", encode(img.convert("RGB"), "JPEG", quality=75))
+        elif edit == 2:
+            copies[f"{key}-webp"] = ("webp", encode(img, "WEBP", quality=85))
+        elif edit == 3:
+            copies[f"{key}-bmp"] = ("bmp", encode(img, "BMP"))
+        else:
+            out = io.BytesIO()
+            img.save(out, "PNG", compress_level=1)
+            copies[f"{key}-png1"] = ("png", out.getvalue())
+    members = [(f"{k}.png", png(img)) for k, img in originals.items()]
+    members += [(f"{k}.{ext}", data) for k, (ext, data) in copies.items()]
+    random.Random(7).shuffle(members)
+    return originals, copies, [members[: len(members) // 2], members[len(members) // 2 :]]
+
+
+def test_distinct_tiny_images_are_all_kept_and_their_copies_found(tmp_path):
+    originals, copies, shards = tiny_set()
+    # The hazard: their pHashes collide. Many pairs of different digits are within the
+    # default 8 bits, which merged them before the tiny rule.
+    digits = [originals[k] for k in sorted(originals) if k.startswith("d")]
+    codes = phash_and_detail(stack_shrunk([shrink(i) for i in digits]))[0]
+    words = codes.view(">u8").reshape(-1)
+    close = np.bitwise_count(words[:, None] ^ words[None, :]) <= 8
+    different = np.array(
+        [[a[1] != b[1] for b in sorted(originals)[:240]] for a in sorted(originals)[:240]]
+    )
+    assert (close & different).sum() // 2 > 20
+    rows = dedup_run(tmp_path, shards, keep="first")
+    gone = removed(rows)
+    # Exactly one of each original and its copy goes (whichever comes later: keep
+    # first), linked to the other by the tiny rule; no two different images merge.
+    base = {k: k.split("-")[0] for k in [*originals, *copies]}
+    assert sorted(base[k] for k in gone) == sorted(base[k] for k in copies)
+    for key, (reason, survivor) in gone.items():
+        assert reason == "tiny" and base[survivor] == base[key] and survivor != key
+    assert len(rows) == len(originals) + len(copies)
+
+
+def test_tiny_rule_without_copies_and_with_phash_off(tmp_path):
+    _, _, shards = tiny_set()
+    only = [[m for m in shard if "-" not in m[0]] for shard in shards]
+    assert removed(dedup_run(tmp_path / "a", only)) == {}
+    # The rule is part of the pHash signal: off with it
+    assert removed(dedup_run(tmp_path / "b", shards, signals=("exact",))) == {}
+
+
+def test_tiny_and_large_copies_of_one_picture_do_not_link(tmp_path):
+    """A tiny image is compared with tiny images only: its 4x upscale (128x128) is not
+    linked to it (a documented shortfall), while a large picture's copies still are."""
+    small = make_image(900, 32, 32)
+    big = make_image(901, 320, 240)
+    shard = [
+        ("s.png", png(small)),
+        ("s4x.png", png(small.resize((128, 128), Image.Resampling.BICUBIC))),
+        ("b.png", png(big)),
+        ("bq.jpg", jpeg(big, quality=80)),
+    ]
+    assert removed(dedup_run(tmp_path, [shard], keep="first")) == {"bq": ("phash", "b")}

@@ -49,6 +49,11 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
         import torch
     except ImportError as e:  # pragma: no cover - both are dependencies
         raise ModelError(f"clip: cannot import {e.name}; reinstall dedup") from None
+    # This process forks the workers of every later phase. Once torch has run a parallel
+    # region on more than one thread, its OpenMP pool is part of the process, and a
+    # forked child that enters OpenMP (FAISS's searches do) hangs on threads it does not
+    # have. Building the model below would start that pool; one thread never does.
+    torch.set_num_threads(1)
     config_file = None
     name = model
     if model.endswith(".json"):

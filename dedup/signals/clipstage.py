@@ -72,7 +72,7 @@ def pixel_transform(spec: ClipSpec):
 
 def pixels_of(image, transform) -> np.ndarray:
     """A decoded Pillow image as the model's RGB uint8 input (size x size x 3)."""
-    return np.asarray(transform(image.convert("RGB")), dtype=np.uint8)
+    return np.array(transform(image.convert("RGB")), dtype=np.uint8)  # writable, for torch
 
 
 def device_decodes(spec: ClipSpec) -> bool:

@@ -57,9 +57,19 @@ LOW_DETAIL_BITS = 16
 # Low-detail images are compared by a colour signature instead: a SIGNATURE_SIDE^2 RGB
 # thumbnail (box filter), two of them matching when no value differs by more than
 # SIGNATURE_TOLERANCE (a solid colour re-encoded as JPEG q50 to q95 moves at most 3).
-SIGNATURE_SIDE = 4
+SIGNATURE_SIDE = 8
 SIGNATURE_BYTES = 3 * SIGNATURE_SIDE * SIGNATURE_SIDE
 SIGNATURE_TOLERANCE = 4
+# Tiny images (MNIST's 28x28 digits, CIFAR's 32x32 photos, icons): at most this many
+# pixels. Their pHash is no fingerprint: 300 distinct 28x28 digits drawn in one style
+# have 310 pairs within 8 bits, 107 of them between different digits. They are matched
+# by their signature instead: two tiny images match when the root-mean-square
+# difference of their signatures' luminance is at most TINY_RMS grey levels (README,
+# "Tiny images": JPEG q50 to q90 and WebP copies of 32x32 pictures differ by at most
+# 1.7, of 28x28 digits by 2.4; different digits by 5.2 at the least). Luminance, not
+# RGB: JPEG's chroma subsampling moves a 32x32 picture's colours by up to 11 RMS.
+TINY_PIXELS = 32 * 32
+TINY_RMS = 3.0
 
 
 def phash_and_detail(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,8 +94,26 @@ def is_low_detail(detail: np.ndarray) -> np.ndarray:
     return np.asarray(detail) < LOW_DETAIL_BITS
 
 
+def is_tiny(pixels: np.ndarray) -> np.ndarray:
+    """True for images of at most TINY_PIXELS pixels (width x height)."""
+    return np.asarray(pixels) <= TINY_PIXELS
+
+
+def by_signature(detail: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """Rows the pHash signal matches by signature, not bit by bit: low-detail or tiny."""
+    return is_low_detail(detail) | is_tiny(pixels)
+
+
+def signature_luma(signatures: np.ndarray) -> np.ndarray:
+    """(N, SIGNATURE_SIDE^2) uint8 luminance (ITU-R 601, as Pillow's "L") of (N,
+    SIGNATURE_BYTES) RGB signatures."""
+    rgb = np.asarray(signatures, dtype=np.float32).reshape(len(signatures), SIGNATURE_SIDE**2, 3)
+    luma = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(np.round(luma), 0, 255).astype(np.uint8)
+
+
 def colour_signature(image: Image.Image) -> bytes:
-    """SIGNATURE_BYTES bytes: the image box-filtered to a 4x4 RGB thumbnail, row-major."""
+    """SIGNATURE_BYTES bytes: the image box-filtered to an 8x8 RGB thumbnail, row-major."""
     # Resized first: normalized images are RGB or L, and L's channels only repeat.
     side = (SIGNATURE_SIDE, SIGNATURE_SIDE)
     return image.resize(side, Image.Resampling.BOX).convert("RGB").tobytes()
