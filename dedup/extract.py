@@ -287,6 +287,8 @@ def compute_features(
             return clipstage.CPU_NOT_JPEG
         if header.mode not in clipstage.DEVICE_MODES:
             return clipstage.CPU_COLOUR_SPACE
+        if header.width * header.height > clipstage.DEVICE_MAX_PIXELS:
+            return clipstage.CPU_LARGE
         return ""
 
     reported_samples = reported_bytes = 0

@@ -16,6 +16,7 @@ from dedup.errors import ModelError
 from dedup.extract import feature_path, read_features
 from dedup.pipeline import run
 from dedup.shards import Shard
+from dedup.signals import clipstage
 from dedup.signals.clip import resolve
 from dedup.signals.clipstage import (
     DEVICE_MODES,
@@ -359,3 +360,31 @@ def test_ctrl_c_stops_a_run_with_a_shared_stage_cleanly(tiny224, tmp_path):
         time.sleep(0.1)
     assert not any("spawn" in cmd for cmd in group_processes(proc.pid))
     assert set(os.listdir("/dev/shm")) <= blocks_before
+
+
+def test_large_images_are_resized_a_few_at_a_time_with_the_same_result(stage, monkeypatch):
+    images = [
+        torch.from_numpy(np.array(make_image(60 + k, 300, 200))).permute(2, 0, 1) for k in range(5)
+    ]
+    whole = stage._prepare(images)
+    monkeypatch.setattr(clipstage, "PREPARE_VALUES", 3 * 300 * 200 * 2)  # two at a time
+    assert torch.equal(stage._prepare(images), whole)
+
+
+def test_a_camera_sized_jpeg_is_prepared_by_the_reader(tiny224, tmp_path):
+    """Above DEVICE_MAX_PIXELS a JPEG takes the reader's draft decode (route
+    `cpu_large`): a batch of camera originals must not be decoded at full size on the
+    device."""
+    w, h = 5200, 3200
+    assert w * h > clipstage.DEVICE_MAX_PIXELS
+    y, x = np.mgrid[0:h:8, 0:w:8]
+    ramp = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
+    large = Image.fromarray(ramp).resize((w, h), Image.Resampling.NEAREST)
+    write_tar(
+        str(tmp_path / "in" / "s.tar"),
+        [("big.jpg", jpeg(large, quality=80)), ("small.jpg", jpeg(make_image(3, 320, 240)))],
+    )
+    summary, out = clip_run(tiny224, tmp_path, "out", clip_decode="device", workers=1)
+    assert summary["counts"]["clip_decode"] == {"cpu_large": 1, "device": 1}
+    rows = pq.read_table(out / "dedup-report/samples.parquet").to_pylist()
+    assert [(r["key"], r["reason"]) for r in rows] == [("big", "unique"), ("small", "unique")]

@@ -48,7 +48,15 @@ CPU_NOT_JPEG = "cpu_not_jpeg"  # not a JPEG: decoded by the reader with Pillow
 CPU_COLOUR_SPACE = "cpu_cmyk"  # CMYK/YCCK JPEG: decoded by the reader with Pillow
 CPU_REFUSED = "cpu_refused"  # the device decoder refused it: Pillow in the stage
 CPU_PILLOW = "cpu_pillow"  # clip_decode: pillow, every image on the reader's CPU
+CPU_LARGE = "cpu_large"  # a JPEG above DEVICE_MAX_PIXELS: the reader's draft decode
 DEVICE_MODES = ("RGB", "L")  # JPEG colour spaces sent to the device decoder
+# A JPEG is decoded at full size on the device (nvJPEG has no DCT scaling); above this
+# many pixels the reader's Pillow draft decode (1/2 to 1/8 scale) is cheaper and keeps
+# a batch of camera originals from filling the GPU's memory.
+DEVICE_MAX_PIXELS = 16_000_000
+# Float values resized at once by the stage (256 MiB): a batch of large images is
+# resized a few at a time, not all in one tensor.
+PREPARE_VALUES = 64 * 2**20
 
 
 def pixel_transform(spec: ClipSpec):
@@ -236,17 +244,21 @@ class ClipStage:
         by_shape: dict = {}
         for pos, image in enumerate(images):
             by_shape.setdefault(tuple(image.shape[1:]), []).append(pos)
-        for (h, w), positions in by_shape.items():
-            group = torch.stack([images[p] for p in positions]).float()
-            if (h, w) != (s, s):
-                if self.squash:
-                    group = F.resize(group, [s, s], interpolation=mode, antialias=True)
-                else:
-                    group = F.resize(group, [s], interpolation=mode, antialias=True)
-                    group = F.center_crop(group, [s, s])
-                # Pillow rounds and clamps to 8 bits between resize and normalize
-                group = group.clamp_(0, 255).round_()
-            out[positions] = group
+        for (h, w), same_size in by_shape.items():
+            # In float, a group of large images is large: resized a few at a time.
+            step = max(1, PREPARE_VALUES // (3 * h * w))
+            for start in range(0, len(same_size), step):
+                positions = same_size[start : start + step]
+                group = torch.stack([images[p] for p in positions]).float()
+                if (h, w) != (s, s):
+                    if self.squash:
+                        group = F.resize(group, [s, s], interpolation=mode, antialias=True)
+                    else:
+                        group = F.resize(group, [s], interpolation=mode, antialias=True)
+                        group = F.center_crop(group, [s, s])
+                    # Pillow rounds and clamps to 8 bits between resize and normalize
+                    group = group.clamp_(0, 255).round_()
+                out[positions] = group
         return (out - self.mean) / self.std
 
 
