@@ -15,6 +15,7 @@ from dedup.signals.phash import (
     SIGNATURE_TOLERANCE,
     TINY_RMS,
     by_signature,
+    is_low_detail,
     is_tiny,
     signature_luma,
 )
@@ -70,6 +71,18 @@ class Candidates:
         if self.detail is None or self.signature is None:
             return np.zeros(len(self.pixels), dtype=bool)
         return by_signature(self.detail, self.pixels)
+
+    def flat(self) -> np.ndarray:
+        """Low-detail rows (the flat rule's); none when detail is not known."""
+        if self.detail is None or self.signature is None:
+            return np.zeros(len(self.pixels), dtype=bool)
+        return is_low_detail(self.detail)
+
+    def tiny(self) -> np.ndarray:
+        """Tiny rows (the tiny rule's); none when signatures are not known."""
+        if self.detail is None or self.signature is None:
+            return np.zeros(len(self.pixels), dtype=bool)
+        return is_tiny(self.pixels)
 
 
 @dataclass
@@ -154,27 +167,40 @@ def phash_edges(
 
 
 def flat_edges(signatures: np.ndarray, rows: np.ndarray, tiny: np.ndarray) -> Edges:
-    """Edges between signature `rows` (low-detail or tiny images; `tiny` aligned with
-    them): two tiny images link when their signatures' luminance differs by at most
-    TINY_RMS, root mean square (signal `tiny`, distance that difference), any other pair when no
-    value differs by more than SIGNATURE_TOLERANCE (signal `flat`, distance the largest
-    difference)."""
-    e = _collapsed_edges(
-        signatures, rows, lambda unique: maxabs_pairs(unique, SIGNATURE_TOLERANCE), FLAT
-    )
-    if len(e.i) and tiny.any():
-        order = np.argsort(rows, kind="stable")
+    """Low-detail `rows` whose colour signatures differ by at most SIGNATURE_TOLERANCE
+    in every value (signal `flat`; the distance is the largest difference), except pairs
+    of two tiny images (`tiny`, aligned with `rows`), which the tiny rule decides. The
+    tiny flag is part of the key, so that equal signatures of tiny and other images are
+    not collapsed into one group whose links the exception would then cut."""
+    keys = np.zeros((len(signatures), signatures.shape[1] + 1), dtype=np.uint8)
+    keys[rows, :-1] = signatures[rows]
+    keys[rows, -1] = tiny
+    e = _collapsed_edges(keys, rows, lambda unique: _flat_pairs(unique), FLAT)
+    if not len(e.i) or not tiny.any():
+        return e
+    order = np.argsort(rows, kind="stable")
 
-        def tiny_at(r: np.ndarray) -> np.ndarray:
-            return tiny[order[np.searchsorted(rows[order], r)]]
+    def tiny_at(r: np.ndarray) -> np.ndarray:
+        return tiny[order[np.searchsorted(rows[order], r)]]
 
-        other = ~(tiny_at(e.i) & tiny_at(e.j))
-        e = Edges(e.i[other], e.j[other], e.distance[other], e.signal[other])
-    tiny_rows = np.sort(rows[tiny])
+    other = ~(tiny_at(e.i) & tiny_at(e.j))
+    return Edges(e.i[other], e.j[other], e.distance[other], e.signal[other])
+
+
+def _flat_pairs(keys: np.ndarray):
+    """maxabs pairs of signatures, the last column (the tiny flag) left out of the
+    distance but kept apart: an equal signature of a tiny and another image is 1."""
+    i, j, d = maxabs_pairs(keys[:, :-1], SIGNATURE_TOLERANCE)
+    return i, j, np.maximum(d, (keys[i, -1] != keys[j, -1]).astype(np.int32))
+
+
+def tiny_edges(signatures: np.ndarray, rows: np.ndarray) -> Edges:
+    """Tiny `rows` whose signatures' luminance differs by at most TINY_RMS, root mean
+    square (signal `tiny`; the distance is that difference, at least 1 between distinct
+    luminances)."""
     luma = np.zeros((len(signatures), SIGNATURE_SIDE * SIGNATURE_SIDE), dtype=np.uint8)
-    luma[tiny_rows] = signature_luma(signatures[tiny_rows])
-    close = _collapsed_edges(luma, tiny_rows, lambda unique: rms_pairs(unique, TINY_RMS), TINY)
-    return Edges.concat([e, close])
+    luma[rows] = signature_luma(signatures[rows])
+    return _collapsed_edges(luma, rows, lambda unique: rms_pairs(unique, TINY_RMS), TINY)
 
 
 def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: int) -> Edges:
@@ -215,9 +241,12 @@ def build_edges(cand: Candidates, config: Config) -> Edges:
         low = cand.low_detail()
         detailed = np.flatnonzero(~low) if low.any() else None
         parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count, detailed))
-        if low.any():
-            rows = np.flatnonzero(low)
-            parts.append(flat_edges(cand.signature, rows, is_tiny(cand.pixels[rows])))
+        flat, tiny = cand.flat(), cand.tiny()
+        if flat.any():
+            rows = np.flatnonzero(flat)
+            parts.append(flat_edges(cand.signature, rows, tiny[rows]))
+        if tiny.any():
+            parts.append(tiny_edges(cand.signature, np.flatnonzero(tiny)))
     if "clip" in config.signals and cand.clip is not None:
         parts.append(clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device))
     return Edges.concat(parts)
@@ -240,18 +269,20 @@ def direct_links(
         words = cand.phash.view(">u8").reshape(-1)
         close = np.bitwise_count(words[rows] ^ words[others]) <= config.phash_threshold
         out[close & ~low[rows] & ~low[others]] = PHASH_COPY
-        both_low = np.flatnonzero(low[rows] & low[others])
-        if len(both_low):
-            a = cand.signature[rows[both_low]].astype(np.int16)
-            b = cand.signature[others[both_low]].astype(np.int16)
-            tiny = is_tiny(cand.pixels)
-            both_tiny = tiny[rows[both_low]] & tiny[others[both_low]]
-            flat = np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE
-            la = signature_luma(a).astype(np.int64)
-            squares = ((la - signature_luma(b)) ** 2).sum(axis=1)
-            close = squares <= int(np.floor(la.shape[1] * TINY_RMS * TINY_RMS))
-            out[both_low[~both_tiny & flat]] = FLAT_COPY
-            out[both_low[both_tiny & close]] = TINY_COPY
+        flat, tiny = cand.flat(), cand.tiny()
+        both_tiny = tiny[rows] & tiny[others]
+        both_flat = np.flatnonzero(flat[rows] & flat[others] & ~both_tiny)
+        if len(both_flat):
+            a = cand.signature[rows[both_flat]].astype(np.int16)
+            b = cand.signature[others[both_flat]].astype(np.int16)
+            out[both_flat[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = FLAT_COPY
+        both_tiny = np.flatnonzero(both_tiny)
+        if len(both_tiny):
+            la = signature_luma(cand.signature[rows[both_tiny]]).astype(np.int64)
+            lb = signature_luma(cand.signature[others[both_tiny]])
+            squares = ((la - lb) ** 2).sum(axis=1)
+            limit = int(np.floor(la.shape[1] * TINY_RMS * TINY_RMS))
+            out[both_tiny[squares <= limit]] = TINY_COPY
     if "exact" in config.signals:
         out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
     return out

@@ -291,84 +291,90 @@ def compute_features(
             return clipstage.CPU_LARGE
         return ""
 
-    reported_samples = reported_bytes = 0
-    # Only image members are held in memory; captions and other members are measured.
-    for sample in iter_samples(shard, skipped, keep=lambda name: is_image_name(name, config)):
-        row = sample.index
-        if row - reported_samples >= REPORT_EVERY:
-            advance(row - reported_samples, sample.offset - reported_bytes)
-            reported_samples, reported_bytes = row, sample.offset
-        members = sample.members
-        names = [m.name for m in members]
-        cols["index"].append(row)
-        cols["key"].append(display_name(sample.key))
-        cols["offset"].append(sample.offset)
-        cols["member_names"].append([raw_name(n) for n in names])
-        cols["member_offsets"].append([m.offset for m in members])
-        cols["member_sizes"].append([m.size for m in members])
-        pos = image_member(names, config)
-        status, width, height, nbytes, image_digest = "no_image", None, None, None, None
-        signature = None
-        if pos is not None:
-            data = members[pos].data
-            nbytes = len(data)
-            image_digest = digest(data, config.exact_digest)
-            first = seen.get(image_digest)
-            if first is not None:
-                status, width, height = (
-                    cols["status"][first],
-                    cols["width"][first],
-                    cols["height"][first],
-                )
-                if status == STATUS_OK:
-                    copies.append((row, first))
-            else:
-                seen[image_digest] = row
-                header = read_header(data, config)
-                status, width, height = header.reason or STATUS_OK, header.width, header.height
-                route = clip_route(header) if feed is not None and header.img else None
-                if route == "":  # the stage decodes it, while this process hashes
-                    feed.add(row, clipstage.JPEG, data, header.orientation)
-                if header.img is not None and (want_phash or route):
-                    # One decode serves both signals when this process prepares CLIP's
-                    # pixels too: RGB, at the scale CLIP needs.
-                    draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "L")
-                    decoded = decode_image(data, config, draft, draft_mode, header=header)
-                    status = decoded.reason or STATUS_OK
-                    if decoded.image is not None and want_phash:
-                        pending_rows.append(row)
-                        pending_smalls.append(shrink(decoded.image))
-                        if decoded.image.mode == "RGB" and route:  # colours at hand
-                            signature = colour_signature(decoded.image)
-                            pending_bytes.append(None)
-                        else:
-                            pending_bytes.append(data)
-                    if decoded.image is not None and route:
-                        feed.add(
-                            row,
-                            clipstage.PIXELS,
-                            clipstage.pixels_of(decoded.image, transform),
-                            route=route,
-                        )
-            if status != STATUS_OK:
-                image_digest = None
-        cols["image_member"].append(None if pos is None else display_name(names[pos]))
-        cols["status"].append(status)
-        cols["width"].append(width)
-        cols["height"].append(height)
-        cols["bytes"].append(nbytes)
-        cols["digest"].append(image_digest)
-        phash_col.append(None)  # filled by flush() or from a repeat's first row
-        detail_col.append(None)  # the same
-        # Only low-detail images need one (set here or in flush()); a repeat's is copied.
-        signature_col.append(signature)
-        clip_col.append(None)
-        if len(pending_smalls) >= PHASH_BATCH:
-            flush()
-    flush()
+    try:
+        reported_samples = reported_bytes = 0
+        # Only image members are held in memory; captions and other members are measured.
+        for sample in iter_samples(shard, skipped, keep=lambda name: is_image_name(name, config)):
+            row = sample.index
+            if row - reported_samples >= REPORT_EVERY:
+                advance(row - reported_samples, sample.offset - reported_bytes)
+                reported_samples, reported_bytes = row, sample.offset
+            members = sample.members
+            names = [m.name for m in members]
+            cols["index"].append(row)
+            cols["key"].append(display_name(sample.key))
+            cols["offset"].append(sample.offset)
+            cols["member_names"].append([raw_name(n) for n in names])
+            cols["member_offsets"].append([m.offset for m in members])
+            cols["member_sizes"].append([m.size for m in members])
+            pos = image_member(names, config)
+            status, width, height, nbytes, image_digest = "no_image", None, None, None, None
+            signature = None
+            if pos is not None:
+                data = members[pos].data
+                nbytes = len(data)
+                image_digest = digest(data, config.exact_digest)
+                first = seen.get(image_digest)
+                if first is not None:
+                    status, width, height = (
+                        cols["status"][first],
+                        cols["width"][first],
+                        cols["height"][first],
+                    )
+                    if status == STATUS_OK:
+                        copies.append((row, first))
+                else:
+                    seen[image_digest] = row
+                    header = read_header(data, config)
+                    status, width, height = header.reason or STATUS_OK, header.width, header.height
+                    route = clip_route(header) if feed is not None and header.img else None
+                    if route == "":  # the stage decodes it, while this process hashes
+                        feed.add(row, clipstage.JPEG, data, header.orientation)
+                    if header.img is not None and (want_phash or route):
+                        # One decode serves both signals when this process prepares CLIP's
+                        # pixels too: RGB, at the scale CLIP needs.
+                        draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "L")
+                        decoded = decode_image(data, config, draft, draft_mode, header=header)
+                        status = decoded.reason or STATUS_OK
+                        if decoded.image is not None and want_phash:
+                            pending_rows.append(row)
+                            pending_smalls.append(shrink(decoded.image))
+                            if decoded.image.mode == "RGB" and route:  # colours at hand
+                                signature = colour_signature(decoded.image)
+                                pending_bytes.append(None)
+                            else:
+                                pending_bytes.append(data)
+                        if decoded.image is not None and route:
+                            feed.add(
+                                row,
+                                clipstage.PIXELS,
+                                clipstage.pixels_of(decoded.image, transform),
+                                route=route,
+                            )
+                if status != STATUS_OK:
+                    image_digest = None
+            cols["image_member"].append(None if pos is None else display_name(names[pos]))
+            cols["status"].append(status)
+            cols["width"].append(width)
+            cols["height"].append(height)
+            cols["bytes"].append(nbytes)
+            cols["digest"].append(image_digest)
+            phash_col.append(None)  # filled by flush() or from a repeat's first row
+            detail_col.append(None)  # the same
+            # Only low-detail images need one (set here or in flush()); a repeat's is copied.
+            signature_col.append(signature)
+            clip_col.append(None)
+            if len(pending_smalls) >= PHASH_BATCH:
+                flush()
+        flush()
+        if feed is not None:
+            feed.finish()
+    except BaseException:
+        if feed is not None:  # the shard failed: batches still in flight are given up
+            feed.abandon()
+        raise
     routes: dict[str, int] = {}
     if feed is not None:
-        feed.finish()
         for row, vector in feed.vectors.items():
             if cols["status"][row] == STATUS_OK:  # not when the hash's decode failed
                 clip_col[row] = vector

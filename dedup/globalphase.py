@@ -51,6 +51,7 @@ from dedup.cluster import (
     exact_edges,
     flat_edges,
     resolve,
+    tiny_edges,
 )
 from dedup.config import Config
 from dedup.errors import DedupError
@@ -58,9 +59,17 @@ from dedup.executor import Executor
 from dedup.extract import STATUS_OK, read_features
 from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.kernels import near_pairs
-from dedup.pairs import _chunks, choose_engine, inner_product_search
+from dedup.pairs import _chunks, choose_engine, gpu_count, inner_product_search
 from dedup.progress import Progress
-from dedup.signals.phash import SIGNATURE_BYTES, by_signature, is_tiny
+from dedup.signals.phash import (
+    SIGNATURE_BYTES,
+    SIGNATURE_SIDE,
+    TINY_RMS,
+    by_signature,
+    is_low_detail,
+    is_tiny,
+    signature_luma,
+)
 
 log = logging.getLogger("dedup")
 
@@ -250,6 +259,29 @@ def _read_candidates(path: str, local_rows: np.ndarray | None = None):
     return table, rows, table.take(pa.array(rows, type=pa.int64()))
 
 
+# Tiny images are searched in buckets of their signatures' mean luminance. Two of them
+# within TINY_RMS (root mean square) have means at most TINY_RMS apart, so each row is
+# sent to its own bucket and, when its mean is that close to the bucket below, to that
+# one too: a pair is then always in the bucket of its smaller mean.
+TINY_BUCKET_LEVELS = 8
+TINY_PARTS = 256 // TINY_BUCKET_LEVELS
+
+
+def tiny_sums(signatures: np.ndarray) -> np.ndarray:
+    """The sum of each signature's luminance values (an integer; the mean times 64)."""
+    return signature_luma(signatures).astype(np.int64).sum(axis=1)
+
+
+def tiny_buckets(signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(home bucket, lowest bucket) of each tiny row: the buckets whose rows it may pair
+    with are lowest..home (one or two)."""
+    values = SIGNATURE_SIDE * SIGNATURE_SIDE
+    width = TINY_BUCKET_LEVELS * values
+    sums = tiny_sums(signatures)
+    reach = int(np.floor(TINY_RMS * values))  # |sum difference| <= RMS x values
+    return sums // width, np.maximum(sums - reach, 0) // width
+
+
 def _pixels(cand: pa.Table) -> np.ndarray:
     """width x height of candidate rows (decoded images: never null)."""
     width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
@@ -301,15 +333,29 @@ class _Scatter:
                     self._path(pos, "phash"), records, _hash_part(records["word"], parts), parts
                 ),
             )
-            flat = np.flatnonzero(low)
+            tiny = is_tiny(_pixels(cand))
+            flat = np.flatnonzero(is_low_detail(detail))
             if len(flat):
                 sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
                 records = np.zeros(len(flat), SIGNATURE_RECORD)
                 records["signature"], records["row"] = sig, rows[flat]
-                records["tiny"] = is_tiny(_pixels(cand)[flat])
+                records["tiny"] = tiny[flat]
                 out.runs["flat"] = (
                     self._path(pos, "flat"),
                     write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
+                )
+            small = np.flatnonzero(tiny)
+            if len(small):
+                sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(small)))
+                records = np.zeros(len(small), SIGNATURE_RECORD)
+                records["signature"], records["row"], records["tiny"] = sig, rows[small], True
+                home, lowest = tiny_buckets(sig)
+                again = np.flatnonzero(lowest != home)  # also sent to the bucket below
+                records = np.concatenate([records, records[again]])
+                bucket = np.concatenate([home, lowest[again]])
+                out.runs["tiny"] = (
+                    self._path(pos, "tiny"),
+                    write_runs(self._path(pos, "tiny"), records, bucket, TINY_PARTS),
                 )
         if "clip" in signals and len(rows):
             vectors = vectors_of(cand.column("clip"))
@@ -402,6 +448,21 @@ class _Pairs:
                 np.arange(len(records), dtype=np.int64),
                 records["tiny"],
             )
+            edges = _renumber(e, records["row"])
+        elif kind == "tiny":
+            records = gather(self.runs["tiny"], SIGNATURE_RECORD, part)
+            # visitors were written after each shard's own rows: input order again, so
+            # that a group of equal keys links to its first row, as in one process
+            records = records[np.argsort(records["row"], kind="stable")]
+            sig = np.ascontiguousarray(records["signature"])
+            e = tiny_edges(sig, np.arange(len(records), dtype=np.int64))
+            # A pair is found in the bucket of the endpoint with the smaller luminance sum,
+            # which holds both (see tiny_buckets); the other bucket that holds both drops it.
+            home = tiny_buckets(sig)[0]
+            sums = tiny_sums(sig)
+            smaller = np.where(sums[e.i] <= sums[e.j], e.i, e.j)
+            mine = home[smaller] == part
+            e = Edges(e.i[mine], e.j[mine], e.distance[mine], e.signal[mine])
             edges = _renumber(e, records["row"])
         elif self.clip_cells == 1:
             records = gather(self.runs["clip"], vector_record(self.clip_dim), 0)
@@ -689,18 +750,22 @@ def run_global(
     candidate = np.concatenate([s.candidate for s in scattered] or [np.zeros(0, bool)])
     runs = {
         kind: [s.runs[kind] for s in scattered if s.runs.get(kind)]
-        for kind in ("exact", "phash", "flat", "clip")
+        for kind in ("exact", "phash", "flat", "tiny", "clip")
     }
     dim = max([s.dim for s in scattered] or [0])
     items = [("exact", p) for p in range(layout.parts) if runs["exact"]]
     items += [("phash", p) for p in range(layout.parts) if runs["phash"]]
     items += [("flat", 0)] if runs["flat"] else []
+    items += [("tiny", p) for p in range(TINY_PARTS) if runs["tiny"]]
     items += [("clip", p) for p in range(cells) if runs["clip"]]
+    # FAISS on a GPU (faiss-gpu, a CUDA device) needs workers that start CUDA afresh.
+    gpu_search = bool(runs["clip"]) and gpu_count(config.device) > 0
     executor.map(
         _Pairs(work, config, layout, runs, dim, cells),
         items,
         Progress("pairs", total_items=len(items)),
         describe=_describe_part,
+        cuda=gpu_search,
     )
     edge_files = [storage.join(work, f"edges-{kind}-{p:06d}") for kind, p in items]
     if runs["phash"]:

@@ -208,7 +208,8 @@ def maxabs_pairs(vectors: np.ndarray, tolerance: int) -> tuple[np.ndarray, np.nd
 
 def rms_pairs(vectors: np.ndarray, rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) of rows of `vectors` (N, D uint8) whose root-mean-square difference
-    is at most `rms`, with that difference rounded to a whole level; sorted. Exact: a
+    is at most `rms`, with that difference rounded to a whole level (at least 1);
+    sorted. Exact: a
     FAISS flat L2 range search with some slack finds a superset, then each candidate's
     sum of squares is checked in integers. Callers pass distinct rows."""
     import faiss
@@ -229,7 +230,8 @@ def rms_pairs(vectors: np.ndarray, rms: float) -> tuple[np.ndarray, np.ndarray, 
         squares[start : start + QUERY_BATCH] = ((a - b) ** 2).sum(axis=1)
     close = squares <= limit
     i, j = i[close], j[close]
-    d = np.round(np.sqrt(squares[close] / dim)).astype(np.int32)
+    # at least 1: the rows are distinct, and distance 0 means equal keys to the star rule
+    d = np.maximum(1, np.round(np.sqrt(squares[close] / dim))).astype(np.int32)
     order = np.lexsort((j, i))
     return i[order], j[order], d[order]
 

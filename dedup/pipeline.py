@@ -99,8 +99,18 @@ def resolve_clip(config: Config):
     if decode == "device" and not device_decodes(spec):
         log.info("clip: %s's input (%s) is prepared with Pillow", spec.model, spec.pixels)
         decode = "pillow"
+    # What else the vectors depend on: where JPEGs are decoded, by what, and the kind of
+    # device (fp16 on a GPU, fp32 on a CPU).
+    import torchvision
+
+    from dedup.signals.clipstage import DEVICE_MAX_PIXELS
+
+    route = f"decode={decode} torchvision={torchvision.__version__}"
+    if decode == "device":
+        route += f" device_max_pixels={DEVICE_MAX_PIXELS}"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
     spec = dataclasses.replace(
-        spec, decode=decode, fingerprint=f"{spec.fingerprint} decode={decode}"
+        spec, decode=decode, fingerprint=f"{spec.fingerprint} {route} {kind}"
     )
     log.info(
         "clip: %s from %s on %s, JPEGs decoded by %s", spec.model, spec.checkpoint, device, decode

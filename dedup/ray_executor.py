@@ -333,6 +333,12 @@ class RayStage:
     def submit(self, batch):
         return self.actor.embed.remote(*batch.packed())
 
+    def discard(self, ref) -> None:
+        import ray
+
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+
     def collect(self, ref):
         import ray
 

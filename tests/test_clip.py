@@ -288,3 +288,31 @@ def near_identical_pairs(seed: int) -> int:
     v = np.random.default_rng(seed).normal(size=(1000, 64)).astype("float32") * 0.01 + 1
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     return len(cosine_pairs(v, 0.9)[0])
+
+
+def test_a_model_with_a_timm_image_tower_loads_and_embeds(tmp_path):
+    """Towers built by timm (EVA, ConvNeXt, SigLIP configs) have no `output_dim`; the
+    embedding size comes from the model config."""
+    pytest.importorskip("timm")
+    from dedup.signals.clipstage import JPEG, BatchBuilder, ClipStage
+    from tests.conftest import tiny_model
+
+    timm_tower = {
+        "embed_dim": 24,
+        "vision_cfg": {
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "token",
+            "timm_proj": "linear",
+            "image_size": 224,
+        },
+        "text_cfg": TINY["text_cfg"],
+    }
+    spec = resolve(*tiny_model(tmp_path, "dedup-timm-tower", timm_tower))
+    embedder = Embedder.get(spec, "cpu")
+    assert not hasattr(embedder.model.visual, "output_dim") and embedder.output_dim == 24
+    batch = BatchBuilder()
+    for k in range(2):
+        batch.add(JPEG, encode(make_image(k, 300, 200)))
+    vectors, ok, counts = ClipStage(spec, "cpu").embed(*batch.packed())
+    assert vectors.shape == (2, 24) and ok.all() and counts == {"device": 2}

@@ -220,7 +220,7 @@ def shards_of_every_kind(root) -> dict[str, bytes]:
     return items
 
 
-def clip_run(tiny224, tmp_path, name, **settings):
+def clip_run(tiny224, tmp_path, name, skip_bad_shards=False, **settings):
     config, checkpoint = tiny224
     c = cfg(
         signals=("exact", "phash", "clip"),
@@ -232,7 +232,7 @@ def clip_run(tiny224, tmp_path, name, **settings):
         **settings,
     )
     out = tmp_path / name
-    return run([str(tmp_path / "in")], str(out), c), out
+    return run([str(tmp_path / "in")], str(out), c, skip_bad_shards=skip_bad_shards), out
 
 
 def test_a_run_through_the_shared_stage_equals_inline_and_counts_routes(tiny224, tmp_path):
@@ -388,3 +388,28 @@ def test_a_camera_sized_jpeg_is_prepared_by_the_reader(tiny224, tmp_path):
     assert summary["counts"]["clip_decode"] == {"cpu_large": 1, "device": 1}
     rows = pq.read_table(out / "dedup-report/samples.parquet").to_pylist()
     assert [(r["key"], r["reason"]) for r in rows] == [("big", "unique"), ("small", "unique")]
+
+
+def test_a_shard_that_breaks_mid_way_gives_up_its_batches_in_flight(tiny224, tmp_path):
+    """A tar cut inside its 10th image, read through a shared stage in batches of 3:
+    the batches already sent are given up (their shared memory freed), the shard is
+    skipped with --skip-bad-shards, and the other shard's output is whole."""
+    members = [(f"k{k:02d}.jpg", jpeg(make_image(700 + k, 320, 240))) for k in range(12)]
+    write_tar(str(tmp_path / "in" / "a.tar"), members)
+    good = write_tar(str(tmp_path / "in" / "b.tar"), members[:2])
+    whole = (tmp_path / "in" / "a.tar").read_bytes()
+    cut = whole.index(members[9][1]) + 100
+    (tmp_path / "in" / "a.tar").write_bytes(whole[:cut])
+    blocks_before = set(os.listdir("/dev/shm"))
+    summary, _ = clip_run(
+        tiny224,
+        tmp_path,
+        "out",
+        skip_bad_shards=True,
+        clip_decode="device",
+        clip_stage="shared",
+        workers=2,
+    )
+    assert [s["shard"] for s in summary["skipped_shards"]] == [str(tmp_path / "in" / "a.tar")]
+    assert read_tar(str(tmp_path / "out" / "b.tar")) == read_tar(good)
+    assert set(os.listdir("/dev/shm")) <= blocks_before

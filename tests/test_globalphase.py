@@ -252,3 +252,33 @@ def test_run_output_is_the_same_bytes_for_any_partitioning_and_worker_count(plan
         assert a == b, name
     assert not os.path.exists(os.path.join(outs[1], ".dedup", "global"))
     assert not os.path.exists(os.path.join(outs[1], ".dedup", "parts"))
+
+
+def test_tiny_rows_are_searched_in_luminance_buckets_without_losing_a_pair(tmp_path):
+    """Tiny rows only, their signatures' mean luminance spread evenly over 0..255 with
+    pairs straddling every bucket boundary: the bucketed search finds exactly the pairs
+    of the one-process search, each once."""
+    from dedup.globalphase import tiny_buckets
+
+    n = 1200
+    data = planted_rows(n, seed=5)
+    rng = np.random.default_rng(5)
+    level = rng.integers(0, 256, n)
+    noise = rng.integers(-2, 3, (n, SIGNATURE_BYTES))
+    data["signature"] = np.clip(level[:, None] + noise, 0, 255).astype(np.uint8)
+    data["pixels"] = np.full(n, 28 * 28 // 10 * 10)  # every row tiny
+    data["low"] = np.ones(n, dtype=bool)  # every row stores its signature
+    sizes = [500, 0, 700]
+    paths = write_features(tmp_path, data, sizes)
+    config = Config(signals=("phash",), partition_rows=300)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    r = run_global(paths, starts, config, LocalExecutor(2), str(tmp_path / "w"), REASONS)
+    ok, cand, want, want_edges = oracle(data, config)
+    got = edge_set(r.edges.i, r.edges.j, r.edges.signal)
+    assert got == edge_set(ok[want_edges.i], ok[want_edges.j], want_edges.signal)
+    assert len(r.edges.i) == len(got)  # no pair twice
+    tiny = want_edges.signal == SIGNALS.index("tiny")
+    home = tiny_buckets(cand.signature)[0]
+    assert tiny.sum() > 500
+    assert (home[want_edges.i[tiny]] != home[want_edges.j[tiny]]).sum() > 20  # straddling
+    assert np.array_equal(r.members["survivor"], ok[want.survivor][np.isin(ok, r.members["rows"])])

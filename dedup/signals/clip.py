@@ -251,7 +251,16 @@ class Embedder:
         self.torch = torch
         size = model.visual.image_size
         self.image_size = max(size) if isinstance(size, (tuple, list)) else int(size)
-        self.output_dim = int(model.visual.output_dim)
+        # open_clip's own towers know their output size; timm towers (EVA, ConvNeXt...) do
+        # not, and the model config's embed_dim is the same number.
+        dim = getattr(model.visual, "output_dim", None)
+        if dim is None:
+            dim = (open_clip.get_model_config(spec.model) or {}).get("embed_dim")
+        if dim is None:
+            with torch.inference_mode():
+                probe = torch.zeros(1, 3, self.image_size, self.image_size, device=device)
+                dim = model.encode_image(probe).shape[-1]
+        self.output_dim = int(dim)
 
     @classmethod
     def get(cls, spec: ClipSpec, device: str) -> Embedder:

@@ -147,7 +147,8 @@ class ClipStage:
         self.device = device
         self.embedder = Embedder.get(spec, device)
         size, mean, std, interpolation, resize_mode = spec.pixels
-        self.size = size[0]
+        self.height, self.width = size
+        self.size = size[0]  # the side of a square input: the device decode needs one
         self.squash = resize_mode == "squash"
         self.interpolation = interpolation
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255.0
@@ -179,7 +180,7 @@ class ClipStage:
             if table[r, 0] == PIXELS:
                 kind, offset, length, _ = table[r]
                 pixels = torch.from_numpy(buffer[offset : offset + length].copy())
-                images[r] = pixels.view(self.size, self.size, 3).permute(2, 0, 1).to(self.device)
+                images[r] = pixels.view(self.height, self.width, 3).permute(2, 0, 1).to(self.device)
         dim = self.embedder.output_dim
         vectors = np.zeros((n, dim), dtype=np.float16)
         rows = [r for r in range(n) if images[r] is not None]
@@ -240,7 +241,8 @@ class ClipStage:
         bilinear = self.interpolation == "bilinear"
         mode = InterpolationMode.BILINEAR if bilinear else InterpolationMode.BICUBIC
         s = self.size
-        out = torch.empty((len(images), 3, s, s), device=self.device, dtype=torch.float32)
+        shape = (len(images), 3, self.height, self.width)
+        out = torch.empty(shape, device=self.device, dtype=torch.float32)
         by_shape: dict = {}
         for pos, image in enumerate(images):
             by_shape.setdefault(tuple(image.shape[1:]), []).append(pos)
@@ -250,7 +252,7 @@ class ClipStage:
             for start in range(0, len(same_size), step):
                 positions = same_size[start : start + step]
                 group = torch.stack([images[p] for p in positions]).float()
-                if (h, w) != (s, s):
+                if (h, w) != (self.height, self.width):
                     if self.squash:
                         group = F.resize(group, [s, s], interpolation=mode, antialias=True)
                     else:
@@ -332,6 +334,13 @@ class Feed:
         while self.in_flight:
             self._collect()
 
+    def abandon(self) -> None:
+        """Give up the batches in flight (the shard failed): their shared memory goes
+        now; replies that still come are dropped by the client."""
+        while self.in_flight:
+            ticket, _ = self.in_flight.popleft()
+            self.client.discard(ticket)
+
 
 class InlineClient:
     """The stage in this process."""
@@ -344,6 +353,9 @@ class InlineClient:
 
     def collect(self, ticket):
         return ticket
+
+    def discard(self, ticket) -> None:
+        pass
 
 
 _INLINE: dict = {}
@@ -385,6 +397,7 @@ class SocketClient:
         self.stage = stage
         self.sent = 0
         self.replies: dict[int, tuple] = {}
+        self.dropped: set[int] = set()  # numbers of discarded batches
         try:
             self.conn = Client(stage.address, family="AF_UNIX", authkey=stage.authkey)
         except OSError as e:
@@ -399,6 +412,13 @@ class SocketClient:
         block = shared_memory.SharedMemory(create=True, size=max(1, batch.size))
         number = self.sent
         try:
+            try:  # reserve the pages now: a full /dev/shm is an error here, not a SIGBUS
+                os.posix_fallocate(block._fd, 0, max(1, batch.size))  # noqa: SLF001
+            except OSError as e:
+                raise ModelError(
+                    f"clip: no room in /dev/shm for a batch of {batch.size:,} bytes ({e}); "
+                    "give the container more shared memory or lower --batch-size"
+                ) from None
             table = batch.pack_into(block.buf)
             self.conn.send((number, block.name, batch.size, table.tobytes()))
         except BaseException as e:
@@ -415,7 +435,10 @@ class SocketClient:
         try:
             while number not in self.replies:
                 reply = self.conn.recv()
-                self.replies[reply[0]] = reply[1:]
+                if reply[0] in self.dropped:
+                    self.dropped.discard(reply[0])
+                else:
+                    self.replies[reply[0]] = reply[1:]
             reply = self.replies.pop(number)
         except (EOFError, OSError):
             raise self._stopped() from None
@@ -431,6 +454,13 @@ class SocketClient:
             counts,
         )
 
+    def discard(self, ticket) -> None:
+        number, block = ticket
+        block.close()
+        block.unlink()
+        if self.replies.pop(number, None) is None:
+            self.dropped.add(number)
+
 
 # ------------------------------------------------------------------ stage processes
 
@@ -440,12 +470,16 @@ class SocketClient:
 STAGE_THREADS = 2
 
 
-def serve(address: str, authkey: bytes, spec: ClipSpec, device: str, ready) -> None:
-    """A stage process: build the model, say ready, answer batches until terminated."""
+def serve(address: str, authkey: bytes, spec: ClipSpec, device: str, ready, parent: int) -> None:
+    """A stage process: build the model, say ready, answer batches until terminated, or
+    until the run that started it is gone (killed: its GPU memory is freed then too)."""
     import queue
     import signal
     from multiprocessing.connection import Listener, wait
 
+    from dedup.executor import die_with_parent
+
+    die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the run that started this stage stops it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -541,7 +575,7 @@ class StageProcesses:
                 parent, child = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=serve,
-                    args=(address, stage.authkey, spec, device, child),
+                    args=(address, stage.authkey, spec, device, child, os.getpid()),
                     name=f"dedup-clip-stage-{device}",
                     daemon=True,
                 )
