@@ -11,8 +11,8 @@ from dedup.kernels import cluster_diameters, star_claims, undirected_csr
 from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, rms_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 from dedup.signals.phash import (
-    SIGNATURE_SIDE,
     SIGNATURE_TOLERANCE,
+    TINY_RGB_RMS,
     TINY_RMS,
     by_signature,
     is_low_detail,
@@ -195,12 +195,30 @@ def _flat_pairs(keys: np.ndarray):
 
 
 def tiny_edges(signatures: np.ndarray, rows: np.ndarray) -> Edges:
-    """Tiny `rows` whose signatures' luminance differs by at most TINY_RMS, root mean
-    square (signal `tiny`; the distance is that difference, at least 1 between distinct
-    luminances)."""
-    luma = np.zeros((len(signatures), SIGNATURE_SIDE * SIGNATURE_SIDE), dtype=np.uint8)
-    luma[rows] = signature_luma(signatures[rows])
-    return _collapsed_edges(luma, rows, lambda unique: rms_pairs(unique, TINY_RMS), TINY)
+    """Tiny `rows` whose signatures' luminance differs by at most TINY_RMS and whose
+    colours differ by at most TINY_RGB_RMS, root mean square (signal `tiny`; the
+    distance is the luminance difference, at least 1 between distinct signatures)."""
+    return _collapsed_edges(signatures, rows, _tiny_pairs, TINY)
+
+
+def _tiny_pairs(unique: np.ndarray):
+    i, j, d = rms_pairs(signature_luma(unique), TINY_RMS)
+    keep = _within_rms(unique[i], unique[j], TINY_RGB_RMS)
+    return i[keep], j[keep], d[keep]
+
+
+def tiny_match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether aligned tiny signatures match by the tiny rule."""
+    return _within_rms(signature_luma(a), signature_luma(b), TINY_RMS) & _within_rms(
+        a, b, TINY_RGB_RMS
+    )
+
+
+def _within_rms(a: np.ndarray, b: np.ndarray, rms: float) -> np.ndarray:
+    """Row by row, whether two uint8 arrays differ by at most `rms`, root mean square
+    (in integers: the sum of squares against the largest one allowed)."""
+    squares = ((a.astype(np.int64) - b.astype(np.int64)) ** 2).sum(axis=1)
+    return squares <= int(np.floor(a.shape[1] * rms * rms))
 
 
 def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: int) -> Edges:
@@ -278,11 +296,8 @@ def direct_links(
             out[both_flat[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = FLAT_COPY
         both_tiny = np.flatnonzero(both_tiny)
         if len(both_tiny):
-            la = signature_luma(cand.signature[rows[both_tiny]]).astype(np.int64)
-            lb = signature_luma(cand.signature[others[both_tiny]])
-            squares = ((la - lb) ** 2).sum(axis=1)
-            limit = int(np.floor(la.shape[1] * TINY_RMS * TINY_RMS))
-            out[both_tiny[squares <= limit]] = TINY_COPY
+            a, b = cand.signature[rows[both_tiny]], cand.signature[others[both_tiny]]
+            out[both_tiny[tiny_match(a, b)]] = TINY_COPY
     if "exact" in config.signals:
         out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
     return out

@@ -135,7 +135,7 @@ def shard_fingerprint(
             "identity": identity,
             "content": content,
             "config": config.feature_fingerprint(),
-            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS],
+            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS, "tiny: square, rgb"],
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },

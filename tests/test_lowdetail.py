@@ -454,3 +454,29 @@ def test_tiny_and_large_copies_of_one_picture_do_not_link(tmp_path):
         ("bq.jpg", jpeg(big, quality=80)),
     ]
     assert removed(dedup_run(tmp_path, [shard], keep="first")) == {"bq": ("phash", "b")}
+
+
+def test_tiny_images_of_equal_luminance_or_equal_means_but_other_shapes_stay_apart(tmp_path):
+    """Found by a hostile-input hunt: a red cross on green and a green cross on red have
+    the same luminance (76.2 and 76.3), and a 2x512 strip has 1,024 pixels like a 32x32
+    square; colours are compared too, and a tiny image's shape is part of its signature."""
+    from PIL import ImageDraw
+
+    def cross(fg, bg):
+        img = Image.new("RGB", (32, 32), bg)
+        draw = ImageDraw.Draw(img)
+        draw.rectangle((13, 2, 18, 29), fill=fg)
+        draw.rectangle((2, 13, 29, 18), fill=fg)
+        return img
+
+    red, green = (255, 0, 0), (0, 130, 0)
+    # black and white rows along its length: grey at any coarse scale
+    strip = Image.fromarray((np.indices((512, 2))[0] % 2 * 255).astype(np.uint8), "L")
+    shard = [
+        ("a.png", png(cross(red, green))),
+        ("b.png", png(cross(green, red))),
+        ("b2.jpg", jpeg(cross(green, red), quality=85)),  # a copy: still found
+        ("c.png", png(strip)),
+        ("d.png", png(solid((128, 128, 128), size=(32, 32)))),
+    ]
+    assert removed(dedup_run(tmp_path, [shard], keep="first")) == {"b2": ("tiny", "b")}

@@ -70,6 +70,9 @@ SIGNATURE_TOLERANCE = 4
 # RGB: JPEG's chroma subsampling moves a 32x32 picture's colours by up to 11 RMS.
 TINY_PIXELS = 32 * 32
 TINY_RMS = 3.0
+# ... and their colours too, more loosely (JPEG q50 moves a 32x32 picture's colours by up
+# to 11.4 RMS): a picture and its recoloured copy of equal luminance stay apart.
+TINY_RGB_RMS = 12.0
 
 
 def phash_and_detail(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +116,14 @@ def signature_luma(signatures: np.ndarray) -> np.ndarray:
 
 
 def colour_signature(image: Image.Image) -> bytes:
-    """SIGNATURE_BYTES bytes: the image box-filtered to an 8x8 RGB thumbnail, row-major."""
+    """SIGNATURE_BYTES bytes: the image box-filtered to an 8x8 RGB thumbnail, row-major.
+    A tiny image that is not square is first centred on a black square, so that its
+    shape is part of its signature (a 2x512 strip is not a 32x32 square)."""
+    w, h = image.size
+    if w * h <= TINY_PIXELS and w != h:
+        square = Image.new(image.mode, (max(w, h), max(w, h)))
+        square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        image = square
     # Resized first: normalized images are RGB or L, and L's channels only repeat.
     side = (SIGNATURE_SIDE, SIGNATURE_SIDE)
     return image.resize(side, Image.Resampling.BOX).convert("RGB").tobytes()
