@@ -14,7 +14,6 @@ from dedup.signals.phash import (
     SIGNATURE_TOLERANCE,
     TINY_RGB_RMS,
     TINY_RMS,
-    by_signature,
     is_low_detail,
     is_tiny,
     signature_luma,
@@ -68,9 +67,7 @@ class Candidates:
     def low_detail(self) -> np.ndarray:
         """Rows matched by colour signature instead of pHash bits: low-detail images (their
         pHash is mostly noise) and tiny ones; none when detail is not known."""
-        if self.detail is None or self.signature is None:
-            return np.zeros(len(self.pixels), dtype=bool)
-        return by_signature(self.detail, self.pixels)
+        return self.flat() | self.tiny()
 
     def flat(self) -> np.ndarray:
         """Low-detail rows (the flat rule's); none when detail is not known."""
