@@ -77,13 +77,38 @@ def main() -> None:
     "--signals",
     metavar="LIST",
     help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash), "
-    "clip (CLIP embeddings).",
+    "views (hashes of crops, trimmed and mirrored frames), clip (CLIP embeddings).",
 )
 @click.option(
     "--phash-threshold",
     type=int,
     metavar="BITS",
     help="Largest pHash Hamming distance (of 64 bits) that counts as a duplicate.",
+)
+@click.option(
+    "--views-threshold",
+    type=int,
+    metavar="BITS",
+    help="views signal: largest distance (of 64 bits) between a view of one image and the "
+    "whole of another that links them without a check.",
+)
+@click.option(
+    "--verify/--no-verify",
+    default=None,
+    help="views signal: check pairs in the grey zone (up to --verify-threshold bits) by "
+    "matching local features (default: on).",
+)
+@click.option(
+    "--verify-threshold",
+    type=int,
+    metavar="BITS",
+    help="views signal: the grey zone's bound; pairs up to it are checked by local features.",
+)
+@click.option(
+    "--verify-per-image",
+    type=int,
+    metavar="N",
+    help="views signal: at most N grey-zone checks per image, nearest first.",
 )
 @click.option(
     "--keep",

@@ -18,19 +18,34 @@ from dedup.signals.phash import (
     is_tiny,
     signature_luma,
 )
+from dedup.signals.views import view_pairs, views_linked
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat", "tiny")
+DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat", "tiny", "views", "verified")
 UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY, TINY_COPY = range(7)
+VIEWS_COPY, VERIFIED_COPY = 7, 8
 # Edge signals as small integers; a cluster's signals are a bit mask of these. `flat`
 # and `tiny` are the pHash signal's rules for low-detail and for tiny images: their
 # colour signatures match.
-SIGNALS = ("exact", "phash", "clip", "flat", "tiny")
-EXACT, PHASH, CLIP, FLAT, TINY = 0, 1, 2, 3, 4
+# `views` and `verified` are the views signal's two tiers: its hashes alone, and its grey
+# zone confirmed by local features (dedup/verify.py).
+SIGNALS = ("exact", "phash", "clip", "flat", "tiny", "views", "verified")
+EXACT, PHASH, CLIP, FLAT, TINY, VIEWS, VERIFIED = range(7)
 # Which signal names a removal when several link a pair: exact, then phash, flat or
-# tiny (a pair is linked by one of the three at most), then clip. Indexed by signal.
-PRECEDENCE = np.array([0, 1, 4, 2, 3], dtype=np.int8)
+# tiny (a pair is linked by one of the three at most), then views, verified, clip.
+# Indexed by signal.
+PRECEDENCE = np.array([0, 1, 6, 2, 3, 4, 5], dtype=np.int8)
+# The decision each precedence rank names.
+RANK_DECISION = np.array(
+    [EXACT_COPY, PHASH_COPY, FLAT_COPY, TINY_COPY, VIEWS_COPY, VERIFIED_COPY, CLIP_COPY],
+    dtype=np.int8,
+)
+# Signals whose distance-0 edges are not "equal keys": their edges link rows as they are.
+# A views edge between different code vectors has distance bits + 1 and one between equal
+# vectors 0, so the views signal collapses equal vectors like the pHash does; its
+# verified tier links rows only.
+LINKS_ONLY = (CLIP, VERIFIED)
 
 
 @dataclass
@@ -46,6 +61,7 @@ class Candidates:
     # both, low-detail rows are matched by signature instead of by pHash.
     detail: np.ndarray | None = None
     signature: np.ndarray | None = None
+    views: np.ndarray | None = None  # uint8 (N, VIEW_BYTES), or None when the signal is off
 
     def take(self, rows: np.ndarray) -> Candidates:
         """The candidates at `rows`, in that order."""
@@ -60,6 +76,7 @@ class Candidates:
                     self.clip,
                     self.detail,
                     self.signature,
+                    self.views,
                 )
             )
         )
@@ -240,6 +257,22 @@ def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: 
     )
 
 
+def views_edges(
+    vectors: np.ndarray, plain: int, transformed: int, rows: np.ndarray | None = None
+) -> Edges:
+    """Rows whose view codes match by the hashes alone: two whole frames the same way
+    round within `plain` bits, a crop or mirror within `transformed` (signals/views.py).
+    Equal code vectors link to their first row at distance 0; rows of distinct vectors
+    link at their distance plus one, so that only equal vectors are collapsed by the star
+    rule. With `rows`, only those rows take part."""
+
+    def search(unique: np.ndarray):
+        found = view_pairs(unique, plain, transformed)
+        return found.i, found.j, found.distance + 1
+
+    return _collapsed_edges(vectors, rows, search, VIEWS)
+
+
 def clip_edges(vectors: np.ndarray, threshold: float, index: str, device: str) -> Edges:
     """Rows whose embeddings have cosine similarity at least `threshold`."""
     a, b, sim = cosine_pairs(vectors, threshold, engine=index, device=device)
@@ -248,37 +281,78 @@ def clip_edges(vectors: np.ndarray, threshold: float, index: str, device: str) -
 
 
 def build_edges(cand: Candidates, config: Config) -> Edges:
-    """Edges from every enabled signal."""
-    parts = []
-    if "exact" in config.signals:
-        parts.append(exact_edges(cand.digest))
-    if "phash" in config.signals and cand.phash is not None:
-        low = cand.low_detail()
-        detailed = np.flatnonzero(~low) if low.any() else None
-        parts.append(phash_edges(cand.phash, config.phash_threshold, config.worker_count, detailed))
-        flat, tiny = cand.flat(), cand.tiny()
-        if flat.any():
-            rows = np.flatnonzero(flat)
-            parts.append(flat_edges(cand.signature, rows, tiny[rows]))
-        if tiny.any():
-            parts.append(tiny_edges(cand.signature, np.flatnonzero(tiny)))
-    if "clip" in config.signals and cand.clip is not None:
-        parts.append(clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device))
-    return Edges.concat(parts)
+    """Edges from every enabled signal (each signal's in-memory search: dedup.signals)."""
+    from dedup import signals
+
+    return Edges.concat([e for s in signals.enabled(config) for e in s.find_pairs()(cand, config)])
+
+
+def exact_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
+    """The exact signal's links: equal image bytes."""
+    return [exact_edges(cand.digest)]
+
+
+def phash_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
+    """The pHash signal's links: close codes between detailed rows, and the flat and tiny
+    rules' colour signatures."""
+    if cand.phash is None:
+        return []
+    low = cand.low_detail()
+    detailed = np.flatnonzero(~low) if low.any() else None
+    parts = [phash_edges(cand.phash, config.phash_threshold, config.worker_count, detailed)]
+    flat, tiny = cand.flat(), cand.tiny()
+    if flat.any():
+        rows = np.flatnonzero(flat)
+        parts.append(flat_edges(cand.signature, rows, tiny[rows]))
+    if tiny.any():
+        parts.append(tiny_edges(cand.signature, np.flatnonzero(tiny)))
+    return parts
+
+
+def views_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
+    """The views signal's links by its hashes (detailed rows only); its verified tier
+    needs the images and runs in the global phase only."""
+    if cand.views is None:
+        return []
+    low = cand.low_detail()
+    detailed = np.flatnonzero(~low) if low.any() else None
+    c = config
+    return [views_edges(cand.views, c.phash_threshold, c.views_threshold, detailed)]
+
+
+def clip_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
+    """The CLIP signal's links: cosine similarity at least the threshold."""
+    if cand.clip is None:
+        return []
+    return [clip_edges(cand.clip, config.clip_threshold, config.clip_index, config.device)]
 
 
 def direct_links(
-    rows: np.ndarray, others: np.ndarray, cand: Candidates, config: Config
+    rows: np.ndarray,
+    others: np.ndarray,
+    cand: Candidates,
+    config: Config,
+    edges: Edges | None = None,
 ) -> np.ndarray:
-    """For each pair, the first signal (exact, phash or flat, clip) that links rows[k]
-    to others[k] directly, as a DECISIONS code; UNIQUE where none does. pHash links two
-    detailed rows only, flat two low-detail rows only."""
+    """For each pair, the first signal (exact, phash, flat or tiny, views, verified, clip)
+    that links rows[k] to others[k] directly, as a DECISIONS code; UNIQUE where none does.
+    pHash and views link two detailed rows only, flat two low-detail rows only; verified
+    links are read from `edges` (their check cannot be redone from features)."""
     out = np.full(len(rows), UNIQUE, dtype=np.int8)
     if len(rows) == 0:
         return out
     if "clip" in config.signals and cand.clip is not None:
         sim = _cosine(cand.clip, rows, others)
         out[sim >= np.float32(config.clip_threshold)] = CLIP_COPY
+    if edges is not None and (edges.signal == VERIFIED).any():
+        out[_linked(edges, VERIFIED, rows, others)] = VERIFIED_COPY
+    if "views" in config.signals and cand.views is not None:
+        low = cand.low_detail()
+        c = config
+        close = views_linked(
+            cand.views[rows], cand.views[others], c.phash_threshold, c.views_threshold
+        )
+        out[close & ~low[rows] & ~low[others]] = VIEWS_COPY
     if "phash" in config.signals and cand.phash is not None:
         low = cand.low_detail()
         words = cand.phash.view(">u8").reshape(-1)
@@ -298,6 +372,15 @@ def direct_links(
     if "exact" in config.signals:
         out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
     return out
+
+
+def _linked(edges: Edges, signal: int, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Whether an edge of `signal` joins rows[k] and others[k] (either way round)."""
+    of = edges.signal == signal
+    n = int(max(edges.i.max(initial=0), edges.j.max(initial=0), rows.max(), others.max())) + 1
+    keys = np.minimum(edges.i[of], edges.j[of]) * n + np.maximum(edges.i[of], edges.j[of])
+    wanted = np.minimum(rows, others) * n + np.maximum(rows, others)
+    return np.isin(wanted, keys)
 
 
 def _cosine(vectors: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -344,7 +427,7 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     in_cluster = size > 1
     reason[in_cluster & (survivor == rows)] = SURVIVOR
     removed = np.flatnonzero(in_cluster & (survivor != rows))
-    link = direct_links(removed, survivor[removed], cand, config)
+    link = direct_links(removed, survivor[removed], cand, config, edges)
     if (link == UNIQUE).any():  # components rule: linked through a chain only
         link[link == UNIQUE] = _strongest_incident(edges, removed[link == UNIQUE])
     reason[removed] = link
@@ -459,8 +542,7 @@ def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
     best = np.full(size, len(SIGNALS), dtype=np.int8)
     for side in (edges.i, edges.j):
         np.minimum.at(best, side, PRECEDENCE[edges.signal])
-    code = np.array([EXACT_COPY, PHASH_COPY, FLAT_COPY, TINY_COPY, CLIP_COPY], dtype=np.int8)
-    return code[best[rows]]
+    return RANK_DECISION[best[rows]]
 
 
 def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -514,7 +596,7 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     adj_parts, base = [], 0
     for k, s in enumerate(present):
         of = edges.signal == s
-        star = of & (edges.distance == 0) if s != CLIP else np.zeros(len(of), dtype=bool)
+        star = of & (edges.distance == 0) if s not in LINKS_ONLY else np.zeros(len(of), bool)
         group[k, edges.j[star]] = edges.i[star]
         members[k] = np.argsort(group[k], kind="stable")
         mem_start[k, 0] = 0

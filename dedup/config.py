@@ -14,7 +14,7 @@ import yaml
 
 from dedup.errors import ConfigError
 
-KNOWN_SIGNALS = ("exact", "phash", "clip")
+KNOWN_SIGNALS = ("exact", "phash", "views", "clip")  # dedup.signals.REGISTRY's names
 KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
@@ -36,6 +36,14 @@ class Config:
     signals: tuple[str, ...] = ("exact", "phash", "clip")
     phash_threshold: int = 8
     phash_draft: bool = True
+    # The views signal (several hashes per image: trimmed, cropped, mirrored): two whole
+    # frames the same way round are linked within phash_threshold bits, a crop or a mirror
+    # within views_threshold; pairs up to verify_threshold, the grey zone, are checked by
+    # local features when `verify` is on, at most verify_per_image per image.
+    views_threshold: int = 4
+    verify: bool = True
+    verify_threshold: int = 16
+    verify_per_image: int = 4
     exact_digest: str = "blake3"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "laion2b_s34b_b79k"
@@ -71,7 +79,8 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.signals:
-            raise ConfigError("signals: at least one signal is needed (exact, phash, clip)")
+            known = ", ".join(KNOWN_SIGNALS)
+            raise ConfigError(f"signals: at least one signal is needed ({known})")
         for name in self.signals:
             if name not in KNOWN_SIGNALS:
                 raise ConfigError(
@@ -83,6 +92,17 @@ class Config:
             raise ConfigError(
                 f"phash_threshold: {self.phash_threshold} is outside 0..32 (bits of 64)"
             )
+        if not 0 <= self.views_threshold <= 24:
+            raise ConfigError(
+                f"views_threshold: {self.views_threshold} is outside 0..24 (bits of 64)"
+            )
+        if not self.views_threshold <= self.verify_threshold <= 24:
+            raise ConfigError(
+                f"verify_threshold: {self.verify_threshold} is outside "
+                f"views_threshold..24 ({self.views_threshold}..24 bits of 64)"
+            )
+        if self.verify_per_image < 1:
+            raise ConfigError(f"verify_per_image: {self.verify_per_image} must be at least 1")
         if self.exact_digest not in DIGESTS:
             raise ConfigError(
                 f"exact_digest: {self.exact_digest!r} is not one of {', '.join(DIGESTS)}"
@@ -136,6 +156,13 @@ class Config:
         """Worker processes to use: `workers`, or every core when it is 0."""
         return self.workers or os.cpu_count() or 1
 
+    @property
+    def views_bound(self) -> int:
+        """The largest distance the views signal's search must find: the grey zone's
+        bound with verification, else the larger of its two thresholds."""
+        strict = max(self.phash_threshold, self.views_threshold)
+        return max(strict, self.verify_threshold) if self.verify else strict
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-ready settings (tuples as lists)."""
         out = {}
@@ -145,15 +172,15 @@ class Config:
         return out
 
     def feature_fingerprint(self) -> str:
-        """Hash of the settings that change per-shard features (not thresholds or keep rule)."""
+        """Hash of the settings that change per-shard features (not thresholds or keep
+        rule): the reading settings, and each signal's (see dedup.signals)."""
+        from dedup import signals
+
         relevant = {
             "max_pixels": self.max_pixels,
             "image_extensions": sorted(self.image_extensions),
             "image_formats": sorted(self.image_formats),
-            "phash": "phash" in self.signals,
-            "clip": "clip" in self.signals,
-            "phash_draft": self.phash_draft,
-            "exact_digest": self.exact_digest,
+            "signals": signals.fingerprint(self),
         }
         return _digest(relevant)
 

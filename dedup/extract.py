@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup import __version__, storage
+from dedup import __version__, signals, storage
 from dedup.config import Config
 from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.errors import DedupError, FeatureStoreError, ShardError
@@ -22,16 +22,13 @@ from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
 from dedup.shards import Shard, display_name, iter_samples, raw_name, shard_size
 from dedup.signals.exact import digest
+from dedup.signals.views import view_codes, view_input
 
 if TYPE_CHECKING:
     from dedup.signals.clip import ClipSpec
 from dedup.signals.phash import (
-    CODE_BYTES,
-    DETAIL_FLOOR,
     IMG_SIZE,
     LOW_DETAIL_BITS,
-    SIGNATURE_BYTES,
-    SIGNATURE_SIDE,
     TINY_PIXELS,
     colour_signature,
     phash_and_detail,
@@ -52,14 +49,11 @@ FEATURE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("bytes", pa.int64()),
-        ("digest", pa.binary(32)),
-        ("phash", pa.binary(CODE_BYTES)),
-        ("detail", pa.int16()),  # confident pHash bits; below LOW_DETAIL_BITS: low-detail
-        # 4x4 RGB thumbnail of a low-detail image (null for the others)
-        ("colour_signature", pa.binary(SIGNATURE_BYTES)),
-        ("clip", pa.binary()),  # float16 L2-normalized embedding
+        *signals.feature_columns(),
     ]
 )
+# Every signal's columns: cleared together when an image turns out undecodable.
+SIGNAL_COLUMNS = tuple(f.name for f in signals.feature_columns())
 STATUS_OK = "ok"
 # Why a sample passes through untouched; decode.py and compute_features set these.
 PASSTHROUGH_REASONS = ("no_image", "undecodable", "unsupported_format", "too_large")
@@ -135,7 +129,7 @@ def shard_fingerprint(
             "identity": identity,
             "content": content,
             "config": config.feature_fingerprint(),
-            "detail": [DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS, "tiny: square, rgb"],
+            "signals": signals.fingerprint(config),
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
@@ -230,7 +224,9 @@ def compute_features(
     An image whose bytes repeat an earlier one of the shard is not decoded again: equal
     bytes decode to equal features.
     """
-    want_phash = "phash" in config.signals
+    computed = signals.computed(config)
+    want_views = "views" in computed
+    want_phash = "phash" in computed  # the views signal starts from the pHash's input
     hash_draft = IMG_SIZE if (want_phash and config.phash_draft) else None
     # Grayscale: all the pHash needs. The few low-detail images, compared by a colour
     # signature, are decoded again in RGB when their detail is known (see flush()).
@@ -252,7 +248,9 @@ def compute_features(
     detail_col = cols["detail"]
     signature_col = cols["colour_signature"]
     clip_col = cols["clip"]
+    views_col = cols["views"]
     pending_rows: list[int] = []
+    pending_views: list = []
     pending_smalls: list = []
     pending_bytes: list = []  # image bytes, for an RGB decode if the image is low-detail
     seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
@@ -262,6 +260,9 @@ def compute_features(
     def flush() -> None:
         if pending_smalls:
             codes, detail = phash_and_detail(stack_shrunk(pending_smalls))
+            if want_views:
+                for row_index, code in zip(pending_rows, view_codes(pending_views), strict=True):
+                    views_col[row_index] = code.tobytes()
             for row_index, code, bits, data in zip(
                 pending_rows, codes, detail.tolist(), pending_bytes, strict=True
             ):
@@ -276,6 +277,7 @@ def compute_features(
                         signature_col[row_index] = colour_signature(again.image)
             pending_rows.clear()
             pending_smalls.clear()
+            pending_views.clear()
             pending_bytes.clear()
 
     def clip_route(header) -> str:
@@ -338,7 +340,10 @@ def compute_features(
                         status = decoded.reason or STATUS_OK
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
-                            pending_smalls.append(shrink(decoded.image))
+                            small = shrink(decoded.image)
+                            pending_smalls.append(small)
+                            if want_views:
+                                pending_views.append(view_input(decoded.image, np.asarray(small)))
                             if decoded.image.mode == "RGB" and route:  # colours at hand
                                 signature = colour_signature(decoded.image)
                                 pending_bytes.append(None)
@@ -364,6 +369,7 @@ def compute_features(
             # Only low-detail images need one (set here or in flush()); a repeat's is copied.
             signature_col.append(signature)
             clip_col.append(None)
+            views_col.append(None)
             if len(pending_smalls) >= PHASH_BATCH:
                 flush()
         flush()
@@ -389,13 +395,14 @@ def compute_features(
         detail_col[row] = detail_col[first]
         signature_col[row] = signature_col[first]
         clip_col[row] = clip_col[first]
+        views_col[row] = views_col[first]
     advance(len(cols["index"]) - reported_samples, shard_size(shard) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items())), routes
 
 
 def _not_decodable(cols: dict[str, list], row: int) -> None:
     cols["status"][row] = "undecodable"
-    for name in ("digest", "phash", "detail", "colour_signature", "clip"):
+    for name in SIGNAL_COLUMNS:
         cols[name][row] = None
 
 

@@ -39,10 +39,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup import storage
+from dedup import signals, storage
 from dedup.cluster import (
     CLIP,
     PHASH,
+    VIEWS,
     Candidates,
     Edges,
     Groups,
@@ -70,6 +71,8 @@ from dedup.signals.phash import (
     is_tiny,
     signature_luma,
 )
+from dedup.signals.views import VIEW_BYTES, distinct_codes, row_pairs
+from dedup.signals.views import VIEWS as VIEWS_PER_ROW
 
 log = logging.getLogger("dedup")
 
@@ -84,10 +87,12 @@ CLUSTER_COLUMNS = [
     "detail",
     "colour_signature",
     "clip",
+    "views",
 ]
 DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
 CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
 SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8"), ("tiny", "?")])
+VIEWS_RECORD = np.dtype([("views", "u1", VIEW_BYTES), ("row", "<i8")])
 # CLIP vectors beyond CLIP_FLAT_MAX are split into k-means cells of about this many
 # rows; each vector is searched against the vectors of its CLIP_PROBES nearest cells.
 CLIP_CELL_ROWS = 20_000
@@ -98,8 +103,9 @@ def vector_record(dim: int) -> np.dtype:
     return np.dtype([("vector", "<f2", (dim,)), ("row", "<i8")])
 
 
-def member_record(dim: int) -> np.dtype:
-    """Everything the star rule reads about one row (and its CLIP vector, if any)."""
+def member_record(dim: int, views: bool = False) -> np.dtype:
+    """Everything the star rule reads about one row (and its CLIP vector and view codes,
+    if any)."""
     fields = [
         ("row", "<i8"),
         ("pixels", "<i8"),
@@ -111,6 +117,8 @@ def member_record(dim: int) -> np.dtype:
     ]
     if dim:
         fields.append(("vector", "<f2", (dim,)))
+    if views:
+        fields.append(("views", "u1", VIEW_BYTES))
     return np.dtype(fields)
 
 
@@ -208,12 +216,23 @@ class Layout:
 
     @staticmethod
     def of(rows: int, config: Config) -> Layout:
-        parts = max(1, math.ceil(rows / config.partition_rows))
-        t = config.phash_threshold
-        m = choose_engine(max(rows, 2), t, "mih")[1]
+        """The layout of the digests' and pHash codes' search."""
+        return Layout.of_codes(rows, config.phash_threshold, config.partition_rows)
+
+    @staticmethod
+    def of_views(rows: int, config: Config) -> Layout:
+        """The layout of the view codes' search: up to VIEWS codes a row, within the grey
+        zone's bound when verification is on."""
+        return Layout.of_codes(rows * VIEWS_PER_ROW, config.views_bound, config.partition_rows)
+
+    @staticmethod
+    def of_codes(codes: int, threshold: int, partition_rows: int) -> Layout:
+        """The layout of a search of `codes` 64-bit codes within `threshold` bits."""
+        parts = max(1, math.ceil(codes / partition_rows))
+        m = choose_engine(max(codes, 2), threshold, "mih")[1]
         bits = min(b for _, b in _chunks(m))
         k = min(bits, max(0, math.ceil(math.log2(parts)))) if parts > 1 else 0
-        return Layout(parts, m, k, t // m)
+        return Layout(parts, m, k, threshold // m)
 
     @property
     def near_parts(self) -> int:
@@ -298,6 +317,7 @@ class _Scatter:
     config: Config
     layout: Layout
     reasons: tuple[str, ...]
+    views_layout: Layout
     centroids: np.ndarray | None = None  # CLIP cells (float32), when there are several
 
     def __call__(self, item: tuple[int, str, int]) -> Scattered:
@@ -309,71 +329,96 @@ class _Scatter:
         candidate[local] = True
         out = Scattered(candidate, reason)
         rows = local.astype(np.int64) + start
-        parts = self.layout.parts
-        signals = self.config.signals
-        if "exact" in signals and len(rows):
-            records = np.zeros(len(rows), DIGEST_RECORD)
-            records["digest"] = fixed_binary_array(cand.column("digest"))
-            records["row"] = rows
-            words = records["digest"][:, :8].copy().view("<u8").reshape(-1)
-            out.runs["exact"] = (
-                self._path(pos, "exact"),
-                write_runs(self._path(pos, "exact"), records, _hash_part(words, parts), parts),
-            )
-        if "phash" in signals and len(rows):
-            detail = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
-            low = by_signature(detail, _pixels(cand))
-            words = _words(cand.column("phash"))
-            detailed = np.flatnonzero(~low)
-            records = np.zeros(len(detailed), CODE_RECORD)
-            records["word"], records["row"] = words[detailed], rows[detailed]
-            out.runs["phash"] = (
-                self._path(pos, "phash"),
-                write_runs(
-                    self._path(pos, "phash"), records, _hash_part(records["word"], parts), parts
-                ),
-            )
-            tiny = is_tiny(_pixels(cand))
-            flat = np.flatnonzero(is_low_detail(detail))
-            if len(flat):
-                sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
-                records = np.zeros(len(flat), SIGNATURE_RECORD)
-                records["signature"], records["row"] = sig, rows[flat]
-                records["tiny"] = tiny[flat]
-                out.runs["flat"] = (
-                    self._path(pos, "flat"),
-                    write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
-                )
-            small = np.flatnonzero(tiny)
-            if len(small):
-                sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(small)))
-                records = np.zeros(len(small), SIGNATURE_RECORD)
-                records["signature"], records["row"], records["tiny"] = sig, rows[small], True
-                home, lowest = tiny_buckets(sig)
-                again = np.flatnonzero(lowest != home)  # also sent to the bucket below
-                records = np.concatenate([records, records[again]])
-                bucket = np.concatenate([home, lowest[again]])
-                out.runs["tiny"] = (
-                    self._path(pos, "tiny"),
-                    write_runs(self._path(pos, "tiny"), records, bucket, TINY_PARTS),
-                )
-        if "clip" in signals and len(rows):
-            vectors = vectors_of(cand.column("clip"))
-            out.dim = vectors.shape[1]
-            records = np.zeros(len(rows), vector_record(vectors.shape[1]))
-            records["vector"], records["row"] = vectors, rows
-            part, cells = np.zeros(len(rows), dtype=np.int64), 1
-            if self.centroids is not None:
-                # Its nearest cell holds a vector; its CLIP_PROBES nearest get it as a query.
-                cells = len(self.centroids)
-                nearest = _nearest_cells(self.centroids, vectors, min(CLIP_PROBES, cells))
-                records = np.concatenate([records, np.repeat(records, nearest.shape[1])])
-                part = np.concatenate([nearest[:, 0], cells + nearest.reshape(-1)])
-            out.runs["clip"] = (
-                self._path(pos, "clip"),
-                write_runs(self._path(pos, "clip"), records, part, 2 * cells),
-            )
+        if len(rows):
+            for signal in signals.enabled(self.config):
+                getattr(self, f"_scatter_{signal.name}")(pos, rows, cand, out)
         return out
+
+    def _scatter_exact(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
+        """Digests, partitioned by their first bytes."""
+        parts = self.layout.parts
+        records = np.zeros(len(rows), DIGEST_RECORD)
+        records["digest"] = fixed_binary_array(cand.column("digest"))
+        records["row"] = rows
+        words = records["digest"][:, :8].copy().view("<u8").reshape(-1)
+        out.runs["exact"] = (
+            self._path(pos, "exact"),
+            write_runs(self._path(pos, "exact"), records, _hash_part(words, parts), parts),
+        )
+
+    def _scatter_phash(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
+        """Codes of detailed rows by a hash of the code; low-detail and tiny rows'
+        colour signatures to their own parts."""
+        parts = self.layout.parts
+        detail = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
+        low = by_signature(detail, _pixels(cand))
+        words = _words(cand.column("phash"))
+        detailed = np.flatnonzero(~low)
+        records = np.zeros(len(detailed), CODE_RECORD)
+        records["word"], records["row"] = words[detailed], rows[detailed]
+        out.runs["phash"] = (
+            self._path(pos, "phash"),
+            write_runs(
+                self._path(pos, "phash"), records, _hash_part(records["word"], parts), parts
+            ),
+        )
+        tiny = is_tiny(_pixels(cand))
+        flat = np.flatnonzero(is_low_detail(detail))
+        if len(flat):
+            sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
+            records = np.zeros(len(flat), SIGNATURE_RECORD)
+            records["signature"], records["row"] = sig, rows[flat]
+            records["tiny"] = tiny[flat]
+            out.runs["flat"] = (
+                self._path(pos, "flat"),
+                write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
+            )
+        small = np.flatnonzero(tiny)
+        if len(small):
+            sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(small)))
+            records = np.zeros(len(small), SIGNATURE_RECORD)
+            records["signature"], records["row"], records["tiny"] = sig, rows[small], True
+            home, lowest = tiny_buckets(sig)
+            again = np.flatnonzero(lowest != home)  # also sent to the bucket below
+            records = np.concatenate([records, records[again]])
+            bucket = np.concatenate([home, lowest[again]])
+            out.runs["tiny"] = (
+                self._path(pos, "tiny"),
+                write_runs(self._path(pos, "tiny"), records, bucket, TINY_PARTS),
+            )
+
+    def _scatter_views(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
+        """Code vectors of detailed rows, by a hash of their full frame's code."""
+        detail = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
+        detailed = np.flatnonzero(~by_signature(detail, _pixels(cand)))
+        records = np.zeros(len(detailed), VIEWS_RECORD)
+        records["views"] = fixed_binary_array(cand.column("views").take(pa.array(detailed)))
+        records["row"] = rows[detailed]
+        # Equal code vectors share their full frame's code: the same part.
+        full = np.ascontiguousarray(records["views"][:, :8]).view(">u8").reshape(-1)
+        part = _hash_part(full.astype(np.uint64), self.views_layout.parts)
+        out.runs["views"] = (
+            self._path(pos, "views"),
+            write_runs(self._path(pos, "views"), records, part, self.views_layout.parts),
+        )
+
+    def _scatter_clip(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
+        """Vectors, to their cells (and as queries to their nearest cells)."""
+        vectors = vectors_of(cand.column("clip"))
+        out.dim = vectors.shape[1]
+        records = np.zeros(len(rows), vector_record(vectors.shape[1]))
+        records["vector"], records["row"] = vectors, rows
+        part, cells = np.zeros(len(rows), dtype=np.int64), 1
+        if self.centroids is not None:
+            # Its nearest cell holds a vector; its CLIP_PROBES nearest get it as a query.
+            cells = len(self.centroids)
+            nearest = _nearest_cells(self.centroids, vectors, min(CLIP_PROBES, cells))
+            records = np.concatenate([records, np.repeat(records, nearest.shape[1])])
+            part = np.concatenate([nearest[:, 0], cells + nearest.reshape(-1)])
+        out.runs["clip"] = (
+            self._path(pos, "clip"),
+            write_runs(self._path(pos, "clip"), records, part, 2 * cells),
+        )
 
     def _path(self, pos: int, kind: str) -> str:
         return storage.join(self.work, f"scatter-{pos:08d}.{kind}")
@@ -431,6 +476,7 @@ class _Pairs:
     runs: dict[str, list[tuple[str, list[int]]]]
     clip_dim: int
     clip_cells: int = 1
+    views_layout: Layout | None = None
 
     def __call__(self, item: tuple[str, int]) -> int:
         kind, part = item
@@ -441,6 +487,8 @@ class _Pairs:
             edges = _renumber(e, records["row"])
         elif kind == "phash":
             edges = self._phash(part)
+        elif kind == "views":
+            edges = self._views(part)
         elif kind == "flat":
             records = gather(self.runs["flat"], SIGNATURE_RECORD, 0)
             e = flat_edges(
@@ -508,27 +556,45 @@ class _Pairs:
         rep = rows[first]
         same = np.flatnonzero(first[inverse] != np.arange(len(rows)))
         edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), PHASH)
-        lay = self.layout
-        k, r = lay.prefix_bits, lay.radius
-        flips = _masks(k, range(min(r, k) + 1))
-        path = storage.join(self.work, f"routed-{part:06d}")
-        offsets = [0]
-        # One chunk's routed copies at a time (parts are chunk-major), appended to one
-        # file: a task holds a third of them, not all.
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            for shift, bits in _chunks(lay.chunks):
-                prefix = (unique >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
-                targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)
-                order = np.argsort(targets, kind="stable")
-                chosen = order // len(flips)
-                routed = np.zeros(len(chosen), CODE_RECORD)
-                routed["word"], routed["row"] = unique[chosen], rep[chosen]
-                fh.write(memoryview(routed).cast("B"))
-                counts = np.bincount(targets, minlength=1 << k)
-                offsets += (offsets[-1] + np.cumsum(counts)).tolist()
-                del targets, order, chosen, routed
-        save_arrays(path + ".index", offsets=np.asarray(offsets, dtype=np.int64))
+        _route(unique, rep, self.layout, storage.join(self.work, f"routed-{part:06d}"))
         return edges
+
+    def _views(self, part: int) -> Edges:
+        """Equal code vectors link to their first row (distance 0); the distinct codes of
+        each vector's first row are routed onward, as virtual rows (row, view)."""
+        records = gather(self.runs["views"], VIEWS_RECORD, part)
+        vectors, rows = np.ascontiguousarray(records["views"]), records["row"]
+        _, first, inverse = np.unique(vectors, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        rep = rows[first]
+        same = np.flatnonzero(first[inverse] != np.arange(len(rows)))
+        edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), VIEWS)
+        ids, words = distinct_codes(rep, vectors[first])
+        _route(words, ids, self.views_layout, storage.join(self.work, f"vrouted-{part:06d}"))
+        return edges
+
+
+def _route(words: np.ndarray, ids: np.ndarray, lay: Layout, path: str) -> None:
+    """Send each code (with its id) to the near parts that must see it: for each chunk,
+    the parts whose prefix is within the radius of the code's (see the module's step 3).
+    Parts are chunk-major; one chunk's copies at a time are appended to one file, so a
+    task holds a chunk's share of them, not all."""
+    k, r = lay.prefix_bits, lay.radius
+    flips = _masks(k, range(min(r, k) + 1))
+    offsets = [0]
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for shift, bits in _chunks(lay.chunks):
+            prefix = (words >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
+            targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)
+            order = np.argsort(targets, kind="stable")
+            chosen = order // len(flips)
+            routed = np.zeros(len(chosen), CODE_RECORD)
+            routed["word"], routed["row"] = words[chosen], ids[chosen]
+            fh.write(memoryview(routed).cast("B"))
+            counts = np.bincount(targets, minlength=1 << k)
+            offsets += (offsets[-1] + np.cumsum(counts)).tolist()
+            del targets, order, chosen, routed
+    save_arrays(path + ".index", offsets=np.asarray(offsets, dtype=np.int64))
 
 
 def _renumber(edges: Edges, rows: np.ndarray) -> Edges:
@@ -544,10 +610,14 @@ class _Near:
     work: str
     config: Config
     layout: Layout
-    parts: int  # pHash partitions whose routed files are read
+    parts: int  # partitions whose routed files are read
+    kind: str = "phash"  # or "views": ids are virtual rows (row, view)
 
-    def __call__(self, bucket: int) -> int:
-        lay, t = self.layout, self.config.phash_threshold
+    def __call__(self, bucket: int) -> NearStats:
+        views = self.kind == "views"
+        c = self.config
+        t = c.views_bound if views else c.phash_threshold
+        lay = self.layout
         k, r = lay.prefix_bits, lay.radius
         chunk, prefix = divmod(bucket, 1 << k)
         chunks = _chunks(lay.chunks)
@@ -555,7 +625,7 @@ class _Near:
         low_bits = bits - k
         runs = []
         for p in range(self.parts):
-            path = storage.join(self.work, f"routed-{p:06d}")
+            path = storage.join(self.work, f"{'v' if views else ''}routed-{p:06d}")
             offsets = load_arrays(path + ".index")["offsets"].tolist()
             runs.append((path, offsets))
         queries = gather(runs, CODE_RECORD, bucket)
@@ -587,12 +657,34 @@ class _Near:
             r,
             earlier,
         )
-        sort = np.lexsort((j, i))  # the same file whatever order the probes ran in
-        i, j, d = i[sort], j[sort], d[sort]
-        save_edges(storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH))
+        if views:
+            self._save_views(bucket, i, j, d)
+        else:
+            sort = np.lexsort((j, i))  # the same file whatever order the probes ran in
+            i, j, d = i[sort], j[sort], d[sort]
+            save_edges(
+                storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH)
+            )
         sizes = np.diff(starts)
         return NearStats(
             len(i), len(order), len(words), int(sizes.max(initial=0)), int(sizes @ sizes)
+        )
+
+    def _save_views(self, bucket: int, i: np.ndarray, j: np.ndarray, d: np.ndarray) -> None:
+        """Row pairs from code pairs: those the hashes link, edges (distance + 1: rows of
+        distinct vectors); the others, the grey zone's candidates for verification."""
+        c = self.config
+        found = row_pairs(i, j, d, c.phash_threshold, c.views_threshold)
+        strict = found.strict
+        edges = Edges.of(found.i[strict], found.j[strict], found.distance[strict] + 1, VIEWS)
+        save_edges(storage.join(self.work, f"edges-vnear-{bucket:06d}"), edges)
+        grey = ~strict
+        save_arrays(
+            storage.join(self.work, f"grey-{bucket:06d}"),
+            i=found.i[grey],
+            j=found.j[grey],
+            distance=found.distance[grey],
+            mirrored=found.mirrored[grey],
         )
 
 
@@ -610,10 +702,12 @@ class NearStats:
 # ---------------------------------------------------------------- 5. members, 6. resolve
 
 
-def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.ndarray:
+def read_members(
+    path: str, start: int, local_rows: np.ndarray, dim: int, views: bool = False
+) -> np.ndarray:
     """Member records of the given rows of one shard (all candidates)."""
     _, _, cand = _read_candidates(path, local_rows)
-    records = np.zeros(len(local_rows), member_record(dim))
+    records = np.zeros(len(local_rows), member_record(dim, views))
     records["row"] = local_rows.astype(np.int64) + start
     records["pixels"] = _pixels(cand)
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
@@ -631,12 +725,17 @@ def read_members(path: str, start: int, local_rows: np.ndarray, dim: int) -> np.
         records["signature"] = fixed_binary_array(sig)
     if dim and len(local_rows):
         records["vector"] = vectors_of(cand.column("clip"))
+    if views and len(local_rows):
+        records["views"] = fixed_binary_array(
+            pc.fill_null(cand.column("views"), pa.scalar(bytes(VIEW_BYTES), pa.binary(VIEW_BYTES)))
+        )
     return records
 
 
 def members_candidates(records: np.ndarray, config: Config) -> Candidates:
     """Candidates (in record order) from member records."""
-    phash = "phash" in config.signals
+    # The views signal needs detail and signatures too (low-detail rows take no part).
+    phash = "phash" in signals.computed(config)
     return Candidates(
         pixels=records["pixels"],
         nbytes=records["nbytes"],
@@ -649,6 +748,7 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         ),
         detail=records["detail"] if phash else None,
         signature=np.ascontiguousarray(records["signature"]) if phash else None,
+        views=np.ascontiguousarray(records["views"]) if "views" in records.dtype.names else None,
     )
 
 
@@ -657,10 +757,11 @@ class _Members:
     work: str
     dim: int
     groups: int
+    views: bool = False
 
     def __call__(self, item: tuple[int, str, int, np.ndarray, np.ndarray]):
         pos, path, start, local_rows, group = item
-        records = read_members(path, start, local_rows, self.dim)
+        records = read_members(path, start, local_rows, self.dim, self.views)
         target = storage.join(self.work, f"members-{pos:08d}")
         return target, write_runs(target, records, group, self.groups)
 
@@ -673,7 +774,7 @@ class _Resolve:
     runs: list[tuple[str, list[int]]]
 
     def __call__(self, group: int) -> str:
-        records = gather(self.runs, member_record(self.dim), group)
+        records = gather(self.runs, member_record(self.dim, "views" in self.config.signals), group)
         rows = records["row"]
         e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
         local = Edges(np.searchsorted(rows, e.i), np.searchsorted(rows, e.j), e.distance, e.signal)
@@ -727,21 +828,24 @@ def run_global(
     executor: Executor,
     work: str,
     reasons: tuple[str, ...],
+    inputs: list[str] | None = None,
 ) -> Resolved:
     """Phase 2 over shards' feature files `paths`, whose first global rows are
     `shard_starts` (one more entry: the total); `work` is a folder (or prefix) for the
-    phase's files."""
+    phase's files. `inputs`: the shards themselves, which the views signal's grey zone
+    reads images from (no verification without them)."""
     rows_total = int(shard_starts[-1])
     stats: dict = {"layout": None, "near": []}
     sources = [(path, int(shard_starts[pos])) for pos, path in enumerate(paths)]
     shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
     layout = Layout.of(rows_total, config)
+    views_layout = Layout.of_views(rows_total, config)
     stats["layout"] = layout
     centroids = clip_cells(sources, rows_total, config) if "clip" in config.signals else None
     cells = 1 if centroids is None else len(centroids)
     stats["clip_cells"] = cells
     scattered: list[Scattered] = executor.map(
-        _Scatter(work, config, layout, reasons, centroids),
+        _Scatter(work, config, layout, reasons, views_layout, centroids),
         shard_items,
         Progress("scatter", total_items=len(shard_items)),
         describe=_describe_part,
@@ -750,18 +854,19 @@ def run_global(
     candidate = np.concatenate([s.candidate for s in scattered] or [np.zeros(0, bool)])
     runs = {
         kind: [s.runs[kind] for s in scattered if s.runs.get(kind)]
-        for kind in ("exact", "phash", "flat", "tiny", "clip")
+        for kind in ("exact", "phash", "flat", "tiny", "views", "clip")
     }
     dim = max([s.dim for s in scattered] or [0])
     items = [("exact", p) for p in range(layout.parts) if runs["exact"]]
     items += [("phash", p) for p in range(layout.parts) if runs["phash"]]
+    items += [("views", p) for p in range(views_layout.parts) if runs["views"]]
     items += [("flat", 0)] if runs["flat"] else []
     items += [("tiny", p) for p in range(TINY_PARTS) if runs["tiny"]]
     items += [("clip", p) for p in range(cells) if runs["clip"]]
     # FAISS on a GPU (faiss-gpu, a CUDA device) needs workers that start CUDA afresh.
     gpu_search = bool(runs["clip"]) and gpu_count(config.device) > 0
     executor.map(
-        _Pairs(work, config, layout, runs, dim, cells),
+        _Pairs(work, config, layout, runs, dim, cells, views_layout),
         items,
         Progress("pairs", total_items=len(items)),
         describe=_describe_part,
@@ -777,18 +882,43 @@ def run_global(
             describe=_describe_part,
         )
         edge_files += [storage.join(work, f"edges-near-{b:06d}") for b in buckets]
+    grey_files = []
+    if runs["views"]:
+        buckets = list(range(views_layout.near_parts))
+        stats["views_near"] = executor.map(
+            _Near(work, config, views_layout, views_layout.parts, "views"),
+            buckets,
+            Progress("view pairs", total_items=len(buckets)),
+            describe=_describe_part,
+        )
+        edge_files += [storage.join(work, f"edges-vnear-{b:06d}") for b in buckets]
+        grey_files = [storage.join(work, f"grey-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
     if cells > 1:  # a CLIP pair of vectors that share cells is found in each of them
-        edges = _unique_clip_edges(edges)
+        edges = _unique_edges(edges, CLIP)
+    if runs["views"]:  # a pair of rows may match by several pairs of views
+        edges = _unique_edges(edges, VIEWS)
+    if grey_files and config.verify:
+        from dedup.grey import verify_grey
+
+        verified, stats["verify"] = verify_grey(
+            grey_files, edges, sources, inputs, shard_starts, config, executor
+        )
+        edges = Edges.concat([edges, verified])
     members, groups = _components(edges, sources, config, executor, work, dim)
     return Resolved(candidate, reason, members, groups, edges, dim, stats)
 
 
-def _unique_clip_edges(edges: Edges) -> Edges:
-    clip = edges.signal == CLIP
-    i, j = edges.i[clip], edges.j[clip]
-    _, first = np.unique(np.stack([i, j], axis=1), axis=0, return_index=True)
-    keep = np.concatenate([np.flatnonzero(~clip), np.flatnonzero(clip)[np.sort(first)]])
+def _unique_edges(edges: Edges, signal: int) -> Edges:
+    """One edge of `signal` per pair of rows (either way round): the shortest, then the
+    first found."""
+    of = np.flatnonzero(edges.signal == signal)
+    lo = np.minimum(edges.i[of], edges.j[of])
+    hi = np.maximum(edges.i[of], edges.j[of])
+    order = np.lexsort((np.arange(len(of)), edges.distance[of], hi, lo))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (lo[order][1:] != lo[order][:-1]) | (hi[order][1:] != hi[order][:-1])
+    keep = np.concatenate([np.flatnonzero(edges.signal != signal), of[order[first]]])
     keep.sort()
     return Edges(edges.i[keep], edges.j[keep], edges.distance[keep], edges.signal[keep])
 
@@ -839,7 +969,7 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
         path, start = sources[pos]
         member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
     runs = executor.map(
-        _Members(work, dim, groups_count),
+        _Members(work, dim, groups_count, "views" in config.signals),
         member_items,
         Progress("members", total_items=len(member_items)),
         describe=_describe_part,

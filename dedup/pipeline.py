@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from dedup import storage
+from dedup import signals, storage
 from dedup.cluster import DECISIONS, NO_DISTANCE, Groups, calibration_from, calibration_sample
 from dedup.config import Config
 from dedup.errors import DedupError, ShardError
@@ -190,6 +190,7 @@ class Plan:
     clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN if none
     clusters: pa.Table  # clusters.parquet rows
     calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
+    verify: dict | None = None  # the views signal's verification tier, for the summary
 
     def rows(self, shard: int) -> slice:
         return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
@@ -212,7 +213,15 @@ def plan(
     shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     executor = executor or LocalExecutor(config.worker_count)
     with _work_folder(work) as folder:
-        r = run_global([f.path for f in features], shard_starts, config, executor, folder, REASONS)
+        r = run_global(
+            [f.path for f in features],
+            shard_starts,
+            config,
+            executor,
+            folder,
+            REASONS,
+            [f.shard.path for f in features],
+        )
         return _assemble(features, config, shard_starts, r)
 
 
@@ -283,6 +292,7 @@ def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -
         clip_similarity,
         clusters,
         calibration,
+        r.stats.get("verify"),
     )
 
 
@@ -706,16 +716,15 @@ def _summary(
             "skipped_members": dict(sorted(skipped.items())),
             # images embedded, by where they were decoded (see README: CLIP on a GPU)
             **({"clip_decode": dict(sorted(routes.items()))} if "clip" in config.signals else {}),
+            # the views signal's grey zone: pairs checked by local features (README)
+            **({"verify": p.verify} if p.verify is not None else {}),
         },
         "clusters": {
             "count": clusters.num_rows,
             "size_histogram": size_histogram(sizes),
             "largest": largest_rows,
         },
-        "thresholds": {
-            **({"phash": config.phash_threshold} if "phash" in config.signals else {}),
-            **({"clip": config.clip_threshold} if "clip" in config.signals else {}),
-        },
+        "thresholds": signals.thresholds(config),
         "digest": config.exact_digest,
         "config": config.to_dict(),
         "versions": package_versions(),

@@ -13,6 +13,7 @@ from dedup.executor import LocalExecutor
 from dedup.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
 from dedup.globalphase import CLUSTER_COLUMNS, Layout, run_global
 from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
+from dedup.signals.views import VIEW_BYTES, VIEWS, WHOLE_VIEWS
 
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
 
@@ -70,7 +71,39 @@ def planted_rows(n: int, seed: int, dim: int = 0):
         "pixels": pixels,
         "nbytes": rng.integers(1000, 1010, n),
         "vectors": vectors,
+        "views": planted_views(words, rng),
     }
+
+
+def planted_views(words: np.ndarray, rng) -> np.ndarray:
+    """(N, VIEW_BYTES) view codes whose full frame is the row's pHash word: the other
+    views are drawn per picture (rows with a close word share them, a few bits moved),
+    and some rows' full frame is another picture's crop, or its mirror, so that every
+    allowed combination links some pair and crop-to-crop matches must be dropped."""
+    n = len(words)
+    pictures = rng.integers(0, 2**63, (n, VIEWS), dtype=np.int64).astype(np.uint64)
+    # rows whose words are within 8 bits of an earlier row's take that row's views
+    views = pictures.copy()
+    views[:, 0] = words
+    src = rng.integers(0, n, n)
+    near = rng.random(n) < 0.3
+    views[near, 1:] = views[src[near], 1:] ^ (
+        np.uint64(1) << rng.integers(0, 64, (int(near.sum()), VIEWS - 1)).astype(np.uint64)
+    )
+    # a crop of another row: its full frame is that row's crop view (plus a bit or two)
+    cropped = rng.random(n) < 0.1
+    view = rng.integers(WHOLE_VIEWS, VIEWS, n)
+    views[cropped, 0] = views[src[cropped], view[cropped]] ^ np.uint64(1 << 5)
+    # two unrelated rows sharing a crop code: never linked by it
+    shared = rng.random(n) < 0.05
+    views[shared, WHOLE_VIEWS] = views[src[shared], WHOLE_VIEWS + 1]
+    # a mirror copy: its mirror view is another row's full frame
+    mirrored = rng.random(n) < 0.05
+    views[mirrored, 2] = views[src[mirrored], 0]
+    # re-encodes that moved no bit: equal vectors
+    repeat = rng.random(n) < 0.05
+    views[repeat] = views[src[repeat]]
+    return views.astype(">u8").view(np.uint8).reshape(n, VIEW_BYTES)
 
 
 def write_features(tmp_path, data, shard_sizes) -> list[str]:
@@ -103,6 +136,10 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
                     vectors[start - size + k].tobytes() if vectors is not None and g else None
                     for k, g in enumerate(ok)
                 ],
+                "views": pa.array(
+                    [bytes(v) if g else None for v, g in zip(data["views"][sl], ok, strict=True)],
+                    type=pa.binary(VIEW_BYTES),
+                ),
             }
         )
         schema = pa.schema([FEATURE_SCHEMA.field(name) for name in table.column_names])
@@ -122,6 +159,7 @@ def oracle(data, config):
         clip=data["vectors"][ok] if data["vectors"] is not None else None,
         detail=data["detail"][ok],
         signature=np.where(data["low"][ok, None], data["signature"][ok], 0).astype(np.uint8),
+        views=data["views"][ok],
     )
     return ok, cand, cluster(cand, config), build_edges(cand, config)
 
@@ -175,13 +213,74 @@ def test_partitioned_global_phase_equals_one_process_oracle(
     assert np.array_equal(g.max_phash_distance, want.groups.max_phash_distance)
     assert len(want.groups) > 20  # the planted set has real clusters
     # ... and every kind of edge, with tiny pairs that the flat rule would not link
-    assert set(want_edges.signal.tolist()) == set(range(len(SIGNALS))) - {SIGNALS.index("clip")}
+    assert set(want_edges.signal.tolist()) == {
+        SIGNALS.index(name) for name in ("exact", "phash", "flat", "tiny")
+    }
     tiny_edges = want_edges.signal == SIGNALS.index("tiny")
     a = cand.signature[want_edges.i[tiny_edges]].astype(int)
     b = cand.signature[want_edges.j[tiny_edges]].astype(int)
     assert (np.abs(a - b).max(axis=1) > SIGNATURE_TOLERANCE).any()
     if partition_rows < n:
         layout = Layout.of(n, config)
+        assert layout.parts > 1 and layout.near_parts > layout.chunks
+
+
+@pytest.mark.parametrize(
+    ("seed", "partition_rows", "workers", "threshold"),
+    [(0, 10**9, 1, 8), (1, 1500, 2, 8), (2, 4000, 2, 10), (3, 2500, 1, 4)],
+)
+def test_partitioned_view_search_equals_one_process_oracle(
+    tmp_path, seed, partition_rows, workers, threshold
+):
+    """The views signal over partitioned multi-index hashing of virtual rows (row, view),
+    its bound the grey zone's: the same edges and clusters as the one-process search of
+    distinct code vectors, with equal vectors collapsed, crop-to-crop matches dropped,
+    and links by a crop, by a mirror and by equal vectors all present."""
+    n = 1200
+    data = planted_rows(n, seed)
+    sizes = [500, 0, 1, 699]
+    paths = write_features(tmp_path, data, sizes)
+    config = Config(
+        signals=("views",),
+        phash_threshold=threshold,
+        views_threshold=threshold // 2,
+        verify_threshold=threshold + 4,
+        partition_rows=partition_rows,
+    )
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    r = run_global(paths, starts, config, LocalExecutor(workers), str(tmp_path / "w"), REASONS)
+    ok, cand, want, want_edges = oracle(data, config)
+    got_edges = edge_set(r.edges.i, r.edges.j, r.edges.signal)
+    assert got_edges == edge_set(ok[want_edges.i], ok[want_edges.j], want_edges.signal)
+    assert set(want_edges.signal.tolist()) == {SIGNALS.index("views")}
+    assert (want_edges.distance == 0).sum() > 20 and (want_edges.distance > 1).sum() > 20
+    m = r.members
+    got = np.full(n, -1)
+    got[m["rows"]] = m["survivor"]
+    removed = want.survivor != np.arange(len(ok))
+    assert np.array_equal(got[ok[removed]], ok[want.survivor[removed]])
+    assert np.array_equal(r.groups.cluster_id, ok[want.groups.cluster_id])
+    assert len(want.groups) > 20
+    # the planted crop and mirror links are among the edges; shared crop codes are not
+    words = data["views"].view(">u8").reshape(n, VIEWS)
+    crops = words[:, WHOLE_VIEWS:]
+    shares_crop = np.zeros((n, n), dtype=bool)
+    for v in range(crops.shape[1]):
+        shares_crop |= (crops[:, None, v, None] == crops[None, :, :]).any(axis=2)
+    crop_only = []
+    for a, b in zip(*np.nonzero(np.triu(shares_crop, 1)), strict=True):
+        if data["status"][a] == data["status"][b] == "ok" and not (data["low"][[a, b]]).any():
+            whole = min(
+                np.bitwise_count(words[a, :WHOLE_VIEWS, None] ^ words[b, None, :]).min(),
+                np.bitwise_count(words[b, :WHOLE_VIEWS, None] ^ words[a, None, :]).min(),
+            )
+            if whole > threshold:
+                crop_only.append((int(a), int(b)))
+    assert crop_only  # the planted shared crops exist ...
+    views = SIGNALS.index("views")
+    assert not any((a, b, views) in got_edges for a, b in crop_only)  # ... and unlinked
+    if partition_rows < n * VIEWS:
+        layout = Layout.of_views(n, config)
         assert layout.parts > 1 and layout.near_parts > layout.chunks
 
 

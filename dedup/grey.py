@@ -1,0 +1,227 @@
+"""The views signal's grey zone: candidate pairs whose view codes are too far apart for
+the hashes alone (beyond phash_threshold for two whole frames, views_threshold for a crop
+or a mirror; at most verify_threshold) are checked by local
+features under one geometric transform (dedup/verify.py), at most `verify_per_image`
+per image, nearest first. The images are read again from the input shards by offset.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from dedup import storage
+from dedup.cluster import VERIFIED, Edges
+from dedup.config import Config
+from dedup.decode import decode_image
+from dedup.errors import ShardError
+from dedup.executor import Executor
+from dedup.extract import read_features
+from dedup.progress import Progress
+from dedup.shards import display_name
+from dedup.signals.exact import digest
+
+# Pairs per verification task: each task decodes the images of its pairs once.
+TASK_PAIRS = 2_000
+
+
+@dataclass
+class GreyPairs:
+    """Candidate pairs of rows (i < j) in the grey zone, and whether each matched as
+    mirror images."""
+
+    i: np.ndarray
+    j: np.ndarray
+    distance: np.ndarray
+    mirrored: np.ndarray
+
+    def take(self, keep: np.ndarray) -> GreyPairs:
+        return GreyPairs(self.i[keep], self.j[keep], self.distance[keep], self.mirrored[keep])
+
+
+def load_grey(paths: list[str]) -> GreyPairs:
+    """The near tasks' grey pairs, one per pair of rows (the closest match; ties: the
+    plain one before the mirrored), sorted by rows."""
+    from dedup.globalphase import load_arrays
+
+    parts = [load_arrays(p) for p in paths]
+    cat = {
+        name: np.concatenate([p[name] for p in parts]) if parts else np.zeros(0, np.int64)
+        for name in ("i", "j", "distance", "mirrored")
+    }
+    i, j = cat["i"].astype(np.int64), cat["j"].astype(np.int64)
+    d, mirrored = cat["distance"].astype(np.int32), cat["mirrored"].astype(bool)
+    order = np.lexsort((mirrored, d, j, i))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (i[order][1:] != i[order][:-1]) | (j[order][1:] != j[order][:-1])
+    pick = order[first]
+    return GreyPairs(i[pick], j[pick], d[pick], mirrored[pick])
+
+
+def drop_linked(grey: GreyPairs, edges: Edges) -> GreyPairs:
+    """Grey pairs whose rows no edge already joins directly."""
+    if not len(grey.i) or not len(edges.i):
+        return grey
+    n = int(max(grey.j.max(), edges.i.max(), edges.j.max())) + 1
+    linked = np.minimum(edges.i, edges.j) * n + np.maximum(edges.i, edges.j)
+    return grey.take(~np.isin(grey.i * n + grey.j, linked))
+
+
+def nearest_per_image(grey: GreyPairs, per_image: int) -> GreyPairs:
+    """The pairs among the `per_image` nearest candidates (distance, then the other row)
+    of either of their images: at most per_image x images checks, however many
+    candidates a popular picture has."""
+    if not len(grey.i):
+        return grey
+    k = np.arange(len(grey.i))
+    ends = np.concatenate([grey.i, grey.j])
+    others = np.concatenate([grey.j, grey.i])
+    pair = np.concatenate([k, k])
+    order = np.lexsort((others, np.concatenate([grey.distance, grey.distance]), ends))
+    ends_sorted = ends[order]
+    starts = np.flatnonzero(np.r_[True, ends_sorted[1:] != ends_sorted[:-1]])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    keep = np.zeros(len(k), dtype=bool)
+    keep[pair[order[rank < per_image]]] = True
+    return grey.take(keep)
+
+
+@dataclass
+class VerifyStats:
+    """What the verification tier did, for the summary."""
+
+    candidates: int = 0  # grey pairs found by the hashes, not linked otherwise
+    checked: int = 0  # of them, checked (the nearest per image)
+    accepted: int = 0
+    images: int = 0  # images decoded for a check (counted once per task)
+    seconds: float = 0.0  # summed over tasks
+    rejected: dict[str, int] = field(default_factory=dict)  # by the verdict's reason
+
+    def to_dict(self) -> dict:
+        return {
+            "candidates": self.candidates,
+            "checked": self.checked,
+            "accepted": self.accepted,
+            "images_decoded": self.images,
+            "task_seconds": round(self.seconds, 3),
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+        }
+
+
+@dataclass
+class _Check:
+    """A verification task: decode the images of its pairs, check each pair."""
+
+    config: Config
+    sources: list[tuple[str, int]]  # (feature file, first row) per shard
+    inputs: list[str]  # the shards
+    starts: np.ndarray  # first row per shard, and the total
+
+    def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
+        from dedup.verify import features, verify
+
+        began = time.perf_counter()
+        i, j, mirrored = item
+        rows = np.unique(np.concatenate([i, j]))
+        images = self._images(rows)
+        cache: dict[tuple[int, bool], object] = {}
+
+        def of(row: int, mirror: bool):
+            key = (row, mirror)
+            if key not in cache:
+                cache[key] = None if images[row] is None else features(images[row], mirror)
+            return cache[key]
+
+        accepted = np.zeros(len(i), dtype=bool)
+        rejected: Counter = Counter()
+        for k, (a, b, m) in enumerate(zip(i.tolist(), j.tolist(), mirrored.tolist(), strict=True)):
+            fa, fb = of(a, False), of(b, bool(m))
+            if fa is None or fb is None:
+                rejected["undecodable"] += 1
+                continue
+            verdict = verify(fa, fb)
+            accepted[k] = verdict.accepted
+            if not verdict.accepted:
+                rejected[verdict.reason] += 1
+        return accepted, len(rows), time.perf_counter() - began, dict(rejected)
+
+    def _images(self, rows: np.ndarray) -> dict[int, object]:
+        """Each row's image, decoded at the verification size; its bytes checked against
+        the digest taken when the features were computed."""
+        from dedup.globalphase import rows_by_shard
+        from dedup.verify import VERIFY_SIDE
+
+        out: dict[int, object] = {}
+        for pos, at in rows_by_shard(self.starts, rows):
+            path, start = self.sources[pos]
+            local = rows[at] - start
+            table = read_features(
+                path,
+                ["key", "member_names", "member_offsets", "member_sizes", "image_member", "digest"],
+            ).take(pa.array(local, type=pa.int64()))
+            cols = table.to_pydict()
+            ranges = []
+            for k in range(len(local)):
+                names = [
+                    display_name(n.decode("utf-8", "surrogateescape"))
+                    for n in cols["member_names"][k]
+                ]
+                m = names.index(cols["image_member"][k])
+                ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
+            shard = self.inputs[pos]
+            datas = storage.read_ranges(shard, ranges)
+            for k, data in enumerate(datas):
+                if digest(data, self.config.exact_digest) != cols["digest"][k]:
+                    raise ShardError(
+                        shard, f"sample {cols['key'][k]} changed since it was read; rerun"
+                    )
+                decoded = decode_image(data, self.config, VERIFY_SIDE, "L")
+                out[int(rows[at][k])] = decoded.image
+        return out
+
+
+def _describe(item) -> str:
+    return f"verification of {len(item[0])} pairs from row {int(item[0][0])}"
+
+
+def verify_grey(
+    grey_files: list[str],
+    edges: Edges,
+    sources: list[tuple[str, int]],
+    inputs: list[str] | None,
+    shard_starts: np.ndarray,
+    config: Config,
+    executor: Executor,
+) -> tuple[Edges, dict]:
+    """`verified` edges from the grey zone, and the tier's figures (tasks return their
+    results: a flag per pair, nothing on disk)."""
+    grey = drop_linked(load_grey(grey_files), edges)
+    stats = VerifyStats(candidates=len(grey.i))
+    grey = nearest_per_image(grey, config.verify_per_image)
+    stats.checked = len(grey.i)
+    if not len(grey.i) or inputs is None:
+        return Edges.concat([]), stats.to_dict()
+    items = [
+        (grey.i[s : s + TASK_PAIRS], grey.j[s : s + TASK_PAIRS], grey.mirrored[s : s + TASK_PAIRS])
+        for s in range(0, len(grey.i), TASK_PAIRS)
+    ]
+    results = executor.map(
+        _Check(config, sources, inputs, np.asarray(shard_starts)),
+        items,
+        Progress("verify", total_items=len(items)),
+        describe=_describe,
+    )
+    accepted = np.concatenate([r[0] for r in results])
+    rejected: Counter = Counter()
+    for _, images, seconds, reasons in results:
+        stats.images += images
+        stats.seconds += seconds
+        rejected.update(reasons)
+    stats.accepted = int(accepted.sum())
+    stats.rejected = dict(rejected)
+    verified = Edges.of(grey.i[accepted], grey.j[accepted], grey.distance[accepted] + 1, VERIFIED)
+    return verified, stats.to_dict()

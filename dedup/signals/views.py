@@ -1,0 +1,268 @@
+"""The `views` signal: several 64-bit DCT hashes per image, so that copies one pHash of
+the whole frame cannot see are found without model weights: the frame with uniform
+borders trimmed (letterbox, pillarbox, padding), corner and centre crops of it, and the
+mirror image of the whole and the trimmed frame.
+
+Two images are candidates when a code of one is within the threshold of a code of the
+other and at least one of the two codes is of a whole frame (full, trimmed or their
+mirrors): a crop of one picture matches the whole of its copy, but two crops never
+match each other (neighbouring tiles of one photograph would). Candidates within
+`views_threshold` bits are linked by this tier alone; those up to `verify_threshold`
+are the grey zone that dedup/verify.py confirms by local features (signal `verified`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dedup.signals.phash import CODE_BYTES, DETAIL_FLOOR, IMG_SIZE, LOW_DETAIL_BITS
+
+# View order: a row's codes are stored in this order; a code equal to an earlier view's
+# of the same image (a frame with nothing to trim, a symmetric picture) is dropped from
+# the search, so the earlier, plainer view names the match.
+CROP_FRACTIONS = (0.9, 0.8)  # share of the trimmed frame's width and height kept
+CORNERS = ("tl", "tr", "bl", "br", "c")
+VIEW_NAMES = ("full", "trim", "mirror", "mirror_trim") + tuple(
+    f"{corner}{round(f * 100)}" for f in CROP_FRACTIONS for corner in CORNERS
+)
+VIEWS = len(VIEW_NAMES)  # 14
+WHOLE_VIEWS = 4  # the first four: whole frames; the rest are crops
+MIRRORED = np.array([name.startswith("mirror") for name in VIEW_NAMES])
+VIEW_BYTES = VIEWS * CODE_BYTES
+# A border row or column: every pixel within BORDER_TOLERANCE grey levels of the colour
+# of the frame's outermost row (or column) on that side. JPEG at q40 moves a flat bar's
+# pixels by up to 5 levels, away from its edge; the edge itself rings and is kept.
+BORDER_TOLERANCE = 10
+# Trim no more than this share of a side: a picture that is mostly one colour (a
+# silhouette on white) keeps its frame rather than being cut to a sliver.
+MAX_TRIM = 0.75
+
+
+def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a 2-D uint8 image with uniform borders removed: each side drops
+    its outer rows (or columns) while all their pixels are within BORDER_TOLERANCE of
+    that side's outermost line's middle value (itself uniform). The whole frame when trimming would
+    leave less than 1 - MAX_TRIM of either side."""
+    h, w = gray.shape
+
+    def run(low: np.ndarray, high: np.ndarray) -> int:
+        """Leading lines whose pixels all lie within the tolerance of the first's colour."""
+        if high[0] - low[0] > BORDER_TOLERANCE:
+            return 0
+        ref = (int(low[0]) + int(high[0])) // 2
+        uniform = (low >= ref - BORDER_TOLERANCE) & (high <= ref + BORDER_TOLERANCE)
+        return len(uniform) if uniform.all() else int(np.argmin(uniform))
+
+    row_lo, row_hi = gray.min(axis=1).astype(np.int16), gray.max(axis=1).astype(np.int16)
+    col_lo, col_hi = gray.min(axis=0).astype(np.int16), gray.max(axis=0).astype(np.int16)
+    top, bottom = run(row_lo, row_hi), run(row_lo[::-1], row_hi[::-1])
+    left, right = run(col_lo, col_hi), run(col_lo[::-1], col_hi[::-1])
+    y0, y1, x0, x1 = top, h - bottom, left, w - right
+    if (y1 - y0) < (1 - MAX_TRIM) * h or (x1 - x0) < (1 - MAX_TRIM) * w:
+        return 0, 0, w, h
+    return x0, y0, x1, y1
+
+
+# Crops are resampled from the trimmed frame on a GRID x GRID raster (one Pillow resize),
+# by fixed area-average matrices: all crops of a batch in two matrix products.
+GRID = 64
+
+
+def _area_matrix(start: float, stop: float) -> np.ndarray:
+    """(32, GRID) weights averaging the grid interval [start, stop) (in grid cells) into
+    32 equal cells."""
+    edges = np.linspace(start, stop, IMG_SIZE + 1)
+    cells = np.arange(GRID + 1, dtype=np.float64)
+    lo = np.maximum(edges[:-1, None], cells[None, :-1])
+    hi = np.minimum(edges[1:, None], cells[None, 1:])
+    weights = np.clip(hi - lo, 0, None)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _crop_matrices() -> tuple[np.ndarray, np.ndarray]:
+    rows, cols = [], []
+    for f in CROP_FRACTIONS:
+        span = GRID * f
+        for corner in CORNERS:
+            left = (GRID - span) / 2 if corner == "c" else (0 if corner[1] == "l" else GRID - span)
+            top = (GRID - span) / 2 if corner == "c" else (0 if corner[0] == "t" else GRID - span)
+            rows.append(_area_matrix(top, top + span))
+            cols.append(_area_matrix(left, left + span))
+    return np.stack(rows).astype(np.float32), np.stack(cols).astype(np.float32)
+
+
+# scipy's unnormalized DCT-II, its 8 lowest frequencies, as a matrix: the pHash's block
+# is DCT8 @ pixels @ DCT8.T.
+DCT8 = 2.0 * np.cos(
+    np.pi * np.arange(8)[:, None] * (2 * np.arange(IMG_SIZE)[None, :] + 1) / (2 * IMG_SIZE)
+)
+# Each crop's resampling folded into the transform: block = rows @ grid @ cols.T.
+CROP_ROWS, CROP_COLS = (
+    np.ascontiguousarray((DCT8[None] @ m).astype(np.float32)) for m in _crop_matrices()
+)
+# A horizontal mirror flips the sign of the odd horizontal frequencies.
+MIRROR_SIGNS = np.where(np.arange(8) % 2 == 1, -1.0, 1.0)[None, :]
+
+
+@dataclass
+class ViewInput:
+    """What one image contributes to a batch: its full frame shrunk as the pHash shrinks
+    it, its trimmed frame at 32 x 32 (None when nothing was trimmed) and at GRID x GRID."""
+
+    full: np.ndarray
+    trim: np.ndarray | None
+    grid: np.ndarray
+
+
+def view_input(image: Image.Image, full: np.ndarray) -> ViewInput:
+    """The views' pixels of a decoded image whose pHash input (32 x 32 uint8) is `full`."""
+    gray = image if image.mode == "L" else image.convert("L")
+    box = content_box(np.asarray(gray))
+    trimmed = box != (0, 0, gray.width, gray.height)
+    trim = (
+        np.asarray(gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS, box=box))
+        if trimmed
+        else None
+    )
+    grid = np.asarray(gray.resize((GRID, GRID), Image.Resampling.BILINEAR, box=box))
+    return ViewInput(full, trim, grid)
+
+
+def view_codes(inputs: list[ViewInput]) -> np.ndarray:
+    """(N, VIEW_BYTES) uint8 codes, in VIEW_NAMES order. A view with fewer than
+    LOW_DETAIL_BITS confident bits (a crop of sky) gets the full frame's code, which the
+    search drops as a repeat of the full view."""
+    n = len(inputs)
+    if n == 0:
+        return np.zeros((0, VIEW_BYTES), dtype=np.uint8)
+    full = np.stack([v.full for v in inputs]).astype(np.float64)
+    trim = np.stack([v.full if v.trim is None else v.trim for v in inputs]).astype(np.float64)
+    grid = np.stack([v.grid for v in inputs]).astype(np.float32)
+    crops = np.matmul(np.matmul(CROP_ROWS[None], grid[:, None]), CROP_COLS.transpose(0, 2, 1))
+    blocks = np.empty((n, VIEWS, 8, 8), dtype=np.float64)
+    blocks[:, 0] = DCT8 @ full @ DCT8.T
+    blocks[:, 1] = DCT8 @ trim @ DCT8.T
+    blocks[:, 2] = blocks[:, 0] * MIRROR_SIGNS
+    blocks[:, 3] = blocks[:, 1] * MIRROR_SIGNS
+    blocks[:, WHOLE_VIEWS:] = crops
+    flat = blocks.reshape(n, VIEWS, 64)
+    median = np.median(flat, axis=2, keepdims=True)
+    detail = (np.abs(flat - median) > DETAIL_FLOOR).sum(axis=2)
+    codes = np.packbits(flat > median, axis=2)
+    weak = detail < LOW_DETAIL_BITS
+    codes[weak] = np.repeat(codes[:, :1], VIEWS, axis=1)[weak]
+    return codes.reshape(n, VIEW_BYTES)
+
+
+# A virtual row: one code of one image. Whole-frame views sort before every crop, so a
+# group of equal codes is represented by a whole frame whenever it holds one.
+VIEW_BITS = 5
+CROP_FLAG = np.int64(1) << np.int64(62)
+
+
+def virtual_ids(rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """int64 ids of (row, view) codes, ordered whole frames first, then by row and view."""
+    crop = np.where(views >= WHOLE_VIEWS, CROP_FLAG, np.int64(0))
+    return crop | (rows.astype(np.int64) << VIEW_BITS) | views.astype(np.int64)
+
+
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, views) of virtual ids."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return (ids & ~CROP_FLAG) >> VIEW_BITS, ids & ((1 << VIEW_BITS) - 1)
+
+
+def distinct_codes(rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(virtual ids, big-endian uint64 words) of each row's distinct view codes; a code
+    equal to an earlier view's of the same row is dropped. `codes`: (N, VIEW_BYTES)."""
+    words = np.ascontiguousarray(codes).view(">u8").reshape(len(codes), VIEWS).astype(np.uint64)
+    keep = np.ones(words.shape, dtype=bool)
+    for v in range(1, VIEWS):
+        keep[:, v] = ~(words[:, :v] == words[:, v : v + 1]).any(axis=1)
+    r, v = np.nonzero(keep)
+    return virtual_ids(rows[r], v), words[r, v]
+
+
+@dataclass
+class ViewPairs:
+    """Candidate pairs of rows (i < j) from pairs of codes: the smallest distance, whether
+    it is within its combination's threshold (`strict`: linked by the hashes alone), and
+    whether that match is between a mirror view and a plain one."""
+
+    i: np.ndarray
+    j: np.ndarray
+    distance: np.ndarray
+    strict: np.ndarray
+    mirrored: np.ndarray
+
+
+# The kind of each (view, view) combination: a plain one compares two whole frames the
+# right way round, as the pHash does (its threshold applies); a crop or a mirror is a
+# transformed one (views_threshold applies, stricter: see README, "Copies a pHash
+# misses"); two crops never match.
+PLAIN, TRANSFORMED, NEVER = 0, 1, 2
+KIND = np.full((VIEWS, VIEWS), TRANSFORMED, dtype=np.int8)
+KIND[WHOLE_VIEWS:, WHOLE_VIEWS:] = NEVER
+for _a in range(WHOLE_VIEWS):
+    for _b in range(WHOLE_VIEWS):
+        if MIRRORED[_a] == MIRRORED[_b]:
+            KIND[_a, _b] = PLAIN
+
+
+def row_pairs(
+    a_ids: np.ndarray, b_ids: np.ndarray, distance: np.ndarray, plain: int, transformed: int
+) -> ViewPairs:
+    """Row pairs from code pairs (virtual ids). Pairs within one row and crop-to-crop
+    pairs are dropped; a code pair is strict within `plain` bits for two whole frames
+    the same way round, within `transformed` bits otherwise. Each row pair keeps its
+    closest strict match if it has one, else its closest match (ties: the plain one)."""
+    ra, va = split_ids(a_ids)
+    rb, vb = split_ids(b_ids)
+    kind = KIND[va, vb]
+    ok = (ra != rb) & (kind != NEVER)
+    ra, rb, va, vb, kind = ra[ok], rb[ok], va[ok], vb[ok], kind[ok]
+    d = np.asarray(distance, dtype=np.int32)[ok]
+    strict = d <= np.where(kind == PLAIN, plain, transformed)
+    lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+    mirrored = MIRRORED[va] != MIRRORED[vb]
+    order = np.lexsort((mirrored, d, ~strict, hi, lo))
+    lo, hi, d, strict, mirrored = lo[order], hi[order], d[order], strict[order], mirrored[order]
+    first = np.ones(len(lo), dtype=bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return ViewPairs(lo[first], hi[first], d[first], strict[first], mirrored[first])
+
+
+def code_words(codes: np.ndarray) -> np.ndarray:
+    """(N, VIEWS) uint64 words of (N, VIEW_BYTES) codes."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    return codes.view(">u8").reshape(len(codes), VIEWS).astype(np.uint64)
+
+
+def views_linked(a: np.ndarray, b: np.ndarray, plain: int, transformed: int) -> np.ndarray:
+    """Row by row, whether two aligned (N, VIEW_BYTES) code arrays match by the hashes
+    alone: some pair of views within its combination's threshold (see row_pairs)."""
+    wa, wb = code_words(a), code_words(b)
+    out = np.zeros(len(wa), dtype=bool)
+    for va, vb in zip(*np.nonzero(KIND != NEVER), strict=True):
+        limit = plain if KIND[va, vb] == PLAIN else transformed
+        out |= np.bitwise_count(wa[:, va] ^ wb[:, vb]) <= limit
+    return out
+
+
+def view_pairs(vectors: np.ndarray, plain: int, transformed: int) -> ViewPairs:
+    """Row pairs of distinct code vectors (N, VIEW_BYTES) that match by the hashes alone
+    (see row_pairs): brute force over codes through hamming_pairs; the global phase finds
+    the same pairs by partitioned multi-index hashing."""
+    from dedup.pairs import hamming_pairs
+
+    ids, words = distinct_codes(np.arange(len(vectors), dtype=np.int64), vectors)
+    order = np.argsort(ids, kind="stable")
+    ids, words = ids[order], words[order]
+    codes = words.astype(">u8").view(np.uint8).reshape(-1, CODE_BYTES)
+    i, j, d = hamming_pairs(codes, max(plain, transformed))
+    found = row_pairs(ids[i], ids[j], d, plain, transformed)
+    s = found.strict
+    return ViewPairs(found.i[s], found.j[s], found.distance[s], s[s], found.mirrored[s])
