@@ -28,9 +28,9 @@ format: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-data
 	$(BIN)/python -m dedup.synth demo-data/shards 200 100
-	@if $(BIN)/dedup --check-clip 2>/dev/null; then signals=exact,phash,clip; \
-	else signals=exact,phash; \
-	echo "demo: no CLIP weights here (no network, none cached): running exact,phash only."; \
+	@if $(BIN)/dedup --check-clip 2>/dev/null; then signals=exact,phash,views,clip; \
+	else signals=exact,phash,views; \
+	echo "demo: no CLIP weights here (no network, none cached): running exact,phash,views (no clip)."; \
 	echo "demo: to turn CLIP on, pass --clip-pretrained PATH to a ViT-B-32 checkpoint."; fi; \
 	echo "demo: dedup demo-data/shards --out demo-data/clean --signals $$signals"; \
 	$(BIN)/dedup demo-data/shards --out demo-data/clean --signals $$signals

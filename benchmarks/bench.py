@@ -4,6 +4,10 @@ On one data set, in one run:
   (a) decode floor: read every shard and decode every JPEG at 1/8 scale in grayscale,
       on all cores, nothing else (pool start-up excluded);
   (b) `dedup --signals exact,phash` end to end as a user runs it, process start included;
+  (b2) the same with the views signal's hashes (`exact,phash,views --no-verify`): what the
+      hash tier adds, against the floor's time;
+  (b3) with its verification tier too: pairs checked, images decoded, time per pair and
+      per image;
   (c) imagededup's PHash: encode_images + find_duplicates on the images as files;
   (d) a plain loop of imagehash.phash over the same files, one process.
 It prints images per second for each, the ratios b/a and b/c, and the peak memory of (b)
@@ -163,7 +167,9 @@ def decode_floor(shards: list[str]) -> tuple[float, int]:
 # ---------------------------------------------------------------- (b) dedup
 
 
-def run_dedup(inputs: list[str], out: str) -> tuple[float, int, dict]:
+def run_dedup(
+    inputs: list[str], out: str, flags: tuple[str, ...] = ("--signals", "exact,phash")
+) -> tuple[float, int, dict]:
     """Wall time, peak RSS in KiB (its largest process) and summary of one dedup run.
 
     The peak comes from GNU time, whose own small process forks dedup: the kernel carries
@@ -171,7 +177,7 @@ def run_dedup(inputs: list[str], out: str) -> tuple[float, int, dict]:
     would count this process too.
     """
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [DEDUP, *inputs, "--out", out, "--signals", "exact,phash", "--json", "-q"]
+    cmd = [DEDUP, *inputs, "--out", out, *flags, "--json", "-q"]
     timed = os.path.exists("/usr/bin/time")
     if timed:
         cmd = ["/usr/bin/time", "-f", "maxrss %M", *cmd]
@@ -261,6 +267,31 @@ def bench_set(name, root, images, per_shard, width, height, loop_limit, memory_s
         )
         phases = summary["phases"]
         print("      phases: " + ", ".join(f"{k} {v['seconds']:.2f} s" for k, v in phases.items()))
+        views_s, _, views = run_dedup(
+            shards, os.path.join(tmp, "views"), ("--signals", "exact,phash,views", "--no-verify")
+        )
+        print(
+            f"  (b2) + views, hashes only {c['samples'] / views_s:>8,.0f} images/s  "
+            f"({views_s:.2f} s; removed {views['counts']['removed']:,}); "
+            f"adds {views_s - b_s:.2f} s = {(views_s - b_s) / a_s:.2f} of the floor's time "
+            "(target <= 0.5)",
+            flush=True,
+        )
+        verify_s, _, verified = run_dedup(
+            shards, os.path.join(tmp, "verify"), ("--signals", "exact,phash,views")
+        )
+        v = verified["counts"]["verify"]
+        print(
+            f"  (b3) + verification       {c['samples'] / verify_s:>8,.0f} images/s  "
+            f"({verify_s:.2f} s; removed {verified['counts']['removed']:,}); "
+            f"checked {v['checked']:,} pairs ({v['accepted']:,} accepted), "
+            f"{v['images_decoded']:,} images decoded "
+            f"({v['images_decoded'] / c['samples']:.1%} of all); "
+            f"{1000 * v['task_seconds'] / max(v['checked'], 1):.1f} ms per pair, "
+            f"{1000 * v['task_seconds'] / max(v['images_decoded'], 1):.1f} ms per image "
+            "(task time, summed over workers)",
+            flush=True,
+        )
         mem = []
         for count in memory_sizes:
             _, rss, s = run_dedup(shards[:count], os.path.join(tmp, f"mem{count}"))

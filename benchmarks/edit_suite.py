@@ -37,8 +37,8 @@ What it builds (once, cached under bench-data/edit-suite/; `--rebuild` redoes it
   | letterbox | black bars above and below, each 12.5% of the picture's height |
   | pillarbox | black bars left and right, each 12.5% of the picture's width |
   | pillarbox_white | white bars left and right, each 12.5% of the width |
-  | centre_crop_N | N% of the width cut from the left and from the right, and N% of the |
-  |  | height from the top and from the bottom: centre_crop_20 keeps the middle 60% x 60% |
+  | centre_crop_N | N% of the width and N% of the height cut, half from each side: |
+  |  | centre_crop_20 keeps the middle 80% x 80% (as offset_crop_20 keeps a corner's) |
   | offset_crop_N | N% of the width cut from one side and N% of the height from one end, |
   |  | keeping one corner (drawn per copy, recorded): offset_crop_20 keeps 80% x 80% |
   | rotate_D | turned D degrees anticlockwise, then cropped to the largest centred |
@@ -129,7 +129,7 @@ DEDUP_CONFIG = Config()
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = os.path.join(REPO, "bench-data", "edit-suite")
 # Bump when anything that changes the built data changes, so that a cached build is redone.
-SUITE_VERSION = "v1"
+SUITE_VERSION = "v2"  # v2: centre crops cut N% of each side in all, half per side
 SEED = 0
 JPEG_QUALITY = 90
 LONG_SIDE = (480, 640)  # each picture's long side is drawn from this range, inclusive
@@ -377,8 +377,9 @@ def _pad(img: Image.Image, vertical: bool, colour: int, share: float = 0.125) ->
 
 
 def _centre_crop(img: Image.Image, share: float) -> Image.Image:
+    """Cut `share` of the width and of the height, half from each side."""
     w, h = img.size
-    dx, dy = round(w * share), round(h * share)
+    dx, dy = round(w * share / 2), round(h * share / 2)
     return img.crop((dx, dy, w - dx, h - dy))
 
 

@@ -33,16 +33,17 @@ class Config:
     test keeps the two equal.
     """
 
-    signals: tuple[str, ...] = ("exact", "phash", "clip")
+    signals: tuple[str, ...] = ("exact", "phash", "views", "clip")
     phash_threshold: int = 8
     phash_draft: bool = True
     # The views signal (several hashes per image: trimmed, cropped, mirrored): two whole
     # frames the same way round are linked within phash_threshold bits, a crop or a mirror
     # within views_threshold; pairs up to verify_threshold, the grey zone, are checked by
-    # local features when `verify` is on, at most verify_per_image per image.
+    # local features when `verify` is on, at most verify_per_image per image. 0: the bound
+    # follows the data's size (views.grey_bound: few unrelated candidates per image).
     views_threshold: int = 4
     verify: bool = True
-    verify_threshold: int = 16
+    verify_threshold: int = 0
     verify_per_image: int = 4
     exact_digest: str = "blake3"
     clip_model: str = "ViT-B-32"
@@ -96,10 +97,10 @@ class Config:
             raise ConfigError(
                 f"views_threshold: {self.views_threshold} is outside 0..24 (bits of 64)"
             )
-        if not self.views_threshold <= self.verify_threshold <= 24:
+        if self.verify_threshold and not self.views_threshold <= self.verify_threshold <= 24:
             raise ConfigError(
                 f"verify_threshold: {self.verify_threshold} is outside "
-                f"views_threshold..24 ({self.views_threshold}..24 bits of 64)"
+                f"views_threshold..24 ({self.views_threshold}..24 bits of 64), or 0 (auto)"
             )
         if self.verify_per_image < 1:
             raise ConfigError(f"verify_per_image: {self.verify_per_image} must be at least 1")
@@ -156,12 +157,16 @@ class Config:
         """Worker processes to use: `workers`, or every core when it is 0."""
         return self.workers or os.cpu_count() or 1
 
-    @property
-    def views_bound(self) -> int:
-        """The largest distance the views signal's search must find: the grey zone's
-        bound with verification, else the larger of its two thresholds."""
+    def views_bound(self, rows: int) -> int:
+        """The largest distance the views signal's search must find among `rows` images:
+        the grey zone's bound with verification (verify_threshold, or for 0 the bound
+        that suits the data's size), else the larger of its two thresholds."""
+        from dedup.signals.views import grey_bound
+
         strict = max(self.phash_threshold, self.views_threshold)
-        return max(strict, self.verify_threshold) if self.verify else strict
+        if not self.verify:
+            return strict
+        return max(strict, self.verify_threshold or grey_bound(rows))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-ready settings (tuples as lists)."""

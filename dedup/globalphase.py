@@ -213,6 +213,7 @@ class Layout:
     chunks: int  # m: pHash chunks
     prefix_bits: int  # k: bits of a chunk's value that pick its part
     radius: int  # r: bits a chunk may differ by
+    threshold: int = 0  # t: the largest distance found
 
     @staticmethod
     def of(rows: int, config: Config) -> Layout:
@@ -223,7 +224,8 @@ class Layout:
     def of_views(rows: int, config: Config) -> Layout:
         """The layout of the view codes' search: up to VIEWS codes a row, within the grey
         zone's bound when verification is on."""
-        return Layout.of_codes(rows * VIEWS_PER_ROW, config.views_bound, config.partition_rows)
+        bound = config.views_bound(rows)
+        return Layout.of_codes(rows * VIEWS_PER_ROW, bound, config.partition_rows)
 
     @staticmethod
     def of_codes(codes: int, threshold: int, partition_rows: int) -> Layout:
@@ -232,7 +234,7 @@ class Layout:
         m = choose_engine(max(codes, 2), threshold, "mih")[1]
         bits = min(b for _, b in _chunks(m))
         k = min(bits, max(0, math.ceil(math.log2(parts)))) if parts > 1 else 0
-        return Layout(parts, m, k, threshold // m)
+        return Layout(parts, m, k, threshold // m, threshold)
 
     @property
     def near_parts(self) -> int:
@@ -615,8 +617,7 @@ class _Near:
 
     def __call__(self, bucket: int) -> NearStats:
         views = self.kind == "views"
-        c = self.config
-        t = c.views_bound if views else c.phash_threshold
+        t = self.layout.threshold
         lay = self.layout
         k, r = lay.prefix_bits, lay.radius
         chunk, prefix = divmod(bucket, 1 << k)
@@ -898,13 +899,16 @@ def run_global(
         edges = _unique_edges(edges, CLIP)
     if runs["views"]:  # a pair of rows may match by several pairs of views
         edges = _unique_edges(edges, VIEWS)
-    if grey_files and config.verify:
-        from dedup.grey import verify_grey
+    if "views" in config.signals and config.verify:
+        from dedup.grey import VerifyStats, verify_grey
 
-        verified, stats["verify"] = verify_grey(
-            grey_files, edges, sources, inputs, shard_starts, config, executor
-        )
-        edges = Edges.concat([edges, verified])
+        stats["verify"] = VerifyStats().to_dict()
+        if grey_files:
+            verified, stats["verify"] = verify_grey(
+                grey_files, edges, sources, inputs, shard_starts, config, executor
+            )
+            edges = Edges.concat([edges, verified])
+        stats["verify"]["bound"] = views_layout.threshold
     members, groups = _components(edges, sources, config, executor, work, dim)
     return Resolved(candidate, reason, members, groups, edges, dim, stats)
 

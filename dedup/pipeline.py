@@ -724,7 +724,8 @@ def _summary(
             "size_histogram": size_histogram(sizes),
             "largest": largest_rows,
         },
-        "thresholds": signals.thresholds(config),
+        "thresholds": signals.thresholds(config)
+        | ({"verify": p.verify["bound"]} if p.verify is not None else {}),
         "digest": config.exact_digest,
         "config": config.to_dict(),
         "versions": package_versions(),

@@ -19,6 +19,7 @@ from dedup import errors, storage
 from dedup.progress import Progress
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import RAY_NODE, free_port, held_inputs, read_tar, readers
+from tests.test_grey import grey_set  # noqa: F401 - a fixture
 from tests.test_hostile import DEDUP, FLAGS, dedup, error_line, outputs
 from tests.test_storage import local_outputs, remote_outputs, upload
 
@@ -335,3 +336,23 @@ def test_clip_stage_actors_give_the_output_of_a_local_run(ray_cluster, tiny224, 
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
     assert runs["ray"]["counts"]["clip_decode"] == {"cpu_cmyk": 1, "cpu_not_jpeg": 2, "device": 6}
     assert runs["ray"]["counts"] == runs["local"]["counts"]
+
+
+def test_the_verification_tier_on_ray_equals_a_local_run(ray_cluster, grey_set, tmp_path):  # noqa: F811
+    """The views signal's grey-zone checks run as Ray tasks (images read again from the
+    shards by offset on any node): the same bytes and the same verified pairs."""
+    import json
+
+    root, _, _ = grey_set
+    args = ["--signals", "exact,phash,views", "--workers", "2", "--keep", "first", "-q"]
+    for name, extra in (("local", []), ("ray", on(ray_cluster))):
+        result = subprocess.run(
+            [DEDUP, str(root / "in"), "--out", str(tmp_path / name), *args, *extra],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+    summary = json.loads((tmp_path / "ray" / "dedup-report" / "summary.json").read_text())
+    assert summary["counts"]["verify"]["accepted"] == 3
+    assert summary["counts"]["removed_by_reason"] == {"verified": 3}

@@ -100,7 +100,7 @@ REGISTRY: dict[str, Signal] = {
                 LOW_DETAIL_BITS,
             ),
             thresholds=lambda c: {"views": c.views_threshold}
-            | ({"verify": c.verify_threshold} if c.verify else {}),
+            | ({"verify": c.verify_threshold or "auto"} if c.verify else {}),
             pairs="dedup.cluster:views_signal_edges",
         ),
         Signal(

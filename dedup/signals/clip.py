@@ -37,7 +37,7 @@ class ClipSpec:
 def _remedy(model: str) -> str:
     return (
         f"pass --clip-pretrained PATH to a local {model} checkpoint, "
-        "or run without CLIP: --signals exact,phash"
+        "or run without CLIP: --signals exact,phash,views"
     )
 
 

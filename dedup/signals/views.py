@@ -157,6 +157,23 @@ def view_codes(inputs: list[ViewInput]) -> np.ndarray:
     return codes.reshape(n, VIEW_BYTES)
 
 
+# How often two unrelated pictures come within each bound by some allowed combination of
+# views (plain and transformed rates added), measured by benchmarks/views_scale.py on
+# 2,870 crops of the bundled photographs (3.9 million pairs of different photographs;
+# README, "Copies a pHash misses"). The grey zone's automatic bound is the largest whose
+# unrelated candidates stay within GREY_BUDGET per image at the data's size.
+UNRELATED_RATE = {0: 0.0, 2: 2.5e-7, 4: 1.5e-6, 6: 8.4e-6, 8: 3.3e-5, 10: 1.2e-4, 12: 4.0e-4,
+                  14: 1.6e-3, 16: 8.1e-3}  # fmt: skip
+GREY_BUDGET = 2.0
+
+
+def grey_bound(rows: int) -> int:
+    """The grey zone's bound for `rows` images (verify_threshold 0): at most GREY_BUDGET
+    expected unrelated candidates per image."""
+    fits = [t for t, rate in UNRELATED_RATE.items() if rate * max(rows - 1, 1) <= GREY_BUDGET]
+    return max(fits)
+
+
 # A virtual row: one code of one image. Whole-frame views sort before every crop, so a
 # group of equal codes is represented by a whole frame whenever it holds one.
 VIEW_BITS = 5

@@ -1,0 +1,179 @@
+"""The views signal's verification tier end to end: grey-zone pairs are chosen nearest
+first per image, read again from the shards by offset, checked by local features, and
+linked as `verified`; the same results with one worker or two, and under Ray."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw
+
+from dedup.cluster import Edges
+from dedup.config import Config
+from dedup.errors import ShardError
+from dedup.grey import GreyPairs, _Check, drop_linked, nearest_per_image
+from dedup.pipeline import run
+from dedup.signals.views import grey_bound
+from dedup.synth import PlantedSample, encode, make_image, write_shards
+
+
+def test_nearest_per_image_keeps_each_images_closest_candidates():
+    # row 0 has five candidates; rows 1..5 one each (row 0); rows 6 and 7 each other
+    grey = GreyPairs(
+        i=np.array([0, 0, 0, 0, 0, 6]),
+        j=np.array([1, 2, 3, 4, 5, 7]),
+        distance=np.array([9, 7, 12, 7, 10, 14]),
+        mirrored=np.zeros(6, dtype=bool),
+    )
+    kept = nearest_per_image(grey, 2)
+    # every pair is among its other image's two nearest, so all stay ...
+    assert kept.j.tolist() == [1, 2, 3, 4, 5, 7]
+    # ... unless both ends have closer candidates
+    grey = GreyPairs(
+        i=np.array([0, 0, 0, 1, 1]),
+        j=np.array([1, 2, 3, 2, 3]),
+        distance=np.array([12, 6, 6, 6, 6]),
+        mirrored=np.zeros(5, dtype=bool),
+    )
+    kept = nearest_per_image(grey, 2)
+    assert list(zip(kept.i.tolist(), kept.j.tolist(), strict=True)) == [
+        (0, 2),
+        (0, 3),
+        (1, 2),
+        (1, 3),
+    ]
+
+
+def test_pairs_already_linked_are_not_checked():
+    grey = GreyPairs(
+        np.array([0, 1, 2]), np.array([5, 4, 3]), np.array([9, 9, 9]), np.zeros(3, bool)
+    )
+    edges = Edges.of([4, 3], [1, 9], [0, 0], 0)  # (1, 4) linked, either way round
+    kept = drop_linked(grey, edges)
+    assert kept.i.tolist() == [0, 2]
+
+
+def test_the_grey_zone_narrows_as_the_data_grows():
+    assert grey_bound(1_000) == 14
+    assert grey_bound(24_000) == 8
+    assert grey_bound(1_000_000) == 4
+    assert grey_bound(10**9) == 0
+    assert [grey_bound(n) for n in (10, 10**3, 10**5, 10**7)] == sorted(
+        (grey_bound(n) for n in (10, 10**3, 10**5, 10**7)), reverse=True
+    )
+
+
+def textured(seed: int) -> Image.Image:
+    """A picture with enough corners for local features: make_image and 150 shapes."""
+    image = make_image(seed, 320, 240)
+    rng = np.random.default_rng(seed)
+    draw = ImageDraw.Draw(image)
+    for _ in range(150):
+        x, y = rng.uniform(0, 300), rng.uniform(0, 220)
+        w, h = rng.uniform(4, 30, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        draw.rectangle([x, y, x + w, y + h], fill=colour)
+    return image
+
+
+def rotated(image: Image.Image, degrees: float) -> Image.Image:
+    """Turned and cropped to the middle 84% (no black corners)."""
+    w, h = image.size
+    turned = image.rotate(degrees, resample=Image.Resampling.BICUBIC)
+    return turned.crop((w * 0.08, h * 0.08, w * 0.92, h * 0.92))
+
+
+def captioned(image: Image.Image) -> Image.Image:
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    w, h = out.size
+    draw.rectangle([0, h * 0.8, w, h], fill=(20, 20, 20))
+    draw.text((10, h * 0.84), "A CAPTION OVER THE PICTURE", fill=(255, 255, 255))
+    return out
+
+
+@pytest.fixture(scope="module")
+def grey_set(tmp_path_factory):
+    """Eight textured originals (first in input order); a 5-degree rotation of 0 and of
+    1 and a captioned copy of 2, which the hashes leave in the grey zone; the left half
+    of 3 (a part, not a copy); in 3 shards."""
+    root = tmp_path_factory.mktemp("grey")
+    originals = [textured(500 + k) for k in range(8)]
+    samples, truth = [], {}
+
+    def add(image, label):
+        key = f"{len(samples):04d}"
+        samples.append(PlantedSample(key, {"jpg": encode(image, "JPEG", quality=90)}, None, label))
+        truth[key] = label
+
+    for k, image in enumerate(originals):
+        add(image, f"original {k}")
+    add(rotated(originals[0], 5), "rotated 0")
+    add(rotated(originals[1], -5), "rotated 1")
+    add(captioned(originals[2]), "captioned 2")
+    add(originals[3].crop((0, 0, 160, 240)), "half 3")
+    paths = write_shards(samples, str(root / "in"), 5)
+    return root, truth, paths
+
+
+def _removed(out: str, truth: dict) -> dict:
+    rows = pq.read_table(f"{out}/dedup-report/samples.parquet").to_pylist()
+    return {truth[r["key"]]: (truth[r["duplicate_of"]], r["reason"]) for r in rows if not r["kept"]}
+
+
+def _run(root, out, **settings):
+    config = Config(signals=("exact", "phash", "views"), keep="first", **settings)
+    run([str(root / "in")], out, config)
+    return json.loads(open(f"{out}/dedup-report/summary.json").read())
+
+
+def test_grey_zone_copies_are_verified_and_a_part_is_not(grey_set, tmp_path):
+    root, truth, _ = grey_set
+    off = _run(root, str(tmp_path / "off"), verify=False)
+    assert _removed(str(tmp_path / "off"), truth) == {}  # the hashes alone link none
+    assert "verify" not in off["counts"] and "verify" not in off["thresholds"]
+    on = _run(root, str(tmp_path / "on"), workers=2)
+    assert _removed(str(tmp_path / "on"), truth) == {
+        "rotated 0": ("original 0", "verified"),
+        "rotated 1": ("original 1", "verified"),
+        "captioned 2": ("original 2", "verified"),
+    }
+    v = on["counts"]["verify"]
+    assert v["accepted"] == 3 and v["bound"] == grey_bound(12) == 16
+    assert v["checked"] >= 3 and v["images_decoded"] >= 6
+    assert v["checked"] - v["accepted"] == sum(v["rejected_by_reason"].values())
+    assert on["thresholds"] == {"phash": 8, "views": 4, "verify": 16}
+    clusters = pq.read_table(f"{tmp_path}/on/dedup-report/clusters.parquet").to_pylist()
+    assert [c["signals"] for c in clusters] == [["verified"]] * 3
+
+
+def test_verification_gives_the_same_bytes_with_one_worker_or_two(grey_set, tmp_path):
+    root, _, paths = grey_set
+    for name, workers in (("a", 1), ("b", 2)):
+        _run(root, str(tmp_path / name), workers=workers, partition_rows=5)
+    for name in [os.path.basename(p) for p in paths] + ["dedup-report/samples.parquet"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_a_shard_changed_after_its_features_were_read_is_refused(grey_set, tmp_path):
+    """The check reads images again by offset: bytes that no longer match the digest
+    taken in phase 1 stop the run with the shard named, never a check of other bytes."""
+    from dedup.extract import extract_shard
+    from dedup.shards import Shard
+
+    root, _, paths = grey_set
+    config = Config(signals=("exact", "phash", "views"))
+    changed = str(tmp_path / "changed.tar")
+    with open(paths[0], "rb") as fh:
+        data = bytearray(fh.read())
+    with open(changed, "wb") as fh:
+        fh.write(data)
+    features = extract_shard(Shard(changed), config, str(tmp_path / "store"))
+    data[2048] ^= 0xFF  # inside the first sample's JPEG
+    with open(changed, "wb") as fh:
+        fh.write(data)
+    check = _Check(config, [(features.path, 0)], [changed], np.array([0, features.rows]))
+    with pytest.raises(ShardError, match="changed since it was read"):
+        check((np.array([0]), np.array([1]), np.array([False])))
