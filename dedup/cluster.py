@@ -43,9 +43,12 @@ RANK_DECISION = np.array(
 )
 # Signals whose distance-0 edges are not "equal keys": their edges link rows as they are.
 # A views edge between different code vectors has distance bits + 1 and one between equal
-# vectors 0, so the views signal collapses equal vectors like the pHash does; its
-# verified tier links rows only.
-LINKS_ONLY = (CLIP, VERIFIED)
+# vectors 0, so the views signal collapses equal vectors like the pHash does.
+LINKS_ONLY = (CLIP,)
+# A signal whose edges join the groups of another's equal keys: a verified pair was
+# checked between the first rows of two groups of equal view codes, and holds for every
+# row of both groups (an exact re-upload of a checked image is the same picture).
+GROUPS_OF = {VERIFIED: VIEWS}
 
 
 @dataclass
@@ -345,7 +348,12 @@ def direct_links(
         sim = _cosine(cand.clip, rows, others)
         out[sim >= np.float32(config.clip_threshold)] = CLIP_COPY
     if edges is not None and (edges.signal == VERIFIED).any():
-        out[_linked(edges, VERIFIED, rows, others)] = VERIFIED_COPY
+        # checked between the first rows of groups of equal view codes (GROUPS_OF)
+        n = int(max(edges.i.max(), edges.j.max(), rows.max(), others.max())) + 1
+        first = np.arange(n)
+        equal = (edges.signal == VIEWS) & (edges.distance == 0)
+        first[edges.j[equal]] = edges.i[equal]
+        out[_linked(edges, VERIFIED, first[rows], first[others])] = VERIFIED_COPY
     if "views" in config.signals and cand.views is not None:
         low = cand.low_detail()
         c = config
@@ -537,7 +545,7 @@ def calibration_from(
 
 
 def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
-    """The first signal (exact, phash or flat, clip) among the edges touching each row."""
+    """The first signal, by PRECEDENCE, among the edges touching each row."""
     size = int(max(edges.i.max(), edges.j.max())) + 1
     best = np.full(size, len(SIGNALS), dtype=np.int8)
     for side in (edges.i, edges.j):
@@ -596,7 +604,12 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     adj_parts, base = [], 0
     for k, s in enumerate(present):
         of = edges.signal == s
-        star = of & (edges.distance == 0) if s not in LINKS_ONLY else np.zeros(len(of), bool)
+        keys = GROUPS_OF.get(s, s)
+        star = (
+            (edges.signal == keys) & (edges.distance == 0)
+            if keys not in LINKS_ONLY
+            else np.zeros(len(of), bool)
+        )
         group[k, edges.j[star]] = edges.i[star]
         members[k] = np.argsort(group[k], kind="stable")
         mem_start[k, 0] = 0

@@ -157,16 +157,20 @@ class Config:
         """Worker processes to use: `workers`, or every core when it is 0."""
         return self.workers or os.cpu_count() or 1
 
-    def views_bound(self, rows: int) -> int:
-        """The largest distance the views signal's search must find among `rows` images:
-        the grey zone's bound with verification (verify_threshold, or for 0 the bound
-        that suits the data's size), else the larger of its two thresholds."""
+    def grey_bound(self, rows: int) -> int:
+        """The views signal's grey zone among `rows` images: pairs the hashes do not link
+        up to this many bits are checked (verify_threshold, or for 0 the bound that suits
+        the data's size); -1 without verification."""
         from dedup.signals.views import grey_bound
 
-        strict = max(self.phash_threshold, self.views_threshold)
         if not self.verify:
-            return strict
-        return max(strict, self.verify_threshold or grey_bound(rows))
+            return -1
+        return self.verify_threshold or grey_bound(rows)
+
+    def views_bound(self, rows: int) -> int:
+        """The largest distance the views signal's search must find among `rows` images:
+        the larger of its two thresholds and the grey zone's bound."""
+        return max(self.phash_threshold, self.views_threshold, self.grey_bound(rows))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-ready settings (tuples as lists)."""
@@ -185,6 +189,8 @@ class Config:
             "max_pixels": self.max_pixels,
             "image_extensions": sorted(self.image_extensions),
             "image_formats": sorted(self.image_formats),
+            # the digest is stored whatever the signals: the verification tier checks it
+            "exact_digest": self.exact_digest,
             "signals": signals.fingerprint(self),
         }
         return _digest(relevant)

@@ -129,7 +129,6 @@ def shard_fingerprint(
             "identity": identity,
             "content": content,
             "config": config.feature_fingerprint(),
-            "signals": signals.fingerprint(config),
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },

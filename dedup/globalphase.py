@@ -614,6 +614,7 @@ class _Near:
     layout: Layout
     parts: int  # partitions whose routed files are read
     kind: str = "phash"  # or "views": ids are virtual rows (row, view)
+    grey: int = -1  # views: the grey zone's bound (-1: none, no verification)
 
     def __call__(self, bucket: int) -> NearStats:
         views = self.kind == "views"
@@ -679,7 +680,9 @@ class _Near:
         strict = found.strict
         edges = Edges.of(found.i[strict], found.j[strict], found.distance[strict] + 1, VIEWS)
         save_edges(storage.join(self.work, f"edges-vnear-{bucket:06d}"), edges)
-        grey = ~strict
+        if self.grey < 0:
+            return
+        grey = ~strict & (found.distance <= self.grey)
         save_arrays(
             storage.join(self.work, f"grey-{bucket:06d}"),
             i=found.i[grey],
@@ -841,6 +844,7 @@ def run_global(
     shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
     layout = Layout.of(rows_total, config)
     views_layout = Layout.of_views(rows_total, config)
+    grey = config.grey_bound(rows_total)
     stats["layout"] = layout
     centroids = clip_cells(sources, rows_total, config) if "clip" in config.signals else None
     cells = 1 if centroids is None else len(centroids)
@@ -887,13 +891,14 @@ def run_global(
     if runs["views"]:
         buckets = list(range(views_layout.near_parts))
         stats["views_near"] = executor.map(
-            _Near(work, config, views_layout, views_layout.parts, "views"),
+            _Near(work, config, views_layout, views_layout.parts, "views", grey),
             buckets,
             Progress("view pairs", total_items=len(buckets)),
             describe=_describe_part,
         )
         edge_files += [storage.join(work, f"edges-vnear-{b:06d}") for b in buckets]
-        grey_files = [storage.join(work, f"grey-{b:06d}") for b in buckets]
+        if grey >= 0:
+            grey_files = [storage.join(work, f"grey-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
     if cells > 1:  # a CLIP pair of vectors that share cells is found in each of them
         edges = _unique_edges(edges, CLIP)
@@ -908,7 +913,7 @@ def run_global(
                 grey_files, edges, sources, inputs, shard_starts, config, executor
             )
             edges = Edges.concat([edges, verified])
-        stats["verify"]["bound"] = views_layout.threshold
+        stats["verify"]["bound"] = grey
     members, groups = _components(edges, sources, config, executor, work, dim)
     return Resolved(candidate, reason, members, groups, edges, dim, stats)
 

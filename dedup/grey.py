@@ -25,8 +25,9 @@ from dedup.progress import Progress
 from dedup.shards import display_name
 from dedup.signals.exact import digest
 
-# Pairs per verification task: each task decodes the images of its pairs once.
-TASK_PAIRS = 2_000
+# Pairs per verification task: each task decodes the images of its pairs once and holds
+# their features (about 40 KB an image).
+TASK_PAIRS = 500
 
 
 @dataclass
@@ -122,40 +123,48 @@ class _Check:
     starts: np.ndarray  # first row per shard, and the total
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
-        from dedup.verify import features, verify
+        import cv2
+
+        from dedup.verify import verify
 
         began = time.perf_counter()
         i, j, mirrored = item
-        rows = np.unique(np.concatenate([i, j]))
-        images = self._images(rows)
-        cache: dict[tuple[int, bool], object] = {}
-
-        def of(row: int, mirror: bool):
-            key = (row, mirror)
-            if key not in cache:
-                cache[key] = None if images[row] is None else features(images[row], mirror)
-            return cache[key]
-
+        wanted = {(int(a), False) for a in i} | {
+            (int(b), bool(m)) for b, m in zip(j, mirrored, strict=True)
+        }
+        found = self._features(sorted(wanted))
         accepted = np.zeros(len(i), dtype=bool)
         rejected: Counter = Counter()
         for k, (a, b, m) in enumerate(zip(i.tolist(), j.tolist(), mirrored.tolist(), strict=True)):
-            fa, fb = of(a, False), of(b, bool(m))
+            fa, fb = found[(a, False)], found[(b, bool(m))]
             if fa is None or fb is None:
                 rejected["undecodable"] += 1
                 continue
-            verdict = verify(fa, fb)
+            try:
+                verdict = verify(fa, fb)
+            except cv2.error:  # a degenerate picture OpenCV refuses: never a duplicate
+                rejected["unverifiable"] += 1
+                continue
             accepted[k] = verdict.accepted
             if not verdict.accepted:
                 rejected[verdict.reason] += 1
-        return accepted, len(rows), time.perf_counter() - began, dict(rejected)
+        rows = len({row for row, _ in wanted})
+        return accepted, rows, time.perf_counter() - began, dict(rejected)
 
-    def _images(self, rows: np.ndarray) -> dict[int, object]:
-        """Each row's image, decoded at the verification size; its bytes checked against
-        the digest taken when the features were computed."""
+    def _features(self, wanted: list[tuple[int, bool]]) -> dict[tuple[int, bool], object]:
+        """Local features of each (row, mirrored) wanted, None where no decoder reads the
+        image; each image is decoded once, its features taken at once and the pixels
+        dropped, so a task holds features, not images. The image's bytes are checked
+        against the digest taken when the shard's features were computed."""
+        import cv2
+
         from dedup.globalphase import rows_by_shard
-        from dedup.verify import VERIFY_SIDE
+        from dedup.verify import VERIFY_SIDE, features
 
-        out: dict[int, object] = {}
+        out: dict[tuple[int, bool], object] = {}
+        rows = np.array(sorted({row for row, _ in wanted}), dtype=np.int64)
+        mirrors = {row for row, m in wanted if m}
+        plain = {row for row, m in wanted if not m}
         for pos, at in rows_by_shard(self.starts, rows):
             path, start = self.sources[pos]
             local = rows[at] - start
@@ -173,14 +182,19 @@ class _Check:
                 m = names.index(cols["image_member"][k])
                 ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
             shard = self.inputs[pos]
-            datas = storage.read_ranges(shard, ranges)
-            for k, data in enumerate(datas):
+            for k, data in enumerate(storage.read_ranges(shard, ranges)):
                 if digest(data, self.config.exact_digest) != cols["digest"][k]:
                     raise ShardError(
                         shard, f"sample {cols['key'][k]} changed since it was read; rerun"
                     )
-                decoded = decode_image(data, self.config, VERIFY_SIDE, "L")
-                out[int(rows[at][k])] = decoded.image
+                row = int(rows[at][k])
+                image = decode_image(data, self.config, VERIFY_SIDE, "L").image
+                for mirror, needed in ((False, row in plain), (True, row in mirrors)):
+                    if needed:
+                        try:
+                            out[(row, mirror)] = None if image is None else features(image, mirror)
+                        except cv2.error:  # a degenerate picture: nothing to match
+                            out[(row, mirror)] = None
         return out
 
 
@@ -202,9 +216,9 @@ def verify_grey(
     grey = drop_linked(load_grey(grey_files), edges)
     stats = VerifyStats(candidates=len(grey.i))
     grey = nearest_per_image(grey, config.verify_per_image)
-    stats.checked = len(grey.i)
     if not len(grey.i) or inputs is None:
         return Edges.concat([]), stats.to_dict()
+    stats.checked = len(grey.i)
     items = [
         (grey.i[s : s + TASK_PAIRS], grey.j[s : s + TASK_PAIRS], grey.mirrored[s : s + TASK_PAIRS])
         for s in range(0, len(grey.i), TASK_PAIRS)

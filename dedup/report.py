@@ -24,7 +24,17 @@ SIZE_TIERS = (
     (f"{RISK_TIERS[1]}+", RISK_TIERS[1], None),
 )
 LARGEST_CLUSTERS = 20
-PACKAGES = ("dedup-wds", "numpy", "scipy", "pillow", "imagehash", "faiss-cpu", "pyarrow", "click")
+PACKAGES = (
+    "dedup-wds",
+    "numpy",
+    "scipy",
+    "pillow",
+    "imagehash",
+    "faiss-cpu",
+    "pyarrow",
+    "click",
+    "opencv-python-headless",  # the views signal's verification tier
+)
 
 SAMPLES_SCHEMA = pa.schema(
     [

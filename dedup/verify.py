@@ -30,6 +30,11 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dedup.signals.views import content_box
+
+# Verification runs one task per core: OpenCV's own thread pool would oversubscribe them.
+cv2.setNumThreads(1)
+
 # Long side of the picture features are computed on; larger pictures are shrunk. 384 and
 # 512 accepted the same positives (within one pair); 320 accepted a negative (a
 # template); 640 and 768 accepted 1-3 fewer positives, at more cost.
@@ -39,14 +44,17 @@ VERIFY_SIDE = 512
 # 256 pixels first, positives accepted went from 797 to 818 of 864 (negatives: none).
 MIN_VERIFY_SIDE = 256
 
-# content_box: a line at a frame's edge is a bar when every pixel lies within this many
-# grey levels of the median of the outermost line. Black or white bars after JPEG q50-q95
-# are then trimmed to within 6 pixels (2 at the 90th percentile); at 4-8, 5 pixels of bar
-# stay at the 90th percentile; at 16 and above, more photos lose their own flat edges.
+# content_box (the views signal's, at this decode's size): a line at a frame's edge is a
+# bar when every pixel lies within this many grey levels of the outermost line's colour.
+# Black or white bars after JPEG q50-q95 are then trimmed to within 6 pixels (2 at the
+# 90th percentile); at 4-8, 5 pixels of bar stay at the 90th percentile; at 16 and above,
+# more photos lose their own flat edges. (Measured with the median of the outermost line
+# as its colour; the middle of its range, which content_box uses, gives the same boxes on
+# the tests' bars.)
 BORDER_TOLERANCE = 12
-# A trimmed box narrower or lower than this share of the frame is a flat picture, not a
-# picture between bars: the full frame is kept.
-MIN_CONTENT_SHARE = 0.25
+# Pictures whose content is narrower or lower than this at the verification size give
+# no features (ORB's pyramid cannot shrink a line of a few pixels): never accepted.
+MIN_CONTENT_SIDE = 32
 
 # ORB keypoints per picture: 500 loses 9 more positives than 1000; matching costs the
 # square of it (about 3 ms a pair at 500, 10 ms at 1000).
@@ -139,30 +147,6 @@ class Verdict:
     centre_agreement: float = 0.0  # the same, over the middle half of the overlap
 
 
-def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of `gray`, x1 and y1 exclusive, with uniform bars at its edges
-    trimmed; the full frame when trimming would leave less than MIN_CONTENT_SHARE of
-    either side."""
-    h, w = gray.shape
-    levels = gray.astype(np.int16)
-    top = _bar_lines(levels)
-    bottom = _bar_lines(levels[::-1])
-    left = _bar_lines(levels.T)
-    right = _bar_lines(levels.T[::-1])
-    x0, y0, x1, y1 = left, top, w - right, h - bottom
-    if x1 - x0 < w * MIN_CONTENT_SHARE or y1 - y0 < h * MIN_CONTENT_SHARE:
-        return 0, 0, w, h
-    return x0, y0, x1, y1
-
-
-def _bar_lines(lines: np.ndarray) -> int:
-    """How many lines, from the first inward, lie within BORDER_TOLERANCE of the first
-    line's median: each side has its own bar colour."""
-    reference = int(np.median(lines[0]))
-    flat = (np.abs(lines - reference) <= BORDER_TOLERANCE).all(axis=1)
-    return len(flat) if flat.all() else int(np.argmin(flat))
-
-
 def features(image: Image.Image, mirror: bool = False) -> Features:
     """ORB keypoints of a decoded `image`, shrunk to VERIFY_SIDE, found inside its content
     box only; `mirror` flips it left to right first."""
@@ -177,8 +161,11 @@ def features(image: Image.Image, mirror: bool = False) -> Features:
     if mirror:
         gray = gray[:, ::-1]
     gray = np.ascontiguousarray(gray)
-    box = content_box(gray)
+    box = content_box(gray, BORDER_TOLERANCE)
     x0, y0, x1, y1 = box
+    if x1 - x0 < MIN_CONTENT_SIDE or y1 - y0 < MIN_CONTENT_SIDE:
+        empty = np.zeros((0, 2), np.float32), np.zeros((0, 32), np.uint8)
+        return Features(*empty, (w, h), box, np.zeros((1, 1), np.uint8))
     # ORB runs on the content alone rather than under a mask: the edge between a bar and
     # the picture would give corners, and a keypoint's patch would reach into the bar.
     orb = cv2.ORB_create(nfeatures=ORB_FEATURES, fastThreshold=ORB_FAST_THRESHOLD)

@@ -4,17 +4,21 @@ linked as `verified`; the same results with one worker or two, and under Ray."""
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
+import dedup.grey
 from dedup.cluster import Edges
 from dedup.config import Config
 from dedup.errors import ShardError
+from dedup.executor import LocalExecutor
 from dedup.grey import GreyPairs, _Check, drop_linked, nearest_per_image
 from dedup.pipeline import run
+from dedup.progress import Progress
 from dedup.signals.views import grey_bound
 from dedup.synth import PlantedSample, encode, make_image, write_shards
 
@@ -126,7 +130,7 @@ def _removed(out: str, truth: dict) -> dict:
 def _run(root, out, **settings):
     config = Config(signals=("exact", "phash", "views"), keep="first", **settings)
     run([str(root / "in")], out, config)
-    return json.loads(open(f"{out}/dedup-report/summary.json").read())
+    return json.loads(Path(out, "dedup-report", "summary.json").read_text())
 
 
 def test_grey_zone_copies_are_verified_and_a_part_is_not(grey_set, tmp_path):
@@ -149,9 +153,11 @@ def test_grey_zone_copies_are_verified_and_a_part_is_not(grey_set, tmp_path):
     assert [c["signals"] for c in clusters] == [["verified"]] * 3
 
 
-def test_verification_gives_the_same_bytes_with_one_worker_or_two(grey_set, tmp_path):
+def test_verification_gives_the_same_bytes_with_one_worker_or_two(grey_set, tmp_path, monkeypatch):
     root, _, paths = grey_set
     for name, workers in (("a", 1), ("b", 2)):
+        if workers == 2:  # one pair a task: tasks in both worker processes
+            monkeypatch.setattr(dedup.grey, "TASK_PAIRS", 1)
         _run(root, str(tmp_path / name), workers=workers, partition_rows=5)
     for name in [os.path.basename(p) for p in paths] + ["dedup-report/samples.parquet"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -177,3 +183,64 @@ def test_a_shard_changed_after_its_features_were_read_is_refused(grey_set, tmp_p
     check = _Check(config, [(features.path, 0)], [changed], np.array([0, features.rows]))
     with pytest.raises(ShardError, match="changed since it was read"):
         check((np.array([0]), np.array([1]), np.array([False])))
+    # ... and from a worker process, among other tasks, as itself
+    items = [(np.array([k]), np.array([k + 1]), np.array([False])) for k in (2, 0, 1)]
+    with pytest.raises(ShardError, match=r"changed\.tar.*changed since it was read"):
+        LocalExecutor(2).map(check, items, Progress("verify", total_items=3))
+
+
+def test_a_verified_pair_holds_for_every_row_with_the_same_view_codes():
+    """Verified pairs are checked between the first rows of groups of equal view codes:
+    an exact re-upload of the checked image (row 1, the largest) survives and the rotated
+    copy (row 2) goes as its duplicate, one cluster of three."""
+    from dedup.cluster import DECISIONS, VERIFIED, VIEWS, Candidates, resolve
+
+    views = np.zeros((3, 112), dtype=np.uint8)
+    views[:2] = np.arange(112, dtype=np.uint8)
+    views[2] = 255 - np.arange(112, dtype=np.uint8)
+    cand = Candidates(
+        pixels=np.array([100, 100, 100]),
+        nbytes=np.array([10, 20, 10]),
+        digest=np.zeros((3, 32), np.uint8),
+        phash=None,
+        detail=np.full(3, 40, np.int16),
+        signature=np.zeros((3, 192), np.uint8),
+        views=views,
+    )
+    edges = Edges.concat([Edges.of([0], [1], [0], VIEWS), Edges.of([0], [2], [13], VERIFIED)])
+    for rule in ("star", "components"):
+        config = Config(signals=("views",), cluster_rule=rule)
+        result = resolve(cand, edges, config)
+        assert result.survivor.tolist() == [1, 1, 1]
+        assert [DECISIONS[r] for r in result.reason] == ["views", "survivor", "verified"]
+
+
+def test_banners_in_the_grey_zone_are_rejected_not_a_crash(tmp_path):
+    """3000x6 banners: a and its slightly cropped copy b are linked by the hashes; c, an
+    unrelated banner, is in the grey zone with both. Their features are empty (ORB cannot
+    shrink a line of pixels), so both checks fail and the run ends normally."""
+    rng = np.random.default_rng(3)
+
+    def banner():
+        return Image.fromarray(np.repeat(rng.integers(0, 256, (6, 75, 3), np.uint8), 40, axis=1))
+
+    a = banner()
+    b = a.crop((30, 0, 3000, 6)).resize((3000, 6))
+    samples = [
+        PlantedSample(f"{k:04d}", {"jpg": encode(img, "JPEG", quality=90)}, None, "banner")
+        for k, img in enumerate([a, b, banner()])
+    ]
+    write_shards(samples, str(tmp_path / "in"), 1)
+    config = Config(signals=("views",), verify_threshold=24, workers=2)
+    run([str(tmp_path / "in")], str(tmp_path / "out"), config)
+    summary = json.loads(Path(tmp_path, "out", "dedup-report", "summary.json").read_text())
+    assert summary["counts"]["removed_by_reason"] == {"views": 1}
+    v = summary["counts"]["verify"]
+    assert (v["checked"], v["accepted"], v["rejected_by_reason"]) == (2, 0, {"few_matches": 2})
+
+
+def test_the_grey_zone_is_empty_without_verification_and_bounded_as_configured():
+    assert Config(verify=False).grey_bound(1000) == -1
+    assert Config(verify_threshold=6).grey_bound(10**9) == 6
+    assert Config().grey_bound(10**7) == 0  # the search then stops at the thresholds
+    assert Config().views_bound(10**7) == 8

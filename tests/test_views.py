@@ -2,6 +2,7 @@
 the copies one pHash of the whole frame misses, and never link two crops."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -147,7 +148,7 @@ def test_views_find_mirrored_padded_and_cropped_copies_that_phash_misses(edited,
     want = {f"{name} {k}": (f"original {k}", "views") for k, name in enumerate(EDITS)}
     want["crop_c10 5"] = ("original 5", "phash")  # the stronger signal names it
     assert _removed(out, truth) == want  # the tile and the two halves are kept
-    summary = json.loads(open(f"{out}/dedup-report/summary.json").read())
+    summary = json.loads(Path(out, "dedup-report", "summary.json").read_text())
     assert summary["counts"]["removed_by_reason"] == {"phash": 1, "views": 6}
     assert summary["thresholds"] == {"phash": 8, "views": 4}
     clusters = pq.read_table(f"{out}/dedup-report/clusters.parquet").to_pylist()

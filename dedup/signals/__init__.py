@@ -99,8 +99,11 @@ REGISTRY: dict[str, Signal] = {
                 _views.MAX_TRIM,
                 LOW_DETAIL_BITS,
             ),
-            thresholds=lambda c: {"views": c.views_threshold}
-            | ({"verify": c.verify_threshold or "auto"} if c.verify else {}),
+            # whole frames the same way round are compared at the pHash's threshold
+            thresholds=lambda c: (
+                {"phash": c.phash_threshold, "views": c.views_threshold}
+                | ({"verify": c.verify_threshold or "auto"} if c.verify else {})
+            ),
             pairs="dedup.cluster:views_signal_edges",
         ),
         Signal(

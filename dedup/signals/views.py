@@ -41,19 +41,19 @@ BORDER_TOLERANCE = 10
 MAX_TRIM = 0.75
 
 
-def content_box(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of a 2-D uint8 image with uniform borders removed: each side drops
-    its outer rows (or columns) while all their pixels are within BORDER_TOLERANCE of
-    that side's outermost line's middle value (itself uniform). The whole frame when trimming would
-    leave less than 1 - MAX_TRIM of either side."""
+def content_box(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a 2-D uint8 image with uniform borders removed (x1, y1
+    exclusive): each side drops its outer rows (or columns) while all their pixels are
+    within `tolerance` of the middle of that side's outermost line (itself that uniform).
+    The whole frame when trimming would leave less than 1 - MAX_TRIM of either side."""
     h, w = gray.shape
 
     def run(low: np.ndarray, high: np.ndarray) -> int:
         """Leading lines whose pixels all lie within the tolerance of the first's colour."""
-        if high[0] - low[0] > BORDER_TOLERANCE:
+        if high[0] - low[0] > 2 * tolerance:
             return 0
         ref = (int(low[0]) + int(high[0])) // 2
-        uniform = (low >= ref - BORDER_TOLERANCE) & (high <= ref + BORDER_TOLERANCE)
+        uniform = (low >= ref - tolerance) & (high <= ref + tolerance)
         return len(uniform) if uniform.all() else int(np.argmin(uniform))
 
     row_lo, row_hi = gray.min(axis=1).astype(np.int16), gray.max(axis=1).astype(np.int16)
