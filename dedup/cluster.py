@@ -353,7 +353,7 @@ def direct_links(
         first = np.arange(n)
         equal = (edges.signal == VIEWS) & (edges.distance == 0)
         first[edges.j[equal]] = edges.i[equal]
-        out[_linked(edges, VERIFIED, first[rows], first[others])] = VERIFIED_COPY
+        out[linked(edges, first[rows], first[others], VERIFIED)] = VERIFIED_COPY
     if "views" in config.signals and cand.views is not None:
         low = cand.low_detail()
         c = config
@@ -382,9 +382,14 @@ def direct_links(
     return out
 
 
-def _linked(edges: Edges, signal: int, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """Whether an edge of `signal` joins rows[k] and others[k] (either way round)."""
-    of = edges.signal == signal
+def linked(
+    edges: Edges, rows: np.ndarray, others: np.ndarray, signal: int | None = None
+) -> np.ndarray:
+    """Whether an edge (of `signal`, or of any) joins rows[k] and others[k], either way
+    round."""
+    of = edges.signal == signal if signal is not None else np.ones(len(edges.i), dtype=bool)
+    if not len(rows):
+        return np.zeros(0, dtype=bool)
     n = int(max(edges.i.max(initial=0), edges.j.max(initial=0), rows.max(), others.max())) + 1
     keys = np.minimum(edges.i[of], edges.j[of]) * n + np.maximum(edges.i[of], edges.j[of])
     wanted = np.minimum(rows, others) * n + np.maximum(rows, others)

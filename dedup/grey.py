@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup import storage
-from dedup.cluster import VERIFIED, Edges
+from dedup.cluster import VERIFIED, Edges, linked
 from dedup.config import Config
 from dedup.decode import decode_image
 from dedup.errors import ShardError
@@ -67,9 +67,7 @@ def drop_linked(grey: GreyPairs, edges: Edges) -> GreyPairs:
     """Grey pairs whose rows no edge already joins directly."""
     if not len(grey.i) or not len(edges.i):
         return grey
-    n = int(max(grey.j.max(), edges.i.max(), edges.j.max())) + 1
-    linked = np.minimum(edges.i, edges.j) * n + np.maximum(edges.i, edges.j)
-    return grey.take(~np.isin(grey.i * n + grey.j, linked))
+    return grey.take(~linked(edges, grey.i, grey.j))
 
 
 def nearest_per_image(grey: GreyPairs, per_image: int) -> GreyPairs:
@@ -142,6 +140,10 @@ class _Check:
                 continue
             try:
                 verdict = verify(fa, fb)
+                # the pixels are compared in the first picture's frame: both ways round,
+                # so that a pair's fate does not depend on which comes first
+                if verdict.accepted:
+                    verdict = verify(fb, fa)
             except cv2.error:  # a degenerate picture OpenCV refuses: never a duplicate
                 rejected["unverifiable"] += 1
                 continue

@@ -17,6 +17,8 @@ from dedup.signals.phash import IMG_SIZE, phash_batch, phash_input
 from dedup.signals.views import (
     KIND,
     NEVER,
+    PLAIN,
+    TRANSFORMED,
     VIEW_NAMES,
     WHOLE_VIEWS,
     code_words,
@@ -88,9 +90,12 @@ def test_full_view_is_the_phash_and_mirror_views_are_the_mirrored_image():
     assert int(np.bitwise_count(words[0] ^ mirrored[0])) > 16
 
 
-def test_two_crops_never_match():
+def test_two_crops_and_two_mirrors_never_match_and_only_full_frames_are_plain():
     assert (KIND[WHOLE_VIEWS:, WHOLE_VIEWS:] == NEVER).all()
-    assert (KIND[:WHOLE_VIEWS, :] != NEVER).all() and (KIND[:, :WHOLE_VIEWS] != NEVER).all()
+    mirrors = [VIEW_NAMES.index("mirror"), VIEW_NAMES.index("mirror_trim")]
+    assert (KIND[np.ix_(mirrors, mirrors)] == NEVER).all()
+    assert (KIND == PLAIN).sum() == 1 and KIND[0, 0] == PLAIN
+    assert (KIND[0, :] == TRANSFORMED).sum() == len(VIEW_NAMES) - 1
 
 
 EDITS = {

@@ -216,17 +216,18 @@ class ViewPairs:
     mirrored: np.ndarray
 
 
-# The kind of each (view, view) combination: a plain one compares two whole frames the
-# right way round, as the pHash does (its threshold applies); a crop or a mirror is a
-# transformed one (views_threshold applies, stricter: see README, "Copies a pHash
-# misses"); two crops never match.
+# The kind of each (view, view) combination. Plain: the two full frames, as the pHash
+# compares them (its threshold applies). Transformed: a trimmed frame, a crop or a
+# mirror against a whole frame (views_threshold applies, stricter: see README, "Copies a
+# pHash misses"); a trim is transformed too, since it also trims the white around a
+# cut-out object or above a caption. Never: two crops (neighbouring tiles of one photo
+# share crops), and two mirrors (the same comparison as the two unmirrored views, with
+# other rounding: a second chance for noise, not a new match).
 PLAIN, TRANSFORMED, NEVER = 0, 1, 2
 KIND = np.full((VIEWS, VIEWS), TRANSFORMED, dtype=np.int8)
 KIND[WHOLE_VIEWS:, WHOLE_VIEWS:] = NEVER
-for _a in range(WHOLE_VIEWS):
-    for _b in range(WHOLE_VIEWS):
-        if MIRRORED[_a] == MIRRORED[_b]:
-            KIND[_a, _b] = PLAIN
+KIND[np.ix_(MIRRORED, MIRRORED)] = NEVER
+KIND[0, 0] = PLAIN
 
 
 def row_pairs(
