@@ -349,3 +349,31 @@ def test_mutual_matches_keep_clear_mutual_nearest_only():
     nearer[0] ^= 0x01
     a = np.vstack([b[2], b[4], b[0], base, near, nearer])
     assert mutual_matches(a, b).tolist() == [[0, 2], [1, 4], [2, 0], [5, 1]]
+
+
+def slide(seed: int) -> Image.Image:
+    """A slide of one template: the same title bar, logo and bullet layout on a white
+    ground, different words in every line."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=18)
+    draw.rectangle((0, 0, W, 50), fill=(30, 60, 120))
+    draw.ellipse((W - 45, 8, W - 10, 42), fill=(240, 180, 0))
+    words = ["data", "model", "images", "training", "copies", "shards", "recall", "scale"]
+    draw.text((15, 14), " ".join(rng.choice(words, 3)).title(), fill=(255, 255, 255), font=font)
+    for line in range(7):
+        y = 75 + line * 38
+        draw.ellipse((20, y + 6, 30, y + 16), fill=(30, 60, 120))
+        draw.text((42, y), " ".join(rng.choice(words, 4)), fill=(20, 20, 20), font=font)
+    return img
+
+
+def test_slides_of_one_template_are_not_copies_but_a_slide_is_its_own():
+    """Their flat ground agrees everywhere and their bullets match under the identity:
+    the textured cells (the words) must agree too. Checked both ways round, as dedup does."""
+    slides = [V.features(slide(k)) for k in range(6)]
+    for a, b in [(a, b) for a in range(6) for b in range(6) if a != b]:
+        verdict = V.verify(slides[a], slides[b])
+        assert not verdict.accepted, (a, b, verdict)
+    assert V.verify(slides[3], V.features(jpeg(slide(3), 60))).accepted
