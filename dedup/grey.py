@@ -1,8 +1,9 @@
 """The views signal's grey zone: candidate pairs whose view codes are too far apart for
-the hashes alone (beyond phash_threshold for two whole frames, views_threshold for a crop
-or a mirror; at most verify_threshold) are checked by local
-features under one geometric transform (dedup/verify.py), at most `verify_per_image`
-per image, nearest first. The images are read again from the input shards by offset.
+the hashes alone (beyond phash_threshold for the two full frames, beyond views_threshold
+for a trimmed frame, a crop or a mirror) but within the grey zone's bound
+(Config.grey_bound) are checked by local features under one geometric transform
+(dedup/verify.py): the pairs among the `verify_per_image` nearest candidates of either
+of their images. The images are read again from the input shards by offset.
 """
 
 from __future__ import annotations

@@ -3,12 +3,13 @@ the whole frame cannot see are found without model weights: the frame with unifo
 borders trimmed (letterbox, pillarbox, padding), corner and centre crops of it, and the
 mirror image of the whole and the trimmed frame.
 
-Two images are candidates when a code of one is within the threshold of a code of the
-other and at least one of the two codes is of a whole frame (full, trimmed or their
-mirrors): a crop of one picture matches the whole of its copy, but two crops never
-match each other (neighbouring tiles of one photograph would). Candidates within
-`views_threshold` bits are linked by this tier alone; those up to `verify_threshold`
-are the grey zone that dedup/verify.py confirms by local features (signal `verified`).
+Two images are candidates when a code of one comes close to a code of the other and at
+least one of the two codes is of a whole frame (full, trimmed or mirrored): a crop of
+one picture matches the whole of its copy, but two crops never match each other
+(neighbouring tiles of one photograph would), nor two mirrors (see KIND). The hashes
+alone link the two full frames within phash_threshold and any other allowed pair within
+the stricter views_threshold; the pairs beyond, up to the grey zone's bound, are what
+dedup/grey.py and dedup/verify.py check by local features (link kind `verified`).
 """
 
 from __future__ import annotations
@@ -174,22 +175,20 @@ def grey_bound(rows: int) -> int:
     return max(fits)
 
 
-# A virtual row: one code of one image. Whole-frame views sort before every crop, so a
-# group of equal codes is represented by a whole frame whenever it holds one.
+# A virtual row: one code of one image, searched as the pHash searches a row's code; its
+# id orders by row, then view.
 VIEW_BITS = 5
-CROP_FLAG = np.int64(1) << np.int64(62)
 
 
 def virtual_ids(rows: np.ndarray, views: np.ndarray) -> np.ndarray:
-    """int64 ids of (row, view) codes, ordered whole frames first, then by row and view."""
-    crop = np.where(views >= WHOLE_VIEWS, CROP_FLAG, np.int64(0))
-    return crop | (rows.astype(np.int64) << VIEW_BITS) | views.astype(np.int64)
+    """int64 ids of (row, view) codes."""
+    return (rows.astype(np.int64) << VIEW_BITS) | views.astype(np.int64)
 
 
 def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, views) of virtual ids."""
     ids = np.asarray(ids, dtype=np.int64)
-    return (ids & ~CROP_FLAG) >> VIEW_BITS, ids & ((1 << VIEW_BITS) - 1)
+    return ids >> VIEW_BITS, ids & ((1 << VIEW_BITS) - 1)
 
 
 def distinct_codes(rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
