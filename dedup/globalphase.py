@@ -71,7 +71,7 @@ from dedup.signals.phash import (
     is_tiny,
     signature_luma,
 )
-from dedup.signals.views import VIEW_BYTES, distinct_codes, row_pairs
+from dedup.signals.views import VIEW_BYTES, WHOLE_VIEWS, distinct_codes, row_pairs, split_ids
 from dedup.signals.views import VIEWS as VIEWS_PER_ROW
 
 log = logging.getLogger("dedup")
@@ -636,7 +636,10 @@ class _Near:
         low = value & ((1 << low_bits) - 1)
         flipped = np.bitwise_count((value >> low_bits) ^ prefix).astype(np.int64)
         # The table: the codes of this part (prefix q itself), ordered by the low bits.
-        own = np.flatnonzero(flipped == 0)
+        # The views' crops are queries only: a crop pairs with whole frames, never with
+        # another crop, so the tables hold the whole frames (4 codes of 14 at most).
+        crop = split_ids(reps)[1] >= WHOLE_VIEWS if views else np.zeros(len(reps), bool)
+        own = np.flatnonzero((flipped == 0) & ~crop)
         order = own[np.argsort(low[own], kind="stable")]
         t_low, t_words, t_reps = low[order], words[order], reps[order]
         starts = np.zeros((1 << low_bits) + 1, dtype=np.int64)
@@ -658,6 +661,7 @@ class _Near:
             t,
             r,
             earlier,
+            crop[by_low],
         )
         if views:
             self._save_views(bucket, i, j, d)

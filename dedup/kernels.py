@@ -34,6 +34,7 @@ def near_pairs(
     threshold,
     radius,
     earlier,
+    q_free,
 ):
     """Pairs (query rep < table rep) within `threshold` bits, from probing a table ordered
     by its codes' low chunk bits (`starts`: the first entry of each value) with every
@@ -42,7 +43,9 @@ def near_pairs(
 
     Queries come sorted by their low bits and the loop runs mask by mask, so that
     consecutive probes land near each other in the table (a probe per query and mask,
-    hundreds per query: random order made each one a cache miss)."""
+    hundreds per query: random order made each one a cache miss). A query marked in
+    `q_free` is in no table (the views signal's crops): it pairs with lower reps too,
+    since no probe the other way round can find the pair."""
     cap = 1024
     out_i = np.empty(cap, np.int64)
     out_j = np.empty(cap, np.int64)
@@ -61,9 +64,10 @@ def near_pairs(
                 continue
             word = q_words[q]
             rep = q_reps[q]
+            free = q_free[q]
             for k in range(lo, hi):
                 other = t_reps[k]
-                if rep >= other:
+                if rep == other or (rep > other and not free):
                     continue
                 x = word ^ t_words[k]
                 d = np.int64(_popcount(x))

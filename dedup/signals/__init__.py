@@ -95,6 +95,7 @@ REGISTRY: dict[str, Signal] = {
                 _views.VIEW_NAMES,
                 _views.CROP_FRACTIONS,
                 _views.GRID,
+                "grid: bilinear; trim: Lanczos; weak views: the full frame's code",
                 _views.BORDER_TOLERANCE,
                 _views.MAX_TRIM,
                 LOW_DETAIL_BITS,
