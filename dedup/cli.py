@@ -89,8 +89,8 @@ def main() -> None:
     "--views-threshold",
     type=int,
     metavar="BITS",
-    help="views signal: largest distance (of 64 bits) between a view of one image and the "
-    "whole of another that links them without a check.",
+    help="views signal: largest distance (of 64 bits) between a trimmed, cropped or mirrored "
+    "view of one image and a whole frame of the other that links them without a check.",
 )
 @click.option(
     "--verify/--no-verify",
@@ -102,13 +102,14 @@ def main() -> None:
     "--verify-threshold",
     type=int,
     metavar="BITS",
-    help="views signal: the grey zone's bound; pairs up to it are checked by local features.",
+    help="views signal: the grey zone's bound; pairs up to it are checked by local features "
+    "(0, the default: chosen by the data's size).",
 )
 @click.option(
     "--verify-per-image",
     type=int,
     metavar="N",
-    help="views signal: at most N grey-zone checks per image, nearest first.",
+    help="views signal: check each image's N nearest grey-zone candidates (default 4).",
 )
 @click.option(
     "--keep",

@@ -263,8 +263,8 @@ def _collapsed_edges(keys: np.ndarray, rows: np.ndarray | None, search, signal: 
 def views_edges(
     vectors: np.ndarray, plain: int, transformed: int, rows: np.ndarray | None = None
 ) -> Edges:
-    """Rows whose view codes match by the hashes alone: two whole frames the same way
-    round within `plain` bits, a crop or mirror within `transformed` (signals/views.py).
+    """Rows whose view codes match by the hashes alone: the two full frames within `plain`
+    bits, a trimmed frame, crop or mirror within `transformed` (signals/views.py, KIND).
     Equal code vectors link to their first row at distance 0; rows of distinct vectors
     link at their distance plus one, so that only equal vectors are collapsed by the star
     rule. With `rows`, only those rows take part."""

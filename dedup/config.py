@@ -36,11 +36,11 @@ class Config:
     signals: tuple[str, ...] = ("exact", "phash", "views", "clip")
     phash_threshold: int = 8
     phash_draft: bool = True
-    # The views signal (several hashes per image: trimmed, cropped, mirrored): two whole
-    # frames the same way round are linked within phash_threshold bits, a crop or a mirror
-    # within views_threshold; pairs up to verify_threshold, the grey zone, are checked by
-    # local features when `verify` is on, at most verify_per_image per image. 0: the bound
-    # follows the data's size (views.grey_bound: few unrelated candidates per image).
+    # The views signal (several hashes per image: trimmed, cropped, mirrored): the two full
+    # frames are linked within phash_threshold bits, a trimmed frame, crop or mirror within
+    # views_threshold; pairs up to verify_threshold, the grey zone, are checked by local
+    # features when `verify` is on, the verify_per_image nearest of either image. 0: the
+    # bound follows the data's size (views.grey_bound: few unrelated candidates per image).
     views_threshold: int = 4
     verify: bool = True
     verify_threshold: int = 0

@@ -100,7 +100,7 @@ REGISTRY: dict[str, Signal] = {
                 _views.MAX_TRIM,
                 LOW_DETAIL_BITS,
             ),
-            # whole frames the same way round are compared at the pHash's threshold
+            # the two full frames are compared at the pHash's threshold
             thresholds=lambda c: (
                 {"phash": c.phash_threshold, "views": c.views_threshold}
                 | ({"verify": c.verify_threshold or "auto"} if c.verify else {})

@@ -235,8 +235,8 @@ def row_pairs(
     a_ids: np.ndarray, b_ids: np.ndarray, distance: np.ndarray, plain: int, transformed: int
 ) -> ViewPairs:
     """Row pairs from code pairs (virtual ids). Pairs within one row and crop-to-crop
-    pairs are dropped; a code pair is strict within `plain` bits for two whole frames
-    the same way round, within `transformed` bits otherwise. Each row pair keeps its
+    pairs are dropped; a code pair is strict within `plain` bits for the two full frames,
+    within `transformed` bits otherwise (KIND). Each row pair keeps its
     closest strict match if it has one, else its closest match (ties: the plain one)."""
     ra, va = split_ids(a_ids)
     rb, vb = split_ids(b_ids)
