@@ -518,6 +518,14 @@ def _base_pictures(rng: np.random.Generator) -> tuple[list[Picture], list[Pictur
     return grid, shifted, dropped
 
 
+def _take_one(pool: list[Picture], photo: str, rng: np.random.Generator) -> Picture:
+    """A random picture of `photo` from the pool, removed from it."""
+    candidates = [p for p in pool if p.photo == photo]
+    pick = candidates[int(rng.integers(0, len(candidates)))]
+    pool.remove(pick)
+    return pick
+
+
 def _take_from_distinct_photos(
     pool: list[Picture], count: int, rng: np.random.Generator
 ) -> list[Picture]:
@@ -526,10 +534,7 @@ def _take_from_distinct_photos(
     order = rng.permutation(len(photos))
     taken = []
     for k in order[:count]:
-        candidates = [p for p in pool if p.photo == photos[k]]
-        pick = candidates[int(rng.integers(0, len(candidates)))]
-        pool.remove(pick)
-        taken.append(pick)
+        taken.append(_take_one(pool, photos[k], rng))
     if len(taken) < count:
         raise ValueError(f"only {len(photos)} photographs for {count} distinct ones")
     return taken
@@ -543,10 +548,7 @@ def _round_robin(pool: list[Picture], count: int, rng: np.random.Generator) -> l
         for k in rng.permutation(len(photos)):
             if len(taken) == count:
                 break
-            candidates = [p for p in pool if p.photo == photos[k]]
-            pick = candidates[int(rng.integers(0, len(candidates)))]
-            pool.remove(pick)
-            taken.append(pick)
+            taken.append(_take_one(pool, photos[k], rng))
     if len(taken) < count:
         raise ValueError(f"only {len(taken)} pictures for {count} originals")
     return taken

@@ -196,7 +196,7 @@ def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def distinct_codes(rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(virtual ids, big-endian uint64 words) of each row's distinct view codes; a code
     equal to an earlier view's of the same row is dropped. `codes`: (N, VIEW_BYTES)."""
-    words = np.ascontiguousarray(codes).view(">u8").reshape(len(codes), VIEWS).astype(np.uint64)
+    words = code_words(codes)
     keep = np.ones(words.shape, dtype=bool)
     for v in range(1, VIEWS):
         keep[:, v] = ~(words[:, :v] == words[:, v : v + 1]).any(axis=1)
