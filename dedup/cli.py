@@ -62,7 +62,119 @@ class _DefaultToRun(click.Group):
 @click.group(cls=_DefaultToRun, context_settings=CONTEXT)
 def main() -> None:
     """dedup: remove duplicate images from WebDataset shards (`dedup run`, the default),
-    and re-render a report (`dedup report`)."""
+    build a reference index (`dedup index`), and re-render a report (`dedup report`)."""
+
+
+def setting_options(command):
+    """The options that set Config fields (shared by `run` and `index`)."""
+    for option in reversed(_SETTING_OPTIONS):
+        command = option(command)
+    return command
+
+
+_SETTING_OPTIONS = [
+    click.option(
+        "--signals",
+        metavar="LIST",
+        help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash), "
+        "views (hashes of crops, trimmed and mirrored frames), clip (CLIP embeddings).",
+    ),
+    click.option(
+        "--phash-threshold",
+        type=int,
+        metavar="BITS",
+        help="Largest pHash Hamming distance (of 64 bits) that counts as a duplicate.",
+    ),
+    click.option(
+        "--views-threshold",
+        type=int,
+        metavar="BITS",
+        help="views signal: largest distance (of 64 bits) between a trimmed, cropped or mirrored "
+        "view of one image and a whole frame of the other that links them without a check.",
+    ),
+    click.option(
+        "--verify/--no-verify",
+        default=None,
+        help="views signal: check pairs in the grey zone (up to --verify-threshold bits) by "
+        "matching local features (default: on).",
+    ),
+    click.option(
+        "--verify-threshold",
+        type=int,
+        metavar="BITS",
+        help="views signal: the grey zone's bound; pairs up to it are checked by local features "
+        "(0, the default: chosen by the data's size).",
+    ),
+    click.option(
+        "--verify-per-image",
+        type=int,
+        metavar="N",
+        help="views signal: check each image's N nearest grey-zone candidates (default 4).",
+    ),
+    click.option(
+        "--keep",
+        type=click.Choice(KEEP_RULES),
+        help="Survivor rule: largest (most pixels, then bytes, then input order) or first.",
+    ),
+    click.option(
+        "--cluster-rule",
+        type=click.Choice(CLUSTER_RULES),
+        help="star: each removed sample is within a threshold of its survivor (default); "
+        "components: plain connected components.",
+    ),
+    click.option("--clip-model", metavar="NAME", help="open_clip model name or config JSON path."),
+    click.option(
+        "--clip-pretrained", metavar="TAG|PATH", help="open_clip pretrained tag or checkpoint file."
+    ),
+    click.option(
+        "--clip-threshold",
+        type=float,
+        metavar="COS",
+        help="Smallest CLIP cosine that is a duplicate.",
+    ),
+    click.option(
+        "--clip-index",
+        type=click.Choice(CLIP_INDEXES),
+        help="CLIP search: flat (exact), ivf, auto.",
+    ),
+    click.option("--device", metavar="DEV", help="Where CLIP runs: auto, cpu, cuda, cuda:N."),
+    click.option("--batch-size", type=int, metavar="N", help="Images per CLIP forward pass."),
+    click.option(
+        "--clip-decode",
+        type=click.Choice(CLIP_DECODES),
+        help="Decode CLIP's JPEGs on the model's device (torchvision) or with Pillow; "
+        "auto: device on a GPU, pillow on a CPU.",
+    ),
+    click.option(
+        "--clip-stage",
+        type=click.Choice(CLIP_STAGES),
+        help="Run the model in one shared process per device or inline in every worker; "
+        "auto: shared on a GPU, inline on a CPU.",
+    ),
+    click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores."),
+    click.option(
+        "--executor",
+        type=click.Choice(EXECUTORS),
+        help="Where tasks run: local processes (default) or a Ray cluster (dedup-wds[ray]).",
+    ),
+    click.option(
+        "--ray-address",
+        metavar="ADDR",
+        help="Ray cluster for --executor ray (default: RAY_ADDRESS, else a new local one).",
+    ),
+    click.option(
+        "--max-pixels",
+        type=int,
+        metavar="N",
+        help="Images above this many pixels (read from the header) pass through unhashed.",
+    ),
+    click.option(
+        "--fingerprint",
+        type=click.Choice(FINGERPRINTS),
+        help="Reuse stored features of a shard when its stat (size, times, inode) is unchanged, "
+        "or only when its content (bytes) is too.",
+    ),
+]
 
 
 @main.command("run", context_settings=CONTEXT)
@@ -73,108 +185,28 @@ def main() -> None:
     metavar="DIR",
     help="Output directory: one cleaned shard per input shard, same file name.",
 )
-@click.option(
-    "--signals",
-    metavar="LIST",
-    help="Comma list of duplicate signals: exact (same bytes), phash (perceptual hash), "
-    "views (hashes of crops, trimmed and mirrored frames), clip (CLIP embeddings).",
-)
-@click.option(
-    "--phash-threshold",
-    type=int,
-    metavar="BITS",
-    help="Largest pHash Hamming distance (of 64 bits) that counts as a duplicate.",
-)
-@click.option(
-    "--views-threshold",
-    type=int,
-    metavar="BITS",
-    help="views signal: largest distance (of 64 bits) between a trimmed, cropped or mirrored "
-    "view of one image and a whole frame of the other that links them without a check.",
-)
-@click.option(
-    "--verify/--no-verify",
-    default=None,
-    help="views signal: check pairs in the grey zone (up to --verify-threshold bits) by "
-    "matching local features (default: on).",
-)
-@click.option(
-    "--verify-threshold",
-    type=int,
-    metavar="BITS",
-    help="views signal: the grey zone's bound; pairs up to it are checked by local features "
-    "(0, the default: chosen by the data's size).",
-)
-@click.option(
-    "--verify-per-image",
-    type=int,
-    metavar="N",
-    help="views signal: check each image's N nearest grey-zone candidates (default 4).",
-)
-@click.option(
-    "--keep",
-    type=click.Choice(KEEP_RULES),
-    help="Survivor rule: largest (most pixels, then bytes, then input order) or first.",
-)
-@click.option(
-    "--cluster-rule",
-    type=click.Choice(CLUSTER_RULES),
-    help="star: each removed sample is within a threshold of its survivor (default); "
-    "components: plain connected components.",
-)
-@click.option("--clip-model", metavar="NAME", help="open_clip model name or config JSON path.")
-@click.option(
-    "--clip-pretrained", metavar="TAG|PATH", help="open_clip pretrained tag or checkpoint file."
-)
-@click.option(
-    "--clip-threshold", type=float, metavar="COS", help="Smallest CLIP cosine that is a duplicate."
-)
-@click.option(
-    "--clip-index", type=click.Choice(CLIP_INDEXES), help="CLIP search: flat (exact), ivf, auto."
-)
-@click.option("--device", metavar="DEV", help="Where CLIP runs: auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=int, metavar="N", help="Images per CLIP forward pass.")
-@click.option(
-    "--clip-decode",
-    type=click.Choice(CLIP_DECODES),
-    help="Decode CLIP's JPEGs on the model's device (torchvision) or with Pillow; "
-    "auto: device on a GPU, pillow on a CPU.",
-)
-@click.option(
-    "--clip-stage",
-    type=click.Choice(CLIP_STAGES),
-    help="Run the model in one shared process per device or inline in every worker; "
-    "auto: shared on a GPU, inline on a CPU.",
-)
-@click.option("--workers", type=int, metavar="N", help="Worker processes; 0 means all cores.")
-@click.option(
-    "--executor",
-    type=click.Choice(EXECUTORS),
-    help="Where tasks run: local processes (default) or a Ray cluster (dedup-wds[ray]).",
-)
-@click.option(
-    "--ray-address",
-    metavar="ADDR",
-    help="Ray cluster for --executor ray (default: RAY_ADDRESS, else a new local one).",
-)
-@click.option(
-    "--max-pixels",
-    type=int,
-    metavar="N",
-    help="Images above this many pixels (read from the header) pass through unhashed.",
-)
-@click.option(
-    "--fingerprint",
-    type=click.Choice(FINGERPRINTS),
-    help="Reuse stored features of a shard when its stat (size, times, inode) is unchanged, "
-    "or only when its content (bytes) is too.",
-)
+@setting_options
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     metavar="FILE",
     help="YAML config file; flags given here override it.",
+)
+@click.option(
+    "--against",
+    multiple=True,
+    metavar="REF",
+    help="Also remove samples that match a reference set: a shard set, a folder of image "
+    "files, an earlier OUT or --state-dir, or a `dedup index` INDEX (repeatable; reason "
+    "reference). Reference items are only read.",
+)
+@click.option(
+    "--blocklist",
+    multiple=True,
+    metavar="FILE",
+    help="Remove samples whose image digest (sha256/blake3) or pHash code a list names: "
+    "text, CSV or Parquet (repeatable; reason blocklist; README: Blocklists).",
 )
 @click.option(
     "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
@@ -238,6 +270,8 @@ def run_command(
     _setup_logging(quiet)
     _handle_stop_signals()
     try:
+        # a repeatable option not given is (): the config file's value stands
+        settings = {k: (None if v == () else v) for k, v in settings.items()}
         config = load_config(config_path, settings)  # flags given override the file
         if print_config:
             click.echo(dump_config(config), nl=False)
@@ -339,6 +373,60 @@ def _handle_stop_signals() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread (an embedding app)
             signal.signal(signum, _raise_on_signal)
+
+
+@main.command("index", context_settings=CONTEXT)
+@click.argument("refs", nargs=-1, metavar="REF...")
+@click.option("-o", "--out", metavar="INDEX", help="Folder for the index (local).")
+@setting_options
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="YAML config file; flags given here override it.",
+)
+@click.option("--overwrite", is_flag=True, help="Rebuild into a non-empty folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the index's manifest to stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings on stderr.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **settings):
+    """Build a stored reference index from REF... (shard sets, folders of image files,
+    earlier OUTs, feature stores, other indexes) for `dedup --against INDEX`: features
+    computed once, with the settings and versions recorded. Use the same signal options
+    as the runs that will match against it; other settings are an exit-2 error there.
+    """
+    _setup_logging(quiet)
+    _handle_stop_signals()
+    try:
+        settings = {k: (None if v == () else v) for k, v in settings.items()}
+        config = load_config(config_path, settings)
+        if not refs:
+            raise click.UsageError("give at least one REF")
+        if not out:
+            raise click.UsageError("--out INDEX is required")
+        from dedup.pipeline import build_index
+
+        manifest = build_index(list(refs), out, config, overwrite)
+    except click.UsageError:
+        raise
+    except DedupError as e:
+        if debug:
+            raise
+        click.echo(f"dedup: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("dedup: interrupted: SIGINT: stopped; rerun to resume", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # a bug: one line unless --debug
+        _internal_error(e, debug)
+    click.echo(
+        f"dedup: index {out}: {manifest['items']} usable images from "
+        f"{len(manifest['references'])} reference(s), signals {','.join(config.signals)}",
+        err=True,
+    )
+    if as_json:
+        click.echo(json.dumps(manifest, separators=(",", ":")))
 
 
 @main.command("report", context_settings=CONTEXT)

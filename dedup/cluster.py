@@ -22,9 +22,25 @@ from dedup.signals.views import view_pairs, views_linked
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
-DECISIONS = ("unique", "survivor", "exact", "phash", "clip", "flat", "tiny", "views", "verified")
+DECISIONS = (
+    "unique",
+    "survivor",
+    "exact",
+    "phash",
+    "clip",
+    "flat",
+    "tiny",
+    "views",
+    "verified",
+    "reference",
+    "blocklist",
+)
 UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY, TINY_COPY = range(7)
-VIEWS_COPY, VERIFIED_COPY = 7, 8
+VIEWS_COPY, VERIFIED_COPY, REFERENCE_COPY, BLOCKLISTED = 7, 8, 9, 10
+# Anchors: rows that are never removed by a copy of theirs and claim their copies first
+# (see star_survivors): items of a reference set (--against), and samples a blocklist
+# names. Candidates.anchor holds these codes; a row they claim is removed for that reason.
+NOT_ANCHOR, REFERENCE, BLOCKED = 0, 1, 2
 # Edge signals as small integers; a cluster's signals are a bit mask of these. `flat`
 # and `tiny` are the pHash signal's rules for low-detail and for tiny images: their
 # colour signatures match.
@@ -65,6 +81,13 @@ class Candidates:
     detail: np.ndarray | None = None
     signature: np.ndarray | None = None
     views: np.ndarray | None = None  # uint8 (N, VIEW_BYTES), or None when the signal is off
+    anchor: np.ndarray | None = None  # int8 (N,): NOT_ANCHOR, REFERENCE or BLOCKED
+
+    def anchors(self) -> np.ndarray:
+        """The anchor code of each row (NOT_ANCHOR for all when none is given)."""
+        if self.anchor is None:
+            return np.zeros(len(self.pixels), dtype=np.int8)
+        return self.anchor
 
     def take(self, rows: np.ndarray) -> Candidates:
         """The candidates at `rows`, in that order."""
@@ -80,6 +103,7 @@ class Candidates:
                     self.detail,
                     self.signature,
                     self.views,
+                    self.anchor,
                 )
             )
         )
@@ -164,6 +188,8 @@ class Clusters:
     clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN when n/a
     groups: Groups
     calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
+    link: np.ndarray | None = None  # int8 DECISIONS code: the signal that links a removed
+    # row to its survivor directly (UNIQUE for the others); the reason names a reference
 
 
 def exact_edges(digests: np.ndarray) -> Edges:
@@ -444,6 +470,14 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     if (link == UNIQUE).any():  # components rule: linked through a chain only
         link[link == UNIQUE] = _strongest_incident(edges, removed[link == UNIQUE])
     reason[removed] = link
+    # A copy of a reference item or of a blocklisted sample is removed for that reason
+    # (`link` keeps the signal); a blocklisted sample itself too.
+    anchor = cand.anchors()
+    reason[removed[anchor[survivor[removed]] == REFERENCE]] = REFERENCE_COPY
+    reason[removed[anchor[survivor[removed]] == BLOCKED]] = BLOCKLISTED
+    reason[anchor == BLOCKED] = BLOCKLISTED
+    links = np.full(n, UNIQUE, dtype=np.int8)
+    links[removed] = link
     distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     words = None
     # A pHash distance means something between two detailed images only.
@@ -457,7 +491,7 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     if cand.clip is not None:
         similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
     groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words, hashed)
-    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups)
+    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, link=links)
 
 
 CALIBRATION_PAIRS = 6  # per signal and side of its threshold
@@ -599,7 +633,12 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
     by_size = keep == "largest"
-    order = np.lexsort((rows, -cand.nbytes, -cand.pixels)) if by_size else rows
+    anchor = cand.anchors() != NOT_ANCHOR
+    # Anchors first (in row order), then the keep rule's order.
+    if by_size:
+        order = np.lexsort((rows, -cand.nbytes, -cand.pixels, ~anchor))
+    else:
+        order = np.lexsort((rows, ~anchor))
     # Only signals that have edges take part: the others leave every row alone.
     present = [s for s in range(len(SIGNALS)) if (edges.signal == s).any()]
     group = np.tile(rows, (len(present), 1))
@@ -624,17 +663,18 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
         adj_start[k] = starts + base
         base += len(targets)
     adj = np.concatenate(adj_parts) if adj_parts else np.zeros(0, dtype=np.int64)
-    return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj)
+    return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj, anchor)
 
 
 def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarray:
     """The survivor row of each row's cluster, by the keep rule; ties go to input order."""
     n = len(cluster_id)
     rows = np.arange(n, dtype=np.int64)
+    anchor = cand.anchors() != NOT_ANCHOR  # an anchor in a cluster is its survivor
     if keep == "largest":
-        order = np.lexsort((rows, -cand.nbytes, -cand.pixels, cluster_id))
+        order = np.lexsort((rows, -cand.nbytes, -cand.pixels, ~anchor, cluster_id))
     else:  # first
-        order = np.lexsort((rows, cluster_id))
+        order = np.lexsort((rows, ~anchor, cluster_id))
     sorted_ids = cluster_id[order]
     is_first = np.ones(n, dtype=bool)
     is_first[1:] = sorted_ids[1:] != sorted_ids[:-1]

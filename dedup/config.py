@@ -60,6 +60,11 @@ class Config:
     clip_stage: str = "auto"
     keep: str = "largest"
     cluster_rule: str = "star"
+    # Reference sets the input is matched against (shard sets, image folders, earlier
+    # OUTs, `dedup index` indexes): a sample matching one is removed (reason reference).
+    against: tuple[str, ...] = ()
+    # Lists of image digests and pHash codes whose matches are removed (reason blocklist).
+    blocklist: tuple[str, ...] = ()
     workers: int = 0
     executor: str = "local"
     ray_address: str = ""

@@ -20,7 +20,7 @@ from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.errors import DedupError, FeatureStoreError, ShardError
 from dedup.fsutil import atomic_path, read_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
-from dedup.shards import Shard, display_name, iter_samples, raw_name, shard_size
+from dedup.shards import FileGroup, Shard, display_name, iter_samples, raw_name, shard_size
 from dedup.signals.exact import digest
 from dedup.signals.views import view_codes, view_input
 
@@ -91,6 +91,14 @@ def file_identity(st: os.stat_result) -> tuple[int, ...]:
 def input_identity(shard: Shard) -> tuple | None:
     """A local file's (size, mtime, ctime, inode); an object's size and ETag or
     generation; None for a pipe: command, which only its bytes identify."""
+    if isinstance(shard, FileGroup):  # each file's identity; a file gone: not the same
+        out = []
+        for name in shard.files:
+            try:
+                out.append((name, *file_identity(os.stat(shard.file(name)))))
+            except OSError:
+                out.append((name,))
+        return tuple(out)
     if shard.is_url:
         return storage.identity(shard.path)
     try:
@@ -102,6 +110,15 @@ def input_identity(shard: Shard) -> tuple | None:
 def content_digest(shard: Shard) -> str:
     """BLAKE3 of the shard's bytes (the `fingerprint: content` check)."""
     hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if isinstance(shard, FileGroup):
+        for name in shard.files:
+            hasher.update(name.encode("utf-8", "surrogateescape") + b"\0")
+            try:
+                with open(shard.file(name), "rb") as fh:
+                    hasher.update(fh.read())
+            except OSError:
+                hasher.update(b"\1missing")
+        return hasher.hexdigest()
     try:
         with storage.open_local_or_stream(shard.path) as fh:
             for chunk in storage.iter_chunks(fh):

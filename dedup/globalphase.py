@@ -41,8 +41,11 @@ import pyarrow.compute as pc
 
 from dedup import signals, storage
 from dedup.cluster import (
+    BLOCKED,
     CLIP,
+    NOT_ANCHOR,
     PHASH,
+    REFERENCE,
     VIEWS,
     Candidates,
     Edges,
@@ -271,11 +274,18 @@ class Scattered:
     dim: int = 0  # CLIP vector length
 
 
-def _read_candidates(path: str, local_rows: np.ndarray | None = None):
+def _read_candidates(
+    path: str, local_rows: np.ndarray | None = None, only: np.ndarray | None = None
+):
     """(features, candidate local rows, their features) of one shard; `local_rows`
-    names the rows instead."""
+    names the rows instead; `only` limits the candidates to those local rows (a
+    reference's: an earlier run's kept samples)."""
     table = read_features(path, CLUSTER_COLUMNS)
     ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
+    if only is not None:
+        chosen = np.zeros(len(ok), dtype=bool)
+        chosen[only] = True
+        ok &= chosen
     rows = np.flatnonzero(ok) if local_rows is None else local_rows
     return table, rows, table.take(pa.array(rows, type=pa.int64()))
 
@@ -322,9 +332,9 @@ class _Scatter:
     views_layout: Layout
     centroids: np.ndarray | None = None  # CLIP cells (float32), when there are several
 
-    def __call__(self, item: tuple[int, str, int]) -> Scattered:
-        pos, path, start = item
-        table, local, cand = _read_candidates(path)
+    def __call__(self, item: tuple[int, str, int, np.ndarray | None]) -> Scattered:
+        pos, path, start, only = item
+        table, local, cand = _read_candidates(path, only=only)
         codes = pc.fill_null(pc.index_in(table.column("status"), pa.array(self.reasons)), -1)
         reason = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int8)
         candidate = np.zeros(len(reason), dtype=bool)
@@ -780,13 +790,17 @@ class _Resolve:
     config: Config
     dim: int
     runs: list[tuple[str, list[int]]]
+    first_reference: int  # rows from here on are reference items
+    blocked: np.ndarray  # sorted input rows a blocklist names
 
     def __call__(self, group: int) -> str:
         records = gather(self.runs, member_record(self.dim, "views" in self.config.signals), group)
         rows = records["row"]
         e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
         local = Edges(np.searchsorted(rows, e.i), np.searchsorted(rows, e.j), e.distance, e.signal)
-        result = resolve(members_candidates(records, self.config), local, self.config)
+        cand = members_candidates(records, self.config)
+        cand.anchor = anchor_codes(rows, self.first_reference, self.blocked)
+        result = resolve(cand, local, self.config)
         g = result.groups
         target = storage.join(self.work, f"resolved-{group:06d}")
         save_arrays(
@@ -798,6 +812,7 @@ class _Resolve:
             reason=result.reason,
             phash_distance=result.phash_distance,
             clip_similarity=result.clip_similarity,
+            link=result.link,
             g_cluster_id=rows[g.cluster_id],
             g_size=g.size,
             g_survivor=rows[g.survivor],
@@ -809,7 +824,33 @@ class _Resolve:
         return target
 
 
+def anchor_codes(rows: np.ndarray, first_reference: int, blocked: np.ndarray) -> np.ndarray:
+    """The anchor code (cluster.REFERENCE, BLOCKED or NOT_ANCHOR) of sorted global rows."""
+    out = np.full(len(rows), NOT_ANCHOR, dtype=np.int8)
+    out[np.isin(rows, blocked)] = BLOCKED
+    out[rows >= first_reference] = REFERENCE
+    return out
+
+
 # ---------------------------------------------------------------- the driver
+
+
+@dataclass
+class References:
+    """Items INPUT's samples are matched against (--against), as global rows after the
+    input's: per source, its feature file and first row, the local rows that take part
+    (None: every decoded image) and where its images are read for the views signal's
+    verification (a shard path, a FileGroup, or None when they are not at hand)."""
+
+    sources: list[tuple[str, int]] = field(default_factory=list)
+    only: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return 0 if not self.sources else self.end - self.sources[0][1]
+
+    end: int = 0  # one past the last reference row
 
 
 @dataclass
@@ -836,16 +877,33 @@ def run_global(
     executor: Executor,
     work: str,
     reasons: tuple[str, ...],
-    inputs: list[str] | None = None,
+    inputs: list | None = None,
+    references: References | None = None,
+    blocked: np.ndarray | None = None,
 ) -> Resolved:
     """Phase 2 over shards' feature files `paths`, whose first global rows are
     `shard_starts` (one more entry: the total); `work` is a folder (or prefix) for the
     phase's files. `inputs`: the shards themselves, which the views signal's grey zone
-    reads images from (no verification without them)."""
-    rows_total = int(shard_starts[-1])
+    reads images from (no verification without them). `references`: items searched with
+    the input's rows, never linked to each other, never removed (anchors); `blocked`:
+    sorted input rows a blocklist names, anchors too."""
+    first_reference = int(shard_starts[-1])
+    references = references or References(end=first_reference)
+    blocked = np.zeros(0, np.int64) if blocked is None else blocked
+    rows_total = first_reference + references.rows
     stats: dict = {"layout": None, "near": []}
     sources = [(path, int(shard_starts[pos])) for pos, path in enumerate(paths)]
-    shard_items = [(pos, path, start) for pos, (path, start) in enumerate(sources)]
+    shard_items = [(pos, path, start, None) for pos, (path, start) in enumerate(sources)]
+    shard_items += [
+        (len(sources) + k, path, start, only)
+        for k, ((path, start), only) in enumerate(
+            zip(references.sources, references.only, strict=True)
+        )
+    ]
+    sources = sources + references.sources
+    if inputs is not None:
+        inputs = list(inputs) + list(references.images)
+    starts_all = np.asarray([start for _, start in sources] + [rows_total], dtype=np.int64)
     layout = Layout.of(rows_total, config)
     views_layout = Layout.of_views(rows_total, config)
     grey = config.grey_bound(rows_total)
@@ -859,8 +917,9 @@ def run_global(
         Progress("scatter", total_items=len(shard_items)),
         describe=_describe_part,
     )
-    reason = np.concatenate([s.reason for s in scattered] or [np.zeros(0, np.int8)])
-    candidate = np.concatenate([s.candidate for s in scattered] or [np.zeros(0, bool)])
+    mine = scattered[: len(paths)]  # the input's; the references' rows are not decided
+    reason = np.concatenate([s.reason for s in mine] or [np.zeros(0, np.int8)])
+    candidate = np.concatenate([s.candidate for s in mine] or [np.zeros(0, bool)])
     runs = {
         kind: [s.runs[kind] for s in scattered if s.runs.get(kind)]
         for kind in ("exact", "phash", "flat", "tiny", "views", "clip")
@@ -904,6 +963,7 @@ def run_global(
         if grey >= 0:
             grey_files = [storage.join(work, f"grey-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
+    edges = _not_among_references(edges, first_reference)
     if cells > 1:  # a CLIP pair of vectors that share cells is found in each of them
         edges = _unique_edges(edges, CLIP)
     if runs["views"]:  # a pair of rows may match by several pairs of views
@@ -914,12 +974,23 @@ def run_global(
         stats["verify"] = VerifyStats().to_dict()
         if grey_files:
             verified, stats["verify"] = verify_grey(
-                grey_files, edges, sources, inputs, shard_starts, config, executor
+                grey_files, edges, sources, inputs, starts_all, config, executor, first_reference
             )
             edges = Edges.concat([edges, verified])
         stats["verify"]["bound"] = grey
-    members, groups = _components(edges, sources, config, executor, work, dim)
+    members, groups = _components(
+        edges, sources, config, executor, work, dim, first_reference, blocked
+    )
     return Resolved(candidate, reason, members, groups, edges, dim, stats)
+
+
+def _not_among_references(edges: Edges, first_reference: int) -> Edges:
+    """Edges but those joining two reference items: a reference set is never deduplicated
+    by a run that matches against it."""
+    keep = (edges.i < first_reference) | (edges.j < first_reference)
+    if keep.all():
+        return edges
+    return Edges(edges.i[keep], edges.j[keep], edges.distance[keep], edges.signal[keep])
 
 
 def _unique_edges(edges: Edges, signal: int) -> Edges:
@@ -936,7 +1007,16 @@ def _unique_edges(edges: Edges, signal: int) -> Edges:
     return Edges(edges.i[keep], edges.j[keep], edges.distance[keep], edges.signal[keep])
 
 
-def _components(edges: Edges, sources, config: Config, executor: Executor, work: str, dim: int):
+def _components(
+    edges: Edges,
+    sources,
+    config: Config,
+    executor: Executor,
+    work: str,
+    dim: int,
+    first_reference: int,
+    blocked: np.ndarray,
+):
     """Components from edges only (compact ids), grouped into parts of whole components;
     the members' features scattered by group; the star rule per group."""
     if not len(edges.i):
@@ -988,7 +1068,7 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
         describe=_describe_part,
     )
     targets = executor.map(
-        _Resolve(work, config, dim, runs),
+        _Resolve(work, config, dim, runs, first_reference, blocked),
         list(range(groups_count)),
         Progress("resolve", total_items=groups_count),
         describe=_describe_part,
@@ -1004,6 +1084,7 @@ def _components(edges: Edges, sources, config: Config, executor: Executor, work:
             "reason",
             "phash_distance",
             "clip_similarity",
+            "link",
         )
     }
     g_cols = {

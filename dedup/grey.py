@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dedup import storage
 from dedup.cluster import VERIFIED, Edges, linked
 from dedup.config import Config
 from dedup.decode import decode_image
@@ -23,8 +22,11 @@ from dedup.errors import ShardError
 from dedup.executor import Executor
 from dedup.extract import read_features
 from dedup.progress import Progress
-from dedup.shards import display_name
+from dedup.shards import Shard, display_name, read_ranges_of
 from dedup.signals.exact import digest
+
+# A reference item whose image cannot be read again (a stored index keeps features only).
+NOT_AT_HAND = "not at hand"
 
 # Pairs per verification task: each task decodes the images of its pairs once and holds
 # their features (about 40 KB an image).
@@ -118,7 +120,7 @@ class _Check:
 
     config: Config
     sources: list[tuple[str, int]]  # (feature file, first row) per shard
-    inputs: list[str]  # the shards
+    inputs: list  # the shards (a Shard, a path, or None where the images are not at hand)
     starts: np.ndarray  # first row per shard, and the total
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
@@ -136,6 +138,9 @@ class _Check:
         rejected: Counter = Counter()
         for k, (a, b, m) in enumerate(zip(i.tolist(), j.tolist(), mirrored.tolist(), strict=True)):
             fa, fb = found[(a, False)], found[(b, bool(m))]
+            if fa is NOT_AT_HAND or fb is NOT_AT_HAND:
+                rejected["reference_images_not_at_hand"] += 1
+                continue
             if fa is None or fb is None:
                 rejected["undecodable"] += 1
                 continue
@@ -171,24 +176,27 @@ class _Check:
         for pos, at in rows_by_shard(self.starts, rows):
             path, start = self.sources[pos]
             local = rows[at] - start
+            shard = self.inputs[pos]
+            if shard is None:  # a stored reference whose images were not kept
+                for row in rows[at].tolist():
+                    out[(row, False)] = out[(row, True)] = NOT_AT_HAND
+                continue
+            shard = shard if isinstance(shard, Shard) else Shard(shard)
             table = read_features(
                 path,
                 ["key", "member_names", "member_offsets", "member_sizes", "image_member", "digest"],
             ).take(pa.array(local, type=pa.int64()))
             cols = table.to_pydict()
-            ranges = []
+            ranges, raw = [], []
             for k in range(len(local)):
-                names = [
-                    display_name(n.decode("utf-8", "surrogateescape"))
-                    for n in cols["member_names"][k]
-                ]
-                m = names.index(cols["image_member"][k])
+                names = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
+                m = [display_name(n) for n in names].index(cols["image_member"][k])
                 ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
-            shard = self.inputs[pos]
-            for k, data in enumerate(storage.read_ranges(shard, ranges)):
+                raw.append(names[m])
+            for k, data in enumerate(read_ranges_of(shard, raw, ranges)):
                 if digest(data, self.config.exact_digest) != cols["digest"][k]:
                     raise ShardError(
-                        shard, f"sample {cols['key'][k]} changed since it was read; rerun"
+                        shard.path, f"sample {cols['key'][k]} changed since it was read; rerun"
                     )
                 row = int(rows[at][k])
                 image = decode_image(data, self.config, VERIFY_SIDE, "L").image
@@ -213,10 +221,14 @@ def verify_grey(
     shard_starts: np.ndarray,
     config: Config,
     executor: Executor,
+    first_reference: int | None = None,
 ) -> tuple[Edges, dict]:
     """`verified` edges from the grey zone, and the tier's figures (tasks return their
-    results: a flag per pair, nothing on disk)."""
+    results: a flag per pair, nothing on disk). Rows from `first_reference` on are
+    reference items: a pair of two of them is never checked."""
     grey = drop_linked(load_grey(grey_files), edges)
+    if first_reference is not None:
+        grey = grey.take(grey.i < first_reference)  # i < j: both are references otherwise
     stats = VerifyStats(candidates=len(grey.i))
     grey = nearest_per_image(grey, config.verify_per_image)
     if not len(grey.i) or inputs is None:

@@ -98,9 +98,10 @@ def near_pairs(
 
 
 @numba.njit(cache=True, nogil=True)
-def star_claims(order, group, mem_start, members, adj_start, adj):
+def star_claims(order, group, mem_start, members, adj_start, adj, fixed):
     """The star rule, greedy: rows in `order` (best first); an unclaimed row becomes a
-    survivor and claims every unclaimed row it links to directly. Per signal s, rows
+    survivor and claims every unclaimed row it links to directly; a `fixed` row (a
+    reference item, a blocklisted sample: they come first in `order`) is never claimed. Per signal s, rows
     of one key group (`group[s]`: equal digest, equal code) link to each other, and to
     every row of the groups adjacent to theirs (`adj`, CSR by group over absolute
     offsets). A group is scanned in full once: its unclaimed count then drops to 0.
@@ -125,7 +126,7 @@ def star_claims(order, group, mem_start, members, adj_start, adj):
                     continue
                 for m in range(mem_start[s, target], mem_start[s, target + 1]):
                     y = members[s, m]
-                    if survivor[y] >= 0:
+                    if survivor[y] >= 0 or fixed[y]:
                         continue
                     survivor[y] = b
                     for s2 in range(signals):

@@ -33,6 +33,7 @@ LOCK_FILE = "lock"
 FEATURES_DIR = "features"
 GLOBAL_DIR = "global"  # the global phase's files while it runs
 PARTS_DIR = "parts"  # samples.parquet parts from the write tasks, until merged
+REFERENCES_DIR = "references"  # features of --against shard sets and image folders
 REPORT_MARKER = ".dedup-report.json"
 REPORT_LOCK = ".dedup-report.lock"
 # Report files a run replaces; a new run first removes the summary so that none is seen
@@ -139,7 +140,15 @@ def claim_output(
 
 
 # What dedup puts in OUT/.dedup before job.json: a run killed in between left only these.
-STATE_NAMES = {LOCK_FILE, JOB_FILE, FEATURES_DIR, GLOBAL_DIR, PARTS_DIR, ".dedup-tmp"}
+STATE_NAMES = {
+    LOCK_FILE,
+    JOB_FILE,
+    FEATURES_DIR,
+    GLOBAL_DIR,
+    PARTS_DIR,
+    REFERENCES_DIR,
+    ".dedup-tmp",
+}
 
 
 def _only_ours(state: str) -> bool:

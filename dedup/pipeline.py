@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -18,18 +19,28 @@ import numpy as np
 import pyarrow as pa
 
 from dedup import signals, storage
-from dedup.cluster import DECISIONS, NO_DISTANCE, Groups, calibration_from, calibration_sample
+from dedup.blocklist import Blocklist, match_blocklists
+from dedup.cluster import (
+    DECISIONS,
+    NO_DISTANCE,
+    Edges,
+    Groups,
+    calibration_from,
+    calibration_sample,
+)
 from dedup.config import Config
-from dedup.errors import DedupError, ShardError
+from dedup.errors import ConfigError, DedupError, OutputError, ShardError
 from dedup.executor import Executor, LocalExecutor, check_stop, make_executor
 from dedup.extract import (
     PASSTHROUGH_REASONS,
+    STATUS_OK,
     ShardFeatures,
     extract_shard,
     read_features,
 )
-from dedup.fsutil import scratch_dir
+from dedup.fsutil import scratch_dir, write_atomic
 from dedup.globalphase import (
+    References,
     Resolved,
     members_candidates,
     read_members,
@@ -46,6 +57,7 @@ from dedup.htmlreport import render as render_html
 from dedup.outdir import (
     GLOBAL_DIR,
     PARTS_DIR,
+    REFERENCES_DIR,
     STATE_DIR,
     claim_output,
     feature_store,
@@ -63,7 +75,17 @@ from dedup.report import (
     write_summary,
     write_table,
 )
-from dedup.shards import Shard, display_name, list_shards, raw_name, shard_size
+from dedup.blocklist import load_blocklist
+from dedup.references import (
+    Reference,
+    ReferenceError_,
+    Source,
+    check_stored,
+    resolve_references,
+    status_counts,
+    usable_rows,
+)
+from dedup.shards import FileGroup, Shard, display_name, list_shards, raw_name, shard_size
 from dedup.thumbs import read_previews
 from dedup.write import WRITE_COLUMNS, write_shard
 
@@ -191,9 +213,18 @@ class Plan:
     clusters: pa.Table  # clusters.parquet rows
     calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
     verify: dict | None = None  # the views signal's verification tier, for the summary
+    # The signal linking each removed row to its survivor (a DECISIONS code; UNIQUE for
+    # the others): a reference or blocklist match says which signal found it.
+    link: np.ndarray | None = None
+    # Rows a blocklist names: global row -> (blocklist label, entry).
+    blocked: dict = field(default_factory=dict)
 
     def rows(self, shard: int) -> slice:
         return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
+
+    def blocked_in(self, rows: slice) -> list[int]:
+        """Global rows in `rows` that a blocklist names."""
+        return sorted(r for r in self.blocked if rows.start <= r < rows.stop)
 
 
 # Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.
@@ -205,13 +236,24 @@ def plan(
     config: Config,
     executor: Executor | None = None,
     work: str | None = None,
+    references: list[Reference] | None = None,
+    blocklists: list[Blocklist] | None = None,
 ) -> Plan:
     """Phase 2: cluster every decoded image of every shard; decide each sample's fate.
     The work runs as partitioned tasks (dedup.globalphase) with their files in `work`
-    (a fresh temporary folder when None)."""
+    (a fresh temporary folder when None). `references` (resolved, extracted) are matched
+    against; `blocklists` name samples to remove."""
     counts = [f.rows for f in features]
     shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     executor = executor or LocalExecutor(config.worker_count)
+    refs = _reference_rows(references or [], int(shard_starts[-1]))
+    b_rows, b_which, b_entry = match_blocklists(
+        blocklists or [], features, shard_starts, config, executor
+    )
+    blocked = {
+        int(row): (blocklists[int(b)].label, blocklists[int(b)].entries[int(e)])
+        for row, b, e in zip(b_rows.tolist(), b_which.tolist(), b_entry.tolist(), strict=True)
+    }
     with _work_folder(work) as folder:
         r = run_global(
             [f.path for f in features],
@@ -220,9 +262,27 @@ def plan(
             executor,
             folder,
             REASONS,
-            [f.shard.path for f in features],
+            [f.shard for f in features],
+            refs,
+            b_rows,
         )
-        return _assemble(features, config, shard_starts, r)
+        p = _assemble(features, config, shard_starts, r, references or [], blocked)
+    p.blocked = blocked
+    p.keep[b_rows] = False
+    p.reason[b_rows] = REASONS.index("blocklist")
+    return p
+
+
+def _reference_rows(references: list[Reference], first: int) -> References:
+    """The references' sources as global rows after the input's `first` rows."""
+    out = References(end=first)
+    for ref in references:
+        for source in ref.sources:
+            out.sources.append((source.features.path, out.end))
+            out.only.append(source.only)
+            out.images.append(source.images)
+            out.end += source.features.rows
+    return out
 
 
 @contextlib.contextmanager
@@ -248,8 +308,16 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -> Plan:
-    """The Plan from the global phase's outcome."""
+def _assemble(
+    features,
+    config: Config,
+    shard_starts: np.ndarray,
+    r: Resolved,
+    references=(),
+    blocked: dict | None = None,
+) -> Plan:
+    """The Plan from the global phase's outcome (rows past the input's are reference
+    items: only ever survivors, never decided on)."""
     n = int(shard_starts[-1])
     candidate = r.candidate
     reason = r.reason.copy()
@@ -262,8 +330,10 @@ def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -
     survivor = np.full(n, -1, dtype=np.int64)
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     clip_similarity = np.full(n, np.nan, dtype=np.float32)
+    link = np.zeros(n, dtype=np.int8)
     if r.members is not None:
-        m = r.members
+        mine = r.members["rows"] < n
+        m = {name: value[mine] for name, value in r.members.items()}
         rows = m["rows"]
         cluster_id[rows] = m["cluster_id"]
         cluster_size[rows] = m["cluster_size"]
@@ -273,13 +343,17 @@ def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -
         survivor[rows[removed]] = m["survivor"][removed]
         phash_distance[rows] = m["phash_distance"]
         clip_similarity[rows] = m["clip_similarity"]
+        link[rows] = m["link"]
     candidate_rows = np.flatnonzero(candidate)
     calibration = []
     if len(candidate_rows):
         sample_rows = candidate_rows[calibration_sample(len(candidate_rows))]
         sample = members_candidates(_read_rows(features, shard_starts, sample_rows, r.dim), config)
-        calibration = calibration_from(r.edges, config, sample, sample_rows)
-    clusters = _clusters_table(features, shard_starts, r.groups)
+        e = r.edges
+        inside = (e.i < n) & (e.j < n)  # pairs of the input's own samples
+        e = Edges(e.i[inside], e.j[inside], e.distance[inside], e.signal[inside])
+        calibration = calibration_from(e, config, sample, sample_rows)
+    clusters = _clusters_table(features, shard_starts, r.groups, references, blocked or {})
     return Plan(
         shard_starts,
         keep,
@@ -293,6 +367,7 @@ def _assemble(features, config: Config, shard_starts: np.ndarray, r: Resolved) -
         clusters,
         calibration,
         r.stats.get("verify"),
+        link,
     )
 
 
@@ -319,11 +394,48 @@ def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
     return paths, keys.tolist()
 
 
-def _clusters_table(features, shard_starts, groups: Groups | None) -> pa.Table:
-    """One row per cluster of two or more, in cluster-id order (groups over global rows)."""
+def identities(features, shard_starts, references, rows: np.ndarray):
+    """(shard, key, reference, reference_key) of global rows; rows past the input's are
+    reference items (shard: a folder's path for its files), the others have no reference."""
+    n = int(shard_starts[-1])
+    all_features = list(features)
+    starts = list(np.asarray(shard_starts[:-1]).tolist())
+    owner = []
+    end = n
+    for ref in references:
+        for source in ref.sources:
+            all_features.append(source.features)
+            starts.append(end)
+            owner.append(ref)
+            end += source.features.rows
+    rows = np.asarray(rows, dtype=np.int64)
+    paths, keys = keys_at(all_features, np.asarray([*starts, end], dtype=np.int64), rows)
+    labels, ref_keys = [None] * len(rows), [None] * len(rows)
+    if len(rows) and rows.max() >= n:
+        pos_of = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        for k in np.flatnonzero(rows >= n).tolist():
+            pos = int(pos_of[k])
+            ref, shard = owner[pos - len(features)], all_features[pos].shard
+            labels[k] = ref.label
+            ref_keys[k] = ref.key_of(shard, keys[k])
+            if isinstance(shard, FileGroup):
+                paths[k] = display_name(shard.root)
+    return paths, keys, labels, ref_keys
+
+
+def _clusters_table(
+    features, shard_starts, groups: Groups | None, references=(), blocked=None
+) -> pa.Table:
+    """One row per cluster of two or more, in cluster-id order (groups over global rows);
+    a cluster whose survivor is a reference item or a blocklisted sample names it."""
     if groups is None or not len(groups):
         return CLUSTERS_SCHEMA.empty_table()
-    paths, keys = keys_at(features, shard_starts, groups.survivor)
+    paths, keys, labels, ref_keys = identities(
+        features, shard_starts, references, groups.survivor
+    )
+    for k, row in enumerate(groups.survivor.tolist()):
+        if blocked and row in blocked:
+            labels[k], ref_keys[k] = blocked[row]
     return pa.table(
         {
             "cluster_id": groups.cluster_id,
@@ -342,6 +454,8 @@ def _clusters_table(features, shard_starts, groups: Groups | None) -> pa.Table:
                 groups.min_clip_similarity_to_survivor,
                 mask=np.isnan(groups.min_clip_similarity_to_survivor),
             ),
+            "reference": pa.array(labels, type=pa.string()),
+            "reference_key": pa.array(ref_keys, type=pa.string()),
         },
         schema=CLUSTERS_SCHEMA,
     )
@@ -361,6 +475,7 @@ class FinishJob:
     clip_similarity: np.ndarray
     duplicate_of: list  # survivor key per row (None unless removed)
     duplicate_of_shard: list
+    reference: tuple  # (reference, reference_key, reference_signal) lists, per row
     output: str | None  # None in a dry run
     part: str
     preview_rows: list[int] = field(default_factory=list)  # rows the HTML report shows
@@ -385,10 +500,17 @@ def finish_all(
     """Phase 3 over every shard: write its cleaned copy and its part of samples.parquet."""
     survivor_of = {}
     if p.clusters.num_rows:
-        ids = p.clusters.column("cluster_id").to_numpy()
-        keys = p.clusters.column("survivor_key").to_pylist()
-        shards = p.clusters.column("survivor_shard").to_pylist()
-        survivor_of = dict(zip(ids.tolist(), zip(keys, shards, strict=True), strict=True))
+        c = p.clusters
+        ids = c.column("cluster_id").to_numpy()
+        about = zip(
+            *(
+                c.column(name).to_pylist()
+                for name in ("survivor_key", "survivor_shard", "reference", "reference_key")
+            ),
+            strict=True,
+        )
+        survivor_of = dict(zip(ids.tolist(), about, strict=True))
+    matched = (REASONS.index("reference"), REASONS.index("blocklist"))
     shown = preview_rows(p)
     jobs = []
     for pos, f in enumerate(features):
@@ -396,9 +518,18 @@ def finish_all(
         local = shown[(shown >= rows.start) & (shown < rows.stop)] - rows.start
         removed = p.survivor[rows] >= 0
         dup = [None] * (rows.stop - rows.start)
-        dup_shard = [None] * len(dup)
+        dup_shard, ref, ref_key, ref_signal = ([None] * len(dup) for _ in range(4))
         for k in np.flatnonzero(removed).tolist():
-            dup[k], dup_shard[k] = survivor_of[int(p.cluster_id[rows.start + k])]
+            row = rows.start + k
+            dup[k], dup_shard[k], ref[k], ref_key[k] = survivor_of[int(p.cluster_id[row])]
+            if p.reason[row] in matched:
+                ref_signal[k] = DECISIONS[p.link[row]]
+            else:  # a plain copy in a cluster that also holds a reference item
+                ref[k] = ref_key[k] = None
+        for row in p.blocked_in(rows):
+            k = row - rows.start
+            ref[k], ref_key[k] = p.blocked[row]
+            ref_signal[k] = "phash" if ref_key[k].startswith("phash:") else "exact"
         jobs.append(
             FinishJob(
                 f,
@@ -411,6 +542,7 @@ def finish_all(
                 p.clip_similarity[rows],
                 dup,
                 dup_shard,
+                (ref, ref_key, ref_signal),
                 None if dry_run else storage.join(out, f.shard.name),
                 storage.join(parts_dir, f"{pos:08d}.parquet"),
                 local.tolist(),
@@ -491,6 +623,9 @@ def samples_part(job: FinishJob, f: pa.Table) -> pa.Table:
             "reason": pa.array(np.array(REASONS, dtype=object)[job.reason], type=pa.string()),
             "duplicate_of": pa.array(job.duplicate_of, type=pa.string()),
             "duplicate_of_shard": pa.array(job.duplicate_of_shard, type=pa.string()),
+            "reference": pa.array(job.reference[0], type=pa.string()),
+            "reference_key": pa.array(job.reference[1], type=pa.string()),
+            "reference_signal": pa.array(job.reference[2], type=pa.string()),
             "phash_distance": pa.array(job.phash_distance, mask=job.phash_distance == NO_DISTANCE),
             "clip_similarity": pa.array(job.clip_similarity, mask=np.isnan(job.clip_similarity)),
             "width": f.column("width"),
@@ -528,13 +663,21 @@ def run(
     clip = resolve_clip(config)
     report_dir = report_dir or storage.join(out, REPORT_DIR)
     store = feature_store(out, state_dir)
+    # What the run matches against, checked before OUT is touched.
+    references = resolve_references(
+        list(config.against), config, reference_store(out), shards, out
+    )
+    check_stored(references, config, clip)
+    blocklists = [load_blocklist(path, config) for path in config.blocklist]
     # The executor first: a cluster that cannot be reached leaves OUT untouched.
     with (
         make_executor(config.executor, config.worker_count, config.ray_address) as executor,
         claim_output(out, shards, overwrite, report_dir, dry_run, state_dir),
         scratch_dir() as scratch,
     ):
-        job = _Job(out, store, config, executor, dry_run, skip_bad_shards, clip)
+        job = _Job(
+            out, store, config, executor, dry_run, skip_bad_shards, clip, references, blocklists
+        )
         if not storage.is_url(report_dir):
             return _run(shards, job, report_dir)
         # A report in a store is made in a local folder, then put object by object,
@@ -560,6 +703,32 @@ class _Job:
     dry_run: bool
     skip_bad_shards: bool
     clip: Any
+    references: list[Reference] = field(default_factory=list)
+    blocklists: list[Blocklist] = field(default_factory=list)
+
+
+def reference_store(out: str) -> str:
+    """Where the features of --against shard sets and folders are kept (inside OUT)."""
+    return storage.join(storage.join(out, STATE_DIR), REFERENCES_DIR)
+
+
+def extract_references(references: list[Reference], job: _Job) -> list[BadShard]:
+    """Features of the shard sets and folders among `references` (reused when current);
+    a REF left with no usable image is a ReferenceError_."""
+    bad = []
+    for ref in references:
+        if ref.shards and not ref.sources:
+            done = extract_all(
+                ref.shards, job.config, ref.store, job.skip_bad_shards, job.clip, job.executor
+            )
+            for result in done:
+                if isinstance(result, BadShard):
+                    bad.append(result)
+                else:
+                    ref.sources.append(Source(result, None, result.shard))
+        if not any(usable_rows(source) for source in ref.sources):
+            raise ReferenceError_(f"--against {ref.label}: holds no usable images")
+    return bad
 
 
 def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
@@ -579,9 +748,12 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
         log.warning("skipped bad shard: %s", b.error)
         if not dry_run:  # an earlier output for this shard no longer reflects the input
             remove_output(storage.join(out, b.shard.name))
+    for b in extract_references(job.references, job):
+        log.warning("skipped bad reference shard: %s", b.error)
+        bad.append(b)
     t1 = time.monotonic()
     work = storage.join(storage.join(out, STATE_DIR), GLOBAL_DIR)
-    the_plan = plan(features, config, job.executor, work)
+    the_plan = plan(features, config, job.executor, work, job.references, job.blocklists)
     t2 = time.monotonic()
     # Write tasks put their samples.parquet parts beside OUT, where every node of a
     # cluster can write (the report folder may be this machine's staging folder).
@@ -605,6 +777,9 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
+    summary["output"]["state_dir"] = job.store
+    if job.references or job.blocklists:
+        summary["references"] = match_counts(the_plan, job.references, job.blocklists)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
     check_stop()  # a stop signal that came while the report was made still stops the run
     write_summary(summary, paths["summary"])
@@ -648,6 +823,55 @@ def _write_report_extras(features, p: Plan, finished: list[Finished], report_dir
         ),
         os.path.join(report_dir, "calibration.parquet"),
     )
+
+
+def match_counts(p: Plan, references: list[Reference], blocklists: list[Blocklist]) -> dict:
+    """summary.json's references section: per REF and blocklist, what it held and how
+    many input samples it removed, by the signal that matched."""
+    n = len(p.keep)
+    refs = _reference_rows(references, n)
+    owner = [ref for ref in references for _ in ref.sources]
+    starts = np.asarray([start for _, start in refs.sources], dtype=np.int64)
+    matched = {id(ref): Counter() for ref in references}
+    by_list: dict[str, Counter] = {b.label: Counter() for b in blocklists}
+    names = np.array(DECISIONS, dtype=object)
+    for row in np.flatnonzero(p.reason == REASONS.index("reference")).tolist():
+        at = int(np.searchsorted(starts, p.survivor[row], side="right")) - 1
+        matched[id(owner[at])][names[p.link[row]]] += 1
+    for row in np.flatnonzero(p.reason == REASONS.index("blocklist")).tolist():
+        if row in p.blocked:
+            label, entry = p.blocked[row]
+            by_list[label]["phash" if entry.startswith("phash:") else "exact"] += 1
+        else:  # a copy of a blocklisted sample
+            label = p.blocked[int(p.survivor[row])][0]
+            by_list[label][names[p.link[row]]] += 1
+    out = {"against": [], "blocklists": []}
+    for ref in references:
+        statuses: Counter = Counter()
+        for source in ref.sources:
+            statuses.update(status_counts(source))
+        usable = statuses.pop(STATUS_OK, 0)
+        out["against"].append(
+            {
+                "reference": ref.label,
+                "kind": ref.kind,
+                "items": usable + sum(statuses.values()),
+                "usable": usable,
+                "skipped_by_reason": dict(sorted(statuses.items())),
+                "matched": sum(matched[id(ref)].values()),
+                "matched_by_signal": dict(sorted(matched[id(ref)].items())),
+            }
+        )
+    for b in blocklists:
+        out["blocklists"].append(
+            {
+                "blocklist": b.label,
+                **b.counts(),
+                "matched": sum(by_list[b.label].values()),
+                "matched_by_signal": dict(sorted(by_list[b.label].items())),
+            }
+        )
+    return out
 
 
 def _phase(seconds: float, items: int) -> dict[str, float]:
@@ -733,3 +957,83 @@ def _summary(
         "shards": shard_counts,
         "output": {"dir": out, "report": report_dir, "dry_run": dry_run},
     }
+
+
+# ---------------------------------------------------------------- dedup index
+
+
+def build_index(refs: list[str], out: str, config: Config, overwrite: bool = False) -> dict:
+    """`dedup index REF... --out INDEX`: the features of every REF (shard sets, image
+    folders, earlier OUTs, stores, other indexes) in one folder with a manifest of the
+    settings and versions they were computed with; `--against INDEX` then decodes
+    nothing. Returns the manifest."""
+    from dedup.references import INDEX_FILE, INDEX_FORMAT
+
+    if storage.is_url(out):
+        raise ConfigError(f"--out {out}: an index is written to a local folder")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        if not os.path.isfile(os.path.join(out, INDEX_FILE)):
+            raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
+    clip = resolve_clip(config)
+    features_root = os.path.join(out, "features")
+    references = resolve_references(refs, config, features_root, [], out)
+    check_stored(references, config, clip)
+    os.makedirs(features_root, exist_ok=True)
+    manifest_path = os.path.join(out, INDEX_FILE)
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)  # an index being rebuilt is no index until it is done
+    with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
+        job = _Job(out, features_root, config, executor, False, False, clip)
+        bad = extract_references(references, job)
+    if bad:
+        raise ShardError(bad[0].shard.path, bad[0].error)
+    entries = []
+    for ref in references:
+        folder = ref.store or os.path.join(features_root, _store_name(ref.label))
+        os.makedirs(folder, exist_ok=True)
+        for k, source in enumerate(ref.sources):
+            path = source.features.path
+            if os.path.dirname(os.path.abspath(path)) != os.path.abspath(folder):
+                # stored elsewhere (an earlier run, a store, another index): copied in
+                target = os.path.join(folder, f"{k:06d}.parquet")
+                for suffix in ("", ".done"):
+                    shutil.copyfile(path + suffix, target + suffix + ".tmp")
+                    os.replace(target + suffix + ".tmp", target + suffix)
+                path = target
+            only = None
+            if source.only is not None:
+                only = os.path.join(folder, f"{k:06d}.rows.npy")
+                np.save(only, np.asarray(source.only, dtype=np.int64))
+            shard = source.features.shard
+            entries.append(
+                {
+                    "reference": ref.label,
+                    "kind": "files" if isinstance(shard, FileGroup) else "shard",
+                    "shard": shard.path,
+                    "location": os.path.abspath(shard.root)
+                    if isinstance(shard, FileGroup)
+                    else (None if source.images is None else source.images.path),
+                    "features": os.path.relpath(path, out),
+                    "rows": source.features.rows,
+                    "only": None if only is None else os.path.relpath(only, out),
+                }
+            )
+    manifest = {
+        "format": INDEX_FORMAT,
+        "tool": "dedup",
+        "feature_fingerprint": config.feature_fingerprint(),
+        "clip": None if clip is None else clip.fingerprint,
+        "config": config.to_dict(),
+        "versions": package_versions(),
+        "references": [r.label for r in references],
+        "items": sum(usable_rows(s) for r in references for s in r.sources),
+        "sources": entries,
+    }
+    write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return manifest
+
+
+def _store_name(label: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(label.encode("utf-8", "surrogateescape")).hexdigest()[:16]

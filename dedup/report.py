@@ -46,6 +46,11 @@ SAMPLES_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("duplicate_of", pa.string()),
         ("duplicate_of_shard", pa.string()),
+        # reason reference / blocklist: which REF or blocklist FILE, and which item or
+        # entry in it; reference_signal: the signal that matched (exact, phash, ...)
+        ("reference", pa.string()),
+        ("reference_key", pa.string()),
+        ("reference_signal", pa.string()),
         ("phash_distance", pa.int32()),
         ("clip_similarity", pa.float32()),
         ("width", pa.int32()),
@@ -67,6 +72,9 @@ CLUSTERS_SCHEMA = pa.schema(
         ("max_phash_distance", pa.int32()),
         ("max_phash_distance_to_survivor", pa.int32()),
         ("min_clip_similarity_to_survivor", pa.float32()),
+        # the survivor is a reference item (--against REF), or a blocklisted sample
+        ("reference", pa.string()),
+        ("reference_key", pa.string()),
     ]
 )
 

@@ -32,6 +32,36 @@ class Shard:
         return storage.is_url(self.path)
 
 
+@dataclass(frozen=True)
+class FileGroup(Shard):
+    """Plain image files under a folder (an evaluation set kept as files), read as a shard
+    is: each file one sample whose key and only member are its path relative to `root`.
+    Only ever read (a reference: --against), never written."""
+
+    root: str = ""
+    files: tuple[str, ...] = ()  # relative paths, sorted
+
+    @staticmethod
+    def of(root: str, files: list[str], number: int) -> FileGroup:
+        return FileGroup(f"{root}#files-{number:06d}", root, tuple(files))
+
+    def file(self, relative: str) -> str:
+        return os.path.join(self.root, relative)
+
+
+def read_ranges_of(shard: Shard, names: list[str], ranges: list[tuple[int, int]]) -> list[bytes]:
+    """The bytes of members (`names`, at (offset, size) `ranges`) of a shard, or of the
+    files of a FileGroup."""
+    if not isinstance(shard, FileGroup):
+        return storage.read_ranges(shard.path, ranges)
+    out = []
+    for name, (offset, size) in zip(names, ranges, strict=True):
+        with open(shard.file(name), "rb") as fh:
+            fh.seek(offset)
+            out.append(fh.read(size))
+    return out
+
+
 @dataclass
 class Member:
     """One regular tar member: its name, where its data starts in the shard, its size, and
@@ -56,6 +86,9 @@ class Sample:
 
 def shard_size(shard: Shard) -> int:
     """The shard's size in bytes, 0 when it cannot be had (progress only)."""
+    if isinstance(shard, FileGroup):
+        files = [shard.file(f) for f in shard.files]
+        return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
     try:
         return storage.size(shard.path) if shard.is_url else os.path.getsize(shard.path)
     except (OSError, InputError):
@@ -174,6 +207,9 @@ def iter_samples(
     webdataset skips too. Structural damage raises ShardError naming the byte offset.
     """
     skipped = skipped if skipped is not None else Counter()
+    if isinstance(shard, FileGroup):
+        yield from _iter_files(shard, skipped, keep)
+        return
     finished: set[str] = set()
     current: Sample | None = None
     names_in_sample: set[str] = set()
@@ -205,6 +241,32 @@ def iter_samples(
         current.members.append(Member(name, data_offset, size, data))
     if current is not None:
         yield current
+
+
+def _iter_files(
+    group: FileGroup, skipped: Counter, keep: Callable[[str], bool] | None
+) -> Iterator[Sample]:
+    """A FileGroup's files as one-member samples; a file that cannot be read (gone,
+    unreadable) is counted under `unreadable_file`, never fatal."""
+    index = 0
+    for name in group.files:
+        data = None
+        if keep is None or keep(name):
+            try:
+                with open(group.file(name), "rb") as fh:
+                    data = fh.read()
+            except OSError:
+                skipped["unreadable_file"] += 1
+                continue
+            size = len(data)
+        else:
+            try:
+                size = os.path.getsize(group.file(name))
+            except OSError:
+                skipped["unreadable_file"] += 1
+                continue
+        yield Sample(key=name, index=index, offset=0, members=[Member(name, 0, size, data)])
+        index += 1
 
 
 def iter_members(

@@ -1,0 +1,320 @@
+"""What a run matches its input against (--against REF): reference sets turned into
+feature files the global phase searches with the input's rows.
+
+A REF is, checked in this order:
+- a stored reference index (`dedup index`: INDEX/dedup-index.json), whose features are
+  used as they are;
+- an earlier dedup OUT (OUT/.dedup/job.json): its stored features, of the samples that
+  run kept (read from its samples.parquet); nothing is decoded again;
+- a feature store (--state-dir of an earlier run): every usable sample it holds;
+- a shard set (a directory of *.tar, a shard, a glob, braces, a URL);
+- a directory of plain image files, searched recursively.
+Shard sets and folders are read like input shards; their features are kept under
+OUT/.dedup/references/ (reused by a rerun). Reference items are only ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dedup import storage
+from dedup.config import Config
+from dedup.errors import ConfigError, InputError
+from dedup.extract import (
+    DONE_SUFFIX,
+    STATUS_OK,
+    ShardFeatures,
+    feature_path,
+    read_features,
+)
+from dedup.fsutil import read_file
+from dedup.shards import FileGroup, Shard, display_name, list_shards
+
+log = logging.getLogger("dedup")
+
+INDEX_FILE = "dedup-index.json"
+INDEX_FORMAT = 1
+# Image files per FileGroup: a folder is read in parts of this many files, in parallel.
+FILES_PER_GROUP = 1000
+KINDS = ("index", "run", "store", "shards", "files")
+
+
+class ReferenceError_(ConfigError):
+    """A REF that cannot serve this run (exit 2): missing, empty, no images, or stored
+    with other settings."""
+
+
+@dataclass
+class Source:
+    """One feature file of a reference, the local rows that take part (None: every
+    usable row), and where its images are (a Shard or FileGroup; None when not at hand)."""
+
+    features: ShardFeatures
+    only: np.ndarray | None = None
+    images: Shard | None = None
+
+
+@dataclass
+class Reference:
+    """One --against REF, resolved."""
+
+    label: str  # the REF as given
+    kind: str  # one of KINDS
+    sources: list[Source] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)  # to extract first (shards, files)
+    store: str | None = None  # where their features go
+
+    def key_of(self, shard: Shard, key: str) -> str:
+        """reference_key: a file's path relative to REF, or `shard key` for a sample."""
+        if isinstance(shard, FileGroup) or self.kind == "files":
+            return key
+        return f"{display_name(shard.path)} {key}"
+
+
+def _fail(ref: str, why: str) -> ReferenceError_:
+    return ReferenceError_(f"--against {ref}: {why}")
+
+
+def resolve_references(
+    refs: list[str], config: Config, store_root: str, forbidden: list[Shard], out: str
+) -> list[Reference]:
+    """Each REF's kind and sources; shard sets and folders still to be extracted (into
+    `store_root`/<digest of REF>). A REF that is missing, empty, holds no images, is an
+    input shard or OUT itself, or was stored with other settings: ReferenceError_."""
+    inputs = {_real(s.path) for s in forbidden}
+    found = []
+    for ref in refs:
+        if not storage.is_url(ref) and _real(ref) == _real(out):
+            raise _fail(ref, "is this run's --out")
+        r = _resolve_one(ref, config, store_root)
+        for shard in r.shards:
+            if _real(shard.path) in inputs:
+                raise _fail(ref, f"{shard.path} is also an input shard")
+        found.append(r)
+    return found
+
+
+def _real(path: str) -> str:
+    return storage.normal_url(path) if storage.is_url(path) else os.path.realpath(path)
+
+
+def _resolve_one(ref: str, config: Config, store_root: str) -> Reference:
+    store = storage.join(store_root, hashlib.sha256(_real(ref).encode()).hexdigest()[:16])
+    if not storage.is_url(ref) and os.path.isdir(ref):
+        if os.path.isfile(os.path.join(ref, INDEX_FILE)):
+            return open_index(ref, config)
+        if os.path.isfile(os.path.join(ref, ".dedup", "job.json")):
+            return _earlier_run(ref, config)
+        if any(n.endswith(".parquet" + DONE_SUFFIX) for n in os.listdir(ref)):
+            return _feature_store(ref, config)
+        if any(n.endswith(".tar") for n in os.listdir(ref)):
+            return Reference(ref, "shards", shards=list_shards([ref]), store=store)
+        files = image_files(ref, config)
+        if not files:
+            raise _fail(ref, "holds no shards and no image files")
+        groups = [
+            FileGroup.of(ref, files[k : k + FILES_PER_GROUP], k // FILES_PER_GROUP)
+            for k in range(0, len(files), FILES_PER_GROUP)
+        ]
+        return Reference(ref, "files", shards=groups, store=store)
+    if not storage.is_url(ref) and os.path.isfile(ref) and not ref.endswith(".tar"):
+        raise _fail(ref, "is a file, not a shard (.tar), a folder or an index")
+    try:
+        shards = list_shards([ref])
+    except InputError as e:
+        why = str(e).split(": ", 1)[-1] if str(e).startswith(ref) else str(e)
+        if not storage.is_url(ref) and not os.path.lexists(ref) and not _has_pattern(ref):
+            why = "does not exist"
+        raise _fail(ref, why) from None
+    if not shards:
+        raise _fail(ref, "names no shards")
+    return Reference(ref, "shards", shards=shards, store=store)
+
+
+def _has_pattern(ref: str) -> bool:
+    return any(c in ref for c in "*?[{")
+
+
+def image_files(root: str, config: Config) -> list[str]:
+    """Image files under `root` (by extension, any depth; hidden names left out), as
+    sorted paths relative to it."""
+    out = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in names:
+            if name.startswith(".") or "." not in name:
+                continue
+            if name.rsplit(".", 1)[1].lower() in config.image_extension_set:
+                out.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(out)
+
+
+# ---------------------------------------------------------------- stored features
+
+
+def _stored(path: str, config: Config, clip, ref: str) -> int:
+    """Rows of an intact stored feature file computed with this run's feature settings;
+    else a ReferenceError_ naming REF."""
+    try:
+        marker = json.loads(read_file(path + DONE_SUFFIX))
+        data = read_file(path)
+    except (OSError, ValueError, InputError) as e:
+        raise _fail(ref, f"stored features unreadable ({path}: {e})") from None
+    if blake3.blake3(data).hexdigest() != marker.get("blake3"):
+        raise _fail(ref, f"stored features damaged ({path})")
+    _check_settings(json.loads(marker["fingerprint"]), config, clip, ref)
+    return int(marker["rows"])
+
+
+def _check_settings(stored: dict, config: Config, clip, ref: str) -> None:
+    if stored.get("config") != config.feature_fingerprint():
+        raise _fail(
+            ref,
+            "its features were computed with other settings (signals or their feature "
+            f"settings: this run uses {','.join(config.signals)}); rebuild it with "
+            "`dedup index` and this run's options, or match with the same options",
+        )
+    want = clip.fingerprint if clip is not None else None
+    if want is not None and stored.get("clip") != want:
+        raise _fail(ref, "its CLIP embeddings come from another model or route")
+
+
+def _earlier_run(ref: str, config: Config) -> Reference:
+    """An earlier OUT: its kept samples, from its feature store and samples.parquet."""
+    report = os.path.join(ref, "dedup-report")
+    try:
+        summary = json.loads(read_file(os.path.join(report, "summary.json")))
+    except (OSError, ValueError, InputError):
+        raise _fail(
+            ref, "an OUT without a finished run's report (dedup-report/summary.json)"
+        ) from None
+    if summary.get("output", {}).get("dry_run"):
+        raise _fail(ref, "its run was a dry run: it kept nothing")
+    store = summary.get("output", {}).get("state_dir") or os.path.join(ref, ".dedup", "features")
+    samples = pq.read_table(os.path.join(report, "samples.parquet"), columns=["shard", "kept"])
+    shard_col = samples.column("shard").to_pylist()
+    kept = samples.column("kept").to_numpy(zero_copy_only=False)
+    r = Reference(ref, "run")
+    start = 0
+    for entry in summary.get("shards", []):
+        shard = Shard(entry["shard"])
+        n = int(entry["samples"])
+        if shard_col[start : start + n] != [display_name(shard.path)] * n:
+            raise _fail(ref, "its samples.parquet does not match its summary; rerun it")
+        path = feature_path(store, shard)
+        rows = _stored_rows(path, ref)
+        if rows != n:
+            raise _fail(ref, f"its stored features of {shard.path} do not match its report")
+        only = np.flatnonzero(kept[start : start + n])
+        r.sources.append(Source(ShardFeatures(shard, path, n, {}, None), only, _at_hand(shard)))
+        start += n
+    if not r.sources:
+        raise _fail(ref, "its run kept no samples")
+    return r
+
+
+def _stored_rows(path: str, ref: str) -> int:
+    try:
+        return int(json.loads(read_file(path + DONE_SUFFIX))["rows"])
+    except (OSError, ValueError, KeyError, InputError):
+        raise _fail(ref, f"its stored features are missing ({path}); was --state-dir used?") from None
+
+
+def _feature_store(ref: str, config: Config) -> Reference:
+    """A bare feature store (--state-dir): every usable sample it holds."""
+    r = Reference(ref, "store")
+    for name in sorted(os.listdir(ref)):
+        if name.endswith(".parquet") and os.path.isfile(os.path.join(ref, name + DONE_SUFFIX)):
+            path = os.path.join(ref, name)
+            rows = _stored_rows(path, ref)
+            shard = Shard(f"{ref}#{name}")
+            r.sources.append(Source(ShardFeatures(shard, path, rows, {}, None)))
+    if not r.sources:
+        raise _fail(ref, "holds no stored features")
+    return r
+
+
+def _at_hand(shard: Shard) -> Shard | None:
+    """The shard, when it can still be read (for the views signal's verification)."""
+    if shard.is_url:
+        return shard
+    return shard if os.path.isfile(shard.path) else None
+
+
+def check_stored(refs: list[Reference], config: Config, clip) -> None:
+    """Stored features (runs, stores) intact and computed with this run's settings."""
+    for r in refs:
+        if r.kind in ("run", "store", "index"):
+            for s in r.sources:
+                _stored(s.features.path, config, clip, r.label)
+
+
+# ---------------------------------------------------------------- the index
+
+
+def open_index(ref: str, config: Config, clip=None) -> Reference:
+    """A stored reference index: its manifest, sources and settings."""
+    try:
+        manifest = json.loads(read_file(os.path.join(ref, INDEX_FILE)))
+    except (OSError, ValueError, InputError) as e:
+        raise _fail(ref, f"unreadable index ({e})") from None
+    if manifest.get("format") != INDEX_FORMAT:
+        raise _fail(ref, f"an index of another format ({manifest.get('format')})")
+    if manifest.get("feature_fingerprint") != config.feature_fingerprint():
+        built = ",".join(manifest.get("config", {}).get("signals", []))
+        raise _fail(
+            ref,
+            f"an index built with other settings (signals {built}; this run: "
+            f"{','.join(config.signals)}); rebuild it with this run's options",
+        )
+    r = Reference(ref, "index")
+    for entry in manifest["sources"]:
+        path = os.path.join(ref, entry["features"])
+        rows = int(entry["rows"])
+        kind, location = entry["kind"], entry.get("location")
+        if kind == "files":
+            keys = read_features(path, ["key"]).column("key").to_pylist()
+            shard = FileGroup(entry["shard"], location, tuple(keys))
+            images = shard if location and os.path.isdir(location) else None
+        else:
+            shard = Shard(entry["shard"])
+            images = _at_hand(shard)
+        only = None
+        if entry.get("only"):
+            only = np.load(os.path.join(ref, entry["only"]))
+        r.sources.append(
+            Source(ShardFeatures(shard, path, rows, {}, None), only, images)
+        )
+    if not r.sources:
+        raise _fail(ref, "an empty index")
+    return r
+
+
+def usable_rows(source: Source) -> int:
+    """Decoded images of a source that take part."""
+    status = read_features(source.features.path, ["status"]).column("status")
+    ok = pc.equal(status, STATUS_OK).to_numpy(zero_copy_only=False)
+    if source.only is not None:
+        chosen = np.zeros(len(ok), bool)
+        chosen[source.only] = True
+        ok &= chosen
+    return int(ok.sum())
+
+
+def status_counts(source: Source) -> dict[str, int]:
+    """Items of a source by status (ok, undecodable, ...), of the rows that take part."""
+    table = read_features(source.features.path, ["status"])
+    if source.only is not None:
+        table = table.take(pa.array(source.only, type=pa.int64()))
+    counts = pc.value_counts(table.column("status")).to_pylist()
+    return {c["values"]: int(c["counts"]) for c in counts}
