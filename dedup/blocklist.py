@@ -59,7 +59,8 @@ def load_blocklist(path: str, config: Config) -> Blocklist:
     try:
         data = read_file(path)
     except (OSError, InputError) as e:
-        raise BlocklistError(f"--blocklist {path}: cannot read ({getattr(e, 'strerror', e) or e})") from None
+        why = getattr(e, "strerror", None) or e
+        raise BlocklistError(f"--blocklist {path}: cannot read ({why})") from None
     b = Blocklist(path)
     codes: dict[int, int] = {}
     lower = path.lower()

@@ -101,10 +101,10 @@ def near_pairs(
 def star_claims(order, group, mem_start, members, adj_start, adj, fixed):
     """The star rule, greedy: rows in `order` (best first); an unclaimed row becomes a
     survivor and claims every unclaimed row it links to directly; a `fixed` row (a
-    reference item, a blocklisted sample: they come first in `order`) is never claimed. Per signal s, rows
-    of one key group (`group[s]`: equal digest, equal code) link to each other, and to
-    every row of the groups adjacent to theirs (`adj`, CSR by group over absolute
-    offsets). A group is scanned in full once: its unclaimed count then drops to 0.
+    reference item, a blocklisted sample: they come first in `order`) is never claimed.
+    Per signal s, rows of one key group (`group[s]`: equal digest, equal code) link to
+    each other, and to every row of the groups adjacent to theirs (`adj`, CSR by group
+    over absolute offsets). A group is scanned in full once: its unclaimed count then drops to 0.
     Returns each row's survivor."""
     signals, n = group.shape
     survivor = np.full(n, -1, np.int64)

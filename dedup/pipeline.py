@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup import signals, storage
-from dedup.blocklist import Blocklist, match_blocklists
+from dedup.blocklist import Blocklist, load_blocklist, match_blocklists
 from dedup.cluster import (
     DECISIONS,
     NO_DISTANCE,
@@ -64,6 +64,15 @@ from dedup.outdir import (
     remove_output,
 )
 from dedup.progress import Progress
+from dedup.references import (
+    Reference,
+    ReferenceError_,
+    Source,
+    check_stored,
+    resolve_references,
+    status_counts,
+    usable_rows,
+)
 from dedup.report import (
     CLUSTERS_SCHEMA,
     LARGEST_CLUSTERS,
@@ -74,16 +83,6 @@ from dedup.report import (
     size_histogram,
     write_summary,
     write_table,
-)
-from dedup.blocklist import load_blocklist
-from dedup.references import (
-    Reference,
-    ReferenceError_,
-    Source,
-    check_stored,
-    resolve_references,
-    status_counts,
-    usable_rows,
 )
 from dedup.shards import FileGroup, Shard, display_name, list_shards, raw_name, shard_size
 from dedup.thumbs import read_previews
@@ -430,9 +429,7 @@ def _clusters_table(
     a cluster whose survivor is a reference item or a blocklisted sample names it."""
     if groups is None or not len(groups):
         return CLUSTERS_SCHEMA.empty_table()
-    paths, keys, labels, ref_keys = identities(
-        features, shard_starts, references, groups.survivor
-    )
+    paths, keys, labels, ref_keys = identities(features, shard_starts, references, groups.survivor)
     for k, row in enumerate(groups.survivor.tolist()):
         if blocked and row in blocked:
             labels[k], ref_keys[k] = blocked[row]
@@ -664,9 +661,7 @@ def run(
     report_dir = report_dir or storage.join(out, REPORT_DIR)
     store = feature_store(out, state_dir)
     # What the run matches against, checked before OUT is touched.
-    references = resolve_references(
-        list(config.against), config, reference_store(out), shards, out
-    )
+    references = resolve_references(list(config.against), config, reference_store(out), shards, out)
     check_stored(references, config, clip)
     blocklists = [load_blocklist(path, config) for path in config.blocklist]
     # The executor first: a cluster that cannot be reached leaves OUT untouched.
@@ -971,9 +966,9 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
 
     if storage.is_url(out):
         raise ConfigError(f"--out {out}: an index is written to a local folder")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        if not os.path.isfile(os.path.join(out, INDEX_FILE)):
-            raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
+    foreign = os.path.isdir(out) and not os.path.isfile(os.path.join(out, INDEX_FILE))
+    if foreign and os.listdir(out) and not overwrite:
+        raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
     clip = resolve_clip(config)
     features_root = os.path.join(out, "features")
     references = resolve_references(refs, config, features_root, [], out)

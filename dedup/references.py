@@ -227,7 +227,8 @@ def _stored_rows(path: str, ref: str) -> int:
     try:
         return int(json.loads(read_file(path + DONE_SUFFIX))["rows"])
     except (OSError, ValueError, KeyError, InputError):
-        raise _fail(ref, f"its stored features are missing ({path}); was --state-dir used?") from None
+        why = f"its stored features are missing ({path}); was --state-dir used?"
+        raise _fail(ref, why) from None
 
 
 def _feature_store(ref: str, config: Config) -> Reference:
@@ -292,9 +293,7 @@ def open_index(ref: str, config: Config, clip=None) -> Reference:
         only = None
         if entry.get("only"):
             only = np.load(os.path.join(ref, entry["only"]))
-        r.sources.append(
-            Source(ShardFeatures(shard, path, rows, {}, None), only, images)
-        )
+        r.sources.append(Source(ShardFeatures(shard, path, rows, {}, None), only, images))
     if not r.sources:
         raise _fail(ref, "an empty index")
     return r
