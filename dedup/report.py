@@ -146,6 +146,18 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
         f"(sizes {', '.join(f'{k}: {v:,}' for k, v in hist.items())})"
         + (f"; largest has {largest[0]['size']:,}" if largest else ""),
     ]
+    for r in summary.get("references", {}).get("against", []):
+        skipped = r["skipped_by_reason"]
+        lines.append(
+            f"against {r['reference']} ({r['kind']}, {r['usable']:,} images"
+            + (f"; skipped {by(skipped)}" if skipped else "")
+            + f"): removed {r['matched']:,} ({by(r['matched_by_signal'])})"
+        )
+    for b in summary.get("references", {}).get("blocklists", []):
+        lines.append(
+            f"blocklist {b['blocklist']} ({b['digests']:,} digests, {b['phash_codes']:,} pHash "
+            f"codes): removed {b['matched']:,} ({by(b['matched_by_signal'])})"
+        )
     phases = summary["phases"]
     lines.append(
         "time: "

@@ -1,0 +1,412 @@
+"""Matching against what you already have: --against (evaluation images as files, shard
+sets, an earlier OUT, a `dedup index`), --blocklist, and the two-stage incremental run
+that equals one full run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from dedup.synth import (
+    HARD_EDITS,
+    NEAR_EDITS,
+    PlantedSample,
+    encode,
+    make_image,
+    planted_dataset,
+    write_shards,
+)
+from tests.test_grey import captioned, rotated, textured
+from tests.test_hostile import DEDUP, error_line, outputs
+
+VIEWS = ["--signals", "exact,phash,views", "--workers", "2"]
+
+# Edits of evaluation images hidden in the training shards, all of which the model-free
+# signals catch on these pictures (mirror and letterbox: the views' hashes).
+EVAL_EDITS = ("exact", "reencode", "resize", "png", "mirror", "letterbox", "webp", "brighten")
+
+
+def run_dedup(*args, check: int | None = 0, cwd=None) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [DEDUP, *map(os.fsdecode, args)],
+        capture_output=True,
+        text=True,
+        errors="backslashreplace",
+        cwd=cwd,
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "internal error" not in result.stderr, result.stderr
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+def rows(out: Path) -> dict[str, dict]:
+    table = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
+    return {r["key"]: r for r in table}
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "dedup-report" / "summary.json").read_text())
+
+
+def tree(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under a folder: bytes and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def decontam(tmp_path_factory):
+    """An evaluation set kept as files (12 pictures in nested folders, JPEG and PNG, one
+    damaged file, one text file), and training shards with edited copies of 8 of them
+    hidden among 30 originals with their own copies."""
+    root = tmp_path_factory.mktemp("decontam")
+    ev = root / "eval"
+    originals = {}
+    for k in range(12):
+        folder = ev / ("birds" if k % 3 == 0 else "cars/day" if k % 3 == 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        fmt, ext = ("PNG", "png") if k % 4 == 3 else ("JPEG", "jpg")
+        data = encode(
+            make_image(9000 + k, 160, 120), fmt, **({"quality": 92} if ext == "jpg" else {})
+        )
+        name = folder / f"img{k:02d}.{ext}"
+        name.write_bytes(data)
+        originals[str(name.relative_to(ev))] = data
+    (ev / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (ev / "README.txt").write_text("evaluation set")
+    samples = planted_dataset(30, {"exact": 4, "reencode": 4}, seed=21, size=(160, 120))
+    planted = {}
+    for k, (relpath, data) in enumerate(sorted(originals.items())[: len(EVAL_EDITS)]):
+        edit = EVAL_EDITS[k]
+        copy = data if edit == "exact" else {**NEAR_EDITS, **HARD_EDITS}[edit](data)
+        sample = PlantedSample("", {"jpg": copy, "txt": b"eval copy"}, 1000 + k, edit)
+        samples.insert((7 * k) % len(samples), sample)
+        planted[id(sample)] = relpath
+    # Two copies of one evaluation picture: both go, whichever would have survived.
+    twin = sorted(originals)[0]
+    second = PlantedSample("", {"jpg": NEAR_EDITS["resize"](originals[twin])}, 1000, "resize")
+    samples.append(second)
+    planted[id(second)] = twin
+    for i, s in enumerate(samples):
+        s.key = f"{i:06d}"
+    write_shards(samples, str(root / "train"), per_shard=16)
+    truth = {s.key: planted[id(s)] for s in samples if id(s) in planted}
+    return root, samples, truth
+
+
+def test_copies_of_evaluation_files_are_removed_and_named(decontam, tmp_path):
+    root, samples, truth = decontam
+    before = tree(root / "eval")
+    out = tmp_path / "clean"
+    run_dedup(root / "train", "--out", out, "--against", root / "eval", *VIEWS)
+    got = rows(out)
+    removed = {k: r["reference_key"] for k, r in got.items() if r["reason"] == "reference"}
+    assert removed == truth  # every planted copy, nothing else, each with its file
+    for key in truth:
+        r = got[key]
+        assert (r["kept"], r["reference"], r["duplicate_of"]) == (
+            False,
+            str(root / "eval"),
+            truth[key],
+        )
+        assert r["duplicate_of_shard"] == str(root / "eval")
+        assert r["reference_signal"] in ("exact", "phash", "views", "verified")
+    # Within-INPUT dedup goes on as before: each planted group keeps one sample.
+    kept_groups = [s.group for s in samples if got[s.key]["kept"] and s.group is not None]
+    assert sorted(kept_groups) == sorted(
+        {s.group for s in samples if s.group is not None and s.group < 1000}
+    )
+    in_output = {
+        name.split(".")[0]
+        for shard in sorted(out.glob("*.tar"))
+        for name in subprocess.run(
+            ["tar", "tf", shard], capture_output=True, text=True
+        ).stdout.split()
+    }
+    assert not in_output & set(truth)
+    section = summary(out)["references"]["against"]
+    assert section == [
+        {
+            "reference": str(root / "eval"),
+            "kind": "files",
+            "items": 13,
+            "usable": 12,
+            "skipped_by_reason": {"undecodable": 1},
+            "matched": len(truth),
+            "matched_by_signal": section[0]["matched_by_signal"],
+        }
+    ]
+    assert sum(section[0]["matched_by_signal"].values()) == len(truth)
+    edit = {s.key: s.edit for s in samples}
+    for key in truth:  # a pHash misses mirror images and letterboxes; the views do not
+        hard = edit[key] in ("mirror", "letterbox")
+        expected = (
+            ("views", "verified") if hard else ("exact",) if edit[key] == "exact" else ("phash",)
+        )
+        assert got[key]["reference_signal"] in expected, (edit[key], got[key])
+    assert tree(root / "eval") == before  # reference items are only read
+
+
+def test_the_same_bytes_whatever_the_workers_and_on_a_rerun(decontam, tmp_path):
+    root, _, _ = decontam
+    flags = ["--against", root / "eval", "--signals", "exact,phash,views"]
+    run_dedup(root / "train", "--out", tmp_path / "one", *flags, "--workers", "1")
+    run_dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
+    assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
+    again = run_dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
+    assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
+    assert summary(tmp_path / "two")["shards"][0]["features_reused"] is True
+    assert "extract: 12 samples" not in again.stderr  # the folder's features were reused
+
+
+def test_an_index_serves_as_the_folder_does(decontam, tmp_path):
+    root, _, truth = decontam
+    index = tmp_path / "index"
+    made = run_dedup("index", root / "eval", "--out", index, *VIEWS, "--json")
+    manifest = json.loads(made.stdout)
+    assert manifest["items"] == 12 and manifest["config"]["signals"] == ["exact", "phash", "views"]
+    run_dedup(root / "train", "--out", tmp_path / "direct", "--against", root / "eval", *VIEWS)
+    used = run_dedup(root / "train", "--out", tmp_path / "via", "--against", index, *VIEWS)
+    assert "extract: 12 samples" not in used.stderr  # nothing decoded again
+    a, b = rows(tmp_path / "direct"), rows(tmp_path / "via")
+    assert {k: r["kept"] for k, r in a.items()} == {k: r["kept"] for k, r in b.items()}
+    assert {k: r["reference_key"] for k, r in b.items() if r["reference"]} == truth
+    assert {r["reference"] for r in b.values() if r["reference"]} == {str(index)}
+    # Other settings than the index was built with: exit 2, naming it.
+    other = run_dedup(
+        root / "train",
+        "--out",
+        tmp_path / "x",
+        "--against",
+        index,
+        "--signals",
+        "exact,phash",
+        check=2,
+    )
+    assert str(index) in error_line(other) and "other settings" in error_line(other)
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------ incremental
+
+
+@pytest.fixture(scope="module")
+def two_crawls(tmp_path_factory):
+    """One crawl in two halves: copies within each half and across them."""
+    root = tmp_path_factory.mktemp("crawls")
+    samples = planted_dataset(
+        60,
+        {"exact": 10, "reencode": 10, "resize": 8, "crop": 6, "mirror": 6, "brighten": 5},
+        seed=11,
+        size=(128, 96),
+    )
+    order = np.random.default_rng(1).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    half = len(samples) // 2
+    for i, s in enumerate(samples[:half]):
+        s.key = f"a{i:05d}"
+    for i, s in enumerate(samples[half:]):
+        s.key = f"b{i:05d}"
+    write_shards(samples[:half], str(root / "week1"), 20, "a")
+    write_shards(samples[half:], str(root / "week2"), 20, "b")
+    return root
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--signals", "exact,phash,views"],
+        ["--signals", "exact,phash", "--cluster-rule", "components"],
+        ["--signals", "exact,phash,views", "--no-verify"],
+    ],
+    ids=["views", "components", "no-verify"],
+)
+def test_two_stages_equal_one_full_run(two_crawls, tmp_path, flags):
+    """`dedup week2 --against clean-1` decides week2's samples exactly as one run over
+    clean-1's kept samples and week2 (reference items come first, as clean-1's shards
+    do in that run), byte for byte in the shards written."""
+    root = two_crawls
+    common = [*flags, "--keep", "first", "--workers", "2"]
+    run_dedup(root / "week1", "--out", tmp_path / "clean-1", *common)
+    second = run_dedup(
+        root / "week2", "--out", tmp_path / "clean-2", "--against", tmp_path / "clean-1", *common
+    )
+    assert "extract: 3" not in second.stderr.split("extract:", 2)[-1]  # clean-1 not decoded
+    run_dedup(tmp_path / "clean-1", root / "week2", "--out", tmp_path / "full", *common)
+    incremental, full = rows(tmp_path / "clean-2"), rows(tmp_path / "full")
+    week2 = sorted(incremental)
+    decided = lambda r: (r["kept"], r["duplicate_of"])  # noqa: E731
+    assert [decided(incremental[k]) for k in week2] == [decided(full[k]) for k in week2]
+    assert sum(r["reason"] == "reference" for r in incremental.values()) >= 10
+    for shard in sorted((root / "week2").glob("*.tar")):
+        assert (tmp_path / "clean-2" / shard.name).read_bytes() == (
+            tmp_path / "full" / shard.name
+        ).read_bytes()
+    # the reference's own samples: decided by its run, never touched by this one
+    assert sorted(p.name for p in (tmp_path / "clean-1").glob("*.tar")) == [
+        "a-000000.tar",
+        "a-000001.tar",
+        "a-000002.tar",
+    ]
+
+
+def test_verified_copies_of_reference_items(tmp_path):
+    """The views signal's grey zone reaches reference items: a 5-degree rotation and a
+    captioned copy of evaluation files are checked by local features against the files."""
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    originals = [textured(700 + k) for k in range(4)]
+    for k, image in enumerate(originals):
+        (ev / f"{k}.jpg").write_bytes(encode(image, "JPEG", quality=90))
+    samples = [
+        PlantedSample(
+            "0000", {"jpg": encode(rotated(originals[0], 5), "JPEG", quality=90)}, 0, "r"
+        ),
+        PlantedSample("0001", {"jpg": encode(captioned(originals[1]), "JPEG", quality=90)}, 1, "c"),
+        PlantedSample("0002", {"jpg": encode(textured(800), "JPEG", quality=90)}, 2, "other"),
+    ]
+    write_shards(samples, str(tmp_path / "in"), 2)
+    run_dedup(tmp_path / "in", "--out", tmp_path / "out", "--against", ev, *VIEWS)
+    got = rows(tmp_path / "out")
+    assert {
+        k: (r["reference_key"], r["reference_signal"]) for k, r in got.items() if not r["kept"]
+    } == {
+        "0000": ("0.jpg", "verified"),
+        "0001": ("1.jpg", "verified"),
+    }
+
+
+# ------------------------------------------------------------ blocklists
+
+
+@pytest.fixture(scope="module")
+def listed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blocklist")
+    samples = planted_dataset(24, {"exact": 4, "reencode": 4, "mirror": 3}, seed=5, size=(128, 96))
+    write_shards(samples, str(root / "in"), 10)
+    run_dedup(root / "in", "--out", root / "plain", *VIEWS)
+    return root, samples, rows(root / "plain")
+
+
+def test_blocklists_remove_what_they_name_and_the_copies(listed, tmp_path):
+    root, samples, plain = listed
+    groups = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s.key)
+    # One group by the digest of its original, one by a pHash code, one by the digest of
+    # a sample alone (no copies); a code nothing matches.
+    by_group = sorted(g for g in groups if g is not None and len(groups[g]) > 1)
+    digest_group, code_group = by_group[0], by_group[1]
+    loner = next(g for g in groups if g is not None and len(groups[g]) == 1)
+    original = lambda g: next(s.key for s in samples if s.group == g and s.edit == "original")  # noqa: E731
+    text = tmp_path / "optout.txt"
+    text.write_text(
+        "# opt-out requests\n\n"
+        f"blake3:{plain[original(digest_group)]['digest']}\n"
+        f"{plain[original(code_group)]['phash']}\n"
+        "phash:0000000000000000\n"
+    )
+    table = tmp_path / "takedown.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["url", "blake3", "note"])
+        w.writerow(["http://x/1", plain[groups[loner][0]]["digest"].upper(), "dmca"])
+        w.writerow(["http://x/2", "", "no digest"])
+    out = tmp_path / "out"
+    run_dedup(root / "in", "--out", out, "--blocklist", text, "--blocklist", table, *VIEWS)
+    got = rows(out)
+    expected = set(groups[digest_group]) | set(groups[code_group]) | set(groups[loner])
+    assert {k for k, r in got.items() if r["reason"] == "blocklist"} == expected
+    for key in groups[code_group]:
+        assert got[key]["reference"] == str(text)
+        assert got[key]["reference_key"] == f"phash:{plain[original(code_group)]['phash']}"
+    assert got[groups[loner][0]]["reference"] == str(table)
+    lists = summary(out)["references"]["blocklists"]
+    assert [(b["blocklist"], b["digests"], b["phash_codes"], b["matched"]) for b in lists] == [
+        (str(text), 1, 2, len(groups[digest_group]) + len(groups[code_group])),
+        (str(table), 1, 0, 1),
+    ]
+    # everything else as without the lists
+    others = set(got) - expected
+    assert {k: got[k]["kept"] for k in others} == {k: plain[k]["kept"] for k in others}
+
+
+def test_a_parquet_blocklist_of_raw_bytes(listed, tmp_path):
+    root, samples, plain = listed
+    key = next(k for k, r in plain.items() if r["kept"] and r["digest"])
+    path = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"blake3": [bytes.fromhex(plain[key]["digest"])], "x": [1]}), path)
+    run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS)
+    group = next(s.group for s in samples if s.key == key)
+    copies = sorted(s.key for s in samples if s.group == group)  # the sample and its copies
+    assert [k for k, r in rows(tmp_path / "out").items() if r["reason"] == "blocklist"] == copies
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("blake3:" + "ab" * 32 + "\nphash:12345\n", "list.txt:2: phash must be 16 hex digits"),
+        ("# ok\n" + "zz" * 8 + "\n", "list.txt:2: phash must be 16 hex digits"),
+        ("md5:" + "ab" * 16 + "\n", "list.txt:1: unknown entry kind 'md5'"),
+        (
+            "sha256:" + "ab" * 32 + "\n",
+            "list.txt:1: a sha256 digest, but this run's digests are blake3",
+        ),
+        ("hello\n", "list.txt:1: not a digest"),
+        ("# nothing\n", "holds no entries"),
+    ],
+)
+def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, content, message):
+    root, _, _ = listed
+    path = tmp_path / "list.txt"
+    path.write_text(content)
+    result = run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS, check=2)
+    assert message in error_line(result)
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ bad references
+
+
+def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
+    root, _, _ = decontam
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "a.txt").write_text("no images here")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "dedup-index.json").write_text('{"format": 1, "feature_fingerprint": "x"}')
+    cases = {
+        tmp_path / "missing": "does not exist",
+        empty: "holds no shards and no image files",
+        texts: "holds no shards and no image files",
+        broken: "holds no usable images",
+        root / "train": f"{root / 'train' / 'shard-000000.tar'} is also an input shard",
+        tmp_path / "made": "an index built with other settings",
+        tmp_path / "out": "is this run's --out",
+    }
+    for ref, message in cases.items():
+        result = run_dedup(
+            root / "train", "--out", tmp_path / "out", "--against", ref, *VIEWS, check=2
+        )
+        line = error_line(result)
+        assert f"--against {ref}: {message}" in line, line
+    assert list(broken.iterdir()) == [broken / "a.jpg"]
