@@ -40,6 +40,22 @@ CALIBRATION_SCHEMA = pa.schema(
     ]
 )
 
+# The matches with a reference item shown per reference: the input sample beside the item.
+MATCHES_SCHEMA = pa.schema(
+    [
+        ("reference", pa.string()),
+        ("side", pa.string()),  # closest or farthest
+        ("signal", pa.string()),
+        ("phash_distance", pa.int32()),
+        ("clip_similarity", pa.float32()),
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("reference_shard", pa.string()),  # the item's shard (a folder for its files)
+        ("reference_item", pa.string()),  # the item's key there
+        ("reference_key", pa.string()),  # as in samples.parquet
+    ]
+)
+
 
 def risk_tiers(sizes: list[int]) -> list[dict[str, int]]:
     """Clusters with at least 10 and at least 100 copies, and the samples in them."""
@@ -102,6 +118,57 @@ def _histogram_svg(sizes: list[int]) -> str:
     return "".join(parts)
 
 
+def _references(section: dict, matches: list[dict], thumbs: dict) -> str:
+    """What the run matched against: counts per reference and blocklist, and for each
+    reference its closest and farthest matches, the input sample beside the item."""
+    esc = html.escape
+
+    def by(d: dict) -> str:
+        return ", ".join(f"{k} {v:,}" for k, v in d.items()) or "none"
+
+    out = [
+        "<h2 id=references>References</h2><p class=note>Samples removed because they match "
+        "a reference item (--against) or a blocklist entry. Each reference's closest and "
+        "farthest matches are shown beside the item they matched: if the farthest do not "
+        "look like copies, tighten the thresholds.</p><table class=t><tr><th>reference</th>"
+        "<th>kind</th><th>items</th><th>skipped</th><th>removed</th><th>by signal</th></tr>"
+    ]
+    for r in section.get("against", []):
+        out.append(
+            f"<tr><th>{esc(r['reference'])}</th><td>{esc(r['kind'])}</td>"
+            f"<td>{r['usable']:,}</td><td>{esc(by(r['skipped_by_reason']))}</td>"
+            f"<td>{r['matched']:,}</td><td>{esc(by(r['matched_by_signal']))}</td></tr>"
+        )
+    for b in section.get("blocklists", []):
+        out.append(
+            f"<tr><th>{esc(b['blocklist'])}</th><td>blocklist</td>"
+            f"<td>{b['digests'] + b['phash_codes']:,}</td><td></td>"
+            f"<td>{b['matched']:,}</td><td>{esc(by(b['matched_by_signal']))}</td></tr>"
+        )
+    out.append("</table>")
+    for r in section.get("against", []):
+        for side in ("closest", "farthest"):
+            pairs = [m for m in matches if m["reference"] == r["reference"] and m["side"] == side]
+            if not pairs:
+                continue
+            out.append(f"<h3>{esc(r['reference'])}: {side} matches</h3><div class=matches>")
+            for m in pairs:
+                a = thumbs.get((m["shard"], m["key"]), {})
+                b = thumbs.get((m["reference_shard"], m["reference_item"]), {})
+                how = m["signal"]
+                if m["phash_distance"] is not None:
+                    how += f", {m['phash_distance']} bits"
+                if m["clip_similarity"] is not None:
+                    how += f", cos {m['clip_similarity']:.3f}"
+                out.append(
+                    f"<span class=pair>{_img(a.get('thumbnail'), m['key'])}"
+                    f"{_img(b.get('thumbnail'), m['reference_key'])}<span>{esc(how)}<br>"
+                    f"{esc(m['key'])}<br>{esc(m['reference_key'])}</span></span>"
+                )
+            out.append("</div>")
+    return "".join(out)
+
+
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:18px;margin-top:32px;border-bottom:1px solid #ddd}
@@ -135,7 +202,11 @@ def render(report_dir: str) -> str:
         filters=[("cluster_id", "in", ids)] if ids else [("cluster_id", "<", -1)],
     )
     thumbs = {(r["shard"], r["key"]): r for r in previews.to_pylist()}
+    matches = _read_optional(os.path.join(report_dir, "matches.parquet"), MATCHES_SCHEMA)
     page = _page(summary, clusters, shown, members, thumbs, calibration.to_pylist())
+    if "references" in summary:
+        section = _references(summary["references"], matches.to_pylist(), thumbs)
+        page = page.replace("<h2>Cluster sizes</h2>", section + "<h2>Cluster sizes</h2>", 1)
     path = os.path.join(report_dir, "report.html")
     write_atomic(path, page.encode("utf-8"))
     return path

@@ -45,6 +45,7 @@ REPORT_FILES = (
     "clusters.parquet",
     "previews.parquet",
     "calibration.parquet",
+    "matches.parquet",
 )
 
 

@@ -49,6 +49,7 @@ from dedup.globalphase import (
 )
 from dedup.htmlreport import (
     CALIBRATION_SCHEMA,
+    MATCHES_SCHEMA,
     PREVIEWS_SCHEMA,
     SHOWN_MEMBERS,
     shown_clusters,
@@ -217,6 +218,8 @@ class Plan:
     link: np.ndarray | None = None
     # Rows a blocklist names: global row -> (blocklist label, entry).
     blocked: dict = field(default_factory=dict)
+    # Matches the HTML report shows per reference: (label, "closest"/"farthest", row).
+    shown_matches: list = field(default_factory=list)
 
     def rows(self, shard: int) -> slice:
         return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
@@ -269,7 +272,35 @@ def plan(
     p.blocked = blocked
     p.keep[b_rows] = False
     p.reason[b_rows] = REASONS.index("blocklist")
+    p.shown_matches = shown_matches(p, references or [])
     return p
+
+
+SHOWN_MATCHES = 6  # per reference: the closest and the farthest matches in the report
+
+
+def shown_matches(p: Plan, references: list[Reference]) -> list[tuple[str, str, int]]:
+    """(reference label, side, row) of each reference's SHOWN_MATCHES closest and farthest
+    matches: by pHash distance to the item (exact and low-detail matches count as 0), then
+    CLIP similarity, then row."""
+    rows = np.flatnonzero(p.reason == REASONS.index("reference"))
+    if not len(rows):
+        return []
+    refs = _reference_rows(references, len(p.keep))
+    starts = np.asarray([start for _, start in refs.sources], dtype=np.int64)
+    owner = np.asarray([k for k, ref in enumerate(references) for _ in ref.sources])
+    of_row = owner[np.searchsorted(starts, p.survivor[rows], side="right") - 1]
+    distance = np.maximum(p.phash_distance[rows], 0)
+    similarity = np.nan_to_num(p.clip_similarity[rows], nan=1.0)
+    out = []
+    for k, ref in enumerate(references):
+        mine = np.flatnonzero(of_row == k)
+        order = mine[np.lexsort((rows[mine], -similarity[mine], distance[mine]))]
+        closest = order[:SHOWN_MATCHES]
+        farthest = [x for x in order[::-1][:SHOWN_MATCHES] if x not in set(closest.tolist())]
+        out += [(ref.label, "closest", int(rows[x])) for x in closest]
+        out += [(ref.label, "farthest", int(rows[x])) for x in farthest]
+    return out
 
 
 def _reference_rows(references: list[Reference], first: int) -> References:
@@ -588,6 +619,7 @@ def preview_rows(p: Plan) -> np.ndarray:
     """Global rows the HTML report shows: the survivor and first copies of each of the
     largest clusters, and both sides of every calibration pair."""
     rows = [np.asarray([r for _, _, a, b, _ in p.calibration for r in (a, b)], dtype=np.int64)]
+    rows.append(np.asarray([row for _, _, row in p.shown_matches], dtype=np.int64))
     shown = shown_clusters(p.clusters).column("cluster_id").to_numpy()
     if len(shown):
         members = np.flatnonzero(np.isin(p.cluster_id, shown))
@@ -770,7 +802,7 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     }
     paths = report_paths(report_dir)
     write_table(the_plan.clusters, paths["clusters"])
-    _write_report_extras(features, the_plan, finished, report_dir)
+    _write_report_extras(features, the_plan, finished, report_dir, job.references)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
     summary["output"]["state_dir"] = job.store
     if job.references or job.blocklists:
@@ -782,8 +814,11 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     return summary
 
 
-def _write_report_extras(features, p: Plan, finished: list[Finished], report_dir: str) -> None:
-    """previews.parquet (thumbnails and captions of the shown samples), calibration.parquet."""
+def _write_report_extras(
+    features, p: Plan, finished: list[Finished], report_dir: str, references=()
+) -> None:
+    """previews.parquet (thumbnails and captions of the shown samples and reference
+    items), calibration.parquet, and matches.parquet when there are references."""
     shard_col, key_col, thumb_col, cap_col = [], [], [], []
     for done in finished:
         for key, thumb, cap in done.previews:
@@ -791,6 +826,16 @@ def _write_report_extras(features, p: Plan, finished: list[Finished], report_dir
             key_col.append(key)
             thumb_col.append(thumb)
             cap_col.append(cap)
+    if references:
+        matches, items = _matches_table(features, p, references)
+        write_table(matches, os.path.join(report_dir, "matches.parquet"))
+        for shard, key, thumb, cap in items:
+            shard_col.append(shard)
+            key_col.append(key)
+            thumb_col.append(thumb)
+            cap_col.append(cap)
+    else:  # a matches.parquet of an earlier run with references no longer applies
+        remove_output(os.path.join(report_dir, "matches.parquet"))
     write_table(
         pa.table(
             {"shard": shard_col, "key": key_col, "thumbnail": thumb_col, "caption": cap_col},
@@ -867,6 +912,67 @@ def match_counts(p: Plan, references: list[Reference], blocklists: list[Blocklis
             }
         )
     return out
+
+
+def _matches_table(features, p: Plan, references: list[Reference]):
+    """matches.parquet (the shown matches of each reference), and the previews of the
+    reference items in them: (shard, key, thumbnail, caption)."""
+    shown = p.shown_matches
+    rows = np.asarray([row for _, _, row in shown], dtype=np.int64)
+    items = p.survivor[rows] if len(rows) else np.zeros(0, np.int64)
+    paths, keys = keys_at(features, p.shard_starts, rows)
+    r_paths, r_keys, _, ref_keys = identities(features, p.shard_starts, references, items)
+    names = np.array(DECISIONS, dtype=object)
+    table = pa.table(
+        {
+            "reference": [label for label, _, _ in shown],
+            "side": [side for _, side, _ in shown],
+            "signal": [names[p.link[row]] for row in rows.tolist()],
+            "phash_distance": pa.array(
+                p.phash_distance[rows], mask=p.phash_distance[rows] == NO_DISTANCE
+            ),
+            "clip_similarity": pa.array(
+                p.clip_similarity[rows], mask=np.isnan(p.clip_similarity[rows])
+            ),
+            "shard": paths,
+            "key": keys,
+            "reference_shard": r_paths,
+            "reference_item": r_keys,
+            "reference_key": ref_keys,
+        },
+        schema=MATCHES_SCHEMA,
+    )
+    # The items' thumbnails, read from where their images are (none for a stored index
+    # whose images are gone).
+    refs = _reference_rows(references, len(p.keep))
+    starts = np.asarray([start for _, start in refs.sources], dtype=np.int64)
+    sources = [source for ref in references for source in ref.sources]
+    previews = {}
+    wanted = np.unique(items)
+    for pos, at in rows_by_shard(starts, wanted):
+        source = sources[pos]
+        if source.images is None:
+            continue
+        local = (wanted[at] - starts[pos]).tolist()
+        f = read_features(
+            source.features.path, ["member_names", "member_offsets", "member_sizes", "image_member"]
+        )
+        found = read_previews(
+            source.images,
+            local,
+            f.column("member_names").to_pylist(),
+            f.column("member_offsets").to_pylist(),
+            f.column("member_sizes").to_pylist(),
+            f.column("image_member").to_pylist(),
+        )
+        for global_row, (_, thumb, cap) in zip(wanted[at].tolist(), found, strict=True):
+            previews[global_row] = (thumb, cap)
+    out, seen = [], set()
+    for k, row in enumerate(items.tolist()):
+        if row in previews and row not in seen:
+            seen.add(row)
+            out.append((r_paths[k], r_keys[k], *previews[row]))
+    return table, out
 
 
 def _phase(seconds: float, items: int) -> dict[str, float]:

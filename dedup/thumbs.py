@@ -13,8 +13,7 @@ import warnings
 from PIL import Image
 
 from dedup.decode import normalize
-from dedup.shards import display_name
-from dedup.storage import read_ranges
+from dedup.shards import Shard, display_name, read_ranges_of
 
 THUMB_SIZE = 128
 CAPTION_CHARS = 300
@@ -56,7 +55,7 @@ def caption(members: dict[str, bytes]) -> str | None:
 
 
 def read_previews(
-    path: str,
+    path: str | Shard,
     rows: list[int],
     names: list,
     offsets: list,
@@ -64,8 +63,9 @@ def read_previews(
     image_members: list,
     captured: dict[int, list[bytes]] | None = None,
 ) -> list[tuple[int, bytes | None, str | None]]:
-    """(row, thumbnail, caption) for the given rows of one shard: from `captured` member
-    bytes (read during the write pass) where given, else read by offset."""
+    """(row, thumbnail, caption) for the given rows of one shard (a path, or a Shard: a
+    FileGroup's files too): from `captured` member bytes (read during the write pass)
+    where given, else read by offset."""
     captured = captured or {}
     wanted = []  # (row, "image" or caption extension, offset, size, captured bytes)
     for row in rows:
@@ -77,13 +77,16 @@ def read_previews(
             base = name.rsplit("/", 1)[-1]
             ext = base.split(".", 1)[1] if "." in base else ""
             data = have[k] if have is not None else None
+            raw_name = raw.decode("utf-8", "surrogateescape")
             if name == image_members[row]:
-                wanted.append((row, None, offset, size, data))
+                wanted.append((row, None, offset, size, data, raw_name))
             elif size <= 1 << 16 and (ext.endswith("txt") or ext.endswith("json")):
-                wanted.append((row, ext, offset, size, data))
-    missing = [(offset, size) for _, _, offset, size, data in wanted if data is None]
-    fetched = iter(read_ranges(path, missing))
-    found = [data if data is not None else next(fetched) for *_, data in wanted]
+                wanted.append((row, ext, offset, size, data, raw_name))
+    missing = [(offset, size) for _, _, offset, size, data, _ in wanted if data is None]
+    missing_names = [name for *_, data, name in wanted if data is None]
+    shard = path if isinstance(path, Shard) else Shard(path)
+    fetched = iter(read_ranges_of(shard, missing_names, missing))
+    found = [data if data is not None else next(fetched) for *_, data, _ in wanted]
     images: dict[int, bytes] = {}
     captions: dict[int, dict[str, bytes]] = {row: {} for row in rows}
     for (row, ext, *_), data in zip(wanted, found, strict=True):

@@ -21,6 +21,7 @@ from dedup.synth import planted_dataset, write_shards
 from tests.conftest import RAY_NODE, free_port, held_inputs, read_tar, readers
 from tests.test_grey import grey_set  # noqa: F401 - a fixture
 from tests.test_hostile import DEDUP, FLAGS, dedup, error_line, outputs
+from tests.test_references import decontam  # noqa: F401 - a fixture
 from tests.test_storage import local_outputs, remote_outputs, upload
 
 pytest.importorskip("ray")
@@ -356,3 +357,38 @@ def test_the_verification_tier_on_ray_equals_a_local_run(ray_cluster, grey_set, 
     summary = json.loads((tmp_path / "ray" / "dedup-report" / "summary.json").read_text())
     assert summary["counts"]["verify"]["accepted"] == 3
     assert summary["counts"]["removed_by_reason"] == {"verified": 3}
+
+
+def test_references_and_blocklists_on_ray_equal_a_local_run(ray_cluster, decontam, tmp_path):  # noqa: F811
+    """--against an image folder and --blocklist, with every phase's tasks on Ray: the
+    same bytes, the same matches."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    root, _, truth = decontam
+    args = ["--against", str(root / "eval"), "--signals", "exact,phash,views", "--workers", "2"]
+    runs = {}
+    for name, extra in (("local", []), ("ray", on(ray_cluster))):
+        if name == "ray":  # a blocklist naming a sample the local run kept
+            table = pq.read_table(tmp_path / "local" / "dedup-report" / "samples.parquet")
+            kept = [r for r in table.to_pylist() if r["kept"] and r["digest"]][3]
+            (tmp_path / "list.txt").write_text(f"blake3:{kept['digest']}\n")
+            args += ["--blocklist", str(tmp_path / "list.txt")]
+            subprocess.run(
+                [DEDUP, str(root / "train"), "--out", str(tmp_path / "local"), *args, "-q"],
+                check=True,
+                capture_output=True,
+            )
+        result = subprocess.run(
+            [DEDUP, str(root / "train"), "--out", str(tmp_path / name), *args, *extra, "-q"],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        runs[name] = json.loads((tmp_path / name / "dedup-report" / "summary.json").read_text())
+    runs["local"] = json.loads((tmp_path / "local" / "dedup-report" / "summary.json").read_text())
+    assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
+    assert runs["ray"]["references"] == runs["local"]["references"]
+    assert runs["ray"]["references"]["against"][0]["matched"] == len(truth)
+    assert runs["ray"]["references"]["blocklists"][0]["matched"] >= 1

@@ -158,6 +158,23 @@ def test_copies_of_evaluation_files_are_removed_and_named(decontam, tmp_path):
         )
         assert got[key]["reference_signal"] in expected, (edit[key], got[key])
     assert tree(root / "eval") == before  # reference items are only read
+    # The report shows the closest and farthest matches, each beside its item.
+    report = out / "dedup-report"
+    matches = pq.read_table(report / "matches.parquet").to_pylist()
+    assert [m["side"] for m in matches] == ["closest"] * 6 + ["farthest"] * (len(truth) - 6)
+    assert {m["key"]: m["reference_key"] for m in matches} == truth
+    distances = [m["phash_distance"] or 0 for m in matches if m["side"] == "closest"]
+    assert distances == sorted(distances)
+    thumbs = {
+        (r["shard"], r["key"]): r["thumbnail"]
+        for r in pq.read_table(report / "previews.parquet").to_pylist()
+    }
+    for m in matches:
+        assert (
+            thumbs[(m["shard"], m["key"])] and thumbs[(m["reference_shard"], m["reference_item"])]
+        )
+    page = (report / "report.html").read_text()
+    assert page.count("<span class=pair>") >= len(truth) and "eval: farthest matches" in page
 
 
 def test_the_same_bytes_whatever_the_workers_and_on_a_rerun(decontam, tmp_path):
