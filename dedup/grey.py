@@ -18,7 +18,7 @@ import pyarrow as pa
 from dedup.cluster import VERIFIED, Edges, linked
 from dedup.config import Config
 from dedup.decode import decode_image
-from dedup.errors import ShardError
+from dedup.errors import DedupError, ShardError
 from dedup.executor import Executor
 from dedup.extract import read_features
 from dedup.progress import Progress
@@ -122,6 +122,7 @@ class _Check:
     sources: list[tuple[str, int]]  # (feature file, first row) per shard
     inputs: list  # the shards (a Shard, a path, or None where the images are not at hand)
     starts: np.ndarray  # first row per shard, and the total
+    first_reference: int | None = None  # rows from here on are reference items
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
         import cv2
@@ -193,12 +194,22 @@ class _Check:
                 m = [display_name(n) for n in names].index(cols["image_member"][k])
                 ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
                 raw.append(names[m])
-            for k, data in enumerate(read_ranges_of(shard, raw, ranges)):
+            reference = self.first_reference is not None and start >= self.first_reference
+            try:
+                images = read_ranges_of(shard, raw, ranges)
+            except (OSError, DedupError):
+                if not reference:
+                    raise
+                images = [b""] * len(ranges)  # a reference's images gone since it was read
+            for k, data in enumerate(images):
+                row = int(rows[at][k])
                 if digest(data, self.config.exact_digest) != cols["digest"][k]:
+                    if reference:  # changed or gone: that item is not checked
+                        out[(row, False)] = out[(row, True)] = NOT_AT_HAND
+                        continue
                     raise ShardError(
                         shard.path, f"sample {cols['key'][k]} changed since it was read; rerun"
                     )
-                row = int(rows[at][k])
                 image = decode_image(data, self.config, VERIFY_SIDE, "L").image
                 for mirror, needed in ((False, row in plain), (True, row in mirrors)):
                     if needed:
@@ -239,7 +250,7 @@ def verify_grey(
         for s in range(0, len(grey.i), TASK_PAIRS)
     ]
     results = executor.map(
-        _Check(config, sources, inputs, np.asarray(shard_starts)),
+        _Check(config, sources, inputs, np.asarray(shard_starts), first_reference),
         items,
         Progress("verify", total_items=len(items)),
         describe=_describe,

@@ -804,7 +804,9 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir, job.references)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
-    summary["output"]["state_dir"] = job.store
+    summary["output"]["state_dir"] = (
+        job.store if storage.is_url(job.store) else os.path.abspath(job.store)
+    )
     if job.references or job.blocklists:
         summary["references"] = match_counts(the_plan, job.references, job.blocklists)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
