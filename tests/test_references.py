@@ -307,9 +307,7 @@ def test_verified_copies_of_reference_items(tmp_path):
     # From an index, the items' images are read where the index was made from; once they
     # are gone, those pairs are not checked (counted), and nothing fails.
     run_dedup("index", ev, "--out", tmp_path / "index", *VIEWS)
-    run_dedup(
-        tmp_path / "in", "--out", tmp_path / "via", "--against", tmp_path / "index", *VIEWS
-    )
+    run_dedup(tmp_path / "in", "--out", tmp_path / "via", "--against", tmp_path / "index", *VIEWS)
     assert outputs(tmp_path / "via").keys() == outputs(tmp_path / "out").keys()
     assert [k for k, r in rows(tmp_path / "via").items() if not r["kept"]] == ["0000", "0001"]
     ev.rename(tmp_path / "moved")
