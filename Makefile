@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage clean
+.PHONY: install test lint format demo calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -70,6 +70,10 @@ gpu-wheels:
 	done
 
 # Local disk against a local S3-compatible server, same data, same run.
+# A 24,000-image run against a 1,000,000-code index and a 10,000-image folder.
+bench-against: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_against.py
+
 bench-storage: $(STAMP)
 	$(BIN)/python benchmarks/bench_storage.py
 

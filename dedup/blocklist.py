@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dedup import signals
 from dedup.config import Config
 from dedup.errors import ConfigError, InputError
 from dedup.extract import STATUS_OK, ShardFeatures, read_features
@@ -92,8 +93,11 @@ def load_blocklist(path: str, config: Config) -> Blocklist:
         b.entries.append(f"{kind}:{text}")
     if not b.entries:
         raise BlocklistError(f"--blocklist {path}: holds no entries")
-    if codes and "phash" not in config.signals:
-        raise BlocklistError(f"--blocklist {path}: lists pHash codes; the phash signal is off")
+    if codes and "phash" not in signals.computed(config):
+        raise BlocklistError(
+            f"--blocklist {path}: lists pHash codes; no pHash is computed (signals "
+            f"{','.join(config.signals)}: add phash)"
+        )
     if codes:
         words = np.fromiter(codes.keys(), dtype=np.uint64, count=len(codes))
         entry = np.fromiter(codes.values(), dtype=np.int64, count=len(codes))

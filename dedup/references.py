@@ -100,6 +100,13 @@ def resolve_references(
         for shard in r.shards:
             if _real(shard.path) in inputs:
                 raise _fail(ref, f"{shard.path} is also an input shard")
+        for source in r.sources:  # an earlier run or index made from this run's input
+            images = source.images
+            shard = images is not None and not isinstance(images, FileGroup)
+            if shard and _real(images.path) in inputs:
+                raise _fail(ref, f"was made from {images.path}, an input shard of this run")
+        if r.kind == "run" and any(_real(os.path.dirname(p)) == _real(ref) for p in inputs):
+            raise _fail(ref, "its shards are also input shards")
         found.append(r)
     return found
 

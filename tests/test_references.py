@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dedup import storage
 from dedup.synth import (
     HARD_EDITS,
     NEAR_EDITS,
@@ -26,6 +27,7 @@ from dedup.synth import (
 )
 from tests.test_grey import captioned, rotated, textured
 from tests.test_hostile import DEDUP, error_line, outputs
+from tests.test_storage import bucket, upload  # noqa: F401 - a fixture
 
 VIEWS = ["--signals", "exact,phash,views", "--workers", "2"]
 
@@ -432,6 +434,9 @@ def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
         tmp_path / "made": "an index built with other settings",
         tmp_path / "out": "is this run's --out",
     }
+    # an earlier OUT made from this run's own input: everything would match itself
+    run_dedup(root / "train", "--out", tmp_path / "earlier", *VIEWS)
+    cases[tmp_path / "earlier"] = f"was made from {root / 'train' / 'shard-000000.tar'}"
     for ref, message in cases.items():
         result = run_dedup(
             root / "train", "--out", tmp_path / "out", "--against", ref, *VIEWS, check=2
@@ -439,3 +444,46 @@ def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
         line = error_line(result)
         assert f"--against {ref}: {message}" in line, line
     assert list(broken.iterdir()) == [broken / "a.jpg"]
+
+
+def test_a_shard_set_in_object_storage_as_reference(decontam, s3, bucket, tmp_path):  # noqa: F811
+    """--against s3://.../ (a shard set in a bucket), with OUT in the bucket too: the same
+    decisions as the evaluation images given as local shards."""
+    root, samples, truth = decontam
+    items = [
+        PlantedSample(path.stem, {path.suffix[1:]: path.read_bytes()}, None, "eval")
+        for path in sorted((root / "eval").rglob("img*"))
+    ]
+    write_shards(items, str(tmp_path / "eval-shards"), 5, "eval")
+    upload(tmp_path / "eval-shards", f"{bucket}/eval")
+    run_dedup(
+        root / "train", "--out", tmp_path / "local", "--against", tmp_path / "eval-shards", *VIEWS
+    )
+    result = subprocess.run(
+        [
+            DEDUP,
+            str(root / "train"),
+            "--out",
+            f"{bucket}/out",
+            "--against",
+            f"{bucket}/eval/",
+            *VIEWS,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **s3},
+    )
+    assert result.returncode == 0, result.stderr
+    local = rows(tmp_path / "local")
+    remote = {
+        r["key"]: r
+        for r in pq.read_table(
+            pa.BufferReader(storage.read_bytes(f"{bucket}/out/dedup-report/samples.parquet"))
+        ).to_pylist()
+    }
+    assert {k: r["kept"] for k, r in remote.items()} == {k: r["kept"] for k, r in local.items()}
+    matched = {
+        k: r["reference_key"].split()[-1] for k, r in remote.items() if r["reason"] == "reference"
+    }
+    assert matched == {k: Path(v).stem for k, v in truth.items()}
+    assert {r["reference"] for r in remote.values() if r["reference"]} == {f"{bucket}/eval/"}
