@@ -206,52 +206,47 @@ def main() -> None:
     copied = make_folder(folder, os.path.join(small, "images"), report)
     print(f"  folder of {FOLDER_IMAGES:,} images written in {time.perf_counter() - t0:.0f} s")
 
-    t, rss, s = run_dedup(shards, out + "-index", (*hashes, "--against", index))
-    removed = _reference_keys(out + "-index")
-    ref = s["references"]["against"][0]
-    print(
-        line(
-            f"(b) against a {INDEX_CODES:,}-code index",
-            t,
-            rss,
-            base,
-            f"; removed {ref['matched']:,} ({ref['matched_by_signal']}); planted found: "
-            f"{len(planted & removed):,} of {len(planted):,}",
-        ),
-        flush=True,
+    matched(
+        f"(b) against a {INDEX_CODES:,}-code index",
+        shards,
+        out + "-index",
+        (*hashes, "--against", index),
+        base,
+        planted,
+        "planted",
     )
-    t, rss, s = run_dedup(shards, out + "-folder", (*hashes, "--against", folder))
-    removed = _reference_keys(out + "-folder")
-    ref = s["references"]["against"][0]
-    print(
-        line(
-            f"(c) against a folder of {FOLDER_IMAGES:,} images",
-            t,
-            rss,
-            base,
-            f"; removed {ref['matched']:,} ({ref['matched_by_signal']}); copies found: "
-            f"{len(copied & removed):,} of {len(copied):,}",
-        ),
-        flush=True,
+    matched(
+        f"(c) against a folder of {FOLDER_IMAGES:,} images",
+        shards,
+        out + "-folder",
+        (*hashes, "--against", folder),
+        base,
+        copied,
+        "copies",
     )
     views = ("--signals", "exact,phash,views")
-    t, rss, s = run_dedup(shards, out + "-views", views)
-    vbase = (t, rss)
+    t, rss, _ = run_dedup(shards, out + "-views", views)
     print(line("(d0) 24,000 images, exact,phash,views", t, rss, None), flush=True)
-    t, rss, s = run_dedup(shards, out + "-views-folder", (*views, "--against", folder))
-    removed = _reference_keys(out + "-views-folder")
-    ref = s["references"]["against"][0]
-    print(
-        line(
-            "(d) the same against the folder",
-            t,
-            rss,
-            vbase,
-            f"; removed {ref['matched']:,} ({ref['matched_by_signal']}); copies found: "
-            f"{len(copied & removed):,} of {len(copied):,}",
-        ),
-        flush=True,
+    matched(
+        "(d) the same against the folder",
+        shards,
+        out + "-views-folder",
+        (*views, "--against", folder),
+        (t, rss),
+        copied,
+        "copies",
     )
+
+
+def matched(name, shards, out, flags, base, planted: set[str], what: str) -> None:
+    """One run against a reference: its time, memory and matches, and how many of the
+    planted input keys it removed as copies of a reference item."""
+    t, rss, s = run_dedup(shards, out, flags)
+    removed = _reference_keys(out)
+    ref = s["references"]["against"][0]
+    found = f"{len(planted & removed):,} of {len(planted):,}"
+    extra = f"; removed {ref['matched']:,} ({ref['matched_by_signal']}); {what} found: {found}"
+    print(line(name, t, rss, base, extra), flush=True)
 
 
 def _reference_keys(out: str) -> set[str]:

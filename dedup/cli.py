@@ -269,7 +269,7 @@ def run_command(
     """
     _setup_logging(quiet)
     _handle_stop_signals()
-    try:
+    with one_line_errors(debug):
         # a repeatable option not given is (): the config file's value stands
         settings = {k: (None if v == () else v) for k, v in settings.items()}
         config = load_config(config_path, settings)  # flags given override the file
@@ -307,6 +307,31 @@ def run_command(
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):
                 signal.signal(signum, signal.SIG_IGN)
+    for line in human_summary(summary):
+        click.echo(f"dedup: {line}", err=True)
+    if as_json:
+        try:
+            click.echo(json.dumps(summary, indent=2))
+            sys.stdout.flush()
+        except OSError as e:  # a closed pipe (`| head -c0`), a full device
+            with contextlib.suppress(OSError):  # nothing more may go to that stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            click.echo(
+                f"dedup: error: cannot write the summary to stdout ({e.strerror or e}); "
+                "the run itself finished: see summary.json in the report",
+                err=True,
+            )
+            sys.exit(EXIT_OUTPUT)
+    if summary["skipped_shards"]:
+        sys.exit(EXIT_SKIPPED_SHARDS)
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool):
+    """Every failure of a command as one line and its exit code (a traceback only with
+    --debug): named errors, Ctrl-C, output errors (full disk, read-only), bugs."""
+    try:
+        yield
     except click.UsageError:
         raise
     except DedupError as e:
@@ -326,23 +351,6 @@ def run_command(
         sys.exit(EXIT_OUTPUT)
     except Exception as e:  # a bug: one line unless --debug
         _internal_error(e, debug)
-    for line in human_summary(summary):
-        click.echo(f"dedup: {line}", err=True)
-    if as_json:
-        try:
-            click.echo(json.dumps(summary, indent=2))
-            sys.stdout.flush()
-        except OSError as e:  # a closed pipe (`| head -c0`), a full device
-            with contextlib.suppress(OSError):  # nothing more may go to that stdout
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            click.echo(
-                f"dedup: error: cannot write the summary to stdout ({e.strerror or e}); "
-                "the run itself finished: see summary.json in the report",
-                err=True,
-            )
-            sys.exit(EXIT_OUTPUT)
-    if summary["skipped_shards"]:
-        sys.exit(EXIT_SKIPPED_SHARDS)
 
 
 def _internal_error(e: Exception, debug: bool) -> None:
@@ -398,7 +406,7 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
     """
     _setup_logging(quiet)
     _handle_stop_signals()
-    try:
+    with one_line_errors(debug):
         settings = {k: (None if v == () else v) for k, v in settings.items()}
         config = load_config(config_path, settings)
         if not refs:
@@ -408,18 +416,6 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
         from dedup.pipeline import build_index
 
         manifest = build_index(list(refs), out, config, overwrite)
-    except click.UsageError:
-        raise
-    except DedupError as e:
-        if debug:
-            raise
-        click.echo(f"dedup: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("dedup: interrupted: SIGINT: stopped; rerun to resume", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as e:  # a bug: one line unless --debug
-        _internal_error(e, debug)
     click.echo(
         f"dedup: index {out}: {manifest['items']} usable images from "
         f"{len(manifest['references'])} reference(s), signals {','.join(config.signals)}",
