@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
+.PHONY: install test lint format demo light-check calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,clip]'
 	touch $@
 
 install: $(STAMP)
@@ -28,12 +28,8 @@ format: $(STAMP)
 demo: $(STAMP)
 	rm -rf demo-data
 	$(BIN)/python -m dedup.synth demo-data/shards 200 100
-	@if $(BIN)/dedup --check-clip 2>/dev/null; then signals=exact,phash,views,clip; \
-	else signals=exact,phash,views; \
-	echo "demo: no CLIP weights here (no network, none cached): running exact,phash,views (no clip)."; \
-	echo "demo: to turn CLIP on, pass --clip-pretrained PATH to a ViT-B-32 checkpoint."; fi; \
-	echo "demo: dedup demo-data/shards --out demo-data/clean --signals $$signals"; \
-	$(BIN)/dedup demo-data/shards --out demo-data/clean --signals $$signals
+	@echo "demo: dedup demo-data/shards --out demo-data/clean"
+	$(BIN)/dedup demo-data/shards --out demo-data/clean
 	@echo "report: demo-data/clean/dedup-report/report.html (and summary.json, samples.parquet, clusters.parquet)"
 
 calibrate: $(STAMP)
@@ -86,3 +82,16 @@ bench-scale: $(BENCH_STAMP)
 
 clean:
 	rm -rf demo-data bench-data .pytest_cache
+
+# The light install: `pip install dedup-wds` without extras has no torch, and a run with
+# the default signals works (exact,phash,views; one log line says why CLIP is off).
+light-check:
+	rm -rf .venv-light demo-data/light demo-data/light-clean
+	$(PY) -m venv .venv-light
+	.venv-light/bin/python -m pip install -q .
+	! .venv-light/bin/python -c "import torch" 2>/dev/null
+	.venv-light/bin/python -m dedup.synth demo-data/light 60 30
+	.venv-light/bin/dedup demo-data/light --out demo-data/light-clean --json > demo-data/light.json
+	.venv-light/bin/python -c "import json; s = json.load(open('demo-data/light.json')); \
+	assert s['config']['signals'] == ['exact', 'phash', 'views'], s['config']['signals']; \
+	assert s['counts']['removed'] > 0; print('light install: ok,', s['counts']['removed'], 'removed')"

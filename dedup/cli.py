@@ -20,6 +20,7 @@ from dedup.config import (
     EXECUTORS,
     FINGERPRINTS,
     KEEP_RULES,
+    Config,
     dump_config,
     load_config,
 )
@@ -66,9 +67,19 @@ def main() -> None:
 
 
 def setting_options(command):
-    """The options that set Config fields (shared by `run` and `index`)."""
+    """The options that set Config fields (shared by `run` and `index`); `--help` shows
+    each one's default (the config file's value, when one is given, wins over it)."""
     for option in reversed(_SETTING_OPTIONS):
         command = option(command)
+    defaults = Config().to_dict()
+    for param in getattr(command, "__click_params__", []):
+        if param.name in defaults:
+            value = defaults[param.name]
+            if isinstance(value, list):
+                value = ",".join(map(str, value)) or "none"
+            elif isinstance(value, bool):
+                value = param.opts[0].lstrip("-") if value else param.secondary_opts[0].lstrip("-")
+            param.help = f"{param.help}  [default: {value if value != '' else 'none'}]"
     return command
 
 
@@ -217,7 +228,13 @@ _SETTING_OPTIONS = [
     help="Where per-shard features are stored (default OUT/.dedup/features); "
     "a local directory or an s3:// or gs:// prefix.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print summary.json to stdout at the end.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print summary.json to stdout at the end, as one line (the human summary stays on "
+    "stderr).",
+)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -311,7 +328,8 @@ def run_command(
         click.echo(f"dedup: {line}", err=True)
     if as_json:
         try:
-            click.echo(json.dumps(summary, indent=2))
+            # one line: an orchestrator keeps the last line of stdout (Airflow's XCom)
+            click.echo(json.dumps(summary, separators=(",", ":"), sort_keys=True))
             sys.stdout.flush()
         except OSError as e:  # a closed pipe (`| head -c0`), a full device
             with contextlib.suppress(OSError):  # nothing more may go to that stdout

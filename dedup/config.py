@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,11 @@ import yaml
 from dedup.errors import ConfigError
 
 KNOWN_SIGNALS = ("exact", "phash", "views", "clip")  # dedup.signals.REGISTRY's names
+# `signals: auto` (the default): every signal that can run here. CLIP when torch and
+# open_clip are installed (dedup-wds[clip]) and its weights are found; else the others,
+# with one log line saying why (dedup.pipeline.choose_signals).
+AUTO = ("auto",)
+WITHOUT_CLIP = ("exact", "phash", "views")
 KEEP_RULES = ("largest", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
@@ -33,7 +39,7 @@ class Config:
     test keeps the two equal.
     """
 
-    signals: tuple[str, ...] = ("exact", "phash", "views", "clip")
+    signals: tuple[str, ...] = AUTO
     phash_threshold: int = 8
     phash_draft: bool = True
     # The views signal (several hashes per image: trimmed, cropped, mirrored): the two full
@@ -87,7 +93,9 @@ class Config:
         if not self.signals:
             known = ", ".join(KNOWN_SIGNALS)
             raise ConfigError(f"signals: at least one signal is needed ({known})")
-        for name in self.signals:
+        if "auto" in self.signals and self.signals != AUTO:
+            raise ConfigError("signals: auto stands alone (every signal that can run here)")
+        for name in self.signals if self.signals != AUTO else ():
             if name not in KNOWN_SIGNALS:
                 raise ConfigError(
                     f"signals: unknown signal {name!r}; known: {', '.join(KNOWN_SIGNALS)}"
@@ -159,8 +167,9 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        """Worker processes to use: `workers`, or every core when it is 0."""
-        return self.workers or os.cpu_count() or 1
+        """Worker processes to use: `workers`, or when it is 0 the CPUs this process may
+        use (its affinity, and a container's CPU quota), not the host's."""
+        return self.workers or available_cpus()
 
     def grey_bound(self, rows: int) -> int:
         """The views signal's grey zone among `rows` images: pairs the hashes do not link
@@ -199,6 +208,38 @@ class Config:
             "signals": signals.fingerprint(self),
         }
         return _digest(relevant)
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: the CPUs of its affinity mask (`taskset`, a cpuset),
+    capped by a CFS quota (a container's `--cpus`; cgroup v2 `cpu.max`, or v1
+    `cpu.cfs_quota_us` / `cpu.cfs_period_us`), rounded up; at least 1."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        count = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        count = min(count, max(1, math.ceil(quota)))
+    return max(1, count)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs the cgroup's quota allows (quota / period), None when unlimited or unknown."""
+    try:
+        with open(os.path.join(root, "cpu.max")) as fh:  # v2: "max 100000" or "200000 100000"
+            quota, period = fh.read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as fh:  # v1
+            quota_us = int(fh.read())
+        with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as fh:
+            period_us = int(fh.read())
+        return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
 
 
 def _digest(obj: Any) -> str:

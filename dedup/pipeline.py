@@ -28,8 +28,8 @@ from dedup.cluster import (
     calibration_from,
     calibration_sample,
 )
-from dedup.config import Config
-from dedup.errors import ConfigError, DedupError, OutputError, ShardError
+from dedup.config import AUTO, WITHOUT_CLIP, Config
+from dedup.errors import ConfigError, DedupError, ModelError, OutputError, ShardError
 from dedup.executor import Executor, LocalExecutor, check_stop, make_executor
 from dedup.extract import (
     PASSTHROUGH_REASONS,
@@ -103,6 +103,34 @@ class BadShard:
 
     shard: Shard
     error: str
+
+
+def choose_signals(config: Config) -> tuple[Config, Any]:
+    """The config with `signals: auto` made concrete, and the resolved CLIP spec (None
+    without CLIP). Auto takes CLIP when it can run here (torch and open_clip installed,
+    the weights found, the device there) and says in one log line why not otherwise;
+    CLIP asked for by name fails fast instead (exit 6), as does a CLIP model or checkpoint
+    named in the settings that cannot be loaded."""
+    if config.signals != AUTO:
+        return config, resolve_clip(config)
+    full = dataclasses.replace(config, signals=(*WITHOUT_CLIP, "clip"))
+    try:
+        return full, resolve_clip(full)
+    except ModelError as e:
+        default = Config()
+        named = (config.clip_model, config.clip_pretrained) != (
+            default.clip_model,
+            default.clip_pretrained,
+        )
+        if named and "needs torch" not in str(e):
+            raise
+        log.info(
+            "clip: off, %s. Signals %s. To turn CLIP on: pip install 'dedup-wds[clip]' and "
+            "give its weights (--clip-pretrained PATH, or the open_clip cache)",
+            str(e).removeprefix("clip: ").split(";")[0].split(": pip")[0],
+            ",".join(WITHOUT_CLIP),
+        )
+        return dataclasses.replace(config, signals=WITHOUT_CLIP), None
 
 
 def resolve_clip(config: Config):
@@ -689,7 +717,7 @@ def run(
 
     `out`, `report_dir` and `state_dir` may be local paths or s3:// / gs:// prefixes."""
     shards = list_shards(inputs)
-    clip = resolve_clip(config)
+    config, clip = choose_signals(config)
     report_dir = report_dir or storage.join(out, REPORT_DIR)
     store = feature_store(out, state_dir)
     # What the run matches against, checked before OUT is touched.
@@ -779,9 +807,23 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
         log.warning("skipped bad reference shard: %s", b.error)
         bad.append(b)
     t1 = time.monotonic()
+    reused = sum(f.reused for f in features)
+    log.info(
+        "phase extract done in %.1f s: %d shards, %d samples%s",
+        t1 - t0,
+        len(features),
+        sum(f.rows for f in features),
+        f" ({reused} shards' stored features reused)" if reused else "",
+    )
     work = storage.join(storage.join(out, STATE_DIR), GLOBAL_DIR)
     the_plan = plan(features, config, job.executor, work, job.references, job.blocklists)
     t2 = time.monotonic()
+    log.info(
+        "phase cluster done in %.1f s: %d clusters of 2 or more, %d samples to remove",
+        t2 - t1,
+        the_plan.clusters.num_rows,
+        int((~the_plan.keep).sum()),
+    )
     # Write tasks put their samples.parquet parts beside OUT, where every node of a
     # cluster can write (the report folder may be this machine's staging folder).
     parts_dir = storage.join(storage.join(out, STATE_DIR), PARTS_DIR)
@@ -792,6 +834,7 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
             report_paths(report_dir)["samples"],
         )
     t3 = time.monotonic()
+    log.info("phase write done in %.1f s: %d shards", t3 - t2, len(finished))
 
     shard_counts = _check_counts(features, the_plan, finished, dry_run)
     n = len(the_plan.keep)
@@ -804,9 +847,7 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir, job.references)
     summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
-    summary["output"]["state_dir"] = (
-        job.store if storage.is_url(job.store) else os.path.abspath(job.store)
-    )
+    summary["output"]["state_dir"] = absolute(job.store)
     if job.references or job.blocklists:
         summary["references"] = match_counts(the_plan, job.references, job.blocklists)
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
@@ -977,6 +1018,12 @@ def _matches_table(features, p: Plan, references: list[Reference]):
     return table, out
 
 
+def absolute(path: str) -> str:
+    """A path for summary.json: a URL as it is, a local path made absolute (never
+    relative to the caller's working directory)."""
+    return path if storage.is_url(path) else os.path.abspath(path)
+
+
 def _phase(seconds: float, items: int) -> dict[str, float]:
     return {
         "seconds": round(seconds, 3),
@@ -1006,7 +1053,7 @@ def _check_counts(features, p: Plan, finished, dry_run) -> list[dict[str, Any]]:
         out.append(
             {
                 "shard": f.shard.path,
-                "output": finished[pos].output,
+                "output": None if finished[pos].output is None else absolute(finished[pos].output),
                 "samples": samples,
                 "kept": kept,
                 "removed": removed,
@@ -1058,7 +1105,7 @@ def _summary(
         "versions": package_versions(),
         "phases": phases,
         "shards": shard_counts,
-        "output": {"dir": out, "report": report_dir, "dry_run": dry_run},
+        "output": {"dir": absolute(out), "report": absolute(report_dir), "dry_run": dry_run},
     }
 
 
@@ -1077,7 +1124,7 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
     foreign = os.path.isdir(out) and not os.path.isfile(os.path.join(out, INDEX_FILE))
     if foreign and os.listdir(out) and not overwrite:
         raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
-    clip = resolve_clip(config)
+    config, clip = choose_signals(config)
     features_root = os.path.join(out, "features")
     references = resolve_references(refs, config, features_root, [], out)
     check_stored(references, config, clip)

@@ -97,4 +97,9 @@ class Progress:
         if self.tty and self.stream is not None:
             self.stream.write("\r\033[K")
             self.stream.flush()
-        log.info("%s, done in %.1f s", self._text(), time.monotonic() - self.started)
+        text = self._text()
+        if _items.value == 0 and self.total_bytes:  # every shard's stored features reused
+            text = f"{self.phase}: nothing to read (stored features reused)"
+        elif _items.value == 0 and self.total_items:  # a phase of tasks, not of samples
+            text = f"{self.phase}: {self.total_items:,} tasks"
+        log.info("%s, done in %.1f s", text, time.monotonic() - self.started)

@@ -136,7 +136,16 @@ def test_missing_weights_fail_fast_with_remedies(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
-    result = CliRunner().invoke(main, [str(tmp_path / "in"), "--out", str(tmp_path / "out")])
+    # The default (signals: auto) runs what can run, and says in one line why not CLIP.
+    result = CliRunner().invoke(main, [str(tmp_path / "in"), "--out", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    off = [ln for ln in result.stderr.splitlines() if "clip: off" in ln]
+    assert len(off) == 1 and "dedup-wds[clip]" in off[0] and "--clip-pretrained PATH" in off[0]
+    summary = json.loads((tmp_path / "auto" / "dedup-report" / "summary.json").read_text())
+    assert summary["config"]["signals"] == ["exact", "phash", "views"]
+    # CLIP asked for by name fails fast.
+    args = [str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--signals", "exact,phash,clip"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 6
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dedup: error: clip: weights ViT-B-32/")
@@ -153,6 +162,7 @@ def test_missing_weights_fail_fast_with_remedies(tmp_path, monkeypatch):
             str(tmp_path / "nope.pt"),
         ],
     )
+    # weights named in the settings that cannot be loaded: an error, even under auto
     assert result.exit_code == 6 and "neither a checkpoint file nor" in result.stderr
 
 

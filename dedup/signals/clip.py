@@ -47,8 +47,11 @@ def resolve(model: str, pretrained: str) -> ClipSpec:
     try:
         import open_clip
         import torch
-    except ImportError as e:  # pragma: no cover - both are dependencies
-        raise ModelError(f"clip: cannot import {e.name}; reinstall dedup") from None
+    except ImportError as e:  # the light install: no torch
+        raise ModelError(
+            f"clip: needs torch and open_clip (cannot import {e.name}): "
+            "pip install 'dedup-wds[clip]', or run without CLIP: --signals exact,phash,views"
+        ) from None
     # This process forks the workers of every later phase. Once torch has run a parallel
     # region on more than one thread, its OpenMP pool is part of the process, and a
     # forked child that enters OpenMP (FAISS's searches do) hangs on threads it does not

@@ -1,0 +1,138 @@
+"""dedup inside Make and Airflow: one-line --json, workers from the CPUs this process may
+use, the light install's default signals, --help's defaults, phase log lines, summary
+paths that do not depend on the caller's working directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dedup.config import _cgroup_quota, available_cpus
+from dedup.synth import planted_dataset, write_shards
+from tests.test_hostile import DEDUP
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("orch")
+    samples = planted_dataset(20, {"exact": 4, "reencode": 3}, seed=2, size=(96, 72))
+    write_shards(samples, str(root / "in"), 10)
+    return root
+
+
+def run(*args, cwd=None, preexec_fn=None, check=0, executable=None):
+    cmd = executable or [DEDUP]
+    result = subprocess.run(
+        [*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, preexec_fn=preexec_fn
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    if check is not None:
+        assert result.returncode == check, result.stderr
+    return result
+
+
+def test_json_is_one_line_for_xcom(small_set, tmp_path):
+    result = run(small_set / "in", "--out", tmp_path / "out", "--signals", "exact,phash", "--json")
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1  # Airflow's BashOperator pushes the last line
+    summary = json.loads(lines[0])
+    assert summary["counts"]["removed"] == 7
+    assert "kept" in result.stderr and "removed 7" in result.stderr  # the human summary
+
+
+def test_workers_follow_the_affinity_mask(small_set, tmp_path):
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs and sched_setaffinity")
+    result = run(
+        small_set / "in",
+        "--out",
+        tmp_path / "out",
+        "--signals",
+        "exact,phash",
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+    )
+    assert "executor local (1 parallel tasks)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_containers_cpu_quota_caps_the_workers(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_quota(str(tmp_path)) == expected
+    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    want = mask if expected is None else min(mask, -(-expected // 1))
+    assert available_cpus(str(tmp_path)) == want
+
+
+BLOCK_TORCH = """
+import sys
+class NoTorch:  # the light install: torch, torchvision and open_clip are not there
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "open_clip"):
+            raise ImportError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoTorch())
+from dedup.cli import main
+sys.argv = ["dedup", *sys.argv[1:]]
+main()
+"""
+
+
+def test_without_torch_the_default_runs_and_clip_by_name_fails(small_set, tmp_path):
+    no_torch = [sys.executable, "-c", BLOCK_TORCH]
+    result = run(small_set / "in", "--out", tmp_path / "out", "--json", executable=no_torch)
+    summary = json.loads(result.stdout)
+    assert summary["config"]["signals"] == ["exact", "phash", "views"]
+    off = [ln for ln in result.stderr.splitlines() if "clip: off" in ln]
+    assert len(off) == 1 and "needs torch and open_clip" in off[0], result.stderr
+    asked = run(
+        small_set / "in",
+        "--out",
+        tmp_path / "o2",
+        "--signals",
+        "exact,clip",
+        executable=no_torch,
+        check=6,
+    )
+    assert "pip install 'dedup-wds[clip]'" in asked.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+def test_help_shows_each_default():
+    text = run("--help").stdout
+    for shown in ("[default: 8]", "[default: auto]", "[default: largest]", "[default: verify]"):
+        assert shown in " ".join(text.split()), shown
+
+
+def test_phase_lines_and_a_rerun_that_reuses_features(small_set, tmp_path):
+    flags = ["--signals", "exact,phash", "--workers", "2"]
+    first = run(small_set / "in", "--out", tmp_path / "out", *flags)
+    for phase in ("extract", "cluster", "write"):
+        assert f"phase {phase} done in" in first.stderr
+    again = run(small_set / "in", "--out", tmp_path / "out", *flags)
+    assert "extract: nothing to read (stored features reused)" in again.stderr
+    assert "extract: 0 samples" not in again.stderr
+    assert "(3 shards' stored features reused)" in again.stderr
+
+
+def test_summary_paths_do_not_depend_on_the_working_directory(small_set, tmp_path):
+    run(small_set / "in", "--out", "out", "--signals", "exact,phash", cwd=tmp_path)
+    summary = json.loads((tmp_path / "out" / "dedup-report" / "summary.json").read_text())
+    out = summary["output"]
+    assert out["dir"] == str(tmp_path / "out")
+    assert out["report"] == str(tmp_path / "out" / "dedup-report")
+    assert all(Path(s["output"]).is_absolute() for s in summary["shards"])
