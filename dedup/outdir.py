@@ -34,6 +34,7 @@ FEATURES_DIR = "features"
 GLOBAL_DIR = "global"  # the global phase's files while it runs
 PARTS_DIR = "parts"  # samples.parquet parts from the write tasks, until merged
 REFERENCES_DIR = "references"  # features of --against shard sets and image folders
+WRITTEN_DIR = "written"  # per output shard: the plan it was written from, its identity
 REPORT_MARKER = ".dedup-report.json"
 REPORT_LOCK = ".dedup-report.lock"
 # Report files a run replaces; a new run first removes the summary so that none is seen
@@ -106,7 +107,8 @@ def claim_output(
                 f"{state_dir}: holds files dedup did not write ({foreign[0]}, ...) "
                 "(--state-dir); choose an empty or new directory"
             )
-    _make_dirs(out, storage.join(out, STATE_DIR), report_dir, store)
+    state = storage.join(out, STATE_DIR)
+    _make_dirs(out, state, storage.join(state, WRITTEN_DIR), report_dir, store)
     with contextlib.ExitStack() as locks:
         locks.enter_context(_locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out))
         locks.enter_context(_locked(storage.join(report_dir, REPORT_LOCK), report_dir))
@@ -148,6 +150,7 @@ STATE_NAMES = {
     GLOBAL_DIR,
     PARTS_DIR,
     REFERENCES_DIR,
+    WRITTEN_DIR,
     ".dedup-tmp",
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -36,9 +37,10 @@ from dedup.extract import (
     STATUS_OK,
     ShardFeatures,
     extract_shard,
+    file_identity,
     read_features,
 )
-from dedup.fsutil import scratch_dir, write_atomic
+from dedup.fsutil import read_file, scratch_dir, write_atomic
 from dedup.globalphase import (
     References,
     Resolved,
@@ -60,6 +62,7 @@ from dedup.outdir import (
     PARTS_DIR,
     REFERENCES_DIR,
     STATE_DIR,
+    WRITTEN_DIR,
     claim_output,
     feature_store,
     remove_output,
@@ -92,6 +95,7 @@ from dedup.write import WRITE_COLUMNS, write_shard
 log = logging.getLogger("dedup")
 
 REPORT_DIR = "dedup-report"
+DRY_RUN_REPORT_DIR = "dedup-report-dry-run"  # a dry run's, beside a real run's report
 
 
 # ---------------------------------------------------------------- phases
@@ -535,6 +539,7 @@ class FinishJob:
     output: str | None  # None in a dry run
     part: str
     preview_rows: list[int] = field(default_factory=list)  # rows the HTML report shows
+    written_dir: str = ""  # records of the outputs written (OUT/.dedup/written)
 
 
 @dataclass
@@ -543,6 +548,7 @@ class Finished:
     output: str | None
     samples_written: int
     previews: list = field(default_factory=list)  # (key, thumbnail, caption)
+    unchanged: bool = False  # the output shard was left as an earlier run wrote it
 
 
 def finish_all(
@@ -602,6 +608,7 @@ def finish_all(
                 None if dry_run else storage.join(out, f.shard.name),
                 storage.join(parts_dir, f"{pos:08d}.parquet"),
                 local.tolist(),
+                storage.join(storage.join(out, STATE_DIR), WRITTEN_DIR),
             )
         )
     total = int(p.keep.sum()) if not dry_run else len(p.keep)
@@ -617,15 +624,24 @@ def _job_shard_path(job: FinishJob) -> str:
 def _finish(job: FinishJob) -> Finished:
     # One read of the shard's features serves the writer, samples.parquet and previews.
     f = read_features(job.features.path, sorted({*WRITE_COLUMNS, *FINISH_COLUMNS}))
-    written, captured = 0, {}
+    written, captured, unchanged = 0, {}, False
     if job.output is not None:
-        written, captured = write_shard(
-            job.features,
-            job.keep.tolist(),
-            job.output,
-            frozenset(job.preview_rows),
-            f.select(WRITE_COLUMNS),
-        )
+        name = hashlib.sha256(raw_name(job.features.shard.name)).hexdigest()[:32]
+        record = storage.join(job.written_dir, f"{name}.json")
+        plan_digest = _output_plan(job)
+        written = _unchanged(job.output, record, plan_digest)
+        unchanged = written is not None
+        if not unchanged:
+            written, captured = write_shard(
+                job.features,
+                job.keep.tolist(),
+                job.output,
+                frozenset(job.preview_rows),
+                f.select(WRITE_COLUMNS),
+            )
+            if plan_digest is not None:
+                mark = {"plan": plan_digest, "output": _identity(job.output), "samples": written}
+                write_atomic(record, json.dumps(mark, sort_keys=True).encode())
     write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part)
     previews = []
     if job.preview_rows:
@@ -640,7 +656,41 @@ def _finish(job: FinishJob) -> Finished:
             captured,
         )
         previews = [(keys[row], thumb, cap) for row, thumb, cap in found]
-    return Finished(job.features.shard.path, job.output, written, previews)
+    return Finished(job.features.shard.path, job.output, written, previews, unchanged)
+
+
+def _output_plan(job: FinishJob) -> str | None:
+    """What an output shard's bytes depend on: the input's identity (or content digest)
+    and which samples are kept. None when the input has no identity (a pipe: command)."""
+    f = job.features
+    if f.identity is None and f.content is None:
+        return None
+    text = json.dumps(
+        [f.shard.path, f.identity, f.content, job.keep.astype(np.uint8).tobytes().hex()],
+        default=list,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _identity(path: str):
+    """A written output's identity: size, times and inode locally; size and ETag in a store."""
+    if storage.is_url(path):
+        return list(storage.identity(path) or ())
+    return list(file_identity(os.stat(path)))
+
+
+def _unchanged(output: str, record: str, plan_digest: str | None) -> int | None:
+    """The samples of an output shard an earlier run wrote from the same plan and nobody
+    touched since (same identity): it is left as it is (bytes and mtime). None otherwise."""
+    if plan_digest is None:
+        return None
+    try:
+        mark = json.loads(read_file(record))
+        if mark["plan"] != plan_digest or mark["output"] != _identity(output):
+            return None
+        return int(mark["samples"])
+    except (OSError, ValueError, KeyError, TypeError, DedupError):
+        return None
 
 
 def preview_rows(p: Plan) -> np.ndarray:
@@ -718,7 +768,7 @@ def run(
     `out`, `report_dir` and `state_dir` may be local paths or s3:// / gs:// prefixes."""
     shards = list_shards(inputs)
     config, clip = choose_signals(config)
-    report_dir = report_dir or storage.join(out, REPORT_DIR)
+    report_dir = _report_dir(out, report_dir, dry_run)
     store = feature_store(out, state_dir)
     # What the run matches against, checked before OUT is touched.
     references = resolve_references(list(config.against), config, reference_store(out), shards, out)
@@ -745,6 +795,30 @@ def run(
                 if os.path.isfile(os.path.join(staging, name)):
                     storage.put_file(os.path.join(staging, name), storage.join(report_dir, name))
             return summary
+
+
+def _report_dir(out: str, report_dir: str | None, dry_run: bool) -> str:
+    """Where the report goes: --report, else OUT/dedup-report. A dry run never replaces
+    a real run's report: it writes OUT/dedup-report-dry-run beside it (and says so), and
+    refuses a --report that holds one."""
+    chosen = report_dir or storage.join(out, REPORT_DIR)
+    if not dry_run:
+        return chosen
+    try:
+        earlier = json.loads(read_file(storage.join(chosen, "summary.json")))
+        real = not earlier.get("output", {}).get("dry_run", True)
+    except (OSError, ValueError, AttributeError, DedupError):
+        real = False
+    if not real:
+        return chosen
+    if report_dir is not None:
+        raise OutputError(
+            f"--report {report_dir}: holds the report of a real run; a dry run does not "
+            "replace it (give another --report)"
+        )
+    beside = storage.join(out, DRY_RUN_REPORT_DIR)
+    log.info("dry run: the report goes to %s (%s holds a real run's report)", beside, chosen)
+    return beside
 
 
 @dataclass
@@ -834,7 +908,13 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
             report_paths(report_dir)["samples"],
         )
     t3 = time.monotonic()
-    log.info("phase write done in %.1f s: %d shards", t3 - t2, len(finished))
+    same = sum(f.unchanged for f in finished)
+    log.info(
+        "phase write done in %.1f s: %d shards%s",
+        t3 - t2,
+        len(finished),
+        f", {same} of them unchanged since the last run (left as they were)" if same else "",
+    )
 
     shard_counts = _check_counts(features, the_plan, finished, dry_run)
     n = len(the_plan.keep)
@@ -1060,6 +1140,7 @@ def _check_counts(features, p: Plan, finished, dry_run) -> list[dict[str, Any]]:
                 "passthrough": passthrough,
                 "skipped_members": f.skipped_members,
                 "features_reused": f.reused,
+                "output_unchanged": finished[pos].unchanged,
             }
         )
     return out

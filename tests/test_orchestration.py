@@ -136,3 +136,45 @@ def test_summary_paths_do_not_depend_on_the_working_directory(small_set, tmp_pat
     assert out["dir"] == str(tmp_path / "out")
     assert out["report"] == str(tmp_path / "out" / "dedup-report")
     assert all(Path(s["output"]).is_absolute() for s in summary["shards"])
+
+
+def test_a_rerun_leaves_unchanged_shards_untouched(small_set, tmp_path):
+    """Make fires downstream targets on a changed mtime: an unchanged shard keeps its
+    bytes and mtime; only shards whose content changes are written again."""
+    out = tmp_path / "out"
+    flags = ["--signals", "exact,phash", "--workers", "2"]
+    run(small_set / "in", "--out", out, *flags)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
+    os.utime(out, ns=(1, 1))  # nothing below must depend on time passing
+    again = run(small_set / "in", "--out", out, *flags, "--json")
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
+    assert after == before
+    summary = json.loads(again.stdout)
+    assert [s["output_unchanged"] for s in summary["shards"]] == [True] * 3
+    assert "3 of them unchanged since the last run" in again.stderr
+    # A shard someone touched is written again; so is one whose decisions change.
+    first = sorted(out.glob("*.tar"))[0]
+    first.write_bytes(b"not what dedup wrote")
+    changed = run(small_set / "in", "--out", out, "--signals", "exact", "--json")
+    shards = json.loads(changed.stdout)["shards"]
+    assert not shards[0]["output_unchanged"]
+    exact_only = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+    run(small_set / "in", "--out", tmp_path / "fresh", "--signals", "exact")
+    assert exact_only == {
+        p.name: p.read_bytes() for p in sorted((tmp_path / "fresh").glob("*.tar"))
+    }
+
+
+def test_a_dry_run_never_replaces_a_real_runs_report(small_set, tmp_path):
+    out = tmp_path / "out"
+    run(small_set / "in", "--out", out, "--signals", "exact,phash")
+    real = {p.name: p.read_bytes() for p in (out / "dedup-report").iterdir()}
+    dry = run(small_set / "in", "--out", out, "--signals", "exact", "--dry-run")
+    assert "the report goes to" in dry.stderr and "dedup-report-dry-run" in dry.stderr
+    assert {p.name: p.read_bytes() for p in (out / "dedup-report").iterdir()} == real
+    summary = json.loads((out / "dedup-report-dry-run" / "summary.json").read_text())
+    assert summary["output"]["dry_run"] is True
+    refused = run(
+        small_set / "in", "--out", out, "--report", out / "dedup-report", "--dry-run", check=4
+    )
+    assert "holds the report of a real run" in refused.stderr
