@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dedup import storage
 from dedup.errors import DedupError, OutputError
 from dedup.fsutil import read_file, remove_temporaries, write_atomic
-from dedup.shards import Shard
+from dedup.shards import Shard, sidecars
 
 log = logging.getLogger("dedup")
 
@@ -120,6 +120,7 @@ def claim_output(
         )
         previous = _previous_outputs(job_path) if ours else []
         current = {s.name for s in shards}
+        current |= {storage.basename(path) for s in shards for path in sidecars(s)}
         if dry_run:
             current |= set(previous)  # a dry run leaves the shards it does not write alone
         else:

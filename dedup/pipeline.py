@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from dedup import signals, storage
 from dedup.blocklist import Blocklist, load_blocklist, match_blocklists
@@ -88,7 +90,15 @@ from dedup.report import (
     write_summary,
     write_table,
 )
-from dedup.shards import FileGroup, Shard, display_name, list_shards, raw_name, shard_size
+from dedup.shards import (
+    FileGroup,
+    Shard,
+    display_name,
+    list_shards,
+    raw_name,
+    shard_size,
+    sidecars,
+)
 from dedup.thumbs import read_previews
 from dedup.write import WRITE_COLUMNS, write_shard
 
@@ -540,6 +550,7 @@ class FinishJob:
     part: str
     preview_rows: list[int] = field(default_factory=list)  # rows the HTML report shows
     written_dir: str = ""  # records of the outputs written (OUT/.dedup/written)
+    sidecars: list = field(default_factory=list)  # (img2dataset file beside the input, target)
 
 
 @dataclass
@@ -609,6 +620,9 @@ def finish_all(
                 storage.join(parts_dir, f"{pos:08d}.parquet"),
                 local.tolist(),
                 storage.join(storage.join(out, STATE_DIR), WRITTEN_DIR),
+                []
+                if dry_run
+                else [(p, storage.join(out, storage.basename(p))) for p in sidecars(f.shard)],
             )
         )
     total = int(p.keep.sum()) if not dry_run else len(p.keep)
@@ -639,8 +653,14 @@ def _finish(job: FinishJob) -> Finished:
                 frozenset(job.preview_rows),
                 f.select(WRITE_COLUMNS),
             )
+            carry_sidecars(job, f.column("key").to_pylist())
             if plan_digest is not None:
-                mark = {"plan": plan_digest, "output": _identity(job.output), "samples": written}
+                mark = {
+                    "plan": plan_digest,
+                    "output": _identity(job.output),
+                    "samples": written,
+                    "beside": [(t, _identity(t)) for _, t in job.sidecars if _exists(t)],
+                }
                 write_atomic(record, json.dumps(mark, sort_keys=True).encode())
     write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part)
     previews = []
@@ -659,14 +679,51 @@ def _finish(job: FinishJob) -> Finished:
     return Finished(job.features.shard.path, job.output, written, previews, unchanged)
 
 
+def carry_sidecars(job: FinishJob, keys: list[str]) -> None:
+    """img2dataset's files beside an input shard, carried to OUT for the kept samples: the
+    Parquet without the rows of removed samples (matched by `key`; rows of samples that
+    were never in the tar stay), the stats JSON with `successes` lowered by the removed
+    count and a `dedup` entry. A Parquet without a `key` column is not carried (a warning
+    says so): its rows could not be matched to samples."""
+    removed = {key for key, kept in zip(keys, job.keep.tolist(), strict=True) if not kept}
+    for source, target in job.sidecars:
+        data = read_file(source)
+        if source.endswith(".parquet"):
+            try:
+                table = pq.read_table(pa.BufferReader(data))
+            except pa.ArrowException as e:
+                log.warning("%s: not carried to OUT (not a readable Parquet file: %s)", source, e)
+                continue
+            if "key" not in table.column_names:
+                log.warning("%s: not carried to OUT (no key column to match samples by)", source)
+                continue
+            mask = pc.invert(pc.is_in(table.column("key"), pa.array(sorted(removed), pa.string())))
+            buf = pa.BufferOutputStream()
+            pq.write_table(table.filter(pc.fill_null(mask, True)), buf)
+            write_atomic(target, buf.getvalue().to_pybytes())
+        else:
+            try:
+                stats = json.loads(data)
+            except ValueError:
+                stats = None
+            if not isinstance(stats, dict):
+                log.warning("%s: not carried to OUT (not a JSON object)", source)
+                continue
+            if isinstance(stats.get("successes"), int):
+                stats["successes"] -= len(removed)
+            stats["dedup"] = {"removed": len(removed), "kept": len(keys) - len(removed)}
+            write_atomic(target, json.dumps(stats, indent=2, sort_keys=True).encode())
+
+
 def _output_plan(job: FinishJob) -> str | None:
     """What an output shard's bytes depend on: the input's identity (or content digest)
     and which samples are kept. None when the input has no identity (a pipe: command)."""
     f = job.features
     if f.identity is None and f.content is None:
         return None
+    beside = [(source, _identity(source)) for source, _ in job.sidecars]
     text = json.dumps(
-        [f.shard.path, f.identity, f.content, job.keep.astype(np.uint8).tobytes().hex()],
+        [f.shard.path, f.identity, f.content, job.keep.astype(np.uint8).tobytes().hex(), beside],
         default=list,
     )
     return hashlib.sha256(text.encode()).hexdigest()
@@ -679,6 +736,10 @@ def _identity(path: str):
     return list(file_identity(os.stat(path)))
 
 
+def _exists(path: str) -> bool:
+    return storage.exists(path) if storage.is_url(path) else os.path.exists(path)
+
+
 def _unchanged(output: str, record: str, plan_digest: str | None) -> int | None:
     """The samples of an output shard an earlier run wrote from the same plan and nobody
     touched since (same identity): it is left as it is (bytes and mtime). None otherwise."""
@@ -688,6 +749,8 @@ def _unchanged(output: str, record: str, plan_digest: str | None) -> int | None:
         mark = json.loads(read_file(record))
         if mark["plan"] != plan_digest or mark["output"] != _identity(output):
             return None
+        if any(_identity(target) != identity for target, identity in mark.get("beside", [])):
+            return None  # a carried sidecar was changed or removed
         return int(mark["samples"])
     except (OSError, ValueError, KeyError, TypeError, DedupError):
         return None

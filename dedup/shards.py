@@ -84,6 +84,30 @@ class Sample:
     members: list[Member] = field(default_factory=list)
 
 
+# Per-shard files img2dataset writes beside each tar (`00000.tar`: `00000.parquet`, one row
+# per sample it tried, and `00000_stats.json`); dedup carries them to OUT, filtered.
+SIDECAR_SUFFIXES = (".parquet", "_stats.json")
+
+
+def sidecars(shard: Shard) -> list[str]:
+    """The img2dataset sidecar files beside a shard that exist (paths or URLs)."""
+    if isinstance(shard, FileGroup) or shard.path.startswith("pipe:"):
+        return []
+    stem = shard.path[: -len(SHARD_SUFFIX)] if shard.path.endswith(SHARD_SUFFIX) else None
+    if stem is None:
+        return []
+    found = []
+    for suffix in SIDECAR_SUFFIXES:
+        path = stem + suffix
+        try:
+            exists = storage.exists(path, InputError) if shard.is_url else os.path.isfile(path)
+        except InputError:
+            exists = False
+        if exists:
+            found.append(path)
+    return found
+
+
 def shard_size(shard: Shard) -> int:
     """The shard's size in bytes, 0 when it cannot be had (progress only)."""
     if isinstance(shard, FileGroup):

@@ -178,3 +178,55 @@ def test_a_dry_run_never_replaces_a_real_runs_report(small_set, tmp_path):
         small_set / "in", "--out", out, "--report", out / "dedup-report", "--dry-run", check=4
     )
     assert "holds the report of a real run" in refused.stderr
+
+
+def test_img2dataset_sidecars_are_carried_for_the_kept_samples(tmp_path):
+    """img2dataset writes 00000.parquet (a row per URL it tried) and 00000_stats.json
+    beside 00000.tar: in OUT they describe the kept samples."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    samples = planted_dataset(12, {"exact": 3, "reencode": 2}, seed=4, size=(96, 72), bad=False)
+    for i, s in enumerate(samples):
+        s.key = f"{i:09d}"
+    write_shards(samples, str(tmp_path / "in"), 10, "x")
+    for n, shard in enumerate(sorted((tmp_path / "in").glob("*.tar"))):
+        stem = f"{n:05d}"
+        shard.rename(tmp_path / "in" / f"{stem}.tar")
+        mine = [s.key for s in samples[n * 10 : n * 10 + 10]]
+        keys = [*mine, f"9{n:08d}"]  # and a URL that failed: in the table, not in the tar
+        pq.write_table(
+            pa.table(
+                {
+                    "url": [f"http://x/{k}" for k in keys],
+                    "key": keys,
+                    "status": ["success"] * len(mine) + ["failed_to_download"],
+                }
+            ),
+            tmp_path / "in" / f"{stem}.parquet",
+        )
+        stats = {"count": len(keys), "successes": len(mine), "failed_to_download": 1}
+        (tmp_path / "in" / f"{stem}_stats.json").write_text(json.dumps(stats))
+    out = tmp_path / "out"
+    run(tmp_path / "in", "--out", out, "--signals", "exact,phash")
+    rows = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
+    removed = {r["key"] for r in rows if not r["kept"]}
+    assert len(removed) == 5
+    for n in range(2):
+        stem = f"{n:05d}"
+        original = pq.read_table(tmp_path / "in" / f"{stem}.parquet").column("key").to_pylist()
+        carried = pq.read_table(out / f"{stem}.parquet").column("key").to_pylist()
+        assert carried == [k for k in original if k not in removed]
+        stats = json.loads((out / f"{stem}_stats.json").read_text())
+        gone = len(set(original) & removed)
+        assert stats["successes"] == len(original) - 1 - gone
+        assert stats["dedup"] == {"removed": gone, "kept": len(original) - 1 - gone}
+    # dropping an input removes its carried files on the next run, nothing else
+    (out / "notes.txt").write_text("mine")
+    run(tmp_path / "in" / "00000.tar", "--out", out, "--signals", "exact,phash")
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+        "notes.txt",
+    ]
