@@ -63,7 +63,8 @@ class _DefaultToRun(click.Group):
 @click.group(cls=_DefaultToRun, context_settings=CONTEXT)
 def main() -> None:
     """dedup: remove duplicate images from WebDataset shards (`dedup run`, the default),
-    build a reference index (`dedup index`), and re-render a report (`dedup report`)."""
+    build a reference index (`dedup index`), split a run for an orchestrator (`dedup
+    extract`, `dedup cluster`, `dedup write`), and re-render a report (`dedup report`)."""
 
 
 def setting_options(command):
@@ -188,6 +189,25 @@ _SETTING_OPTIONS = [
 ]
 
 
+_SETTING_OPTIONS += [
+    click.option(
+        "--against",
+        multiple=True,
+        metavar="REF",
+        help="Also remove samples that match a reference set: a shard set, a folder of image "
+        "files, an earlier OUT or --state-dir, or a `dedup index` INDEX (repeatable; reason "
+        "reference). Reference items are only read.",
+    ),
+    click.option(
+        "--blocklist",
+        multiple=True,
+        metavar="FILE",
+        help="Remove samples whose image digest (sha256/blake3) or pHash code a list names: "
+        "text, CSV or Parquet (repeatable; reason blocklist; README: Blocklists).",
+    ),
+]
+
+
 @main.command("run", context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option(
@@ -203,21 +223,6 @@ _SETTING_OPTIONS = [
     type=click.Path(dir_okay=False),
     metavar="FILE",
     help="YAML config file; flags given here override it.",
-)
-@click.option(
-    "--against",
-    multiple=True,
-    metavar="REF",
-    help="Also remove samples that match a reference set: a shard set, a folder of image "
-    "files, an earlier OUT or --state-dir, or a `dedup index` INDEX (repeatable; reason "
-    "reference). Reference items are only read.",
-)
-@click.option(
-    "--blocklist",
-    multiple=True,
-    metavar="FILE",
-    help="Remove samples whose image digest (sha256/blake3) or pHash code a list names: "
-    "text, CSV or Parquet (repeatable; reason blocklist; README: Blocklists).",
 )
 @click.option(
     "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
@@ -426,6 +431,8 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
     _handle_stop_signals()
     with one_line_errors(debug):
         settings = {k: (None if v == () else v) for k, v in settings.items()}
+        if settings.get("against") or settings.get("blocklist"):
+            raise click.UsageError("dedup index takes its references as REF arguments")
         config = load_config(config_path, settings)
         if not refs:
             raise click.UsageError("give at least one REF")
@@ -441,6 +448,136 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
     )
     if as_json:
         click.echo(json.dumps(manifest, separators=(",", ":")))
+
+
+def _given(settings: dict, config_path: str | None) -> dict:
+    """The settings a task was given: a config file's, then its flags (not defaults)."""
+    given = {}
+    if config_path:
+        given.update(load_config(config_path).to_dict())
+        defaults = Config().to_dict()
+        given = {k: v for k, v in given.items() if v != defaults[k]}
+    given.update({k: v for k, v in settings.items() if v is not None and v != ()})
+    return given
+
+
+def _part_option(command):
+    return click.option(
+        "--part",
+        required=True,
+        metavar="I/N",
+        help="This task's part: I of N (I counts from 0, as Airflow's map_index); parts "
+        "are groups of shards balanced by bytes.",
+    )(command)
+
+
+def _task_options(command):
+    for option in reversed(
+        [
+            click.option("-o", "--out", required=True, metavar="OUT", help="The run's OUT."),
+            setting_options,
+            click.option(
+                "--config",
+                "config_path",
+                type=click.Path(dir_okay=False),
+                metavar="FILE",
+                help="YAML config file; flags given here override it.",
+            ),
+            click.option("--json", "as_json", is_flag=True, help="Print a one-line result."),
+            click.option("-q", "--quiet", is_flag=True, help="Only warnings on stderr."),
+            click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@main.command("extract", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, metavar="INPUT...")
+@_part_option
+@click.option(
+    "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
+)
+@click.option("--state-dir", metavar="DIR|URL", help="Where per-shard features are stored.")
+@click.option(
+    "--skip-bad-shards", is_flag=True, help="Leave out damaged shards (exit 5 at the end)."
+)
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty OUT not made by dedup.")
+@_task_options
+def extract_command(
+    inputs,
+    part,
+    report_dir,
+    state_dir,
+    skip_bad_shards,
+    overwrite,
+    out,
+    config_path,
+    as_json,
+    quiet,
+    debug,
+    **settings,
+):
+    """Phase 1 of a fanned-out run, for part I of N: read the part's shards and store
+    their features in OUT. Parts run in any order, at once, on machines sharing OUT, and
+    again after a failure; then `dedup cluster`, then `dedup write --part I/N`."""
+    _setup_logging(quiet)
+    _handle_stop_signals()
+    with one_line_errors(debug):
+        settings = {k: (None if v == () else v) for k, v in settings.items()}
+        config = load_config(config_path, settings)
+        if not inputs:
+            raise click.UsageError("give at least one INPUT")
+        from dedup.fanout import extract_part
+
+        result = extract_part(
+            list(inputs), out, config, part, report_dir, state_dir, skip_bad_shards, overwrite
+        )
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":"), sort_keys=True))
+
+
+@main.command("cluster", context_settings=CONTEXT)
+@_task_options
+def cluster_command(out, config_path, as_json, quiet, debug, **settings):
+    """Phase 2 of a fanned-out run: once every extract part has finished (it refuses to
+    start otherwise, naming the missing parts), find the duplicates and make the plan.
+    Settings are the extract parts'; any given must agree (workers, executor and device
+    may differ)."""
+    _setup_logging(quiet)
+    _handle_stop_signals()
+    with one_line_errors(debug):
+        from dedup.fanout import cluster_task
+
+        result = cluster_task(out, _given(settings, config_path))
+    if as_json:
+        click.echo(json.dumps(result, separators=(",", ":"), sort_keys=True))
+
+
+@main.command("write", context_settings=CONTEXT)
+@_part_option
+@_task_options
+def write_command(part, out, config_path, as_json, quiet, debug, **settings):
+    """Phase 3 of a fanned-out run, for part I of N: write the part's cleaned shards. The
+    last part to finish makes the report (the same as one `dedup` run's) and prints the
+    summary; exit 5 then if damaged shards were skipped."""
+    _setup_logging(quiet)
+    _handle_stop_signals()
+    with one_line_errors(debug):
+        from dedup.fanout import write_part
+        from dedup.report import human_summary
+
+        summary = write_part(out, part, _given(settings, config_path))
+    if summary is None:
+        if as_json:
+            click.echo(json.dumps({"part": part, "report": False}, separators=(",", ":")))
+        return
+    for line in human_summary(summary):
+        click.echo(f"dedup: {line}", err=True)
+    if as_json:
+        click.echo(json.dumps(summary, separators=(",", ":"), sort_keys=True))
+    if summary["skipped_shards"]:
+        sys.exit(EXIT_SKIPPED_SHARDS)
 
 
 @main.command("report", context_settings=CONTEXT)

@@ -35,6 +35,7 @@ GLOBAL_DIR = "global"  # the global phase's files while it runs
 PARTS_DIR = "parts"  # samples.parquet parts from the write tasks, until merged
 REFERENCES_DIR = "references"  # features of --against shard sets and image folders
 WRITTEN_DIR = "written"  # per output shard: the plan it was written from, its identity
+FANOUT_DIR = "fanout"  # dedup extract / cluster / write: the job, each part's results
 REPORT_MARKER = ".dedup-report.json"
 REPORT_LOCK = ".dedup-report.lock"
 # Report files a run replaces; a new run first removes the summary so that none is seen
@@ -84,6 +85,65 @@ def claim_output(
     finished or not, is resumed. Either may be a local directory or an object-store
     prefix (s3://, gs://).
     """
+    job_path, ours = check_output(out, shards, overwrite, report_dir, state_dir)
+    store = feature_store(out, state_dir)
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(_locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out))
+        locks.enter_context(_locked(storage.join(report_dir, REPORT_LOCK), report_dir))
+        if state_dir is not None:  # the default store is inside OUT, under OUT's lock
+            locks.enter_context(_locked(storage.join(state_dir, STATE_LOCK), state_dir))
+        write_atomic(
+            storage.join(report_dir, REPORT_MARKER),
+            json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
+        )
+        current = output_names(shards)
+        if dry_run:  # a dry run leaves the shards it does not write alone
+            current |= set(_previous_outputs(job_path) if ours else [])
+        else:
+            retire_outputs(out, job_path if ours else None, current)
+        sweep(out, report_dir, store)
+        if overwrite:
+            _clear_store(store)
+        # Until this run ends, OUT is a mix of old and new shards: no summary may claim
+        # otherwise, and job.json says the run is not complete.
+        for name in ("summary.json", "report.html"):
+            remove_output(storage.join(report_dir, name))
+        _write_job(job_path, current, complete=False)
+        try:
+            yield
+            _write_job(job_path, current, complete=True)
+        finally:
+            sweep(out, report_dir, store)
+
+
+def output_names(shards: list[Shard]) -> set[str]:
+    """The files a run writes into OUT: a shard per input, and its img2dataset sidecars."""
+    current = {s.name for s in shards}
+    return current | {storage.basename(path) for s in shards for path in sidecars(s)}
+
+
+def retire_outputs(out: str, job_path: str | None, current: set[str]) -> None:
+    """Remove the files an earlier run wrote into OUT (listed in its job.json) for inputs
+    no longer listed: a downstream glob would read them as current."""
+    for name in _previous_outputs(job_path) if job_path else []:
+        if name not in current and os.path.basename(name) == name and name:
+            remove_output(storage.join(out, name))
+
+
+def mark_job(out: str, shards: list[Shard], complete: bool) -> None:
+    """OUT's job.json: the outputs of this input set, and whether the run finished."""
+    _write_job(storage.join(storage.join(out, STATE_DIR), JOB_FILE), output_names(shards), complete)
+
+
+def check_output(
+    out: str,
+    shards: list[Shard],
+    overwrite: bool,
+    report_dir: str,
+    state_dir: str | None = None,
+) -> tuple[str, bool]:
+    """OUT, the report directory and the feature store checked and created (no lock):
+    (OUT's job.json, whether OUT is dedup's)."""
     for where in (out, report_dir):
         if storage.is_url(where) and storage.scheme(where) not in ("s3", "s3a", "gs", "gcs"):
             raise OutputError(f"{where}: dedup writes to local paths, s3:// or gs:// only")
@@ -109,38 +169,7 @@ def claim_output(
             )
     state = storage.join(out, STATE_DIR)
     _make_dirs(out, state, storage.join(state, WRITTEN_DIR), report_dir, store)
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(_locked(storage.join(storage.join(out, STATE_DIR), LOCK_FILE), out))
-        locks.enter_context(_locked(storage.join(report_dir, REPORT_LOCK), report_dir))
-        if state_dir is not None:  # the default store is inside OUT, under OUT's lock
-            locks.enter_context(_locked(storage.join(state_dir, STATE_LOCK), state_dir))
-        write_atomic(
-            storage.join(report_dir, REPORT_MARKER),
-            json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
-        )
-        previous = _previous_outputs(job_path) if ours else []
-        current = {s.name for s in shards}
-        current |= {storage.basename(path) for s in shards for path in sidecars(s)}
-        if dry_run:
-            current |= set(previous)  # a dry run leaves the shards it does not write alone
-        else:
-            for name in previous:
-                # Shards written for an earlier input set would mislead a downstream glob.
-                if name not in current and os.path.basename(name) == name and name:
-                    remove_output(storage.join(out, name))
-        sweep(out, report_dir, store)
-        if overwrite:
-            _clear_store(store)
-        # Until this run ends, OUT is a mix of old and new shards: no summary may claim
-        # otherwise, and job.json says the run is not complete.
-        for name in ("summary.json", "report.html"):
-            remove_output(storage.join(report_dir, name))
-        _write_job(job_path, current, complete=False)
-        try:
-            yield
-            _write_job(job_path, current, complete=True)
-        finally:
-            sweep(out, report_dir, store)
+    return job_path, ours
 
 
 # What dedup puts in OUT/.dedup before job.json: a run killed in between left only these.
@@ -152,6 +181,7 @@ STATE_NAMES = {
     PARTS_DIR,
     REFERENCES_DIR,
     WRITTEN_DIR,
+    FANOUT_DIR,
     ".dedup-tmp",
 }
 
@@ -213,17 +243,30 @@ def _clear_store(store: str) -> None:
 
 def sweep(out: str, report_dir: str, store: str) -> None:
     """Remove the temporary folders of OUT, its state and the report directory."""
+    state = storage.join(out, STATE_DIR)
+    references = storage.join(state, REFERENCES_DIR)
+    stores = [storage.join(references, n) for n in _listdir_quiet(references)]
     for directory in (
         out,
-        storage.join(out, STATE_DIR),
+        state,
         store,
         report_dir,
         storage.join(report_dir, ".parts"),
+        storage.join(state, WRITTEN_DIR),
+        storage.join(state, FANOUT_DIR),
+        *stores,
     ):
         remove_temporaries(directory)
     if not storage.is_url(report_dir):
         with contextlib.suppress(OSError):  # the report parts' folder, once merged
             os.rmdir(os.path.join(report_dir, ".parts"))
+
+
+def _listdir_quiet(directory: str) -> list[str]:
+    """Sub-folders of a local directory ([] for a URL or a missing one)."""
+    if storage.is_url(directory) or not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if os.path.isdir(os.path.join(directory, n)))
 
 
 def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None:

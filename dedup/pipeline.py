@@ -569,8 +569,10 @@ def finish_all(
     parts_dir: str,
     dry_run: bool,
     executor: Executor,
+    only=None,
 ) -> list[Finished]:
-    """Phase 3 over every shard: write its cleaned copy and its part of samples.parquet."""
+    """Phase 3 over every shard (the positions in `only`, when given): write its cleaned
+    copy and its part of samples.parquet."""
     survivor_of = {}
     if p.clusters.num_rows:
         c = p.clusters
@@ -587,6 +589,8 @@ def finish_all(
     shown = preview_rows(p)
     jobs = []
     for pos, f in enumerate(features):
+        if only is not None and pos not in only:
+            continue
         rows = p.rows(pos)
         local = shown[(shown >= rows.start) & (shown < rows.stop)] - rows.start
         removed = p.survivor[rows] >= 0
@@ -625,7 +629,7 @@ def finish_all(
                 else [(p, storage.join(out, storage.basename(p))) for p in sidecars(f.shard)],
             )
         )
-    total = int(p.keep.sum()) if not dry_run else len(p.keep)
+    total = sum(int(j.keep.sum()) if not dry_run else len(j.keep) for j in jobs)
     return executor.map(
         _finish, jobs, Progress("write", total_items=total), describe=_job_shard_path
     )
@@ -846,18 +850,23 @@ def run(
         job = _Job(
             out, store, config, executor, dry_run, skip_bad_shards, clip, references, blocklists
         )
-        if not storage.is_url(report_dir):
-            return _run(shards, job, report_dir)
-        # A report in a store is made in a local folder, then put object by object,
-        # summary.json last: whoever sees the summary sees a complete report.
-        with tempfile.TemporaryDirectory(dir=scratch) as staging:
-            summary = _run(shards, job, staging)
-            summary["output"]["report"] = report_dir
-            write_summary(summary, report_paths(staging)["summary"])
-            for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
-                if os.path.isfile(os.path.join(staging, name)):
-                    storage.put_file(os.path.join(staging, name), storage.join(report_dir, name))
-            return summary
+        return report_into(report_dir, lambda folder: _run(shards, job, folder), scratch)
+
+
+def report_into(report_dir: str, make, scratch: str | None = None) -> dict[str, Any]:
+    """`make(folder)` writes the report into a folder and returns the summary. A report in
+    a store is made in a local folder, then put object by object, summary.json last:
+    whoever sees the summary sees a complete report."""
+    if not storage.is_url(report_dir):
+        return make(report_dir)
+    with tempfile.TemporaryDirectory(dir=scratch) as staging:
+        summary = make(staging)
+        summary["output"]["report"] = report_dir
+        write_summary(summary, report_paths(staging)["summary"])
+        for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+            if os.path.isfile(os.path.join(staging, name)):
+                storage.put_file(os.path.join(staging, name), storage.join(report_dir, name))
+        return summary
 
 
 def _report_dir(out: str, report_dir: str | None, dry_run: bool) -> str:
@@ -924,72 +933,108 @@ def extract_references(references: list[Reference], job: _Job) -> list[BadShard]
 
 
 def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
-    out, config, dry_run = job.out, job.config, job.dry_run
     log.info(
         "%d shards, signals %s, executor %s (%d parallel tasks)",
         len(shards),
-        ",".join(config.signals),
+        ",".join(job.config.signals),
         job.executor.name,
         job.executor.parallelism,
     )
     t0 = time.monotonic()
-    extracted = extract_all(shards, config, job.store, job.skip_bad_shards, job.clip, job.executor)
+    features, bad = extract_phase(shards, job)
+    bad += extract_references(job.references, job)
+    t1 = time.monotonic()
+    log_extract(features, t1 - t0)
+    the_plan = cluster_phase(features, job)
+    t2 = time.monotonic()
+    # Write tasks put their samples.parquet parts beside OUT, where every node of a
+    # cluster can write (the report folder may be this machine's staging folder).
+    parts_dir = storage.join(storage.join(job.out, STATE_DIR), PARTS_DIR)
+    with _work_folder(parts_dir):
+        finished = write_phase(features, the_plan, job, parts_dir)
+        t3 = time.monotonic()
+        seconds = {"extract": t1 - t0, "cluster": t2 - t1, "write": t3 - t2}
+        return make_report(features, bad, the_plan, finished, job, report_dir, parts_dir, seconds)
+
+
+def extract_phase(shards: list[Shard], job: _Job) -> tuple[list[ShardFeatures], list[BadShard]]:
+    """Phase 1 over `shards`: their features, and the bad shards left out (whose earlier
+    outputs are removed: they no longer reflect the input)."""
+    extracted = extract_all(
+        shards, job.config, job.store, job.skip_bad_shards, job.clip, job.executor
+    )
     bad = [r for r in extracted if isinstance(r, BadShard)]
-    features = [r for r in extracted if isinstance(r, ShardFeatures)]
     for b in bad:
         log.warning("skipped bad shard: %s", b.error)
-        if not dry_run:  # an earlier output for this shard no longer reflects the input
-            remove_output(storage.join(out, b.shard.name))
-    for b in extract_references(job.references, job):
-        log.warning("skipped bad reference shard: %s", b.error)
-        bad.append(b)
-    t1 = time.monotonic()
+        if not job.dry_run:
+            remove_output(storage.join(job.out, b.shard.name))
+    return [r for r in extracted if isinstance(r, ShardFeatures)], bad
+
+
+def log_extract(features: list[ShardFeatures], seconds: float) -> None:
     reused = sum(f.reused for f in features)
     log.info(
         "phase extract done in %.1f s: %d shards, %d samples%s",
-        t1 - t0,
+        seconds,
         len(features),
         sum(f.rows for f in features),
         f" ({reused} shards' stored features reused)" if reused else "",
     )
-    work = storage.join(storage.join(out, STATE_DIR), GLOBAL_DIR)
-    the_plan = plan(features, config, job.executor, work, job.references, job.blocklists)
-    t2 = time.monotonic()
+
+
+def cluster_phase(features: list[ShardFeatures], job: _Job) -> Plan:
+    """Phase 2: the plan, from every shard's features (and the references)."""
+    t = time.monotonic()
+    work = storage.join(storage.join(job.out, STATE_DIR), GLOBAL_DIR)
+    the_plan = plan(features, job.config, job.executor, work, job.references, job.blocklists)
     log.info(
         "phase cluster done in %.1f s: %d clusters of 2 or more, %d samples to remove",
-        t2 - t1,
+        time.monotonic() - t,
         the_plan.clusters.num_rows,
         int((~the_plan.keep).sum()),
     )
-    # Write tasks put their samples.parquet parts beside OUT, where every node of a
-    # cluster can write (the report folder may be this machine's staging folder).
-    parts_dir = storage.join(storage.join(out, STATE_DIR), PARTS_DIR)
-    with _work_folder(parts_dir):
-        finished = finish_all(features, the_plan, out, parts_dir, dry_run, job.executor)
-        merge_parts(
-            [storage.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
-            report_paths(report_dir)["samples"],
-        )
-    t3 = time.monotonic()
+    return the_plan
+
+
+def write_phase(
+    features: list[ShardFeatures], p: Plan, job: _Job, parts_dir: str, only=None
+) -> list[Finished]:
+    """Phase 3 over the shards (the positions in `only`, when given): each one's cleaned
+    copy and its part of samples.parquet in `parts_dir`."""
+    t = time.monotonic()
+    finished = finish_all(features, p, job.out, parts_dir, job.dry_run, job.executor, only)
     same = sum(f.unchanged for f in finished)
     log.info(
         "phase write done in %.1f s: %d shards%s",
-        t3 - t2,
+        time.monotonic() - t,
         len(finished),
         f", {same} of them unchanged since the last run (left as they were)" if same else "",
     )
+    return finished
 
-    shard_counts = _check_counts(features, the_plan, finished, dry_run)
+
+def make_report(
+    features, bad, the_plan: Plan, finished, job: _Job, report_dir, parts_dir, seconds
+) -> dict[str, Any]:
+    """The report from the phases' results: samples.parquet merged from the write tasks'
+    parts, the counts checked, clusters, previews, summary.json, report.html."""
+    merge_parts(
+        [storage.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
+        report_paths(report_dir)["samples"],
+    )
+    shard_counts = _check_counts(features, the_plan, finished, job.dry_run)
     n = len(the_plan.keep)
     phases = {
-        "extract": _phase(t1 - t0, n),
-        "cluster": _phase(t2 - t1, int((~the_plan.passthrough).sum())),
-        "write": _phase(t3 - t2, n),
+        "extract": _phase(seconds["extract"], n),
+        "cluster": _phase(seconds["cluster"], int((~the_plan.passthrough).sum())),
+        "write": _phase(seconds["write"], n),
     }
     paths = report_paths(report_dir)
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir, job.references)
-    summary = _summary(features, the_plan, shard_counts, config, phases, out, report_dir, dry_run)
+    summary = _summary(
+        features, the_plan, shard_counts, job.config, phases, job.out, report_dir, job.dry_run
+    )
     summary["output"]["state_dir"] = absolute(job.store)
     if job.references or job.blocklists:
         summary["references"] = match_counts(the_plan, job.references, job.blocklists)

@@ -1,0 +1,350 @@
+"""One run split for an orchestrator: `dedup extract --part I/N`, `dedup cluster`,
+`dedup write --part I/N`, each a task that can run on any machine sharing OUT (a local
+or network filesystem, or object storage), in any order within its phase, at the same
+time, and again after a failure.
+
+OUT/.dedup/fanout/ holds the job (inputs and resolved settings, written by the first
+extract part, checked by every later task), each extract part's results, the plan the
+cluster task made, and each write part's results. The last write part to finish (each
+looks after writing its own results) assembles the report, as one `dedup` run does: the
+shards, samples.parquet and clusters.parquet are the same bytes.
+
+A part is a group of shards balanced by bytes (greedy, largest first), a function of
+the input listing and N only; I counts from 0 (Airflow's map_index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import time
+
+from dedup import storage
+from dedup.blocklist import load_blocklist
+from dedup.config import Config, load_config
+from dedup.errors import ConfigError, DedupError
+from dedup.executor import make_executor
+from dedup.fsutil import read_file, write_atomic
+from dedup.outdir import (
+    FANOUT_DIR,
+    STATE_DIR,
+    check_output,
+    feature_store,
+    mark_job,
+    output_names,
+    remove_output,
+    retire_outputs,
+)
+from dedup.references import check_stored, resolve_references
+from dedup.shards import list_shards, shard_size
+
+log = logging.getLogger("dedup")
+
+JOB = "job.json"
+# Settings a task may choose for itself: they change where and how fast it runs, never
+# what it computes.
+TASK_SETTINGS = ("workers", "executor", "ray_address", "device", "batch_size", "clip_stage")
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N), 0 <= I < N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--part {text!r}: expected I/N, such as 0/8 (I counts from 0)") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--part {text}: I must be 0..N-1 (I counts from 0)")
+    return i, n
+
+
+def parts_of(sizes: list[int], n: int) -> list[list[int]]:
+    """Positions 0..len(sizes)-1 in n groups balanced by bytes: largest first, each to the
+    lightest group (ties: the lower group); each group in position order."""
+    groups: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    for pos in sorted(range(len(sizes)), key=lambda p: (-sizes[p], p)):
+        g = min(range(n), key=lambda k: (load[k], k))
+        groups[g].append(pos)
+        load[g] += sizes[pos]
+    return [sorted(g) for g in groups]
+
+
+def _folder(out: str) -> str:
+    return storage.join(storage.join(out, STATE_DIR), FANOUT_DIR)
+
+
+def _name(phase: str, i: int, n: int) -> str:
+    return f"{phase}-{i:05d}-of-{n:05d}.pickle"
+
+
+def _save(path: str, value) -> None:
+    write_atomic(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _load(path: str):
+    return pickle.loads(read_file(path))
+
+
+def _exists(path: str) -> bool:
+    try:
+        read_file(path)
+    except (OSError, DedupError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- the job
+
+
+@dataclasses.dataclass
+class FanoutJob:
+    """What every task of one fanned-out run shares (OUT/.dedup/fanout/job.json)."""
+
+    inputs: list[str]
+    config: dict  # resolved (signals chosen)
+    report_dir: str | None
+    state_dir: str | None
+    skip_bad_shards: bool
+
+    def settings(self, given: dict) -> Config:
+        """The job's config, with a task's own choices (TASK_SETTINGS); any other setting
+        given must equal the job's (exit 2 naming it)."""
+        config = load_config(None, self.config)
+        task = {}
+        for name, value in given.items():
+            if value is None or value == ():
+                continue
+            mine = getattr(load_config(None, {name: value}), name)
+            if name in TASK_SETTINGS:
+                task[name] = mine
+            elif mine != getattr(config, name):
+                raise ConfigError(
+                    f"{name}: {mine!r} differs from this fan-out's {getattr(config, name)!r} "
+                    "(set by its extract parts); every task runs with the same settings"
+                )
+        return dataclasses.replace(config, **task)
+
+
+def _read_job(out: str) -> FanoutJob:
+    try:
+        return FanoutJob(**json.loads(read_file(storage.join(_folder(out), JOB))))
+    except (OSError, DedupError, ValueError, TypeError):
+        raise ConfigError(
+            f"{out}: holds no fanned-out run; run `dedup extract INPUT... --out {out} "
+            "--part I/N` first"
+        ) from None
+
+
+def _task_job(out: str, fan: FanoutJob, config: Config, clip, executor):
+    """The pipeline's _Job for one task (references and blocklists resolved again: their
+    features are reused from OUT)."""
+    from dedup.pipeline import _Job, reference_store
+
+    store = feature_store(out, fan.state_dir)
+    shards = list_shards(fan.inputs)
+    references = resolve_references(list(config.against), config, reference_store(out), shards, out)
+    check_stored(references, config, clip)
+    blocklists = [load_blocklist(path, config) for path in config.blocklist]
+    return _Job(
+        out, store, config, executor, False, fan.skip_bad_shards, clip, references, blocklists
+    )
+
+
+# ---------------------------------------------------------------- extract
+
+
+def extract_part(
+    inputs: list[str],
+    out: str,
+    config: Config,
+    part: str,
+    report_dir: str | None = None,
+    state_dir: str | None = None,
+    skip_bad_shards: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """`dedup extract INPUT... --out OUT --part I/N`: phase 1 for part I of N."""
+    from dedup.pipeline import _Job, choose_signals, extract_phase, log_extract
+
+    i, n = parse_part(part)
+    shards = list_shards(inputs)
+    config, clip = choose_signals(config)
+    report = report_dir or storage.join(out, "dedup-report")
+    check_output(out, shards, overwrite, report, state_dir)
+    job = FanoutJob(list(inputs), config.to_dict(), report_dir, state_dir, skip_bad_shards)
+    path = storage.join(_folder(out), JOB)
+    try:
+        earlier = FanoutJob(**json.loads(read_file(path)))
+    except (OSError, DedupError, ValueError, TypeError):
+        earlier = None
+    if earlier is not None and earlier != job:
+        raise ConfigError(
+            f"{out}: holds a fanned-out run of other inputs or settings; finish it, or "
+            "start again in a new OUT"
+        )
+    if earlier is None:
+        write_atomic(path, json.dumps(dataclasses.asdict(job), indent=1).encode())
+        mark_job(out, shards, complete=False)
+    for done in (_plan_name(), *_markers(out, "write")):  # a later phase is now stale
+        remove_output(storage.join(_folder(out), done))
+    group = parts_of([shard_size(s) for s in shards], n)[i]
+    mine = [shards[pos] for pos in group]
+    log.info("extract part %d/%d: %d of %d shards", i, n, len(mine), len(shards))
+    t = time.monotonic()
+    with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
+        task = _Job(
+            out, feature_store(out, state_dir), config, executor, False, skip_bad_shards, clip
+        )
+        features, bad = extract_phase(mine, task)
+    seconds = time.monotonic() - t
+    log_extract(features, seconds)
+    result = {"n": n, "positions": group, "features": features, "bad": bad, "seconds": seconds}
+    _save(storage.join(_folder(out), _name("extract", i, n)), result)
+    return {"part": f"{i}/{n}", "shards": len(mine), "bad": len(bad), "seconds": round(seconds, 3)}
+
+
+def _markers(out: str, phase: str) -> list[str]:
+    folder = _folder(out)
+    names = storage.listdir(folder) if storage.is_url(folder) else _local_names(folder)
+    return sorted(n for n in names if n.startswith(phase + "-") and n.endswith(".pickle"))
+
+
+def _local_names(folder: str) -> list[str]:
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _plan_name() -> str:
+    return "plan.pickle"
+
+
+def _gather_extract(out: str):
+    """Every extract part's results, in input order; a missing part is an error naming it."""
+    names = _markers(out, "extract")
+    if not names:
+        raise ConfigError(
+            f"{out}: no extract part has finished; run `dedup extract ... --part I/N`"
+        )
+    counts = {int(name.split("-of-")[1].split(".")[0]) for name in names}
+    if len(counts) != 1:
+        raise ConfigError(f"{out}: extract parts of different N ({sorted(counts)}); rerun them")
+    (n,) = counts
+    missing = [i for i in range(n) if _name("extract", i, n) not in names]
+    if missing:
+        listed = ", ".join(f"{i}/{n}" for i in missing[:10])
+        raise ConfigError(
+            f"{out}: extract part{'s' if len(missing) > 1 else ''} {listed} "
+            f"{'have' if len(missing) > 1 else 'has'} not finished; cluster waits for all {n}"
+        )
+    results = [_load(storage.join(_folder(out), _name("extract", i, n))) for i in range(n)]
+    placed = {}
+    bad = []
+    for r in results:
+        bad += r["bad"]
+        for f in r["features"]:
+            placed[f.shard.path] = f
+    seconds = sum(r["seconds"] for r in results)
+    return placed, bad, seconds
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def cluster_task(out: str, given: dict) -> dict:
+    """`dedup cluster --out OUT`: phase 2 once every extract part has finished."""
+    from dedup.pipeline import cluster_phase, extract_references, resolve_clip
+
+    fan = _read_job(out)
+    config = fan.settings(given)
+    placed, bad, extract_seconds = _gather_extract(out)
+    shards = list_shards(fan.inputs)
+    unknown = [
+        s.path for s in shards if s.path not in placed and s.path not in {b.shard.path for b in bad}
+    ]
+    if unknown:
+        raise ConfigError(f"{out}: no extract part read {unknown[0]}; rerun the extract parts")
+    features = [placed[s.path] for s in shards if s.path in placed]
+    clip = resolve_clip(config)
+    with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
+        job = _task_job(out, fan, config, clip, executor)
+        t = time.monotonic()
+        bad = bad + extract_references(job.references, job)
+        the_plan = cluster_phase(features, job)
+        seconds = time.monotonic() - t
+    for name in _markers(out, "write"):
+        remove_output(storage.join(_folder(out), name))
+    job_path = storage.join(storage.join(out, STATE_DIR), "job.json")
+    retire_outputs(out, job_path, output_names(shards))
+    state = {
+        "features": features,
+        "bad": bad,
+        "plan": the_plan,
+        "seconds": {"extract": extract_seconds, "cluster": seconds},
+    }
+    _save(storage.join(_folder(out), _plan_name()), state)
+    removed = int((~the_plan.keep).sum())
+    return {"shards": len(features), "samples": len(the_plan.keep), "removed": removed}
+
+
+# ---------------------------------------------------------------- write
+
+
+def write_part(out: str, part: str, given: dict) -> dict | None:
+    """`dedup write --out OUT --part I/N`: phase 3 for part I of N; the last part to
+    finish makes the report and returns its summary (None from the others)."""
+    from dedup.pipeline import write_phase
+
+    i, n = parse_part(part)
+    fan = _read_job(out)
+    config = fan.settings(given)
+    try:
+        state = _load(storage.join(_folder(out), _plan_name()))
+    except (OSError, DedupError):
+        raise ConfigError(
+            f"{out}: the cluster task has not finished; run `dedup cluster --out {out}`"
+        ) from None
+    features, p = state["features"], state["plan"]
+    group = parts_of([shard_size(f.shard) for f in features], n)[i]
+    parts_dir = storage.join(_folder(out), "parts")
+    if not storage.is_url(parts_dir):
+        os.makedirs(parts_dir, exist_ok=True)
+    with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
+        job = _task_job(out, fan, config, None, executor)  # writing runs no model
+        t = time.monotonic()
+        finished = write_phase(features, p, job, parts_dir, only=set(group))
+        seconds = time.monotonic() - t
+        mine = {"finished": finished, "seconds": seconds, "positions": group}
+        _save(storage.join(_folder(out), _name("write", i, n)), mine)
+        return _report_if_last(out, fan, job, state, n, i, parts_dir)
+
+
+def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: str):
+    """The report, when every write part has saved its results (else None)."""
+    from dedup.pipeline import extract_references, make_report, report_into
+
+    features = state["features"]
+    # The last part to finish assembles the report (each checks after saving its own).
+    names = _markers(out, "write")
+    if any(_name("write", k, n) not in names for k in range(n)):
+        log.info("write part %d/%d done; the last write part to finish makes the report", i, n)
+        return None
+    results = [_load(storage.join(_folder(out), _name("write", k, n))) for k in range(n)]
+    by_position = {}
+    for r in results:
+        for pos, done in zip(r["positions"], r["finished"], strict=True):
+            by_position[pos] = done
+    finished = [by_position[pos] for pos in range(len(features))]
+    seconds = {**state["seconds"], "write": sum(r["seconds"] for r in results)}
+    report_dir = fan.report_dir or storage.join(out, "dedup-report")
+    p = state["plan"]
+    extract_references(job.references, job)  # their stored features, for the report
+    summary = report_into(
+        report_dir,
+        lambda folder: make_report(
+            features, state["bad"], p, finished, job, folder, parts_dir, seconds
+        ),
+    )
+    mark_job(out, list_shards(fan.inputs), complete=True)
+    return summary
