@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo light-check calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
+.PHONY: install test lint format demo light-check airflow-check calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check dedup tests benchmarks
-	$(BIN)/ruff format --check dedup tests benchmarks
+	$(BIN)/ruff check dedup tests benchmarks examples
+	$(BIN)/ruff format --check dedup tests benchmarks examples
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix dedup tests benchmarks
-	$(BIN)/ruff format dedup tests benchmarks
+	$(BIN)/ruff check --fix dedup tests benchmarks examples
+	$(BIN)/ruff format dedup tests benchmarks examples
 
 demo: $(STAMP)
 	rm -rf demo-data
@@ -95,3 +95,11 @@ light-check:
 	.venv-light/bin/python -c "import json; s = json.load(open('demo-data/light.json')); \
 	assert s['config']['signals'] == ['exact', 'phash', 'views'], s['config']['signals']; \
 	assert s['counts']['removed'] > 0; print('light install: ok,', s['counts']['removed'], 'removed')"
+
+# The example Airflow DAGs (examples/airflow/) under `airflow dags test`, with Apache
+# Airflow in its own virtual environment (never in the project's dependencies).
+AIRFLOW_VENV := .venv-airflow
+airflow-check: $(STAMP)
+	test -x $(AIRFLOW_VENV)/bin/airflow || { $(PY) -m venv $(AIRFLOW_VENV) && \
+	$(AIRFLOW_VENV)/bin/python -m pip install -q apache-airflow; }
+	sh examples/airflow/check.sh

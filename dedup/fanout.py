@@ -34,6 +34,7 @@ from dedup.outdir import (
     check_output,
     feature_store,
     mark_job,
+    mark_report,
     output_names,
     remove_output,
     retire_outputs,
@@ -174,6 +175,7 @@ def extract_part(
     config, clip = choose_signals(config)
     report = report_dir or storage.join(out, "dedup-report")
     check_output(out, shards, overwrite, report, state_dir)
+    mark_report(report, out)
     job = FanoutJob(list(inputs), config.to_dict(), report_dir, state_dir, skip_bad_shards)
     path = storage.join(_folder(out), JOB)
     try:

@@ -92,10 +92,7 @@ def claim_output(
         locks.enter_context(_locked(storage.join(report_dir, REPORT_LOCK), report_dir))
         if state_dir is not None:  # the default store is inside OUT, under OUT's lock
             locks.enter_context(_locked(storage.join(state_dir, STATE_LOCK), state_dir))
-        write_atomic(
-            storage.join(report_dir, REPORT_MARKER),
-            json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
-        )
+        mark_report(report_dir, out)
         current = output_names(shards)
         if dry_run:  # a dry run leaves the shards it does not write alone
             current |= set(_previous_outputs(job_path) if ours else [])
@@ -128,6 +125,14 @@ def retire_outputs(out: str, job_path: str | None, current: set[str]) -> None:
     for name in _previous_outputs(job_path) if job_path else []:
         if name not in current and os.path.basename(name) == name and name:
             remove_output(storage.join(out, name))
+
+
+def mark_report(report_dir: str, out: str) -> None:
+    """The report directory's marker: dedup's, for the run whose OUT is `out`."""
+    write_atomic(
+        storage.join(report_dir, REPORT_MARKER),
+        json.dumps({"tool": "dedup", "out": _absolute(out)}).encode(),
+    )
 
 
 def mark_job(out: str, shards: list[Shard], complete: bool) -> None:
