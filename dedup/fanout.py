@@ -16,6 +16,7 @@ the input listing and N only; I counts from 0 (Airflow's map_index).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -110,6 +111,11 @@ class FanoutJob:
     state_dir: str | None
     skip_bad_shards: bool
 
+    def digest(self) -> str:
+        """Identifies the run: a part's results from another run are never mixed in."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
     def settings(self, given: dict) -> Config:
         """The job's config, with a task's own choices (TASK_SETTINGS); any other setting
         given must equal the job's (exit 2 naming it)."""
@@ -182,14 +188,14 @@ def extract_part(
         earlier = FanoutJob(**json.loads(read_file(path)))
     except (OSError, DedupError, ValueError, TypeError):
         earlier = None
-    if earlier is not None and earlier != job:
+    if earlier is not None and earlier != job and not _complete(out):
         raise ConfigError(
-            f"{out}: holds a fanned-out run of other inputs or settings; finish it, or "
-            "start again in a new OUT"
+            f"{out}: holds an unfinished fanned-out run of other inputs or settings; "
+            "finish it, or start again in a new OUT"
         )
-    if earlier is None:
+    if earlier != job:  # a new run (the last one into this OUT finished)
         write_atomic(path, json.dumps(dataclasses.asdict(job), indent=1).encode())
-        mark_job(out, shards, complete=False)
+    mark_job(out, shards, complete=False)
     for done in (_plan_name(), *_markers(out, "write")):  # a later phase is now stale
         remove_output(storage.join(_folder(out), done))
     group = parts_of([shard_size(s) for s in shards], n)[i]
@@ -203,7 +209,14 @@ def extract_part(
         features, bad = extract_phase(mine, task)
     seconds = time.monotonic() - t
     log_extract(features, seconds)
-    result = {"n": n, "positions": group, "features": features, "bad": bad, "seconds": seconds}
+    result = {
+        "job": job.digest(),
+        "n": n,
+        "positions": group,
+        "features": features,
+        "bad": bad,
+        "seconds": seconds,
+    }
     _save(storage.join(_folder(out), _name("extract", i, n)), result)
     return {"part": f"{i}/{n}", "shards": len(mine), "bad": len(bad), "seconds": round(seconds, 3)}
 
@@ -222,9 +235,27 @@ def _plan_name() -> str:
     return "plan.pickle"
 
 
-def _gather_extract(out: str):
-    """Every extract part's results, in input order; a missing part is an error naming it."""
-    names = _markers(out, "extract")
+def _complete(out: str) -> bool:
+    """Whether OUT's last run finished (its job.json says so)."""
+    try:
+        return bool(
+            json.loads(read_file(storage.join(storage.join(out, STATE_DIR), "job.json")))[
+                "complete"
+            ]
+        )
+    except (OSError, DedupError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _gather_extract(out: str, fan: FanoutJob):
+    """Every extract part's results, in input order; a missing part (or one from another
+    run) is an error naming it."""
+    digest = fan.digest()
+    names = [
+        name
+        for name in _markers(out, "extract")
+        if _load(storage.join(_folder(out), name)).get("job") == digest
+    ]
     if not names:
         raise ConfigError(
             f"{out}: no extract part has finished; run `dedup extract ... --part I/N`"
@@ -260,7 +291,7 @@ def cluster_task(out: str, given: dict) -> dict:
 
     fan = _read_job(out)
     config = fan.settings(given)
-    placed, bad, extract_seconds = _gather_extract(out)
+    placed, bad, extract_seconds = _gather_extract(out, fan)
     shards = list_shards(fan.inputs)
     unknown = [
         s.path for s in shards if s.path not in placed and s.path not in {b.shard.path for b in bad}

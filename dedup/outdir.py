@@ -136,8 +136,14 @@ def mark_report(report_dir: str, out: str) -> None:
 
 
 def mark_job(out: str, shards: list[Shard], complete: bool) -> None:
-    """OUT's job.json: the outputs of this input set, and whether the run finished."""
-    _write_job(storage.join(storage.join(out, STATE_DIR), JOB_FILE), output_names(shards), complete)
+    """OUT's job.json: the outputs of this input set, and whether the run finished. An
+    unfinished run's list keeps the earlier run's outputs too, until they are retired
+    (retire_outputs), so that none is forgotten."""
+    job_path = storage.join(storage.join(out, STATE_DIR), JOB_FILE)
+    outputs = output_names(shards)
+    if not complete:
+        outputs |= set(_previous_outputs(job_path))
+    _write_job(job_path, outputs, complete)
 
 
 def check_output(
