@@ -208,6 +208,16 @@ _SETTING_OPTIONS += [
 ]
 
 
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="YAML config file; flags given here override it.",
+)
+debug_option = click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+
+
 @main.command("run", context_settings=CONTEXT)
 @click.argument("inputs", nargs=-1, metavar="INPUT...")
 @click.option(
@@ -217,13 +227,7 @@ _SETTING_OPTIONS += [
     help="Output directory: one cleaned shard per input shard, same file name.",
 )
 @setting_options
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="YAML config file; flags given here override it.",
-)
+@config_option
 @click.option(
     "--report", "report_dir", metavar="DIR", help="Report directory (default OUT/dedup-report)."
 )
@@ -258,7 +262,7 @@ _SETTING_OPTIONS += [
     help="Check that the CLIP weights can be loaded, say where from, and exit (0 or 6).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and the final summary on stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@debug_option
 @click.version_option(__version__, prog_name="dedup")
 def run_command(
     inputs,
@@ -410,17 +414,11 @@ def _handle_stop_signals() -> None:
 @click.argument("refs", nargs=-1, metavar="REF...")
 @click.option("-o", "--out", metavar="INDEX", help="Folder for the index (local).")
 @setting_options
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="YAML config file; flags given here override it.",
-)
+@config_option
 @click.option("--overwrite", is_flag=True, help="Rebuild into a non-empty folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the index's manifest to stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings on stderr.")
-@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@debug_option
 def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **settings):
     """Build a stored reference index from REF... (shard sets, folders of image files,
     earlier OUTs, feature stores, other indexes) for `dedup --against INDEX`: features
@@ -476,16 +474,10 @@ def _task_options(command):
         [
             click.option("-o", "--out", required=True, metavar="OUT", help="The run's OUT."),
             setting_options,
-            click.option(
-                "--config",
-                "config_path",
-                type=click.Path(dir_okay=False),
-                metavar="FILE",
-                help="YAML config file; flags given here override it.",
-            ),
+            config_option,
             click.option("--json", "as_json", is_flag=True, help="Print a one-line result."),
             click.option("-q", "--quiet", is_flag=True, help="Only warnings on stderr."),
-            click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+            debug_option,
         ]
     ):
         command = option(command)

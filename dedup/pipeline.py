@@ -268,7 +268,11 @@ class Plan:
 
     def blocked_in(self, rows: slice) -> list[int]:
         """Global rows in `rows` that a blocklist names."""
-        return sorted(r for r in self.blocked if rows.start <= r < rows.stop)
+        if not self.blocked:
+            return []
+        ordered = np.fromiter(sorted(self.blocked), dtype=np.int64, count=len(self.blocked))
+        lo, hi = np.searchsorted(ordered, [rows.start, rows.stop])
+        return ordered[lo:hi].tolist()
 
 
 # Reasons in samples.parquet: decisions, then pass-through statuses from phase 1.

@@ -487,3 +487,41 @@ def test_a_shard_set_in_object_storage_as_reference(decontam, s3, bucket, tmp_pa
     }
     assert matched == {k: Path(v).stem for k, v in truth.items()}
     assert {r["reference"] for r in remote.values() if r["reference"]} == {f"{bucket}/eval/"}
+
+
+def test_a_damaged_reference_shard_is_named_or_skipped(decontam, tmp_path):
+    """A damaged shard in a reference shard set fails the run naming it (exit 3), or with
+    --skip-bad-shards is left out and listed (exit 5); the rest still matches."""
+    root, samples, truth = decontam
+    items = [
+        PlantedSample(path.stem, {path.suffix[1:]: path.read_bytes()}, None, "eval")
+        for path in sorted((root / "eval").rglob("img*"))
+    ]
+    write_shards(items, str(tmp_path / "ref"), 6, "ref")
+    broken = tmp_path / "ref" / "ref-000001.tar"
+    broken.write_bytes(broken.read_bytes()[:700])  # cut inside a member
+    failed = run_dedup(
+        root / "train", "--out", tmp_path / "a", "--against", tmp_path / "ref", *VIEWS, check=3
+    )
+    assert str(broken) in error_line(failed)
+    run_dedup(
+        root / "train",
+        "--out",
+        tmp_path / "b",
+        "--against",
+        tmp_path / "ref",
+        "--skip-bad-shards",
+        *VIEWS,
+        check=5,
+    )
+    s = summary(tmp_path / "b")
+    assert [x["shard"] for x in s["skipped_shards"]] == [str(broken)]
+    first = {
+        Path(v).stem for v in sorted(truth.values()) if Path(v).stem in {i.key for i in items[:6]}
+    }
+    matched = {
+        r["reference_key"].split()[-1]
+        for r in rows(tmp_path / "b").values()
+        if r["reason"] == "reference"
+    }
+    assert first <= matched and matched <= {i.key for i in items[:6]}
