@@ -331,6 +331,9 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
         "const i=s?Array.from(s.querySelectorAll('img')):[];"
         "document.body.dataset.firstStripImages=i.length;"
         "document.body.dataset.firstStripLoaded=i.filter(x=>x.naturalWidth>0).length;"
+        "const m=Array.from(document.querySelectorAll('.matches img'));"
+        "document.body.dataset.matchImages=m.length;"
+        "document.body.dataset.matchLoaded=m.filter(x=>x.naturalWidth>0).length;"
         "});</script>"
     )
     out.append("</body></html>\n")

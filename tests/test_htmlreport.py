@@ -102,11 +102,25 @@ def _chromium():
     pytest.skip("no chromium here; .ci/run installs it")
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
-    report_dir, _ = report
+def render_in_chromium(page: Path, tmp_path) -> tuple[str, str, list[str]]:
+    """(the page's <body> attributes after load, its DOM, the browser's flags), the
+    network off."""
     browser = _chromium()
-    url = (report_dir / "report.html").resolve().as_uri()
-    flags = [
+    flags = chromium_flags(tmp_path)
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "ERROR" in line or "Uncaught" in line], console
+    return re.search(r"<body([^>]*)>", dom.stdout).group(1), dom.stdout, flags
+
+
+def chromium_flags(tmp_path) -> list[str]:
+    return [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -122,16 +136,16 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         "--v=0",
         "--virtual-time-budget=5000",
     ]
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    report_dir, _ = report
+    browser = _chromium()
+    url = (report_dir / "report.html").resolve().as_uri()
+    body, _, flags = render_in_chromium(report_dir / "report.html", tmp_path)
     images = int(re.search(r'data-first-strip-images="(\d+)"', body).group(1))
     loaded = int(re.search(r'data-first-strip-loaded="(\d+)"', body).group(1))
     assert images == SHOWN_MEMBERS and loaded == images
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert not [line for line in console if "ERROR" in line or "Uncaught" in line], console
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "report.png"
     subprocess.run(

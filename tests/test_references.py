@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -525,3 +526,16 @@ def test_a_damaged_reference_shard_is_named_or_skipped(decontam, tmp_path):
         if r["reason"] == "reference"
     }
     assert first <= matched and matched <= {i.key for i in items[:6]}
+
+
+def test_the_reference_section_renders_in_headless_chromium(decontam, tmp_path):
+    from tests.test_htmlreport import render_in_chromium
+
+    root, _, truth = decontam
+    out = tmp_path / "clean"
+    run_dedup(root / "train", "--out", out, "--against", root / "eval", *VIEWS)
+    body, dom, _ = render_in_chromium(out / "dedup-report" / "report.html", tmp_path)
+    shown = int(re.search(r'data-match-images="(\d+)"', body).group(1))
+    loaded = int(re.search(r'data-match-loaded="(\d+)"', body).group(1))
+    assert shown == 2 * len(truth) and loaded == shown  # each copy beside its item
+    assert '<h2 id="references">References</h2>' in dom
