@@ -370,41 +370,65 @@ def direct_links(
     out = np.full(len(rows), UNIQUE, dtype=np.int8)
     if len(rows) == 0:
         return out
-    if "clip" in config.signals and cand.clip is not None:
-        sim = _cosine(cand.clip, rows, others)
-        out[sim >= np.float32(config.clip_threshold)] = CLIP_COPY
+    links = pair_links(rows, others, cand, config)
     if edges is not None and (edges.signal == VERIFIED).any():
         # checked between the first rows of groups of equal view codes (GROUPS_OF)
         n = int(max(edges.i.max(), edges.j.max(), rows.max(), others.max())) + 1
         first = np.arange(n)
         equal = (edges.signal == VIEWS) & (edges.distance == 0)
         first[edges.j[equal]] = edges.i[equal]
-        out[linked(edges, first[rows], first[others], VERIFIED)] = VERIFIED_COPY
-    if "views" in config.signals and cand.views is not None:
+        links["verified"] = linked(edges, first[rows], first[others], VERIFIED)
+    # later ones win: the order is the precedence, last first
+    for name, code in (
+        ("clip", CLIP_COPY),
+        ("verified", VERIFIED_COPY),
+        ("views", VIEWS_COPY),
+        ("phash", PHASH_COPY),
+        ("flat", FLAT_COPY),
+        ("tiny", TINY_COPY),
+        ("exact", EXACT_COPY),
+    ):
+        if name in links:
+            out[links[name]] = code
+    return out
+
+
+def pair_links(
+    rows: np.ndarray, others: np.ndarray, cand: Candidates, config: Config
+) -> dict[str, np.ndarray]:
+    """Per signal rule computable from features, whether it links rows[k] and others[k]
+    at the config's thresholds: exact, phash, flat, tiny (the pHash signal's rules for
+    detailed, low-detail and tiny images), views (its hashes), clip."""
+    out: dict[str, np.ndarray] = {}
+    if "clip" in config.signal_names and cand.clip is not None:
+        out["clip"] = _cosine(cand.clip, rows, others) >= np.float32(config.clip_threshold)
+    if "views" in config.signal_names and cand.views is not None:
         low = cand.low_detail()
         c = config
         close = views_linked(
             cand.views[rows], cand.views[others], c.phash_threshold, c.views_threshold
         )
-        out[close & ~low[rows] & ~low[others]] = VIEWS_COPY
-    if "phash" in config.signals and cand.phash is not None:
+        out["views"] = close & ~low[rows] & ~low[others]
+    if "phash" in config.signal_names and cand.phash is not None:
         low = cand.low_detail()
         words = cand.phash.view(">u8").reshape(-1)
         close = np.bitwise_count(words[rows] ^ words[others]) <= config.phash_threshold
-        out[close & ~low[rows] & ~low[others]] = PHASH_COPY
+        out["phash"] = close & ~low[rows] & ~low[others]
         flat, tiny = cand.flat(), cand.tiny()
         both_tiny = tiny[rows] & tiny[others]
+        out["flat"] = np.zeros(len(rows), dtype=bool)
+        out["tiny"] = np.zeros(len(rows), dtype=bool)
         both_flat = np.flatnonzero(flat[rows] & flat[others] & ~both_tiny)
         if len(both_flat):
             a = cand.signature[rows[both_flat]].astype(np.int16)
             b = cand.signature[others[both_flat]].astype(np.int16)
-            out[both_flat[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = FLAT_COPY
+            out["flat"][both_flat[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = True
         both_tiny = np.flatnonzero(both_tiny)
         if len(both_tiny):
             a, b = cand.signature[rows[both_tiny]], cand.signature[others[both_tiny]]
-            out[both_tiny[tiny_match(a, b)]] = TINY_COPY
-    if "exact" in config.signals:
-        out[(cand.digest[rows] == cand.digest[others]).all(axis=1)] = EXACT_COPY
+            out["tiny"][both_tiny[tiny_match(a, b)]] = True
+    if "exact" in config.signal_names:
+        out["exact"] = (cand.digest[rows] == cand.digest[others]).all(axis=1)
     return out
 
 
@@ -517,7 +541,7 @@ def calibration_from(
     """`calibration_pairs` from the run's edges and the sampled candidates (`sample`,
     whose rows are `sample_rows` in the edges' numbering)."""
     out: list[tuple] = []
-    if "phash" in config.signals and sample.phash is not None:
+    if "phash" in config.signal_names and sample.phash is not None:
         t = config.phash_threshold
         inside = (edges.signal == PHASH) & (edges.distance > 0)
         order = np.lexsort((edges.j[inside], edges.i[inside], -edges.distance[inside]))
@@ -552,7 +576,7 @@ def calibration_from(
             )
             for k in order
         ]
-    if "clip" in config.signals and sample.clip is not None:
+    if "clip" in config.signal_names and sample.clip is not None:
         t = config.clip_threshold
         sims = 1.0 - edges.distance / 1e6
         inside = (edges.signal == CLIP) & (sims < 0.9999)

@@ -160,6 +160,12 @@ class Config:
         if self.max_pixels <= 0:
             raise ConfigError(f"max_pixels: {self.max_pixels} must be positive")
 
+    @property
+    def signal_names(self) -> tuple[str, ...]:
+        """The signals turned on: `signals`, or for `auto` every signal (a run first
+        chooses those that can run here: dedup.pipeline.choose_signals)."""
+        return KNOWN_SIGNALS if self.signals == AUTO else self.signals
+
     @functools.cached_property
     def image_extension_set(self) -> frozenset[str]:
         """`image_extensions`, lower-cased, for a membership test per tar member."""

@@ -761,7 +761,7 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         phash=records["word"].astype(">u8").view(np.uint8).reshape(-1, 8) if phash else None,
         clip=(
             np.ascontiguousarray(records["vector"])
-            if "clip" in config.signals and "vector" in records.dtype.names
+            if "clip" in config.signal_names and "vector" in records.dtype.names
             else None
         ),
         detail=records["detail"] if phash else None,
@@ -794,7 +794,9 @@ class _Resolve:
     blocked: np.ndarray  # sorted input rows a blocklist names
 
     def __call__(self, group: int) -> str:
-        records = gather(self.runs, member_record(self.dim, "views" in self.config.signals), group)
+        records = gather(
+            self.runs, member_record(self.dim, "views" in self.config.signal_names), group
+        )
         rows = records["row"]
         e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
         local = Edges(np.searchsorted(rows, e.i), np.searchsorted(rows, e.j), e.distance, e.signal)
@@ -908,7 +910,7 @@ def run_global(
     views_layout = Layout.of_views(rows_total, config)
     grey = config.grey_bound(rows_total)
     stats["layout"] = layout
-    centroids = clip_cells(sources, rows_total, config) if "clip" in config.signals else None
+    centroids = clip_cells(sources, rows_total, config) if "clip" in config.signal_names else None
     cells = 1 if centroids is None else len(centroids)
     stats["clip_cells"] = cells
     scattered: list[Scattered] = executor.map(
@@ -968,7 +970,7 @@ def run_global(
         edges = _unique_edges(edges, CLIP)
     if runs["views"]:  # a pair of rows may match by several pairs of views
         edges = _unique_edges(edges, VIEWS)
-    if "views" in config.signals and config.verify:
+    if "views" in config.signal_names and config.verify:
         from dedup.grey import VerifyStats, verify_grey
 
         stats["verify"] = VerifyStats().to_dict()
@@ -1062,7 +1064,7 @@ def _components(
         path, start = sources[pos]
         member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
     runs = executor.map(
-        _Members(work, dim, groups_count, "views" in config.signals),
+        _Members(work, dim, groups_count, "views" in config.signal_names),
         member_items,
         Progress("members", total_items=len(member_items)),
         describe=_describe_part,

@@ -150,7 +150,7 @@ def choose_signals(config: Config) -> tuple[Config, Any]:
 def resolve_clip(config: Config):
     """The CLIP weights and device for this run, found before any work starts (a missing
     checkpoint ends the run in seconds, with the remedies); None without the signal."""
-    if "clip" not in config.signals:
+    if "clip" not in config.signal_names:
         return None
     from dedup.signals.clip import pick_device, resolve
     from dedup.signals.clipstage import device_decodes
@@ -1282,7 +1282,11 @@ def _summary(
             "passthrough_by_reason": dict(sorted(passthrough_by.items())),
             "skipped_members": dict(sorted(skipped.items())),
             # images embedded, by where they were decoded (see README: CLIP on a GPU)
-            **({"clip_decode": dict(sorted(routes.items()))} if "clip" in config.signals else {}),
+            **(
+                {"clip_decode": dict(sorted(routes.items()))}
+                if "clip" in config.signal_names
+                else {}
+            ),
             # the views signal's grey zone: pairs checked by local features (README)
             **({"verify": p.verify} if p.verify is not None else {}),
         },

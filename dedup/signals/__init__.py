@@ -123,13 +123,9 @@ REGISTRY: dict[str, Signal] = {
 
 
 def enabled(config: Config) -> list[Signal]:
-    """The signals a config turns on, in registry order (`auto` is chosen when a run
-    starts: dedup.pipeline.choose_signals)."""
-    if config.signals == ("auto",):
-        from dedup.errors import ConfigError
-
-        raise ConfigError("signals: auto must be resolved first (dedup.pipeline.choose_signals)")
-    return [s for s in REGISTRY.values() if s.name in config.signals]
+    """The signals a config turns on, in registry order (`auto`: all of them, until a
+    run chooses those that can run here: dedup.pipeline.choose_signals)."""
+    return [s for s in REGISTRY.values() if s.name in config.signal_names]
 
 
 def computed(config: Config) -> set[str]:
