@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo light-check airflow-check calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
+.PHONY: install test lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -69,6 +69,10 @@ gpu-wheels:
 # A 24,000-image run against a 1,000,000-code index and a 10,000-image folder.
 bench-against: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_against.py
+
+# What canaries cost a run, and dedup calibrate on the edit suite's photographs.
+bench-calibrate: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_calibrate.py
 
 bench-storage: $(STAMP)
 	$(BIN)/python benchmarks/bench_storage.py

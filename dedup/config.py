@@ -66,6 +66,11 @@ class Config:
     clip_stage: str = "auto"
     keep: str = "largest"
     cluster_rule: str = "star"
+    # Canaries: edited copies of this many sampled images, planted virtually; the run
+    # reports the share each signal catches, per edit (never written, never decisive).
+    canaries: int = 0
+    # Seed of every random choice (calibrate's sample and edits, the canaries).
+    seed: int = 0
     # Reference sets the input is matched against (shard sets, image folders, earlier
     # OUTs, `dedup index` indexes): a sample matching one is removed (reason reference).
     against: tuple[str, ...] = ()
@@ -157,6 +162,10 @@ class Config:
             raise ConfigError(
                 f"fingerprint: {self.fingerprint!r} is not one of {', '.join(FINGERPRINTS)}"
             )
+        if self.canaries < 0:
+            raise ConfigError(f"canaries: {self.canaries} is negative")
+        if self.seed < 0:
+            raise ConfigError(f"seed: {self.seed} is negative")
         if self.max_pixels <= 0:
             raise ConfigError(f"max_pixels: {self.max_pixels} must be positive")
 

@@ -287,7 +287,7 @@ def _gather_extract(out: str, fan: FanoutJob):
 
 def cluster_task(out: str, given: dict) -> dict:
     """`dedup cluster --out OUT`: phase 2 once every extract part has finished."""
-    from dedup.pipeline import cluster_phase, extract_references, resolve_clip
+    from dedup.pipeline import canary_phase, cluster_phase, extract_references, resolve_clip
 
     fan = _read_job(out)
     config = fan.settings(given)
@@ -306,6 +306,7 @@ def cluster_task(out: str, given: dict) -> dict:
         bad = bad + extract_references(job.references, job)
         the_plan = cluster_phase(features, job)
         seconds = time.monotonic() - t
+        planted = canary_phase(features, job)
     for name in _markers(out, "write"):
         remove_output(storage.join(_folder(out), name))
     job_path = storage.join(storage.join(out, STATE_DIR), "job.json")
@@ -315,6 +316,7 @@ def cluster_task(out: str, given: dict) -> dict:
         "bad": bad,
         "plan": the_plan,
         "seconds": {"extract": extract_seconds, "cluster": seconds},
+        "canaries": planted,
     }
     _save(storage.join(_folder(out), _plan_name()), state)
     removed = int((~the_plan.keep).sum())
@@ -376,7 +378,15 @@ def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: 
     summary = report_into(
         report_dir,
         lambda folder: make_report(
-            features, state["bad"], p, finished, job, folder, parts_dir, seconds
+            features,
+            state["bad"],
+            p,
+            finished,
+            job,
+            folder,
+            parts_dir,
+            seconds,
+            state.get("canaries"),
         ),
     )
     mark_job(out, list_shards(fan.inputs), complete=True)

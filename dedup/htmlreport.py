@@ -118,6 +118,35 @@ def _histogram_svg(sizes: list[int]) -> str:
     return "".join(parts)
 
 
+def _canaries(c: dict) -> str:
+    """The run's own recall: edited copies of sampled images, planted virtually."""
+    esc = html.escape
+    if not c.get("planted"):
+        return "<h2 id=canaries>Canaries</h2><p>No canary could be planted.</p>"
+    signals = list(c.get("recall_by_signal", {}))
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.0f}%"
+
+    out = [
+        "<h2 id=canaries>Canaries</h2><p class=note>Edited copies of "
+        f"{c['planted']:,} sampled images (seed {c['seed']}) were planted virtually: never "
+        "written, never part of a decision. The share of them each signal links to its "
+        f"original: {pct(c['recall'])} by any signal.</p><table class=t><tr><th>edit</th>"
+        "<th>copies</th><th>any</th>",
+        *(f"<th>{esc(s)}</th>" for s in signals),
+        "</tr>",
+    ]
+    for edit, row in c["by_edit"].items():
+        cells = "".join(f"<td>{pct(row.get(s))}</td>" for s in signals)
+        out.append(
+            f"<tr><th>{esc(edit)}</th><td>{row['copies']}</td><td>{pct(row['any'])}</td>"
+            f"{cells}</tr>"
+        )
+    out.append("</table>")
+    return "".join(out)
+
+
 def _references(section: dict, matches: list[dict], thumbs: dict) -> str:
     """What the run matched against: counts per reference and blocklist, and for each
     reference its closest and farthest matches, the input sample beside the item."""
@@ -204,6 +233,9 @@ def render(report_dir: str) -> str:
     thumbs = {(r["shard"], r["key"]): r for r in previews.to_pylist()}
     matches = _read_optional(os.path.join(report_dir, "matches.parquet"), MATCHES_SCHEMA)
     page = _page(summary, clusters, shown, members, thumbs, calibration.to_pylist())
+    if "canaries" in summary:
+        section = _canaries(summary["canaries"])
+        page = page.replace("<h2>Cluster sizes</h2>", section + "<h2>Cluster sizes</h2>", 1)
     if "references" in summary:
         section = _references(summary["references"], matches.to_pylist(), thumbs)
         page = page.replace("<h2>Cluster sizes</h2>", section + "<h2>Cluster sizes</h2>", 1)

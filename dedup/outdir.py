@@ -36,6 +36,7 @@ PARTS_DIR = "parts"  # samples.parquet parts from the write tasks, until merged
 REFERENCES_DIR = "references"  # features of --against shard sets and image folders
 WRITTEN_DIR = "written"  # per output shard: the plan it was written from, its identity
 FANOUT_DIR = "fanout"  # dedup extract / cluster / write: the job, each part's results
+CANARIES_DIR = "canaries"  # --canaries: the planted shards and their features, while used
 REPORT_MARKER = ".dedup-report.json"
 REPORT_LOCK = ".dedup-report.lock"
 # Report files a run replaces; a new run first removes the summary so that none is seen
@@ -193,6 +194,7 @@ STATE_NAMES = {
     REFERENCES_DIR,
     WRITTEN_DIR,
     FANOUT_DIR,
+    CANARIES_DIR,
     ".dedup-tmp",
 }
 

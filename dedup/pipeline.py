@@ -60,6 +60,7 @@ from dedup.htmlreport import (
 )
 from dedup.htmlreport import render as render_html
 from dedup.outdir import (
+    CANARIES_DIR,
     GLOBAL_DIR,
     PARTS_DIR,
     REFERENCES_DIR,
@@ -957,8 +958,35 @@ def _run(shards: list[Shard], job: _Job, report_dir: str) -> dict[str, Any]:
     with _work_folder(parts_dir):
         finished = write_phase(features, the_plan, job, parts_dir)
         t3 = time.monotonic()
+        planted = canary_phase(features, job)
         seconds = {"extract": t1 - t0, "cluster": t2 - t1, "write": t3 - t2}
-        return make_report(features, bad, the_plan, finished, job, report_dir, parts_dir, seconds)
+        if planted is not None:
+            seconds["canaries"] = time.monotonic() - t3
+        return make_report(
+            features, bad, the_plan, finished, job, report_dir, parts_dir, seconds, planted
+        )
+
+
+def canary_phase(features: list[ShardFeatures], job: _Job) -> dict | None:
+    """--canaries N: the run's own recall per signal and edit, on N planted copies of its
+    samples (in OUT/.dedup/canaries while measured; never written to OUT, never part of
+    a decision); None without canaries."""
+    if not job.config.canaries:
+        return None
+    from dedup.calibrate import run_canaries
+
+    t = time.monotonic()
+    folder = storage.join(storage.join(job.out, STATE_DIR), CANARIES_DIR)
+    with _work_folder(folder), scratch_dir() as scratch:
+        result = run_canaries(features, job.config, job.clip, job.executor, folder, scratch)
+    log.info(
+        "canaries: %d planted, %d caught (%s), in %.1f s",
+        result["planted"],
+        result.get("caught", 0),
+        "none" if result.get("recall") is None else f"{100 * result['recall']:.0f}%",
+        time.monotonic() - t,
+    )
+    return result
 
 
 def extract_phase(shards: list[Shard], job: _Job) -> tuple[list[ShardFeatures], list[BadShard]]:
@@ -1018,7 +1046,15 @@ def write_phase(
 
 
 def make_report(
-    features, bad, the_plan: Plan, finished, job: _Job, report_dir, parts_dir, seconds
+    features,
+    bad,
+    the_plan: Plan,
+    finished,
+    job: _Job,
+    report_dir,
+    parts_dir,
+    seconds,
+    canaries: dict | None = None,
 ) -> dict[str, Any]:
     """The report from the phases' results: samples.parquet merged from the write tasks'
     parts, the counts checked, clusters, previews, summary.json, report.html."""
@@ -1033,6 +1069,8 @@ def make_report(
         "cluster": _phase(seconds["cluster"], int((~the_plan.passthrough).sum())),
         "write": _phase(seconds["write"], n),
     }
+    if "canaries" in seconds:
+        phases["canaries"] = _phase(seconds["canaries"], (canaries or {}).get("planted", 0))
     paths = report_paths(report_dir)
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir, job.references)
@@ -1042,6 +1080,8 @@ def make_report(
     summary["output"]["state_dir"] = absolute(job.store)
     if job.references or job.blocklists:
         summary["references"] = match_counts(the_plan, job.references, job.blocklists)
+    if canaries is not None:
+        summary["canaries"] = canaries
     summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
     check_stop()  # a stop signal that came while the report was made still stops the run
     write_summary(summary, paths["summary"])

@@ -153,6 +153,15 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
             + (f"; skipped {by(skipped)}" if skipped else "")
             + f"): removed {r['matched']:,} ({by(r['matched_by_signal'])})"
         )
+    c = summary.get("canaries")
+    if c and c.get("planted"):
+        signals = ", ".join(
+            f"{name} {100 * v:.0f}%" for name, v in c["recall_by_signal"].items() if v is not None
+        )
+        lines.append(
+            f"canaries: {c['caught']:,} of {c['planted']:,} caught ({100 * c['recall']:.0f}%; "
+            f"{signals})"
+        )
     for b in summary.get("references", {}).get("blocklists", []):
         lines.append(
             f"blocklist {b['blocklist']} ({b['digests']:,} digests, {b['phash_codes']:,} pHash "

@@ -1,0 +1,760 @@
+"""Measured recall on the user's own images: `dedup calibrate` and a run's canaries.
+
+Both plant edited copies of sampled images (dedup.edits) into shards of their own, in a
+scratch folder, read them through the run's own extract phase and executor, and ask of
+each (original, copy) pair what each signal's rule says at the config's thresholds
+(cluster.pair_links), the views signal's grey zone checked by the verification tier as a
+run checks it. Nothing planted ever reaches OUT or a decision about a real sample.
+
+`dedup calibrate` also measures how often unrelated sampled images fall within each
+threshold (all pairs of the sample; the views' verification on a seeded subset of its
+candidates), with a 95% upper bound, what that means at the dataset's size, and which
+thresholds reach a target precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup import storage
+from dedup.cluster import Candidates, pair_links
+from dedup.config import Config
+from dedup.decode import decode_image, image_member, is_image_name, read_header
+from dedup.edits import EDITS, apply
+from dedup.extract import STATUS_OK, ShardFeatures, read_features
+from dedup.shards import Shard, display_name, iter_samples, read_ranges_of
+from dedup.signals.views import KIND, MIRRORED, NEVER, PLAIN, code_words
+
+log = logging.getLogger("dedup")
+
+SAMPLE = 2000  # calibrate's default sample of the user's images
+PER_SHARD = 400  # planted images per scratch shard (a task each)
+SCAN = 4  # calibrate reads images until SCAN x the sample has been seen (reservoir)
+VERIFY_SAMPLE = 200  # unrelated grey-zone candidates whose check is run, per calibration
+PHASH_SWEEP = range(0, 25)
+VIEWS_SWEEP = range(0, 13)
+CLIP_SWEEP = tuple(round(x, 2) for x in np.arange(0.80, 1.0, 0.01))
+LINKS = ("exact", "phash", "views", "clip")  # the signals a table reports, in this order
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class Sampled:
+    """A sampled image: where it came from ("shard key") and its bytes."""
+
+    source: str
+    data: bytes
+
+
+def sample_images(shards: list[Shard], n: int, seed: int, config: Config):
+    """A reproducible random sample of n decodable, distinct images (equal bytes count
+    once): shards in a seeded order, a reservoir over the images read, until SCAN x n
+    were seen or every shard was read.
+    Returns (sample, images seen, shards read) for the dataset-size estimate."""
+    rng = np.random.default_rng(seed)
+    pool: list[Sampled] = []
+    held: set[bytes] = set()  # digests in the pool: equal bytes are one picture
+    seen = read = 0
+    for index in rng.permutation(len(shards)).tolist():
+        shard = shards[index]
+        for sample in iter_samples(shard, Counter(), keep=lambda name: is_image_name(name, config)):
+            pos = image_member([m.name for m in sample.members], config)
+            if pos is None:
+                continue
+            data = sample.members[pos].data
+            if read_header(data, config).reason is not None:
+                continue
+            key = hashlib.blake2b(data, digest_size=16).digest()
+            if key in held:
+                continue
+            seen += 1
+            item = Sampled(f"{display_name(shard.path)} {display_name(sample.key)}", data)
+            if len(pool) < n:
+                pool.append(item)
+                held.add(key)
+            else:
+                k = int(rng.integers(seen))
+                if k < n:
+                    held.discard(hashlib.blake2b(pool[k].data, digest_size=16).digest())
+                    pool[k] = item
+                    held.add(key)
+        read += 1
+        if seen >= SCAN * n:
+            break
+    return pool, seen, read
+
+
+# ---------------------------------------------------------------- planting
+
+
+@dataclass
+class Planted:
+    """Originals (the first rows) and edited copies, written as scratch shards."""
+
+    shards: list[Shard]
+    originals: int
+    copy_of: np.ndarray  # per copy: its original's index
+    edit_of: list[str]  # per copy: the edit
+    sources: list[str]  # per original: "shard key" it came from
+    images: list[bytes] = field(default_factory=list)  # every planted image, by row
+
+
+def _ext(data: bytes) -> str:
+    if data[:2] == b"\xff\xd8":
+        return "jpg"
+    if data[:4] == b"\x89PNG":
+        return "png"
+    if data[:4] == b"RIFF":
+        return "webp"
+    if data[:3] == b"GIF":
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    return "tiff"
+
+
+def plan_copies(originals: int, edits: list[str], seed: int) -> list[tuple[int, str, int]]:
+    """(original, edit, seed) of every copy: each original gets each edit."""
+    return [
+        (k, e, seed * 1_000_003 + k * 101 + j)
+        for k in range(originals)
+        for j, e in enumerate(edits)
+    ]
+
+
+def plant(
+    originals: list[Sampled],
+    copies: list[tuple[int, str, int]],
+    folder: str,
+    config: Config,
+    staging: str | None = None,
+) -> Planted:
+    """Write the originals and their edited copies as shards under `folder` (a path, or a
+    URL: written in `staging` first, then put); a copy whose original does not decode is
+    left out."""
+    images = [s.data for s in originals]
+    decoded: dict[int, object] = {}
+    kept = []
+    for k, edit, seed in copies:
+        if k not in decoded:
+            image = decode_image(originals[k].data, config).image
+            decoded[k] = None if image is None else image.convert("RGB")
+        if decoded[k] is None:
+            continue
+        images.append(apply(edit, decoded[k], seed))
+        kept.append((k, edit))
+    local = staging if storage.is_url(folder) else folder
+    os.makedirs(local, exist_ok=True)
+    shards = []
+    for n, start in enumerate(range(0, len(images), PER_SHARD)):
+        name = f"planted-{n:05d}.tar"
+        path = os.path.join(local, name)
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for row in range(start, min(start + PER_SHARD, len(images))):
+                data = images[row]
+                info = tarfile.TarInfo(f"{row:08d}.{_ext(data)}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if storage.is_url(folder):
+            storage.put_file(path, storage.join(folder, name))
+            path = storage.join(folder, name)
+        shards.append(Shard(path))
+    return Planted(
+        shards,
+        len(originals),
+        np.array([k for k, _ in kept], dtype=np.int64),
+        [e for _, e in kept],
+        [s.source for s in originals],
+        images,
+    )
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Rows:
+    """Member records of some rows, as Candidates, and which rows decoded."""
+
+    cand: Candidates
+    ok: np.ndarray  # bool per row
+
+
+def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.ndarray]:
+    """Every row's features (zeros where the image did not decode) and shard starts."""
+    from dedup.globalphase import members_candidates, read_members
+
+    starts = np.concatenate([[0], np.cumsum([f.rows for f in features])]).astype(np.int64)
+    dim = 0
+    parts, ok = [], []
+    for f in features:
+        status = read_features(f.path, ["status"]).column("status")
+        good = pc.equal(status, STATUS_OK).to_numpy(zero_copy_only=False)
+        if "clip" in config.signal_names and good.any():
+            dim = max(dim, _dim(f.path))
+        ok.append(good)
+    views = "views" in config.signal_names
+    for pos, f in enumerate(features):
+        good = np.flatnonzero(ok[pos])
+        records = read_members(f.path, int(starts[pos]), good, dim, views)
+        full = np.zeros(f.rows, dtype=records.dtype)
+        full[good] = records
+        full["row"] = np.arange(f.rows) + starts[pos]
+        parts.append(full)
+    records = np.concatenate(parts) if parts else np.zeros(0)
+    return Rows(members_candidates(records, config), np.concatenate(ok)), starts
+
+
+def _dim(path: str) -> int:
+    from dedup.globalphase import vectors_of
+
+    column = read_features(path, ["status", "clip"])
+    good = pc.equal(column.column("status"), STATUS_OK)
+    vectors = vectors_of(column.filter(good).column("clip").slice(0, 1))
+    return vectors.shape[1] if len(vectors) else 0
+
+
+def views_distance(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per aligned pair of view-code rows: the full frames' distance, the smallest distance
+    of a trimmed frame, crop or mirror against a whole frame, and whether the closest
+    combination of all is a mirror (as the grey zone's check is run)."""
+    wa, wb = code_words(a), code_words(b)
+    plain = np.full(len(wa), 64, dtype=np.int64)
+    transformed = np.full(len(wa), 64, dtype=np.int64)
+    best = np.full(len(wa), 65, dtype=np.int64)
+    mirrored = np.zeros(len(wa), dtype=bool)
+    for va, vb in zip(*np.nonzero(KIND != NEVER), strict=True):
+        d = np.bitwise_count(wa[:, va] ^ wb[:, vb]).astype(np.int64)
+        if KIND[va, vb] == PLAIN:
+            plain = np.minimum(plain, d)
+        else:
+            transformed = np.minimum(transformed, d)
+        closer = d < best
+        best[closer] = d[closer]
+        mirrored[closer] = MIRRORED[va] != MIRRORED[vb]
+    return plain, transformed, mirrored
+
+
+def _cosine(cand: Candidates, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+    a = cand.clip[rows].astype(np.float32)
+    b = cand.clip[others].astype(np.float32)
+    return (a * b).sum(axis=1)
+
+
+def _words(cand: Candidates) -> np.ndarray:
+    return cand.phash.view(">u8").reshape(-1).astype(np.uint64)
+
+
+@dataclass
+class PairResult:
+    """What each signal says of each (original, copy) pair."""
+
+    links: dict[str, np.ndarray]  # signal -> bool per pair (views: hashes or verified)
+    phash_distance: np.ndarray  # -1 where a side is low-detail
+    views_distance: np.ndarray  # the transformed views' distance (64 without views)
+    clip_similarity: np.ndarray  # NaN without CLIP
+    usable: np.ndarray  # bool: both sides decoded
+
+
+def judge_pairs(
+    rows: Rows,
+    i: np.ndarray,
+    j: np.ndarray,
+    config: Config,
+    grey_bound: int,
+    verifier=None,
+) -> PairResult:
+    """Each signal's verdict on pairs (i[k], j[k]) of rows; `verifier(i, j, mirrored)`
+    runs the views' verification tier on grey-zone pairs (None: no verification)."""
+    cand = rows.cand
+    usable = rows.ok[i] & rows.ok[j]
+    links = {name: value & usable for name, value in pair_links(i, j, cand, config).items()}
+    if "phash" in links:  # the pHash signal's three rules
+        links["phash"] = links["phash"] | links.pop("flat") | links.pop("tiny")
+    phash_d = np.full(len(i), -1, dtype=np.int64)
+    if cand.phash is not None:
+        words = _words(cand)
+        low = cand.low_detail()
+        detailed = usable & ~low[i] & ~low[j]
+        phash_d[detailed] = np.bitwise_count(words[i[detailed]] ^ words[j[detailed]])
+    views_d = np.full(len(i), 64, dtype=np.int64)
+    if "views" in links:
+        low = cand.low_detail()
+        detailed = usable & ~low[i] & ~low[j]
+        plain, transformed, mirrored = views_distance(cand.views[i], cand.views[j])
+        views_d = np.where(detailed, transformed, 64)
+        closest = np.minimum(plain, transformed)
+        grey = detailed & ~links["views"] & (closest <= grey_bound)
+        if config.verify and verifier is not None and grey.any():
+            at = np.flatnonzero(grey)
+            accepted = verifier(i[at], j[at], mirrored[at])
+            links["views"][at[accepted]] = True
+    similarity = np.full(len(i), np.nan, dtype=np.float32)
+    if "clip" in links:
+        similarity[usable] = _cosine(cand, i[usable], j[usable])
+    return PairResult(links, phash_d, views_d, similarity, usable)
+
+
+def make_verifier(config: Config, sources, inputs, starts):
+    """The views' verification tier on given pairs, as a run's tasks check them."""
+    from dedup.grey import _Check
+
+    check = _Check(config, sources, inputs, np.asarray(starts))
+
+    def verify(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+        # a mirror relation holds whichever side is mirrored: the check mirrors the second
+        accepted, *_ = check((np.minimum(i, j), np.maximum(i, j), mirrored))
+        return accepted
+
+    return verify
+
+
+def image_bytes(feature_path: str, shard: Shard, local_rows: list[int]) -> list[bytes]:
+    """The image member's bytes of given rows of a shard, read by offset."""
+    table = read_features(
+        feature_path, ["member_names", "member_offsets", "member_sizes", "image_member"]
+    ).take(pa.array(local_rows, type=pa.int64()))
+    cols = table.to_pydict()
+    ranges, names = [], []
+    for k in range(len(local_rows)):
+        raw = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
+        m = [display_name(n) for n in raw].index(cols["image_member"][k])
+        ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
+        names.append(raw[m])
+    return read_ranges_of(shard, names, ranges)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def upper95(events: int, trials: int) -> float:
+    """Clopper-Pearson one-sided 95% upper bound of a rate."""
+    if trials == 0:
+        return 1.0
+    if events >= trials:
+        return 1.0
+    from scipy.stats import beta
+
+    return float(beta.ppf(0.95, events + 1, trials - events))
+
+
+def recall_table(result: PairResult, edit_of: list[str], signals: list[str]) -> dict:
+    """Per edit: copies, and the share each signal (and any) links to its original."""
+    table = {}
+    edits = np.array(edit_of, dtype=object)
+    any_link = np.zeros(len(edits), dtype=bool)
+    for name in signals:
+        any_link |= result.links.get(name, np.zeros(len(edits), bool))
+    for edit in sorted(set(edit_of), key=_edit_order):
+        at = (edits == edit) & result.usable
+        n = int(at.sum())
+        row = {"copies": n, "any": _share(any_link[at])}
+        for name in signals:
+            row[name] = _share(result.links[name][at]) if name in result.links else None
+        table[edit] = row
+    return table
+
+
+def _edit_order(name: str) -> tuple[int, str]:
+    names = list(EDITS)
+    return (names.index(name) if name in names else len(names), name)
+
+
+def _share(flags: np.ndarray) -> float | None:
+    return round(float(flags.mean()), 4) if len(flags) else None
+
+
+# ---------------------------------------------------------------- calibrate
+
+
+def calibrate(
+    inputs: list[str],
+    config: Config,
+    sample: int = SAMPLE,
+    target_precision: float = 0.99,
+    edits: list[str] | None = None,
+    report_dir: str | None = None,
+) -> dict:
+    """`dedup calibrate`: recall per signal and edit on a sample of the user's images,
+    false links among unrelated sampled images, recommended thresholds."""
+    import tempfile
+
+    from dedup.executor import make_executor
+    from dedup.fsutil import scratch_dir
+    from dedup.pipeline import choose_signals, extract_all
+    from dedup.shards import list_shards
+
+    if not 0.0 < target_precision < 1.0:
+        raise ValueError("target precision must be between 0 and 1")
+    edits = list(edits or EDITS)
+    unknown = [e for e in edits if e not in EDITS]
+    if unknown:
+        from dedup.errors import ConfigError
+
+        raise ConfigError(f"--edits: unknown edit {unknown[0]!r}; known: {', '.join(EDITS)}")
+    shards = list_shards(inputs)
+    config, clip = choose_signals(config)
+    originals, seen, read = sample_images(shards, sample, config.seed, config)
+    if not originals:
+        from dedup.errors import InputError
+
+        raise InputError("calibrate: the input holds no decodable image")
+    dataset = max(len(originals), round(seen / max(read, 1) * len(shards)))
+    log.info(
+        "calibrate: %d images sampled (of %d read in %d of %d shards; about %d in all), "
+        "%d edits each",
+        len(originals),
+        seen,
+        read,
+        len(shards),
+        dataset,
+        len(edits),
+    )
+    with (
+        scratch_dir() as scratch,
+        tempfile.TemporaryDirectory(dir=scratch) as folder,
+        make_executor(config.executor, config.worker_count, config.ray_address) as executor,
+    ):
+        planted = plant(originals, plan_copies(len(originals), edits, config.seed), folder, config)
+        store = os.path.join(folder, "features")
+        os.makedirs(store)
+        features = [
+            f
+            for f in extract_all(planted.shards, config, store, False, clip, executor)
+            if isinstance(f, ShardFeatures)
+        ]
+        rows, starts = candidates(features, config)
+        verifier = make_verifier(
+            config,
+            [(f.path, int(starts[k])) for k, f in enumerate(features)],
+            planted.shards,
+            starts,
+        )
+        grey = config.grey_bound(dataset)
+        n = planted.originals
+        i = planted.copy_of
+        j = n + np.arange(len(planted.copy_of))
+        pairs = judge_pairs(rows, i, j, config, grey, verifier)
+        signals = [s for s in LINKS if s in config.signal_names]
+        result = {
+            "sample": {
+                "images": int(rows.ok[:n].sum()),
+                "requested": sample,
+                "seed": config.seed,
+                "images_read": seen,
+                "shards_read": read,
+                "dataset_estimate": dataset,
+                "copies": int(pairs.usable.sum()),
+                "copies_undecodable": int((~pairs.usable).sum()),
+            },
+            "signals": signals,
+            "thresholds": _thresholds(config, grey),
+            "recall": recall_table(pairs, planted.edit_of, signals),
+            "recall_all": {
+                s: _share(pairs.links[s][pairs.usable]) for s in signals if s in pairs.links
+            },
+            "distances": _distances(pairs, planted.edit_of),
+        }
+        unrelated = _unrelated(rows, n, config, grey, verifier, dataset)
+        result["false_links"] = unrelated["false_links"]
+        result["curves"], result["recommend"] = _curves(
+            pairs, unrelated, config, dataset, target_precision
+        )
+        if report_dir:
+            from dedup.calibrate_report import write_calibration_report
+
+            write_calibration_report(report_dir, result, planted, pairs, config)
+    return result
+
+
+def _thresholds(config: Config, grey: int) -> dict:
+    from dedup import signals
+
+    out = signals.thresholds(config)
+    if "views" in config.signal_names and config.verify:
+        out["verify"] = grey
+    return out
+
+
+def _quantiles(values: np.ndarray) -> dict | None:
+    values = values[~np.isnan(values)] if values.dtype.kind == "f" else values
+    if not len(values):
+        return None
+    q = np.quantile(values, [0.1, 0.5, 0.9])
+    return {
+        "p10": round(float(q[0]), 4),
+        "median": round(float(q[1]), 4),
+        "p90": round(float(q[2]), 4),
+    }
+
+
+def _distances(pairs: PairResult, edit_of: list[str]) -> dict:
+    """Per edit: the spread of each signal's distance (pHash bits, the views' transformed
+    bits) or similarity (CLIP cosine) between copy and original."""
+    edits = np.array(edit_of, dtype=object)
+    out = {}
+    for edit in sorted(set(edit_of), key=_edit_order):
+        at = (edits == edit) & pairs.usable
+        row = {}
+        d = pairs.phash_distance[at]
+        row["phash"] = _quantiles(d[d >= 0])
+        if "views" in pairs.links:
+            row["views"] = _quantiles(pairs.views_distance[at])
+        if "clip" in pairs.links:
+            row["clip"] = _quantiles(pairs.clip_similarity[at])
+        out[edit] = row
+    return out
+
+
+def _unrelated(rows: Rows, n: int, config: Config, grey: int, verifier, dataset: int) -> dict:
+    """Every pair of distinct sampled originals: how many each signal links. The sample
+    may hold true copies of each other (the rate is then an upper bound)."""
+    ok = np.flatnonzero(rows.ok[:n])
+    cand = rows.cand
+    a, b = np.triu_indices(len(ok), k=1)
+    a, b = ok[a], ok[b]
+    pairs = len(a)
+    out: dict = {"pairs": pairs, "false_links": {}}
+    if not pairs:
+        return out
+    links = pair_links(a, b, cand, config)
+    if "phash" in links:
+        links["phash"] = links["phash"] | links.pop("flat") | links.pop("tiny")
+    low = cand.low_detail()
+    detailed = ~low[a] & ~low[b]
+    if cand.phash is not None:
+        words = _words(cand)
+        d = np.bitwise_count(words[a] ^ words[b]).astype(np.int64)
+        out["phash_hist"] = np.bincount(d[detailed], minlength=65)
+        out["phash_pairs"] = int(detailed.sum())
+    verified_rate = None
+    if "views" in links:
+        plain, transformed, mirrored = views_distance(cand.views[a], cand.views[b])
+        plain_linked = detailed & (plain <= config.phash_threshold)
+        out["views_plain"] = int(plain_linked.sum())
+        out["views_hist"] = np.bincount(transformed[detailed & ~plain_linked], minlength=65)
+        out["views_pairs"] = int(detailed.sum())
+        closest = np.minimum(plain, transformed)
+        grey_at = np.flatnonzero(detailed & ~links["views"] & (closest <= grey))
+        if config.verify and len(grey_at):
+            rng = np.random.default_rng(config.seed + 17)
+            checked = np.sort(rng.choice(grey_at, min(VERIFY_SAMPLE, len(grey_at)), replace=False))
+            accepted = verifier(a[checked], b[checked], mirrored[checked])
+            share = float(accepted.mean())
+            verified_rate = {
+                "grey_candidates": len(grey_at),
+                "checked": len(checked),
+                "accepted": int(accepted.sum()),
+                "rate": share * len(grey_at) / pairs,
+                "upper95": upper95(int(accepted.sum()), len(checked)) * len(grey_at) / pairs,
+            }
+    if "clip" in links:
+        out["clip_sims"] = np.sort(_cosine(cand, a, b))
+    for name, flags in links.items():
+        events = int(flags.sum())
+        rate = events / pairs
+        high = upper95(events, pairs)
+        if name == "views" and verified_rate is not None:
+            rate += verified_rate["rate"]
+            high += verified_rate["upper95"]
+        out["false_links"][name] = {
+            "pairs": pairs,
+            "linked": events,
+            "rate": rate,
+            "upper95": high,
+            "per_image_at_dataset_size": rate * (dataset - 1),
+            "upper95_per_image": high * (dataset - 1),
+            **({"verification": verified_rate} if name == "views" and verified_rate else {}),
+        }
+    return out
+
+
+def _precision(recall: float, rate: float, dataset: int) -> float:
+    """The precision of links in a dataset of this size where every image has one copy:
+    true links recall, false links rate x (images - 1), per image."""
+    false = rate * (dataset - 1)
+    return recall / (recall + false) if recall + false > 0 else 1.0
+
+
+def _curves(pairs: PairResult, unrelated: dict, config: Config, dataset: int, target: float):
+    """Per signal and threshold: recall over all copies, the unrelated link rate, the
+    precision at the dataset's size; and the loosest threshold that reaches `target`."""
+    curves, recommend = {}, {"target_precision": target}
+    ok = pairs.usable
+    if "phash_hist" in unrelated:
+        d = pairs.phash_distance[ok & (pairs.phash_distance >= 0)]
+        cum = np.cumsum(unrelated["phash_hist"]) / max(unrelated["phash_pairs"], 1)
+        points = [
+            (t, float((d <= t).mean()) if len(d) else 0.0, float(cum[t])) for t in PHASH_SWEEP
+        ]
+        curves["phash"], recommend["phash_threshold"] = _sweep(points, dataset, target, loosest=max)
+    if "views_hist" in unrelated:
+        plain_linked = unrelated["views_plain"]
+        cum = np.cumsum(unrelated["views_hist"])
+        total = max(unrelated["views_pairs"], 1)
+        vd = pairs.views_distance[ok]
+        ph = pairs.phash_distance[ok]
+        full = (ph >= 0) & (ph <= config.phash_threshold)
+        points = [
+            (
+                t,
+                float((full | (vd <= t)).mean()) if len(vd) else 0.0,
+                (plain_linked + cum[t]) / total,
+            )
+            for t in VIEWS_SWEEP
+        ]
+        curves["views"], recommend["views_threshold"] = _sweep(points, dataset, target, loosest=max)
+    if "clip_sims" in unrelated:
+        sims = unrelated["clip_sims"]
+        s = pairs.clip_similarity[ok]
+        points = [
+            (
+                t,
+                float((s >= t).mean()) if len(s) else 0.0,
+                float((len(sims) - np.searchsorted(sims, t, side="left")) / max(len(sims), 1)),
+            )
+            for t in CLIP_SWEEP
+        ]
+        curves["clip"], recommend["clip_threshold"] = _sweep(points, dataset, target, loosest=min)
+    return curves, recommend
+
+
+def _sweep(points, dataset: int, target: float, loosest):
+    curve = {
+        "threshold": [p[0] for p in points],
+        "recall": [round(p[1], 4) for p in points],
+        "unrelated_rate": [p[2] for p in points],
+        "precision": [round(_precision(p[1], p[2], dataset), 6) for p in points],
+    }
+    good = [p for p in points if _precision(p[1], p[2], dataset) >= target]
+    if not good:
+        return curve, {"value": None, "note": "no threshold reaches the target precision"}
+    best = loosest(good, key=lambda p: p[0])
+    return curve, {
+        "value": best[0],
+        "recall": round(best[1], 4),
+        "precision": round(_precision(best[1], best[2], dataset), 6),
+    }
+
+
+def human_table(result: dict) -> list[str]:
+    """The calibration as lines for stderr: recall per edit and signal, false links,
+    recommendations."""
+    signals = result["signals"]
+    s = result["sample"]
+    lines = [
+        f"calibrate: {s['images']:,} sampled images, {s['copies']:,} edited copies; "
+        f"dataset about {s['dataset_estimate']:,} images; thresholds {result['thresholds']}",
+        f"{'edit':<24}{'copies':>7}{'any':>7}" + "".join(f"{x:>7}" for x in signals),
+    ]
+    for edit, row in result["recall"].items():
+        cells = "".join(f"{_pct(row.get(x)):>7}" for x in signals)
+        lines.append(f"{edit:<24}{row['copies']:>7}{_pct(row['any']):>7}{cells}")
+    for name, f in result["false_links"].items():
+        lines.append(
+            f"false links, {name}: {f['linked']:,} of {f['pairs']:,} unrelated pairs "
+            f"(rate {f['rate']:.2e}, 95% upper {f['upper95']:.2e}); at the dataset's size "
+            f"{f['per_image_at_dataset_size']:.3g} per image (upper {f['upper95_per_image']:.3g})"
+        )
+    rec = result["recommend"]
+    for name in ("phash_threshold", "views_threshold", "clip_threshold"):
+        if name in rec:
+            r = rec[name]
+            text = (
+                r.get("note")
+                or f"{r['value']} (recall {_pct(r['recall'])}, precision {r['precision']:.4f})"
+            )
+            lines.append(f"recommended {name} for precision {rec['target_precision']}: {text}")
+    return lines
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+# ---------------------------------------------------------------- canaries
+
+
+def run_canaries(
+    features: list[ShardFeatures], config: Config, clip, executor, folder: str, staging: str
+) -> dict:
+    """`--canaries N`: N sampled images of the run (seeded), each planted as an edited copy
+    (the edits in turn) in scratch shards with its original, read by the run's extract
+    phase; which signals link each copy to its original, per edit. Nothing planted is
+    written to OUT or takes part in the run's decisions."""
+    from dedup.pipeline import extract_all
+
+    rng = np.random.default_rng(config.seed)
+    ok = [
+        pc.equal(read_features(f.path, ["status"]).column("status"), STATUS_OK).to_numpy(
+            zero_copy_only=False
+        )
+        for f in features
+    ]
+    rows = [(pos, int(r)) for pos, good in enumerate(ok) for r in np.flatnonzero(good)]
+    count = min(config.canaries, len(rows))
+    if not count:
+        return {"planted": 0}
+    pick = sorted(rng.choice(len(rows), count, replace=False).tolist())
+    chosen = [rows[k] for k in pick]
+    originals: list[Sampled] = []
+    for pos in sorted({p for p, _ in chosen}):
+        local = [r for p, r in chosen if p == pos]
+        f = features[pos]
+        keys = read_features(f.path, ["key"]).column("key").take(pa.array(local)).to_pylist()
+        for key, data in zip(keys, image_bytes(f.path, f.shard, local), strict=True):
+            originals.append(Sampled(f"{display_name(f.shard.path)} {key}", data))
+    names = list(EDITS)
+    copies = [
+        (k, names[k % len(names)], config.seed * 1_000_003 + k) for k in range(len(originals))
+    ]
+    planted = plant(originals, copies, folder, config, staging)
+    store = storage.join(folder, "features")
+    if not storage.is_url(store):
+        os.makedirs(store, exist_ok=True)
+    done = [
+        f
+        for f in extract_all(planted.shards, config, store, False, clip, executor)
+        if isinstance(f, ShardFeatures)
+    ]
+    cand, starts = candidates(done, config)
+    verifier = make_verifier(
+        config, [(f.path, int(starts[k])) for k, f in enumerate(done)], planted.shards, starts
+    )
+    dataset = int(sum(len(g) for g in ok))
+    n = planted.originals
+    pairs = judge_pairs(
+        cand,
+        planted.copy_of,
+        n + np.arange(len(planted.copy_of)),
+        config,
+        config.grey_bound(dataset),
+        verifier,
+    )
+    signals = [s for s in LINKS if s in config.signal_names]
+    table = recall_table(pairs, planted.edit_of, signals)
+    any_link = np.zeros(len(planted.copy_of), dtype=bool)
+    for name in signals:
+        any_link |= pairs.links.get(name, any_link & False)
+    return {
+        "planted": int(pairs.usable.sum()),
+        "seed": config.seed,
+        "caught": int((any_link & pairs.usable).sum()),
+        "recall": _share(any_link[pairs.usable]),
+        "recall_by_signal": {
+            s: _share(pairs.links[s][pairs.usable]) for s in signals if s in pairs.links
+        },
+        "by_edit": table,
+    }
