@@ -31,6 +31,7 @@ from dedup.cluster import Candidates, pair_links
 from dedup.config import Config
 from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.edits import EDITS, apply
+from dedup.errors import ShardError
 from dedup.extract import STATUS_OK, ShardFeatures, read_features
 from dedup.shards import Shard, display_name, iter_samples, read_ranges_of
 from dedup.signals.views import KIND, MIRRORED, NEVER, PLAIN, code_words
@@ -68,32 +69,38 @@ def sample_images(shards: list[Shard], n: int, seed: int, config: Config):
     held: set[bytes] = set()  # digests in the pool: equal bytes are one picture
     seen = read = 0
     for index in rng.permutation(len(shards)).tolist():
-        shard = shards[index]
-        for sample in iter_samples(shard, Counter(), keep=lambda name: is_image_name(name, config)):
-            pos = image_member([m.name for m in sample.members], config)
-            if pos is None:
-                continue
-            data = sample.members[pos].data
-            if read_header(data, config).reason is not None:
-                continue
-            key = hashlib.blake2b(data, digest_size=16).digest()
-            if key in held:
-                continue
-            seen += 1
-            item = Sampled(f"{display_name(shard.path)} {display_name(sample.key)}", data)
-            if len(pool) < n:
-                pool.append(item)
-                held.add(key)
-            else:
+        try:
+            for source, data in _images(shards[index], config):
+                key = hashlib.blake2b(data, digest_size=16).digest()
+                if key in held:
+                    continue
+                seen += 1
+                if len(pool) < n:
+                    pool.append(Sampled(source, data))
+                    held.add(key)
+                    continue
                 k = int(rng.integers(seen))
                 if k < n:
                     held.discard(hashlib.blake2b(pool[k].data, digest_size=16).digest())
-                    pool[k] = item
+                    pool[k] = Sampled(source, data)
                     held.add(key)
+        except ShardError as e:  # a measurement: the rest of a damaged shard is left out
+            log.warning("calibrate: left out the rest of %s", e)
         read += 1
         if seen >= SCAN * n:
             break
     return pool, seen, read
+
+
+def _images(shard: Shard, config: Config):
+    """("shard key", image bytes) of a shard's samples whose image's header reads."""
+    for sample in iter_samples(shard, Counter(), keep=lambda name: is_image_name(name, config)):
+        pos = image_member([m.name for m in sample.members], config)
+        if pos is None:
+            continue
+        data = sample.members[pos].data
+        if read_header(data, config).reason is None:
+            yield f"{display_name(shard.path)} {display_name(sample.key)}", data
 
 
 # ---------------------------------------------------------------- planting
@@ -703,12 +710,19 @@ def run_canaries(
         )
         for f in features
     ]
-    rows = [(pos, int(r)) for pos, good in enumerate(ok) for r in np.flatnonzero(good)]
-    count = min(config.canaries, len(rows))
+    usable = [np.flatnonzero(good) for good in ok]
+    ends = np.cumsum([len(u) for u in usable])
+    total = int(ends[-1]) if len(ends) else 0
+    count = min(config.canaries, total)
     if not count:
         return {"planted": 0}
-    pick = sorted(rng.choice(len(rows), count, replace=False).tolist())
-    chosen = [rows[k] for k in pick]
+    pick = np.sort(rng.choice(total, count, replace=False))  # among usable rows, in order
+    shard_of = np.searchsorted(ends, pick, side="right")
+    starts = np.concatenate([[0], ends[:-1]])
+    chosen = [
+        (int(pos), int(usable[pos][k - starts[pos]]))
+        for pos, k in zip(shard_of.tolist(), pick.tolist(), strict=True)
+    ]
     originals: list[Sampled] = []
     for pos in sorted({p for p, _ in chosen}):
         local = [r for p, r in chosen if p == pos]

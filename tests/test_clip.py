@@ -326,3 +326,23 @@ def test_a_model_with_a_timm_image_tower_loads_and_embeds(tmp_path):
         batch.add(JPEG, encode(make_image(k, 300, 200)))
     vectors, ok, counts = ClipStage(spec, "cpu").embed(*batch.packed())
     assert vectors.shape == (2, 24) and ok.all() and counts == {"device": 2}
+
+
+def test_calibrate_measures_clip_too(tiny, tmp_path):
+    """With the CLIP signal on, calibrate embeds originals and copies through the run's
+    own CLIP stage: a recall per edit, a similarity spread, a similarity curve."""
+    from dedup.calibrate import calibrate
+
+    for k in range(6):
+        write_tar(
+            str(tmp_path / "in" / f"s{k}.tar"),
+            [(f"{k}{i}.jpg", encode(make_image(40 + 10 * k + i, 64, 48))) for i in range(2)],
+        )
+    config = clip_cfg(tiny, signals=("exact", "phash", "clip"), clip_threshold=0.9)
+    result = calibrate([str(tmp_path / "in")], config, sample=8, edits=["jpeg_q60", "mirror"])
+    assert result["signals"] == ["exact", "phash", "clip"]
+    assert set(result["recall"]) == {"jpeg_q60", "mirror"}
+    assert result["recall"]["jpeg_q60"]["clip"] is not None
+    assert result["distances"]["jpeg_q60"]["clip"]["median"] > 0.5
+    assert "clip_threshold" in result["recommend"]
+    assert result["false_links"]["clip"]["pairs"] == 8 * 7 // 2
