@@ -19,8 +19,9 @@ import io
 import logging
 import os
 import tarfile
+import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,8 @@ from dedup.config import Config
 from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.edits import EDITS, apply
 from dedup.errors import ShardError
-from dedup.extract import STATUS_OK, ShardFeatures, read_features
+from dedup.extract import STATUS_OK, ShardFeatures, image_ranges, read_features
+from dedup.fsutil import SCRATCH_ENV
 from dedup.shards import Shard, display_name, iter_samples, read_ranges_of
 from dedup.signals.views import KIND, MIRRORED, NEVER, PLAIN, code_words
 
@@ -108,14 +110,14 @@ def _images(shard: Shard, config: Config):
 
 @dataclass
 class Planted:
-    """Originals (the first rows) and edited copies, written as scratch shards."""
+    """Sampled images and their edited copies, written as scratch shards: each original
+    row followed by its copies' rows."""
 
     shards: list[Shard]
-    originals: int
-    copy_of: np.ndarray  # per copy: its original's index
+    original_rows: np.ndarray  # the row of each original that decoded
+    pair_original: np.ndarray  # per copy: its original's row
+    pair_copy: np.ndarray  # per copy: its row
     edit_of: list[str]  # per copy: the edit
-    sources: list[str]  # per original: "shard key" it came from
-    images: list[bytes] = field(default_factory=list)  # every planted image, by row
 
 
 def _ext(data: bytes) -> str:
@@ -141,51 +143,99 @@ def plan_copies(originals: int, edits: list[str], seed: int) -> list[tuple[int, 
     ]
 
 
+@dataclass
+class _Plant:
+    """A planting task: some originals and their copies, edited and written as a shard
+    (an original that does not decode is left out, and its copies with it)."""
+
+    config: Config
+    folder: str
+
+    def __call__(self, item) -> list[tuple[int, str | None]]:
+        number, group = item
+        rows: list[tuple[int, str | None]] = []  # (original, edit; None: the original)
+        images: list[bytes] = []
+        for k, data, copies in group:
+            decoded = decode_image(data, self.config).image
+            if decoded is None:
+                continue
+            picture = decoded.convert("RGB")
+            rows.append((k, None))
+            images.append(data)
+            for edit, seed in copies:
+                rows.append((k, edit))
+                images.append(apply(edit, picture, seed))
+        name = f"planted-{number:05d}.tar"
+        staging = self.folder
+        if storage.is_url(self.folder):
+            staging = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
+        path = os.path.join(staging, f"{os.getpid()}-{name}" if staging != self.folder else name)
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+            for row, data in enumerate(images):
+                info = tarfile.TarInfo(f"{row:08d}.{_ext(data)}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if staging != self.folder:
+            storage.put_file(path, storage.join(self.folder, name))
+            os.unlink(path)
+        return rows
+
+
 def plant(
     originals: list[Sampled],
     copies: list[tuple[int, str, int]],
     folder: str,
     config: Config,
-    staging: str | None = None,
+    executor,
 ) -> Planted:
     """Write the originals and their edited copies as shards under `folder` (a path, or a
-    URL: written in `staging` first, then put); a copy whose original does not decode is
-    left out."""
-    images = [s.data for s in originals]
-    decoded: dict[int, object] = {}
-    kept = []
+    URL every worker can reach), edited in the executor's tasks."""
+    from dedup.progress import Progress
+
+    wanted: dict[int, list[tuple[str, int]]] = {k: [] for k in range(len(originals))}
     for k, edit, seed in copies:
-        if k not in decoded:
-            image = decode_image(originals[k].data, config).image
-            decoded[k] = None if image is None else image.convert("RGB")
-        if decoded[k] is None:
-            continue
-        images.append(apply(edit, decoded[k], seed))
-        kept.append((k, edit))
-    local = staging if storage.is_url(folder) else folder
-    os.makedirs(local, exist_ok=True)
-    shards = []
-    for n, start in enumerate(range(0, len(images), PER_SHARD)):
-        name = f"planted-{n:05d}.tar"
-        path = os.path.join(local, name)
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-            for row in range(start, min(start + PER_SHARD, len(images))):
-                data = images[row]
-                info = tarfile.TarInfo(f"{row:08d}.{_ext(data)}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        if storage.is_url(folder):
-            storage.put_file(path, storage.join(folder, name))
-            path = storage.join(folder, name)
-        shards.append(Shard(path))
+        wanted[k].append((edit, seed))
+    per_task = max(1, PER_SHARD // (1 + max((len(v) for v in wanted.values()), default=0)))
+    items = [
+        (
+            number,
+            [
+                (k, originals[k].data, wanted[k])
+                for k in range(start, min(start + per_task, len(originals)))
+            ],
+        )
+        for number, start in enumerate(range(0, len(originals), per_task))
+    ]
+    if not storage.is_url(folder):
+        os.makedirs(folder, exist_ok=True)
+    layouts = executor.map(
+        _Plant(config, folder), items, Progress("plant", total_items=len(items)), describe=_describe
+    )
+    original_rows, pair_original, pair_copy, edit_of = [], [], [], []
+    row = 0
+    for layout in layouts:
+        first = -1
+        for _, edit in layout:
+            if edit is None:
+                first = row
+                original_rows.append(row)
+            else:
+                pair_original.append(first)
+                pair_copy.append(row)
+                edit_of.append(edit)
+            row += 1
+    shards = [Shard(storage.join(folder, f"planted-{number:05d}.tar")) for number, _ in items]
     return Planted(
         shards,
-        len(originals),
-        np.array([k for k, _ in kept], dtype=np.int64),
-        [e for _, e in kept],
-        [s.source for s in originals],
-        images,
+        np.asarray(original_rows, dtype=np.int64),
+        np.asarray(pair_original, dtype=np.int64),
+        np.asarray(pair_copy, dtype=np.int64),
+        edit_of,
     )
+
+
+def _describe(item) -> str:
+    return f"planting part {item[0]}"
 
 
 # ---------------------------------------------------------------- measuring
@@ -333,13 +383,7 @@ def image_bytes(feature_path: str, shard: Shard, local_rows: list[int]) -> list[
     table = read_features(
         feature_path, ["member_names", "member_offsets", "member_sizes", "image_member"]
     ).take(pa.array(local_rows, type=pa.int64()))
-    cols = table.to_pydict()
-    ranges, names = [], []
-    for k in range(len(local_rows)):
-        raw = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
-        m = [display_name(n) for n in raw].index(cols["image_member"][k])
-        ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
-        names.append(raw[m])
+    names, ranges = image_ranges(table.to_pydict())
     return read_ranges_of(shard, names, ranges)
 
 
@@ -434,7 +478,8 @@ def calibrate(
         tempfile.TemporaryDirectory(dir=scratch) as folder,
         make_executor(config.executor, config.worker_count, config.ray_address) as executor,
     ):
-        planted = plant(originals, plan_copies(len(originals), edits, config.seed), folder, config)
+        copies = plan_copies(len(originals), edits, config.seed)
+        planted = plant(originals, copies, folder, config, executor)
         store = os.path.join(folder, "features")
         os.makedirs(store)
         features = [
@@ -450,14 +495,11 @@ def calibrate(
             starts,
         )
         grey = config.grey_bound(dataset)
-        n = planted.originals
-        i = planted.copy_of
-        j = n + np.arange(len(planted.copy_of))
-        pairs = judge_pairs(rows, i, j, config, grey, verifier)
+        pairs = judge_pairs(rows, planted.pair_original, planted.pair_copy, config, grey, verifier)
         signals = [s for s in LINKS if s in config.signal_names]
         result = {
             "sample": {
-                "images": int(rows.ok[:n].sum()),
+                "images": int(rows.ok[planted.original_rows].sum()),
                 "requested": sample,
                 "seed": config.seed,
                 "images_read": seen,
@@ -474,7 +516,7 @@ def calibrate(
             },
             "distances": _distances(pairs, planted.edit_of),
         }
-        unrelated = _unrelated(rows, n, config, grey, verifier, dataset)
+        unrelated = _unrelated(rows, planted.original_rows, config, grey, verifier, dataset)
         result["false_links"] = unrelated["false_links"]
         result["curves"], result["recommend"] = _curves(
             pairs, unrelated, config, dataset, target_precision
@@ -482,7 +524,12 @@ def calibrate(
         if report_dir:
             from dedup.calibrate_report import write_calibration_report
 
-            write_calibration_report(report_dir, result, planted, pairs, config)
+            def image_of(row: int) -> bytes:
+                pos = int(np.searchsorted(starts, row, side="right")) - 1
+                f = features[pos]
+                return image_bytes(f.path, f.shard, [row - int(starts[pos])])[0]
+
+            write_calibration_report(report_dir, result, planted, pairs, image_of)
     return result
 
 
@@ -525,10 +572,12 @@ def _distances(pairs: PairResult, edit_of: list[str]) -> dict:
     return out
 
 
-def _unrelated(rows: Rows, n: int, config: Config, grey: int, verifier, dataset: int) -> dict:
+def _unrelated(
+    rows: Rows, originals: np.ndarray, config: Config, grey: int, verifier, dataset: int
+) -> dict:
     """Every pair of distinct sampled originals: how many each signal links. The sample
     may hold true copies of each other (the rate is then an upper bound)."""
-    ok = np.flatnonzero(rows.ok[:n])
+    ok = originals[rows.ok[originals]]
     cand = rows.cand
     a, b = np.triu_indices(len(ok), k=1)
     a, b = ok[a], ok[b]
@@ -695,7 +744,7 @@ def _pct(value) -> str:
 
 
 def run_canaries(
-    features: list[ShardFeatures], config: Config, clip, executor, folder: str, staging: str
+    features: list[ShardFeatures], config: Config, clip, executor, folder: str
 ) -> dict:
     """`--canaries N`: N sampled images of the run (seeded), each planted as an edited copy
     (the edits in turn) in scratch shards with its original, read by the run's extract
@@ -734,7 +783,7 @@ def run_canaries(
     copies = [
         (k, names[k % len(names)], config.seed * 1_000_003 + k) for k in range(len(originals))
     ]
-    planted = plant(originals, copies, folder, config, staging)
+    planted = plant(originals, copies, folder, config, executor)
     store = storage.join(folder, "features")
     if not storage.is_url(store):
         os.makedirs(store, exist_ok=True)
@@ -748,18 +797,17 @@ def run_canaries(
         config, [(f.path, int(starts[k])) for k, f in enumerate(done)], planted.shards, starts
     )
     dataset = int(sum(len(g) for g in ok))
-    n = planted.originals
     pairs = judge_pairs(
         cand,
-        planted.copy_of,
-        n + np.arange(len(planted.copy_of)),
+        planted.pair_original,
+        planted.pair_copy,
         config,
         config.grey_bound(dataset),
         verifier,
     )
     signals = [s for s in LINKS if s in config.signal_names]
     table = recall_table(pairs, planted.edit_of, signals)
-    any_link = np.zeros(len(planted.copy_of), dtype=bool)
+    any_link = np.zeros(len(planted.pair_copy), dtype=bool)
     for name in signals:
         any_link |= pairs.links.get(name, any_link & False)
     return {

@@ -58,7 +58,8 @@ def _img(data: bytes | None) -> str:
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(thumb).decode()}" alt="">'
 
 
-def write_calibration_report(report_dir: str, result: dict, planted, pairs, config) -> None:
+def write_calibration_report(report_dir: str, result: dict, planted, pairs, image_of) -> None:
+    """`image_of(row)`: the bytes of a planted row (an original or a copy)."""
     os.makedirs(report_dir, exist_ok=True)
     write_atomic(
         os.path.join(report_dir, "calibration.json"),
@@ -109,12 +110,12 @@ def write_calibration_report(report_dir: str, result: dict, planted, pairs, conf
             f"{esc(str(r.get('value')))} {esc(r.get('note', ''))}</p>"
         )
         if r.get("value") is not None:
-            out.append(_examples(name, r["value"], planted, pairs))
+            out.append(_examples(name, r["value"], planted, pairs, image_of))
     out.append("</body></html>\n")
     write_atomic(os.path.join(report_dir, "calibration.html"), "".join(out).encode())
 
 
-def _examples(name: str, value, planted, pairs) -> str:
+def _examples(name: str, value, planted, pairs, image_of) -> str:
     """Copies just inside the recommended threshold and just outside it, beside their
     originals."""
     if name == "phash":
@@ -137,8 +138,8 @@ def _examples(name: str, value, planted, pairs) -> str:
         at = at[np.argsort(order * key[at], kind="stable")][:EXAMPLES]
         parts.append(f"<p>{label} the threshold:</p><div>")
         for k in at.tolist():
-            original = planted.images[int(planted.copy_of[k])]
-            copy = planted.images[planted.originals + k]
+            original = image_of(int(planted.pair_original[k]))
+            copy = image_of(int(planted.pair_copy[k]))
             value_text = f"{key[k]:.0f} bits" if name != "clip" else f"cos {-key[k]:.3f}"
             parts.append(
                 f"<span class=pair>{_img(original)}{_img(copy)}<span>"

@@ -219,6 +219,18 @@ def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict, dict] | No
     return rows, skipped, routes
 
 
+def image_ranges(cols: dict) -> tuple[list[str], list[tuple[int, int]]]:
+    """The image member's raw name and (offset, size) of each row, from the feature
+    columns member_names, member_offsets, member_sizes and image_member (to_pydict)."""
+    names, ranges = [], []
+    for k in range(len(cols["image_member"])):
+        raw = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
+        m = [display_name(n) for n in raw].index(cols["image_member"][k])
+        ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
+        names.append(raw[m])
+    return names, ranges
+
+
 def read_features(path: str, columns: list[str]) -> pa.Table:
     """Columns of a stored feature file, its page checksums verified."""
     try:

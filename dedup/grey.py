@@ -20,9 +20,9 @@ from dedup.config import Config
 from dedup.decode import decode_image
 from dedup.errors import DedupError, ShardError
 from dedup.executor import Executor
-from dedup.extract import read_features
+from dedup.extract import image_ranges, read_features
 from dedup.progress import Progress
-from dedup.shards import Shard, display_name, read_ranges_of
+from dedup.shards import Shard, read_ranges_of
 from dedup.signals.exact import digest
 
 # A reference item whose image cannot be read again (a stored index keeps features only).
@@ -188,12 +188,7 @@ class _Check:
                 ["key", "member_names", "member_offsets", "member_sizes", "image_member", "digest"],
             ).take(pa.array(local, type=pa.int64()))
             cols = table.to_pydict()
-            ranges, raw = [], []
-            for k in range(len(local)):
-                names = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
-                m = [display_name(n) for n in names].index(cols["image_member"][k])
-                ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
-                raw.append(names[m])
+            raw, ranges = image_ranges(cols)
             reference = self.first_reference is not None and start >= self.first_reference
             try:
                 images = read_ranges_of(shard, raw, ranges)

@@ -977,8 +977,8 @@ def canary_phase(features: list[ShardFeatures], job: _Job) -> dict | None:
 
     t = time.monotonic()
     folder = storage.join(storage.join(job.out, STATE_DIR), CANARIES_DIR)
-    with _work_folder(folder), scratch_dir() as scratch:
-        result = run_canaries(features, job.config, job.clip, job.executor, folder, scratch)
+    with _work_folder(folder):
+        result = run_canaries(features, job.config, job.clip, job.executor, folder)
     log.info(
         "canaries: %d planted, %d caught (%s), in %.1f s",
         result["planted"],

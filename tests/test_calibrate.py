@@ -120,43 +120,14 @@ def test_false_links_and_recommendations_are_stated(photos):
 
 def test_calibrate_is_reproducible_and_one_line(photos):
     root, result, _ = photos
-    again = dedup(
-        "calibrate",
-        root / "in",
-        "--sample",
-        10,
-        "--edits",
-        "mirror,jpeg_q30",
-        "--seed",
-        3,
-        "--json",
-        *SIGNALS,
-    )
-    twice = dedup(
-        "calibrate",
-        root / "in",
-        "--sample",
-        10,
-        "--edits",
-        "mirror,jpeg_q30",
-        "--seed",
-        3,
-        "--json",
-        *SIGNALS,
-    )
+
+    def calibrate(seed: int, edits: str):
+        args = ["--sample", 10, "--edits", edits, "--seed", seed, "--json", *SIGNALS]
+        return dedup("calibrate", root / "in", *args)
+
+    again, twice = calibrate(3, "mirror,jpeg_q30"), calibrate(3, "mirror,jpeg_q30")
     assert len(again.stdout.splitlines()) == 1 and again.stdout == twice.stdout
-    other = dedup(
-        "calibrate",
-        root / "in",
-        "--sample",
-        10,
-        "--edits",
-        "mirror",
-        "--seed",
-        4,
-        "--json",
-        *SIGNALS,
-    )
+    other = calibrate(4, "mirror")
     assert json.loads(other.stdout)["sample"]["seed"] == 4
     bad = dedup("calibrate", root / "in", "--edits", "nonsense", *SIGNALS, check=2)
     assert "unknown edit 'nonsense'" in error_line(bad)
