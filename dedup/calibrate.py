@@ -364,16 +364,26 @@ def judge_pairs(
     return PairResult(links, phash_d, views_d, similarity, usable)
 
 
-def make_verifier(config: Config, sources, inputs, starts):
-    """The views' verification tier on given pairs, as a run's tasks check them."""
-    from dedup.grey import _Check
+def make_verifier(config: Config, sources, inputs, starts, executor=None):
+    """The views' verification tier on given pairs, as a run's tasks check them (in the
+    executor's tasks, TASK_PAIRS at a time, when one is given)."""
+    from dedup.grey import TASK_PAIRS, _Check
+    from dedup.progress import Progress
 
     check = _Check(config, sources, inputs, np.asarray(starts))
 
     def verify(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
         # a mirror relation holds whichever side is mirrored: the check mirrors the second
-        accepted, *_ = check((np.minimum(i, j), np.maximum(i, j), mirrored))
-        return accepted
+        lo, hi = np.minimum(i, j), np.maximum(i, j)
+        items = [
+            (lo[s : s + TASK_PAIRS], hi[s : s + TASK_PAIRS], mirrored[s : s + TASK_PAIRS])
+            for s in range(0, len(lo), TASK_PAIRS)
+        ]
+        if executor is None or len(items) < 2:
+            results = [check(item) for item in items]
+        else:
+            results = executor.map(check, items, Progress("verify", total_items=len(items)))
+        return np.concatenate([r[0] for r in results]) if results else np.zeros(0, bool)
 
     return verify
 
@@ -493,6 +503,7 @@ def calibrate(
             [(f.path, int(starts[k])) for k, f in enumerate(features)],
             planted.shards,
             starts,
+            executor,
         )
         grey = config.grey_bound(dataset)
         pairs = judge_pairs(rows, planted.pair_original, planted.pair_copy, config, grey, verifier)
@@ -719,8 +730,15 @@ def human_table(result: dict) -> list[str]:
         cells = "".join(f"{_pct(row.get(x)):>7}" for x in signals)
         lines.append(f"{edit:<24}{row['copies']:>7}{_pct(row['any']):>7}{cells}")
     for name, f in result["false_links"].items():
+        v = f.get("verification")
+        checked = (
+            f" by the hashes; verification accepted {v['accepted']} of {v['checked']} checked "
+            f"of {v['grey_candidates']:,} grey-zone candidates"
+            if v
+            else ""
+        )
         lines.append(
-            f"false links, {name}: {f['linked']:,} of {f['pairs']:,} unrelated pairs "
+            f"false links, {name}: {f['linked']:,} of {f['pairs']:,} unrelated pairs{checked} "
             f"(rate {f['rate']:.2e}, 95% upper {f['upper95']:.2e}); at the dataset's size "
             f"{f['per_image_at_dataset_size']:.3g} per image (upper {f['upper95_per_image']:.3g})"
         )
@@ -794,7 +812,11 @@ def run_canaries(
     ]
     cand, starts = candidates(done, config)
     verifier = make_verifier(
-        config, [(f.path, int(starts[k])) for k, f in enumerate(done)], planted.shards, starts
+        config,
+        [(f.path, int(starts[k])) for k, f in enumerate(done)],
+        planted.shards,
+        starts,
+        executor,
     )
     dataset = int(sum(len(g) for g in ok))
     pairs = judge_pairs(
