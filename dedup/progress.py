@@ -74,6 +74,8 @@ class Progress:
     def _text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         items = _items.value
+        if items == 0 and self.total_items and not self.total_bytes:  # tasks, not samples
+            return f"{self.phase}: {self.total_items:,} tasks, running for {elapsed:.0f} s"
         text = f"{self.phase}: {items:,} samples, {items / elapsed:,.0f}/s"
         fraction = self._fraction()
         if fraction is not None:
