@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -397,6 +398,42 @@ def image_bytes(feature_path: str, shard: Shard, local_rows: list[int]) -> list[
     return read_ranges_of(shard, names, ranges)
 
 
+class Measured(NamedTuple):
+    """Planted originals and copies, read by the extract phase, and each pair judged."""
+
+    planted: Planted
+    features: list[ShardFeatures]
+    starts: np.ndarray
+    rows: Rows
+    verifier: object
+    pairs: PairResult
+
+
+def measure(
+    originals: list[Sampled], copies, folder: str, config: Config, clip, executor, dataset: int
+) -> Measured:
+    """Plant `copies` of `originals` under `folder`, read them through the run's extract
+    phase and executor, and judge every (original, copy) pair, the views' grey zone at
+    the bound a dataset of `dataset` images has."""
+    from dedup.pipeline import extract_all
+
+    planted = plant(originals, copies, folder, config, executor)
+    store = storage.join(folder, "features")
+    if not storage.is_url(store):
+        os.makedirs(store, exist_ok=True)
+    features = [
+        f
+        for f in extract_all(planted.shards, config, store, False, clip, executor)
+        if isinstance(f, ShardFeatures)
+    ]
+    rows, starts = candidates(features, config)
+    sources = [(f.path, int(starts[k])) for k, f in enumerate(features)]
+    verifier = make_verifier(config, sources, planted.shards, starts, executor)
+    grey = config.grey_bound(dataset)
+    pairs = judge_pairs(rows, planted.pair_original, planted.pair_copy, config, grey, verifier)
+    return Measured(planted, features, starts, rows, verifier, pairs)
+
+
 # ---------------------------------------------------------------- statistics
 
 
@@ -454,7 +491,7 @@ def calibrate(
 
     from dedup.executor import make_executor
     from dedup.fsutil import scratch_dir
-    from dedup.pipeline import choose_signals, extract_all
+    from dedup.pipeline import choose_signals
     from dedup.shards import list_shards
 
     if not 0.0 < target_precision < 1.0:
@@ -489,24 +526,9 @@ def calibrate(
         make_executor(config.executor, config.worker_count, config.ray_address) as executor,
     ):
         copies = plan_copies(len(originals), edits, config.seed)
-        planted = plant(originals, copies, folder, config, executor)
-        store = os.path.join(folder, "features")
-        os.makedirs(store)
-        features = [
-            f
-            for f in extract_all(planted.shards, config, store, False, clip, executor)
-            if isinstance(f, ShardFeatures)
-        ]
-        rows, starts = candidates(features, config)
-        verifier = make_verifier(
-            config,
-            [(f.path, int(starts[k])) for k, f in enumerate(features)],
-            planted.shards,
-            starts,
-            executor,
-        )
+        measured = measure(originals, copies, folder, config, clip, executor, dataset)
+        planted, features, starts, rows, verifier, pairs = measured
         grey = config.grey_bound(dataset)
-        pairs = judge_pairs(rows, planted.pair_original, planted.pair_copy, config, grey, verifier)
         signals = [s for s in LINKS if s in config.signal_names]
         result = {
             "sample": {
@@ -768,7 +790,6 @@ def run_canaries(
     (the edits in turn) in scratch shards with its original, read by the run's extract
     phase; which signals link each copy to its original, per edit. Nothing planted is
     written to OUT or takes part in the run's decisions."""
-    from dedup.pipeline import extract_all
 
     rng = np.random.default_rng(config.seed)
     ok = [
@@ -801,32 +822,9 @@ def run_canaries(
     copies = [
         (k, names[k % len(names)], config.seed * 1_000_003 + k) for k in range(len(originals))
     ]
-    planted = plant(originals, copies, folder, config, executor)
-    store = storage.join(folder, "features")
-    if not storage.is_url(store):
-        os.makedirs(store, exist_ok=True)
-    done = [
-        f
-        for f in extract_all(planted.shards, config, store, False, clip, executor)
-        if isinstance(f, ShardFeatures)
-    ]
-    cand, starts = candidates(done, config)
-    verifier = make_verifier(
-        config,
-        [(f.path, int(starts[k])) for k, f in enumerate(done)],
-        planted.shards,
-        starts,
-        executor,
-    )
     dataset = int(sum(len(g) for g in ok))
-    pairs = judge_pairs(
-        cand,
-        planted.pair_original,
-        planted.pair_copy,
-        config,
-        config.grey_bound(dataset),
-        verifier,
-    )
+    measured = measure(originals, copies, folder, config, clip, executor, dataset)
+    planted, pairs = measured.planted, measured.pairs
     signals = [s for s in LINKS if s in config.signal_names]
     table = recall_table(pairs, planted.edit_of, signals)
     any_link = np.zeros(len(planted.pair_copy), dtype=bool)

@@ -5,7 +5,6 @@ canaries never reach the output."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,19 +15,12 @@ from dedup.decode import decode_image
 from dedup.edits import EDITS, apply
 from dedup.shards import list_shards
 from dedup.synth import PlantedSample, encode, planted_dataset, write_shards
+from tests.test_fanout import dedup
 from tests.test_grey import textured
-from tests.test_hostile import DEDUP, error_line, outputs
+from tests.test_hostile import error_line, outputs
 
 SIGNALS = ["--signals", "exact,phash,views", "--workers", "2"]
 EDITS_TESTED = ["jpeg_q30", "mirror", "crop_large", "caption", "rotate_3", "gray"]
-
-
-def dedup(*args, check: int | None = 0):
-    result = subprocess.run([DEDUP, *map(str, args)], capture_output=True, text=True)
-    assert "Traceback" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")
