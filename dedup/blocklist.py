@@ -7,7 +7,8 @@ Read from a file:
   ignored; an empty cell is no entry.
 - any other file: text, one entry per line, `sha256:HEX`, `blake3:HEX`, `phash:HEX` or
   bare hex (64 digits: a digest of the run's kind; 16 digits: a pHash code). Blank lines
-  and lines starting with `#` are skipped.
+  and lines starting with `#` are skipped. Lines end at `\n` (or `\r\n`) only: a form feed
+  or U+2028 inside a comment is part of it. A leading UTF-8 BOM is ignored (CSV too).
 A digest matches exactly; a pHash code matches detailed images within phash_threshold.
 """
 
@@ -25,9 +26,9 @@ import pyarrow.parquet as pq
 
 from dedup import signals
 from dedup.config import Config
-from dedup.errors import ConfigError, InputError
+from dedup.errors import ConfigError, DedupError
 from dedup.extract import STATUS_OK, ShardFeatures, read_features
-from dedup.fsutil import read_file
+from dedup.fsutil import read_regular_file
 from dedup.pairs import hamming_pairs
 from dedup.progress import Progress
 from dedup.signals.phash import by_signature
@@ -58,8 +59,8 @@ class Blocklist:
 def load_blocklist(path: str, config: Config) -> Blocklist:
     """Parse FILE; a value that does not parse is a BlocklistError naming file and line."""
     try:
-        data = read_file(path)
-    except (OSError, InputError) as e:
+        data = read_regular_file(path)  # never a FIFO or a device (/dev/zero never ends)
+    except (OSError, DedupError) as e:  # a URL's failure is an OutputError
         why = getattr(e, "strerror", None) or e
         raise BlocklistError(f"--blocklist {path}: cannot read ({why})") from None
     b = Blocklist(path)
@@ -113,11 +114,13 @@ def _short(value) -> str:
 
 def _text_rows(path: str, data: bytes, config: Config):
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise BlocklistError(f"--blocklist {path}: not UTF-8 text, CSV or Parquet") from None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    # str.splitlines would also end lines at form feeds, U+2028 and other separators,
+    # and so number them differently from every editor.
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.removesuffix("\r").strip()
         if not line or line.startswith("#"):
             continue
         kind, sep, value = line.partition(":")
@@ -152,10 +155,10 @@ def _csv_rows(path: str, data: bytes):
             f"--blocklist {path}: no {', '.join(COLUMNS)} column in its header line"
         )
     try:
-        for number, row in enumerate(reader, 2):
+        for row in reader:  # line_num: a quoted value may span lines
             for k, column in wanted:
                 if k < len(row) and row[k].strip():
-                    yield number, column, row[k]
+                    yield reader.line_num, column, row[k]
     except csv.Error as e:
         raise BlocklistError(f"{path}:{reader.line_num}: {e}") from None
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -302,13 +303,32 @@ def _short(value: Any) -> str:
     return short.repr(value)
 
 
+CONFIG_MAX_BYTES = 1 << 20  # a settings file; anything larger is not one
+
+
+def _read_text(path: str) -> str:
+    """A config file's text: a regular file (a FIFO or a device is never opened for a
+    blocking read, nor read without end), at most CONFIG_MAX_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config {path}: not a regular file")
+        if st.st_size > CONFIG_MAX_BYTES:
+            raise ConfigError(f"config {path}: larger than {CONFIG_MAX_BYTES} bytes")
+        os.set_blocking(fd, True)
+        data = fh.read(CONFIG_MAX_BYTES + 1)
+    if len(data) > CONFIG_MAX_BYTES:
+        raise ConfigError(f"config {path}: larger than {CONFIG_MAX_BYTES} bytes")
+    return data.decode("utf-8")
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file at `path`, then `overrides` (None values are ignored)."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
-            with open(path, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
+            loaded = yaml.safe_load(_read_text(path))
         except OSError as e:
             raise ConfigError(f"config {path}: {e.strerror or e}") from None
         except UnicodeDecodeError:

@@ -18,9 +18,19 @@ from dedup import __version__, signals, storage
 from dedup.config import Config
 from dedup.decode import decode_image, image_member, is_image_name, read_header
 from dedup.errors import DedupError, FeatureStoreError, ShardError
-from dedup.fsutil import atomic_path, read_file, write_atomic
+from dedup.fsutil import atomic_path, read_file, read_regular_file, write_atomic
 from dedup.progress import REPORT_EVERY, advance
-from dedup.shards import FileGroup, Shard, display_name, iter_samples, raw_name, shard_size
+from dedup.shards import (
+    MAX_FILE_BYTES,
+    FileGroup,
+    Shard,
+    display_name,
+    is_pipe,
+    iter_samples,
+    raw_name,
+    shard_size,
+    spool_shard,
+)
 from dedup.signals.exact import digest
 from dedup.signals.views import view_codes, view_input
 
@@ -64,7 +74,7 @@ PHASH_BATCH = 256
 class ShardFeatures:
     """Where a shard's features are stored and what phase 1 saw while reading it."""
 
-    shard: Shard
+    shard: Shard  # as listed; a pipe: input's names the run's copy of its bytes (spool)
     path: str
     rows: int
     skipped_members: dict[str, int]
@@ -113,14 +123,13 @@ def content_digest(shard: Shard) -> str:
     if isinstance(shard, FileGroup):
         for name in shard.files:
             hasher.update(name.encode("utf-8", "surrogateescape") + b"\0")
-            try:
-                with open(shard.file(name), "rb") as fh:
-                    hasher.update(fh.read())
+            try:  # what the reader skips (not a regular file, too large) is never read
+                hasher.update(read_regular_file(shard.file(name), MAX_FILE_BYTES))
             except OSError:
                 hasher.update(b"\1missing")
         return hasher.hexdigest()
     try:
-        with storage.open_local_or_stream(shard.path) as fh:
+        with storage.open_local_or_stream(shard.read_path) as fh:
             for chunk in storage.iter_chunks(fh):
                 hasher.update(chunk)
     except OSError as e:
@@ -129,16 +138,21 @@ def content_digest(shard: Shard) -> str:
 
 
 def shard_fingerprint(
-    shard: Shard, config: Config, identity: tuple | None, clip: ClipSpec | None = None
+    shard: Shard,
+    config: Config,
+    identity: tuple | None,
+    clip: ClipSpec | None = None,
+    content: str | None = None,
 ) -> tuple[str, str | None]:
     """What stored features depend on: the input's identity (and, with `fingerprint:
     content` or an input without one, its bytes), the settings and the versions; and the
-    BLAKE3 of the bytes where it was computed."""
+    BLAKE3 of the bytes where it was computed (`content`, when the caller hashed them)."""
     import PIL
     import scipy
 
     by_content = config.fingerprint == "content" or identity is None
-    content = content_digest(shard) if by_content else None
+    if by_content and content is None:
+        content = content_digest(shard)
     where = shard.path if shard.is_url else os.path.realpath(shard.path)
     text = json.dumps(
         {
@@ -155,14 +169,24 @@ def shard_fingerprint(
 
 
 def extract_shard(
-    shard: Shard, config: Config, store: str, clip: ClipSpec | None = None, stage=None
+    shard: Shard,
+    config: Config,
+    store: str,
+    clip: ClipSpec | None = None,
+    stage=None,
+    spool: str | None = None,
 ) -> ShardFeatures:
     """Features of one shard, reused from `store` when its fingerprint still matches and
     the stored file is intact. `stage`: the shared CLIP stage to send images to (see
-    dedup/signals/clipstage.py); None runs the model in this process."""
+    dedup/signals/clipstage.py); None runs the model in this process. A pipe: shard's
+    command runs once, its output kept in the `spool` folder: the features returned name
+    a shard that every later phase reads there."""
     path = feature_path(store, shard)
     identity = input_identity(shard)
-    fingerprint, content = shard_fingerprint(shard, config, identity, clip)
+    content = None
+    if spool is not None and is_pipe(shard):
+        shard, content = spool_shard(shard, spool)
+    fingerprint, content = shard_fingerprint(shard, config, identity, clip, content)
     cached = _load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped, routes = cached

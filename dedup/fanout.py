@@ -22,15 +22,18 @@ import logging
 import os
 import pickle
 import time
+import uuid
 
 from dedup import storage
 from dedup.blocklist import load_blocklist
 from dedup.config import Config, load_config
-from dedup.errors import ConfigError, DedupError
+from dedup.errors import ConfigError, DedupError, InputError
 from dedup.executor import make_executor
+from dedup.extract import input_identity
 from dedup.fsutil import read_file, write_atomic
 from dedup.outdir import (
     FANOUT_DIR,
+    REPORT_MARKER,
     STATE_DIR,
     check_output,
     feature_store,
@@ -135,6 +138,61 @@ class FanoutJob:
         return dataclasses.replace(config, **task)
 
 
+def _job_at(path: str) -> FanoutJob | None:
+    try:
+        return FanoutJob(**json.loads(read_file(path)))
+    except (OSError, DedupError, ValueError, TypeError):
+        return None
+
+
+def job_settings(config: Config) -> dict:
+    """The settings that identify a fan-out job: all but a task's own (TASK_SETTINGS),
+    which each task may choose for itself."""
+    return {k: v for k, v in config.to_dict().items() if k not in TASK_SETTINGS}
+
+
+def _difference(earlier: FanoutJob, job: FanoutJob) -> str:
+    """What sets two jobs apart, for the refusal's message."""
+    if earlier.inputs != job.inputs:
+        return "inputs differ"
+    for name in sorted(set(earlier.config) | set(job.config)):
+        if earlier.config.get(name) != job.config.get(name):
+            return f"{name}: {job.config.get(name)!r} here, {earlier.config.get(name)!r} there"
+    for name in ("report_dir", "state_dir", "skip_bad_shards"):
+        if getattr(earlier, name) != getattr(job, name):
+            return f"{name}: {getattr(job, name)!r} here, {getattr(earlier, name)!r} there"
+    return "settings differ"
+
+
+def _unfinished(out: str, shards, report: str, earlier: FanoutJob | None) -> None:
+    """OUT's job.json says not complete, and the summaries that describe OUT (this job's
+    report folder's, and an earlier job's elsewhere) are removed: OUT is being
+    rewritten, and a reader must never see a finished summary of other bytes."""
+    mark_job(out, shards, complete=False, report_dir=report)
+    folders = {report}
+    if earlier is not None:
+        folders.add(earlier.report_dir or storage.join(out, "dedup-report"))
+    for folder in sorted(folders):
+        if folder != report and not _report_of(folder, out):
+            continue  # not dedup's report of this OUT: left alone
+        for name in ("summary.json", "report.html"):
+            remove_output(storage.join(folder, name))
+
+
+def _report_of(folder: str, out: str) -> bool:
+    try:
+        marker = json.loads(read_file(storage.join(folder, REPORT_MARKER)))
+    except (OSError, DedupError, ValueError):
+        return False
+    want = out if storage.is_url(out) else os.path.abspath(out)
+    return isinstance(marker, dict) and marker.get("out") == want
+
+
+def _other_n(out: str, n: int) -> list[str]:
+    """Extract results of parts of another N: a new N starts the job's extract afresh."""
+    return [name for name in _markers(out, "extract") if not name.endswith(f"-of-{n:05d}.pickle")]
+
+
 def _read_job(out: str) -> FanoutJob:
     try:
         return FanoutJob(**json.loads(read_file(storage.join(_folder(out), JOB))))
@@ -181,22 +239,26 @@ def extract_part(
     config, clip = choose_signals(config)
     report = report_dir or storage.join(out, "dedup-report")
     check_output(out, shards, overwrite, report, state_dir)
-    mark_report(report, out)
-    job = FanoutJob(list(inputs), config.to_dict(), report_dir, state_dir, skip_bad_shards)
+    job = FanoutJob(list(inputs), job_settings(config), report_dir, state_dir, skip_bad_shards)
     path = storage.join(_folder(out), JOB)
-    try:
-        earlier = FanoutJob(**json.loads(read_file(path)))
-    except (OSError, DedupError, ValueError, TypeError):
-        earlier = None
+    earlier = _job_at(path)
     if earlier is not None and earlier != job and not _complete(out):
+        # A part of this job starting beside us may have just made it OUT's job (it
+        # writes the job before it marks OUT unfinished): read it again before refusing.
+        earlier = _job_at(path)
+    if earlier is not None and earlier != job and not _complete(out) and not overwrite:
         raise ConfigError(
-            f"{out}: holds an unfinished fanned-out run of other inputs or settings; "
-            "finish it, or start again in a new OUT"
+            f"{out}: holds an unfinished fanned-out run of other inputs or settings "
+            f"({_difference(earlier, job)}); finish it, start again in a new OUT, or give "
+            "--overwrite to every part of this run to replace it"
         )
     if earlier != job:  # a new run (the last one into this OUT finished)
         write_atomic(path, json.dumps(dataclasses.asdict(job), indent=1).encode())
-    mark_job(out, shards, complete=False)
-    for done in (_plan_name(), *_markers(out, "write")):  # a later phase is now stale
+    mark_report(report, out)
+    # From here until the last write part finishes, OUT mixes this job's shards with an
+    # earlier run's: no summary may say otherwise.
+    _unfinished(out, shards, report, earlier)
+    for done in (_plan_name(), *_markers(out, "write"), *_other_n(out, n)):  # now stale
         remove_output(storage.join(_folder(out), done))
     group = parts_of([shard_size(s) for s in shards], n)[i]
     mine = [shards[pos] for pos in group]
@@ -216,6 +278,7 @@ def extract_part(
         "features": features,
         "bad": bad,
         "seconds": seconds,
+        "finished": time.time(),  # the newest part's N wins when parts of two N are found
     }
     _save(storage.join(_folder(out), _name("extract", i, n)), result)
     return {"part": f"{i}/{n}", "shards": len(mine), "bad": len(bad), "seconds": round(seconds, 3)}
@@ -249,61 +312,112 @@ def _complete(out: str) -> bool:
 
 def _gather_extract(out: str, fan: FanoutJob):
     """Every extract part's results, in input order; a missing part (or one from another
-    run) is an error naming it."""
+    run) is an error naming it. Parts of two N (the part count changed between tries):
+    the N of the part that finished last is the job's."""
     digest = fan.digest()
-    names = [
-        name
-        for name in _markers(out, "extract")
-        if _load(storage.join(_folder(out), name)).get("job") == digest
-    ]
-    if not names:
+    found = {}
+    for name in _markers(out, "extract"):
+        result = _load_part(storage.join(_folder(out), name))
+        if result is not None and result.get("job") == digest:
+            found[name] = result
+    if not found:
         raise ConfigError(
             f"{out}: no extract part has finished; run `dedup extract ... --part I/N`"
         )
-    counts = {int(name.split("-of-")[1].split(".")[0]) for name in names}
-    if len(counts) != 1:
-        raise ConfigError(f"{out}: extract parts of different N ({sorted(counts)}); rerun them")
-    (n,) = counts
-    missing = [i for i in range(n) if _name("extract", i, n) not in names]
+    newest = max(found, key=lambda name: (found[name].get("finished", 0), name))
+    n = int(found[newest]["n"])
+    missing = [i for i in range(n) if _name("extract", i, n) not in found]
     if missing:
         listed = ", ".join(f"{i}/{n}" for i in missing[:10])
         raise ConfigError(
             f"{out}: extract part{'s' if len(missing) > 1 else ''} {listed} "
             f"{'have' if len(missing) > 1 else 'has'} not finished; cluster waits for all {n}"
         )
-    results = [_load(storage.join(_folder(out), _name("extract", i, n))) for i in range(n)]
+    results = [found[_name("extract", i, n)] for i in range(n)]
     placed = {}
-    bad = []
+    bad = {}
     for r in results:
-        bad += r["bad"]
+        for b in r["bad"]:
+            bad[b.shard.path] = b
         for f in r["features"]:
             placed[f.shard.path] = f
     seconds = sum(r["seconds"] for r in results)
     return placed, bad, seconds
 
 
+def _load_part(path: str) -> dict | None:
+    """A part's saved results; None when unreadable (a damaged file is computed again
+    or named by the phase that needs it, never trusted)."""
+    try:
+        value = _load(path)
+    except (OSError, DedupError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _current(shards, placed: dict, bad: dict):
+    """Split the input listing into shards whose extract results still describe them
+    (same identity as when read) and shards to extract again: changed since their part
+    read them, or not read by any part (the listing changed)."""
+    ready, again = {}, []
+    for shard in shards:
+        f = placed.get(shard.path)
+        if f is not None and f.identity is not None and input_identity(shard) == f.identity:
+            ready[shard.path] = f
+        elif f is not None and f.identity is None and f.content is not None:
+            ready[shard.path] = f  # known by its bytes alone (pipe:); write checks them
+        elif shard.path in bad and _still_bad(shard, bad[shard.path]):
+            continue
+        else:
+            again.append(shard)
+    return ready, again
+
+
+def _still_bad(shard, bad) -> bool:
+    """A shard left out as damaged that nobody has changed since."""
+    try:
+        return bad.identity is not None and input_identity(shard) == bad.identity
+    except DedupError:
+        return False
+
+
 # ---------------------------------------------------------------- cluster
 
 
 def cluster_task(out: str, given: dict) -> dict:
-    """`dedup cluster --out OUT`: phase 2 once every extract part has finished."""
-    from dedup.pipeline import canary_phase, cluster_phase, extract_references, resolve_clip
+    """`dedup cluster --out OUT`: phase 2 once every extract part has finished. A shard
+    changed since its part read it (or not read by any part: the listing changed) is
+    extracted again here, so the plan always describes the current inputs."""
+    from dedup.pipeline import (
+        canary_phase,
+        cluster_phase,
+        extract_phase,
+        extract_references,
+        resolve_clip,
+    )
 
     fan = _read_job(out)
     config = fan.settings(given)
     placed, bad, extract_seconds = _gather_extract(out, fan)
     shards = list_shards(fan.inputs)
-    unknown = [
-        s.path for s in shards if s.path not in placed and s.path not in {b.shard.path for b in bad}
-    ]
-    if unknown:
-        raise ConfigError(f"{out}: no extract part read {unknown[0]}; rerun the extract parts")
-    features = [placed[s.path] for s in shards if s.path in placed]
+    ready, again = _current(shards, placed, bad)
+    _unfinished(out, shards, _report(out, fan), None)
     clip = resolve_clip(config)
     with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
         job = _task_job(out, fan, config, clip, executor)
         t = time.monotonic()
-        bad = bad + extract_references(job.references, job)
+        if again:
+            log.info(
+                "cluster: %d shards changed since their extract part read them (or were "
+                "not read by one); extracting them again",
+                len(again),
+            )
+            fresh, fresh_bad = extract_phase(again, job)
+            ready.update((f.shard.path, f) for f in fresh)
+            bad.update((b.shard.path, b) for b in fresh_bad)
+        features = [ready[s.path] for s in shards if s.path in ready]
+        left_out = [bad[s.path] for s in shards if s.path not in ready]
+        left_out += extract_references(job.references, job)
         the_plan = cluster_phase(features, job)
         seconds = time.monotonic() - t
         planted = canary_phase(features, job)
@@ -312,8 +426,10 @@ def cluster_task(out: str, given: dict) -> dict:
     job_path = storage.join(storage.join(out, STATE_DIR), "job.json")
     retire_outputs(out, job_path, output_names(shards))
     state = {
+        "id": uuid.uuid4().hex,  # write parts' results name the plan they wrote
         "features": features,
-        "bad": bad,
+        "sizes": [shard_size(f.shard) for f in features],  # write parts group by these
+        "bad": left_out,
         "plan": the_plan,
         "seconds": {"extract": extract_seconds, "cluster": seconds},
         "canaries": planted,
@@ -321,6 +437,10 @@ def cluster_task(out: str, given: dict) -> dict:
     _save(storage.join(_folder(out), _plan_name()), state)
     removed = int((~the_plan.keep).sum())
     return {"shards": len(features), "samples": len(the_plan.keep), "removed": removed}
+
+
+def _report(out: str, fan: FanoutJob) -> str:
+    return fan.report_dir or storage.join(out, "dedup-report")
 
 
 # ---------------------------------------------------------------- write
@@ -341,38 +461,54 @@ def write_part(out: str, part: str, given: dict) -> dict | None:
             f"{out}: the cluster task has not finished; run `dedup cluster --out {out}`"
         ) from None
     features, p = state["features"], state["plan"]
-    group = parts_of([shard_size(f.shard) for f in features], n)[i]
+    group = parts_of(state["sizes"], n)[i]
     parts_dir = storage.join(_folder(out), "parts")
     if not storage.is_url(parts_dir):
         os.makedirs(parts_dir, exist_ok=True)
+    _unfinished(out, list_shards(fan.inputs), _report(out, fan), None)
+    mine = storage.join(_folder(out), _name("write", i, n))
+    remove_output(mine)  # redone now: an earlier try's results no longer count
     with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
         job = _task_job(out, fan, config, None, executor)  # writing runs no model
         t = time.monotonic()
         finished = write_phase(features, p, job, parts_dir, only=set(group))
         seconds = time.monotonic() - t
-        mine = {"finished": finished, "seconds": seconds, "positions": group}
-        _save(storage.join(_folder(out), _name("write", i, n)), mine)
+        result = {"plan": state["id"], "finished": finished, "seconds": seconds, "positions": group}
+        _save(mine, result)
         return _report_if_last(out, fan, job, state, n, i, parts_dir)
 
 
 def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: str):
     """The report, when every write part has saved its results (else None)."""
-    from dedup.pipeline import extract_references, make_report, report_into
+    from dedup.pipeline import (
+        discard_spool,
+        extract_references,
+        make_report,
+        report_into,
+        same_input,
+    )
 
     features = state["features"]
     # The last part to finish assembles the report (each checks after saving its own).
-    names = _markers(out, "write")
-    if any(_name("write", k, n) not in names for k in range(n)):
+    # A report says OUT describes its inputs: not when one changed after it was read.
+    results = [_load_part(storage.join(_folder(out), _name("write", k, n))) for k in range(n)]
+    if any(r is None or r.get("plan") != state["id"] for r in results):
         log.info("write part %d/%d done; the last write part to finish makes the report", i, n)
         return None
-    results = [_load(storage.join(_folder(out), _name("write", k, n))) for k in range(n)]
     by_position = {}
     for r in results:
         for pos, done in zip(r["positions"], r["finished"], strict=True):
             by_position[pos] = done
     finished = [by_position[pos] for pos in range(len(features))]
+    changed = [f.shard.path for f in features if not same_input(f)]
+    if changed:
+        raise InputError(
+            f"{changed[0]}: changed after the cluster task read it"
+            f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; rerun "
+            f"`dedup cluster --out {out}` and the write parts"
+        )
     seconds = {**state["seconds"], "write": sum(r["seconds"] for r in results)}
-    report_dir = fan.report_dir or storage.join(out, "dedup-report")
+    report_dir = _report(out, fan)
     p = state["plan"]
     extract_references(job.references, job)  # their stored features, for the report
     summary = report_into(
@@ -389,5 +525,8 @@ def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: 
             state.get("canaries"),
         ),
     )
-    mark_job(out, list_shards(fan.inputs), complete=True)
+    mark_job(out, list_shards(fan.inputs), complete=True, report_dir=report_dir)
+    # The copies of pipe: inputs, read by every task since extract, are needed no more;
+    # a write part that failed keeps them for its rerun.
+    discard_spool(out)
     return summary

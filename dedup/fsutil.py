@@ -8,8 +8,10 @@ that folder, never a name in a user's folder that merely looks like a temporary.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -67,6 +69,66 @@ def read_file(path: str) -> bytes:
         return storage.read_bytes(path, OutputError)
     with open(path, "rb") as fh:
         return fh.read()
+
+
+class NotARegularFile(OSError):
+    """A path naming a FIFO, device, socket or directory: never read (a FIFO with no
+    writer blocks for ever, /dev/zero never ends)."""
+
+
+class FileTooLarge(OSError):
+    """A regular file larger than its reader's limit: never read whole."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def check_regular(st: os.stat_result, path: str) -> os.stat_result:
+    """`st` when it describes a regular file; else NotARegularFile naming what it is."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a file")
+        raise NotARegularFile(errno.EINVAL, f"not a regular file ({kind})", path)
+    return st
+
+
+def open_regular(path: str) -> int:
+    """A read-only descriptor of the regular file at `path` (a symbolic link followed).
+
+    Anything else is refused before it is opened; the open itself does not wait on a
+    FIFO swapped in meanwhile (O_NONBLOCK), and the opened descriptor is checked again.
+    """
+    check_regular(os.stat(path), path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        check_regular(os.fstat(fd), path)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: str, limit: int | None = None) -> bytes:
+    """The bytes of a user's file at a path or URL: a local path must name a regular file
+    (NotARegularFile); with `limit`, one larger than `limit` bytes is FileTooLarge, and
+    no more than that is ever read."""
+    if storage.is_url(path):
+        return read_file(path)
+    fd = open_regular(path)
+    with os.fdopen(fd, "rb") as fh:
+        if limit is not None and os.fstat(fd).st_size > limit:
+            raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", path)
+        data = fh.read() if limit is None else fh.read(limit + 1)
+    if limit is not None and len(data) > limit:  # grew since fstat
+        raise FileTooLarge(errno.EFBIG, f"larger than {limit} bytes", path)
+    return data
 
 
 SCRATCH_ENV = "DEDUP_SCRATCH"

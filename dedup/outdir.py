@@ -22,8 +22,8 @@ from collections.abc import Iterator
 
 from dedup import storage
 from dedup.errors import DedupError, OutputError
-from dedup.fsutil import read_file, remove_temporaries, write_atomic
-from dedup.shards import Shard, sidecars
+from dedup.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
+from dedup.shards import SPOOL_DIR, Shard, remove_spool, sidecars
 
 log = logging.getLogger("dedup")
 
@@ -106,10 +106,10 @@ def claim_output(
         # otherwise, and job.json says the run is not complete.
         for name in ("summary.json", "report.html"):
             remove_output(storage.join(report_dir, name))
-        _write_job(job_path, current, complete=False)
+        _write_job(job_path, current, complete=False, report=report_dir, dry_run=dry_run)
         try:
             yield
-            _write_job(job_path, current, complete=True)
+            _write_job(job_path, current, complete=True, report=report_dir, dry_run=dry_run)
         finally:
             sweep(out, report_dir, store)
 
@@ -136,7 +136,7 @@ def mark_report(report_dir: str, out: str) -> None:
     )
 
 
-def mark_job(out: str, shards: list[Shard], complete: bool) -> None:
+def mark_job(out: str, shards: list[Shard], complete: bool, report_dir: str) -> None:
     """OUT's job.json: the outputs of this input set, and whether the run finished. An
     unfinished run's list keeps the earlier run's outputs too, until they are retired
     (retire_outputs), so that none is forgotten."""
@@ -144,7 +144,7 @@ def mark_job(out: str, shards: list[Shard], complete: bool) -> None:
     outputs = output_names(shards)
     if not complete:
         outputs |= set(_previous_outputs(job_path))
-    _write_job(job_path, outputs, complete)
+    _write_job(job_path, outputs, complete, report=report_dir)
 
 
 def check_output(
@@ -162,12 +162,21 @@ def check_output(
     _refuse_input_dirs(out, "--out", shards)
     _refuse_input_dirs(report_dir, "--report", shards)
     job_path = storage.join(storage.join(out, STATE_DIR), JOB_FILE)
-    ours = _isfile(job_path) or _only_ours(storage.join(out, STATE_DIR))
+
+    # Each question is asked after the look that raised it: a task starting beside this
+    # one (an orchestrator's parts start together) may be making its claim meanwhile,
+    # and what it made after an earlier look must not read as someone else's.
+    def ours() -> bool:
+        return _isfile(job_path) or _only_ours(storage.join(out, STATE_DIR))
+
     _refuse_foreign(out, ours, overwrite, "--out")
-    if not ours and _exists(storage.join(out, STATE_DIR)):
+    if _exists(storage.join(out, STATE_DIR)) and not ours():
         raise OutputError(f"{out}: holds a {STATE_DIR} that dedup did not write; remove it")
     inside_out = _same_place(_parent(report_dir), out)
-    report_ours = _isfile(storage.join(report_dir, REPORT_MARKER)) or (ours and inside_out)
+
+    def report_ours() -> bool:
+        return _isfile(storage.join(report_dir, REPORT_MARKER)) or (inside_out and ours())
+
     if not _same_place(report_dir, out):
         _refuse_foreign(report_dir, report_ours, overwrite, "--report")
     store = feature_store(out, state_dir)
@@ -181,7 +190,7 @@ def check_output(
             )
     state = storage.join(out, STATE_DIR)
     _make_dirs(out, state, storage.join(state, WRITTEN_DIR), report_dir, store)
-    return job_path, ours
+    return job_path, ours()
 
 
 # What dedup puts in OUT/.dedup before job.json: a run killed in between left only these.
@@ -195,19 +204,24 @@ STATE_NAMES = {
     WRITTEN_DIR,
     FANOUT_DIR,
     CANARIES_DIR,
+    SPOOL_DIR,
     ".dedup-tmp",
 }
 
 
 def _only_ours(state: str) -> bool:
-    """A state folder that holds nothing but names dedup creates there (or nothing)."""
+    """A state folder that holds nothing but names dedup creates there.
+
+    Tasks that start together (an orchestrator's mapped extract parts) each see the
+    others' claims half made: a local folder just created (empty) or holding only some of
+    dedup's names, an object-store prefix holding only some of dedup's objects. Each is
+    dedup's; a name dedup never writes there is not."""
     if storage.is_url(state):
         names = set(storage.listdir(state))
-    elif os.path.isdir(state) and not os.path.islink(state):
-        names = set(os.listdir(state))
-    else:
-        return False
-    return LOCK_FILE in names and names <= STATE_NAMES
+        return bool(names) and names <= STATE_NAMES  # a prefix exists once it holds one
+    if os.path.isdir(state) and not os.path.islink(state):
+        return set(_listdir(state)) <= STATE_NAMES
+    return False
 
 
 def _absolute(path: str) -> str:
@@ -270,6 +284,8 @@ def sweep(out: str, report_dir: str, store: str) -> None:
         *stores,
     ):
         remove_temporaries(directory)
+    # A killed run's copies of its pipe: inputs (a finished run removes its own).
+    remove_spool(storage.join(state, SPOOL_DIR))
     if not storage.is_url(report_dir):
         with contextlib.suppress(OSError):  # the report parts' folder, once merged
             os.rmdir(os.path.join(report_dir, ".parts"))
@@ -303,9 +319,12 @@ def _refuse_input_dirs(directory: str, option: str, shards: list[Shard]) -> None
             raise OutputError(f"{directory}: its {shard.name} is the input shard {shard.path}")
 
 
-def _refuse_foreign(directory: str, ours: bool, overwrite: bool, option: str) -> None:
+def _refuse_foreign(directory: str, ours, overwrite: bool, option: str) -> None:
+    """Refuse a directory that holds something and is not dedup's. `ours()` is asked
+    after the directory was listed."""
     if storage.is_url(directory):
-        if not ours and not overwrite and storage.listdir(directory):
+        held = [n for n in storage.listdir(directory) if n != TEMP_DIR]
+        if held and not overwrite and not ours():
             raise OutputError(
                 f"{directory}: is not empty and was not written by dedup ({option}); "
                 "choose an empty or new prefix, or pass --overwrite to write into it anyway"
@@ -313,11 +332,17 @@ def _refuse_foreign(directory: str, ours: bool, overwrite: bool, option: str) ->
         return
     if os.path.lexists(directory) and not os.path.isdir(directory):
         raise OutputError(f"{directory}: exists and is not a directory ({option})")
-    if os.path.isdir(directory) and not ours and not overwrite and _listdir(directory):
+    if os.path.isdir(directory) and not overwrite and _holds_anything(directory) and not ours():
         raise OutputError(
             f"{directory}: is not empty and was not written by dedup ({option}); "
             "choose an empty or new directory, or pass --overwrite to write into it anyway"
         )
+
+
+def _holds_anything(directory: str) -> bool:
+    """Anything but a folder of dedup's temporaries (a task starting beside this one
+    writing its marker there)."""
+    return any(name != TEMP_DIR for name in _listdir(directory))
 
 
 def _listdir(directory: str) -> list[str]:
@@ -432,8 +457,18 @@ def _lock(path: str, what: str) -> int:
     return fd
 
 
-def _write_job(job_path: str, outputs: set[str], complete: bool) -> None:
-    job = {"tool": "dedup", "complete": complete, "outputs": sorted(outputs)}
+def _write_job(
+    job_path: str, outputs: set[str], complete: bool, report: str, dry_run: bool = False
+) -> None:
+    """OUT's own record of its run: the outputs it wrote, whether it finished, whether it
+    was a dry run, and where its report went (`--report` may put it outside OUT)."""
+    job = {
+        "tool": "dedup",
+        "complete": complete,
+        "dry_run": dry_run,
+        "report": _absolute(report),
+        "outputs": sorted(outputs),
+    }
     write_atomic(job_path, json.dumps(job, indent=1).encode())
 
 

@@ -40,6 +40,7 @@ from dedup.extract import (
     ShardFeatures,
     extract_shard,
     file_identity,
+    input_identity,
     read_features,
 )
 from dedup.fsutil import read_file, scratch_dir, write_atomic
@@ -92,11 +93,13 @@ from dedup.report import (
     write_table,
 )
 from dedup.shards import (
+    SPOOL_DIR,
     FileGroup,
     Shard,
     display_name,
     list_shards,
     raw_name,
+    remove_spool,
     shard_size,
     sidecars,
 )
@@ -118,6 +121,7 @@ class BadShard:
 
     shard: Shard
     error: str
+    identity: tuple | None = None  # the input's identity when it failed, where known
 
 
 def choose_signals(config: Config) -> tuple[Config, Any]:
@@ -190,25 +194,29 @@ def extract_all(
     skip_bad_shards: bool = False,
     clip=None,
     executor: Executor | None = None,
+    spool: str | None = None,
 ) -> list[ShardFeatures | BadShard]:
     """Phase 1 over every shard; with `skip_bad_shards`, a damaged shard becomes a BadShard
-    instead of ending the run. `clip` is the resolved spec when the clip signal is on."""
+    instead of ending the run. `clip` is the resolved spec when the clip signal is on.
+    `spool`: the folder where each pipe: input's output is kept, its command run once
+    (see spool_folder); without it a pipe: input is read again by each later phase."""
     executor = executor or LocalExecutor(config.worker_count)
     total = sum(shard_size(s) for s in shards)
     progress = Progress("extract", total_bytes=total)
     if clip is None:
-        return executor.map(_Extract(config, store, skip_bad_shards), shards, progress, _shard_path)
+        task = _Extract(config, store, skip_bad_shards, spool=spool)
+        return executor.map(task, shards, progress, _shard_path)
     from dedup.signals.clip import stage_devices
 
     devices = stage_devices(config.device)
     on_gpu = devices[0].startswith("cuda")
     if config.clip_stage == "inline" or (config.clip_stage == "auto" and not on_gpu):
-        task = _Extract(config, store, skip_bad_shards, clip)
+        task = _Extract(config, store, skip_bad_shards, clip, spool=spool)
         return executor.map(task, shards, progress, _shard_path, cuda=on_gpu)
     # One stage per device owns the model; the readers never touch the GPU themselves.
     with executor.clip_stages(clip, devices) as stages:
         log.info("clip: one shared stage on each of %s", ", ".join(devices))
-        task = _Extract(config, store, skip_bad_shards, clip, tuple(stages))
+        task = _Extract(config, store, skip_bad_shards, clip, tuple(stages), spool)
         return executor.map(task, shards, progress, _shard_path)
 
 
@@ -223,17 +231,22 @@ class _Extract:
     skip_bad_shards: bool
     clip: Any = None  # a resolved ClipSpec when the clip signal is on
     stages: tuple = ()  # shared CLIP stages; shards are spread over them by name
+    spool: str | None = None  # where pipe: inputs are kept, read once (see spool_folder)
 
     def __call__(self, shard: Shard) -> ShardFeatures | BadShard:
         stage = None
         if self.stages:
             stage = self.stages[zlib.crc32(raw_name(shard.name)) % len(self.stages)]
         try:
-            return extract_shard(shard, self.config, self.store, self.clip, stage)
+            return extract_shard(shard, self.config, self.store, self.clip, stage, self.spool)
         except ShardError as e:
             if not self.skip_bad_shards:
                 raise
-            return BadShard(shard, str(e))
+            try:
+                identity = input_identity(shard)
+            except DedupError:
+                identity = None
+            return BadShard(shard, str(e), identity)
 
 
 @dataclass
@@ -652,7 +665,7 @@ def _finish(job: FinishJob) -> Finished:
         name = hashlib.sha256(raw_name(job.features.shard.name)).hexdigest()[:32]
         record = storage.join(job.written_dir, f"{name}.json")
         plan_digest = _output_plan(job)
-        written = _unchanged(job.output, record, plan_digest)
+        written = _unchanged(job.output, record, plan_digest) if same_input(job.features) else None
         unchanged = written is not None
         if not unchanged:
             written, captured = write_shard(
@@ -676,7 +689,7 @@ def _finish(job: FinishJob) -> Finished:
     if job.preview_rows:
         keys = f.column("key").to_pylist()
         found = read_previews(
-            job.features.shard.path,
+            job.features.shard,
             job.preview_rows,
             f.column("member_names").to_pylist(),
             f.column("member_offsets").to_pylist(),
@@ -747,6 +760,17 @@ def _identity(path: str):
 
 def _exists(path: str) -> bool:
     return storage.exists(path) if storage.is_url(path) else os.path.exists(path)
+
+
+def same_input(f: ShardFeatures) -> bool:
+    """Whether the input is still what its features were computed from (by its identity;
+    an input known only by its bytes is checked while it is written)."""
+    if f.identity is None:
+        return True
+    try:
+        return input_identity(f.shard) == f.identity
+    except DedupError:
+        return False
 
 
 def _unchanged(output: str, record: str, plan_digest: str | None) -> int | None:
@@ -855,7 +879,10 @@ def run(
         job = _Job(
             out, store, config, executor, dry_run, skip_bad_shards, clip, references, blocklists
         )
-        return report_into(report_dir, lambda folder: _run(shards, job, folder), scratch)
+        try:
+            return report_into(report_dir, lambda folder: _run(shards, job, folder), scratch)
+        finally:  # a pipe: input's bytes are this run's only: never kept past it
+            discard_spool(out)
 
 
 def report_into(report_dir: str, make, scratch: str | None = None) -> dict[str, Any]:
@@ -918,6 +945,22 @@ def reference_store(out: str) -> str:
     return storage.join(storage.join(out, STATE_DIR), REFERENCES_DIR)
 
 
+def spool_folder(out: str) -> str:
+    """Where a run keeps its pipe: inputs' bytes, read once, until it ends: inside OUT's
+    state (every node of a cluster reads OUT), never at a final path in OUT."""
+    return storage.join(storage.join(out, STATE_DIR), SPOOL_DIR)
+
+
+def discard_spool(out: str) -> None:
+    """Delete the run's copies of its pipe: inputs (spool_folder) once nothing reads them
+    again. A failure to is logged, never hides how the run ended; the next run into OUT
+    removes what is left."""
+    try:
+        remove_spool(spool_folder(out))
+    except DedupError as e:
+        log.warning("could not remove the copies of this run's pipe: inputs: %s", e)
+
+
 def extract_references(references: list[Reference], job: _Job) -> list[BadShard]:
     """Features of the shard sets and folders among `references` (reused when current);
     a REF left with no usable image is a ReferenceError_."""
@@ -925,7 +968,13 @@ def extract_references(references: list[Reference], job: _Job) -> list[BadShard]
     for ref in references:
         if ref.shards and not ref.sources:
             done = extract_all(
-                ref.shards, job.config, ref.store, job.skip_bad_shards, job.clip, job.executor
+                ref.shards,
+                job.config,
+                ref.store,
+                job.skip_bad_shards,
+                job.clip,
+                job.executor,
+                spool_folder(job.out),
             )
             for result in done:
                 if isinstance(result, BadShard):
@@ -993,7 +1042,13 @@ def extract_phase(shards: list[Shard], job: _Job) -> tuple[list[ShardFeatures], 
     """Phase 1 over `shards`: their features, and the bad shards left out (whose earlier
     outputs are removed: they no longer reflect the input)."""
     extracted = extract_all(
-        shards, job.config, job.store, job.skip_bad_shards, job.clip, job.executor
+        shards,
+        job.config,
+        job.store,
+        job.skip_bad_shards,
+        job.clip,
+        job.executor,
+        spool_folder(job.out),
     )
     bad = [r for r in extracted if isinstance(r, BadShard)]
     for b in bad:
@@ -1369,9 +1424,14 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
     manifest_path = os.path.join(out, INDEX_FILE)
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # an index being rebuilt is no index until it is done
-    with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
-        job = _Job(out, features_root, config, executor, False, False, clip)
-        bad = extract_references(references, job)
+    try:
+        with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
+            job = _Job(out, features_root, config, executor, False, False, clip)
+            bad = extract_references(references, job)
+    finally:  # pipe: references were read once into the index's spool; not kept
+        discard_spool(out)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out, STATE_DIR))
     if bad:
         raise ShardError(bad[0].shard.path, bad[0].error)
     entries = []

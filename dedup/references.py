@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 import blake3
@@ -29,15 +30,16 @@ import pyarrow.parquet as pq
 
 from dedup import storage
 from dedup.config import Config
-from dedup.errors import ConfigError, InputError
+from dedup.errors import ConfigError, DedupError, InputError
 from dedup.extract import (
     DONE_SUFFIX,
+    FEATURE_SCHEMA,
     STATUS_OK,
     ShardFeatures,
     feature_path,
     read_features,
 )
-from dedup.fsutil import read_file
+from dedup.fsutil import open_regular, read_regular_file
 from dedup.shards import FileGroup, Shard, display_name, list_shards
 
 log = logging.getLogger("dedup")
@@ -154,11 +156,15 @@ def _has_pattern(ref: str) -> bool:
 
 def image_files(root: str, config: Config) -> list[str]:
     """Image files under `root` (by extension, any depth; hidden names left out), as
-    sorted paths relative to it."""
+    sorted paths relative to it. Only names are listed: what a name turns out to be (a
+    FIFO, a device, a link to a folder) is found, and counted, when it is read."""
     out = []
     for folder, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in names:
+        # A link to a folder is never followed (it could loop back); named as an image,
+        # it is listed, to be counted as not a regular file.
+        linked = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in linked)
+        for name in [*names, *linked]:
             if name.startswith(".") or "." not in name:
                 continue
             if name.rsplit(".", 1)[1].lower() in config.image_extension_set:
@@ -173,10 +179,10 @@ def _stored(path: str, config: Config, clip, ref: str) -> int:
     """Rows of an intact stored feature file computed with this run's feature settings;
     else a ReferenceError_ naming REF."""
     try:
-        marker = json.loads(read_file(path + DONE_SUFFIX))
-        data = read_file(path)
-    except (OSError, ValueError, InputError) as e:
-        raise _fail(ref, f"stored features unreadable ({path}: {e})") from None
+        marker = json.loads(read_regular_file(path + DONE_SUFFIX))
+        data = read_regular_file(path)
+    except (OSError, ValueError, DedupError) as e:
+        raise _fail(ref, f"stored features unreadable ({path}: {_why(e)})") from None
     if blake3.blake3(data).hexdigest() != marker.get("blake3"):
         raise _fail(ref, f"stored features damaged ({path})")
     _check_settings(json.loads(marker["fingerprint"]), config, clip, ref)
@@ -197,25 +203,50 @@ def _check_settings(stored: dict, config: Config, clip, ref: str) -> None:
 
 
 def _earlier_run(ref: str, config: Config) -> Reference:
-    """An earlier OUT: its kept samples, from its feature store and samples.parquet."""
-    report = os.path.join(ref, "dedup-report")
-    try:
-        summary = json.loads(read_file(os.path.join(report, "summary.json")))
-    except (OSError, ValueError, InputError):
-        raise _fail(
-            ref, "an OUT without a finished run's report (dedup-report/summary.json)"
-        ) from None
-    if summary.get("output", {}).get("dry_run"):
+    """An earlier OUT: its kept samples, from its feature store and samples.parquet.
+
+    The run's own record, OUT/.dedup/job.json, says whether it finished, whether it was a
+    dry run, and where its report went (`--report` may have put it outside OUT; an older
+    record without `report` means OUT/dedup-report)."""
+    job = _run_record(ref)
+    if job.get("complete") is not True:
+        raise _fail(ref, "its run did not finish (.dedup/job.json says so); rerun it to the end")
+    if job.get("dry_run"):
         raise _fail(ref, "its run was a dry run: it kept nothing")
-    store = summary.get("output", {}).get("state_dir") or os.path.join(ref, ".dedup", "features")
-    samples = pq.read_table(os.path.join(report, "samples.parquet"), columns=["shard", "kept"])
+    report = job.get("report") or os.path.join(ref, "dedup-report")
+    if not isinstance(report, str):
+        raise _fail(ref, "its run record .dedup/job.json is damaged (report)")
+    try:
+        summary = json.loads(read_regular_file(storage.join(report, "summary.json")))
+    except (OSError, ValueError, DedupError):
+        raise _fail(
+            ref, f"its report {report} is gone or holds no readable summary.json; rerun it"
+        ) from None
+    output = summary.get("output") if isinstance(summary, dict) else None
+    if not isinstance(output, dict):
+        raise _fail(ref, f"its report {report} holds a damaged summary.json")
+    if output.get("dry_run"):
+        raise _fail(ref, "its run was a dry run: it kept nothing")
+    described = output.get("dir")
+    if isinstance(described, str) and _real(described) != _real(ref):
+        raise _fail(ref, f"its report {report} now describes another run (of {described})")
+    store = output.get("state_dir") or os.path.join(ref, ".dedup", "features")
+    samples_path = storage.join(report, "samples.parquet")
+    try:
+        samples = pq.read_table(
+            pa.BufferReader(read_regular_file(samples_path)), columns=["shard", "kept"]
+        )
+    except (OSError, DedupError, pa.ArrowException) as e:
+        raise _fail(ref, f"its report's {samples_path} is unreadable ({_why(e)})") from None
     shard_col = samples.column("shard").to_pylist()
     kept = samples.column("kept").to_numpy(zero_copy_only=False)
     r = Reference(ref, "run")
     start = 0
-    for entry in summary.get("shards", []):
-        shard = Shard(entry["shard"])
-        n = int(entry["samples"])
+    try:
+        entries = [(Shard(e["shard"]), int(e["samples"])) for e in summary.get("shards", [])]
+    except (KeyError, TypeError, ValueError):
+        raise _fail(ref, f"its report {report} holds a damaged summary.json") from None
+    for shard, n in entries:
         if shard_col[start : start + n] != [display_name(shard.path)] * n:
             raise _fail(ref, "its samples.parquet does not match its summary; rerun it")
         path = feature_path(store, shard)
@@ -225,15 +256,33 @@ def _earlier_run(ref: str, config: Config) -> Reference:
         only = np.flatnonzero(kept[start : start + n])
         r.sources.append(Source(ShardFeatures(shard, path, n, {}, None), only, _at_hand(shard)))
         start += n
+    if start != len(shard_col):
+        raise _fail(ref, "its samples.parquet does not match its summary; rerun it")
     if not r.sources:
         raise _fail(ref, "its run kept no samples")
     return r
 
 
+def _run_record(ref: str) -> dict:
+    path = os.path.join(ref, ".dedup", "job.json")
+    try:
+        job = json.loads(read_regular_file(path))
+    except (OSError, ValueError, DedupError) as e:
+        raise _fail(ref, f"its run record {path} is unreadable ({_why(e)})") from None
+    if not isinstance(job, dict):
+        raise _fail(ref, f"its run record {path} is damaged (not a JSON object)")
+    return job
+
+
+def _why(e: BaseException) -> str:
+    """An error's reason in a few words: an OSError's strerror, else its message."""
+    return (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0][:200]
+
+
 def _stored_rows(path: str, ref: str) -> int:
     try:
-        return int(json.loads(read_file(path + DONE_SUFFIX))["rows"])
-    except (OSError, ValueError, KeyError, InputError):
+        return int(json.loads(read_regular_file(path + DONE_SUFFIX))["rows"])
+    except (OSError, ValueError, KeyError, TypeError, DedupError):
         why = f"its stored features are missing ({path}); was --state-dir used?"
         raise _fail(ref, why) from None
 
@@ -271,39 +320,158 @@ def check_stored(refs: list[Reference], config: Config, clip) -> None:
 
 
 def open_index(ref: str, config: Config, clip=None) -> Reference:
-    """A stored reference index: its manifest, sources and settings."""
+    """A stored reference index: its manifest, sources and settings. Every file the
+    manifest names is checked before any is used (present, a regular file inside the
+    index, a Parquet footer with the feature schema and the manifest's rows, its .done
+    marker, its rows.npy in range): a damaged index is a ReferenceError_ naming the file."""
+    manifest_path = os.path.join(ref, INDEX_FILE)
     try:
-        manifest = json.loads(read_file(os.path.join(ref, INDEX_FILE)))
-    except (OSError, ValueError, InputError) as e:
-        raise _fail(ref, f"unreadable index ({e})") from None
+        manifest = json.loads(read_regular_file(manifest_path))
+    except (OSError, DedupError) as e:
+        raise _index_damaged(ref, manifest_path, _why(e)) from None
+    except ValueError:
+        raise _index_damaged(ref, manifest_path, "not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise _index_damaged(ref, manifest_path, "not a JSON object")
     if manifest.get("format") != INDEX_FORMAT:
         raise _fail(ref, f"an index of another format ({manifest.get('format')})")
     if manifest.get("feature_fingerprint") != config.feature_fingerprint():
-        built = ",".join(manifest.get("config", {}).get("signals", []))
+        built = manifest.get("config")
+        built = ",".join(map(str, built.get("signals", []))) if isinstance(built, dict) else "?"
         raise _fail(
             ref,
             f"an index built with other settings (signals {built}; this run: "
             f"{','.join(config.signals)}); rebuild it with this run's options",
         )
+    try:
+        entries = [_IndexEntry.of(entry) for entry in manifest["sources"]]
+    except (KeyError, TypeError, ValueError) as e:
+        why = f"a source entry lacks {e}" if isinstance(e, KeyError) else _why(e)
+        raise _index_damaged(ref, manifest_path, why) from None
     r = Reference(ref, "index")
-    for entry in manifest["sources"]:
-        path = os.path.join(ref, entry["features"])
-        rows = int(entry["rows"])
-        kind, location = entry["kind"], entry.get("location")
-        if kind == "files":
-            keys = read_features(path, ["key"]).column("key").to_pylist()
-            shard = FileGroup(entry["shard"], location, tuple(keys))
+    for entry in entries:
+        path = _index_file(ref, entry.features, manifest_path)
+        skipped = _check_index_features(ref, path, entry.rows)
+        if entry.kind == "files":
+            try:
+                keys = read_features(path, ["key"]).column("key").to_pylist()
+            except DedupError as e:
+                raise _index_damaged(ref, path, _why(e)) from None
+            location = entry.location
+            shard = FileGroup(entry.shard, location, tuple(keys))
             images = shard if location and os.path.isdir(location) else None
         else:
-            shard = Shard(entry["shard"])
+            shard = Shard(entry.shard)
             images = _at_hand(shard)
+            skipped = {}  # a shard's skipped members are not items
         only = None
-        if entry.get("only"):
-            only = np.load(os.path.join(ref, entry["only"]))
-        r.sources.append(Source(ShardFeatures(shard, path, rows, {}, None), only, images))
+        if entry.only is not None:
+            only = _index_rows(ref, _index_file(ref, entry.only, manifest_path), entry.rows)
+        features = ShardFeatures(shard, path, entry.rows, skipped, None)
+        r.sources.append(Source(features, only, images))
     if not r.sources:
         raise _fail(ref, "an empty index")
     return r
+
+
+@dataclass(frozen=True)
+class _IndexEntry:
+    """One source of an index manifest, its fields checked for type."""
+
+    kind: str
+    shard: str
+    location: str | None
+    features: str
+    rows: int
+    only: str | None
+
+    @staticmethod
+    def of(entry: dict) -> _IndexEntry:
+        e = _IndexEntry(
+            entry["kind"],
+            entry["shard"],
+            entry.get("location"),
+            entry["features"],
+            entry["rows"],
+            entry.get("only"),
+        )
+        texts = (e.kind, e.shard, e.features)
+        optional = (e.location, e.only)
+        if not all(isinstance(t, str) for t in texts) or not all(
+            t is None or isinstance(t, str) for t in optional
+        ):
+            raise TypeError(f"a source entry of the wrong shape ({_short(entry)})")
+        if e.kind not in ("files", "shard"):
+            raise ValueError(f"a source of unknown kind {e.kind!r}")
+        if isinstance(e.rows, bool) or not isinstance(e.rows, int) or e.rows < 0:
+            raise ValueError(f"a source with {e.rows!r} rows")
+        return e
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _index_damaged(ref: str, path: str, why: str) -> ReferenceError_:
+    return _fail(ref, f"damaged index: {path}: {why}; rebuild it with `dedup index`")
+
+
+def _index_file(ref: str, relative: str, manifest_path: str) -> str:
+    """A file the manifest names, which must lie inside the index."""
+    path = os.path.join(ref, relative)
+    root = os.path.realpath(ref)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise _index_damaged(ref, manifest_path, f"names {relative}, outside the index")
+    return path
+
+
+def _check_index_features(ref: str, path: str, rows: int) -> dict[str, int]:
+    """A feature file of an index checked: its marker's rows, and a Parquet footer with
+    the feature schema and those rows (a truncated file has none). Returns the items its
+    extraction skipped, by reason (from the marker)."""
+    marker_path = path + DONE_SUFFIX
+    try:
+        marker = json.loads(read_regular_file(marker_path))
+        marked = marker["rows"]
+        skipped = {str(k): int(v) for k, v in (marker.get("skipped_members") or {}).items()}
+    except (OSError, DedupError) as e:
+        raise _index_damaged(ref, marker_path, _why(e)) from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise _index_damaged(ref, marker_path, "not a feature file's marker") from None
+    if marked != rows:
+        raise _index_damaged(ref, marker_path, f"{marked} rows, the manifest says {rows}")
+    try:
+        with os.fdopen(open_regular(path), "rb") as fh:
+            parquet = pq.ParquetFile(fh)
+            schema, count = parquet.schema_arrow.remove_metadata(), parquet.metadata.num_rows
+    except OSError as e:
+        raise _index_damaged(ref, path, _why(e)) from None
+    except pa.ArrowException:
+        raise _index_damaged(ref, path, "not a readable Parquet file (truncated?)") from None
+    if schema != FEATURE_SCHEMA:
+        raise _index_damaged(ref, path, "not a feature file (other columns)")
+    if count != rows:
+        raise _index_damaged(ref, path, f"{count} rows, the manifest says {rows}")
+    return skipped
+
+
+def _index_rows(ref: str, path: str, rows: int) -> np.ndarray:
+    """The rows of a source that take part (an index made from an earlier OUT: the samples
+    it kept): sorted, distinct, each below the source's `rows`."""
+    try:
+        with os.fdopen(open_regular(path), "rb") as fh:
+            only = np.load(fh, allow_pickle=False)
+    except OSError as e:
+        raise _index_damaged(ref, path, _why(e)) from None
+    except (ValueError, EOFError):
+        raise _index_damaged(ref, path, "not a readable .npy file (truncated?)") from None
+    if only.ndim != 1 or only.dtype.kind not in "iu":
+        raise _index_damaged(ref, path, f"not a list of rows ({only.dtype}, {only.ndim}-d)")
+    only = only.astype(np.int64)
+    if len(only) and (only[0] < 0 or only[-1] >= rows or np.any(np.diff(only) <= 0)):
+        raise _index_damaged(ref, path, f"rows out of order or outside 0..{rows - 1}")
+    return only
 
 
 def usable_rows(source: Source) -> int:
@@ -318,9 +486,15 @@ def usable_rows(source: Source) -> int:
 
 
 def status_counts(source: Source) -> dict[str, int]:
-    """Items of a source by status (ok, undecodable, ...), of the rows that take part."""
+    """Items of a source by status (ok, undecodable, ...), of the rows that take part;
+    for image files, also the files skipped unread, by reason (not_a_regular_file,
+    too_large, unreadable_file)."""
     table = read_features(source.features.path, ["status"])
     if source.only is not None:
         table = table.take(pa.array(source.only, type=pa.int64()))
-    counts = pc.value_counts(table.column("status")).to_pylist()
-    return {c["values"]: int(c["counts"]) for c in counts}
+    counts = Counter(
+        {c["values"]: int(c["counts"]) for c in pc.value_counts(table.column("status")).to_pylist()}
+    )
+    if isinstance(source.features.shard, FileGroup):
+        counts.update(source.features.skipped_members)
+    return dict(counts)

@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import blake3
 from braceexpand import braceexpand
 
 from dedup import storage, tarscan
 from dedup.errors import InputError, ShardError
+from dedup.fsutil import (
+    FileTooLarge,
+    NotARegularFile,
+    atomic_path,
+    check_regular,
+    open_regular,
+    read_regular_file,
+)
 
 SHARD_SUFFIX = ".tar"
 _GLOB_CHARS = set("*?[")
+# A file of a FileGroup larger than this is counted `too_large` and never read: a
+# 100-megapixel image (max_pixels' default) is 400 MB even as uncompressed RGBA.
+MAX_FILE_BYTES = 1 << 30
+# The folder in OUT's state (OUT/.dedup/spool) where a run keeps the bytes of its pipe:
+# inputs, read once, until the run ends.
+SPOOL_DIR = "spool"
 
 
 @dataclass(frozen=True)
 class Shard:
-    """One input shard: `path` as listed (used in reports) and `name`, its output file name."""
+    """One input shard: `path` as listed (used in reports) and `name`, its output file name.
+
+    `spool`: where this run keeps a pipe: input's bytes, read once (see spool_shard); a
+    shard is the same shard with or without it."""
 
     path: str
+    spool: str | None = field(default=None, compare=False, kw_only=True)
 
     @property
     def name(self) -> str:
@@ -30,6 +51,44 @@ class Shard:
     @property
     def is_url(self) -> bool:
         return storage.is_url(self.path)
+
+    @property
+    def read_path(self) -> str:
+        """Where the shard's bytes are read: its spool once it has one, else its path.
+        Every reader of a shard's bytes reads here, never `path` directly."""
+        return self.spool or self.path
+
+
+def is_pipe(shard: Shard) -> bool:
+    """Whether the shard is a pipe: command's output, known only by its bytes."""
+    return shard.path.startswith(storage.PIPE)
+
+
+def spool_shard(shard: Shard, folder: str) -> tuple[Shard, str]:
+    """Run a pipe: shard's command once, keeping its output under `folder` (a path or a
+    URL, written atomically): the shard that reads it there, and the BLAKE3 of those
+    bytes, hashed as they stream. A command's output may differ on every invocation;
+    what a run decides on and what it writes come from this one read."""
+    name = hashlib.sha256(shard.path.encode("utf-8", "surrogateescape")).hexdigest()
+    final = storage.join(folder, name + SHARD_SUFFIX)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    try:
+        with (
+            storage.open_stream(shard.path) as stream,
+            atomic_path(final) as tmp,
+            open(tmp, "wb") as out,
+        ):
+            for chunk in storage.iter_chunks(stream):
+                hasher.update(chunk)
+                out.write(chunk)
+    except OSError as e:
+        raise ShardError(shard.path, f"cannot read ({e.strerror or e})") from None
+    return dataclasses.replace(shard, spool=final), hasher.hexdigest()
+
+
+def remove_spool(folder: str) -> None:
+    """Delete a run's spool folder (a path or a URL) and every input's bytes in it."""
+    storage.remove_tree(folder)
 
 
 @dataclass(frozen=True)
@@ -53,12 +112,14 @@ def read_ranges_of(shard: Shard, names: list[str], ranges: list[tuple[int, int]]
     """The bytes of members (`names`, at (offset, size) `ranges`) of a shard, or of the
     files of a FileGroup."""
     if not isinstance(shard, FileGroup):
-        return storage.read_ranges(shard.path, ranges)
+        return storage.read_ranges(shard.read_path, ranges)
     out = []
     for name, (offset, size) in zip(names, ranges, strict=True):
-        with open(shard.file(name), "rb") as fh:
-            fh.seek(offset)
-            out.append(fh.read(size))
+        fd = open_regular(shard.file(name))  # never a FIFO or device swapped in since
+        try:
+            out.append(os.pread(fd, size, offset))
+        finally:
+            os.close(fd)
     return out
 
 
@@ -91,7 +152,7 @@ SIDECAR_SUFFIXES = (".parquet", "_stats.json")
 
 def sidecars(shard: Shard) -> list[str]:
     """The img2dataset sidecar files beside a shard that exist (paths or URLs)."""
-    if isinstance(shard, FileGroup) or shard.path.startswith("pipe:"):
+    if isinstance(shard, FileGroup) or is_pipe(shard):
         return []
     stem = shard.path[: -len(SHARD_SUFFIX)] if shard.path.endswith(SHARD_SUFFIX) else None
     if stem is None:
@@ -142,17 +203,18 @@ def list_shards(inputs: list[str]) -> list[Shard]:
     """Expand directories (their *.tar, sorted), globs and brace patterns into shards.
 
     A path that exists is taken literally, before any brace or glob expansion: a shard
-    named `x[1].tar` or `a{b}.tar` is itself, not a pattern.
+    named `x[1].tar` or `a{b}.tar` is itself, not a pattern. So is a URL that names an
+    object or a prefix (storage.list_url).
     """
     if not inputs:
         raise InputError("no input given: name shard files, directories, globs or brace patterns")
     paths: list[str] = []
     for spec in inputs:
         if storage.is_url(spec):
-            for item in braceexpand(spec):
-                paths.extend(_check_shard_name(url) for url in storage.list_url(item))
-            if not paths:
+            found = [_check_shard_name(url) for url in storage.list_url(spec)]
+            if not found:
                 raise InputError(f"{spec}: names no *{SHARD_SUFFIX} shards")
+            paths.extend(found)
             continue
         if os.path.lexists(spec):
             paths.extend(_expand_one(spec, literal=True))
@@ -270,25 +332,29 @@ def iter_samples(
 def _iter_files(
     group: FileGroup, skipped: Counter, keep: Callable[[str], bool] | None
 ) -> Iterator[Sample]:
-    """A FileGroup's files as one-member samples; a file that cannot be read (gone,
-    unreadable) is counted under `unreadable_file`, never fatal."""
+    """A FileGroup's files as one-member samples. Counted and never fatal: a file that is
+    not a regular file (FIFO, device, socket, directory, or a link to one), never opened,
+    under `not_a_regular_file`; one above MAX_FILE_BYTES, never read, under `too_large`;
+    one that cannot be read (gone, unreadable) under `unreadable_file`."""
     index = 0
     for name in group.files:
         data = None
-        if keep is None or keep(name):
-            try:
-                with open(group.file(name), "rb") as fh:
-                    data = fh.read()
-            except OSError:
-                skipped["unreadable_file"] += 1
-                continue
-            size = len(data)
-        else:
-            try:
-                size = os.path.getsize(group.file(name))
-            except OSError:
-                skipped["unreadable_file"] += 1
-                continue
+        path = group.file(name)
+        try:
+            if keep is None or keep(name):
+                data = read_regular_file(path, MAX_FILE_BYTES)
+                size = len(data)
+            else:
+                size = check_regular(os.stat(path), path).st_size
+        except NotARegularFile:
+            skipped["not_a_regular_file"] += 1
+            continue
+        except FileTooLarge:
+            skipped["too_large"] += 1
+            continue
+        except OSError:
+            skipped["unreadable_file"] += 1
+            continue
         yield Sample(key=name, index=index, offset=0, members=[Member(name, 0, size, data)])
         index += 1
 
@@ -298,15 +364,16 @@ def iter_members(
 ) -> Iterator[tuple[int, str, int, int, bytes | None]]:
     """(header offset, name, data offset, size, data) of each regular member, in tar
     order; with `keep`, data only for the members it accepts (None for the others)."""
-    if shard.is_url:
-        with storage.open_stream(shard.path) as stream:
+    source = shard.read_path
+    if storage.is_url(source):
+        with storage.open_stream(source) as stream:
             first = stream.read(tarscan.BLOCK)
             if not first:
                 raise ShardError(shard.path, "empty object, not a tar archive")
             yield from tarscan.scan(_Prefixed(first, stream), shard.path, None, skipped, keep)
         return
     try:
-        fh = open(shard.path, "rb", buffering=1 << 20)  # noqa: SIM115 (closed below)
+        fh = open(source, "rb", buffering=1 << 20)  # noqa: SIM115 (closed below)
     except OSError as e:
         raise ShardError(shard.path, f"cannot open ({e.strerror or e})") from None
     with fh:

@@ -13,10 +13,13 @@ import contextlib
 import os
 import posixpath
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
+
+from braceexpand import braceexpand
 
 from dedup.errors import ConfigError, DedupError, InputError, OutputError
 
@@ -126,30 +129,53 @@ def _reason(e: BaseException) -> str:
 # ---------------------------------------------------------------- listing
 
 
+_PATTERN_CHARS = "*?[{"
+
+
 def list_url(spec: str) -> list[str]:
-    """The shards a URL names: a prefix ending in `/` (its `*.tar` objects, sorted), a
-    glob, or one object. http(s) and pipe: URLs name one shard each, never listed."""
-    if spec.startswith(PIPE) or scheme(spec) in ("http", "https"):
-        return [spec]
+    """The shards a URL names: one object, a prefix ending in `/` (its `*.tar` objects,
+    sorted), or a brace pattern or glob over them. A URL that names an existing object
+    or prefix is itself, before any expansion: `s3://b/x[1].tar` is that object, never a
+    pattern matching `x1.tar`. http(s) and pipe: URLs name one shard each, never listed
+    (braces still expand into several)."""
+    patterned = any(c in spec for c in _PATTERN_CHARS)
+    if spec.startswith(PIPE):
+        return list(braceexpand(spec))
+    if scheme(spec) in ("http", "https"):
+        if patterned and exists(spec, InputError):
+            return [spec]
+        return list(braceexpand(spec))
     fs = filesystem(spec)
     protocol = scheme(spec)
+    if patterned:
+        literal = _listed(fs, protocol, spec, must_exist=False)
+        if literal is not None:
+            return literal
+    found: list[str] = []
+    for item in braceexpand(spec) if patterned else [spec]:
+        if any(c in item for c in "*?["):
+            matches = retry(lambda item=item: fs.glob(item), item)
+            found.extend(sorted(f"{protocol}://{p}" for p in matches))
+        else:
+            found.extend(_listed(fs, protocol, item, must_exist=True))
+    return found
 
-    def url(path: str) -> str:
-        return f"{protocol}://{path}"
 
-    if any(c in spec for c in "*?["):
-        found = retry(lambda: fs.glob(spec), spec)
-        return sorted(url(p) for p in found)
-    if spec.endswith("/") or retry(lambda: fs.isdir(spec), spec):
+def _listed(fs, protocol: str, spec: str, must_exist: bool) -> list[str] | None:
+    """A prefix's `*.tar` objects (sorted) or the one object `spec` names; when neither
+    exists, InputError, or None unless `must_exist`."""
+    if retry(lambda: fs.isdir(spec), spec) or (must_exist and spec.endswith("/")):
         entries = retry(lambda: fs.ls(spec.rstrip("/"), detail=True), spec)
         return sorted(
-            url(e["name"])
+            f"{protocol}://{e['name']}"
             for e in entries
             if e.get("type") == "file" and e["name"].endswith(".tar")
         )
-    if not retry(lambda: fs.exists(spec), spec):
+    if retry(lambda: fs.isfile(spec), spec):
+        return [spec]
+    if must_exist:
         raise InputError(f"{spec}: no such object")
-    return [spec]
+    return None
 
 
 def identity(url: str) -> tuple | None:
@@ -381,6 +407,22 @@ def remove(url: str) -> None:
             fs.rm_file(url)
 
     retry(rm, url, OutputError)
+
+
+def remove_tree(path: str) -> None:
+    """Delete a folder (a local path, or every object under a prefix); gone already is fine."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs = filesystem(path)
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path.rstrip("/"), recursive=True)
+        with contextlib.suppress(Exception):
+            fs.invalidate_cache(path)
+
+    retry(rm, path, OutputError)
 
 
 def create_exclusive(url: str, data: bytes) -> bool:

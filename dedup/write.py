@@ -133,7 +133,9 @@ class _Source:
 
     def __init__(self, features: ShardFeatures) -> None:
         self.features = features
-        self.path = features.shard.path
+        self.path = features.shard.path  # as listed, for messages
+        self.source = features.shard.read_path  # where the bytes are (a pipe:'s spool)
+        self.remote = storage.is_url(self.source)
         self.hasher = None
         if features.identity is None:  # a pipe: command: only its bytes tell
             import blake3
@@ -141,17 +143,17 @@ class _Source:
             self.hasher = blake3.blake3()
 
     def __enter__(self) -> _Source:
-        if self.features.shard.is_url:
-            known = self.features.identity
-            if known is not None and storage.identity(self.path) != known:
+        known = self.features.identity
+        if self.remote:
+            if known is not None and storage.identity(self.source) != known:
                 raise ShardError(self.path, "shard changed since its features were computed")
-            self.reader = storage.open_stream(self.path)
+            self.reader = storage.open_stream(self.source)
         else:
             try:
-                self.reader = open(self.path, "rb", buffering=0)  # noqa: SIM115
+                self.reader = open(self.source, "rb", buffering=0)  # noqa: SIM115
             except OSError as e:
                 raise ShardError(self.path, f"cannot open ({e.strerror or e})") from None
-            if file_identity(os.fstat(self.reader.fileno())) != self.features.identity:
+            if known is not None and file_identity(os.fstat(self.reader.fileno())) != known:
                 self.reader.close()
                 raise ShardError(self.path, "shard changed since its features were computed; rerun")
         self.position = 0
@@ -177,7 +179,7 @@ class _Source:
     def skip_to(self, offset: int) -> None:
         if offset < self.position:
             raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
-        if self.hasher is None and not self.features.shard.is_url:
+        if self.hasher is None and not self.remote:
             self.reader.seek(offset)
             self.position = offset
             return
@@ -192,7 +194,7 @@ class _Source:
         while self.read(1 << 22):
             pass
         if self.hasher.hexdigest() != self.features.content:
-            raise ShardError(self.path, "the command's output changed since it was read")
+            raise ShardError(self.path, "the shard's bytes changed since they were read")
 
     def __exit__(self, *exc) -> None:
         self.reader.close()

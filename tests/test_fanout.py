@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -152,3 +155,230 @@ def test_a_new_fan_out_into_a_finished_out(crawl, tmp_path):
     dedup("write", "--out", out, "--part", "0/1")
     dedup(*fewer, "--out", tmp_path / "one", *FLAGS)
     assert outputs(out) == outputs(tmp_path / "one")  # the dropped shards' outputs gone
+
+
+# ------------------------------------------------------------ as orchestrators run it
+
+FAST = ["--signals", "exact,phash", "--workers", "2"]
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Five shards (copies within and across them) in a folder the test may change."""
+    samples = planted_dataset(
+        24, {"exact": 5, "reencode": 4, "resize": 3}, seed=5, size=(64, 48), bad=False
+    )
+    write_shards(samples, str(tmp_path / "in"), 8)
+    return tmp_path / "in"
+
+
+def one_run(inputs, dest, *flags):
+    """The oracle: one `dedup` run over the inputs as they are now."""
+    dedup(*inputs, "--out", dest, *(flags or FAST))
+    return outputs(dest)
+
+
+def fan_out(inputs, out, parts=2, writes=1, flags=FAST, env=None):
+    for i in range(parts):
+        dedup("extract", *inputs, "--out", out, "--part", f"{i}/{parts}", *flags, env=env)
+    dedup("cluster", "--out", out, env=env)
+    for i in range(writes):
+        dedup("write", "--out", out, "--part", f"{i}/{writes}", env=env)
+
+
+def add_sample(shard, key: str, data: bytes) -> None:
+    """Rewrite a shard with one more sample (a new inode, size and times)."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            members.append((info.name, tar.extractfile(info).read()))
+    members.append((f"{key}.jpg", data))
+    tmp = str(shard) + ".new"
+    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    os.replace(tmp, shard)
+
+
+def first_image(shard) -> bytes:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        info = next(i for i in tar if i.name.endswith(".jpg"))
+        return tar.extractfile(info).read()
+
+
+def test_a_rerun_after_an_input_changed_describes_the_current_inputs(small, tmp_path):
+    """A finished fan-out; one input shard gains a sample; the orchestrator reruns only
+    cluster and write (or only write). The plan is made from the current inputs, or
+    refused: never an exit 0 with the old shard's results."""
+    out = tmp_path / "out"
+    fan_out([small], out, parts=2, writes=2)
+    assert outputs(out) == one_run([small], tmp_path / "one")
+    shards = sorted(small.glob("*.tar"))
+    add_sample(shards[2], "added-copy", first_image(shards[0]))  # an exact copy of another
+    # Only write rerun: its plan was made from the old bytes: refused, exit 3.
+    stale = dedup("write", "--out", out, "--part", "0/2", check=None)
+    stale_other = dedup("write", "--out", out, "--part", "1/2", check=None)
+    codes = sorted([stale.returncode, stale_other.returncode])
+    assert codes == [0, 3], (stale.stderr, stale_other.stderr)
+    refused = stale if stale.returncode == 3 else stale_other
+    assert f"{shards[2]}" in error_line(refused) and "changed" in error_line(refused)
+    assert not (out / "dedup-report" / "summary.json").exists()
+    assert json.loads((out / ".dedup" / "job.json").read_text())["complete"] is False
+    # cluster and write rerun: the changed shard is extracted again by cluster.
+    again = dedup("cluster", "--out", out)
+    assert "1 shards changed since their extract part read them" in again.stderr
+    for i in range(2):
+        dedup("write", "--out", out, "--part", f"{i}/2")
+    current = one_run([small], tmp_path / "two")
+    assert outputs(out) == current
+    rows = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
+    added = [r for r in rows if r["key"] == "added-copy"]
+    assert len(added) == 1 and added[0]["kept"] is False  # a copy: removed
+    # A full rerun after another change gives the current bytes too.
+    add_sample(shards[4], "added-unique", first_image(shards[1])[:-7] + b"\0" * 7)
+    fan_out([small], out, parts=3, writes=1)
+    assert outputs(out) == one_run([small], tmp_path / "three")
+
+
+# Runs the dedup CLI once a `go` file appears: the modules are imported first, so that
+# processes started together reach OUT within a millisecond of each other.
+STARTER = """
+import os, sys, time
+import dedup.cli, dedup.fanout, dedup.pipeline
+go = sys.argv[1]
+open(f"{go}.ready-{os.getpid()}", "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+sys.argv = ["dedup", *sys.argv[2:]]
+sys.exit(dedup.cli.main())
+"""
+
+
+def started_together(commands: list[list], go, env=None) -> list[tuple[int, str]]:
+    """(exit code, stderr) of dedup commands released at the same instant."""
+    go = Path(go)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, str(go), *map(str, args)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        for args in commands
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(go.parent.glob(go.name + ".ready-*"))) < len(procs):
+        assert time.monotonic() < deadline, "the dedup processes did not start"
+        time.sleep(0.01)
+    go.touch()  # every process has imported dedup and waits: released together
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    for path in [go, *go.parent.glob(go.name + ".ready-*")]:
+        path.unlink()
+    for _, stderr in results:
+        assert "Traceback" not in stderr, stderr
+    return results
+
+
+def test_extract_parts_started_together_on_a_fresh_out(small, tmp_path):
+    """Airflow's mapped tasks start at the same time: every part claims OUT or sees a
+    claim of the same job; none is refused. Repeated to meet the race."""
+    oracle = one_run([small], tmp_path / "one")
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        parts = [["extract", small, "--out", out, "--part", f"{i}/4", *FAST] for i in range(4)]
+        results = started_together(parts, tmp_path / "go")
+        assert [code for code, _ in results] == [0] * 4, results
+        dedup("cluster", "--out", out)
+        procs = [
+            subprocess.Popen([DEDUP, "write", "--out", str(out), "--part", f"{i}/2", "-q"])
+            for i in range(2)
+        ]
+        assert [p.wait(timeout=300) for p in procs] == [0, 0]
+        assert outputs(out) == oracle
+
+
+def test_extract_parts_started_together_in_object_storage(small, s3, bucket, tmp_path):  # noqa: F811
+    upload(small, f"{bucket}/in")
+    local = one_run([small], tmp_path / "one")
+    for attempt in range(2):
+        out = f"{bucket}/out{attempt}"
+        parts = [
+            ["extract", f"{bucket}/in/", "--out", out, "--part", f"{i}/3", *FAST] for i in range(3)
+        ]
+        results = started_together(parts, tmp_path / "go", env=s3)
+        assert [code for code, _ in results] == [0] * 3, results
+        dedup("cluster", "--out", out, env=s3)
+        dedup("write", "--out", out, "--part", "0/1", env=s3)
+        assert {n: storage.read_bytes(f"{out}/{n}") for n in local if n.endswith(".tar")} == {
+            n: data for n, data in local.items() if n.endswith(".tar")
+        }
+
+
+def test_a_task_chooses_its_own_workers_and_executor(small, tmp_path):
+    """Settings that change where and how fast a task runs may differ between parts;
+    a setting that changes results may not."""
+    out = tmp_path / "out"
+    signals = ["--signals", "exact,phash"]
+    dedup("extract", small, "--out", out, "--part", "0/3", *signals, "--workers", "1")
+    dedup("extract", small, "--out", out, "--part", "1/3", *signals, "--workers", "2")
+    dedup(
+        "extract", small, "--out", out, "--part", "2/3", *signals, "--executor", "local",
+        "--batch-size", "8",
+    )  # fmt: skip
+    other = dedup(
+        "extract", small, "--out", out, "--part", "2/3", *signals, "--keep", "first", check=2
+    )
+    assert "keep: 'first' here, 'largest' there" in error_line(other)
+    dedup("cluster", "--out", out, "--workers", "1")
+    dedup("write", "--out", out, "--part", "0/1", "--workers", "2")
+    assert outputs(out) == one_run([small], tmp_path / "one")
+
+
+def test_a_new_part_count_starts_the_extract_afresh(small, tmp_path):
+    out = tmp_path / "out"
+    dedup("extract", small, "--out", out, "--part", "0/2", *FAST)  # 1/2 never ran
+    for i in range(3):
+        dedup("extract", small, "--out", out, "--part", f"{i}/3", *FAST)
+    dedup("cluster", "--out", out)
+    dedup("write", "--out", out, "--part", "0/2")
+    dedup("write", "--out", out, "--part", "1/2")
+    oracle = one_run([small], tmp_path / "one")
+    assert outputs(out) == oracle
+    # Back to two parts, with --overwrite; a part of the new N still missing is named.
+    dedup("extract", small, "--out", out, "--part", "1/2", *FAST, "--overwrite")
+    waiting = dedup("cluster", "--out", out, check=2)
+    assert "extract part 0/2 has not finished" in error_line(waiting)
+    dedup("extract", small, "--out", out, "--part", "0/2", *FAST, "--overwrite")
+    dedup("cluster", "--out", out)
+    dedup("write", "--out", out, "--part", "0/1")
+    assert outputs(out) == oracle
+
+
+def test_a_new_job_retires_the_finished_summary_at_once(small, tmp_path):
+    """While a new job is half written, no finished summary describes OUT: neither in
+    OUT's report folder nor in the earlier job's --report folder."""
+    out, elsewhere = tmp_path / "out", tmp_path / "report"
+    for i in range(2):
+        dedup("extract", small, "--out", out, "--part", f"{i}/2", *FAST, "--report", elsewhere)
+    dedup("cluster", "--out", out)
+    dedup("write", "--out", out, "--part", "0/1")
+    assert (elsewhere / "summary.json").exists()
+    fewer = sorted(small.glob("*.tar"))[:2]
+    dedup("extract", *fewer, "--out", out, "--part", "0/2", *FAST)
+    assert not (elsewhere / "summary.json").exists()
+    assert not (elsewhere / "report.html").exists()
+    assert json.loads((out / ".dedup" / "job.json").read_text())["complete"] is False
+    dedup("extract", *fewer, "--out", out, "--part", "1/2", *FAST)
+    dedup("cluster", "--out", out)
+    dedup("write", "--out", out, "--part", "0/2")
+    assert not (out / "dedup-report" / "summary.json").exists()  # part 1/2 still to write
+    dedup("write", "--out", out, "--part", "1/2")
+    assert json.loads((out / ".dedup" / "job.json").read_text())["complete"] is True
+    assert outputs(out) == one_run(fewer, tmp_path / "one")

@@ -139,7 +139,7 @@ def test_a_task_error_comes_back_as_itself(executor):
 class BuggyExtract:
     """Takes the place of the pipeline's extract task in a driver that a test starts."""
 
-    def __init__(self, *args) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         pass
 
     def __call__(self, shard):
@@ -298,8 +298,9 @@ def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_
             ray_cluster.add_node(**RAY_NODE)  # two nodes again for the tests after this
             ray_cluster.wait_for_nodes()
     assert lost, "no read of a shard ran on the worker node"
-    # The lost shard's read was started again (on the head node): extract, then write.
-    assert [name for name, _ in readers(held)].count(lost[0]) >= 3
+    # The lost shard's read was started again (on the head node); its command runs in
+    # the extract task only (the write reads the run's copy of its bytes).
+    assert [name for name, _ in readers(held)].count(lost[0]) >= 2
     # Every shard byte-equal, every table row equal (its shard named by file name: here
     # the input is a pipe: command, there the file).
     assert local_outputs(tmp_path / "out") == local_outputs(root / "local")

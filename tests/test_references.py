@@ -8,6 +8,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dedup import storage
+from dedup.shards import MAX_FILE_BYTES
 from dedup.synth import (
     HARD_EDITS,
     NEAR_EDITS,
@@ -37,13 +40,14 @@ VIEWS = ["--signals", "exact,phash,views", "--workers", "2"]
 EVAL_EDITS = ("exact", "reencode", "resize", "png", "mirror", "letterbox", "webp", "brighten")
 
 
-def run_dedup(*args, check: int | None = 0, cwd=None) -> subprocess.CompletedProcess:
+def run_dedup(*args, check: int | None = 0, cwd=None, timeout=None) -> subprocess.CompletedProcess:
     result = subprocess.run(
         [DEDUP, *map(os.fsdecode, args)],
         capture_output=True,
         text=True,
         errors="backslashreplace",
         cwd=cwd,
+        timeout=timeout,
     )
     assert "Traceback" not in result.stderr, result.stderr
     assert "internal error" not in result.stderr, result.stderr
@@ -539,3 +543,294 @@ def test_the_reference_section_renders_in_headless_chromium(decontam, tmp_path):
     loaded = int(re.search(r'data-match-loaded="(\d+)"', body).group(1))
     assert shown == 2 * len(truth) and loaded == shown  # each copy beside its item
     assert '<h2 id="references">References</h2>' in dom
+
+
+# ------------------------------------------------------------ hostile references (issue 23)
+
+PLAIN = ["--signals", "exact,phash", "--workers", "2"]
+
+
+def decisions(out: Path) -> list[tuple]:
+    """Each sample's fate, with the item it matched (not which REF label named it)."""
+    return [
+        (k, r["kept"], r["reason"], r["duplicate_of"], r["reference_key"])
+        for k, r in sorted(rows(out).items())
+    ]
+
+
+def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_crawls, tmp_path):
+    """OUT/.dedup/job.json says whether the run finished, whether it was a dry run and
+    where its report went: an OUT whose report is elsewhere (--report) serves as one whose
+    report is inside it; a record that says otherwise, or a report gone or since reused by
+    another run, is one line, exit 2, naming it."""
+    root = two_crawls
+    common = [*PLAIN, "--keep", "first"]
+    home, away, report = tmp_path / "home", tmp_path / "away", tmp_path / "reports" / "week1"
+    run_dedup(root / "week1", "--out", home, *common)
+    run_dedup(root / "week1", "--out", away, "--report", report, *common)
+    assert not (away / "dedup-report").exists()
+    for ref in (home, away):
+        run_dedup(
+            root / "week2", "--out", tmp_path / f"after-{ref.name}", "--against", ref, *common
+        )
+    assert decisions(tmp_path / "after-home") == decisions(tmp_path / "after-away")
+    assert sum(d[2] == "reference" for d in decisions(tmp_path / "after-away")) >= 10
+    # An OUT made with --against serves in turn (its report holds only its input's rows).
+    run_dedup(
+        root / "week1", "--out", tmp_path / "chain", "--against", tmp_path / "after-away", *common
+    )
+
+    def refused(ref: Path) -> str:
+        result = run_dedup(
+            root / "week2", "--out", tmp_path / "refused", "--against", ref, *common, check=2
+        )
+        assert not (tmp_path / "refused").exists()
+        return error_line(result)
+
+    def edit_job(out: Path, **change) -> None:
+        path = out / ".dedup" / "job.json"
+        job = {**json.loads(path.read_text()), **change}
+        path.write_text(json.dumps({k: v for k, v in job.items() if v is not None}))
+
+    prefix = f"dedup: error: --against {away}: "
+    edit_job(away, complete=False)
+    assert refused(away) == prefix + "its run did not finish (.dedup/job.json says so); " + (
+        "rerun it to the end"
+    )
+    edit_job(away, complete=True, dry_run=True)
+    assert refused(away) == prefix + "its run was a dry run: it kept nothing"
+    # A record from before `report` was kept: the report is OUT/dedup-report.
+    edit_job(away, dry_run=False, report=None)
+    assert refused(away) == prefix + (
+        f"its report {away / 'dedup-report'} is gone or holds no readable summary.json; rerun it"
+    )
+    edit_job(home, report=None, dry_run=None)
+    run_dedup(root / "week2", "--out", tmp_path / "old-record", "--against", home, *common)
+    assert decisions(tmp_path / "old-record") == decisions(tmp_path / "after-home")
+    # The report folder reused by another run, then deleted.
+    edit_job(away, report=str(report))
+    run_dedup(root / "week2", "--out", tmp_path / "other", "--report", report, *common)
+    assert refused(away) == prefix + (
+        f"its report {report} now describes another run (of {tmp_path / 'other'})"
+    )
+    shutil.rmtree(report)
+    assert refused(away) == prefix + (
+        f"its report {report} is gone or holds no readable summary.json; rerun it"
+    )
+    dry = tmp_path / "dry"
+    run_dedup(root / "week1", "--out", dry, "--dry-run", *common)
+    assert refused(dry) == f"dedup: error: --against {dry}: its run was a dry run: it kept nothing"
+
+
+def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
+    decontam, tmp_path, monkeypatch
+):
+    """A FIFO named as an image (opening it for reading would wait for ever), a link to
+    /dev/zero (never ends), a socket, a link to a FIFO, a link to a folder (a loop), and a
+    file over MAX_FILE_BYTES (sparse: reading it whole would take a GiB) in a reference
+    folder: skipped and counted, never opened; the run decides as without them, directly
+    and through an index."""
+    root, _, truth = decontam
+    plain, hostile = tmp_path / "plain", tmp_path / "hostile"
+    shutil.copytree(root / "eval", plain)
+    shutil.copytree(root / "eval", hostile)
+    os.mkfifo(hostile / "pipe.jpg")
+    os.symlink("/dev/zero", hostile / "zero.jpg")
+    os.symlink(hostile / "pipe.jpg", hostile / "birds" / "to-pipe.png")
+    os.symlink(hostile, hostile / "cars" / "loop.jpg")
+    os.symlink("..", hostile / "cars" / "up")  # a loop with no image name: not an item
+    monkeypatch.chdir(hostile)  # a socket's path must be short
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("sock.jpg")
+    with open(hostile / "big.jpg", "wb") as fh:
+        fh.truncate(MAX_FILE_BYTES + 1)
+    monkeypatch.chdir(tmp_path)
+    expected = {"undecodable": 1, "not_a_regular_file": 5, "too_large": 1}
+    run_dedup(root / "train", "--out", tmp_path / "a", "--against", plain, *PLAIN)
+    run_dedup(root / "train", "--out", tmp_path / "b", "--against", hostile, *PLAIN, timeout=300)
+    assert decisions(tmp_path / "b") == decisions(tmp_path / "a")
+    # Fingerprinted by content (every file hashed): the same files are never read either.
+    run_dedup(
+        root / "train", "--out", tmp_path / "bc", "--against", hostile, *PLAIN,
+        "--fingerprint", "content", timeout=300,
+    )  # fmt: skip
+    assert decisions(tmp_path / "bc") == decisions(tmp_path / "a")
+    matched = {d[4] for d in decisions(tmp_path / "b") if d[2] == "reference"}
+    assert matched <= set(truth.values()) and len(matched) >= 6  # not mirrors: no views here
+    (a,), (b,) = (summary(tmp_path / n)["references"]["against"] for n in ("a", "b"))
+    assert (b["items"], b["usable"], b["skipped_by_reason"]) == (19, 12, expected)
+    assert (a["items"], a["usable"], a["matched"]) == (13, 12, b["matched"])
+    # The same counts through an index made from the folder.
+    run_dedup("index", hostile, "--out", tmp_path / "index", *PLAIN, timeout=300)
+    run_dedup(root / "train", "--out", tmp_path / "c", "--against", tmp_path / "index", *PLAIN)
+    (c,) = summary(tmp_path / "c")["references"]["against"]
+    assert (c["items"], c["usable"], c["skipped_by_reason"]) == (19, 12, expected)
+    assert decisions(tmp_path / "c") == decisions(tmp_path / "a")
+    # A REF or a --blocklist that is itself a FIFO or a device: one line, exit 2.
+    for flag, path, why in (
+        ("--against", hostile / "pipe.jpg", "not a regular file"),
+        ("--blocklist", hostile / "pipe.jpg", "cannot read (not a regular file (a FIFO))"),
+        ("--blocklist", hostile / "zero.jpg", "cannot read (not a regular file (a character "),
+    ):
+        result = run_dedup(
+            root / "train", "--out", tmp_path / "x", flag, path, *PLAIN, check=2, timeout=120
+        )
+        assert error_line(result).startswith(f"dedup: error: {flag} {path}: {why}")
+    assert not (tmp_path / "x").exists()
+    # A --config that is a FIFO or a device: one line, exit 2, never a wait or a read
+    # without end.
+    for path, why in ((hostile / "pipe.jpg", "not a regular file"), ("/dev/zero", "not a ")):
+        result = run_dedup(
+            root / "train", "--out", tmp_path / "x", "--config", path, check=2, timeout=120
+        )
+        assert error_line(result).startswith(f"dedup: error: config {path}: {why}")
+
+
+@pytest.fixture(scope="module")
+def indexes(decontam, two_crawls, tmp_path_factory):
+    """Two intact indexes: of an image folder (a features file per part) and of an
+    earlier OUT (features and the rows it kept, rows.npy)."""
+    root = tmp_path_factory.mktemp("indexes")
+    decontam_root, _, _ = decontam
+    run_dedup("index", decontam_root / "eval", "--out", root / "files", *PLAIN)
+    run_dedup(two_crawls / "week1", "--out", root / "week1", *PLAIN)
+    run_dedup("index", root / "week1", "--out", root / "run", *PLAIN)
+    return root
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _edit_manifest(index: Path, edit) -> None:
+    path = index / "dedup-index.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+INDEX_DAMAGE = {
+    "truncated features": (
+        "files",
+        "features",
+        _truncate,
+        "not a readable Parquet file (truncated?)",
+    ),
+    "missing features": ("files", "features", os.remove, "No such file or directory"),
+    "missing marker": ("files", "marker", os.remove, "No such file or directory"),
+    "garbled marker": (
+        "files",
+        "marker",
+        lambda p: p.write_text("{]"),
+        "not a feature file's marker",
+    ),
+    "truncated rows": ("run", "only", _truncate, "not a readable .npy file (truncated?)"),
+    "missing rows": ("run", "only", os.remove, "No such file or directory"),
+    "rows out of range": (
+        "run",
+        "only",
+        lambda p: np.save(p, np.array([0, 10**6], dtype=np.int64)),
+        "rows out of order or outside 0..",
+    ),
+    "rows not a list": (
+        "run",
+        "only",
+        lambda p: np.save(p, np.zeros((2, 2), dtype=np.int64)),
+        "not a list of rows (int64, 2-d)",
+    ),
+    "truncated manifest": ("run", "manifest", _truncate, "not valid JSON"),
+    "manifest not an object": (
+        "run",
+        "manifest",
+        lambda p: p.write_text("[]"),
+        "not a JSON object",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", [*INDEX_DAMAGE, "rows disagree", "entry lacks features"])
+def test_a_damaged_index_is_exit_2_naming_the_index_and_the_file(
+    indexes, two_crawls, tmp_path, damage
+):
+    """Every file an index's manifest names is checked when the index is opened: one
+    line, exit 2, naming the index and the file, before OUT is touched."""
+    index = tmp_path / "index"
+    kind = INDEX_DAMAGE[damage][0] if damage in INDEX_DAMAGE else "run"
+    shutil.copytree(indexes / kind, index)
+    manifest = json.loads((index / "dedup-index.json").read_text())
+    source = manifest["sources"][-1]
+    files = {
+        "features": index / source["features"],
+        "marker": index / (source["features"] + ".done"),
+        "only": index / (source["only"] or "none"),
+        "manifest": index / "dedup-index.json",
+    }
+    if damage == "rows disagree":
+        _edit_manifest(index, lambda m: {**m, "sources": [{**s, "rows": 3} for s in m["sources"]]})
+        first = manifest["sources"][0]
+        damaged = index / (first["features"] + ".done")
+        why = f"{first['rows']} rows, the manifest says 3"
+    elif damage == "entry lacks features":
+        _edit_manifest(index, lambda m: {**m, "sources": [{"kind": "shard"}]})
+        damaged, why = files["manifest"], "a source entry lacks 'shard'"
+    else:
+        _, which, hurt, why = INDEX_DAMAGE[damage]
+        damaged = files[which]
+        hurt(damaged)
+    result = run_dedup(
+        two_crawls / "week2", "--out", tmp_path / "out", "--against", index, *PLAIN, check=2
+    )
+    line = error_line(result)
+    assert line.startswith(f"dedup: error: --against {index}: damaged index: {damaged}: {why}")
+    assert line.endswith("; rebuild it with `dedup index`")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_intact_index_of_an_earlier_out_serves(indexes, two_crawls, tmp_path):
+    """The checks pass what `dedup index` made: the same decisions as the OUT itself."""
+    week2 = two_crawls / "week2"
+    run_dedup(week2, "--out", tmp_path / "a", "--against", indexes / "week1", *PLAIN)
+    run_dedup(week2, "--out", tmp_path / "b", "--against", indexes / "run", *PLAIN)
+    assert decisions(tmp_path / "a") == decisions(tmp_path / "b")
+    assert sum(d[2] == "reference" for d in decisions(tmp_path / "b")) >= 10
+
+
+# ------------------------------------------------------------ blocklist text lines
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("list.txt", "# a form feed\x0cin a comment\nhello\n", "list.txt:2: not a digest"),
+        ("list.txt", "# a line separator\u2028in a comment\nhello\n", "list.txt:2: not a digest"),
+        ("list.txt", "# next line\x85and a record separator\x1e\nhello\n", "list.txt:2: not"),
+        ("list.txt", "# windows\r\n\r\nhello\r\n", "list.txt:3: not a digest"),
+        ("list.txt", "\ufeffhello\n", "list.txt:1: not a digest (64 hex digits) or a pHash"),
+        ("list.txt", "\ufeff# BOM\n\x0c\nzz\n", "list.txt:3: not a digest"),
+        ("list.csv", 'phash,note\n1234567890abcdef,"two\nlines"\nzz,x\n', "list.csv:4: phash must"),
+    ],
+    ids=["form-feed", "u2028", "nel", "crlf", "bom", "bom-and-form-feed", "csv-quoted-newline"],
+)
+def test_a_blocklist_error_names_the_line_an_editor_shows(listed, tmp_path, name, content, message):
+    root, _, _ = listed
+    path = tmp_path / name
+    path.write_bytes(content.encode("utf-8"))
+    result = run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *PLAIN, check=2)
+    assert error_line(result).startswith(f"dedup: error: {tmp_path / message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_blocklist_with_a_bom_is_read_as_without(listed, tmp_path):
+    root, samples, plain = listed
+    key = next(k for k, r in plain.items() if r["kept"] and r["digest"])
+    entries = f"# opt-out\x0c requests\r\nblake3:{plain[key]['digest']}\r\n"
+    counted = []
+    for name, data in (("plain.txt", entries), ("bom.txt", "\ufeff" + entries)):
+        (tmp_path / name).write_bytes(data.encode("utf-8"))
+        out = tmp_path / name.split(".")[0]
+        run_dedup(root / "in", "--out", out, "--blocklist", tmp_path / name, *PLAIN)
+        (section,) = summary(out)["references"]["blocklists"]
+        counted.append((section["digests"], section["phash_codes"], section["matched"]))
+        assert sorted(k for k, r in rows(out).items() if r["reason"] == "blocklist") == sorted(
+            s.key for s in samples if s.group == next(x.group for x in samples if x.key == key)
+        )
+    group = next(s.group for s in samples if s.key == key)
+    assert counted == [(1, 0, sum(s.group == group for s in samples))] * 2

@@ -13,11 +13,13 @@ import sys
 import threading
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from dedup import errors, storage
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import free_port
+from tests.test_hostile import error_line
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 FLAGS = ["--signals", "exact,phash", "--workers", "2"]
@@ -311,3 +313,83 @@ def test_a_stale_lock_object_is_taken_over_and_a_taken_lock_is_left_alone(
     monkeypatch.setattr(pipeline, "_run", taken_over)
     pipeline.run([str(shard_set / "in")], f"{bucket}/out", config)
     assert storage.read_bytes(lock) == b'{"token": "the new owner"}'
+
+
+def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, bucket, tmp_path):
+    """Objects and prefixes whose names hold glob or brace characters, each given as an
+    input, with decoys that the pattern would match (not tars: reading one fails the
+    run): each URL is itself, as a local path is, and the run equals the local one."""
+    shards = sorted((shard_set / "in").glob("*.tar"))
+    lit = f"{bucket}/lit"
+    named = {
+        f"{lit}/x[1].tar": shards[0],
+        f"{lit}/y{{1,2}}.tar": shards[1],
+        f"{lit}/d[1]/{shards[2].name}": shards[2],
+        f"{lit}/e{{1,2}}/{shards[3].name}": shards[3],
+    }
+    for url, shard in named.items():
+        storage.put_file(str(shard), url)
+    for decoy in ("x1.tar", "y1.tar", "y2.tar", "d1/", "e1/", "e2/"):
+        url = f"{lit}/{decoy}" + (shards[2].name if decoy.endswith("/") else "")
+        storage.put_bytes(url, b"a decoy, not a tar" * 40)
+    inputs = [f"{lit}/x[1].tar", f"{lit}/y{{1,2}}.tar", f"{lit}/d[1]/", f"{lit}/e{{1,2}}"]
+    out = tmp_path / "out"
+    result = dedup(*inputs, "--out", out, "--json", env=s3, check=0)
+    summary = json.loads(result.stdout)
+    assert [s["shard"] for s in summary["shards"]] == list(named)
+    local = json.loads((shard_set / "local" / "dedup-report" / "summary.json").read_text())
+    assert summary["counts"] == local["counts"]
+    written = {p.name: p.read_bytes() for p in out.glob("*.tar")}
+    expected = {
+        storage.basename(url): (shard_set / "local" / s.name).read_bytes()
+        for url, s in named.items()
+    }
+    assert written == expected
+    # A prefix that exists but holds no shard is named, even after one that does.
+    storage.put_bytes(f"{lit}/notes[1]/readme.txt", b"no shards here")
+    empty = dedup(f"{lit}/x[1].tar", f"{lit}/notes[1]/", "--out", tmp_path / "o2", env=s3, check=3)
+    assert error_line(empty) == f"dedup: error: {lit}/notes[1]/: names no *.tar shards"
+    # --against goes through the same listing: the object, never the decoy; it counts and
+    # removes exactly what the same shard given as a local file does.
+    copy = tmp_path / "ref" / "x[1].tar"
+    copy.parent.mkdir()
+    copy.write_bytes(shards[0].read_bytes())
+    runs = {}
+    for name, ref in (("url", f"{lit}/x[1].tar"), ("local", copy)):
+        out = tmp_path / name
+        done = dedup(shard_set / "in", "--out", out, "--against", ref, "--json", env=s3, check=0)
+        section = json.loads(done.stdout)["references"]["against"]
+        assert [r.pop("reference") for r in section] == [str(ref)]
+        samples = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
+        runs[name] = section, [(r["key"], r["kept"], r["reason"]) for r in samples]
+    assert runs["url"] == runs["local"]
+    section, decided = runs["url"]
+    assert (section[0]["kind"], section[0]["items"]) == ("shards", 20)
+    assert section[0]["matched"] == sum(reason == "reference" for _, _, reason in decided) >= 19
+
+
+def test_an_http_url_that_names_a_file_is_never_a_brace_pattern(shard_set, tmp_path):
+    """`https://host/x{1,2}.tar` that the server has is that file, not x1.tar and x2.tar
+    (decoys here, not tars: reading one fails the run)."""
+    pytest.importorskip("aiohttp")
+    served = tmp_path / "served"
+    served.mkdir()
+    shards = sorted((shard_set / "in").glob("*.tar"))
+    (served / "x{1,2}.tar").write_bytes(shards[0].read_bytes())
+    for decoy in ("x1.tar", "x2.tar"):
+        (served / decoy).write_bytes(b"a decoy, not a tar" * 40)
+    handler = functools.partial(_QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/x{{1,2}}.tar"
+        result = dedup(url, *shards[1:], "--out", tmp_path / "out", "--json", env={}, check=0)
+    finally:
+        server.shutdown()
+    summary = json.loads(result.stdout)
+    assert [s["shard"] for s in summary["shards"]] == [url, *map(str, shards[1:])]
+    local = json.loads((shard_set / "local" / "dedup-report" / "summary.json").read_text())
+    assert summary["counts"] == local["counts"]
+    assert (tmp_path / "out" / "x{1,2}.tar").read_bytes() == (
+        shard_set / "local" / shards[0].name
+    ).read_bytes()
