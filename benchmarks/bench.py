@@ -141,7 +141,7 @@ def build(root: str, images: int, per_shard: int, width: int, height: int, seed:
 def _floor_shard(path):
     from PIL import Image
 
-    from dedup.tarscan import scan
+    from dedup.io.tarscan import scan
 
     n = 0
     with open(path, "rb", buffering=1 << 20) as fh:

@@ -46,7 +46,7 @@ ROWS_PER_FILE = 250_000
 def feature_file(path: str, keys, digests: np.ndarray, codes: np.ndarray, config) -> None:
     """A feature file as the extract phase writes it (only what matching reads is set:
     status, size, digest, pHash code, detail), with its completion marker."""
-    from dedup.extract import DONE_SUFFIX, FEATURE_SCHEMA
+    from dedup.engine.extract import DONE_SUFFIX, FEATURE_SCHEMA
 
     n = len(keys)
     given = {
@@ -85,9 +85,9 @@ def make_index(root: str, baseline_report: str, data: str) -> set[str]:
     """The 1,000,000-code index under root; returns the planted input keys."""
     from scale_codes import realistic_codes
 
-    from dedup.config import Config
-    from dedup.references import INDEX_FILE, INDEX_FORMAT
-    from dedup.report import package_versions
+    from dedup.core.config import Config
+    from dedup.engine.references import INDEX_FILE, INDEX_FORMAT
+    from dedup.report.tables import package_versions
 
     config = Config(signals=("exact", "phash"))
     codes_path = os.path.join(data, "codes", "realistic-v1-n1000000-s0.npy")

@@ -93,7 +93,7 @@ class GpuMemory:
 
 
 def load_jpegs(shards: list[str]) -> list[bytes]:
-    from dedup.tarscan import scan
+    from dedup.io.tarscan import scan
 
     blobs = []
     for path in shards:

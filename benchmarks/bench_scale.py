@@ -5,10 +5,10 @@
 For each N: the planted codes of benchmarks/scale_codes.py go into feature files of a
 million rows (as the extract phase writes them); then, each in a fresh process so that
 peak memory is its own:
-- new: the partitioned global phase (dedup.globalphase.run_global) on the local
+- new: the partitioned global phase (dedup.engine.globalphase.run_global) on the local
   executor with every core: time, peak RSS of the driver and of the largest worker,
   the layout and the load of the near-pair parts (bucket occupancy);
-- old: the one-process engine this replaced (dedup.cluster.cluster over every code in
+- old: the one-process engine this replaced (dedup.engine.cluster.cluster over every code in
   memory), up to --old-up-to codes;
 - a check against brute force: for 200 sampled rows, every row within the threshold
   (FAISS flat search over all N) must be linked to it by an edge (through its code's
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dedup.config import Config  # noqa: E402
+from dedup.core.config import Config  # noqa: E402
 
 SHARD_ROWS = 1_000_000
 THRESHOLD = 8
@@ -49,7 +49,7 @@ def planted(n: int, kind: str = "realistic") -> np.ndarray:
 def feature_table(n: int, codes: np.ndarray | None = None, vectors=None) -> pa.Table:
     """n decoded rows as the extract phase stores them: only what the global phase reads
     (pHash codes and CLIP vectors where given, nulls elsewhere)."""
-    from dedup.extract import FEATURE_SCHEMA
+    from dedup.engine.extract import FEATURE_SCHEMA
 
     names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
     names += ["colour_signature", "clip"]
@@ -91,9 +91,9 @@ def _peak_mib(who) -> float:
 
 
 def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: dict) -> None:
-    from dedup.executor import LocalExecutor
-    from dedup.globalphase import run_global
-    from dedup.pipeline import REASONS
+    from dedup.commands.run import REASONS
+    from dedup.engine.globalphase import run_global
+    from dedup.executors.local import LocalExecutor
 
     config = Config(signals=("phash",), phash_threshold=THRESHOLD, partition_rows=rows)
     t = time.perf_counter()
@@ -131,7 +131,7 @@ def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: d
 
 
 def run_old(codes_path: str, out: dict) -> None:
-    from dedup.cluster import Candidates, cluster
+    from dedup.engine.cluster import Candidates, cluster
 
     codes = np.load(codes_path)
     n = len(codes)
@@ -218,10 +218,10 @@ def check(codes: np.ndarray, edges_path: str) -> dict:
 def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
     """The CLIP search by k-means cell against an exact search over all pairs, on
     clustered unit vectors (a tenth near copies of another vector)."""
-    from dedup.executor import LocalExecutor
-    from dedup.globalphase import run_global
-    from dedup.pairs import cosine_pairs
-    from dedup.pipeline import REASONS
+    from dedup.commands.run import REASONS
+    from dedup.engine.globalphase import run_global
+    from dedup.executors.local import LocalExecutor
+    from dedup.search.pairs import cosine_pairs
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(n // 20, dim)).astype(np.float32)

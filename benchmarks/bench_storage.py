@@ -43,7 +43,7 @@ def run(args: list[str], env: dict) -> tuple[float, dict]:
 def main() -> None:
     from moto.server import ThreadedMotoServer
 
-    from dedup import storage
+    from dedup.io import storage
     from dedup.synth import planted_dataset, write_shards
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

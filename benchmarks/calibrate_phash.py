@@ -13,8 +13,8 @@ import sys
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from dedup.config import Config
-from dedup.decode import decode_image
+from dedup.core.config import Config
+from dedup.io.decode import decode_image
 from dedup.signals.phash import IMG_SIZE, hamming, phash_batch, phash_input
 from dedup.synth import HARD_EDITS, NEAR_EDITS, encode, make_image
 

@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale_codes import _photo_files  # noqa: E402  (the bundled photographs)
 
-from dedup.config import Config  # noqa: E402
-from dedup.decode import decode_image  # noqa: E402
+from dedup.core.config import Config  # noqa: E402
+from dedup.io.decode import decode_image  # noqa: E402
 from dedup.signals.phash import IMG_SIZE, phash_batch, phash_input  # noqa: E402
 
 CONFIG = Config()

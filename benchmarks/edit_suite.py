@@ -120,8 +120,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale_codes import _photo_files, _site  # noqa: E402  (the bundled photographs)
 
-from dedup.config import Config  # noqa: E402
-from dedup.decode import decode_image  # noqa: E402
+from dedup.core.config import Config  # noqa: E402
+from dedup.io.decode import decode_image  # noqa: E402
 from dedup.signals.phash import IMG_SIZE, is_low_detail, phash_and_detail, phash_input  # noqa: E402
 from dedup.synth import PlantedSample, write_shards  # noqa: E402
 

@@ -549,7 +549,7 @@ def check(views: int = 100_000, sample: int = 2000, seed: int = 9) -> dict:
     import faiss
     import imagehash
 
-    from dedup.pairs import self_range_pairs
+    from dedup.search.pairs import self_range_pairs
 
     rng = np.random.default_rng(seed)
     pixels, _ = render_tiles(rng, sample)

@@ -11,7 +11,7 @@ Commands (each prints one JSON line; see `python benchmarks/scale_pairs.py -h`):
   spot-check FILE --n N                      brute force for 1,000 random codes against
                                             all N: their saved pairs must match exactly
 
-Engines: `dedup-mih` (dedup.pairs.hamming_pairs, engine="mih", workers=2), `flat`
+Engines: `dedup-mih` (dedup.search.pairs.hamming_pairs, engine="mih", workers=2), `flat`
 (FAISS IndexBinaryFlat range search: the brute-force oracle), `faiss-mh:NHASH:B:NFLIP`
 (FAISS IndexBinaryMultiHash range search at radius threshold + 1; exact only when
 NHASH * (NFLIP + 1) > threshold), and `numba-mih:M` (multi-index hashing compiled with
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scale_codes import NO_SOURCE, realistic_codes, tile_codes, uniform_codes  # noqa: E402
 
-from dedup.pairs import _chunks, hamming_pairs, self_range_pairs, unique_codes  # noqa: E402
+from dedup.search.pairs import _chunks, hamming_pairs, self_range_pairs, unique_codes  # noqa: E402
 
 THRESHOLD = 8
 PAIRS_DIR = "bench-data/pairs"

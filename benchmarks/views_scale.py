@@ -27,8 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale_codes import _photo_files  # noqa: E402  (the bundled photographs)
 
-from dedup.config import Config  # noqa: E402
-from dedup.decode import decode_image  # noqa: E402
+from dedup.core.config import Config  # noqa: E402
+from dedup.io.decode import decode_image  # noqa: E402
 from dedup.signals.phash import IMG_SIZE, LOW_DETAIL_BITS, phash_and_detail, phash_input  # noqa: E402
 from dedup.signals.views import KIND, PLAIN, TRANSFORMED, code_words, view_codes, view_input  # noqa: E402
 

@@ -12,7 +12,7 @@ import sys
 import click
 
 from dedup import __version__
-from dedup.config import (
+from dedup.core.config import (
     CLIP_DECODES,
     CLIP_INDEXES,
     CLIP_STAGES,
@@ -24,7 +24,7 @@ from dedup.config import (
     dump_config,
     load_config,
 )
-from dedup.errors import (
+from dedup.core.errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
     EXIT_OUTPUT,
@@ -326,8 +326,8 @@ def run_command(
             raise click.UsageError("give at least one INPUT (shard, directory, glob or pattern)")
         if not out:
             raise click.UsageError("--out DIR is required")
-        from dedup.pipeline import run
-        from dedup.report import human_summary
+        from dedup.commands.run import run
+        from dedup.report.tables import human_summary
 
         summary = run(
             list(inputs),
@@ -408,7 +408,7 @@ def _print_worker_traceback(e: DedupError) -> None:
 
 
 def _raise_on_signal(signum: int, frame) -> None:
-    from dedup.executor import request_stop
+    from dedup.executors.local import request_stop
 
     request_stop(signum)
 
@@ -447,7 +447,7 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
             raise click.UsageError("give at least one REF")
         if not out:
             raise click.UsageError("--out INDEX is required")
-        from dedup.pipeline import build_index
+        from dedup.commands.run import build_index
 
         manifest = build_index(list(refs), out, config, overwrite)
     click.echo(
@@ -531,7 +531,7 @@ def extract_command(
         config = load_config(config_path, settings)
         if not inputs:
             raise click.UsageError("give at least one INPUT")
-        from dedup.fanout import extract_part
+        from dedup.commands.fanout import extract_part
 
         result = extract_part(
             list(inputs), out, config, part, report_dir, state_dir, skip_bad_shards, overwrite
@@ -550,7 +550,7 @@ def cluster_command(out, config_path, as_json, quiet, debug, **settings):
     _setup_logging(quiet)
     _handle_stop_signals()
     with one_line_errors(debug):
-        from dedup.fanout import cluster_task
+        from dedup.commands.fanout import cluster_task
 
         result = cluster_task(out, _given(settings, config_path))
     if as_json:
@@ -567,8 +567,8 @@ def write_command(part, out, config_path, as_json, quiet, debug, **settings):
     _setup_logging(quiet)
     _handle_stop_signals()
     with one_line_errors(debug):
-        from dedup.fanout import write_part
-        from dedup.report import human_summary
+        from dedup.commands.fanout import write_part
+        from dedup.report.tables import human_summary
 
         summary = write_part(out, part, _given(settings, config_path))
     if summary is None:
@@ -634,7 +634,7 @@ def calibrate_command(
             raise click.UsageError("--sample must be at least 2")
         if not 0 < target_precision < 1:
             raise click.UsageError("--target-precision must be between 0 and 1")
-        from dedup.calibrate import calibrate, human_table
+        from dedup.commands.calibrate import calibrate, human_table
 
         chosen = [e.strip() for e in edits.split(",") if e.strip()] if edits else None
         result = calibrate(list(inputs), config, sample, target_precision, chosen, report_dir)
@@ -651,7 +651,7 @@ def report_command(report_dir: str) -> None:
     previews.parquet, calibration.parquet and summary.json."""
     import pyarrow as pa
 
-    from dedup.htmlreport import render
+    from dedup.report.html import render
 
     try:
         path = render(report_dir)

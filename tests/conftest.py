@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dedup.config import Config
+from dedup.core.config import Config
 from dedup.synth import planted_dataset, write_shards
 
 # The signals that need no model weights; CLIP tests build their own tiny model.

@@ -9,11 +9,11 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from dedup.calibrate import plan_copies, sample_images
-from dedup.config import Config
-from dedup.decode import decode_image
-from dedup.edits import EDITS, apply
-from dedup.shards import list_shards
+from dedup.commands.calibrate import plan_copies, sample_images
+from dedup.core.config import Config
+from dedup.engine.edits import EDITS, apply
+from dedup.io.decode import decode_image
+from dedup.io.shards import list_shards
 from dedup.synth import PlantedSample, encode, planted_dataset, write_shards
 from tests.test_fanout import dedup
 from tests.test_grey import textured

@@ -9,7 +9,7 @@ import yaml
 from click.testing import CliRunner
 
 from dedup.cli import main
-from dedup.config import Config, load_config
+from dedup.core.config import Config, load_config
 from tests.conftest import NO_MODEL_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

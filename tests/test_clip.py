@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 
 from dedup.cli import main
-from dedup.errors import ModelError
-from dedup.pairs import cosine_pairs
-from dedup.pipeline import run
+from dedup.commands.run import run
+from dedup.core.errors import ModelError
+from dedup.search.pairs import cosine_pairs
 from dedup.signals.clip import Embedder, resolve
 from dedup.synth import encode, make_image
 from tests.conftest import cfg, read_tar, tiny_model, write_tar
@@ -186,7 +186,7 @@ def test_a_run_without_clip_never_imports_torch(tmp_path):
 
     write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
     code = (
-        "import sys; from dedup.config import Config; from dedup.pipeline import run; "
+        "import sys; from dedup.core.config import Config; from dedup.commands.run import run; "
         f"run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
         "Config(signals=('exact', 'phash'), workers=1)); "
         "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
@@ -245,7 +245,7 @@ def test_knn_search_with_range_fallback_loses_no_pair(k):
     """The GPU search's shape on the CPU: a k-nearest search whose overflowing queries
     (k neighbours all above the threshold) are searched again by range. Clusters of up
     to 150 near-identical vectors overflow any k; the pairs equal brute force exactly."""
-    from dedup.pairs import knn_range_search
+    from dedup.search.pairs import knn_range_search
 
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(30, 24)).astype(np.float32)
@@ -281,8 +281,8 @@ from dedup.signals.clip import resolve
 resolve({tiny[0]!r}, {tiny[1]!r})
 x = torch.randn(1500, 1500)
 (x @ x).sum()  # the driver's own torch work after resolve(), as a 1-shard run does
-from dedup.executor import LocalExecutor
-from dedup.progress import Progress
+from dedup.executors.local import LocalExecutor
+from dedup.core.progress import Progress
 from tests.test_clip import near_identical_pairs
 print(LocalExecutor(2).map(near_identical_pairs, [1, 2], Progress("t", total_items=2)))
 """
@@ -331,7 +331,7 @@ def test_a_model_with_a_timm_image_tower_loads_and_embeds(tmp_path):
 def test_calibrate_measures_clip_too(tiny, tmp_path):
     """With the CLIP signal on, calibrate embeds originals and copies through the run's
     own CLIP stage: a recall per edit, a similarity spread, a similarity curve."""
-    from dedup.calibrate import calibrate
+    from dedup.commands.calibrate import calibrate
 
     for k in range(6):
         write_tar(

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from dedup.decode import decode_image, read_header
-from dedup.errors import ModelError
-from dedup.extract import feature_path, read_features
-from dedup.pipeline import run
-from dedup.shards import Shard
+from dedup.commands.run import run
+from dedup.core.errors import ModelError
+from dedup.engine.extract import feature_path, read_features
+from dedup.io.decode import decode_image, read_header
+from dedup.io.shards import Shard
 from dedup.signals import clipstage
 from dedup.signals.clip import resolve
 from dedup.signals.clipstage import (

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dedup.config import Config
-from dedup.decode import decode_image, image_member
+from dedup.core.config import Config
+from dedup.io.decode import decode_image, image_member
 from dedup.synth import encode, make_image
 
 CONFIG = Config()

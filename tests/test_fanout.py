@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedup import storage
-from dedup.fanout import parts_of
+from dedup.commands.fanout import parts_of
+from dedup.io import storage
 from dedup.synth import planted_dataset, write_shards
 from tests.test_hostile import DEDUP, error_line, outputs
 from tests.test_storage import bucket, upload  # noqa: F401 - a fixture
@@ -251,7 +251,7 @@ def test_a_rerun_after_an_input_changed_describes_the_current_inputs(small, tmp_
 # processes started together reach OUT within a millisecond of each other.
 STARTER = """
 import os, sys, time
-import dedup.cli, dedup.fanout, dedup.pipeline
+import dedup.cli, dedup.commands.fanout, dedup.commands.run
 go = sys.argv[1]
 open(f"{go}.ready-{os.getpid()}", "w").close()
 while not os.path.exists(go):

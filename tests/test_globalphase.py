@@ -1,4 +1,4 @@
-"""The partitioned global phase against the one-process oracle (dedup.cluster.cluster):
+"""The partitioned global phase against the one-process oracle (dedup.engine.cluster.cluster):
 the same edges, clusters, survivors, reasons and distances, whatever the partitioning
 and the number of workers."""
 
@@ -7,11 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedup.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
-from dedup.config import Config
-from dedup.executor import LocalExecutor
-from dedup.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
-from dedup.globalphase import CLUSTER_COLUMNS, Layout, run_global
+from dedup.core.config import Config
+from dedup.engine.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
+from dedup.engine.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
+from dedup.engine.globalphase import CLUSTER_COLUMNS, Layout, run_global
+from dedup.executors.local import LocalExecutor
 from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
 from dedup.signals.views import VIEW_BYTES, VIEWS, WHOLE_VIEWS
 
@@ -299,13 +299,13 @@ def test_clip_cells_find_true_pairs_the_same_way_every_time(tmp_path, monkeypatc
     """Past CLIP_FLAT_MAX vectors, CLIP pairs are searched per k-means cell (approximate):
     every pair found is a true pair with its true similarity, nearly all true pairs are
     found, and one and two workers give the same edges."""
-    import dedup.globalphase
-    import dedup.pairs
-    from dedup.cluster import CLIP
-    from dedup.pairs import cosine_pairs
+    import dedup.engine.globalphase
+    import dedup.search.pairs
+    from dedup.engine.cluster import CLIP
+    from dedup.search.pairs import cosine_pairs
 
-    monkeypatch.setattr(dedup.pairs, "CLIP_FLAT_MAX", 500)
-    monkeypatch.setattr(dedup.globalphase, "CLIP_CELL_ROWS", 150)
+    monkeypatch.setattr(dedup.search.pairs, "CLIP_FLAT_MAX", 500)
+    monkeypatch.setattr(dedup.engine.globalphase, "CLIP_CELL_ROWS", 150)
     n, sizes = 1500, [700, 800]
     data = planted_rows(n, 5, dim=16)
     paths = write_features(tmp_path, data, sizes)
@@ -336,7 +336,7 @@ def test_run_output_is_the_same_bytes_for_any_partitioning_and_worker_count(plan
     import os
     import pathlib
 
-    from dedup.pipeline import run
+    from dedup.commands.run import run
 
     _, paths, shards = planted
     outs = []
@@ -357,7 +357,7 @@ def test_tiny_rows_are_searched_in_luminance_buckets_without_losing_a_pair(tmp_p
     """Tiny rows only, their signatures' mean luminance spread evenly over 0..255 with
     pairs straddling every bucket boundary: the bucketed search finds exactly the pairs
     of the one-process search, each once."""
-    from dedup.globalphase import tiny_buckets
+    from dedup.engine.globalphase import tiny_buckets
 
     n = 1200
     data = planted_rows(n, seed=5)

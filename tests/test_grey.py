@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-import dedup.grey
-from dedup.cluster import Edges
-from dedup.config import Config
-from dedup.errors import ShardError
-from dedup.executor import LocalExecutor
-from dedup.grey import GreyPairs, _Check, drop_linked, nearest_per_image
-from dedup.pipeline import run
-from dedup.progress import Progress
+import dedup.engine.grey
+from dedup.commands.run import run
+from dedup.core.config import Config
+from dedup.core.errors import ShardError
+from dedup.core.progress import Progress
+from dedup.engine.cluster import Edges
+from dedup.engine.grey import GreyPairs, _Check, drop_linked, nearest_per_image
+from dedup.executors.local import LocalExecutor
 from dedup.signals.views import grey_bound
 from dedup.synth import PlantedSample, encode, make_image, write_shards
 
@@ -157,7 +157,7 @@ def test_verification_gives_the_same_bytes_with_one_worker_or_two(grey_set, tmp_
     root, _, paths = grey_set
     for name, workers in (("a", 1), ("b", 2)):
         if workers == 2:  # one pair a task: tasks in both worker processes
-            monkeypatch.setattr(dedup.grey, "TASK_PAIRS", 1)
+            monkeypatch.setattr(dedup.engine.grey, "TASK_PAIRS", 1)
         _run(root, str(tmp_path / name), workers=workers, partition_rows=5)
     for name in [os.path.basename(p) for p in paths] + ["dedup-report/samples.parquet"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
@@ -166,8 +166,8 @@ def test_verification_gives_the_same_bytes_with_one_worker_or_two(grey_set, tmp_
 def test_a_shard_changed_after_its_features_were_read_is_refused(grey_set, tmp_path):
     """The check reads images again by offset: bytes that no longer match the digest
     taken in phase 1 stop the run with the shard named, never a check of other bytes."""
-    from dedup.extract import extract_shard
-    from dedup.shards import Shard
+    from dedup.engine.extract import extract_shard
+    from dedup.io.shards import Shard
 
     root, _, paths = grey_set
     config = Config(signals=("exact", "phash", "views"))
@@ -193,7 +193,7 @@ def test_a_verified_pair_holds_for_every_row_with_the_same_view_codes():
     """Verified pairs are checked between the first rows of groups of equal view codes:
     an exact re-upload of the checked image (row 1, the largest) survives and the rotated
     copy (row 2) goes as its duplicate, one cluster of three."""
-    from dedup.cluster import DECISIONS, VERIFIED, VIEWS, Candidates, resolve
+    from dedup.engine.cluster import DECISIONS, VERIFIED, VIEWS, Candidates, resolve
 
     views = np.zeros((3, 112), dtype=np.uint8)
     views[:2] = np.arange(112, dtype=np.uint8)

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedup import errors
-from dedup.extract import ShardFeatures, feature_path, file_identity
-from dedup.shards import Shard
+from dedup.core import errors
+from dedup.engine.extract import ShardFeatures, feature_path, file_identity
+from dedup.engine.write import write_shard
+from dedup.io.shards import Shard
 from dedup.synth import encode, make_image, planted_dataset, write_shards
-from dedup.write import write_shard
 from tests.conftest import read_tar, write_tar
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from dedup.cli import main
-from dedup.htmlreport import SHOWN_MEMBERS, risk_tiers, shown_clusters
-from dedup.pipeline import run
+from dedup.commands.run import run
+from dedup.report.html import SHOWN_MEMBERS, risk_tiers, shown_clusters
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import cfg
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dedup.cluster import DECISIONS, Candidates, cluster, direct_links
-from dedup.config import Config
-from dedup.decode import decode_image
-from dedup.pairs import maxabs_pairs, unique_codes
-from dedup.pipeline import run
+from dedup.commands.run import run
+from dedup.core.config import Config
+from dedup.engine.cluster import DECISIONS, Candidates, cluster, direct_links
+from dedup.io.decode import decode_image
+from dedup.search.pairs import maxabs_pairs, unique_codes
 from dedup.signals.phash import (
     DETAIL_FLOOR,
     LOW_DETAIL_BITS,

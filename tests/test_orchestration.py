@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dedup.config import _cgroup_quota, available_cpus
+from dedup.core.config import _cgroup_quota, available_cpus
 from dedup.synth import planted_dataset, write_shards
 from tests.test_hostile import DEDUP
 

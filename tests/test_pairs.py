@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from dedup.cluster import Candidates, cluster
-from dedup.config import Config
-from dedup.pairs import hamming_pairs, unique_codes
+from dedup.core.config import Config
+from dedup.engine.cluster import Candidates, cluster
+from dedup.search.pairs import hamming_pairs, unique_codes
 from dedup.signals.phash import hamming
 
 
@@ -38,9 +38,9 @@ def test_faiss_pairs_equal_brute_force(threshold, seed):
 
 
 def test_pairs_across_query_batches(monkeypatch):
-    import dedup.pairs
+    import dedup.search.pairs
 
-    monkeypatch.setattr(dedup.pairs, "QUERY_BATCH", 37)
+    monkeypatch.setattr(dedup.search.pairs, "QUERY_BATCH", 37)
     codes = unique_codes(random_codes(300, 5))[0]
     got = hamming_pairs(codes, 10)
     want = brute_pairs(codes, 10)
@@ -113,7 +113,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
     )
     result = cluster(cand, Config(keep="largest"))
     assert result.survivor.tolist() == [2] * 5
-    from dedup.cluster import DECISIONS
+    from dedup.engine.cluster import DECISIONS
 
     assert [DECISIONS[r] for r in result.reason] == ["phash", "phash", "survivor", "exact", "phash"]
     first = cluster(cand, Config(keep="first"))
@@ -121,7 +121,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
 
 
 def test_connected_components_on_long_chains_and_stars():
-    from dedup.cluster import connected_components
+    from dedup.engine.cluster import connected_components
 
     n = 2000
     rng = np.random.default_rng(4)
@@ -155,7 +155,7 @@ def test_multi_index_hashing_equals_brute_force(threshold):
 
 
 def test_engine_choice():
-    from dedup.pairs import choose_engine
+    from dedup.search.pairs import choose_engine
 
     assert choose_engine(1000, 8)[0] == "flat"
     assert choose_engine(1_000_000, 8) == ("mih", 3)
@@ -200,7 +200,7 @@ def _chain_candidates(codes):
 
 
 def test_star_rule_cuts_chains():
-    from dedup.cluster import DECISIONS
+    from dedup.engine.cluster import DECISIONS
 
     cand = _chain_candidates(_chain_codes())
     comp = cluster(

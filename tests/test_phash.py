@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dedup.decode import normalize
+from dedup.io.decode import normalize
 from dedup.signals.phash import hamming, phash_batch, phash_input
 from dedup.synth import make_image
 

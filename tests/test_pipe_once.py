@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dedup import storage
+from dedup.io import storage
 from dedup.synth import encode, make_image
 from tests.conftest import write_tar
 from tests.test_grey import rotated, textured

@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dedup.errors import OutputError
-from dedup.fsutil import TEMP_DIR
-from dedup.pipeline import run
+from dedup.commands.run import run
+from dedup.core.errors import OutputError
+from dedup.io.fsutil import TEMP_DIR
 from tests.conftest import cfg, read_tar, write_tar
 
 

@@ -1,7 +1,7 @@
 import io
 import logging
 
-from dedup.progress import Progress, advance
+from dedup.core.progress import Progress, advance
 
 
 class FakeTerminal(io.StringIO):

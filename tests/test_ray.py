@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dedup import errors, storage
-from dedup.progress import Progress
+from dedup.core import errors
+from dedup.core.progress import Progress
+from dedup.io import storage
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import RAY_NODE, free_port, held_inputs, read_tar, readers
 from tests.test_grey import grey_set  # noqa: F401 - a fixture
@@ -26,7 +27,7 @@ from tests.test_storage import local_outputs, remote_outputs, upload
 
 pytest.importorskip("ray")
 
-from dedup.ray_executor import RayExecutor  # noqa: E402 - after the skip without Ray
+from dedup.executors.ray import RayExecutor  # noqa: E402 - after the skip without Ray
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,8 @@ class BuggyExtract:
 
 def run_with_a_planted_bug(*args) -> subprocess.CompletedProcess:
     code = (
-        "import sys; from dedup import pipeline; from tests.test_ray import BuggyExtract\n"
+        "import sys; from dedup.commands import run as pipeline\n"
+        "from tests.test_ray import BuggyExtract\n"
         "pipeline._Extract = BuggyExtract\n"
         "from dedup.cli import main; main(sys.argv[1:])"
     )

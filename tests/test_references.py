@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dedup import storage
-from dedup.shards import MAX_FILE_BYTES
+from dedup.io import storage
+from dedup.io.shards import MAX_FILE_BYTES
 from dedup.synth import (
     HARD_EDITS,
     NEAR_EDITS,

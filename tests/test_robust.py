@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dedup.cli import main
-from dedup.decode import decode_image
-from dedup.errors import OutputError, ShardError
-from dedup.fsutil import TEMP_DIR
-from dedup.pipeline import run
-from dedup.shards import Shard, iter_samples
+from dedup.commands.run import run
+from dedup.core.errors import OutputError, ShardError
+from dedup.io.decode import decode_image
+from dedup.io.fsutil import TEMP_DIR
+from dedup.io.shards import Shard, iter_samples
 from dedup.synth import encode, make_image, planted_dataset, write_shards
 from tests.conftest import NO_MODEL_FLAGS, cfg, read_tar, write_tar
 from tests.test_decode import png_bomb
@@ -348,7 +348,7 @@ def test_pixel_bomb_costs_no_memory(tmp_path):
         str(tmp_path / "in/bomb.tar"), [("b.png", png_bomb(30_000, 30_000)), ("b.txt", b"bomb")]
     )
     code = (
-        "from dedup.config import Config; from dedup.pipeline import run\n"
+        "from dedup.core.config import Config; from dedup.commands.run import run\n"
         f"s = run([{str(tmp_path / 'in')!r}], {str(tmp_path / 'out')!r}, "
         "Config(workers=1, signals=('exact', 'phash')))\n"
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
@@ -395,20 +395,20 @@ def test_dry_run_leaves_other_shards_alone(many_shards, tmp_path):
 
 
 def test_a_failed_rerun_leaves_no_summary_claiming_success(many_shards, tmp_path, monkeypatch):
-    import dedup.pipeline
+    import dedup.commands.run
 
     root, clean = many_shards
     out = tmp_path / "out"
     run([str(root / "in")], str(out), cfg(workers=1))
     assert json.loads((out / ".dedup/job.json").read_text())["complete"] is True
-    real = dedup.pipeline.write_shard
+    real = dedup.commands.run.write_shard
 
     def failing(features, keep, output, *args):
         if output.endswith("shard-000003.tar"):
             raise OSError("disk full")
         return real(features, keep, output, *args)
 
-    monkeypatch.setattr(dedup.pipeline, "write_shard", failing)
+    monkeypatch.setattr(dedup.commands.run, "write_shard", failing)
     with pytest.raises(OSError):
         run([str(root / "in")], str(out), cfg(workers=1, keep="first"))
     assert not (out / "dedup-report/summary.json").exists()

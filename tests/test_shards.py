@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from dedup.errors import InputError, ShardError
-from dedup.shards import Shard, iter_samples, list_shards, split_member_name
+from dedup.core.errors import InputError, ShardError
+from dedup.io.shards import Shard, iter_samples, list_shards, split_member_name
 from dedup.synth import encode, make_image
 from tests.conftest import cfg, write_tar
 
@@ -84,7 +84,7 @@ def test_reads_webdataset_shardwriter_output(tmp_path):
         ("s2", ["s2.json", "s2.webp"]),
     ]
     # And end to end: the three are one picture, and the JPEG, PNG and WebP link by pHash.
-    from dedup.pipeline import run
+    from dedup.commands.run import run
 
     summary = run([str(tmp_path)], str(tmp_path / "out"), cfg(workers=1))
     assert summary["counts"]["removed"] == 2

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from dedup import errors, storage
+from dedup.core import errors
+from dedup.io import storage
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import free_port
 from tests.test_hostile import error_line
@@ -140,8 +141,8 @@ def test_local_in_s3_out_with_a_local_state_dir(s3, shard_set, bucket, tmp_path)
 
 def test_a_shard_that_vanishes_mid_run_is_named(s3, shard_set, bucket, monkeypatch, tmp_path):
     """Deleted between reading and writing, with two workers: exit 3 naming the URL."""
-    from dedup import pipeline
-    from dedup.config import Config
+    from dedup.commands import run as pipeline
+    from dedup.core.config import Config
 
     upload(shard_set / "in", f"{bucket}/in")
     gone = f"{bucket}/in/shard-000002.tar"
@@ -281,7 +282,7 @@ def test_uploads_in_the_making_stay_in_the_runs_scratch_folder(s3, shard_set, bu
 
 
 def test_the_scratch_folder_goes_when_a_run_fails():
-    from dedup.fsutil import SCRATCH_ENV, scratch_dir
+    from dedup.io.fsutil import SCRATCH_ENV, scratch_dir
 
     with pytest.raises(RuntimeError), scratch_dir() as path:
         assert os.environ[SCRATCH_ENV] == path
@@ -293,8 +294,9 @@ def test_the_scratch_folder_goes_when_a_run_fails():
 def test_a_stale_lock_object_is_taken_over_and_a_taken_lock_is_left_alone(
     s3, shard_set, bucket, monkeypatch
 ):
-    from dedup import outdir, pipeline
-    from dedup.config import Config
+    from dedup.commands import run as pipeline
+    from dedup.core.config import Config
+    from dedup.io import outdir
 
     config = Config(signals=("exact", "phash"), workers=2)
     lock = f"{bucket}/out/.dedup/lock"

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from dedup import verify as V
-from dedup.synth import make_image
-from dedup.verify import (
+from dedup.engine import verify as V
+from dedup.engine.verify import (
     Features,
     Verdict,
     content_box,
@@ -21,6 +20,7 @@ from dedup.verify import (
     mutual_matches,
     verify,
 )
+from dedup.synth import make_image
 
 W, H = 480, 360
 

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from dedup.config import Config
-from dedup.decode import decode_image
-from dedup.errors import ConfigError
-from dedup.pipeline import run
+from dedup.commands.run import run
+from dedup.core.config import Config
+from dedup.core.errors import ConfigError
+from dedup.io.decode import decode_image
 from dedup.signals.phash import IMG_SIZE, phash_batch, phash_input
 from dedup.signals.views import (
     KIND,

@@ -2,7 +2,7 @@ import tarfile
 
 import pytest
 
-from dedup.write import _tarfile_header, member_header
+from dedup.engine.write import _tarfile_header, member_header
 
 
 @pytest.mark.parametrize(

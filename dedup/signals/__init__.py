@@ -4,7 +4,7 @@ lists them.
 Each signal declares its name, the feature columns it stores, the other signals whose
 features it reads, the settings and constants its features depend on (the feature
 store's fingerprint), its thresholds (the summary), the kinds of link it makes (the
-report), and its pair search over in-memory candidates (`dedup.cluster.cluster`, the
+report), and its pair search over in-memory candidates (`dedup.engine.cluster.cluster`, the
 one-process oracle). The phases loop over the registry; a new signal is a module here,
 an entry below, its compute step in extract.py and its partitioned search in
 globalphase.py.
@@ -30,7 +30,7 @@ from dedup.signals.phash import (
 )
 
 if TYPE_CHECKING:
-    from dedup.config import Config
+    from dedup.core.config import Config
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ REGISTRY: dict[str, Signal] = {
             settings=("exact_digest",),
             constants=(),
             thresholds=lambda c: {},
-            pairs="dedup.cluster:exact_signal_edges",
+            pairs="dedup.engine.cluster:exact_signal_edges",
         ),
         Signal(
             name="phash",
@@ -82,7 +82,7 @@ REGISTRY: dict[str, Signal] = {
             settings=("phash_draft",),
             constants=(DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS, "tiny: square, rgb"),
             thresholds=lambda c: {"phash": c.phash_threshold},
-            pairs="dedup.cluster:phash_signal_edges",
+            pairs="dedup.engine.cluster:phash_signal_edges",
         ),
         Signal(
             name="views",
@@ -105,7 +105,7 @@ REGISTRY: dict[str, Signal] = {
                 {"phash": c.phash_threshold, "views": c.views_threshold}
                 | ({"verify": c.verify_threshold or "auto"} if c.verify else {})
             ),
-            pairs="dedup.cluster:views_signal_edges",
+            pairs="dedup.engine.cluster:views_signal_edges",
         ),
         Signal(
             name="clip",
@@ -116,7 +116,7 @@ REGISTRY: dict[str, Signal] = {
             settings=(),  # the model's own fingerprint is added by extract.py
             constants=(),
             thresholds=lambda c: {"clip": c.clip_threshold},
-            pairs="dedup.cluster:clip_signal_edges",
+            pairs="dedup.engine.cluster:clip_signal_edges",
         ),
     )
 }
@@ -124,7 +124,7 @@ REGISTRY: dict[str, Signal] = {
 
 def enabled(config: Config) -> list[Signal]:
     """The signals a config turns on, in registry order (`auto`: all of them, until a
-    run chooses those that can run here: dedup.pipeline.choose_signals)."""
+    run chooses those that can run here: dedup.commands.run.choose_signals)."""
     return [s for s in REGISTRY.values() if s.name in config.signal_names]
 
 

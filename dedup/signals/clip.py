@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dedup.errors import ModelError
+from dedup.core.errors import ModelError
 
 HUB_HOST = ("huggingface.co", 443)
 PROBE_SECONDS = 3.0

@@ -275,7 +275,7 @@ def view_pairs(vectors: np.ndarray, plain: int, transformed: int) -> ViewPairs:
     """Row pairs of distinct code vectors (N, VIEW_BYTES) that match by the hashes alone
     (see row_pairs): brute force over codes through hamming_pairs; the global phase finds
     the same pairs by partitioned multi-index hashing."""
-    from dedup.pairs import hamming_pairs
+    from dedup.search.pairs import hamming_pairs
 
     ids, words = distinct_codes(np.arange(len(vectors), dtype=np.int64), vectors)
     order = np.argsort(ids, kind="stable")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-from dedup.config import Config
+from dedup.core.config import Config
 
 # dedup checks the pixel count itself from the header (reason `too_large`), so Pillow's
 # own bomb guard, which raises or warns on its own limit, is turned off.

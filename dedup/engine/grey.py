@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from dedup.cluster import VERIFIED, Edges, linked
-from dedup.config import Config
-from dedup.decode import decode_image
-from dedup.errors import DedupError, ShardError
-from dedup.executor import Executor
-from dedup.extract import image_ranges, read_features
-from dedup.progress import Progress
-from dedup.shards import Shard, read_ranges_of
+from dedup.core.config import Config
+from dedup.core.errors import DedupError, ShardError
+from dedup.core.progress import Progress
+from dedup.engine.cluster import VERIFIED, Edges, linked
+from dedup.engine.extract import image_ranges, read_features
+from dedup.executors.local import Executor
+from dedup.io.decode import decode_image
+from dedup.io.shards import Shard, read_ranges_of
 from dedup.signals.exact import digest
 
 # A reference item whose image cannot be read again (a stored index keeps features only).
@@ -50,7 +50,7 @@ class GreyPairs:
 def load_grey(paths: list[str]) -> GreyPairs:
     """The near tasks' grey pairs, one per pair of rows (the closest match; ties: the
     plain one before the mirrored), sorted by rows."""
-    from dedup.globalphase import load_arrays
+    from dedup.engine.globalphase import load_arrays
 
     parts = [load_arrays(p) for p in paths]
     cat = {
@@ -127,7 +127,7 @@ class _Check:
     def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
         import cv2
 
-        from dedup.verify import verify
+        from dedup.engine.verify import verify
 
         began = time.perf_counter()
         i, j, mirrored = item
@@ -167,8 +167,8 @@ class _Check:
         against the digest taken when the shard's features were computed."""
         import cv2
 
-        from dedup.globalphase import rows_by_shard
-        from dedup.verify import VERIFY_SIDE, features
+        from dedup.engine.globalphase import rows_by_shard
+        from dedup.engine.verify import VERIFY_SIDE, features
 
         out: dict[tuple[int, bool], object] = {}
         rows = np.array(sorted({row for row, _ in wanted}), dtype=np.int64)

@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from dedup.errors import (
+from dedup.core.errors import (
     OUTPUT_ERRNOS,
     DedupError,
     Interrupted,
@@ -32,9 +32,9 @@ from dedup.errors import (
     WorkerDied,
     output_error,
 )
-from dedup.progress import Progress
-from dedup.progress import attach as progress_attach
-from dedup.progress import counters as progress_counters
+from dedup.core.progress import Progress
+from dedup.core.progress import attach as progress_attach
+from dedup.core.progress import counters as progress_counters
 
 TICK_SECONDS = 0.5
 PR_SET_PDEATHSIG = 1
@@ -258,7 +258,7 @@ class LocalExecutor(Executor):
 def make_executor(name: str, workers: int, ray_address: str = "") -> Executor:
     """The executor a run's config names."""
     if name == "ray":
-        from dedup.ray_executor import RayExecutor
+        from dedup.executors.ray import RayExecutor
 
         return RayExecutor(ray_address)
     return LocalExecutor(workers)

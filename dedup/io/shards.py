@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import blake3
 from braceexpand import braceexpand
 
-from dedup import storage, tarscan
-from dedup.errors import InputError, ShardError
-from dedup.fsutil import (
+from dedup.core.errors import InputError, ShardError
+from dedup.io import storage, tarscan
+from dedup.io.fsutil import (
     FileTooLarge,
     NotARegularFile,
     atomic_path,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import tarfile
 
-from dedup import storage
-from dedup.errors import ShardError
-from dedup.extract import ShardFeatures, file_identity, read_features
-from dedup.fsutil import atomic_path
-from dedup.progress import REPORT_EVERY, advance
-from dedup.tarscan import BLOCK, REGULAR, header_checksum_ok
+from dedup.core.errors import ShardError
+from dedup.core.progress import REPORT_EVERY, advance
+from dedup.engine.extract import ShardFeatures, file_identity, read_features
+from dedup.io import storage
+from dedup.io.fsutil import atomic_path
+from dedup.io.tarscan import BLOCK, REGULAR, header_checksum_ok
 
 RECORD = 20 * BLOCK  # what tarfile pads an archive to; readers expect whole records
 COPY_CHUNK = 1 << 22

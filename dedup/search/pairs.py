@@ -133,7 +133,7 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
             if workers > 1 and n >= MIH_PARALLEL_MIN:
                 import multiprocessing
 
-                from dedup.executor import signals_deferred, worker_init
+                from dedup.executors.local import signals_deferred, worker_init
 
                 ctx = multiprocessing.get_context("fork")
                 with signals_deferred():

@@ -39,8 +39,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup import signals, storage
-from dedup.cluster import (
+from dedup import signals
+from dedup.core.config import Config
+from dedup.core.errors import DedupError
+from dedup.core.progress import Progress
+from dedup.engine.cluster import (
     BLOCKED,
     CLIP,
     NOT_ANCHOR,
@@ -57,14 +60,12 @@ from dedup.cluster import (
     resolve,
     tiny_edges,
 )
-from dedup.config import Config
-from dedup.errors import DedupError
-from dedup.executor import Executor
-from dedup.extract import STATUS_OK, read_features
-from dedup.fsutil import atomic_path, read_file, write_atomic
-from dedup.kernels import near_pairs
-from dedup.pairs import _chunks, choose_engine, gpu_count, inner_product_search
-from dedup.progress import Progress
+from dedup.engine.extract import STATUS_OK, read_features
+from dedup.executors.local import Executor
+from dedup.io import storage
+from dedup.io.fsutil import atomic_path, read_file, write_atomic
+from dedup.search.kernels import near_pairs
+from dedup.search.pairs import _chunks, choose_engine, gpu_count, inner_product_search
 from dedup.signals.phash import (
     SIGNATURE_BYTES,
     SIGNATURE_SIDE,
@@ -449,7 +450,7 @@ def clip_cells(sources: list[tuple[str, int]], rows_total: int, config: Config):
     """k-means centroids that split the CLIP vectors into cells of about CLIP_CELL_ROWS,
     trained on a seeded sample of rows; None when one exact search does (few vectors,
     or clip_index flat)."""
-    from dedup.pairs import CLIP_FLAT_MAX
+    from dedup.search.pairs import CLIP_FLAT_MAX
 
     if config.clip_index == "flat" or rows_total <= CLIP_FLAT_MAX:
         return None
@@ -971,7 +972,7 @@ def run_global(
     if runs["views"]:  # a pair of rows may match by several pairs of views
         edges = _unique_edges(edges, VIEWS)
     if "views" in config.signal_names and config.verify:
-        from dedup.grey import VerifyStats, verify_grey
+        from dedup.engine.grey import VerifyStats, verify_grey
 
         stats["verify"] = VerifyStats().to_dict()
         if grey_files:

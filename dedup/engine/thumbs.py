@@ -12,8 +12,8 @@ import warnings
 
 from PIL import Image
 
-from dedup.decode import normalize
-from dedup.shards import Shard, display_name, read_ranges_of
+from dedup.io.decode import normalize
+from dedup.io.shards import Shard, display_name, read_ranges_of
 
 THUMB_SIZE = 128
 CAPTION_CHARS = 300

@@ -1,6 +1,6 @@
 """Measured recall on the user's own images: `dedup calibrate` and a run's canaries.
 
-Both plant edited copies of sampled images (dedup.edits) into shards of their own, in a
+Both plant edited copies of sampled images (dedup.engine.edits) into shards of their own, in a
 scratch folder, read them through the run's own extract phase and executor, and ask of
 each (original, copy) pair what each signal's rule says at the config's thresholds
 (cluster.pair_links), the views signal's grey zone checked by the verification tier as a
@@ -28,15 +28,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dedup import storage
-from dedup.cluster import Candidates, pair_links
-from dedup.config import Config
-from dedup.decode import decode_image, image_member, is_image_name, read_header
-from dedup.edits import EDITS, apply
-from dedup.errors import ShardError
-from dedup.extract import STATUS_OK, ShardFeatures, image_ranges, read_features
-from dedup.fsutil import SCRATCH_ENV
-from dedup.shards import Shard, display_name, iter_samples, read_ranges_of
+from dedup.core.config import Config
+from dedup.core.errors import ShardError
+from dedup.engine.cluster import Candidates, pair_links
+from dedup.engine.edits import EDITS, apply
+from dedup.engine.extract import STATUS_OK, ShardFeatures, image_ranges, read_features
+from dedup.io import storage
+from dedup.io.decode import decode_image, image_member, is_image_name, read_header
+from dedup.io.fsutil import SCRATCH_ENV
+from dedup.io.shards import Shard, display_name, iter_samples, read_ranges_of
 from dedup.signals.views import KIND, MIRRORED, NEVER, PLAIN, code_words
 
 log = logging.getLogger("dedup")
@@ -191,7 +191,7 @@ def plant(
 ) -> Planted:
     """Write the originals and their edited copies as shards under `folder` (a path, or a
     URL every worker can reach), edited in the executor's tasks."""
-    from dedup.progress import Progress
+    from dedup.core.progress import Progress
 
     wanted: dict[int, list[tuple[str, int]]] = {k: [] for k in range(len(originals))}
     for k, edit, seed in copies:
@@ -252,7 +252,7 @@ class Rows:
 
 def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.ndarray]:
     """Every row's features (zeros where the image did not decode) and shard starts."""
-    from dedup.globalphase import members_candidates, read_members
+    from dedup.engine.globalphase import members_candidates, read_members
 
     starts = np.concatenate([[0], np.cumsum([f.rows for f in features])]).astype(np.int64)
     dim = 0
@@ -276,7 +276,7 @@ def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.
 
 
 def _dim(path: str) -> int:
-    from dedup.globalphase import vectors_of
+    from dedup.engine.globalphase import vectors_of
 
     column = read_features(path, ["status", "clip"])
     good = pc.equal(column.column("status"), STATUS_OK)
@@ -368,8 +368,8 @@ def judge_pairs(
 def make_verifier(config: Config, sources, inputs, starts, executor=None):
     """The views' verification tier on given pairs, as a run's tasks check them (in the
     executor's tasks, TASK_PAIRS at a time, when one is given)."""
-    from dedup.grey import TASK_PAIRS, _Check
-    from dedup.progress import Progress
+    from dedup.core.progress import Progress
+    from dedup.engine.grey import TASK_PAIRS, _Check
 
     check = _Check(config, sources, inputs, np.asarray(starts))
 
@@ -415,7 +415,7 @@ def measure(
     """Plant `copies` of `originals` under `folder`, read them through the run's extract
     phase and executor, and judge every (original, copy) pair, the views' grey zone at
     the bound a dataset of `dataset` images has."""
-    from dedup.pipeline import extract_all
+    from dedup.commands.run import extract_all
 
     planted = plant(originals, copies, folder, config, executor)
     store = storage.join(folder, "features")
@@ -489,24 +489,24 @@ def calibrate(
     false links among unrelated sampled images, recommended thresholds."""
     import tempfile
 
-    from dedup.executor import make_executor
-    from dedup.fsutil import scratch_dir
-    from dedup.pipeline import choose_signals
-    from dedup.shards import list_shards
+    from dedup.commands.run import choose_signals
+    from dedup.executors.local import make_executor
+    from dedup.io.fsutil import scratch_dir
+    from dedup.io.shards import list_shards
 
     if not 0.0 < target_precision < 1.0:
         raise ValueError("target precision must be between 0 and 1")
     edits = list(edits or EDITS)
     unknown = [e for e in edits if e not in EDITS]
     if unknown:
-        from dedup.errors import ConfigError
+        from dedup.core.errors import ConfigError
 
         raise ConfigError(f"--edits: unknown edit {unknown[0]!r}; known: {', '.join(EDITS)}")
     shards = list_shards(inputs)
     config, clip = choose_signals(config)
     originals, seen, read = sample_images(shards, sample, config.seed, config)
     if not originals:
-        from dedup.errors import InputError
+        from dedup.core.errors import InputError
 
         raise InputError("calibrate: the input holds no decodable image")
     dataset = max(len(originals), round(seen / max(read, 1) * len(shards)))
@@ -555,7 +555,7 @@ def calibrate(
             pairs, unrelated, config, dataset, target_precision
         )
         if report_dir:
-            from dedup.calibrate_report import write_calibration_report
+            from dedup.report.calibration import write_calibration_report
 
             def image_of(row: int) -> bytes:
                 pos = int(np.searchsorted(starts, row, side="right")) - 1

@@ -20,10 +20,10 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-from dedup import storage
-from dedup.errors import DedupError, OutputError
-from dedup.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
-from dedup.shards import SPOOL_DIR, Shard, remove_spool, sidecars
+from dedup.core.errors import DedupError, OutputError
+from dedup.io import storage
+from dedup.io.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
+from dedup.io.shards import SPOOL_DIR, Shard, remove_spool, sidecars
 
 log = logging.getLogger("dedup")
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import yaml
 
-from dedup.errors import ConfigError
+from dedup.core.errors import ConfigError
 
 KNOWN_SIGNALS = ("exact", "phash", "views", "clip")  # dedup.signals.REGISTRY's names
 # `signals: auto` (the default): every signal that can run here. CLIP when torch and
 # open_clip are installed (dedup-wds[clip]) and its weights are found; else the others,
-# with one log line saying why (dedup.pipeline.choose_signals).
+# with one log line saying why (dedup.commands.run.choose_signals).
 AUTO = ("auto",)
 WITHOUT_CLIP = ("exact", "phash", "views")
 KEEP_RULES = ("largest", "first")
@@ -173,7 +173,7 @@ class Config:
     @property
     def signal_names(self) -> tuple[str, ...]:
         """The signals turned on: `signals`, or for `auto` every signal (a run first
-        chooses those that can run here: dedup.pipeline.choose_signals)."""
+        chooses those that can run here: dedup.commands.run.choose_signals)."""
         return KNOWN_SIGNALS if self.signals == AUTO else self.signals
 
     @functools.cached_property

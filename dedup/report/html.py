@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup.fsutil import write_atomic
-from dedup.report import RISK_TIERS
+from dedup.io.fsutil import write_atomic
+from dedup.report.tables import RISK_TIERS
 
 SHOWN_CLUSTERS = 50
 SHOWN_MEMBERS = 12  # thumbnails per cluster strip; the rest are counted

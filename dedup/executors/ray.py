@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dedup.errors import (
+from dedup.core.errors import (
     ConfigError,
     DedupError,
     Interrupted,
@@ -27,10 +27,10 @@ from dedup.errors import (
     TaskFailed,
     WorkerDied,
 )
-from dedup.executor import TICK_SECONDS, Executor, _Guarded, check_stop
-from dedup.progress import Progress
-from dedup.progress import advance as progress_advance
-from dedup.progress import counters as progress_counters
+from dedup.core.progress import Progress
+from dedup.core.progress import advance as progress_advance
+from dedup.core.progress import counters as progress_counters
+from dedup.executors.local import TICK_SECONDS, Executor, _Guarded, check_stop
 
 log = logging.getLogger("dedup")
 

@@ -21,9 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup import signals, storage
-from dedup.blocklist import Blocklist, load_blocklist, match_blocklists
-from dedup.cluster import (
+from dedup import signals
+from dedup.core.config import AUTO, WITHOUT_CLIP, Config
+from dedup.core.errors import ConfigError, DedupError, ModelError, OutputError, ShardError
+from dedup.core.progress import Progress
+from dedup.engine.blocklist import Blocklist, load_blocklist, match_blocklists
+from dedup.engine.cluster import (
     DECISIONS,
     NO_DISTANCE,
     Edges,
@@ -31,10 +34,7 @@ from dedup.cluster import (
     calibration_from,
     calibration_sample,
 )
-from dedup.config import AUTO, WITHOUT_CLIP, Config
-from dedup.errors import ConfigError, DedupError, ModelError, OutputError, ShardError
-from dedup.executor import Executor, LocalExecutor, check_stop, make_executor
-from dedup.extract import (
+from dedup.engine.extract import (
     PASSTHROUGH_REASONS,
     STATUS_OK,
     ShardFeatures,
@@ -43,8 +43,7 @@ from dedup.extract import (
     input_identity,
     read_features,
 )
-from dedup.fsutil import read_file, scratch_dir, write_atomic
-from dedup.globalphase import (
+from dedup.engine.globalphase import (
     References,
     Resolved,
     members_candidates,
@@ -52,15 +51,21 @@ from dedup.globalphase import (
     rows_by_shard,
     run_global,
 )
-from dedup.htmlreport import (
-    CALIBRATION_SCHEMA,
-    MATCHES_SCHEMA,
-    PREVIEWS_SCHEMA,
-    SHOWN_MEMBERS,
-    shown_clusters,
+from dedup.engine.references import (
+    Reference,
+    ReferenceError_,
+    Source,
+    check_stored,
+    resolve_references,
+    status_counts,
+    usable_rows,
 )
-from dedup.htmlreport import render as render_html
-from dedup.outdir import (
+from dedup.engine.thumbs import read_previews
+from dedup.engine.write import WRITE_COLUMNS, write_shard
+from dedup.executors.local import Executor, LocalExecutor, check_stop, make_executor
+from dedup.io import storage
+from dedup.io.fsutil import read_file, scratch_dir, write_atomic
+from dedup.io.outdir import (
     CANARIES_DIR,
     GLOBAL_DIR,
     PARTS_DIR,
@@ -71,28 +76,7 @@ from dedup.outdir import (
     feature_store,
     remove_output,
 )
-from dedup.progress import Progress
-from dedup.references import (
-    Reference,
-    ReferenceError_,
-    Source,
-    check_stored,
-    resolve_references,
-    status_counts,
-    usable_rows,
-)
-from dedup.report import (
-    CLUSTERS_SCHEMA,
-    LARGEST_CLUSTERS,
-    SAMPLES_SCHEMA,
-    merge_parts,
-    package_versions,
-    report_paths,
-    size_histogram,
-    write_summary,
-    write_table,
-)
-from dedup.shards import (
+from dedup.io.shards import (
     SPOOL_DIR,
     FileGroup,
     Shard,
@@ -103,8 +87,25 @@ from dedup.shards import (
     shard_size,
     sidecars,
 )
-from dedup.thumbs import read_previews
-from dedup.write import WRITE_COLUMNS, write_shard
+from dedup.report.html import (
+    CALIBRATION_SCHEMA,
+    MATCHES_SCHEMA,
+    PREVIEWS_SCHEMA,
+    SHOWN_MEMBERS,
+    shown_clusters,
+)
+from dedup.report.html import render as render_html
+from dedup.report.tables import (
+    CLUSTERS_SCHEMA,
+    LARGEST_CLUSTERS,
+    SAMPLES_SCHEMA,
+    merge_parts,
+    package_versions,
+    report_paths,
+    size_histogram,
+    write_summary,
+    write_table,
+)
 
 log = logging.getLogger("dedup")
 
@@ -302,7 +303,7 @@ def plan(
     blocklists: list[Blocklist] | None = None,
 ) -> Plan:
     """Phase 2: cluster every decoded image of every shard; decide each sample's fate.
-    The work runs as partitioned tasks (dedup.globalphase) with their files in `work`
+    The work runs as partitioned tasks (dedup.engine.globalphase) with their files in `work`
     (a fresh temporary folder when None). `references` (resolved, extracted) are matched
     against; `blocklists` name samples to remove."""
     counts = [f.rows for f in features]
@@ -1022,7 +1023,7 @@ def canary_phase(features: list[ShardFeatures], job: _Job) -> dict | None:
     a decision); None without canaries."""
     if not job.config.canaries:
         return None
-    from dedup.calibrate import run_canaries
+    from dedup.commands.calibrate import run_canaries
 
     t = time.monotonic()
     folder = storage.join(storage.join(job.out, STATE_DIR), CANARIES_DIR)
@@ -1409,7 +1410,7 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
     folders, earlier OUTs, stores, other indexes) in one folder with a manifest of the
     settings and versions they were computed with; `--against INDEX` then decodes
     nothing. Returns the manifest."""
-    from dedup.references import INDEX_FILE, INDEX_FORMAT
+    from dedup.engine.references import INDEX_FILE, INDEX_FORMAT
 
     if storage.is_url(out):
         raise ConfigError(f"--out {out}: an index is written to a local folder")

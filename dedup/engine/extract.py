@@ -14,13 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup import __version__, signals, storage
-from dedup.config import Config
-from dedup.decode import decode_image, image_member, is_image_name, read_header
-from dedup.errors import DedupError, FeatureStoreError, ShardError
-from dedup.fsutil import atomic_path, read_file, read_regular_file, write_atomic
-from dedup.progress import REPORT_EVERY, advance
-from dedup.shards import (
+from dedup import __version__, signals
+from dedup.core.config import Config
+from dedup.core.errors import DedupError, FeatureStoreError, ShardError
+from dedup.core.progress import REPORT_EVERY, advance
+from dedup.io import storage
+from dedup.io.decode import decode_image, image_member, is_image_name, read_header
+from dedup.io.fsutil import atomic_path, read_file, read_regular_file, write_atomic
+from dedup.io.shards import (
     MAX_FILE_BYTES,
     FileGroup,
     Shard,

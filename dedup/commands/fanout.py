@@ -24,14 +24,15 @@ import pickle
 import time
 import uuid
 
-from dedup import storage
-from dedup.blocklist import load_blocklist
-from dedup.config import Config, load_config
-from dedup.errors import ConfigError, DedupError, InputError
-from dedup.executor import make_executor
-from dedup.extract import input_identity
-from dedup.fsutil import read_file, write_atomic
-from dedup.outdir import (
+from dedup.core.config import Config, load_config
+from dedup.core.errors import ConfigError, DedupError, InputError
+from dedup.engine.blocklist import load_blocklist
+from dedup.engine.extract import input_identity
+from dedup.engine.references import check_stored, resolve_references
+from dedup.executors.local import make_executor
+from dedup.io import storage
+from dedup.io.fsutil import read_file, write_atomic
+from dedup.io.outdir import (
     FANOUT_DIR,
     REPORT_MARKER,
     STATE_DIR,
@@ -43,8 +44,7 @@ from dedup.outdir import (
     remove_output,
     retire_outputs,
 )
-from dedup.references import check_stored, resolve_references
-from dedup.shards import list_shards, shard_size
+from dedup.io.shards import list_shards, shard_size
 
 log = logging.getLogger("dedup")
 
@@ -206,7 +206,7 @@ def _read_job(out: str) -> FanoutJob:
 def _task_job(out: str, fan: FanoutJob, config: Config, clip, executor):
     """The pipeline's _Job for one task (references and blocklists resolved again: their
     features are reused from OUT)."""
-    from dedup.pipeline import _Job, reference_store
+    from dedup.commands.run import _Job, reference_store
 
     store = feature_store(out, fan.state_dir)
     shards = list_shards(fan.inputs)
@@ -232,7 +232,7 @@ def extract_part(
     overwrite: bool = False,
 ) -> dict:
     """`dedup extract INPUT... --out OUT --part I/N`: phase 1 for part I of N."""
-    from dedup.pipeline import _Job, choose_signals, extract_phase, log_extract
+    from dedup.commands.run import _Job, choose_signals, extract_phase, log_extract
 
     i, n = parse_part(part)
     shards = list_shards(inputs)
@@ -388,7 +388,7 @@ def cluster_task(out: str, given: dict) -> dict:
     """`dedup cluster --out OUT`: phase 2 once every extract part has finished. A shard
     changed since its part read it (or not read by any part: the listing changed) is
     extracted again here, so the plan always describes the current inputs."""
-    from dedup.pipeline import (
+    from dedup.commands.run import (
         canary_phase,
         cluster_phase,
         extract_phase,
@@ -449,7 +449,7 @@ def _report(out: str, fan: FanoutJob) -> str:
 def write_part(out: str, part: str, given: dict) -> dict | None:
     """`dedup write --out OUT --part I/N`: phase 3 for part I of N; the last part to
     finish makes the report and returns its summary (None from the others)."""
-    from dedup.pipeline import write_phase
+    from dedup.commands.run import write_phase
 
     i, n = parse_part(part)
     fan = _read_job(out)
@@ -480,7 +480,7 @@ def write_part(out: str, part: str, given: dict) -> dict | None:
 
 def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: str):
     """The report, when every write part has saved its results (else None)."""
-    from dedup.pipeline import (
+    from dedup.commands.run import (
         discard_spool,
         extract_references,
         make_report,

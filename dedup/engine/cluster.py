@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dedup.config import Config
-from dedup.kernels import cluster_diameters, star_claims, undirected_csr
-from dedup.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, rms_pairs, unique_codes
+from dedup.core.config import Config
+from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
+from dedup.search.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, rms_pairs, unique_codes
 from dedup.signals.exact import exact_groups
 from dedup.signals.phash import (
     SIGNATURE_TOLERANCE,

@@ -16,8 +16,8 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
-from dedup import storage
-from dedup.errors import OUTPUT_ERRNOS, OutputError, output_error
+from dedup.core.errors import OUTPUT_ERRNOS, OutputError, output_error
+from dedup.io import storage
 
 TEMP_DIR = ".dedup-tmp"
 

@@ -12,8 +12,8 @@ import os
 
 import numpy as np
 
-from dedup.fsutil import write_atomic
-from dedup.thumbs import thumbnail
+from dedup.engine.thumbs import thumbnail
+from dedup.io.fsutil import write_atomic
 
 EXAMPLES = 6  # pairs per side of a recommended threshold
 

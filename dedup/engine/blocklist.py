@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup import signals
-from dedup.config import Config
-from dedup.errors import ConfigError, DedupError
-from dedup.extract import STATUS_OK, ShardFeatures, read_features
-from dedup.fsutil import read_regular_file
-from dedup.pairs import hamming_pairs
-from dedup.progress import Progress
+from dedup.core.config import Config
+from dedup.core.errors import ConfigError, DedupError
+from dedup.core.progress import Progress
+from dedup.engine.extract import STATUS_OK, ShardFeatures, read_features
+from dedup.io.fsutil import read_regular_file
+from dedup.search.pairs import hamming_pairs
 from dedup.signals.phash import by_signature
 
 DIGEST_KINDS = ("sha256", "blake3")

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dedup import storage
-from dedup.fsutil import atomic_path, read_file, write_atomic
+from dedup.io import storage
+from dedup.io.fsutil import atomic_path, read_file, write_atomic
 
 # Cluster sizes from which memorization risk is flagged: Carlini et al. (2023) extracted
 # images duplicated about a hundred times; ten copies is the early warning.

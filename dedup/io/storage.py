@@ -21,7 +21,7 @@ from typing import IO, Any, TypeVar
 
 from braceexpand import braceexpand
 
-from dedup.errors import ConfigError, DedupError, InputError, OutputError
+from dedup.core.errors import ConfigError, DedupError, InputError, OutputError
 
 T = TypeVar("T")
 PIPE = "pipe:"

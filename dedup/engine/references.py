@@ -28,10 +28,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup import storage
-from dedup.config import Config
-from dedup.errors import ConfigError, DedupError, InputError
-from dedup.extract import (
+from dedup.core.config import Config
+from dedup.core.errors import ConfigError, DedupError, InputError
+from dedup.engine.extract import (
     DONE_SUFFIX,
     FEATURE_SCHEMA,
     STATUS_OK,
@@ -39,8 +38,9 @@ from dedup.extract import (
     feature_path,
     read_features,
 )
-from dedup.fsutil import open_regular, read_regular_file
-from dedup.shards import FileGroup, Shard, display_name, list_shards
+from dedup.io import storage
+from dedup.io.fsutil import open_regular, read_regular_file
+from dedup.io.shards import FileGroup, Shard, display_name, list_shards
 
 log = logging.getLogger("dedup")
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from dedup.errors import ShardError
+from dedup.core.errors import ShardError
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)

@@ -1,0 +1,1 @@
+"""Errors and exit codes, settings, progress: what every layer may use."""

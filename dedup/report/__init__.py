@@ -1,0 +1,1 @@
+"""The report: tables, summary.json, report.html, the calibration report."""

@@ -1,0 +1,1 @@
+"""Pair engines (multi-index hashing, FAISS) and compiled kernels."""
