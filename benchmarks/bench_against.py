@@ -46,6 +46,7 @@ ROWS_PER_FILE = 250_000
 def feature_file(path: str, keys, digests: np.ndarray, codes: np.ndarray, config) -> None:
     """A feature file as the extract phase writes it (only what matching reads is set:
     status, size, digest, pHash code, detail), with its completion marker."""
+    from dedup import signals
     from dedup.engine.extract import DONE_SUFFIX, FEATURE_SCHEMA
 
     n = len(keys)
@@ -72,7 +73,7 @@ def feature_file(path: str, keys, digests: np.ndarray, codes: np.ndarray, config
     with open(path, "rb") as fh:
         digest = blake3.blake3(fh.read()).hexdigest()
     marker = {
-        "fingerprint": json.dumps({"config": config.feature_fingerprint(), "clip": None}),
+        "fingerprint": json.dumps({"config": signals.feature_fingerprint(config), "clip": None}),
         "rows": n,
         "skipped_members": {},
         "blake3": digest,
@@ -85,6 +86,7 @@ def make_index(root: str, baseline_report: str, data: str) -> set[str]:
     """The 1,000,000-code index under root; returns the planted input keys."""
     from scale_codes import realistic_codes
 
+    from dedup import signals
     from dedup.core.config import Config
     from dedup.engine.references import INDEX_FILE, INDEX_FORMAT
     from dedup.report.tables import package_versions
@@ -132,7 +134,7 @@ def make_index(root: str, baseline_report: str, data: str) -> set[str]:
     manifest = {
         "format": INDEX_FORMAT,
         "tool": "dedup",
-        "feature_fingerprint": config.feature_fingerprint(),
+        "feature_fingerprint": signals.feature_fingerprint(config),
         "clip": None,
         "config": config.to_dict(),
         "versions": package_versions(),

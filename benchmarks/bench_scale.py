@@ -91,8 +91,8 @@ def _peak_mib(who) -> float:
 
 
 def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: dict) -> None:
-    from dedup.commands.run import REASONS
     from dedup.engine.globalphase import run_global
+    from dedup.engine.plan import REASONS
     from dedup.executors.local import LocalExecutor
 
     config = Config(signals=("phash",), phash_threshold=THRESHOLD, partition_rows=rows)
@@ -218,8 +218,8 @@ def check(codes: np.ndarray, edges_path: str) -> dict:
 def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
     """The CLIP search by k-means cell against an exact search over all pairs, on
     clustered unit vectors (a tenth near copies of another vector)."""
-    from dedup.commands.run import REASONS
     from dedup.engine.globalphase import run_global
+    from dedup.engine.plan import REASONS
     from dedup.executors.local import LocalExecutor
     from dedup.search.pairs import cosine_pairs
 

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from scale_codes import NO_SOURCE, realistic_codes, tile_codes, uniform_codes  # noqa: E402
 
-from dedup.search.pairs import _chunks, hamming_pairs, self_range_pairs, unique_codes  # noqa: E402
+from dedup.search.pairs import code_chunks, hamming_pairs, self_range_pairs, unique_codes  # noqa: E402
 
 THRESHOLD = 8
 PAIRS_DIR = "bench-data/pairs"
@@ -120,7 +120,7 @@ def bucket_stats(words: np.ndarray, m: int, threshold: int = THRESHOLD) -> list[
     expectation for uniform codes."""
     n = len(words)
     out = []
-    for shift, bits in _chunks(m):
+    for shift, bits in code_chunks(m):
         keys = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int64)
         counts = np.bincount(keys, minlength=1 << bits).astype(np.float64)
         masks = flip_masks(bits, threshold // m)
@@ -304,7 +304,7 @@ def numba_mih(codes: np.ndarray, threshold: int, m: int, workers: int = 2):
     segment = _kernel()
     words = words_of(codes)
     n = len(words)
-    parts = _chunks(m)
+    parts = code_chunks(m)
     shifts = np.array([s for s, _ in parts], dtype=np.uint64)
     widths = np.array([b for _, b in parts], dtype=np.uint64)
     radius = threshold // m

@@ -12,6 +12,10 @@ import sys
 import click
 
 from dedup import __version__
+from dedup.commands.calibrate import calibrate, human_table
+from dedup.commands.fanout import cluster_task, extract_part, write_part
+from dedup.commands.index import build_index
+from dedup.commands.run import run
 from dedup.core.config import (
     CLIP_DECODES,
     CLIP_INDEXES,
@@ -35,6 +39,10 @@ from dedup.core.errors import (
     Interrupted,
     output_error,
 )
+from dedup.core.processes import request_stop
+from dedup.report.html import render
+from dedup.report.tables import human_summary
+from dedup.signals.clip import pick_device, resolve
 
 log = logging.getLogger("dedup")
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -314,8 +322,6 @@ def run_command(
             click.echo(dump_config(config), nl=False)
             return
         if check_clip:
-            from dedup.signals.clip import pick_device, resolve
-
             spec = resolve(config.clip_model, config.clip_pretrained)
             device = pick_device(config.device)
             click.echo(
@@ -326,8 +332,6 @@ def run_command(
             raise click.UsageError("give at least one INPUT (shard, directory, glob or pattern)")
         if not out:
             raise click.UsageError("--out DIR is required")
-        from dedup.commands.run import run
-        from dedup.report.tables import human_summary
 
         summary = run(
             list(inputs),
@@ -408,7 +412,6 @@ def _print_worker_traceback(e: DedupError) -> None:
 
 
 def _raise_on_signal(signum: int, frame) -> None:
-    from dedup.executors.local import request_stop
 
     request_stop(signum)
 
@@ -447,7 +450,6 @@ def index_command(refs, out, config_path, overwrite, as_json, quiet, debug, **se
             raise click.UsageError("give at least one REF")
         if not out:
             raise click.UsageError("--out INDEX is required")
-        from dedup.commands.run import build_index
 
         manifest = build_index(list(refs), out, config, overwrite)
     click.echo(
@@ -531,7 +533,6 @@ def extract_command(
         config = load_config(config_path, settings)
         if not inputs:
             raise click.UsageError("give at least one INPUT")
-        from dedup.commands.fanout import extract_part
 
         result = extract_part(
             list(inputs), out, config, part, report_dir, state_dir, skip_bad_shards, overwrite
@@ -550,8 +551,6 @@ def cluster_command(out, config_path, as_json, quiet, debug, **settings):
     _setup_logging(quiet)
     _handle_stop_signals()
     with one_line_errors(debug):
-        from dedup.commands.fanout import cluster_task
-
         result = cluster_task(out, _given(settings, config_path))
     if as_json:
         click.echo(json.dumps(result, separators=(",", ":"), sort_keys=True))
@@ -567,9 +566,6 @@ def write_command(part, out, config_path, as_json, quiet, debug, **settings):
     _setup_logging(quiet)
     _handle_stop_signals()
     with one_line_errors(debug):
-        from dedup.commands.fanout import write_part
-        from dedup.report.tables import human_summary
-
         summary = write_part(out, part, _given(settings, config_path))
     if summary is None:
         if as_json:
@@ -634,7 +630,6 @@ def calibrate_command(
             raise click.UsageError("--sample must be at least 2")
         if not 0 < target_precision < 1:
             raise click.UsageError("--target-precision must be between 0 and 1")
-        from dedup.commands.calibrate import calibrate, human_table
 
         chosen = [e.strip() for e in edits.split(",") if e.strip()] if edits else None
         result = calibrate(list(inputs), config, sample, target_precision, chosen, report_dir)
@@ -650,8 +645,6 @@ def report_command(report_dir: str) -> None:
     """Re-render REPORT_DIR/report.html from samples.parquet, clusters.parquet,
     previews.parquet, calibration.parquet and summary.json."""
     import pyarrow as pa
-
-    from dedup.report.html import render
 
     try:
         path = render(report_dir)

@@ -9,8 +9,9 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from dedup.commands.calibrate import plan_copies, sample_images
+from dedup.commands.calibrate import plan_copies
 from dedup.core.config import Config
+from dedup.engine.canaries import sample_images
 from dedup.engine.edits import EDITS, apply
 from dedup.io.decode import decode_image
 from dedup.io.shards import list_shards

@@ -10,7 +10,9 @@ import pytest
 from dedup.core.config import Config
 from dedup.engine.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
 from dedup.engine.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
-from dedup.engine.globalphase import CLUSTER_COLUMNS, Layout, run_global
+from dedup.engine.globalphase import run_global
+from dedup.engine.pairtasks import Layout
+from dedup.engine.records import CLUSTER_COLUMNS
 from dedup.executors.local import LocalExecutor
 from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
 from dedup.signals.views import VIEW_BYTES, VIEWS, WHOLE_VIEWS
@@ -357,7 +359,7 @@ def test_tiny_rows_are_searched_in_luminance_buckets_without_losing_a_pair(tmp_p
     """Tiny rows only, their signatures' mean luminance spread evenly over 0..255 with
     pairs straddling every bucket boundary: the bucketed search finds exactly the pairs
     of the one-process search, each once."""
-    from dedup.engine.globalphase import tiny_buckets
+    from dedup.engine.pairtasks import tiny_buckets
 
     n = 1200
     data = planted_rows(n, seed=5)

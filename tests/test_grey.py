@@ -17,9 +17,9 @@ from dedup.core.config import Config
 from dedup.core.errors import ShardError
 from dedup.core.progress import Progress
 from dedup.engine.cluster import Edges
-from dedup.engine.grey import GreyPairs, _Check, drop_linked, nearest_per_image
+from dedup.engine.grey import GreyPairs, PairCheck, drop_linked, nearest_per_image
 from dedup.executors.local import LocalExecutor
-from dedup.signals.views import grey_bound
+from dedup.signals.views import grey_bound, grey_zone, search_bound
 from dedup.synth import PlantedSample, encode, make_image, write_shards
 
 
@@ -180,7 +180,7 @@ def test_a_shard_changed_after_its_features_were_read_is_refused(grey_set, tmp_p
     data[2048] ^= 0xFF  # inside the first sample's JPEG
     with open(changed, "wb") as fh:
         fh.write(data)
-    check = _Check(config, [(features.path, 0)], [changed], np.array([0, features.rows]))
+    check = PairCheck(config, [(features.path, 0)], [changed], np.array([0, features.rows]))
     with pytest.raises(ShardError, match="changed since it was read"):
         check((np.array([0]), np.array([1]), np.array([False])))
     # ... and from a worker process, among other tasks, as itself
@@ -240,7 +240,7 @@ def test_banners_in_the_grey_zone_are_rejected_not_a_crash(tmp_path):
 
 
 def test_the_grey_zone_is_empty_without_verification_and_bounded_as_configured():
-    assert Config(verify=False).grey_bound(1000) == -1
-    assert Config(verify_threshold=6).grey_bound(10**9) == 6
-    assert Config().grey_bound(10**7) == 0  # the search then stops at the thresholds
-    assert Config().views_bound(10**7) == 8
+    assert grey_zone(Config(verify=False), 1000) == -1
+    assert grey_zone(Config(verify_threshold=6), 10**9) == 6
+    assert grey_zone(Config(), 10**7) == 0  # the search then stops at the thresholds
+    assert search_bound(Config(), 10**7) == 8

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from dedup.cli import main
 from dedup.commands.run import run
-from dedup.report.html import SHOWN_MEMBERS, risk_tiers, shown_clusters
+from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
+from dedup.report.html import risk_tiers
 from dedup.synth import planted_dataset, write_shards
 from tests.conftest import cfg
 

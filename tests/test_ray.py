@@ -153,7 +153,7 @@ def run_with_a_planted_bug(*args) -> subprocess.CompletedProcess:
     code = (
         "import sys; from dedup.commands import run as pipeline\n"
         "from tests.test_ray import BuggyExtract\n"
-        "pipeline._Extract = BuggyExtract\n"
+        "pipeline.ExtractTask = BuggyExtract\n"
         "from dedup.cli import main; main(sys.argv[1:])"
     )
     return subprocess.run(

@@ -24,12 +24,18 @@ import pickle
 import time
 import uuid
 
+from dedup.commands.run import report_into
 from dedup.core.config import Config, load_config
 from dedup.core.errors import ConfigError, DedupError, InputError
 from dedup.engine.blocklist import load_blocklist
+from dedup.engine.canaries import canary_phase
 from dedup.engine.extract import input_identity
+from dedup.engine.finish import same_input, write_phase
+from dedup.engine.job import Job, discard_spool, reference_store
+from dedup.engine.plan import cluster_phase
+from dedup.engine.reading import extract_phase, extract_references, log_extract
 from dedup.engine.references import check_stored, resolve_references
-from dedup.executors.local import make_executor
+from dedup.executors import make_executor
 from dedup.io import storage
 from dedup.io.fsutil import read_file, write_atomic
 from dedup.io.outdir import (
@@ -45,6 +51,8 @@ from dedup.io.outdir import (
     retire_outputs,
 )
 from dedup.io.shards import list_shards, shard_size
+from dedup.report.summary import make_report
+from dedup.signals.choice import choose_signals, resolve_clip
 
 log = logging.getLogger("dedup")
 
@@ -204,16 +212,15 @@ def _read_job(out: str) -> FanoutJob:
 
 
 def _task_job(out: str, fan: FanoutJob, config: Config, clip, executor):
-    """The pipeline's _Job for one task (references and blocklists resolved again: their
+    """The pipeline's Job for one task (references and blocklists resolved again: their
     features are reused from OUT)."""
-    from dedup.commands.run import _Job, reference_store
 
     store = feature_store(out, fan.state_dir)
     shards = list_shards(fan.inputs)
     references = resolve_references(list(config.against), config, reference_store(out), shards, out)
     check_stored(references, config, clip)
     blocklists = [load_blocklist(path, config) for path in config.blocklist]
-    return _Job(
+    return Job(
         out, store, config, executor, False, fan.skip_bad_shards, clip, references, blocklists
     )
 
@@ -232,7 +239,6 @@ def extract_part(
     overwrite: bool = False,
 ) -> dict:
     """`dedup extract INPUT... --out OUT --part I/N`: phase 1 for part I of N."""
-    from dedup.commands.run import _Job, choose_signals, extract_phase, log_extract
 
     i, n = parse_part(part)
     shards = list_shards(inputs)
@@ -265,7 +271,7 @@ def extract_part(
     log.info("extract part %d/%d: %d of %d shards", i, n, len(mine), len(shards))
     t = time.monotonic()
     with make_executor(config.executor, config.worker_count, config.ray_address) as executor:
-        task = _Job(
+        task = Job(
             out, feature_store(out, state_dir), config, executor, False, skip_bad_shards, clip
         )
         features, bad = extract_phase(mine, task)
@@ -388,13 +394,6 @@ def cluster_task(out: str, given: dict) -> dict:
     """`dedup cluster --out OUT`: phase 2 once every extract part has finished. A shard
     changed since its part read it (or not read by any part: the listing changed) is
     extracted again here, so the plan always describes the current inputs."""
-    from dedup.commands.run import (
-        canary_phase,
-        cluster_phase,
-        extract_phase,
-        extract_references,
-        resolve_clip,
-    )
 
     fan = _read_job(out)
     config = fan.settings(given)
@@ -449,7 +448,6 @@ def _report(out: str, fan: FanoutJob) -> str:
 def write_part(out: str, part: str, given: dict) -> dict | None:
     """`dedup write --out OUT --part I/N`: phase 3 for part I of N; the last part to
     finish makes the report and returns its summary (None from the others)."""
-    from dedup.commands.run import write_phase
 
     i, n = parse_part(part)
     fan = _read_job(out)
@@ -480,13 +478,6 @@ def write_part(out: str, part: str, given: dict) -> dict | None:
 
 def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: str):
     """The report, when every write part has saved its results (else None)."""
-    from dedup.commands.run import (
-        discard_spool,
-        extract_references,
-        make_report,
-        report_into,
-        same_input,
-    )
 
     features = state["features"]
     # The last part to finish assembles the report (each checks after saving its own).

@@ -187,21 +187,6 @@ class Config:
         use (its affinity, and a container's CPU quota), not the host's."""
         return self.workers or available_cpus()
 
-    def grey_bound(self, rows: int) -> int:
-        """The views signal's grey zone among `rows` images: pairs the hashes do not link
-        up to this many bits are checked (verify_threshold, or for 0 the bound that suits
-        the data's size); -1 without verification."""
-        from dedup.signals.views import grey_bound
-
-        if not self.verify:
-            return -1
-        return self.verify_threshold or grey_bound(rows)
-
-    def views_bound(self, rows: int) -> int:
-        """The largest distance the views signal's search must find among `rows` images:
-        the larger of its two thresholds and the grey zone's bound."""
-        return max(self.phash_threshold, self.views_threshold, self.grey_bound(rows))
-
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON- and YAML-ready settings (tuples as lists)."""
         out = {}
@@ -209,21 +194,6 @@ class Config:
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
-
-    def feature_fingerprint(self) -> str:
-        """Hash of the settings that change per-shard features (not thresholds or keep
-        rule): the reading settings, and each signal's (see dedup.signals)."""
-        from dedup import signals
-
-        relevant = {
-            "max_pixels": self.max_pixels,
-            "image_extensions": sorted(self.image_extensions),
-            "image_formats": sorted(self.image_formats),
-            # the digest is stored whatever the signals: the verification tier checks it
-            "exact_digest": self.exact_digest,
-            "signals": signals.fingerprint(self),
-        }
-        return _digest(relevant)
 
 
 def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
@@ -258,7 +228,8 @@ def _cgroup_quota(root: str) -> float | None:
         return None
 
 
-def _digest(obj: Any) -> str:
+def settings_digest(obj: Any) -> str:
+    """A short, stable hash of JSON-ready settings."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 

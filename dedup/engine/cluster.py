@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dedup import signals
 from dedup.core.config import Config
 from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
 from dedup.search.pairs import cosine_pairs, hamming_pairs, maxabs_pairs, rms_pairs, unique_codes
@@ -311,7 +312,6 @@ def clip_edges(vectors: np.ndarray, threshold: float, index: str, device: str) -
 
 def build_edges(cand: Candidates, config: Config) -> Edges:
     """Edges from every enabled signal (each signal's in-memory search: dedup.signals)."""
-    from dedup import signals
 
     return Edges.concat([e for s in signals.enabled(config) for e in s.find_pairs()(cand, config)])
 
@@ -401,7 +401,7 @@ def pair_links(
     detailed, low-detail and tiny images), views (its hashes), clip."""
     out: dict[str, np.ndarray] = {}
     if "clip" in config.signal_names and cand.clip is not None:
-        out["clip"] = _cosine(cand.clip, rows, others) >= np.float32(config.clip_threshold)
+        out["clip"] = cosine_of_rows(cand.clip, rows, others) >= np.float32(config.clip_threshold)
     if "views" in config.signal_names and cand.views is not None:
         low = cand.low_detail()
         c = config
@@ -446,7 +446,7 @@ def linked(
     return np.isin(wanted, keys)
 
 
-def _cosine(vectors: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
+def cosine_of_rows(vectors: np.ndarray, rows: np.ndarray, others: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.float32)
     for start in range(0, len(rows), 65536):
         a = vectors[rows[start : start + 65536]].astype(np.float32)
@@ -513,7 +513,7 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
         distance[measured] = np.bitwise_count(words[measured] ^ words[survivor[measured]])
     similarity = np.full(n, np.nan, dtype=np.float32)
     if cand.clip is not None:
-        similarity[removed] = _cosine(cand.clip, removed, survivor[removed])
+        similarity[removed] = cosine_of_rows(cand.clip, removed, survivor[removed])
     groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words, hashed)
     return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, link=links)
 

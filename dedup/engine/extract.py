@@ -37,6 +37,8 @@ from dedup.signals.views import view_codes, view_input
 
 if TYPE_CHECKING:
     from dedup.signals.clip import ClipSpec
+from dedup.signals import clipstage
+from dedup.signals.clip import pick_device
 from dedup.signals.phash import (
     IMG_SIZE,
     LOW_DETAIL_BITS,
@@ -160,7 +162,7 @@ def shard_fingerprint(
             "path": display_name(where),
             "identity": identity,
             "content": content,
-            "config": config.feature_fingerprint(),
+            "config": signals.feature_fingerprint(config),
             "clip": clip.fingerprint if clip is not None else None,
             "versions": [__version__, PIL.__version__, np.__version__, scipy.__version__],
         },
@@ -285,8 +287,6 @@ def compute_features(
     # signature, are decoded again in RGB when their detail is known (see flush()).
     feed = None
     if clip is not None:
-        from dedup.signals import clipstage
-
         client = (
             stage.client()
             if stage is not None
@@ -461,6 +461,5 @@ def _not_decodable(cols: dict[str, list], row: int) -> None:
 
 def clip_device(config: Config) -> str:
     """The device of a model run inside a reader (`clip_stage: inline`)."""
-    from dedup.signals.clip import pick_device
 
     return pick_device(config.device)

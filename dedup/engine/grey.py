@@ -20,7 +20,9 @@ from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
 from dedup.engine.cluster import VERIFIED, Edges, linked
 from dedup.engine.extract import image_ranges, read_features
-from dedup.executors.local import Executor
+from dedup.engine.records import load_arrays, rows_by_shard
+from dedup.engine.verify import VERIFY_SIDE, features, verify
+from dedup.executors.base import Executor
 from dedup.io.decode import decode_image
 from dedup.io.shards import Shard, read_ranges_of
 from dedup.signals.exact import digest
@@ -50,7 +52,6 @@ class GreyPairs:
 def load_grey(paths: list[str]) -> GreyPairs:
     """The near tasks' grey pairs, one per pair of rows (the closest match; ties: the
     plain one before the mirrored), sorted by rows."""
-    from dedup.engine.globalphase import load_arrays
 
     parts = [load_arrays(p) for p in paths]
     cat = {
@@ -115,7 +116,7 @@ class VerifyStats:
 
 
 @dataclass
-class _Check:
+class PairCheck:
     """A verification task: decode the images of its pairs, check each pair."""
 
     config: Config
@@ -126,8 +127,6 @@ class _Check:
 
     def __call__(self, item: tuple[np.ndarray, np.ndarray, np.ndarray]):
         import cv2
-
-        from dedup.engine.verify import verify
 
         began = time.perf_counter()
         i, j, mirrored = item
@@ -166,9 +165,6 @@ class _Check:
         dropped, so a task holds features, not images. The image's bytes are checked
         against the digest taken when the shard's features were computed."""
         import cv2
-
-        from dedup.engine.globalphase import rows_by_shard
-        from dedup.engine.verify import VERIFY_SIDE, features
 
         out: dict[tuple[int, bool], object] = {}
         rows = np.array(sorted({row for row, _ in wanted}), dtype=np.int64)
@@ -245,7 +241,7 @@ def verify_grey(
         for s in range(0, len(grey.i), TASK_PAIRS)
     ]
     results = executor.map(
-        _Check(config, sources, inputs, np.asarray(shard_starts), first_reference),
+        PairCheck(config, sources, inputs, np.asarray(shard_starts), first_reference),
         items,
         Progress("verify", total_items=len(items)),
         describe=_describe,

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import ConfigError, DedupError, InputError
 from dedup.engine.extract import (
@@ -190,7 +191,7 @@ def _stored(path: str, config: Config, clip, ref: str) -> int:
 
 
 def _check_settings(stored: dict, config: Config, clip, ref: str) -> None:
-    if stored.get("config") != config.feature_fingerprint():
+    if stored.get("config") != signals.feature_fingerprint(config):
         raise _fail(
             ref,
             "its features were computed with other settings (signals or their feature "
@@ -335,7 +336,7 @@ def open_index(ref: str, config: Config, clip=None) -> Reference:
         raise _index_damaged(ref, manifest_path, "not a JSON object")
     if manifest.get("format") != INDEX_FORMAT:
         raise _fail(ref, f"an index of another format ({manifest.get('format')})")
-    if manifest.get("feature_fingerprint") != config.feature_fingerprint():
+    if manifest.get("feature_fingerprint") != signals.feature_fingerprint(config):
         built = manifest.get("config")
         built = ",".join(map(str, built.get("signals", []))) if isinstance(built, dict) else "?"
         raise _fail(

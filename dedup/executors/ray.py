@@ -27,10 +27,13 @@ from dedup.core.errors import (
     TaskFailed,
     WorkerDied,
 )
+from dedup.core.processes import check_stop
 from dedup.core.progress import Progress
 from dedup.core.progress import advance as progress_advance
 from dedup.core.progress import counters as progress_counters
-from dedup.executors.local import TICK_SECONDS, Executor, _Guarded, check_stop
+from dedup.executors.base import Executor, Guarded
+from dedup.executors.local import TICK_SECONDS
+from dedup.signals.clipstage import ClipStage
 
 log = logging.getLogger("dedup")
 
@@ -70,7 +73,7 @@ def _run_task(fn: Callable, item: Any, cwd: str) -> tuple[str, tuple[int, int], 
         os.chdir(cwd)
     items, nbytes = progress_counters()
     items_before, bytes_before = items.value, nbytes.value
-    result = _Guarded(fn)(item)
+    result = Guarded(fn)(item)
     node = ray.get_runtime_context().get_node_id()
     return node, (items.value - items_before, nbytes.value - bytes_before), result
 
@@ -234,7 +237,7 @@ class RayExecutor(Executor):
             cause = e.cause
             if isinstance(cause, DedupError):
                 raise cause from None
-            # Not from the task's code (which _Guarded wraps): a worker that could not
+            # Not from the task's code (which Guarded wraps): a worker that could not
             # load the task, say, or a BaseException.
             raise TaskFailed(f"{type(cause).__name__}: {cause}", str(e)) from None
         except (
@@ -309,7 +312,6 @@ class _StageActor:
     """A CLIP stage (dedup/signals/clipstage.py) as a Ray actor."""
 
     def __init__(self, spec, device: str) -> None:
-        from dedup.signals.clipstage import ClipStage
 
         self.stage = ClipStage(spec, device)
 

@@ -11,14 +11,11 @@ import os
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
 from dedup.io.fsutil import write_atomic
 from dedup.report.tables import RISK_TIERS
-
-SHOWN_CLUSTERS = 50
-SHOWN_MEMBERS = 12  # thumbnails per cluster strip; the rest are counted
 
 PREVIEWS_SCHEMA = pa.schema(
     [
@@ -67,14 +64,6 @@ def risk_tiers(sizes: list[int]) -> list[dict[str, int]]:
         }
         for lo in RISK_TIERS
     ]
-
-
-def shown_clusters(clusters: pa.Table, limit: int = SHOWN_CLUSTERS) -> pa.Table:
-    """The largest clusters, biggest first, ties by id."""
-    if clusters.num_rows == 0:
-        return clusters
-    order = pc.sort_indices(clusters, [("size", "descending"), ("cluster_id", "ascending")])
-    return clusters.take(order[:limit])
 
 
 def _img(thumb: bytes | None, alt: str) -> str:

@@ -8,11 +8,8 @@ import platform
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from dedup.io import storage
-from dedup.io.fsutil import atomic_path, read_file, write_atomic
+from dedup.io.fsutil import write_atomic
 
 # Cluster sizes from which memorization risk is flagged: Carlini et al. (2023) extracted
 # images duplicated about a hundred times; ten copies is the early warning.
@@ -35,64 +32,6 @@ PACKAGES = (
     "click",
     "opencv-python-headless",  # the views signal's verification tier
 )
-
-SAMPLES_SCHEMA = pa.schema(
-    [
-        ("shard", pa.string()),
-        ("key", pa.string()),
-        ("cluster_id", pa.int64()),
-        ("cluster_size", pa.int64()),
-        ("kept", pa.bool_()),
-        ("reason", pa.string()),
-        ("duplicate_of", pa.string()),
-        ("duplicate_of_shard", pa.string()),
-        # reason reference / blocklist: which REF or blocklist FILE, and which item or
-        # entry in it; reference_signal: the signal that matched (exact, phash, ...)
-        ("reference", pa.string()),
-        ("reference_key", pa.string()),
-        ("reference_signal", pa.string()),
-        ("phash_distance", pa.int32()),
-        ("clip_similarity", pa.float32()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("bytes", pa.int64()),
-        ("image_member", pa.string()),
-        ("digest", pa.string()),
-        ("phash", pa.string()),
-    ]
-)
-
-CLUSTERS_SCHEMA = pa.schema(
-    [
-        ("cluster_id", pa.int64()),
-        ("size", pa.int64()),
-        ("survivor_shard", pa.string()),
-        ("survivor_key", pa.string()),
-        ("signals", pa.list_(pa.string())),
-        ("max_phash_distance", pa.int32()),
-        ("max_phash_distance_to_survivor", pa.int32()),
-        ("min_clip_similarity_to_survivor", pa.float32()),
-        # the survivor is a reference item (--against REF), or a blocklisted sample
-        ("reference", pa.string()),
-        ("reference_key", pa.string()),
-    ]
-)
-
-
-def write_table(table: pa.Table, path: str) -> None:
-    """Parquet, written atomically; no timestamps, so equal tables give equal bytes."""
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-
-
-def merge_parts(parts: list[str], path: str) -> None:
-    """Concatenate per-shard Parquet parts (paths or URLs), in order, into one file.
-
-    One part is read at a time, so memory does not grow with the number of shards."""
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SAMPLES_SCHEMA, compression="zstd") as w:
-        for part in parts:
-            source = pa.BufferReader(read_file(part)) if storage.is_url(part) else part
-            w.write_table(pq.read_table(source).cast(SAMPLES_SCHEMA))
 
 
 def write_summary(summary: dict[str, Any], path: str) -> None:

@@ -16,6 +16,8 @@ from math import comb
 
 import numpy as np
 
+from dedup.core.processes import signals_deferred, worker_init
+
 QUERY_BATCH = 65536
 MIH_BATCH = 16384
 MIH_PARALLEL_MIN = 200_000  # below this, forking search workers costs more than it saves
@@ -91,7 +93,7 @@ def self_range_pairs(index, x: np.ndarray, radius) -> tuple[np.ndarray, np.ndarr
     return q[keep], labels[keep], values[keep]
 
 
-def _chunks(m: int) -> list[tuple[int, int]]:
+def code_chunks(m: int) -> list[tuple[int, int]]:
     """(shift, bits) of m near-equal chunks of a 64-bit word."""
     sizes = [CODE_BITS // m + (1 if k < CODE_BITS % m else 0) for k in range(m)]
     out, shift = [], CODE_BITS
@@ -118,7 +120,7 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
     n = len(words)
     found = []
     # One chunk's table at a time: 2^bits + 1 int32 bucket starts (16 MiB at 22 bits).
-    for shift, bits in _chunks(m):
+    for shift, bits in code_chunks(m):
         keys = ((words >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
         order = np.argsort(keys, kind="stable").astype(np.int32)
         starts = np.zeros((1 << bits) + 1, dtype=np.int32)
@@ -132,8 +134,6 @@ def _mih_pairs(codes: np.ndarray, threshold: int, m: int, workers: int = 1):
         try:
             if workers > 1 and n >= MIH_PARALLEL_MIN:
                 import multiprocessing
-
-                from dedup.executors.local import signals_deferred, worker_init
 
                 ctx = multiprocessing.get_context("fork")
                 with signals_deferred():

@@ -15,10 +15,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
+from dedup.core.config import Config, settings_digest
 from dedup.signals import views as _views
 from dedup.signals.phash import (
     CODE_BYTES,
@@ -28,9 +29,6 @@ from dedup.signals.phash import (
     SIGNATURE_SIDE,
     TINY_PIXELS,
 )
-
-if TYPE_CHECKING:
-    from dedup.core.config import Config
 
 
 @dataclass(frozen=True)
@@ -153,6 +151,20 @@ def fingerprint(config: Config) -> dict[str, Any]:
         )
         for s in REGISTRY.values()
     }
+
+
+def feature_fingerprint(config: Config) -> str:
+    """Hash of the settings that change per-shard features (not thresholds or keep rule):
+    the reading settings, and each signal's."""
+    relevant = {
+        "max_pixels": config.max_pixels,
+        "image_extensions": sorted(config.image_extensions),
+        "image_formats": sorted(config.image_formats),
+        # the digest is stored whatever the signals: the verification tier checks it
+        "exact_digest": config.exact_digest,
+        "signals": fingerprint(config),
+    }
+    return settings_digest(relevant)
 
 
 def thresholds(config: Config) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dedup.core.errors import ModelError
+from dedup.core.processes import die_with_parent
+from dedup.io.decode import normalize
 from dedup.signals.clip import ClipSpec, Embedder
 
 JPEG = 0  # row holds a JPEG's bytes
@@ -214,8 +216,6 @@ class ClipStage:
 
     def _decode_with_pillow(self, buffer, row):
         from PIL import Image
-
-        from dedup.io.decode import normalize
 
         if self._transform is None:
             self._transform = pixel_transform(self.spec)
@@ -476,8 +476,6 @@ def serve(address: str, authkey: bytes, spec: ClipSpec, device: str, ready, pare
     import queue
     import signal
     from multiprocessing.connection import Listener, wait
-
-    from dedup.executors.local import die_with_parent
 
     die_with_parent(parent)
     # Ctrl-C reaches the whole process group; the run that started this stage stops it.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from dedup.core.config import Config
+from dedup.search.pairs import hamming_pairs
 from dedup.signals.phash import CODE_BYTES, DETAIL_FLOOR, IMG_SIZE, LOW_DETAIL_BITS
 
 # View order: a row's codes are stored in this order; a code equal to an earlier view's
@@ -177,6 +179,21 @@ def grey_bound(rows: int) -> int:
     return max(fits)
 
 
+def grey_zone(config: Config, rows: int) -> int:
+    """The views signal's grey zone among `rows` images: pairs the hashes do not link up
+    to this many bits are checked (verify_threshold, or for 0 the bound that suits the
+    data's size); -1 without verification."""
+    if not config.verify:
+        return -1
+    return config.verify_threshold or grey_bound(rows)
+
+
+def search_bound(config: Config, rows: int) -> int:
+    """The largest distance the views signal's search must find among `rows` images: the
+    larger of its two thresholds and the grey zone's bound."""
+    return max(config.phash_threshold, config.views_threshold, grey_zone(config, rows))
+
+
 # A virtual row: one code of one image, searched as the pHash searches a row's code; its
 # id orders by row, then view.
 VIEW_BITS = 5
@@ -275,7 +292,6 @@ def view_pairs(vectors: np.ndarray, plain: int, transformed: int) -> ViewPairs:
     """Row pairs of distinct code vectors (N, VIEW_BYTES) that match by the hashes alone
     (see row_pairs): brute force over codes through hamming_pairs; the global phase finds
     the same pairs by partitioned multi-index hashing."""
-    from dedup.search.pairs import hamming_pairs
 
     ids, words = distinct_codes(np.arange(len(vectors), dtype=np.int64), vectors)
     order = np.argsort(ids, kind="stable")

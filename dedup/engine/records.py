@@ -1,0 +1,228 @@
+"""The global phase's files: fixed-width records of candidate rows, runs of them per
+partition, arrays and edges saved between tasks, and the member records of rows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dedup import signals
+from dedup.core.config import Config
+from dedup.core.errors import DedupError
+from dedup.engine.cluster import (
+    Candidates,
+    Edges,
+)
+from dedup.engine.extract import STATUS_OK, read_features
+from dedup.io import storage
+from dedup.io.fsutil import read_file, write_atomic
+from dedup.signals.phash import (
+    SIGNATURE_BYTES,
+)
+from dedup.signals.views import (
+    VIEW_BYTES,
+)
+
+# What the global phase reads from the feature store.
+CLUSTER_COLUMNS = [
+    "status",
+    "width",
+    "height",
+    "bytes",
+    "digest",
+    "phash",
+    "detail",
+    "colour_signature",
+    "clip",
+    "views",
+]
+
+
+DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
+
+
+CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
+
+
+SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8"), ("tiny", "?")])
+
+
+VIEWS_RECORD = np.dtype([("views", "u1", VIEW_BYTES), ("row", "<i8")])
+
+
+def vector_record(dim: int) -> np.dtype:
+    return np.dtype([("vector", "<f2", (dim,)), ("row", "<i8")])
+
+
+def member_record(dim: int, views: bool = False) -> np.dtype:
+    """Everything the star rule reads about one row (and its CLIP vector and view codes,
+    if any)."""
+    fields = [
+        ("row", "<i8"),
+        ("pixels", "<i8"),
+        ("nbytes", "<i8"),
+        ("digest", "u1", 32),
+        ("word", "<u8"),
+        ("detail", "<i2"),
+        ("signature", "u1", SIGNATURE_BYTES),
+    ]
+    if dim:
+        fields.append(("vector", "<f2", (dim,)))
+    if views:
+        fields.append(("views", "u1", VIEW_BYTES))
+    return np.dtype(fields)
+
+
+def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
+    """Stored float16 embeddings (all of one length) as an (N, dim) array."""
+    array = column.combine_chunks()
+    if array.null_count:
+        raise DedupError("the feature store lacks CLIP embeddings; rerun with --overwrite")
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset :]
+    data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    start, stop = int(offsets[0]), int(offsets[len(array)])
+    return data[start:stop].view(np.float16).reshape(len(array), -1)
+
+
+def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
+    """A fixed-size binary column without nulls as an (N, width) uint8 array, without a
+    detour through Python objects."""
+    width = column.type.byte_width
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        raise ValueError("fixed_binary_array needs a column without nulls")
+    data = np.frombuffer(array.buffers()[1], dtype=np.uint8)
+    return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
+
+
+def rows_by_shard(shard_starts, rows: np.ndarray):
+    """(shard position, indices into `rows`) for each shard that global `rows` fall in;
+    `shard_starts` holds each shard's first row (a last total entry may follow)."""
+    shard_of = np.searchsorted(np.asarray(shard_starts), rows, side="right") - 1
+    for pos in np.unique(shard_of).tolist():
+        yield pos, np.flatnonzero(shard_of == pos)
+
+
+def write_runs(path: str, records: np.ndarray, part: np.ndarray, parts: int) -> list[int]:
+    """Write `records` grouped by `part` (stable: row order kept within a part); return
+    the record offset of each part (parts + 1 entries)."""
+    order = np.argsort(part, kind="stable")
+    counts = np.bincount(part, minlength=parts) if len(part) else np.zeros(parts, np.int64)
+    write_atomic(path, np.ascontiguousarray(records[order]).tobytes())
+    return [0, *np.cumsum(counts).tolist()]
+
+
+def read_run(path: str, dtype: np.dtype, offsets: list[int], part: int) -> np.ndarray:
+    """The records of one part of a file `write_runs` wrote."""
+    lo, hi = offsets[part], offsets[part + 1]
+    if hi == lo:
+        return np.zeros(0, dtype=dtype)
+    (data,) = storage.read_ranges(path, [(lo * dtype.itemsize, (hi - lo) * dtype.itemsize)])
+    if len(data) != (hi - lo) * dtype.itemsize:
+        raise DedupError(f"{path}: shorter than its index says; rerun")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def gather(runs: list[tuple[str, list[int]]], dtype: np.dtype, part: int) -> np.ndarray:
+    """One part from every run file, in file order."""
+    pieces = [read_run(path, dtype, offsets, part) for path, offsets in runs]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def save_arrays(path: str, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_atomic(path, buf.getvalue())
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(read_file(path))) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_edges(path: str, edges: Edges) -> None:
+    save_arrays(path, i=edges.i, j=edges.j, distance=edges.distance, signal=edges.signal)
+
+
+def load_edges(path: str) -> Edges:
+    a = load_arrays(path)
+    return Edges(a["i"], a["j"], a["distance"], a["signal"])
+
+
+def read_members(
+    path: str, start: int, local_rows: np.ndarray, dim: int, views: bool = False
+) -> np.ndarray:
+    """Member records of the given rows of one shard (all candidates)."""
+    _, _, cand = read_candidates(path, local_rows)
+    records = np.zeros(len(local_rows), member_record(dim, views))
+    records["row"] = local_rows.astype(np.int64) + start
+    records["pixels"] = candidate_pixels(cand)
+    records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
+    records["digest"] = fixed_binary_array(
+        pc.fill_null(cand.column("digest"), pa.scalar(bytes(32), pa.binary(32)))
+    )
+    phash = cand.column("phash")
+    if phash.null_count == 0 and len(local_rows):
+        records["word"] = phash_words(phash)
+        records["detail"] = np.asarray(cand.column("detail").to_numpy(), dtype=np.int16)
+        sig = pc.fill_null(
+            cand.column("colour_signature"),
+            pa.scalar(bytes(SIGNATURE_BYTES), pa.binary(SIGNATURE_BYTES)),
+        )
+        records["signature"] = fixed_binary_array(sig)
+    if dim and len(local_rows):
+        records["vector"] = vectors_of(cand.column("clip"))
+    if views and len(local_rows):
+        records["views"] = fixed_binary_array(
+            pc.fill_null(cand.column("views"), pa.scalar(bytes(VIEW_BYTES), pa.binary(VIEW_BYTES)))
+        )
+    return records
+
+
+def members_candidates(records: np.ndarray, config: Config) -> Candidates:
+    """Candidates (in record order) from member records."""
+    # The views signal needs detail and signatures too (low-detail rows take no part).
+    phash = "phash" in signals.computed(config)
+    return Candidates(
+        pixels=records["pixels"],
+        nbytes=records["nbytes"],
+        digest=np.ascontiguousarray(records["digest"]),
+        phash=records["word"].astype(">u8").view(np.uint8).reshape(-1, 8) if phash else None,
+        clip=(
+            np.ascontiguousarray(records["vector"])
+            if "clip" in config.signal_names and "vector" in records.dtype.names
+            else None
+        ),
+        detail=records["detail"] if phash else None,
+        signature=np.ascontiguousarray(records["signature"]) if phash else None,
+        views=np.ascontiguousarray(records["views"]) if "views" in records.dtype.names else None,
+    )
+
+
+def read_candidates(
+    path: str, local_rows: np.ndarray | None = None, only: np.ndarray | None = None
+):
+    """(features, candidate local rows, their features) of one shard; `local_rows`
+    names the rows instead; `only` limits the candidates to those local rows (a
+    reference's: an earlier run's kept samples)."""
+    table = read_features(path, CLUSTER_COLUMNS)
+    ok = pc.equal(table.column("status"), STATUS_OK).to_numpy(zero_copy_only=False)
+    if only is not None:
+        chosen = np.zeros(len(ok), dtype=bool)
+        chosen[only] = True
+        ok &= chosen
+    rows = np.flatnonzero(ok) if local_rows is None else local_rows
+    return table, rows, table.take(pa.array(rows, type=pa.int64()))
+
+
+def candidate_pixels(cand: pa.Table) -> np.ndarray:
+    """width x height of candidate rows (decoded images: never null)."""
+    width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
+    return width * np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
+
+
+def phash_words(column: pa.ChunkedArray) -> np.ndarray:
+    return fixed_binary_array(column).view(">u8").reshape(-1).astype(np.uint64)

@@ -1,0 +1,84 @@
+"""The tables a run writes (samples.parquet, clusters.parquet) and how; which clusters
+the report shows, so that the write phase captures their thumbnails."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from dedup.io import storage
+from dedup.io.fsutil import atomic_path, read_file
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("cluster_id", pa.int64()),
+        ("cluster_size", pa.int64()),
+        ("kept", pa.bool_()),
+        ("reason", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("duplicate_of_shard", pa.string()),
+        # reason reference / blocklist: which REF or blocklist FILE, and which item or
+        # entry in it; reference_signal: the signal that matched (exact, phash, ...)
+        ("reference", pa.string()),
+        ("reference_key", pa.string()),
+        ("reference_signal", pa.string()),
+        ("phash_distance", pa.int32()),
+        ("clip_similarity", pa.float32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("bytes", pa.int64()),
+        ("image_member", pa.string()),
+        ("digest", pa.string()),
+        ("phash", pa.string()),
+    ]
+)
+
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("cluster_id", pa.int64()),
+        ("size", pa.int64()),
+        ("survivor_shard", pa.string()),
+        ("survivor_key", pa.string()),
+        ("signals", pa.list_(pa.string())),
+        ("max_phash_distance", pa.int32()),
+        ("max_phash_distance_to_survivor", pa.int32()),
+        ("min_clip_similarity_to_survivor", pa.float32()),
+        # the survivor is a reference item (--against REF), or a blocklisted sample
+        ("reference", pa.string()),
+        ("reference_key", pa.string()),
+    ]
+)
+
+
+def write_table(table: pa.Table, path: str) -> None:
+    """Parquet, written atomically; no timestamps, so equal tables give equal bytes."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def merge_parts(parts: list[str], path: str) -> None:
+    """Concatenate per-shard Parquet parts (paths or URLs), in order, into one file.
+
+    One part is read at a time, so memory does not grow with the number of shards."""
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SAMPLES_SCHEMA, compression="zstd") as w:
+        for part in parts:
+            source = pa.BufferReader(read_file(part)) if storage.is_url(part) else part
+            w.write_table(pq.read_table(source).cast(SAMPLES_SCHEMA))
+
+
+SHOWN_CLUSTERS = 50
+
+
+SHOWN_MEMBERS = 12  # thumbnails per cluster strip; the rest are counted
+
+
+def shown_clusters(clusters: pa.Table, limit: int = SHOWN_CLUSTERS) -> pa.Table:
+    """The largest clusters, biggest first, ties by id."""
+    if clusters.num_rows == 0:
+        return clusters
+    order = pc.sort_indices(clusters, [("size", "descending"), ("cluster_id", "ascending")])
+    return clusters.take(order[:limit])
