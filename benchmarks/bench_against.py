@@ -47,7 +47,7 @@ def feature_file(path: str, keys, digests: np.ndarray, codes: np.ndarray, config
     """A feature file as the extract phase writes it (only what matching reads is set:
     status, size, digest, pHash code, detail), with its completion marker."""
     from dedup import signals
-    from dedup.engine.extract import DONE_SUFFIX, FEATURE_SCHEMA
+    from dedup.engine.featurestore import DONE_SUFFIX, FEATURE_SCHEMA
 
     n = len(keys)
     given = {

@@ -49,7 +49,7 @@ def planted(n: int, kind: str = "realistic") -> np.ndarray:
 def feature_table(n: int, codes: np.ndarray | None = None, vectors=None) -> pa.Table:
     """n decoded rows as the extract phase stores them: only what the global phase reads
     (pHash codes and CLIP vectors where given, nulls elsewhere)."""
-    from dedup.engine.extract import FEATURE_SCHEMA
+    from dedup.engine.featurestore import FEATURE_SCHEMA
 
     names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
     names += ["colour_signature", "clip"]

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from dedup.commands.run import run
 from dedup.core.errors import ModelError
-from dedup.engine.extract import feature_path, read_features
+from dedup.engine.featurestore import feature_path, read_features
 from dedup.io.decode import decode_image, read_header
 from dedup.io.shards import Shard
 from dedup.signals import clipstage

@@ -9,7 +9,8 @@ import pytest
 
 from dedup.core.config import Config
 from dedup.engine.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
-from dedup.engine.extract import FEATURE_SCHEMA, PASSTHROUGH_REASONS
+from dedup.engine.extract import PASSTHROUGH_REASONS
+from dedup.engine.featurestore import FEATURE_SCHEMA
 from dedup.engine.globalphase import run_global
 from dedup.engine.pairtasks import Layout
 from dedup.engine.records import CLUSTER_COLUMNS

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dedup.core import errors
-from dedup.engine.extract import ShardFeatures, feature_path, file_identity
+from dedup.engine.extract import ShardFeatures, file_identity
+from dedup.engine.featurestore import feature_path
 from dedup.engine.write import write_shard
 from dedup.io.shards import Shard
 from dedup.synth import encode, make_image, planted_dataset, write_shards

@@ -28,7 +28,8 @@ from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import ConfigError, DedupError
 from dedup.core.progress import Progress
-from dedup.engine.extract import STATUS_OK, ShardFeatures, read_features
+from dedup.engine.extract import STATUS_OK, ShardFeatures
+from dedup.engine.featurestore import read_features
 from dedup.io.fsutil import read_regular_file
 from dedup.search.pairs import hamming_pairs
 from dedup.signals.phash import by_signature

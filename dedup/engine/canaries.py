@@ -24,7 +24,8 @@ from dedup.core.errors import ShardError
 from dedup.core.progress import Progress
 from dedup.engine.cluster import Candidates, pair_links
 from dedup.engine.edits import EDITS, apply
-from dedup.engine.extract import STATUS_OK, ShardFeatures, image_ranges, read_features
+from dedup.engine.extract import STATUS_OK, ShardFeatures
+from dedup.engine.featurestore import image_ranges, read_features
 from dedup.engine.grey import TASK_PAIRS, PairCheck
 from dedup.engine.job import Job
 from dedup.engine.plan import work_folder

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -12,15 +11,14 @@ from typing import TYPE_CHECKING
 import blake3
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dedup import __version__, signals
 from dedup.core.config import Config
-from dedup.core.errors import DedupError, FeatureStoreError, ShardError
+from dedup.core.errors import ShardError
 from dedup.core.progress import REPORT_EVERY, advance
 from dedup.io import storage
 from dedup.io.decode import decode_image, image_member, is_image_name, read_header
-from dedup.io.fsutil import atomic_path, read_file, read_regular_file, write_atomic
+from dedup.io.fsutil import read_regular_file
 from dedup.io.shards import (
     MAX_FILE_BYTES,
     FileGroup,
@@ -37,6 +35,13 @@ from dedup.signals.views import view_codes, view_input
 
 if TYPE_CHECKING:
     from dedup.signals.clip import ClipSpec
+from dedup.engine.featurestore import (
+    FEATURE_SCHEMA,
+    SIGNAL_COLUMNS,
+    feature_path,
+    load_if_current,
+    store_features,
+)
 from dedup.signals import clipstage
 from dedup.signals.clip import pick_device
 from dedup.signals.phash import (
@@ -49,24 +54,6 @@ from dedup.signals.phash import (
     stack_shrunk,
 )
 
-FEATURE_SCHEMA = pa.schema(
-    [
-        ("index", pa.int64()),
-        ("key", pa.string()),
-        ("offset", pa.int64()),
-        ("member_names", pa.list_(pa.binary())),  # exact bytes: names may not be UTF-8
-        ("member_offsets", pa.list_(pa.int64())),
-        ("member_sizes", pa.list_(pa.int64())),
-        ("image_member", pa.string()),
-        ("status", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("bytes", pa.int64()),
-        *signals.feature_columns(),
-    ]
-)
-# Every signal's columns: cleared together when an image turns out undecodable.
-SIGNAL_COLUMNS = tuple(f.name for f in signals.feature_columns())
 STATUS_OK = "ok"
 # Why a sample passes through untouched; decode.py and compute_features set these.
 PASSTHROUGH_REASONS = ("no_image", "undecodable", "unsupported_format", "too_large")
@@ -85,13 +72,6 @@ class ShardFeatures:
     reused: bool = False
     content: str | None = None  # BLAKE3 of the input's bytes, where it was computed
     clip_decode: dict[str, int] = field(default_factory=dict)  # images per CLIP decode route
-
-
-def feature_path(store: str, shard: Shard) -> str:
-    """The feature file of a shard: named by a digest of the shard's file name, so any
-    name (not UTF-8, 255 bytes long) gives a short, valid file name."""
-    digest = hashlib.sha256(raw_name(shard.name)).hexdigest()[:32]
-    return storage.join(store, f"{digest}.parquet")
 
 
 def file_identity(st: os.stat_result) -> tuple[int, ...]:
@@ -190,84 +170,15 @@ def extract_shard(
     if spool is not None and is_pipe(shard):
         shard, content = spool_shard(shard, spool)
     fingerprint, content = shard_fingerprint(shard, config, identity, clip, content)
-    cached = _load_if_current(path, fingerprint)
+    cached = load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped, routes = cached
         return ShardFeatures(shard, path, rows, skipped, identity, True, content, routes)
     table, skipped, routes = compute_features(shard, config, clip, stage)
     if input_identity(shard) != identity:
         raise ShardError(shard.path, "the shard changed while it was being read; rerun")
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, write_page_checksum=True)
-        stored = _file_digest(tmp)
-    marker = {
-        "fingerprint": fingerprint,
-        "rows": table.num_rows,
-        "skipped_members": skipped,
-        "clip_decode": routes,
-        "blake3": stored,
-    }
-    write_atomic(path + DONE_SUFFIX, json.dumps(marker, sort_keys=True).encode())
+    store_features(path, table, fingerprint, skipped, routes)
     return ShardFeatures(shard, path, table.num_rows, skipped, identity, False, content, routes)
-
-
-# A shard's features are complete when this marker, written last, names the feature
-# file's digest: a flipped bit anywhere in the feature file, or a marker from another
-# fingerprint, means the features are computed again, never trusted.
-DONE_SUFFIX = ".done"
-
-
-def _file_digest(path: str) -> str:
-    return blake3.blake3(read_file(path)).hexdigest()
-
-
-def _load_if_current(path: str, fingerprint: str) -> tuple[int, dict, dict] | None:
-    try:
-        marker = json.loads(read_file(path + DONE_SUFFIX))
-        if marker["fingerprint"] != fingerprint:
-            return None
-        data = read_file(path)
-        if blake3.blake3(data).hexdigest() != marker["blake3"]:
-            return None
-        rows, skipped = int(marker["rows"]), dict(marker["skipped_members"])
-        routes = dict(marker.get("clip_decode", {}))
-        if pq.read_schema(pa.BufferReader(data)).remove_metadata() != FEATURE_SCHEMA:
-            return None
-    except (
-        OSError,
-        DedupError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        pa.ArrowException,
-    ):
-        return None  # missing, unreadable or damaged: recomputed, never trusted
-    return rows, skipped, routes
-
-
-def image_ranges(cols: dict) -> tuple[list[str], list[tuple[int, int]]]:
-    """The image member's raw name and (offset, size) of each row, from the feature
-    columns member_names, member_offsets, member_sizes and image_member (to_pydict)."""
-    names, ranges = [], []
-    for k in range(len(cols["image_member"])):
-        raw = [n.decode("utf-8", "surrogateescape") for n in cols["member_names"][k]]
-        m = [display_name(n) for n in raw].index(cols["image_member"][k])
-        ranges.append((cols["member_offsets"][k][m], cols["member_sizes"][k][m]))
-        names.append(raw[m])
-    return names, ranges
-
-
-def read_features(path: str, columns: list[str]) -> pa.Table:
-    """Columns of a stored feature file, its page checksums verified."""
-    try:
-        source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
-        table = pq.read_table(source, columns=columns, page_checksum_verification=True)
-    except (OSError, pa.ArrowException) as e:
-        raise FeatureStoreError(
-            f"{path}: feature file damaged during the run ({e}); rerun"
-        ) from None
-    return table.replace_schema_metadata(None)
 
 
 def compute_features(

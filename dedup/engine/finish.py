@@ -21,12 +21,8 @@ from dedup.engine.cluster import (
     DECISIONS,
     NO_DISTANCE,
 )
-from dedup.engine.extract import (
-    ShardFeatures,
-    file_identity,
-    input_identity,
-    read_features,
-)
+from dedup.engine.extract import ShardFeatures, file_identity, input_identity
+from dedup.engine.featurestore import read_features
 from dedup.engine.job import Job
 from dedup.engine.plan import REASONS, Plan
 from dedup.engine.tables import (

@@ -19,7 +19,7 @@ from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
 from dedup.engine.cluster import VERIFIED, Edges, linked
-from dedup.engine.extract import image_ranges, read_features
+from dedup.engine.featurestore import image_ranges, read_features
 from dedup.engine.records import load_arrays, rows_by_shard
 from dedup.engine.verify import VERIFY_SIDE, features, verify
 from dedup.executors.base import Executor

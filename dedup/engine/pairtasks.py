@@ -24,7 +24,8 @@ from dedup.engine.cluster import (
     flat_edges,
     tiny_edges,
 )
-from dedup.engine.extract import STATUS_OK, read_features
+from dedup.engine.extract import STATUS_OK
+from dedup.engine.featurestore import read_features
 from dedup.engine.records import (
     CODE_RECORD,
     DIGEST_RECORD,

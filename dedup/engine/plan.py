@@ -24,11 +24,8 @@ from dedup.engine.cluster import (
     calibration_from,
     calibration_sample,
 )
-from dedup.engine.extract import (
-    PASSTHROUGH_REASONS,
-    ShardFeatures,
-    read_features,
-)
+from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
+from dedup.engine.featurestore import read_features
 from dedup.engine.globalphase import References, Resolved, run_global
 from dedup.engine.job import Job
 from dedup.engine.records import members_candidates, read_members, rows_by_shard

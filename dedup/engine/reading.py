@@ -10,11 +10,7 @@ from typing import Any
 from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
-from dedup.engine.extract import (
-    ShardFeatures,
-    extract_shard,
-    input_identity,
-)
+from dedup.engine.extract import ShardFeatures, extract_shard, input_identity
 from dedup.engine.job import Job, spool_folder
 from dedup.engine.references import (
     Reference,

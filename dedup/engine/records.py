@@ -16,7 +16,8 @@ from dedup.engine.cluster import (
     Candidates,
     Edges,
 )
-from dedup.engine.extract import STATUS_OK, read_features
+from dedup.engine.extract import STATUS_OK
+from dedup.engine.featurestore import read_features
 from dedup.io import storage
 from dedup.io.fsutil import read_file, write_atomic
 from dedup.signals.phash import (

@@ -31,14 +31,8 @@ import pyarrow.parquet as pq
 from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import ConfigError, DedupError, InputError
-from dedup.engine.extract import (
-    DONE_SUFFIX,
-    FEATURE_SCHEMA,
-    STATUS_OK,
-    ShardFeatures,
-    feature_path,
-    read_features,
-)
+from dedup.engine.extract import STATUS_OK, ShardFeatures
+from dedup.engine.featurestore import DONE_SUFFIX, FEATURE_SCHEMA, feature_path, read_features
 from dedup.io import storage
 from dedup.io.fsutil import open_regular, read_regular_file
 from dedup.io.shards import FileGroup, Shard, display_name, list_shards

@@ -7,7 +7,8 @@ import tarfile
 
 from dedup.core.errors import ShardError
 from dedup.core.progress import REPORT_EVERY, advance
-from dedup.engine.extract import ShardFeatures, file_identity, read_features
+from dedup.engine.extract import ShardFeatures, file_identity
+from dedup.engine.featurestore import read_features
 from dedup.io import storage
 from dedup.io.fsutil import atomic_path
 from dedup.io.tarscan import BLOCK, REGULAR, header_checksum_ok

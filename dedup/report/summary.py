@@ -19,10 +19,8 @@ from dedup.engine.cluster import (
     DECISIONS,
     NO_DISTANCE,
 )
-from dedup.engine.extract import (
-    STATUS_OK,
-    read_features,
-)
+from dedup.engine.extract import STATUS_OK
+from dedup.engine.featurestore import read_features
 from dedup.engine.finish import Finished
 from dedup.engine.job import Job
 from dedup.engine.plan import REASONS, Plan, identities, keys_at, reference_rows
