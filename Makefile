@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
+.PHONY: golden-record golden-check install test lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,9 +17,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The layers' one-way rule (import-linter contracts in pyproject.toml) is part of lint.
 lint: $(STAMP)
 	$(BIN)/ruff check dedup tests benchmarks examples
 	$(BIN)/ruff format --check dedup tests benchmarks examples
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix dedup tests benchmarks examples
@@ -107,3 +109,10 @@ airflow-check: $(STAMP)
 	test -x $(AIRFLOW_VENV)/bin/airflow || { $(PY) -m venv $(AIRFLOW_VENV) && \
 	$(AIRFLOW_VENV)/bin/python -m pip install -q apache-airflow; }
 	sh examples/airflow/check.sh
+
+# Golden outputs: a restructuring changes no output byte (benchmarks/golden.py).
+golden-record: $(STAMP)
+	$(BIN)/python benchmarks/golden.py record bench-data/golden.json
+
+golden-check: $(STAMP)
+	$(BIN)/python benchmarks/golden.py check bench-data/golden.json
