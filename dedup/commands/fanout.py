@@ -24,7 +24,6 @@ import pickle
 import time
 import uuid
 
-from dedup.commands.run import report_into
 from dedup.core.config import Config, load_config
 from dedup.core.errors import ConfigError, DedupError, InputError
 from dedup.engine.blocklist import load_blocklist
@@ -37,7 +36,7 @@ from dedup.engine.reading import extract_phase, extract_references, log_extract
 from dedup.engine.references import check_stored, resolve_references
 from dedup.executors import make_executor
 from dedup.io import storage
-from dedup.io.fsutil import read_file, write_atomic
+from dedup.io.fsutil import read_file, staged_folder, write_atomic
 from dedup.io.outdir import (
     FANOUT_DIR,
     REPORT_MARKER,
@@ -192,7 +191,7 @@ def _report_of(folder: str, out: str) -> bool:
         marker = json.loads(read_file(storage.join(folder, REPORT_MARKER)))
     except (OSError, DedupError, ValueError):
         return False
-    want = out if storage.is_url(out) else os.path.abspath(out)
+    want = storage.absolute(out)
     return isinstance(marker, dict) and marker.get("out") == want
 
 
@@ -292,7 +291,7 @@ def extract_part(
 
 def _markers(out: str, phase: str) -> list[str]:
     folder = _folder(out)
-    names = storage.listdir(folder) if storage.is_url(folder) else _local_names(folder)
+    names = storage.names_in(folder)
     return sorted(n for n in names if n.startswith(phase + "-") and n.endswith(".pickle"))
 
 
@@ -461,8 +460,7 @@ def write_part(out: str, part: str, given: dict) -> dict | None:
     features, p = state["features"], state["plan"]
     group = parts_of(state["sizes"], n)[i]
     parts_dir = storage.join(_folder(out), "parts")
-    if not storage.is_url(parts_dir):
-        os.makedirs(parts_dir, exist_ok=True)
+    storage.makedirs(parts_dir)
     _unfinished(out, list_shards(fan.inputs), _report(out, fan), None)
     mine = storage.join(_folder(out), _name("write", i, n))
     remove_output(mine)  # redone now: an earlier try's results no longer count
@@ -502,9 +500,8 @@ def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: 
     report_dir = _report(out, fan)
     p = state["plan"]
     extract_references(job.references, job)  # their stored features, for the report
-    summary = report_into(
-        report_dir,
-        lambda folder: make_report(
+    with staged_folder(report_dir) as folder:
+        summary = make_report(
             features,
             state["bad"],
             p,
@@ -514,8 +511,8 @@ def _report_if_last(out, fan: FanoutJob, job, state, n: int, i: int, parts_dir: 
             parts_dir,
             seconds,
             state.get("canaries"),
-        ),
-    )
+            shown_as=report_dir,
+        )
     mark_job(out, list_shards(fan.inputs), complete=True, report_dir=report_dir)
     # The copies of pipe: inputs, read by every task since extract, are needed no more;
     # a write part that failed keeps them for its rerun.

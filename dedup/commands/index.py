@@ -13,7 +13,7 @@ import numpy as np
 
 from dedup import signals
 from dedup.core.config import Config
-from dedup.core.errors import ConfigError, OutputError, ShardError
+from dedup.core.errors import ShardError
 from dedup.engine.job import Job, discard_spool
 from dedup.engine.reading import extract_references
 from dedup.engine.references import (
@@ -24,10 +24,10 @@ from dedup.engine.references import (
     usable_rows,
 )
 from dedup.executors import make_executor
-from dedup.io import storage
 from dedup.io.fsutil import write_atomic
 from dedup.io.outdir import (
     STATE_DIR,
+    check_index_folder,
 )
 from dedup.io.shards import (
     FileGroup,
@@ -44,11 +44,7 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
     settings and versions they were computed with; `--against INDEX` then decodes
     nothing. Returns the manifest."""
 
-    if storage.is_url(out):
-        raise ConfigError(f"--out {out}: an index is written to a local folder")
-    foreign = os.path.isdir(out) and not os.path.isfile(os.path.join(out, INDEX_FILE))
-    if foreign and os.listdir(out) and not overwrite:
-        raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
+    check_index_folder(out, INDEX_FILE, overwrite)
     config, clip = choose_signals(config)
     features_root = os.path.join(out, "features")
     references = resolve_references(refs, config, features_root, [], out)

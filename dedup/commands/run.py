@@ -1,11 +1,10 @@
-"""extract (per shard) -> cluster (global) -> write (per shard), and the run that chains them."""
+"""`dedup run`: extract (per shard) -> cluster (global) -> write (per shard) -> the
+report, chained in one process over the run's executor."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Any
 
@@ -23,7 +22,7 @@ from dedup.engine.references import (
 )
 from dedup.executors import make_executor
 from dedup.io import storage
-from dedup.io.fsutil import read_file, scratch_dir
+from dedup.io.fsutil import read_file, scratch_dir, staged_folder
 from dedup.io.outdir import (
     PARTS_DIR,
     STATE_DIR,
@@ -35,22 +34,12 @@ from dedup.io.shards import (
     list_shards,
 )
 from dedup.report.summary import make_report
-from dedup.report.tables import (
-    report_paths,
-    write_summary,
-)
 from dedup.signals.choice import choose_signals
 
 log = logging.getLogger("dedup")
 
 REPORT_DIR = "dedup-report"
 DRY_RUN_REPORT_DIR = "dedup-report-dry-run"  # a dry run's, beside a real run's report
-
-
-# ---------------------------------------------------------------- phases
-
-
-# ---------------------------------------------------------------- run
 
 
 def run(
@@ -84,25 +73,9 @@ def run(
             out, store, config, executor, dry_run, skip_bad_shards, clip, references, blocklists
         )
         try:
-            return report_into(report_dir, lambda folder: _run(shards, job, folder), scratch)
+            return _run(shards, job, report_dir, scratch)
         finally:  # a pipe: input's bytes are this run's only: never kept past it
             discard_spool(out)
-
-
-def report_into(report_dir: str, make, scratch: str | None = None) -> dict[str, Any]:
-    """`make(folder)` writes the report into a folder and returns the summary. A report in
-    a store is made in a local folder, then put object by object, summary.json last:
-    whoever sees the summary sees a complete report."""
-    if not storage.is_url(report_dir):
-        return make(report_dir)
-    with tempfile.TemporaryDirectory(dir=scratch) as staging:
-        summary = make(staging)
-        summary["output"]["report"] = report_dir
-        write_summary(summary, report_paths(staging)["summary"])
-        for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
-            if os.path.isfile(os.path.join(staging, name)):
-                storage.put_file(os.path.join(staging, name), storage.join(report_dir, name))
-        return summary
 
 
 def _report_dir(out: str, report_dir: str | None, dry_run: bool) -> str:
@@ -129,7 +102,8 @@ def _report_dir(out: str, report_dir: str | None, dry_run: bool) -> str:
     return beside
 
 
-def _run(shards: list[Shard], job: Job, report_dir: str) -> dict[str, Any]:
+def _run(shards: list[Shard], job: Job, report_dir: str, scratch: str) -> dict[str, Any]:
+    """The phases in order, then the report from what they returned."""
     log.info(
         "%d shards, signals %s, executor %s (%d parallel tasks)",
         len(shards),
@@ -154,9 +128,16 @@ def _run(shards: list[Shard], job: Job, report_dir: str) -> dict[str, Any]:
         seconds = {"extract": t1 - t0, "cluster": t2 - t1, "write": t3 - t2}
         if planted is not None:
             seconds["canaries"] = time.monotonic() - t3
-        return make_report(
-            features, bad, the_plan, finished, job, report_dir, parts_dir, seconds, planted
-        )
-
-
-# ---------------------------------------------------------------- dedup index
+        with staged_folder(report_dir, scratch) as folder:
+            return make_report(
+                features,
+                bad,
+                the_plan,
+                finished,
+                job,
+                folder,
+                parts_dir,
+                seconds,
+                planted,
+                shown_as=report_dir,
+            )

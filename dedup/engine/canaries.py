@@ -7,9 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import tarfile
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from dedup.engine.reading import extract_all
 from dedup.engine.records import members_candidates, read_members, vectors_of
 from dedup.io import storage
 from dedup.io.decode import decode_image, image_member, is_image_name, read_header
-from dedup.io.fsutil import SCRATCH_ENV
+from dedup.io.fsutil import atomic_path
 from dedup.io.outdir import (
     CANARIES_DIR,
     STATE_DIR,
@@ -151,18 +149,14 @@ class _Plant:
                 rows.append((k, edit))
                 images.append(apply(edit, picture, seed))
         name = f"planted-{number:05d}.tar"
-        staging = self.folder
-        if storage.is_url(self.folder):
-            staging = os.environ.get(SCRATCH_ENV) or tempfile.gettempdir()
-        path = os.path.join(staging, f"{os.getpid()}-{name}" if staging != self.folder else name)
-        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            atomic_path(storage.join(self.folder, name)) as path,
+            tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             for row, data in enumerate(images):
                 info = tarfile.TarInfo(f"{row:08d}.{_ext(data)}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-        if staging != self.folder:
-            storage.put_file(path, storage.join(self.folder, name))
-            os.unlink(path)
         return rows
 
 
@@ -190,8 +184,7 @@ def plant(
         )
         for number, start in enumerate(range(0, len(originals), per_task))
     ]
-    if not storage.is_url(folder):
-        os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     layouts = executor.map(
         _Plant(config, folder), items, Progress("plant", total_items=len(items)), describe=_describe
     )
@@ -335,8 +328,7 @@ def measure(
 
     planted = plant(originals, copies, folder, config, executor)
     store = storage.join(folder, "features")
-    if not storage.is_url(store):
-        os.makedirs(store, exist_ok=True)
+    storage.makedirs(store)
     features = [
         f
         for f in extract_all(planted.shards, config, store, False, clip, executor)

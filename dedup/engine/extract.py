@@ -74,13 +74,6 @@ class ShardFeatures:
     clip_decode: dict[str, int] = field(default_factory=dict)  # images per CLIP decode route
 
 
-def file_identity(st: os.stat_result) -> tuple[int, ...]:
-    """What tells a rewritten file from the one that was read. `cp -p`, `rsync -a` and
-    `tar x` restore the modification time, but the change time and the inode are set
-    by the kernel; none of the three can give a rewritten file the old ones."""
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
 def input_identity(shard: Shard) -> tuple | None:
     """A local file's (size, mtime, ctime, inode); an object's size and ETag or
     generation; None for a pipe: command, which only its bytes identify."""
@@ -88,14 +81,12 @@ def input_identity(shard: Shard) -> tuple | None:
         out = []
         for name in shard.files:
             try:
-                out.append((name, *file_identity(os.stat(shard.file(name)))))
+                out.append((name, *storage.file_identity(os.stat(shard.file(name)))))
             except OSError:
                 out.append((name,))
         return tuple(out)
-    if shard.is_url:
-        return storage.identity(shard.path)
     try:
-        return file_identity(os.stat(shard.path))
+        return storage.path_identity(shard.path)
     except OSError as e:
         raise ShardError(shard.path, f"cannot stat ({e.strerror or e})") from None
 
@@ -136,7 +127,7 @@ def shard_fingerprint(
     by_content = config.fingerprint == "content" or identity is None
     if by_content and content is None:
         content = content_digest(shard)
-    where = shard.path if shard.is_url else os.path.realpath(shard.path)
+    where = storage.real(shard.path)
     text = json.dumps(
         {
             "path": display_name(where),

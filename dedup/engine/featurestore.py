@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from dedup import signals
 from dedup.core.errors import DedupError, FeatureStoreError
 from dedup.io import storage
-from dedup.io.fsutil import atomic_path, read_file, write_atomic
+from dedup.io.fsutil import atomic_path, read_file, read_table, write_atomic
 from dedup.io.shards import (
     Shard,
     display_name,
@@ -123,8 +123,7 @@ def image_ranges(cols: dict) -> tuple[list[str], list[tuple[int, int]]]:
 def read_features(path: str, columns: list[str]) -> pa.Table:
     """Columns of a stored feature file, its page checksums verified."""
     try:
-        source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
-        table = pq.read_table(source, columns=columns, page_checksum_verification=True)
+        table = read_table(path, columns=columns, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as e:
         raise FeatureStoreError(
             f"{path}: feature file damaged during the run ({e}); rerun"

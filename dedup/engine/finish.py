@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from dedup.engine.cluster import (
     DECISIONS,
     NO_DISTANCE,
 )
-from dedup.engine.extract import ShardFeatures, file_identity, input_identity
+from dedup.engine.extract import ShardFeatures, input_identity
 from dedup.engine.featurestore import read_features
 from dedup.engine.job import Job
 from dedup.engine.plan import REASONS, Plan
@@ -253,13 +252,11 @@ def _output_plan(job: FinishJob) -> str | None:
 
 def _identity(path: str):
     """A written output's identity: size, times and inode locally; size and ETag in a store."""
-    if storage.is_url(path):
-        return list(storage.identity(path) or ())
-    return list(file_identity(os.stat(path)))
+    return list(storage.path_identity(path) or ())
 
 
 def _exists(path: str) -> bool:
-    return storage.exists(path) if storage.is_url(path) else os.path.exists(path)
+    return storage.exists(path)
 
 
 def same_input(f: ShardFeatures) -> bool:

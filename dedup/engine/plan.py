@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -182,20 +181,11 @@ def work_folder(work: str | None):
         with tempfile.TemporaryDirectory(prefix="dedup-global-") as folder:
             yield folder
         return
-    _remove_tree(work)
+    storage.remove_tree(work)
     try:
         yield work
     finally:
-        _remove_tree(work)
-
-
-def _remove_tree(path: str) -> None:
-    if storage.is_url(path):
-        fs = storage.filesystem(path)
-        if storage.retry(lambda: fs.exists(path), path):
-            storage.retry(lambda: fs.rm(path, recursive=True), path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+        storage.remove_tree(work)
 
 
 def _assemble(

@@ -35,7 +35,7 @@ from dedup.engine.extract import STATUS_OK, ShardFeatures
 from dedup.engine.featurestore import DONE_SUFFIX, FEATURE_SCHEMA, feature_path, read_features
 from dedup.io import storage
 from dedup.io.fsutil import open_regular, read_regular_file
-from dedup.io.shards import FileGroup, Shard, display_name, list_shards
+from dedup.io.shards import FileGroup, Shard, at_hand, display_name, list_shards
 
 log = logging.getLogger("dedup")
 
@@ -88,33 +88,30 @@ def resolve_references(
     """Each REF's kind and sources; shard sets and folders still to be extracted (into
     `store_root`/<digest of REF>). A REF that is missing, empty, holds no images, is an
     input shard or OUT itself, or was stored with other settings: ReferenceError_."""
-    inputs = {_real(s.path) for s in forbidden}
+    inputs = {storage.real(s.path) for s in forbidden}
     found = []
     for ref in refs:
-        if not storage.is_url(ref) and _real(ref) == _real(out):
+        if storage.real(ref) == storage.real(out):
             raise _fail(ref, "is this run's --out")
         r = _resolve_one(ref, config, store_root)
         for shard in r.shards:
-            if _real(shard.path) in inputs:
+            if storage.real(shard.path) in inputs:
                 raise _fail(ref, f"{shard.path} is also an input shard")
         for source in r.sources:  # an earlier run or index made from this run's input
             images = source.images
             shard = images is not None and not isinstance(images, FileGroup)
-            if shard and _real(images.path) in inputs:
+            if shard and storage.real(images.path) in inputs:
                 raise _fail(ref, f"was made from {images.path}, an input shard of this run")
-        if r.kind == "run" and any(_real(os.path.dirname(p)) == _real(ref) for p in inputs):
+        parents = {storage.real(os.path.dirname(p)) for p in inputs}
+        if r.kind == "run" and storage.real(ref) in parents:
             raise _fail(ref, "its shards are also input shards")
         found.append(r)
     return found
 
 
-def _real(path: str) -> str:
-    return storage.normal_url(path) if storage.is_url(path) else os.path.realpath(path)
-
-
 def _resolve_one(ref: str, config: Config, store_root: str) -> Reference:
-    store = storage.join(store_root, hashlib.sha256(_real(ref).encode()).hexdigest()[:16])
-    if not storage.is_url(ref) and os.path.isdir(ref):
+    store = storage.join(store_root, hashlib.sha256(storage.real(ref).encode()).hexdigest()[:16])
+    if storage.local_dir(ref):
         if os.path.isfile(os.path.join(ref, INDEX_FILE)):
             return open_index(ref, config)
         if os.path.isfile(os.path.join(ref, ".dedup", "job.json")):
@@ -131,13 +128,13 @@ def _resolve_one(ref: str, config: Config, store_root: str) -> Reference:
             for k in range(0, len(files), FILES_PER_GROUP)
         ]
         return Reference(ref, "files", shards=groups, store=store)
-    if not storage.is_url(ref) and os.path.isfile(ref) and not ref.endswith(".tar"):
+    if storage.local_file(ref) and not ref.endswith(".tar"):
         raise _fail(ref, "is a file, not a shard (.tar), a folder or an index")
     try:
         shards = list_shards([ref])
     except InputError as e:
         why = str(e).split(": ", 1)[-1] if str(e).startswith(ref) else str(e)
-        if not storage.is_url(ref) and not os.path.lexists(ref) and not _has_pattern(ref):
+        if not storage.exists(ref, InputError) and not _has_pattern(ref):
             why = "does not exist"
         raise _fail(ref, why) from None
     if not shards:
@@ -223,7 +220,7 @@ def _earlier_run(ref: str, config: Config) -> Reference:
     if output.get("dry_run"):
         raise _fail(ref, "its run was a dry run: it kept nothing")
     described = output.get("dir")
-    if isinstance(described, str) and _real(described) != _real(ref):
+    if isinstance(described, str) and storage.real(described) != storage.real(ref):
         raise _fail(ref, f"its report {report} now describes another run (of {described})")
     store = output.get("state_dir") or os.path.join(ref, ".dedup", "features")
     samples_path = storage.join(report, "samples.parquet")
@@ -249,7 +246,7 @@ def _earlier_run(ref: str, config: Config) -> Reference:
         if rows != n:
             raise _fail(ref, f"its stored features of {shard.path} do not match its report")
         only = np.flatnonzero(kept[start : start + n])
-        r.sources.append(Source(ShardFeatures(shard, path, n, {}, None), only, _at_hand(shard)))
+        r.sources.append(Source(ShardFeatures(shard, path, n, {}, None), only, at_hand(shard)))
         start += n
     if start != len(shard_col):
         raise _fail(ref, "its samples.parquet does not match its summary; rerun it")
@@ -294,13 +291,6 @@ def _feature_store(ref: str, config: Config) -> Reference:
     if not r.sources:
         raise _fail(ref, "holds no stored features")
     return r
-
-
-def _at_hand(shard: Shard) -> Shard | None:
-    """The shard, when it can still be read (for the views signal's verification)."""
-    if shard.is_url:
-        return shard
-    return shard if os.path.isfile(shard.path) else None
 
 
 def check_stored(refs: list[Reference], config: Config, clip) -> None:
@@ -357,7 +347,7 @@ def open_index(ref: str, config: Config, clip=None) -> Reference:
             images = shard if location and os.path.isdir(location) else None
         else:
             shard = Shard(entry.shard)
-            images = _at_hand(shard)
+            images = at_hand(shard)
             skipped = {}  # a shard's skipped members are not items
         only = None
         if entry.only is not None:

@@ -7,8 +7,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from dedup.io import storage
-from dedup.io.fsutil import atomic_path, read_file
+from dedup.io.fsutil import atomic_path, read_table
 
 SAMPLES_SCHEMA = pa.schema(
     [
@@ -66,8 +65,7 @@ def merge_parts(parts: list[str], path: str) -> None:
     One part is read at a time, so memory does not grow with the number of shards."""
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SAMPLES_SCHEMA, compression="zstd") as w:
         for part in parts:
-            source = pa.BufferReader(read_file(part)) if storage.is_url(part) else part
-            w.write_table(pq.read_table(source).cast(SAMPLES_SCHEMA))
+            w.write_table(read_table(part).cast(SAMPLES_SCHEMA))
 
 
 SHOWN_CLUSTERS = 50

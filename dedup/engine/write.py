@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import tarfile
 
 from dedup.core.errors import ShardError
 from dedup.core.progress import REPORT_EVERY, advance
-from dedup.engine.extract import ShardFeatures, file_identity
+from dedup.engine.extract import ShardFeatures
 from dedup.engine.featurestore import read_features
-from dedup.io import storage
 from dedup.io.fsutil import atomic_path
+from dedup.io.shards import ShardSource
 from dedup.io.tarscan import BLOCK, REGULAR, header_checksum_ok
 
 RECORD = 20 * BLOCK  # what tarfile pads an archive to; readers expect whole records
@@ -84,7 +83,10 @@ def write_shard(
     sizes = table.column("member_sizes").to_pylist()
     samples = 0
     captured: dict[int, list[bytes]] = {}
-    with _Source(features) as src, atomic_path(output) as tmp:
+    with (
+        ShardSource(features.shard, features.identity, features.content) as src,
+        atomic_path(output) as tmp,
+    ):
         with open(tmp, "wb", buffering=1 << 20) as out:
             written = 0
             for row, kept in enumerate(keep):
@@ -127,78 +129,6 @@ def write_shard(
             out.write(bytes(end))
         src.finish()
     return samples, captured
-
-
-class _Source:
-    """The input shard, read forward only; checked against what phase 1 read."""
-
-    def __init__(self, features: ShardFeatures) -> None:
-        self.features = features
-        self.path = features.shard.path  # as listed, for messages
-        self.source = features.shard.read_path  # where the bytes are (a pipe:'s spool)
-        self.remote = storage.is_url(self.source)
-        self.hasher = None
-        if features.identity is None:  # a pipe: command: only its bytes tell
-            import blake3
-
-            self.hasher = blake3.blake3()
-
-    def __enter__(self) -> _Source:
-        known = self.features.identity
-        if self.remote:
-            if known is not None and storage.identity(self.source) != known:
-                raise ShardError(self.path, "shard changed since its features were computed")
-            self.reader = storage.open_stream(self.source)
-        else:
-            try:
-                self.reader = open(self.source, "rb", buffering=0)  # noqa: SIM115
-            except OSError as e:
-                raise ShardError(self.path, f"cannot open ({e.strerror or e})") from None
-            if known is not None and file_identity(os.fstat(self.reader.fileno())) != known:
-                self.reader.close()
-                raise ShardError(self.path, "shard changed since its features were computed; rerun")
-        self.position = 0
-        return self
-
-    def read(self, n: int) -> bytes:
-        data = self.reader.read(n)
-        self.position += len(data)
-        if self.hasher is not None:
-            self.hasher.update(data)
-        return data
-
-    def chunks(self, size: int):
-        """The next `size` bytes, in pieces of at most COPY_CHUNK."""
-        left = size
-        while left > 0:
-            chunk = self.read(min(left, COPY_CHUNK))
-            if not chunk:
-                raise ShardError(self.path, "shard is shorter than when it was read", self.position)
-            left -= len(chunk)
-            yield chunk
-
-    def skip_to(self, offset: int) -> None:
-        if offset < self.position:
-            raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
-        if self.hasher is None and not self.remote:
-            self.reader.seek(offset)
-            self.position = offset
-            return
-        while self.position < offset:
-            if not self.read(min(1 << 22, offset - self.position)):
-                break
-
-    def finish(self) -> None:
-        """For an input known only by its bytes: they must be the ones phase 1 read."""
-        if self.hasher is None:
-            return
-        while self.read(1 << 22):
-            pass
-        if self.hasher.hexdigest() != self.features.content:
-            raise ShardError(self.path, "the shard's bytes changed since they were read")
-
-    def __exit__(self, *exc) -> None:
-        self.reader.close()
 
 
 def _check_header(header: bytes, raw_name: bytes, size: int, path: str, offset: int) -> None:

@@ -131,6 +131,30 @@ def read_regular_file(path: str, limit: int | None = None) -> bytes:
     return data
 
 
+def read_table(path: str, **options):
+    """A Parquet file at a path or URL, read whole (options as pyarrow.parquet.read_table)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
+    return pq.read_table(source, **options)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str, scratch: str | None = None) -> Iterator[str]:
+    """A local folder to make a set of files in: `final` itself when it is local; for a
+    store, a staging folder whose files are put under `final` when the block ends without
+    error, object by object, summary.json last (whoever sees the summary sees the rest)."""
+    if not storage.is_url(final):
+        yield final
+        return
+    with tempfile.TemporaryDirectory(dir=scratch) as staging:
+        yield staging
+        for name in sorted(os.listdir(staging), key=lambda n: n == "summary.json"):
+            if os.path.isfile(os.path.join(staging, name)):
+                storage.put_file(os.path.join(staging, name), storage.join(final, name))
+
+
 SCRATCH_ENV = "DEDUP_SCRATCH"
 
 

@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 
-from dedup.core.errors import DedupError, OutputError
+from dedup.core.errors import ConfigError, DedupError, OutputError
 from dedup.io import storage
 from dedup.io.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
 from dedup.io.shards import SPOOL_DIR, Shard, remove_spool, sidecars
@@ -112,6 +112,16 @@ def claim_output(
             _write_job(job_path, current, complete=True, report=report_dir, dry_run=dry_run)
         finally:
             sweep(out, report_dir, store)
+
+
+def check_index_folder(out: str, manifest: str, overwrite: bool) -> None:
+    """An index's folder: local (an index is read from local disk), and empty or an index
+    already (its `manifest` there), unless `overwrite`."""
+    if storage.is_url(out):
+        raise ConfigError(f"--out {out}: an index is written to a local folder")
+    foreign = os.path.isdir(out) and not os.path.isfile(os.path.join(out, manifest))
+    if foreign and _listdir(out) and not overwrite:
+        raise OutputError(f"{out}: not empty and not a dedup index (--overwrite to use it)")
 
 
 def output_names(shards: list[Shard]) -> set[str]:

@@ -25,6 +25,7 @@ from dedup.io.fsutil import (
 )
 
 SHARD_SUFFIX = ".tar"
+READ_CHUNK = 1 << 22  # what a forward read hands over at most
 _GLOB_CHARS = set("*?[")
 # A file of a FileGroup larger than this is counted `too_large` and never read: a
 # 100-megapixel image (max_pixels' default) is 400 MB even as uncompressed RGBA.
@@ -397,3 +398,80 @@ class _Prefixed:
                 out += self.stream.read(n - len(out))
             return out
         return self.stream.read(n)
+
+
+class ShardSource:
+    """A shard read forward only (the write phase's one pass), checked against what
+    phase 1 read: its `identity`, or for an input known only by its bytes (a pipe:
+    command's) their BLAKE3 `content`."""
+
+    def __init__(self, shard: Shard, identity: tuple | None, content: str | None) -> None:
+        self.path = shard.path  # as listed, for messages
+        self.source = shard.read_path  # where the bytes are (a pipe:'s spool)
+        self.identity = identity
+        self.content = content
+        self.remote = storage.is_url(self.source)
+        self.hasher = blake3.blake3() if identity is None else None
+
+    def __enter__(self) -> ShardSource:
+        known = self.identity
+        if self.remote:
+            if known is not None and storage.identity(self.source) != known:
+                raise ShardError(self.path, "shard changed since its features were computed")
+            self.reader = storage.open_stream(self.source)
+        else:
+            try:
+                self.reader = open(self.source, "rb", buffering=0)  # noqa: SIM115
+            except OSError as e:
+                raise ShardError(self.path, f"cannot open ({e.strerror or e})") from None
+            if known is not None and storage.file_identity(os.fstat(self.reader.fileno())) != known:
+                self.reader.close()
+                raise ShardError(self.path, "shard changed since its features were computed; rerun")
+        self.position = 0
+        return self
+
+    def read(self, n: int) -> bytes:
+        data = self.reader.read(n)
+        self.position += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        return data
+
+    def chunks(self, size: int):
+        """The next `size` bytes, in pieces of at most READ_CHUNK."""
+        left = size
+        while left > 0:
+            chunk = self.read(min(left, READ_CHUNK))
+            if not chunk:
+                raise ShardError(self.path, "shard is shorter than when it was read", self.position)
+            left -= len(chunk)
+            yield chunk
+
+    def skip_to(self, offset: int) -> None:
+        if offset < self.position:
+            raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
+        if self.hasher is None and not self.remote:
+            self.reader.seek(offset)
+            self.position = offset
+            return
+        while self.position < offset:
+            if not self.read(min(1 << 22, offset - self.position)):
+                break
+
+    def finish(self) -> None:
+        """For an input known only by its bytes: they must be the ones phase 1 read."""
+        if self.hasher is None:
+            return
+        while self.read(1 << 22):
+            pass
+        if self.hasher.hexdigest() != self.content:
+            raise ShardError(self.path, "the shard's bytes changed since they were read")
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()
+
+
+def at_hand(shard: Shard) -> Shard | None:
+    """The shard, when it can still be read later in the run (an object is assumed to be;
+    a local file must still be there)."""
+    return shard if shard.is_url or os.path.isfile(shard.path) else None

@@ -365,8 +365,65 @@ def read_bytes(url: str, error: type[DedupError] = InputError) -> bytes:
 
 
 def exists(url: str, error: type[DedupError] = OutputError) -> bool:
+    """Whether a local path or an object (or prefix) exists."""
+    if not is_url(url):
+        return os.path.exists(url)
     fs = filesystem(url)
     return retry(lambda: fs.exists(url), url, error)
+
+
+# ---------------------------------------------------------------- a path or a URL
+# What the layers above ask of a location without asking which kind it is.
+
+
+def absolute(path: str) -> str:
+    """A URL as it is, a local path made absolute (never relative to the caller's
+    working directory)."""
+    return path if is_url(path) else os.path.abspath(path)
+
+
+def real(path: str) -> str:
+    """A location's one spelling: a URL normalised, a local path with links resolved."""
+    return normal_url(path) if is_url(path) else os.path.realpath(path)
+
+
+def makedirs(path: str) -> None:
+    """A local folder made, parents too; nothing for a prefix (it exists once an object
+    is put under it)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def local_dir(path: str) -> bool:
+    """Whether `path` is a folder on this machine (not a URL)."""
+    return not is_url(path) and os.path.isdir(path)
+
+
+def local_file(path: str) -> bool:
+    """Whether `path` is a file on this machine (not a URL)."""
+    return not is_url(path) and os.path.isfile(path)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, ...]:
+    """What tells a rewritten file from the one that was read. `cp -p`, `rsync -a` and
+    `tar x` restore the modification time, but the change time and the inode are set
+    by the kernel; none of the three can give a rewritten file the old ones."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def path_identity(path: str) -> tuple | None:
+    """A local file's (size, mtime, ctime, inode); an object's size and ETag or
+    generation (see identity); None where nothing identifies it."""
+    if is_url(path):
+        return identity(path)
+    return file_identity(os.stat(path))
+
+
+def names_in(path: str) -> list[str]:
+    """Names directly in a local folder or under a prefix, sorted ([] when none)."""
+    if is_url(path):
+        return listdir(path)
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
 def listdir(url: str, error: type[DedupError] = OutputError) -> list[str]:

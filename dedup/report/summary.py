@@ -62,9 +62,12 @@ def make_report(
     parts_dir,
     seconds,
     canaries: dict | None = None,
+    shown_as: str | None = None,
 ) -> dict[str, Any]:
-    """The report from the phases' results: samples.parquet merged from the write tasks'
-    parts, the counts checked, clusters, previews, summary.json, report.html."""
+    """The report from the phases' results, made in the local folder `report_dir`:
+    samples.parquet merged from the write tasks' parts, the counts checked, clusters,
+    previews, summary.json, report.html. `shown_as`: where the report will be read (a
+    store's prefix, when `report_dir` is its staging folder), for summary.json."""
     merge_parts(
         [storage.join(parts_dir, f"{k:08d}.parquet") for k in range(len(features))],
         report_paths(report_dir)["samples"],
@@ -82,7 +85,14 @@ def make_report(
     write_table(the_plan.clusters, paths["clusters"])
     _write_report_extras(features, the_plan, finished, report_dir, job.references)
     summary = _summary(
-        features, the_plan, shard_counts, job.config, phases, job.out, report_dir, job.dry_run
+        features,
+        the_plan,
+        shard_counts,
+        job.config,
+        phases,
+        job.out,
+        shown_as or report_dir,
+        job.dry_run,
     )
     summary["output"]["state_dir"] = absolute(job.store)
     if job.references or job.blocklists:
@@ -260,7 +270,7 @@ def _matches_table(features, p: Plan, references: list[Reference]):
 def absolute(path: str) -> str:
     """A path for summary.json: a URL as it is, a local path made absolute (never
     relative to the caller's working directory)."""
-    return path if storage.is_url(path) else os.path.abspath(path)
+    return storage.absolute(path)
 
 
 def _phase(seconds: float, items: int) -> dict[str, float]:
