@@ -3,7 +3,8 @@
 `python benchmarks/bench_scale.py 1000000 10000000 100000000 --old-up-to 10000000`
 
 For each N: the planted codes of benchmarks/scale_codes.py go into feature files of a
-million rows (as the extract phase writes them); then, each in a fresh process so that
+million rows (written by the feature store's own writer, benchmarks/featurefiles.py, as
+the extract phase writes them); then, each in a fresh process so that
 peak memory is its own:
 - new: the partitioned global phase (dedup.engine.globalphase.run_global) on the local
   executor with every core: time, peak RSS of the driver and of the largest worker,
@@ -14,6 +15,9 @@ peak memory is its own:
   (FAISS flat search over all N) must be linked to it by an edge (through its code's
   first row, as equal codes are collapsed), and no edge may be longer than the
   threshold.
+
+`--smoke`: 20,000 uniform codes and 2,000 CLIP vectors in a temporary folder (the
+test suite runs it: tests/benchmarks/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import tempfile
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from featurefiles import feature_table, fixed_binary, write_feature_file  # noqa: E402
+from scale_codes import realistic_codes, uniform_codes  # noqa: E402
 
 from dedup.core.config import Config  # noqa: E402
 
@@ -40,49 +45,39 @@ THRESHOLD = 8
 SAMPLE = 200
 
 
-def planted(n: int, kind: str = "realistic") -> np.ndarray:
-    from scale_codes import realistic_codes, uniform_codes
-
-    return realistic_codes(n) if kind == "realistic" else uniform_codes(n)
-
-
-def feature_table(n: int, codes: np.ndarray | None = None, vectors=None) -> pa.Table:
-    """n decoded rows as the extract phase stores them: only what the global phase reads
-    (pHash codes and CLIP vectors where given, nulls elsewhere)."""
-    from dedup.engine.featurestore import FEATURE_SCHEMA
-
-    names = ["status", "width", "height", "bytes", "digest", "phash", "detail"]
-    names += ["colour_signature", "clip"]
-    schema = pa.schema([FEATURE_SCHEMA.field(name) for name in names])
-    phash = pa.nulls(n, pa.binary(8))
-    if codes is not None:
-        data = pa.py_buffer(np.ascontiguousarray(codes).tobytes())
-        phash = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, data])
-    return pa.table(
-        {
-            "status": pa.array(["ok"] * n),
-            "width": np.full(n, 100, dtype=np.int32),
-            "height": np.full(n, 100, dtype=np.int32),
-            "bytes": np.full(n, 1000, dtype=np.int64),
-            "digest": pa.nulls(n, pa.binary(32)),
-            "phash": phash,
-            "detail": pa.array(np.full(n, 64, dtype=np.int16), mask=np.full(n, codes is None)),
-            "colour_signature": pa.nulls(n, schema.field("colour_signature").type),
-            "clip": pa.nulls(n, pa.binary()) if vectors is None else [v.tobytes() for v in vectors],
-        },
-        schema=schema,
-    )
+def planted(n: int, kind: str, cache_dir: str) -> np.ndarray:
+    """n planted codes: pHashes of real photographs' views (the bench extra's bundled
+    photographs; cached under cache_dir) or uniform random words."""
+    if kind == "uniform":
+        return uniform_codes(n)
+    try:
+        return realistic_codes(n, cache_dir=cache_dir)
+    except ImportError as e:
+        raise SystemExit(
+            f"realistic codes need the bench extra's photographs ({e}): `make bench-scale` "
+            "installs it; --kind uniform runs without"
+        ) from None
 
 
-def write_features(codes: np.ndarray, folder: str) -> tuple[list[str], np.ndarray]:
-    """Feature files of SHARD_ROWS rows each, as the extract phase writes them."""
+def write_features(codes: np.ndarray, folder: str, config: Config) -> tuple[list[str], np.ndarray]:
+    """Feature files of SHARD_ROWS decoded rows each (only what the global phase reads is
+    set: size, pHash code, detail), written as the extract phase writes them."""
     paths, starts = [], [0]
     for start in range(0, len(codes), SHARD_ROWS):
         chunk = codes[start : start + SHARD_ROWS]
+        n = len(chunk)
         path = os.path.join(folder, f"{len(paths):06d}.parquet")
-        pq.write_table(feature_table(len(chunk), codes=chunk), path, compression="zstd")
+        table = feature_table(
+            n,
+            width=np.full(n, 100, dtype=np.int32),
+            height=np.full(n, 100, dtype=np.int32),
+            bytes=np.full(n, 1000, dtype=np.int64),
+            phash=fixed_binary(chunk),
+            detail=np.full(n, 64, dtype=np.int16),
+        )
+        write_feature_file(path, table, f"bench-scale/part-{len(paths):06d}.tar", config)
         paths.append(path)
-        starts.append(start + len(chunk))
+        starts.append(start + n)
     return paths, np.asarray(starts, dtype=np.int64)
 
 
@@ -131,7 +126,8 @@ def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: d
 
 
 def run_old(codes_path: str, out: dict) -> None:
-    from dedup.engine.cluster import Candidates, cluster
+    from dedup.engine.cluster import cluster
+    from dedup.engine.edges import Candidates
 
     codes = np.load(codes_path)
     n = len(codes)
@@ -215,7 +211,7 @@ def check(codes: np.ndarray, edges_path: str) -> dict:
     }
 
 
-def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
+def clip_recall(n: int, data: str, dim: int = 512, threshold: float = 0.94) -> dict:
     """The CLIP search by k-means cell against an exact search over all pairs, on
     clustered unit vectors (a tenth near copies of another vector)."""
     from dedup.engine.globalphase import run_global
@@ -234,11 +230,17 @@ def clip_recall(n: int, dim: int = 512, threshold: float = 0.94) -> dict:
     a, b, _ = cosine_pairs(x, threshold, engine="flat")
     exact_seconds = time.perf_counter() - t
     truth = set(zip(a.tolist(), b.tolist(), strict=True))
-    with tempfile.TemporaryDirectory(prefix="bench-clip-", dir="bench-data") as folder:
-        table = feature_table(n, vectors=x)
+    config = Config(signals=("clip",), clip_threshold=threshold)
+    with tempfile.TemporaryDirectory(prefix="bench-clip-", dir=data) as folder:
+        table = feature_table(
+            n,
+            width=np.full(n, 100, dtype=np.int32),
+            height=np.full(n, 100, dtype=np.int32),
+            bytes=np.full(n, 1000, dtype=np.int64),
+            clip=[v.tobytes() for v in x],
+        )
         path = os.path.join(folder, "000000.parquet")
-        pq.write_table(table, path)
-        config = Config(signals=("clip",), clip_threshold=threshold)
+        write_feature_file(path, table, "bench-scale/clip.tar", config)
         t = time.perf_counter()
         r = run_global(
             [path],
@@ -271,15 +273,38 @@ def main() -> None:
     parser.add_argument("--clip", type=int, default=200_000, help="CLIP vectors; 0: skip")
     parser.add_argument("--clip-dim", type=int, default=128)
     parser.add_argument("--kind", choices=("realistic", "uniform"), default="realistic")
+    parser.add_argument("--data", default="bench-data", help="work folders and the codes' cache")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny: 20,000 uniform codes and 2,000 CLIP vectors in a temporary folder",
+    )
     args = parser.parse_args()
+    if not args.smoke:
+        os.makedirs(args.data, exist_ok=True)
+        measure(args)
+        return
+    args.sizes = args.sizes or [20_000]
+    args.clip = min(args.clip, 2_000)
+    if args.kind == "realistic":
+        print("--smoke: uniform random codes (real photographs' codes take minutes to build)")
+        args.kind = "uniform"
+    with tempfile.TemporaryDirectory(prefix="bench-scale-smoke-") as data:
+        args.data = data
+        measure(args)
+
+
+def measure(args: argparse.Namespace) -> None:
     if args.clip:
-        print(json.dumps({"clip": clip_recall(args.clip, args.clip_dim)}), flush=True)
+        clip = clip_recall(args.clip, args.data, args.clip_dim)
+        print(json.dumps({"clip": clip}), flush=True)
     rows = []
+    config = Config(signals=("phash",), phash_threshold=THRESHOLD)
     for n in args.sizes:
-        codes = planted(n, args.kind)
-        with tempfile.TemporaryDirectory(prefix="bench-scale-", dir="bench-data") as folder:
+        codes = planted(n, args.kind, os.path.join(args.data, "codes"))
+        with tempfile.TemporaryDirectory(prefix="bench-scale-", dir=args.data) as folder:
             t = time.perf_counter()
-            paths, starts = write_features(codes, folder)
+            paths, starts = write_features(codes, folder, config)
             print(f"{n:,} codes: features written in {time.perf_counter() - t:.0f} s", flush=True)
             row = {
                 "codes": n,
@@ -292,7 +317,7 @@ def main() -> None:
                 np.save(folder + "/codes.npy", codes)
                 row["old"] = _in_child(run_old, folder + "/codes.npy", timeout=args.old_timeout)
                 old = row["old"]["seconds"] or row["old"]["stopped_after_seconds"]
-                row["speedup"] = round(old / row["new"]["seconds"], 2)
+                row["speedup"] = round(old / max(row["new"]["seconds"], 0.1), 2)
                 print(json.dumps(row["old"]), f"speedup {row['speedup']}", flush=True)
             rows.append(row)
     print(json.dumps(rows, indent=1))

@@ -37,7 +37,7 @@ from dedup.engine.canaries import (
     upper95,
     views_distance,
 )
-from dedup.engine.cluster import pair_links
+from dedup.engine.edges import pair_links
 from dedup.engine.edits import EDITS
 from dedup.executors import make_executor
 from dedup.io.fsutil import scratch_dir

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from dedup.core.config import Config
 from dedup.core.errors import ShardError
 from dedup.core.progress import Progress
-from dedup.engine.cluster import Candidates, pair_links
+from dedup.engine.edges import Candidates, pair_links
 from dedup.engine.edits import EDITS, apply
 from dedup.engine.extract import STATUS_OK, ShardFeatures
 from dedup.engine.featurestore import image_ranges, read_features

@@ -16,10 +16,7 @@ import pyarrow.parquet as pq
 
 from dedup.core.errors import DedupError
 from dedup.core.progress import Progress
-from dedup.engine.cluster import (
-    DECISIONS,
-    NO_DISTANCE,
-)
+from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import ShardFeatures, input_identity
 from dedup.engine.featurestore import read_features
 from dedup.engine.job import Job

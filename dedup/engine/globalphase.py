@@ -36,17 +36,8 @@ import numpy as np
 
 from dedup.core.config import Config
 from dedup.core.progress import Progress
-from dedup.engine.cluster import (
-    BLOCKED,
-    CLIP,
-    NOT_ANCHOR,
-    REFERENCE,
-    VIEWS,
-    Edges,
-    Groups,
-    connected_components,
-    resolve,
-)
+from dedup.engine.cluster import Groups, connected_components, resolve
+from dedup.engine.edges import BLOCKED, CLIP, NOT_ANCHOR, REFERENCE, VIEWS, Edges
 from dedup.engine.grey import VerifyStats, verify_grey
 from dedup.engine.pairtasks import (
     TINY_PARTS,

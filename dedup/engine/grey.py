@@ -18,7 +18,7 @@ import pyarrow as pa
 from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
-from dedup.engine.cluster import VERIFIED, Edges, linked
+from dedup.engine.edges import VERIFIED, Edges, linked
 from dedup.engine.featurestore import image_ranges, read_features
 from dedup.engine.records import load_arrays, rows_by_shard
 from dedup.engine.verify import VERIFY_SIDE, features, verify

@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from dedup import signals
 from dedup.core.config import Config
-from dedup.engine.cluster import (
+from dedup.engine.edges import (
     CLIP,
     PHASH,
     VIEWS,

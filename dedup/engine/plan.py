@@ -15,14 +15,8 @@ import pyarrow as pa
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.engine.blocklist import Blocklist, match_blocklists
-from dedup.engine.cluster import (
-    DECISIONS,
-    NO_DISTANCE,
-    Edges,
-    Groups,
-    calibration_from,
-    calibration_sample,
-)
+from dedup.engine.cluster import Groups, calibration_from, calibration_sample
+from dedup.engine.edges import DECISIONS, NO_DISTANCE, Edges
 from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
 from dedup.engine.featurestore import read_features
 from dedup.engine.globalphase import References, Resolved, run_global

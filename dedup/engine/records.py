@@ -12,10 +12,7 @@ import pyarrow.compute as pc
 from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
-from dedup.engine.cluster import (
-    Candidates,
-    Edges,
-)
+from dedup.engine.edges import Candidates, Edges
 from dedup.engine.extract import STATUS_OK
 from dedup.engine.featurestore import read_features
 from dedup.io import storage
