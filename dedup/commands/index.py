@@ -36,6 +36,7 @@ from dedup.report.tables import (
     package_versions,
 )
 from dedup.signals.choice import choose_signals
+from dedup.signals.clip import ClipSpec
 
 
 def build_index(refs: list[str], out: str, config: Config, overwrite: bool = False) -> dict:
@@ -82,18 +83,55 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
                 np.save(only, np.asarray(source.only, dtype=np.int64))
             shard = source.features.shard
             entries.append(
-                {
-                    "reference": ref.label,
-                    "kind": "files" if isinstance(shard, FileGroup) else "shard",
-                    "shard": shard.path,
-                    "location": os.path.abspath(shard.root)
+                manifest_entry(
+                    ref.label,
+                    "files" if isinstance(shard, FileGroup) else "shard",
+                    shard.path,
+                    os.path.abspath(shard.root)
                     if isinstance(shard, FileGroup)
                     else (None if source.images is None else source.images.path),
-                    "features": os.path.relpath(path, out),
-                    "rows": source.features.rows,
-                    "only": None if only is None else os.path.relpath(only, out),
-                }
+                    os.path.relpath(path, out),
+                    source.features.rows,
+                    None if only is None else os.path.relpath(only, out),
+                )
             )
+    items = sum(usable_rows(s) for r in references for s in r.sources)
+    return write_manifest(out, config, clip, [r.label for r in references], items, entries)
+
+
+def manifest_entry(
+    reference: str,
+    kind: str,
+    shard: str,
+    location: str | None,
+    features: str,
+    rows: int,
+    only: str | None = None,
+) -> dict:
+    """One source of an index manifest: a shard ("shard") or a folder's image files
+    ("files") of `reference`, its feature file and rows.npy relative to the index."""
+    return {
+        "reference": reference,
+        "kind": kind,
+        "shard": shard,
+        "location": location,
+        "features": features,
+        "rows": rows,
+        "only": only,
+    }
+
+
+def write_manifest(
+    out: str,
+    config: Config,
+    clip: ClipSpec | None,
+    references: list[str],
+    items: int,
+    sources: list[dict],
+) -> dict:
+    """Write the manifest that makes folder `out` an index (written last, atomically):
+    the settings and versions its features were computed with, and its `sources`
+    (manifest_entry). Returns the manifest."""
     manifest = {
         "format": INDEX_FORMAT,
         "tool": "dedup",
@@ -101,11 +139,12 @@ def build_index(refs: list[str], out: str, config: Config, overwrite: bool = Fal
         "clip": None if clip is None else clip.fingerprint,
         "config": config.to_dict(),
         "versions": package_versions(),
-        "references": [r.label for r in references],
-        "items": sum(usable_rows(s) for r in references for s in r.sources),
-        "sources": entries,
+        "references": references,
+        "items": items,
+        "sources": sources,
     }
-    write_atomic(manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    path = os.path.join(out, INDEX_FILE)
+    write_atomic(path, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
 
 

@@ -36,7 +36,13 @@ import numpy as np
 
 from dedup.core.config import Config
 from dedup.core.progress import Progress
-from dedup.engine.cluster import Groups, connected_components, resolve
+from dedup.engine.cluster import (
+    Groups,
+    calibration_from,
+    calibration_sample,
+    connected_components,
+    resolve,
+)
 from dedup.engine.edges import BLOCKED, CLIP, NOT_ANCHOR, REFERENCE, VIEWS, Edges
 from dedup.engine.grey import VerifyStats, verify_grey
 from dedup.engine.pairtasks import (
@@ -186,6 +192,8 @@ class Resolved:
     edges: Edges
     dim: int  # CLIP vector length, 0 without the signal
     stats: dict = field(default_factory=dict)  # the layout and each near part's load
+    # The report's calibration pairs among the input's rows: (signal, side, row, row, value).
+    calibration: list = field(default_factory=list)
 
 
 def _describe_part(item) -> str:
@@ -301,7 +309,26 @@ def run_global(
     members, groups = _components(
         edges, sources, config, executor, work, dim, first_reference, blocked
     )
-    return Resolved(candidate, reason, members, groups, edges, dim, stats)
+    calibration = _calibration(paths, shard_starts, candidate, edges, dim, config)
+    return Resolved(candidate, reason, members, groups, edges, dim, stats, calibration)
+
+
+def _calibration(paths, shard_starts, candidate, edges: Edges, dim: int, config: Config) -> list:
+    """The pairs the report shows per signal and threshold side, drawn from a sample of
+    the input's candidate rows (reference items take no part)."""
+    n = int(shard_starts[-1])
+    candidate_rows = np.flatnonzero(candidate[:n])
+    if not len(candidate_rows):
+        return []
+    sample_rows = candidate_rows[calibration_sample(len(candidate_rows))]
+    parts = []
+    for pos, at in rows_by_shard(shard_starts, sample_rows):
+        start = int(shard_starts[pos])
+        parts.append(read_members(paths[pos], start, sample_rows[at] - start, dim))
+    sample = members_candidates(np.concatenate(parts), config)
+    inside = (edges.i < n) & (edges.j < n)  # pairs of the input's own samples
+    e = Edges(edges.i[inside], edges.j[inside], edges.distance[inside], edges.signal[inside])
+    return calibration_from(e, config, sample, sample_rows)
 
 
 def _not_among_references(edges: Edges, first_reference: int) -> Edges:

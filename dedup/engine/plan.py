@@ -15,13 +15,12 @@ import pyarrow as pa
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.engine.blocklist import Blocklist, match_blocklists
-from dedup.engine.cluster import Groups, calibration_from, calibration_sample
-from dedup.engine.edges import DECISIONS, NO_DISTANCE, Edges
+from dedup.engine.cluster import Groups
+from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
 from dedup.engine.featurestore import read_features
 from dedup.engine.globalphase import References, Resolved, run_global
 from dedup.engine.job import Job
-from dedup.engine.records import members_candidates, read_members, rows_by_shard
 from dedup.engine.references import (
     Reference,
 )
@@ -218,15 +217,6 @@ def _assemble(
         phash_distance[rows] = m["phash_distance"]
         clip_similarity[rows] = m["clip_similarity"]
         link[rows] = m["link"]
-    candidate_rows = np.flatnonzero(candidate)
-    calibration = []
-    if len(candidate_rows):
-        sample_rows = candidate_rows[calibration_sample(len(candidate_rows))]
-        sample = members_candidates(_read_rows(features, shard_starts, sample_rows, r.dim), config)
-        e = r.edges
-        inside = (e.i < n) & (e.j < n)  # pairs of the input's own samples
-        e = Edges(e.i[inside], e.j[inside], e.distance[inside], e.signal[inside])
-        calibration = calibration_from(e, config, sample, sample_rows)
     clusters = _clusters_table(features, shard_starts, r.groups, references, blocked or {})
     return Plan(
         shard_starts,
@@ -239,20 +229,10 @@ def _assemble(
         phash_distance,
         clip_similarity,
         clusters,
-        calibration,
+        r.calibration,
         r.stats.get("verify"),
         link,
     )
-
-
-def _read_rows(features, shard_starts, rows: np.ndarray, dim: int) -> np.ndarray:
-    """Member records of sorted global `rows`, read shard by shard."""
-    parts = []
-    for pos, at in rows_by_shard(shard_starts, rows):
-        start = int(shard_starts[pos])
-        local = rows[at] - start
-        parts.append(read_members(features[pos].path, start, local, dim))
-    return np.concatenate(parts)
 
 
 def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
