@@ -39,6 +39,7 @@ from dedup.engine.canaries import (
 )
 from dedup.engine.edges import pair_links
 from dedup.engine.edits import EDITS
+from dedup.engine.rows import source_of
 from dedup.executors import make_executor
 from dedup.io.fsutil import scratch_dir
 from dedup.io.shards import list_shards
@@ -149,7 +150,7 @@ def calibrate(
         if report_dir:
 
             def image_of(row: int) -> bytes:
-                pos = int(np.searchsorted(starts, row, side="right")) - 1
+                pos = int(source_of(starts, row))
                 f = features[pos]
                 return image_bytes(f.path, f.shard, [row - int(starts[pos])])[0]
 

@@ -29,6 +29,7 @@ from dedup.engine.job import Job
 from dedup.engine.plan import work_folder
 from dedup.engine.reading import extract_all
 from dedup.engine.records import members_candidates, read_members, vectors_of
+from dedup.engine.rows import starts_of
 from dedup.io import storage
 from dedup.io.decode import decode_image, image_member, is_image_name, read_header
 from dedup.io.fsutil import atomic_path
@@ -218,7 +219,7 @@ def _describe(item) -> str:
 def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.ndarray]:
     """Every row's features (zeros where the image did not decode) and shard starts."""
 
-    starts = np.concatenate([[0], np.cumsum([f.rows for f in features])]).astype(np.int64)
+    starts = starts_of(f.rows for f in features)
     dim = 0
     parts, ok = [], []
     for f in features:

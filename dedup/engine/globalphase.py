@@ -61,11 +61,11 @@ from dedup.engine.records import (
     member_record,
     members_candidates,
     read_members,
-    rows_by_shard,
     save_arrays,
     save_edges,
     write_runs,
 )
+from dedup.engine.rows import References, rows_by_shard
 from dedup.executors.base import Executor
 from dedup.io import storage
 from dedup.search.pairs import (
@@ -161,24 +161,6 @@ def anchor_codes(rows: np.ndarray, first_reference: int, blocked: np.ndarray) ->
 
 
 # ---------------------------------------------------------------- the driver
-
-
-@dataclass
-class References:
-    """Items INPUT's samples are matched against (--against), as global rows after the
-    input's: per source, its feature file and first row, the local rows that take part
-    (None: every decoded image) and where its images are read for the views signal's
-    verification (a shard path, a FileGroup, or None when they are not at hand)."""
-
-    sources: list[tuple[str, int]] = field(default_factory=list)
-    only: list = field(default_factory=list)
-    images: list = field(default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return 0 if not self.sources else self.end - self.sources[0][1]
-
-    end: int = 0  # one past the last reference row
 
 
 @dataclass

@@ -20,7 +20,8 @@ from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
 from dedup.engine.edges import VERIFIED, Edges, linked
 from dedup.engine.featurestore import image_ranges, read_features
-from dedup.engine.records import load_arrays, rows_by_shard
+from dedup.engine.records import load_arrays
+from dedup.engine.rows import rows_by_shard
 from dedup.engine.verify import VERIFY_SIDE, features, verify
 from dedup.executors.base import Executor
 from dedup.io.decode import decode_image

@@ -37,13 +37,13 @@ from dedup.engine.records import (
     load_arrays,
     phash_words,
     read_candidates,
-    rows_by_shard,
     save_arrays,
     save_edges,
     vector_record,
     vectors_of,
     write_runs,
 )
+from dedup.engine.rows import rows_by_shard
 from dedup.io import storage
 from dedup.io.fsutil import atomic_path
 from dedup.search.kernels import near_pairs

@@ -19,11 +19,12 @@ from dedup.engine.cluster import Groups
 from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
 from dedup.engine.featurestore import read_features
-from dedup.engine.globalphase import References, Resolved, run_global
+from dedup.engine.globalphase import Resolved, run_global
 from dedup.engine.job import Job
 from dedup.engine.references import (
     Reference,
 )
+from dedup.engine.rows import reference_rows, source_of, starts_of
 from dedup.engine.tables import (
     CLUSTERS_SCHEMA,
 )
@@ -98,7 +99,7 @@ def plan(
     (a fresh temporary folder when None). `references` (resolved, extracted) are matched
     against; `blocklists` name samples to remove."""
     counts = [f.rows for f in features]
-    shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    shard_starts = starts_of(counts)
     executor = executor or LocalExecutor(config.worker_count)
     refs = reference_rows(references or [], int(shard_starts[-1]))
     b_rows, b_which, b_entry = match_blocklists(
@@ -141,7 +142,7 @@ def shown_matches(p: Plan, references: list[Reference]) -> list[tuple[str, str, 
     refs = reference_rows(references, len(p.keep))
     starts = np.asarray([start for _, start in refs.sources], dtype=np.int64)
     owner = np.asarray([k for k, ref in enumerate(references) for _ in ref.sources])
-    of_row = owner[np.searchsorted(starts, p.survivor[rows], side="right") - 1]
+    of_row = owner[source_of(starts, p.survivor[rows])]
     distance = np.maximum(p.phash_distance[rows], 0)
     similarity = np.nan_to_num(p.clip_similarity[rows], nan=1.0)
     out = []
@@ -152,18 +153,6 @@ def shown_matches(p: Plan, references: list[Reference]) -> list[tuple[str, str, 
         farthest = [x for x in order[::-1][:SHOWN_MATCHES] if x not in set(closest.tolist())]
         out += [(ref.label, "closest", int(rows[x])) for x in closest]
         out += [(ref.label, "farthest", int(rows[x])) for x in farthest]
-    return out
-
-
-def reference_rows(references: list[Reference], first: int) -> References:
-    """The references' sources as global rows after the input's `first` rows."""
-    out = References(end=first)
-    for ref in references:
-        for source in ref.sources:
-            out.sources.append((source.features.path, out.end))
-            out.only.append(source.only)
-            out.images.append(source.images)
-            out.end += source.features.rows
     return out
 
 
@@ -238,7 +227,7 @@ def _assemble(
 def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
     """(shard path, key) of global rows, reading only the key column of their shards."""
     rows = np.asarray(rows, dtype=np.int64)
-    shard_of = np.searchsorted(shard_starts, rows, side="right") - 1
+    shard_of = source_of(shard_starts, rows)
     keys = np.empty(len(rows), dtype=object)
     for pos in np.unique(shard_of).tolist():
         at = np.flatnonzero(shard_of == pos)
@@ -266,7 +255,7 @@ def identities(features, shard_starts, references, rows: np.ndarray):
     paths, keys = keys_at(all_features, np.asarray([*starts, end], dtype=np.int64), rows)
     labels, ref_keys = [None] * len(rows), [None] * len(rows)
     if len(rows) and rows.max() >= n:
-        pos_of = np.searchsorted(np.asarray(starts), rows, side="right") - 1
+        pos_of = source_of(starts, rows)
         for k in np.flatnonzero(rows >= n).tolist():
             pos = int(pos_of[k])
             ref, shard = owner[pos - len(features)], all_features[pos].shard

@@ -96,14 +96,6 @@ def fixed_binary_array(column: pa.ChunkedArray) -> np.ndarray:
     return data[array.offset * width : (array.offset + len(array)) * width].reshape(-1, width)
 
 
-def rows_by_shard(shard_starts, rows: np.ndarray):
-    """(shard position, indices into `rows`) for each shard that global `rows` fall in;
-    `shard_starts` holds each shard's first row (a last total entry may follow)."""
-    shard_of = np.searchsorted(np.asarray(shard_starts), rows, side="right") - 1
-    for pos in np.unique(shard_of).tolist():
-        yield pos, np.flatnonzero(shard_of == pos)
-
-
 def write_runs(path: str, records: np.ndarray, part: np.ndarray, parts: int) -> list[int]:
     """Write `records` grouped by `part` (stable: row order kept within a part); return
     the record offset of each part (parts + 1 entries)."""

@@ -20,12 +20,12 @@ from dedup.engine.extract import STATUS_OK
 from dedup.engine.featurestore import read_features
 from dedup.engine.finish import Finished
 from dedup.engine.job import Job
-from dedup.engine.plan import REASONS, Plan, identities, keys_at, reference_rows
-from dedup.engine.records import rows_by_shard
+from dedup.engine.plan import REASONS, Plan, identities, keys_at
 from dedup.engine.references import (
     Reference,
     status_counts,
 )
+from dedup.engine.rows import reference_rows, rows_by_shard, source_of
 from dedup.engine.tables import (
     merge_parts,
     write_table,
@@ -165,7 +165,7 @@ def match_counts(p: Plan, references: list[Reference], blocklists: list[Blocklis
     by_list: dict[str, Counter] = {b.label: Counter() for b in blocklists}
     names = np.array(DECISIONS, dtype=object)
     for row in np.flatnonzero(p.reason == REASONS.index("reference")).tolist():
-        at = int(np.searchsorted(starts, p.survivor[row], side="right")) - 1
+        at = int(source_of(starts, p.survivor[row]))
         matched[id(owner[at])][names[p.link[row]]] += 1
     for row in np.flatnonzero(p.reason == REASONS.index("blocklist")).tolist():
         if row in p.blocked:
