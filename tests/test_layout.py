@@ -75,3 +75,14 @@ def test_only_io_asks_whether_a_path_is_a_url():
             if name in ("is_url", "normal_url", "scheme"):
                 askers.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
     assert askers == []
+
+
+def test_each_signals_pair_rule_resolves_inside_the_signals_layer():
+    """A registry entry names its in-memory pair rule as "module:function" (imported on
+    first use): a name the graph cannot see, so it is checked here."""
+    from dedup import signals
+
+    for signal in signals.REGISTRY.values():
+        module = signal.pairs.split(":")[0]
+        assert module.startswith("dedup.signals."), (signal.name, module)
+        assert callable(signal.find_pairs()), signal.name

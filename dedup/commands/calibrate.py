@@ -37,7 +37,6 @@ from dedup.engine.canaries import (
     upper95,
     views_distance,
 )
-from dedup.engine.edges import pair_links
 from dedup.engine.edits import EDITS
 from dedup.engine.rows import source_of
 from dedup.executors import make_executor
@@ -45,6 +44,7 @@ from dedup.io.fsutil import scratch_dir
 from dedup.io.shards import list_shards
 from dedup.report.calibration import write_calibration_report
 from dedup.signals.choice import choose_signals
+from dedup.signals.edges import pair_links
 from dedup.signals.views import grey_zone
 
 log = logging.getLogger("dedup")

@@ -20,7 +20,6 @@ import pyarrow.compute as pc
 from dedup.core.config import Config
 from dedup.core.errors import ShardError
 from dedup.core.progress import Progress
-from dedup.engine.edges import Candidates, pair_links
 from dedup.engine.edits import EDITS, apply
 from dedup.engine.extract import STATUS_OK, ShardFeatures
 from dedup.engine.featurestore import image_ranges, read_features
@@ -38,6 +37,7 @@ from dedup.io.outdir import (
     STATE_DIR,
 )
 from dedup.io.shards import Shard, display_name, iter_samples, read_ranges_of
+from dedup.signals.edges import Candidates, pair_links
 from dedup.signals.views import KIND, MIRRORED, NEVER, PLAIN, code_words, grey_zone
 
 log = logging.getLogger("dedup")

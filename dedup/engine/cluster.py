@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.core.config import Config
-from dedup.engine.edges import (
+from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
+from dedup.search.pairs import cosine_pairs, hamming_pairs, unique_codes
+from dedup.signals.edges import (
     BLOCKED,
     BLOCKLISTED,
     CLIP,
@@ -30,8 +32,6 @@ from dedup.engine.edges import (
     cosine_of_rows,
     direct_links,
 )
-from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
-from dedup.search.pairs import cosine_pairs, hamming_pairs, unique_codes
 
 
 @dataclass

@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 
 from dedup.core.errors import DedupError
 from dedup.core.progress import Progress
-from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import ShardFeatures, input_identity
 from dedup.engine.featurestore import read_features
 from dedup.engine.job import Job
@@ -41,6 +40,7 @@ from dedup.io.shards import (
     raw_name,
     sidecars,
 )
+from dedup.signals.edges import DECISIONS, NO_DISTANCE
 
 log = logging.getLogger("dedup")
 

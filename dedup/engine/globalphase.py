@@ -43,7 +43,6 @@ from dedup.engine.cluster import (
     connected_components,
     resolve,
 )
-from dedup.engine.edges import BLOCKED, CLIP, NOT_ANCHOR, REFERENCE, VIEWS, Edges
 from dedup.engine.grey import VerifyStats, verify_grey
 from dedup.engine.pairtasks import (
     TINY_PARTS,
@@ -71,6 +70,7 @@ from dedup.io import storage
 from dedup.search.pairs import (
     gpu_count,
 )
+from dedup.signals.edges import BLOCKED, CLIP, NOT_ANCHOR, REFERENCE, VIEWS, Edges
 from dedup.signals.views import (
     grey_zone,
 )

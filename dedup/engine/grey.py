@@ -18,7 +18,6 @@ import pyarrow as pa
 from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import Progress
-from dedup.engine.edges import VERIFIED, Edges, linked
 from dedup.engine.featurestore import image_ranges, read_features
 from dedup.engine.records import load_arrays
 from dedup.engine.rows import rows_by_shard
@@ -26,6 +25,7 @@ from dedup.engine.verify import VERIFY_SIDE, features, verify
 from dedup.executors.base import Executor
 from dedup.io.decode import decode_image
 from dedup.io.shards import Shard, read_ranges_of
+from dedup.signals.edges import VERIFIED, Edges, linked
 from dedup.signals.exact import digest
 
 # A reference item whose image cannot be read again (a stored index keeps features only).

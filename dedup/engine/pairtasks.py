@@ -14,16 +14,6 @@ import pyarrow.compute as pc
 
 from dedup import signals
 from dedup.core.config import Config
-from dedup.engine.edges import (
-    CLIP,
-    PHASH,
-    VIEWS,
-    Edges,
-    clip_edges,
-    exact_edges,
-    flat_edges,
-    tiny_edges,
-)
 from dedup.engine.extract import STATUS_OK
 from dedup.engine.featurestore import read_features
 from dedup.engine.records import (
@@ -52,6 +42,16 @@ from dedup.search.pairs import (
     choose_engine,
     code_chunks,
     inner_product_search,
+)
+from dedup.signals.edges import (
+    CLIP,
+    PHASH,
+    VIEWS,
+    Edges,
+    clip_edges,
+    exact_edges,
+    flat_edges,
+    tiny_edges,
 )
 from dedup.signals.phash import (
     SIGNATURE_SIDE,

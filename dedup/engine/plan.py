@@ -16,7 +16,6 @@ from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.engine.blocklist import Blocklist, match_blocklists
 from dedup.engine.cluster import Groups
-from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
 from dedup.engine.featurestore import read_features
 from dedup.engine.globalphase import Resolved, run_global
@@ -38,6 +37,7 @@ from dedup.io.shards import (
     FileGroup,
     display_name,
 )
+from dedup.signals.edges import DECISIONS, NO_DISTANCE
 
 log = logging.getLogger("dedup")
 

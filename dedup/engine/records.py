@@ -12,11 +12,11 @@ import pyarrow.compute as pc
 from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
-from dedup.engine.edges import Candidates, Edges
 from dedup.engine.extract import STATUS_OK
 from dedup.engine.featurestore import read_features
 from dedup.io import storage
 from dedup.io.fsutil import read_file, write_atomic
+from dedup.signals.edges import Candidates, Edges
 from dedup.signals.phash import (
     SIGNATURE_BYTES,
 )

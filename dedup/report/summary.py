@@ -15,7 +15,6 @@ from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.core.processes import check_stop
 from dedup.engine.blocklist import Blocklist
-from dedup.engine.edges import DECISIONS, NO_DISTANCE
 from dedup.engine.extract import STATUS_OK
 from dedup.engine.featurestore import read_features
 from dedup.engine.finish import Finished
@@ -47,6 +46,7 @@ from dedup.report.tables import (
     size_histogram,
     write_summary,
 )
+from dedup.signals.edges import DECISIONS, NO_DISTANCE
 
 
 def make_report(

@@ -63,7 +63,7 @@ REGISTRY: dict[str, Signal] = {
             settings=("exact_digest",),
             constants=(),
             thresholds=lambda c: {},
-            pairs="dedup.engine.cluster:exact_signal_edges",
+            pairs="dedup.signals.edges:exact_signal_edges",
         ),
         Signal(
             name="phash",
@@ -80,7 +80,7 @@ REGISTRY: dict[str, Signal] = {
             settings=("phash_draft",),
             constants=(DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS, "tiny: square, rgb"),
             thresholds=lambda c: {"phash": c.phash_threshold},
-            pairs="dedup.engine.cluster:phash_signal_edges",
+            pairs="dedup.signals.edges:phash_signal_edges",
         ),
         Signal(
             name="views",
@@ -103,7 +103,7 @@ REGISTRY: dict[str, Signal] = {
                 {"phash": c.phash_threshold, "views": c.views_threshold}
                 | ({"verify": c.verify_threshold or "auto"} if c.verify else {})
             ),
-            pairs="dedup.engine.cluster:views_signal_edges",
+            pairs="dedup.signals.edges:views_signal_edges",
         ),
         Signal(
             name="clip",
@@ -114,7 +114,7 @@ REGISTRY: dict[str, Signal] = {
             settings=(),  # the model's own fingerprint is added by extract.py
             constants=(),
             thresholds=lambda c: {"clip": c.clip_threshold},
-            pairs="dedup.engine.cluster:clip_signal_edges",
+            pairs="dedup.signals.edges:clip_signal_edges",
         ),
     )
 }
