@@ -11,12 +11,16 @@ On one data set, in one run:
   (c) imagededup's PHash: encode_images + find_duplicates on the images as files;
   (d) a plain loop of imagehash.phash over the same files, one process.
 It prints images per second for each, the ratios b/a and b/c, and the peak memory of (b)
-at two dataset sizes.
+at two dataset sizes. Without imagededup (the bench extra; `make bench` installs it),
+(c) is skipped with a line saying so.
+
+`--smoke`: 120 and 10 images in a temporary folder (tests/benchmarks/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -30,6 +34,10 @@ from collections import Counter
 from multiprocessing import get_context
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+from dedup.io.tarscan import scan
+from dedup.synth import PlantedSample, encode, make_image, write_shards
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 
@@ -37,11 +45,8 @@ DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 
 
 def _shard_samples(args):
-    """Samples of one benchmark shard: originals and planted JPEG copies, with captions."""
-    from PIL import Image, ImageEnhance, ImageFilter
-
-    from dedup.synth import encode, make_image
-
+    """Samples of one benchmark shard: originals and planted JPEG copies, with captions
+    that name the kind of each ("original" or the copy's edit)."""
     shard_no, per_shard, width, height, seed = args
     rng = np.random.default_rng(seed * 1_000_003 + shard_no)
     out = []
@@ -72,9 +77,8 @@ def _shard_samples(args):
     return out
 
 
-def _write_shard(args):
-    from dedup.synth import PlantedSample, write_shards
-
+def _write_shard(args) -> tuple[int, int]:
+    """Writes one shard (and its JPEGs as files); returns its samples and planted copies."""
     path_dir, shard_no, per_shard, width, height, seed, images_dir = args
     samples = _shard_samples((shard_no, per_shard, width, height, seed))
     planted = [
@@ -94,11 +98,16 @@ def _write_shard(args):
     for key, data, _ in samples:
         with open(os.path.join(images_dir, key + ".jpg"), "wb") as fh:
             fh.write(data)
-    return len(samples)
+    copies = sum(not caption.endswith("(original)") for _, _, caption in samples)
+    return len(samples), copies
 
 
-def build(root: str, images: int, per_shard: int, width: int, height: int, seed: int = 1):
-    """Shards under root/shards and the same JPEGs as files under root/images (cached)."""
+def build(
+    root: str, images: int, per_shard: int, width: int, height: int, seed: int = 1
+) -> int | None:
+    """Shards under root/shards and the same JPEGs as files under root/images (cached).
+    Returns how many samples are planted copies (None for a set cached before they were
+    counted)."""
     stamp = os.path.join(root, "params.json")
     params = {
         "images": images,
@@ -109,8 +118,9 @@ def build(root: str, images: int, per_shard: int, width: int, height: int, seed:
     }
     if os.path.exists(stamp):
         with open(stamp) as fh:
-            if json.load(fh) == params:
-                return
+            built = json.load(fh)
+        if {k: v for k, v in built.items() if k != "copies"} == params:
+            return built.get("copies")
     shutil.rmtree(root, ignore_errors=True)
     shards_dir, images_dir = os.path.join(root, "shards"), os.path.join(root, "images")
     os.makedirs(shards_dir)
@@ -119,7 +129,7 @@ def build(root: str, images: int, per_shard: int, width: int, height: int, seed:
     t = time.monotonic()
     jobs = [(shards_dir, s, per_shard, width, height, seed, images_dir) for s in range(n_shards)]
     with get_context("fork").Pool(os.cpu_count()) as pool:
-        made = sum(pool.map(_write_shard, jobs))
+        made, copies = (sum(c) for c in zip(*pool.map(_write_shard, jobs), strict=True))
     # write_shards names files prefix-000000.tar; give them one sortable series.
     for s in range(n_shards):
         os.rename(
@@ -127,22 +137,19 @@ def build(root: str, images: int, per_shard: int, width: int, height: int, seed:
             os.path.join(shards_dir, f"bench-{s:05d}.tar"),
         )
     with open(stamp, "w") as fh:
-        json.dump(params, fh)
+        json.dump({**params, "copies": copies}, fh)
     print(
         f"  built {made:,} samples of {width}x{height} in {n_shards} shards "
         f"({time.monotonic() - t:.0f} s)",
         flush=True,
     )
+    return copies
 
 
 # ---------------------------------------------------------------- (a) decode floor
 
 
 def _floor_shard(path):
-    from PIL import Image
-
-    from dedup.io.tarscan import scan
-
     n = 0
     with open(path, "rb", buffering=1 << 20) as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -196,6 +203,9 @@ def run_dedup(
 
 
 def run_imagededup(images_dir: str, threshold: int) -> tuple[float, int] | None:
+    if importlib.util.find_spec("imagededup") is None:
+        print("  (c) skipped: imagededup is not installed (the bench extra: `make bench`)")
+        return None
     code = (
         "import time, json, logging; logging.disable(logging.WARNING)\n"
         "from imagededup.methods import PHash\n"
@@ -250,7 +260,9 @@ def bench_set(name, root, images, per_shard, width, height, loop_limit, memory_s
         f"({width * height / 1e6:.1f} MP) with .txt and .json captions",
         flush=True,
     )
-    build(root, images, per_shard, width, height)
+    copies = build(root, images, per_shard, width, height)
+    if copies is not None:
+        print(f"  planted copies: {copies:,}")
     shards = sorted(
         os.path.join(root, "shards", f) for f in os.listdir(os.path.join(root, "shards"))
     )
@@ -321,28 +333,38 @@ def main() -> None:
     ap.add_argument(
         "--loop-limit", type=int, default=2_000, help="files for the single-process imagehash loop"
     )
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, in a temporary folder")
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    per = 1000
+    if not args.smoke:
+        measure(args.data, args.images, 1000, args.big_images, 200, args.loop_limit)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-smoke-") as data:
+        measure(data, 120, 40, 10, 10, 40)  # one shard of 2-megapixel images
+
+
+def measure(data: str, images: int, per: int, big: int, big_per: int, loop_limit: int) -> None:
+    """Both sets; the peak memory of (b) on half the shards and on all of them."""
+    small, large = images // per, big // big_per
     bench_set(
         "web size",
-        os.path.join(args.data, "small"),
-        args.images,
+        os.path.join(data, "small"),
+        images,
         per,
         512,
         384,
-        args.loop_limit,
-        [args.images // per // 2, args.images // per],
+        loop_limit,
+        sorted({max(1, small // 2), small}),
     )
     bench_set(
         "2 megapixels",
-        os.path.join(args.data, "big"),
-        args.big_images,
-        200,
+        os.path.join(data, "big"),
+        big,
+        big_per,
         1632,
         1224,
-        args.loop_limit // 4,
-        [args.big_images // 200 // 2, args.big_images // 200],
+        loop_limit // 4,
+        sorted({max(1, large // 2), large}),
     )
 
 

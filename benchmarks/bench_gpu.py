@@ -20,6 +20,9 @@ start-up (processes, model loading) not to hide the rate. Targets from issue 12 
 checked and printed; everything is written to bench-data/bench-gpu.json.
 
 On a CPU it runs too, slowly: `--images 1000 --copies 1 --stage-images 200`.
+`--smoke`: 40 images, a tiny random model at ViT-B-32's input size, batches of 8 and 16,
+in a temporary folder, on the GPU if there is one and else on the CPU (the test suite
+runs it: tests/benchmarks/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,12 @@ import bench  # noqa: E402  (the shared data builder)
 DEDUP = [sys.executable, "-m", "dedup"]
 TARGET_RATE = 15_000  # images per second end to end on one H200 with 16 cores
 TARGET_SHARE = 0.8  # of the slower ceiling
+# --smoke's model: ViT-B-32's input size, two layers of width 64 (random weights).
+TINY_MODEL = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "patch_size": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def rate(n: int, seconds: float) -> float:
@@ -228,8 +237,22 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--skip-baseline", action="store_true", help="no Pillow-path run")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes and model, temporary folder")
     args = ap.parse_args()
+    if not args.smoke:
+        measure(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-smoke-") as data:
+        model = os.path.join(data, "bench-tiny.json")
+        with open(model, "w") as fh:
+            json.dump(TINY_MODEL, fh)
+        args.data, args.model, args.images, args.copies = data, model, 40, 1
+        args.stage_images, args.batch_sizes = 40, "8,16"
+        print("--smoke: a tiny random model (2 layers of width 64) at ViT-B-32's input size")
+        measure(args)
 
+
+def measure(args: argparse.Namespace) -> None:
     import open_clip
     import torch
 
@@ -248,14 +271,18 @@ def main() -> None:
     )
     results: dict = {"machine": bench.machine(), "gpu": gpu, "device": device}
     root = os.path.join(args.data, "small")
-    bench.build(root, args.images, 1000, 512, 384)
+    bench.build(root, args.images, min(1000, args.images), 512, 384)
     shards = sorted(
         os.path.join(root, "shards", f) for f in os.listdir(os.path.join(root, "shards"))
     )
-    ckpt = os.path.join(args.data, f"{args.model}-random.pt")
+    name = args.model
+    if args.model.endswith(".json"):  # a model config file, as dedup's --clip-model takes
+        open_clip.add_model_config(args.model)
+        name = os.path.splitext(os.path.basename(args.model))[0]
+    ckpt = os.path.join(args.data, f"{name}-random.pt")
     if not os.path.exists(ckpt):
         torch.manual_seed(0)
-        torch.save(open_clip.create_model(args.model).state_dict(), ckpt)
+        torch.save(open_clip.create_model(name).state_dict(), ckpt)
     spec = resolve(args.model, ckpt)
     blobs = load_jpegs(shards)
     print(f"{len(blobs):,} JPEGs of 512x384; ceilings on {args.stage_images:,} of them:")

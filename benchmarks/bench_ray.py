@@ -7,6 +7,8 @@ as this machine has (its start-up excluded; each run's own joining, and the star
 its Ray workers, included). Prints images per second over the extract and write phases
 (the per-shard work the executor runs), the ratio Ray / local (target >= 0.8), and
 whether both wrote the same bytes.
+
+`--smoke`: 100 images, one round each, in a temporary folder (tests/benchmarks/).
 """
 
 from __future__ import annotations
@@ -64,14 +66,22 @@ def main() -> None:
     ap.add_argument("--data", default="bench-data")
     ap.add_argument("--images", type=int, default=24_000)
     ap.add_argument("--rounds", type=int, default=2, help="local and Ray runs, alternated")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes, in a temporary folder")
     args = ap.parse_args()
+    if not args.smoke:
+        measure(args.data, args.images, 1000, args.rounds)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-ray-smoke-") as data:
+        measure(data, 100, 25, 1)
 
+
+def measure(data: str, images: int, per_shard: int, rounds: int) -> None:
     from ray.cluster_utils import Cluster
 
     cpus = os.cpu_count() or 1
     print(f"machine: {bench.machine()}")
-    root = os.path.join(args.data, "small")
-    bench.build(root, args.images, 1000, 512, 384)
+    root = os.path.join(data, "small")
+    copies = bench.build(root, images, per_shard, 512, 384)
     shards = sorted(
         os.path.join(root, "shards", f) for f in os.listdir(os.path.join(root, "shards"))
     )
@@ -88,7 +98,7 @@ def main() -> None:
     digests: dict[str, set[str]] = {name: set() for name in executors}
     try:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            for round_no in range(1, args.rounds + 1):
+            for round_no in range(1, rounds + 1):
                 for name, flags in executors.items():
                     out = os.path.join(tmp, name)
                     wall, summary = run(shards, out, flags)
@@ -108,7 +118,7 @@ def main() -> None:
     samples = summary["counts"]["samples"]
     best = {name: max(r) for name, r in rates.items()}
     median = {name: statistics.median(r) for name, r in rates.items()}
-    print(f"  {samples:,} images, {args.rounds} runs each; extract+write images/s:")
+    print(f"  {samples:,} images, {rounds} runs each; extract+write images/s:")
     for name in executors:
         print(f"  {name:<5} best {best[name]:>7,.0f}   median {median[name]:>7,.0f}")
     print(
@@ -117,6 +127,8 @@ def main() -> None:
     )
     same = len(digests["local"] | digests["ray"]) == 1
     print(f"  output shards byte-identical across executors and rounds: {same}")
+    planted = "" if copies is None else f" (planted copies: {copies:,})"
+    print(f"  removed {summary['counts']['removed']:,} of {samples:,}{planted}")
 
 
 if __name__ == "__main__":

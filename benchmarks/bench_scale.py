@@ -127,7 +127,7 @@ def run_new(folder: str, paths: list[str], starts: np.ndarray, rows: int, out: d
 
 def run_old(codes_path: str, out: dict) -> None:
     from dedup.engine.cluster import cluster
-    from dedup.engine.edges import Candidates
+    from dedup.signals.edges import Candidates
 
     codes = np.load(codes_path)
     n = len(codes)

@@ -3,12 +3,15 @@ far dedup's fast JPEG path (grayscale draft decode) moves hashes from a full dec
 
 The default `phash_threshold` is chosen from these tables: it must sit above what
 edits of one picture produce and below what different pictures produce.
+
+`python benchmarks/calibrate_phash.py [N]` (2,000 originals by default); `--smoke`: 60
+originals, a tenth of the draft-check images (tests/benchmarks/test_bench_smoke.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
-import sys
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
@@ -40,8 +43,9 @@ STRONGER = {
 }
 
 
-def varied_jpegs(originals: list[bytes]) -> dict[str, list[bytes]]:
-    """JPEGs of several sizes, contents and qualities for the draft-versus-full check."""
+def varied_jpegs(originals: list[bytes], share: float = 1.0) -> dict[str, list[bytes]]:
+    """JPEGs of several sizes, contents and qualities for the draft-versus-full check
+    (`share` of the usual number of each)."""
     rng = np.random.default_rng(5)
 
     def gradient(k: int) -> Image.Image:
@@ -57,21 +61,27 @@ def varied_jpegs(originals: list[bytes]) -> dict[str, list[bytes]]:
     return {
         "shapes 512x384 q85": originals,
         "shapes 1632x1224 q90": [
-            encode(make_image(50_000 + k, 1632, 1224), "JPEG", quality=90) for k in range(40)
+            encode(make_image(50_000 + k, 1632, 1224), "JPEG", quality=90)
+            for k in range(round(40 * share))
         ],
         "shapes 200x150 q75": [
-            encode(make_image(60_000 + k, 200, 150), "JPEG", quality=75) for k in range(200)
+            encode(make_image(60_000 + k, 200, 150), "JPEG", quality=75)
+            for k in range(round(200 * share))
         ],
-        "noise 256x256 q90": [encode(noise(), "JPEG", quality=90) for _ in range(100)],
-        "gradients 400x300 q85": [encode(gradient(k), "JPEG", quality=85) for k in range(100)],
+        "noise 256x256 q90": [
+            encode(noise(), "JPEG", quality=90) for _ in range(round(100 * share))
+        ],
+        "gradients 400x300 q85": [
+            encode(gradient(k), "JPEG", quality=85) for k in range(round(100 * share))
+        ],
     }
 
 
-def main(n: int = 2000, edited: int = 300) -> None:
+def main(n: int = 2000, edited: int = 300, share: float = 1.0) -> None:
     originals = [encode(make_image(10_000 + s, 512, 384), "JPEG", quality=85) for s in range(n)]
     codes = np.stack([code(d) for d in originals])
     print("bits that the draft decode moves, against a full decode of the same JPEG:")
-    for label, images in varied_jpegs(originals[:edited]).items():
+    for label, images in varied_jpegs(originals[:edited], share).items():
         moved = np.array([int(hamming(code(d), code(d, draft=False))) for d in images])
         print(
             f"  {label:<24} mean {moved.mean():5.2f}  p99 {np.percentile(moved, 99):3.0f}"
@@ -101,4 +111,11 @@ def main(n: int = 2000, edited: int = 300) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2000)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("originals", nargs="?", type=int, default=2000)
+    ap.add_argument("--smoke", action="store_true", help="60 originals, fewer draft checks")
+    args = ap.parse_args()
+    if args.smoke:
+        main(60, 20, 0.1)
+    else:
+        main(args.originals)

@@ -10,11 +10,13 @@ output whose bytes differ (exit 1), or says they are identical.
 Configurations: `exact,phash` on the demo set; the weightless default signals
 (exact,phash,views with verification) on the planted set; `--against` a folder of image
 files; a fan-out (two extract parts, cluster, two write parts); the Ray executor.
-`make golden-record` / `make golden-check` run it (bench-data/golden/ holds the data).
+`make golden-record` / `make golden-check` run it (bench-data/golden/ holds the data;
+`--work DIR` puts it elsewhere, as the test suite does: tests/benchmarks/).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -24,29 +26,29 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "bench-data" / "golden"
 DEDUP = str(Path(sys.executable).parent / "dedup")
 DEFAULT = ["--signals", "exact,phash,views", "--workers", "2"]
 TIMINGS = {"phases", "seconds", "task_seconds", "images_per_second", "versions"}
 
 
-def make_data() -> dict[str, Path]:
-    """The demo set, a planted set with every synthetic edit, and a folder of images."""
+def make_data(work: Path) -> dict[str, Path]:
+    """The demo set, a planted set with every synthetic edit, and a folder of images,
+    under `work` (emptied first)."""
     from dedup.synth import HARD_EDITS, NEAR_EDITS, main, planted_dataset, write_shards
 
-    if WORK.exists():
-        shutil.rmtree(WORK)
-    main([str(WORK / "demo"), "200", "100"])
+    if work.exists():
+        shutil.rmtree(work)
+    main([str(work / "demo"), "200", "100"])
     edits = {"exact": 20, **dict.fromkeys(NEAR_EDITS, 12), **dict.fromkeys(HARD_EDITS, 12)}
     samples = planted_dataset(80, edits, seed=21, size=(192, 144))
-    write_shards(samples, str(WORK / "planted"), 60)
-    folder = WORK / "folder"
+    write_shards(samples, str(work / "planted"), 60)
+    folder = work / "folder"
     folder.mkdir()
     for s in samples[:40]:
         for ext, data in s.members.items():
             if ext in ("jpg", "png", "webp"):
                 (folder / f"{s.key}.{ext}").write_bytes(data)
-    return {"demo": WORK / "demo", "planted": WORK / "planted", "folder": folder}
+    return {"demo": work / "demo", "planted": work / "planted", "folder": folder}
 
 
 def dedup(*args) -> None:
@@ -55,10 +57,10 @@ def dedup(*args) -> None:
         sys.exit(f"golden: dedup {' '.join(map(str, args))} failed:\n{result.stderr}")
 
 
-def runs(data: dict[str, Path]) -> dict[str, Path]:
+def runs(data: dict[str, Path], work: Path) -> dict[str, Path]:
     """Each configuration's OUT."""
-    outs = {name: WORK / "out" / name for name in ("exact-phash", "default", "against")}
-    outs |= {"fanout": WORK / "out" / "fanout", "ray": WORK / "out" / "ray"}
+    outs = {name: work / "out" / name for name in ("exact-phash", "default", "against")}
+    outs |= {"fanout": work / "out" / "fanout", "ray": work / "out" / "ray"}
     dedup(data["demo"], "--out", outs["exact-phash"], "--signals", "exact,phash")
     dedup(data["planted"], "--out", outs["default"], *DEFAULT)
     dedup(data["planted"], "--out", outs["against"], *DEFAULT, "--against", data["folder"])
@@ -82,7 +84,7 @@ def _normal(value, root: str):
     return value
 
 
-def digests(outs: dict[str, Path]) -> dict[str, dict[str, str]]:
+def digests(outs: dict[str, Path], work: Path) -> dict[str, dict[str, str]]:
     out = {}
     for name, folder in outs.items():
         files = {}
@@ -91,7 +93,7 @@ def digests(outs: dict[str, Path]) -> dict[str, dict[str, str]]:
         report = folder / "dedup-report"
         for table in ("samples.parquet", "clusters.parquet"):
             files[table] = hashlib.sha256((report / table).read_bytes()).hexdigest()
-        summary = _normal(json.loads((report / "summary.json").read_text()), str(WORK))
+        summary = _normal(json.loads((report / "summary.json").read_text()), str(work))
         text = json.dumps(summary, sort_keys=True)
         files["summary.json"] = hashlib.sha256(text.encode()).hexdigest()
         out[name] = files
@@ -99,12 +101,16 @@ def digests(outs: dict[str, Path]) -> dict[str, dict[str, str]]:
 
 
 def main() -> None:
-    if len(sys.argv) != 3 or sys.argv[1] not in ("record", "check"):
-        sys.exit("usage: golden.py record|check FILE")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("mode", choices=("record", "check"))
+    ap.add_argument("file", type=Path)
+    ap.add_argument("--work", type=Path, default=ROOT / "bench-data" / "golden")
+    args = ap.parse_args()
     os.environ.setdefault("RAY_ADDRESS", "")
-    found = digests(runs(make_data()))
-    path = Path(sys.argv[2])
-    if sys.argv[1] == "record":
+    work = args.work.resolve()
+    found = digests(runs(make_data(work), work), work)
+    path = args.file
+    if args.mode == "record":
         path.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
         print(f"golden: recorded {sum(map(len, found.values()))} outputs in {path}")
         return

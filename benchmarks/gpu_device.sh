@@ -14,7 +14,7 @@ if [ -d .whl ]; then
   export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_clipstage.py tests/test_clip.py \
+python3 -m pytest -q -p no:cacheprovider tests/signals/test_clipstage.py tests/signals/test_clip.py \
   2>&1 | tee "$out/gpu-tests.log" | tail -15
 timeout 480 python3 benchmarks/bench_gpu.py "$@" 2>&1 | tee "$out/bench-gpu.log"
 cp bench-data/bench-gpu.json "$out/" 2>/dev/null || true

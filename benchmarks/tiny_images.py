@@ -14,7 +14,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from dedup.engine.edges import tiny_match
+from dedup.signals.edges import tiny_match
 from dedup.signals.phash import (
     TINY_RGB_RMS,
     TINY_RMS,
