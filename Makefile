@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: golden-record golden-check install test lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against clean
+.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Everything but the tests marked slow (Ray, fault injection, schedules, S3-heavy, large
+# end-to-end runs): a few minutes, for the edit-test loop. `make test` runs them all.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The layers' one-way rule (import-linter contracts in pyproject.toml) is part of lint.
 lint: $(STAMP)
@@ -34,6 +39,18 @@ demo: $(STAMP)
 	$(BIN)/dedup demo-data/shards --out demo-data/clean
 	@echo "report: demo-data/clean/dedup-report/report.html (and summary.json, samples.parquet, clusters.parquet)"
 
+# Defined before the first target that needs it: make expands a prerequisite when it
+# reads the rule, so a later definition would leave that target with none.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $@
+
+# The scripts of every bench, calibrate and golden target at a tiny size (--smoke), as
+# `make test` runs them too (tests/benchmarks/test_bench_smoke.py, about two minutes).
+bench-smoke: $(STAMP)
+	$(BIN)/python -m pytest -q tests/benchmarks
+
 calibrate: $(STAMP)
 	$(BIN)/python benchmarks/calibrate_phash.py
 
@@ -42,11 +59,6 @@ calibrate: $(STAMP)
 calibrate-photos: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/calibrate_photos.py
 	$(BIN)/python benchmarks/tiny_images.py
-
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	touch $@
 
 # CPU throughput against the decode floor and imagededup; builds bench-data/ once.
 bench: $(BENCH_STAMP)

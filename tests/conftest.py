@@ -1,50 +1,33 @@
-"""Fixtures that build their own tiny images and shards; nothing is downloaded."""
+"""Fixtures that build their own tiny images and shards; nothing is downloaded. Shared
+functions live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import logging
 import os
-import socket
-import tarfile
-from pathlib import Path
 
 import pytest
 
-from dedup.core.config import Config
-from dedup.synth import planted_dataset, write_shards
-
-# The signals that need no model weights; CLIP tests build their own tiny model.
-NO_MODEL = ("exact", "phash")
-NO_MODEL_FLAGS = ["--signals", "exact,phash"]
-
-
-def cfg(**settings) -> Config:
-    """A Config with the model-free signals unless the test names others."""
-    return Config(**{"signals": NO_MODEL, **settings})
-
-
-def read_tar(path: str) -> list[tuple[str, bytes]]:
-    """(name, bytes) of every regular member, in order."""
-    out = []
-    with tarfile.open(path) as tar:
-        for info in tar:
-            if info.isreg():
-                out.append((info.name, tar.extractfile(info).read()))
-    return out
-
-
-def write_tar(path: str, members: list[tuple[str, bytes]]) -> str:
-    """A tar with exactly these members, in this order."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+from dedup.io import storage
+from dedup.synth import (
+    HARD_EDITS,
+    NEAR_EDITS,
+    PlantedSample,
+    encode,
+    make_image,
+    planted_dataset,
+    write_shards,
+)
+from tests.helpers import (
+    FLAGS,
+    RAY_NODE,
+    captioned,
+    dedup,
+    free_port,
+    rotated,
+    textured,
+    tiny_model,
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,10 +45,16 @@ def planted(tmp_path_factory):
     return samples, paths, str(root / "shards")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="session")
+def five_shards(tmp_path_factory):
+    """Five shards of 20 planted samples (60 originals, 20 exact and 15 re-encoded copies)
+    under root/in, and the output of a clean run of them (the CLI, two workers) under
+    root/clean: (root, samples)."""
+    root = tmp_path_factory.mktemp("five-shards")
+    samples = planted_dataset(60, {"exact": 20, "reencode": 15}, seed=11, size=(64, 48))
+    write_shards(samples, str(root / "in"), per_shard=20)
+    dedup(root / "in", "--out", root / "clean", *FLAGS)
+    return root, samples
 
 
 @pytest.fixture(scope="session")
@@ -94,9 +83,15 @@ def s3(tmp_path_factory):
     server.stop()
 
 
-# One simulated Ray node: one CPU, and small logical memory and object store, so that
-# several nodes on this one machine do not each claim its whole memory.
-RAY_NODE = {"num_cpus": 1, "memory": 512 * 2**20, "object_store_memory": 150 * 2**20}
+_bucket_count = iter(range(1000))
+
+
+@pytest.fixture
+def bucket(s3):
+    """A new, empty bucket on the S3 server: its URL."""
+    name = f"bucket-{next(_bucket_count)}"
+    storage.filesystem("s3://x").mkdir(name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")
@@ -135,41 +130,70 @@ def tiny224(tmp_path_factory):
     return tiny_model(tmp_path_factory.mktemp("tiny224"), "dedup-tiny224", TINY224)
 
 
-def tiny_model(root: Path, name: str, model_config: dict) -> tuple[str, str]:
-    """A random open_clip model `name` (config JSON registered with open_clip, seeded
-    weights saved to a checkpoint), loaded by path as real weights are."""
-    import open_clip
-    import torch
+@pytest.fixture(scope="module")
+def grey_set(tmp_path_factory):
+    """Eight textured originals (first in input order); a 5-degree rotation of 0 and of
+    1 and a captioned copy of 2, which the hashes leave in the grey zone; the left half
+    of 3 (a part, not a copy); in 3 shards."""
+    root = tmp_path_factory.mktemp("grey")
+    originals = [textured(500 + k) for k in range(8)]
+    samples, truth = [], {}
 
-    config = root / f"{name}.json"
-    config.write_text(json.dumps(model_config))
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(0)
-    checkpoint = root / f"{name}.pt"
-    torch.save(open_clip.create_model(name).state_dict(), checkpoint)
-    return str(config), str(checkpoint)
+    def add(image, label):
+        key = f"{len(samples):04d}"
+        samples.append(PlantedSample(key, {"jpg": encode(image, "JPEG", quality=90)}, None, label))
+        truth[key] = label
 
-
-# A pipe: input whose reader waits for a `go` file before it sends the shard, so a test
-# can act while a run's readers are all started and none is done.
-HELD_SHARD = """\
-echo "$(basename "$2") $$" >> "$1/readers"
-i=0
-while [ ! -e "$1/go" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
-exec cat "$2"
-"""
-
-
-def held_inputs(root: Path, folder: Path) -> list[str]:
-    folder.mkdir()
-    script = folder / "held.sh"
-    script.write_text(HELD_SHARD)
-    return [f"pipe:sh {script} {folder} {p}" for p in sorted((root / "in").glob("*.tar"))]
+    for k, image in enumerate(originals):
+        add(image, f"original {k}")
+    add(rotated(originals[0], 5), "rotated 0")
+    add(rotated(originals[1], -5), "rotated 1")
+    add(captioned(originals[2]), "captioned 2")
+    add(originals[3].crop((0, 0, 160, 240)), "half 3")
+    paths = write_shards(samples, str(root / "in"), 5)
+    return root, truth, paths
 
 
-def readers(folder: Path) -> list[tuple[str, int]]:
-    """(shard name, pid) of every read of a held input so far."""
-    with contextlib.suppress(FileNotFoundError):
-        lines = (folder / "readers").read_text().splitlines()
-        return [(name, int(pid)) for name, pid in (ln.split() for ln in lines)]
-    return []
+# Edits of evaluation images hidden in the training shards, all of which the model-free
+# signals catch on these pictures (mirror and letterbox: the views' hashes).
+EVAL_EDITS = ("exact", "reencode", "resize", "png", "mirror", "letterbox", "webp", "brighten")
+
+
+@pytest.fixture(scope="module")
+def decontam(tmp_path_factory):
+    """An evaluation set kept as files (12 pictures in nested folders, JPEG and PNG, one
+    damaged file, one text file), and training shards with edited copies of 8 of them
+    hidden among 30 originals with their own copies."""
+    root = tmp_path_factory.mktemp("decontam")
+    ev = root / "eval"
+    originals = {}
+    for k in range(12):
+        folder = ev / ("birds" if k % 3 == 0 else "cars/day" if k % 3 == 1 else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        fmt, ext = ("PNG", "png") if k % 4 == 3 else ("JPEG", "jpg")
+        data = encode(
+            make_image(9000 + k, 160, 120), fmt, **({"quality": 92} if ext == "jpg" else {})
+        )
+        name = folder / f"img{k:02d}.{ext}"
+        name.write_bytes(data)
+        originals[str(name.relative_to(ev))] = data
+    (ev / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (ev / "README.txt").write_text("evaluation set")
+    samples = planted_dataset(30, {"exact": 4, "reencode": 4}, seed=21, size=(160, 120))
+    planted = {}
+    for k, (relpath, data) in enumerate(sorted(originals.items())[: len(EVAL_EDITS)]):
+        edit = EVAL_EDITS[k]
+        copy = data if edit == "exact" else {**NEAR_EDITS, **HARD_EDITS}[edit](data)
+        sample = PlantedSample("", {"jpg": copy, "txt": b"eval copy"}, 1000 + k, edit)
+        samples.insert((7 * k) % len(samples), sample)
+        planted[id(sample)] = relpath
+    # Two copies of one evaluation picture: both go, whichever would have survived.
+    twin = sorted(originals)[0]
+    second = PlantedSample("", {"jpg": NEAR_EDITS["resize"](originals[twin])}, 1000, "resize")
+    samples.append(second)
+    planted[id(second)] = twin
+    for i, s in enumerate(samples):
+        s.key = f"{i:06d}"
+    write_shards(samples, str(root / "train"), per_shard=16)
+    truth = {s.key: planted[id(s)] for s in samples if id(s) in planted}
+    return root, samples, truth

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import TYPE_CHECKING
 
 import blake3
 import pyarrow as pa
@@ -21,10 +20,6 @@ from dedup.io.shards import (
     display_name,
     raw_name,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 FEATURE_SCHEMA = pa.schema(
     [

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from dedup.cli import main
 from dedup.core.config import Config, load_config
-from tests.conftest import NO_MODEL_FLAGS
+from tests.helpers import NO_MODEL_FLAGS, REPO
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO)
 
 
 def test_default_yaml_holds_every_default():

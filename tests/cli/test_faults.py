@@ -32,9 +32,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dedup.synth import planted_dataset, write_shards
-from tests.conftest import NO_MODEL_FLAGS
+from tests.helpers import DEDUP, NO_MODEL_FLAGS
 
-DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 WORKERS = ["--workers", "2"]
 RUN_TIMEOUT = 120  # seconds; a run of the test set takes about 1.5
 STOP_WITHIN = 20  # seconds after a signal, the main process has ended
@@ -57,6 +56,8 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_OUTPUT, EXIT_SKIPPED = 0, 3, 4, 5
 EXIT_TERMINATED = 143
 
 EXAMPLES_ENV = "DEDUP_FAULT_EXAMPLES"
+
+pytestmark = pytest.mark.slow  # 22 faulted runs, each with its reruns
 
 
 def _examples(default: int) -> list[int]:

@@ -20,14 +20,12 @@ from hypothesis import strategies as st
 from dedup.cli import main
 from dedup.commands.run import run
 from dedup.core.errors import OutputError, ShardError
+from dedup.engine import finish
 from dedup.io.decode import decode_image
 from dedup.io.fsutil import TEMP_DIR
 from dedup.io.shards import Shard, iter_samples
 from dedup.synth import encode, make_image, planted_dataset, write_shards
-from tests.conftest import NO_MODEL_FLAGS, cfg, read_tar, write_tar
-from tests.test_decode import png_bomb
-
-DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
+from tests.helpers import DEDUP, NO_MODEL_FLAGS, cfg, dedup, png_bomb, read_tar, write_tar
 
 
 def _valid_tar() -> bytes:
@@ -141,7 +139,14 @@ def _wait_for(predicate, proc, timeout=60.0):
     return False
 
 
-@pytest.mark.parametrize("point", ["first features", "some features", "outputs"])
+@pytest.mark.parametrize(
+    "point",
+    [
+        pytest.param("first features", marks=pytest.mark.slow),
+        pytest.param("some features", marks=pytest.mark.slow),
+        "outputs",
+    ],
+)
 def test_sigkill_then_rerun_gives_identical_output(many_shards, tmp_path, point):
     root, clean = many_shards
     out = tmp_path / "out"
@@ -160,22 +165,7 @@ def test_sigkill_then_rerun_gives_identical_output(many_shards, tmp_path, point)
     # Nothing partial at a final path: every shard present is a complete tar.
     for shard in out.glob("*.tar"):
         read_tar(str(shard))
-    rerun = subprocess.run(
-        [
-            DEDUP,
-            str(root / "in"),
-            "--out",
-            str(out),
-            *NO_MODEL_FLAGS,
-            "--workers",
-            "1",
-            "--json",
-            "-q",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = dedup(root / "in", "--out", out, *NO_MODEL_FLAGS, "--workers", "1", "--json", "-q")
     summary = json.loads(rerun.stdout)
     reused = [s["features_reused"] for s in summary["shards"]]
     assert any(reused) and (point == "outputs" or not all(reused))
@@ -395,20 +385,18 @@ def test_dry_run_leaves_other_shards_alone(many_shards, tmp_path):
 
 
 def test_a_failed_rerun_leaves_no_summary_claiming_success(many_shards, tmp_path, monkeypatch):
-    import dedup.commands.run
-
     root, clean = many_shards
     out = tmp_path / "out"
     run([str(root / "in")], str(out), cfg(workers=1))
     assert json.loads((out / ".dedup/job.json").read_text())["complete"] is True
-    real = dedup.commands.run.write_shard
+    real = finish.write_shard
 
     def failing(features, keep, output, *args):
         if output.endswith("shard-000003.tar"):
             raise OSError("disk full")
         return real(features, keep, output, *args)
 
-    monkeypatch.setattr(dedup.commands.run, "write_shard", failing)
+    monkeypatch.setattr(finish, "write_shard", failing)
     with pytest.raises(OSError):
         run([str(root / "in")], str(out), cfg(workers=1, keep="first"))
     assert not (out / "dedup-report/summary.json").exists()

@@ -16,11 +16,8 @@ from dedup.engine.edits import EDITS, apply
 from dedup.io.decode import decode_image
 from dedup.io.shards import list_shards
 from dedup.synth import PlantedSample, encode, planted_dataset, write_shards
-from tests.test_fanout import dedup
-from tests.test_grey import textured
-from tests.test_hostile import error_line, outputs
+from tests.helpers import VIEWS, dedup, error_line, outputs, textured
 
-SIGNALS = ["--signals", "exact,phash,views", "--workers", "2"]
 EDITS_TESTED = ["jpeg_q30", "mirror", "crop_large", "caption", "rotate_3", "gray"]
 
 
@@ -46,11 +43,12 @@ def photos(tmp_path_factory):
         "--report",
         root / "report",
         "--json",
-        *SIGNALS,
+        *VIEWS,
     )
     return root, json.loads(made.stdout), made.stderr
 
 
+@pytest.mark.slow  # a run per edit
 def test_calibrated_recall_matches_real_runs_per_edit(photos, tmp_path):
     """For each edit, a real run over the same pictures and copies made with that edit
     (and the same seeds) finds, for each copy, what calibrate said the signals find."""
@@ -69,7 +67,7 @@ def test_calibrated_recall_matches_real_runs_per_edit(photos, tmp_path):
             ext = {b"\xff\xd8": "jpg", b"\x89P": "png", b"RI": "webp"}[data[:2]]
             item.members[ext] = data
         write_shards(items, str(tmp_path / edit), 100)
-        dedup(tmp_path / edit, "--out", tmp_path / f"{edit}-out", "--keep", "first", *SIGNALS)
+        dedup(tmp_path / edit, "--out", tmp_path / f"{edit}-out", "--keep", "first", *VIEWS)
         rows = pq.read_table(tmp_path / f"{edit}-out" / "dedup-report" / "samples.parquet")
         found = [
             r["duplicate_of"] == "o" + r["key"][1:]
@@ -111,18 +109,19 @@ def test_false_links_and_recommendations_are_stated(photos):
     assert json.loads((root / "report" / "calibration.json").read_text()) == result
 
 
+@pytest.mark.slow  # four calibrations
 def test_calibrate_is_reproducible_and_one_line(photos):
     root, result, _ = photos
 
     def calibrate(seed: int, edits: str):
-        args = ["--sample", 10, "--edits", edits, "--seed", seed, "--json", *SIGNALS]
+        args = ["--sample", 10, "--edits", edits, "--seed", seed, "--json", *VIEWS]
         return dedup("calibrate", root / "in", *args)
 
     again, twice = calibrate(3, "mirror,jpeg_q30"), calibrate(3, "mirror,jpeg_q30")
     assert len(again.stdout.splitlines()) == 1 and again.stdout == twice.stdout
     other = calibrate(4, "mirror")
     assert json.loads(other.stdout)["sample"]["seed"] == 4
-    bad = dedup("calibrate", root / "in", "--edits", "nonsense", *SIGNALS, check=2)
+    bad = dedup("calibrate", root / "in", "--edits", "nonsense", *VIEWS, check=2)
     assert "unknown edit 'nonsense'" in error_line(bad)
 
 
@@ -134,14 +133,14 @@ def crawl(tmp_path_factory):
     root = tmp_path_factory.mktemp("canaries")
     samples = planted_dataset(40, {"exact": 6, "reencode": 6}, seed=5, size=(128, 96))
     write_shards(samples, str(root / "in"), 15)
-    dedup(root / "in", "--out", root / "plain", *SIGNALS)
+    dedup(root / "in", "--out", root / "plain", *VIEWS)
     return root, samples
 
 
 def test_canaries_never_reach_the_output(crawl, tmp_path):
     root, samples = crawl
     out = tmp_path / "out"
-    made = dedup(root / "in", "--out", out, "--canaries", 30, "--json", *SIGNALS)
+    made = dedup(root / "in", "--out", out, "--canaries", 30, "--json", *VIEWS)
     assert outputs(out) == outputs(root / "plain")  # the same shards and tables, byte for byte
     summary = json.loads(made.stdout)
     c = summary["canaries"]
@@ -170,21 +169,22 @@ def test_canaries_never_reach_the_output(crawl, tmp_path):
     )
     assert json.loads(again.stdout)["canaries"] == c
     seeded = dedup(
-        root / "in", "--out", tmp_path / "seeded", "--canaries", 30, "--seed", 9, "--json", *SIGNALS
+        root / "in", "--out", tmp_path / "seeded", "--canaries", 30, "--seed", 9, "--json", *VIEWS
     )
     assert json.loads(seeded.stdout)["canaries"]["seed"] == 9
     assert outputs(tmp_path / "seeded") == outputs(root / "plain")
 
 
+@pytest.mark.slow  # a fan-out and a run
 def test_canaries_in_a_fan_out(crawl, tmp_path):
     root, _ = crawl
     out = tmp_path / "out"
     for i in (1, 0):
-        dedup("extract", root / "in", "--out", out, "--part", f"{i}/2", "--canaries", 12, *SIGNALS)
+        dedup("extract", root / "in", "--out", out, "--part", f"{i}/2", "--canaries", 12, *VIEWS)
     dedup("cluster", "--out", out)
     summary = json.loads(dedup("write", "--out", out, "--part", "0/1", "--json").stdout)
     single = json.loads(
-        dedup(root / "in", "--out", tmp_path / "one", "--canaries", 12, "--json", *SIGNALS).stdout
+        dedup(root / "in", "--out", tmp_path / "one", "--canaries", 12, "--json", *VIEWS).stdout
     )
     assert summary["canaries"] == single["canaries"]
     assert outputs(out) == outputs(root / "plain")

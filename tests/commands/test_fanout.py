@@ -5,10 +5,7 @@ object storage; cluster waits for every extract part and names the missing ones.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,23 +15,18 @@ import pytest
 from dedup.commands.fanout import parts_of
 from dedup.io import storage
 from dedup.synth import planted_dataset, write_shards
-from tests.test_hostile import DEDUP, error_line, outputs
-from tests.test_storage import bucket, upload  # noqa: F401 - a fixture
-
-FLAGS = ["--signals", "exact,phash,views", "--workers", "2"]
-
-
-def dedup(*args, check: int | None = 0, env=None):
-    result = subprocess.run(
-        [DEDUP, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=None if env is None else {**os.environ, **env},
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
+from tests.helpers import (
+    DEDUP,
+    FLAGS,
+    VIEWS,
+    add_sample,
+    dedup,
+    error_line,
+    first_image,
+    outputs,
+    started_together,
+    upload,
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +47,7 @@ def crawl(tmp_path_factory):
     eval_copy = planted_dataset(3, {}, seed=9, size=(112, 84), bad=False)  # originals 0-2
     write_shards(eval_copy, str(root / "eval"), 10, "eval")
     extra = ["--against", root / "eval"]
-    dedup(root / "in", "--out", root / "one", *FLAGS, *extra)
+    dedup(root / "in", "--out", root / "one", *VIEWS, *extra)
     return root, extra
 
 
@@ -72,7 +64,7 @@ def test_all_parts_equal_one_run_byte_for_byte(crawl, tmp_path):
     root, extra = crawl
     out = tmp_path / "out"
     for i in (2, 0, 1):  # any order
-        dedup("extract", root / "in", "--out", out, "--part", f"{i}/3", *FLAGS, *extra)
+        dedup("extract", root / "in", "--out", out, "--part", f"{i}/3", *VIEWS, *extra)
     dedup("cluster", "--out", out, "--workers", "1")
     first = dedup("write", "--out", out, "--part", "1/2", "--json")
     assert json.loads(first.stdout) == {"part": "1/2", "report": False}
@@ -88,11 +80,12 @@ def test_all_parts_equal_one_run_byte_for_byte(crawl, tmp_path):
     assert job["complete"] is True
 
 
+@pytest.mark.slow  # eleven tasks, then three writes at once
 def test_cluster_waits_for_every_extract_part(crawl, tmp_path):
     root, extra = crawl
     out = tmp_path / "out"
-    dedup("extract", root / "in", "--out", out, "--part", "0/4", *FLAGS, *extra)
-    dedup("extract", root / "in", "--out", out, "--part", "2/4", *FLAGS, *extra)
+    dedup("extract", root / "in", "--out", out, "--part", "0/4", *VIEWS, *extra)
+    dedup("extract", root / "in", "--out", out, "--part", "2/4", *VIEWS, *extra)
     waiting = dedup("cluster", "--out", out, check=2)
     assert "extract parts 1/4, 3/4 have not finished" in error_line(waiting)
     early = dedup("write", "--out", out, "--part", "0/1", check=2)
@@ -101,8 +94,8 @@ def test_cluster_waits_for_every_extract_part(crawl, tmp_path):
         "extract", root / "in", "--out", out, "--part", "1/4", "--phash-threshold", "4", check=2
     )
     assert "other inputs or settings" in error_line(other)
-    dedup("extract", root / "in", "--out", out, "--part", "1/4", *FLAGS, *extra)
-    dedup("extract", root / "in", "--out", out, "--part", "3/4", *FLAGS, *extra)
+    dedup("extract", root / "in", "--out", out, "--part", "1/4", *VIEWS, *extra)
+    dedup("extract", root / "in", "--out", out, "--part", "3/4", *VIEWS, *extra)
     differs = dedup("cluster", "--out", out, "--phash-threshold", "4", check=2)
     assert "phash_threshold: 4 differs from this fan-out's 8" in error_line(differs)
     dedup("cluster", "--out", out)
@@ -119,16 +112,17 @@ def test_cluster_waits_for_every_extract_part(crawl, tmp_path):
     assert outputs(out) == outputs(root / "one")
 
 
-def test_a_fan_out_in_object_storage(crawl, s3, bucket, tmp_path):  # noqa: F811
+@pytest.mark.slow  # S3: a fan-out of seven tasks
+def test_a_fan_out_in_object_storage(crawl, s3, bucket, tmp_path):
     root, _ = crawl
     upload(root / "in", f"{bucket}/in")
     out = f"{bucket}/out"
     for i in (1, 0):
-        dedup("extract", f"{bucket}/in/", "--out", out, "--part", f"{i}/2", *FLAGS, env=s3)
+        dedup("extract", f"{bucket}/in/", "--out", out, "--part", f"{i}/2", *VIEWS, env=s3)
     dedup("cluster", "--out", out, env=s3)
     for i in (0, 1, 2):
         dedup("write", "--out", out, "--part", f"{i}/3", env=s3)
-    dedup(root / "in", "--out", tmp_path / "local", *FLAGS)
+    dedup(root / "in", "--out", tmp_path / "local", *VIEWS)
     local = {p.name: p.read_bytes() for p in sorted((tmp_path / "local").glob("*.tar"))}
     remote = {n: storage.read_bytes(f"{out}/{n}") for n in local}
     assert remote == local
@@ -137,48 +131,61 @@ def test_a_fan_out_in_object_storage(crawl, s3, bucket, tmp_path):  # noqa: F811
     assert rows.column("kept").to_pylist() == mine.column("kept").to_pylist()
 
 
+@pytest.mark.slow  # ten tasks and one run
 def test_a_new_fan_out_into_a_finished_out(crawl, tmp_path):
     """Next week's DAG run writes the same OUT with other inputs: once the last run
     finished, a new fan-out starts; parts of the old run are never mixed in."""
     root, _ = crawl
     out = tmp_path / "out"
     for i in range(2):
-        dedup("extract", root / "in", "--out", out, "--part", f"{i}/2", *FLAGS)
+        dedup("extract", root / "in", "--out", out, "--part", f"{i}/2", *VIEWS)
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/1")
     fewer = sorted((root / "in").glob("*.tar"))[:3]
-    dedup("extract", *fewer, "--out", out, "--part", "1/2", *FLAGS)
+    dedup("extract", *fewer, "--out", out, "--part", "1/2", *VIEWS)
     waiting = dedup("cluster", "--out", out, check=2)  # part 0/2 is the old run's
     assert "extract part 0/2 has not finished" in error_line(waiting)
-    dedup("extract", *fewer, "--out", out, "--part", "0/2", *FLAGS)
+    dedup("extract", *fewer, "--out", out, "--part", "0/2", *VIEWS)
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/1")
-    dedup(*fewer, "--out", tmp_path / "one", *FLAGS)
+    dedup(*fewer, "--out", tmp_path / "one", *VIEWS)
     assert outputs(out) == outputs(tmp_path / "one")  # the dropped shards' outputs gone
 
 
 # ------------------------------------------------------------ as orchestrators run it
 
-FAST = ["--signals", "exact,phash", "--workers", "2"]
 
-
-@pytest.fixture
-def small(tmp_path):
-    """Five shards (copies within and across them) in a folder the test may change."""
+def five_small_shards(folder: Path) -> Path:
+    """Five shards (copies within and across them) in `folder`."""
     samples = planted_dataset(
         24, {"exact": 5, "reencode": 4, "resize": 3}, seed=5, size=(64, 48), bad=False
     )
-    write_shards(samples, str(tmp_path / "in"), 8)
-    return tmp_path / "in"
+    write_shards(samples, str(folder), 8)
+    return folder
 
 
 def one_run(inputs, dest, *flags):
     """The oracle: one `dedup` run over the inputs as they are now."""
-    dedup(*inputs, "--out", dest, *(flags or FAST))
+    dedup(*inputs, "--out", dest, *(flags or FLAGS))
     return outputs(dest)
 
 
-def fan_out(inputs, out, parts=2, writes=1, flags=FAST, env=None):
+@pytest.fixture
+def small(tmp_path):
+    """The five small shards in a folder the test may change."""
+    return five_small_shards(tmp_path / "in")
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    """The five small shards, left as they are, and the oracle of a fan-out over them:
+    (folder, the outputs of one run)."""
+    root = tmp_path_factory.mktemp("small")
+    inputs = five_small_shards(root / "in")
+    return inputs, one_run([inputs], root / "one")
+
+
+def fan_out(inputs, out, parts=2, writes=1, flags=FLAGS, env=None):
     for i in range(parts):
         dedup("extract", *inputs, "--out", out, "--part", f"{i}/{parts}", *flags, env=env)
     dedup("cluster", "--out", out, env=env)
@@ -186,33 +193,7 @@ def fan_out(inputs, out, parts=2, writes=1, flags=FAST, env=None):
         dedup("write", "--out", out, "--part", f"{i}/{writes}", env=env)
 
 
-def add_sample(shard, key: str, data: bytes) -> None:
-    """Rewrite a shard with one more sample (a new inode, size and times)."""
-    import io
-    import tarfile
-
-    members = []
-    with tarfile.open(shard) as tar:
-        for info in tar:
-            members.append((info.name, tar.extractfile(info).read()))
-    members.append((f"{key}.jpg", data))
-    tmp = str(shard) + ".new"
-    with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    os.replace(tmp, shard)
-
-
-def first_image(shard) -> bytes:
-    import tarfile
-
-    with tarfile.open(shard) as tar:
-        info = next(i for i in tar if i.name.endswith(".jpg"))
-        return tar.extractfile(info).read()
-
-
+@pytest.mark.slow  # three fan-outs, three oracle runs
 def test_a_rerun_after_an_input_changed_describes_the_current_inputs(small, tmp_path):
     """A finished fan-out; one input shard gains a sample; the orchestrator reruns only
     cluster and write (or only write). The plan is made from the current inputs, or
@@ -247,52 +228,14 @@ def test_a_rerun_after_an_input_changed_describes_the_current_inputs(small, tmp_
     assert outputs(out) == one_run([small], tmp_path / "three")
 
 
-# Runs the dedup CLI once a `go` file appears: the modules are imported first, so that
-# processes started together reach OUT within a millisecond of each other.
-STARTER = """
-import os, sys, time
-import dedup.cli, dedup.commands.fanout, dedup.commands.run
-go = sys.argv[1]
-open(f"{go}.ready-{os.getpid()}", "w").close()
-while not os.path.exists(go):
-    time.sleep(0.001)
-sys.argv = ["dedup", *sys.argv[2:]]
-sys.exit(dedup.cli.main())
-"""
-
-
-def started_together(commands: list[list], go, env=None) -> list[tuple[int, str]]:
-    """(exit code, stderr) of dedup commands released at the same instant."""
-    go = Path(go)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", STARTER, str(go), *map(str, args)],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        for args in commands
-    ]
-    deadline = time.monotonic() + 120
-    while len(list(go.parent.glob(go.name + ".ready-*"))) < len(procs):
-        assert time.monotonic() < deadline, "the dedup processes did not start"
-        time.sleep(0.01)
-    go.touch()  # every process has imported dedup and waits: released together
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    for path in [go, *go.parent.glob(go.name + ".ready-*")]:
-        path.unlink()
-    for _, stderr in results:
-        assert "Traceback" not in stderr, stderr
-    return results
-
-
-def test_extract_parts_started_together_on_a_fresh_out(small, tmp_path):
+@pytest.mark.slow  # Airflow's mapped tasks: started together, repeated
+def test_extract_parts_started_together_on_a_fresh_out(small_set, tmp_path):
     """Airflow's mapped tasks start at the same time: every part claims OUT or sees a
     claim of the same job; none is refused. Repeated to meet the race."""
-    oracle = one_run([small], tmp_path / "one")
+    small, oracle = small_set
     for attempt in range(3):
         out = tmp_path / f"out{attempt}"
-        parts = [["extract", small, "--out", out, "--part", f"{i}/4", *FAST] for i in range(4)]
+        parts = [["extract", small, "--out", out, "--part", f"{i}/4", *FLAGS] for i in range(4)]
         results = started_together(parts, tmp_path / "go")
         assert [code for code, _ in results] == [0] * 4, results
         dedup("cluster", "--out", out)
@@ -304,13 +247,14 @@ def test_extract_parts_started_together_on_a_fresh_out(small, tmp_path):
         assert outputs(out) == oracle
 
 
-def test_extract_parts_started_together_in_object_storage(small, s3, bucket, tmp_path):  # noqa: F811
+@pytest.mark.slow  # Airflow's mapped tasks: started together, repeated
+def test_extract_parts_started_together_in_object_storage(small_set, s3, bucket, tmp_path):
+    small, local = small_set
     upload(small, f"{bucket}/in")
-    local = one_run([small], tmp_path / "one")
     for attempt in range(2):
         out = f"{bucket}/out{attempt}"
         parts = [
-            ["extract", f"{bucket}/in/", "--out", out, "--part", f"{i}/3", *FAST] for i in range(3)
+            ["extract", f"{bucket}/in/", "--out", out, "--part", f"{i}/3", *FLAGS] for i in range(3)
         ]
         results = started_together(parts, tmp_path / "go", env=s3)
         assert [code for code, _ in results] == [0] * 3, results
@@ -321,9 +265,11 @@ def test_extract_parts_started_together_in_object_storage(small, s3, bucket, tmp
         }
 
 
-def test_a_task_chooses_its_own_workers_and_executor(small, tmp_path):
+@pytest.mark.slow  # six tasks
+def test_a_task_chooses_its_own_workers_and_executor(small_set, tmp_path):
     """Settings that change where and how fast a task runs may differ between parts;
     a setting that changes results may not."""
+    small, oracle = small_set
     out = tmp_path / "out"
     signals = ["--signals", "exact,phash"]
     dedup("extract", small, "--out", out, "--part", "0/3", *signals, "--workers", "1")
@@ -338,44 +284,47 @@ def test_a_task_chooses_its_own_workers_and_executor(small, tmp_path):
     assert "keep: 'first' here, 'largest' there" in error_line(other)
     dedup("cluster", "--out", out, "--workers", "1")
     dedup("write", "--out", out, "--part", "0/1", "--workers", "2")
-    assert outputs(out) == one_run([small], tmp_path / "one")
+    assert outputs(out) == oracle
 
 
-def test_a_new_part_count_starts_the_extract_afresh(small, tmp_path):
+@pytest.mark.slow  # twelve tasks and one run
+def test_a_new_part_count_starts_the_extract_afresh(small_set, tmp_path):
+    small, oracle = small_set
     out = tmp_path / "out"
-    dedup("extract", small, "--out", out, "--part", "0/2", *FAST)  # 1/2 never ran
+    dedup("extract", small, "--out", out, "--part", "0/2", *FLAGS)  # 1/2 never ran
     for i in range(3):
-        dedup("extract", small, "--out", out, "--part", f"{i}/3", *FAST)
+        dedup("extract", small, "--out", out, "--part", f"{i}/3", *FLAGS)
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/2")
     dedup("write", "--out", out, "--part", "1/2")
-    oracle = one_run([small], tmp_path / "one")
     assert outputs(out) == oracle
     # Back to two parts, with --overwrite; a part of the new N still missing is named.
-    dedup("extract", small, "--out", out, "--part", "1/2", *FAST, "--overwrite")
+    dedup("extract", small, "--out", out, "--part", "1/2", *FLAGS, "--overwrite")
     waiting = dedup("cluster", "--out", out, check=2)
     assert "extract part 0/2 has not finished" in error_line(waiting)
-    dedup("extract", small, "--out", out, "--part", "0/2", *FAST, "--overwrite")
+    dedup("extract", small, "--out", out, "--part", "0/2", *FLAGS, "--overwrite")
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/1")
     assert outputs(out) == oracle
 
 
-def test_a_new_job_retires_the_finished_summary_at_once(small, tmp_path):
+@pytest.mark.slow  # nine tasks and one run
+def test_a_new_job_retires_the_finished_summary_at_once(small_set, tmp_path):
     """While a new job is half written, no finished summary describes OUT: neither in
     OUT's report folder nor in the earlier job's --report folder."""
+    small, _ = small_set
     out, elsewhere = tmp_path / "out", tmp_path / "report"
     for i in range(2):
-        dedup("extract", small, "--out", out, "--part", f"{i}/2", *FAST, "--report", elsewhere)
+        dedup("extract", small, "--out", out, "--part", f"{i}/2", *FLAGS, "--report", elsewhere)
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/1")
     assert (elsewhere / "summary.json").exists()
     fewer = sorted(small.glob("*.tar"))[:2]
-    dedup("extract", *fewer, "--out", out, "--part", "0/2", *FAST)
+    dedup("extract", *fewer, "--out", out, "--part", "0/2", *FLAGS)
     assert not (elsewhere / "summary.json").exists()
     assert not (elsewhere / "report.html").exists()
     assert json.loads((out / ".dedup" / "job.json").read_text())["complete"] is False
-    dedup("extract", *fewer, "--out", out, "--part", "1/2", *FAST)
+    dedup("extract", *fewer, "--out", out, "--part", "1/2", *FLAGS)
     dedup("cluster", "--out", out)
     dedup("write", "--out", out, "--part", "0/2")
     assert not (out / "dedup-report" / "summary.json").exists()  # part 1/2 still to write

@@ -13,12 +13,22 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dedup.synth import planted_dataset, write_shards
-from tests.test_fanout import FAST, add_sample, dedup, first_image, started_together
-from tests.test_hostile import error_line, outputs
+from tests.helpers import (
+    FLAGS,
+    add_sample,
+    dedup,
+    error_line,
+    first_image,
+    outputs,
+    started_together,
+)
+
+pytestmark = pytest.mark.slow  # random schedules, dozens of runs each
 
 REFUSALS = {2, 3}  # waiting for parts or the cluster task, other settings; a changed input
 SHARDS = 4
@@ -54,7 +64,7 @@ class Schedule:
 
     def args(self, t: tuple) -> list:
         if t[0] == "extract":
-            return ["extract", *self.chosen, "--out", self.out, "--part", f"{t[2]}/{t[1]}", *FAST]
+            return ["extract", *self.chosen, "--out", self.out, "--part", f"{t[2]}/{t[1]}", *FLAGS]
         if t[0] == "cluster":
             return ["cluster", "--out", self.out]
         return ["write", "--out", self.out, "--part", f"{t[2]}/{t[1]}"]
@@ -99,7 +109,7 @@ class Schedule:
         key = digest.hexdigest()
         if key not in self.oracles:
             dest = self.root / f"oracle-{len(self.oracles)}"
-            dedup(*inputs, "--out", dest, *FAST)
+            dedup(*inputs, "--out", dest, *FLAGS)
             self.oracles[key] = outputs(dest)
         return self.oracles[key]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from dedup.core.config import _cgroup_quota, available_cpus
 from dedup.synth import planted_dataset, write_shards
-from tests.test_hostile import DEDUP
+from tests.helpers import dedup
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +24,10 @@ def small_set(tmp_path_factory):
     return root
 
 
-def run(*args, cwd=None, preexec_fn=None, check=0, executable=None):
-    cmd = executable or [DEDUP]
-    result = subprocess.run(
-        [*cmd, *map(str, args)], capture_output=True, text=True, cwd=cwd, preexec_fn=preexec_fn
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
-
-
 def test_json_is_one_line_for_xcom(small_set, tmp_path):
-    result = run(small_set / "in", "--out", tmp_path / "out", "--signals", "exact,phash", "--json")
+    result = dedup(
+        small_set / "in", "--out", tmp_path / "out", "--signals", "exact,phash", "--json"
+    )
     lines = result.stdout.splitlines()
     assert len(lines) == 1  # Airflow's BashOperator pushes the last line
     summary = json.loads(lines[0])
@@ -48,7 +38,7 @@ def test_json_is_one_line_for_xcom(small_set, tmp_path):
 def test_workers_follow_the_affinity_mask(small_set, tmp_path):
     if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs and sched_setaffinity")
-    result = run(
+    result = dedup(
         small_set / "in",
         "--out",
         tmp_path / "out",
@@ -94,18 +84,18 @@ main()
 
 def test_without_torch_the_default_runs_and_clip_by_name_fails(small_set, tmp_path):
     no_torch = [sys.executable, "-c", BLOCK_TORCH]
-    result = run(small_set / "in", "--out", tmp_path / "out", "--json", executable=no_torch)
+    result = dedup(small_set / "in", "--out", tmp_path / "out", "--json", program=no_torch)
     summary = json.loads(result.stdout)
     assert summary["config"]["signals"] == ["exact", "phash", "views"]
     off = [ln for ln in result.stderr.splitlines() if "clip: off" in ln]
     assert len(off) == 1 and "needs torch and open_clip" in off[0], result.stderr
-    asked = run(
+    asked = dedup(
         small_set / "in",
         "--out",
         tmp_path / "o2",
         "--signals",
         "exact,clip",
-        executable=no_torch,
+        program=no_torch,
         check=6,
     )
     assert "pip install 'dedup-wds[clip]'" in asked.stderr
@@ -113,24 +103,24 @@ def test_without_torch_the_default_runs_and_clip_by_name_fails(small_set, tmp_pa
 
 
 def test_help_shows_each_default():
-    text = run("--help").stdout
+    text = dedup("--help").stdout
     for shown in ("[default: 8]", "[default: auto]", "[default: largest]", "[default: verify]"):
         assert shown in " ".join(text.split()), shown
 
 
 def test_phase_lines_and_a_rerun_that_reuses_features(small_set, tmp_path):
     flags = ["--signals", "exact,phash", "--workers", "2"]
-    first = run(small_set / "in", "--out", tmp_path / "out", *flags)
+    first = dedup(small_set / "in", "--out", tmp_path / "out", *flags)
     for phase in ("extract", "cluster", "write"):
         assert f"phase {phase} done in" in first.stderr
-    again = run(small_set / "in", "--out", tmp_path / "out", *flags)
+    again = dedup(small_set / "in", "--out", tmp_path / "out", *flags)
     assert "extract: nothing to read (stored features reused)" in again.stderr
     assert "extract: 0 samples" not in again.stderr
     assert "(3 shards' stored features reused)" in again.stderr
 
 
 def test_summary_paths_do_not_depend_on_the_working_directory(small_set, tmp_path):
-    run(small_set / "in", "--out", "out", "--signals", "exact,phash", cwd=tmp_path)
+    dedup(small_set / "in", "--out", "out", "--signals", "exact,phash", cwd=tmp_path)
     summary = json.loads((tmp_path / "out" / "dedup-report" / "summary.json").read_text())
     out = summary["output"]
     assert out["dir"] == str(tmp_path / "out")
@@ -138,15 +128,16 @@ def test_summary_paths_do_not_depend_on_the_working_directory(small_set, tmp_pat
     assert all(Path(s["output"]).is_absolute() for s in summary["shards"])
 
 
+@pytest.mark.slow  # four runs
 def test_a_rerun_leaves_unchanged_shards_untouched(small_set, tmp_path):
     """Make fires downstream targets on a changed mtime: an unchanged shard keeps its
     bytes and mtime; only shards whose content changes are written again."""
     out = tmp_path / "out"
     flags = ["--signals", "exact,phash", "--workers", "2"]
-    run(small_set / "in", "--out", out, *flags)
+    dedup(small_set / "in", "--out", out, *flags)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
     os.utime(out, ns=(1, 1))  # nothing below must depend on time passing
-    again = run(small_set / "in", "--out", out, *flags, "--json")
+    again = dedup(small_set / "in", "--out", out, *flags, "--json")
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("*.tar"))}
     assert after == before
     summary = json.loads(again.stdout)
@@ -155,26 +146,27 @@ def test_a_rerun_leaves_unchanged_shards_untouched(small_set, tmp_path):
     # A shard someone touched is written again; so is one whose decisions change.
     first = sorted(out.glob("*.tar"))[0]
     first.write_bytes(b"not what dedup wrote")
-    changed = run(small_set / "in", "--out", out, "--signals", "exact", "--json")
+    changed = dedup(small_set / "in", "--out", out, "--signals", "exact", "--json")
     shards = json.loads(changed.stdout)["shards"]
     assert not shards[0]["output_unchanged"]
     exact_only = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-    run(small_set / "in", "--out", tmp_path / "fresh", "--signals", "exact")
+    dedup(small_set / "in", "--out", tmp_path / "fresh", "--signals", "exact")
     assert exact_only == {
         p.name: p.read_bytes() for p in sorted((tmp_path / "fresh").glob("*.tar"))
     }
 
 
+@pytest.mark.slow  # three runs
 def test_a_dry_run_never_replaces_a_real_runs_report(small_set, tmp_path):
     out = tmp_path / "out"
-    run(small_set / "in", "--out", out, "--signals", "exact,phash")
+    dedup(small_set / "in", "--out", out, "--signals", "exact,phash")
     real = {p.name: p.read_bytes() for p in (out / "dedup-report").iterdir()}
-    dry = run(small_set / "in", "--out", out, "--signals", "exact", "--dry-run")
+    dry = dedup(small_set / "in", "--out", out, "--signals", "exact", "--dry-run")
     assert "the report goes to" in dry.stderr and "dedup-report-dry-run" in dry.stderr
     assert {p.name: p.read_bytes() for p in (out / "dedup-report").iterdir()} == real
     summary = json.loads((out / "dedup-report-dry-run" / "summary.json").read_text())
     assert summary["output"]["dry_run"] is True
-    refused = run(
+    refused = dedup(
         small_set / "in", "--out", out, "--report", out / "dedup-report", "--dry-run", check=4
     )
     assert "holds the report of a real run" in refused.stderr
@@ -208,7 +200,7 @@ def test_img2dataset_sidecars_are_carried_for_the_kept_samples(tmp_path):
         stats = {"count": len(keys), "successes": len(mine), "failed_to_download": 1}
         (tmp_path / "in" / f"{stem}_stats.json").write_text(json.dumps(stats))
     out = tmp_path / "out"
-    run(tmp_path / "in", "--out", out, "--signals", "exact,phash")
+    dedup(tmp_path / "in", "--out", out, "--signals", "exact,phash")
     rows = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
     removed = {r["key"] for r in rows if not r["kept"]}
     assert len(removed) == 5
@@ -223,7 +215,7 @@ def test_img2dataset_sidecars_are_carried_for_the_kept_samples(tmp_path):
         assert stats["dedup"] == {"removed": gone, "kept": len(original) - 1 - gone}
     # dropping an input removes its carried files on the next run, nothing else
     (out / "notes.txt").write_text("mine")
-    run(tmp_path / "in" / "00000.tar", "--out", out, "--signals", "exact,phash")
+    dedup(tmp_path / "in" / "00000.tar", "--out", out, "--signals", "exact,phash")
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
         "00000.parquet",
         "00000.tar",

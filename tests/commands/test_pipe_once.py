@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -18,12 +17,18 @@ import pytest
 
 from dedup.io import storage
 from dedup.synth import encode, make_image
-from tests.conftest import write_tar
-from tests.test_grey import rotated, textured
-from tests.test_hostile import DEDUP, error_line
-from tests.test_storage import local_outputs, remote_outputs
+from tests.helpers import (
+    VIEWS,
+    dedup,
+    error_line,
+    local_outputs,
+    remote_outputs,
+    rotated,
+    textured,
+    write_tar,
+)
 
-FLAGS = ["--signals", "exact,phash,views", "--verify", "--workers", "2"]
+VERIFY = [*VIEWS, "--verify"]
 
 # Reads a shard for a pipe: input: notes each invocation (the name of its last argument)
 # in LOG, then sends FIRST on odd invocations and SECOND (FIRST when not given) on even
@@ -69,18 +74,8 @@ def pipe_set(tmp_path_factory):
             write_tar(str(root / folder / f"shard-{n:06d}.tar"), members)
     script = root / "read.sh"
     script.write_text(READ)
-    run(root / "in", "--out", root / "local", check=0)
+    dedup(root / "in", "--out", root / "local", *VERIFY)
     return root
-
-
-def run(*args, check=None, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [DEDUP, *map(str, args), *FLAGS], capture_output=True, text=True, **kwargs
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
 
 
 def pipes(root: Path, log: Path, alternate: bool = False) -> list[str]:
@@ -109,7 +104,7 @@ def test_the_planted_set_is_what_the_tests_say(pipe_set):
     rows = pq.read_table(pipe_set / "local" / "dedup-report" / "samples.parquet").to_pylist()
     assert removed(rows) == EXPECTED_REMOVED
     other = pipe_set / "other-out"
-    run(pipe_set / "other", "--out", other, check=0)
+    dedup(pipe_set / "other", "--out", other, *VERIFY)
     rows = pq.read_table(other / "dedup-report" / "samples.parquet").to_pylist()
     assert removed(rows) == {**EXPECTED_REMOVED, "x": ("o3", "exact")}
     shutil.rmtree(other)
@@ -118,7 +113,7 @@ def test_the_planted_set_is_what_the_tests_say(pipe_set):
 def test_each_pipe_input_is_read_once_per_run(pipe_set, tmp_path):
     log, out = tmp_path / "log", tmp_path / "out"
     inputs = pipes(pipe_set, log)
-    made = run(*inputs, "--out", out, "--canaries", 6, "--json", check=0)
+    made = dedup(*inputs, "--out", out, "--canaries", 6, "--json", *VERIFY)
     names = [f"shard-{n:06d}.tar" for n in range(3)]
     assert invocations(log) == Counter(names)
     summary = json.loads(made.stdout)
@@ -129,17 +124,24 @@ def test_each_pipe_input_is_read_once_per_run(pipe_set, tmp_path):
     assert local_outputs(out) == local_outputs(pipe_set / "local")
     assert not (out / ".dedup" / "spool").exists()
     # A rerun runs each command once again; the same bytes: the stored features serve.
-    again = json.loads(run(*inputs, "--out", out, "--json", check=0).stdout)
+    again = json.loads(dedup(*inputs, "--out", out, "--json", *VERIFY).stdout)
     assert invocations(log) == Counter(names * 2)
     assert [s["features_reused"] for s in again["shards"]] == [True] * 3
     # A dry run reads the features, and the report's thumbnails, from its one read too.
-    run(*inputs, "--out", tmp_path / "dry", "--dry-run", check=0)
+    dedup(*inputs, "--out", tmp_path / "dry", "--dry-run", *VERIFY)
     assert invocations(log) == Counter(names * 3)
     assert not (tmp_path / "dry" / ".dedup" / "spool").exists()
     assert (tmp_path / "dry" / "dedup-report" / "previews.parquet").exists()
 
 
 _buckets = itertools.count()
+
+# Where a run goes: local processes, or (slow) the simulated Ray cluster, OUT in S3.
+WHERE = [
+    "local",
+    pytest.param("ray", marks=pytest.mark.slow),
+    pytest.param("s3", marks=pytest.mark.slow),
+]
 
 
 def where_out(where: str, tmp_path: Path, request) -> tuple[str, list[str]]:
@@ -166,7 +168,7 @@ def spool_left(out: str) -> bool:
     return Path(spool).exists()
 
 
-@pytest.mark.parametrize("where", ["local", "ray", "s3"])
+@pytest.mark.parametrize("where", WHERE)
 def test_a_command_whose_output_changes_is_judged_and_written_from_one_read(
     pipe_set, tmp_path, request, where
 ):
@@ -174,7 +176,7 @@ def test_a_command_whose_output_changes_is_judged_and_written_from_one_read(
     written and samples.parquet all come from the one read (x is unique in it)."""
     out, flags = where_out(where, tmp_path, request)
     log = tmp_path / "log"
-    made = run(*pipes(pipe_set, log, alternate=True), "--out", out, *flags, check=0, cwd=tmp_path)
+    made = dedup(*pipes(pipe_set, log, alternate=True), "--out", out, *flags, *VERIFY, cwd=tmp_path)
     assert ("ray: joined the Ray cluster" in made.stderr) == (where == "ray")
     assert invocations(log) == Counter(f"shard-{n:06d}.tar" for n in range(3))
     got = outputs_of(out)
@@ -183,13 +185,13 @@ def test_a_command_whose_output_changes_is_judged_and_written_from_one_read(
     assert not spool_left(out)
 
 
-@pytest.mark.parametrize("where", ["local", "ray", "s3"])
+@pytest.mark.parametrize("where", WHERE)
 def test_the_spool_is_gone_after_a_failing_run(pipe_set, tmp_path, request, where):
     out, flags = where_out(where, tmp_path, request)
     log = tmp_path / "log"
     inputs = pipes(pipe_set, log)
     inputs[-1] += f"; exit 7 # {Path(inputs[-1].split()[-1]).name}"
-    result = run(*inputs, "--out", out, *flags, check=3, cwd=tmp_path)
+    result = dedup(*inputs, "--out", out, *flags, *VERIFY, check=3, cwd=tmp_path)
     assert "exited with status 7" in error_line(result)
     assert "shard-000002.tar" in invocations(log)
     assert not spool_left(out)

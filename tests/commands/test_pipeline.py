@@ -10,7 +10,7 @@ from PIL import Image
 from dedup.commands.run import run
 from dedup.core.errors import OutputError
 from dedup.io.fsutil import TEMP_DIR
-from tests.conftest import cfg, read_tar, write_tar
+from tests.helpers import cfg, read_tar, write_tar
 
 
 def expected_survivors(samples, keep="largest"):

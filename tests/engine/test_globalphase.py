@@ -4,17 +4,17 @@ and the number of workers."""
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from dedup.core.config import Config
-from dedup.engine.cluster import DECISIONS, SIGNALS, Candidates, build_edges, cluster
+from dedup.engine.cluster import cluster
 from dedup.engine.extract import PASSTHROUGH_REASONS
-from dedup.engine.featurestore import FEATURE_SCHEMA
+from dedup.engine.featurestore import FEATURE_SCHEMA, store_features
 from dedup.engine.globalphase import run_global
 from dedup.engine.pairtasks import Layout
 from dedup.engine.records import CLUSTER_COLUMNS
 from dedup.executors.local import LocalExecutor
+from dedup.signals.edges import DECISIONS, SIGNALS, Candidates, build_edges
 from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
 from dedup.signals.views import VIEW_BYTES, VIEWS, WHOLE_VIEWS
 
@@ -147,7 +147,7 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
         )
         schema = pa.schema([FEATURE_SCHEMA.field(name) for name in table.column_names])
         path = str(tmp_path / f"{pos:04d}.parquet")
-        pq.write_table(table.cast(schema), path)
+        store_features(path, table.cast(schema), "planted rows", {})
         paths.append(path)
     return paths
 
@@ -302,13 +302,14 @@ def test_clip_cells_find_true_pairs_the_same_way_every_time(tmp_path, monkeypatc
     """Past CLIP_FLAT_MAX vectors, CLIP pairs are searched per k-means cell (approximate):
     every pair found is a true pair with its true similarity, nearly all true pairs are
     found, and one and two workers give the same edges."""
-    import dedup.engine.globalphase
+    import dedup.engine.pairtasks
     import dedup.search.pairs
-    from dedup.engine.cluster import CLIP
     from dedup.search.pairs import cosine_pairs
+    from dedup.signals.edges import CLIP
 
     monkeypatch.setattr(dedup.search.pairs, "CLIP_FLAT_MAX", 500)
-    monkeypatch.setattr(dedup.engine.globalphase, "CLIP_CELL_ROWS", 150)
+    monkeypatch.setattr(dedup.engine.pairtasks, "CLIP_FLAT_MAX", 500)
+    monkeypatch.setattr(dedup.engine.pairtasks, "CLIP_CELL_ROWS", 150)
     n, sizes = 1500, [700, 800]
     data = planted_rows(n, 5, dim=16)
     paths = write_features(tmp_path, data, sizes)

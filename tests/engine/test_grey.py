@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import dedup.engine.grey
 from dedup.commands.run import run
 from dedup.core.config import Config
 from dedup.core.errors import ShardError
 from dedup.core.progress import Progress
-from dedup.engine.cluster import Edges
 from dedup.engine.grey import GreyPairs, PairCheck, drop_linked, nearest_per_image
 from dedup.executors.local import LocalExecutor
+from dedup.signals.edges import Edges
 from dedup.signals.views import grey_bound, grey_zone, search_bound
-from dedup.synth import PlantedSample, encode, make_image, write_shards
+from dedup.synth import PlantedSample, encode, write_shards
 
 
 def test_nearest_per_image_keeps_each_images_closest_candidates():
@@ -67,59 +67,6 @@ def test_the_grey_zone_narrows_as_the_data_grows():
     assert [grey_bound(n) for n in (10, 10**3, 10**5, 10**7)] == sorted(
         (grey_bound(n) for n in (10, 10**3, 10**5, 10**7)), reverse=True
     )
-
-
-def textured(seed: int) -> Image.Image:
-    """A picture with enough corners for local features: make_image and 150 shapes."""
-    image = make_image(seed, 320, 240)
-    rng = np.random.default_rng(seed)
-    draw = ImageDraw.Draw(image)
-    for _ in range(150):
-        x, y = rng.uniform(0, 300), rng.uniform(0, 220)
-        w, h = rng.uniform(4, 30, 2)
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        draw.rectangle([x, y, x + w, y + h], fill=colour)
-    return image
-
-
-def rotated(image: Image.Image, degrees: float) -> Image.Image:
-    """Turned and cropped to the middle 84% (no black corners)."""
-    w, h = image.size
-    turned = image.rotate(degrees, resample=Image.Resampling.BICUBIC)
-    return turned.crop((w * 0.08, h * 0.08, w * 0.92, h * 0.92))
-
-
-def captioned(image: Image.Image) -> Image.Image:
-    out = image.copy()
-    draw = ImageDraw.Draw(out)
-    w, h = out.size
-    draw.rectangle([0, h * 0.8, w, h], fill=(20, 20, 20))
-    draw.text((10, h * 0.84), "A CAPTION OVER THE PICTURE", fill=(255, 255, 255))
-    return out
-
-
-@pytest.fixture(scope="module")
-def grey_set(tmp_path_factory):
-    """Eight textured originals (first in input order); a 5-degree rotation of 0 and of
-    1 and a captioned copy of 2, which the hashes leave in the grey zone; the left half
-    of 3 (a part, not a copy); in 3 shards."""
-    root = tmp_path_factory.mktemp("grey")
-    originals = [textured(500 + k) for k in range(8)]
-    samples, truth = [], {}
-
-    def add(image, label):
-        key = f"{len(samples):04d}"
-        samples.append(PlantedSample(key, {"jpg": encode(image, "JPEG", quality=90)}, None, label))
-        truth[key] = label
-
-    for k, image in enumerate(originals):
-        add(image, f"original {k}")
-    add(rotated(originals[0], 5), "rotated 0")
-    add(rotated(originals[1], -5), "rotated 1")
-    add(captioned(originals[2]), "captioned 2")
-    add(originals[3].crop((0, 0, 160, 240)), "half 3")
-    paths = write_shards(samples, str(root / "in"), 5)
-    return root, truth, paths
 
 
 def _removed(out: str, truth: dict) -> dict:
@@ -193,7 +140,8 @@ def test_a_verified_pair_holds_for_every_row_with_the_same_view_codes():
     """Verified pairs are checked between the first rows of groups of equal view codes:
     an exact re-upload of the checked image (row 1, the largest) survives and the rotated
     copy (row 2) goes as its duplicate, one cluster of three."""
-    from dedup.engine.cluster import DECISIONS, VERIFIED, VIEWS, Candidates, resolve
+    from dedup.engine.cluster import resolve
+    from dedup.signals.edges import DECISIONS, VERIFIED, VIEWS, Candidates
 
     views = np.zeros((3, 112), dtype=np.uint8)
     views[:2] = np.arange(112, dtype=np.uint8)

@@ -21,39 +21,23 @@ import pytest
 from dedup.io import storage
 from dedup.io.shards import MAX_FILE_BYTES
 from dedup.synth import (
-    HARD_EDITS,
-    NEAR_EDITS,
     PlantedSample,
     encode,
-    make_image,
     planted_dataset,
     write_shards,
 )
-from tests.test_grey import captioned, rotated, textured
-from tests.test_hostile import DEDUP, error_line, outputs
-from tests.test_storage import bucket, upload  # noqa: F401 - a fixture
-
-VIEWS = ["--signals", "exact,phash,views", "--workers", "2"]
-
-# Edits of evaluation images hidden in the training shards, all of which the model-free
-# signals catch on these pictures (mirror and letterbox: the views' hashes).
-EVAL_EDITS = ("exact", "reencode", "resize", "png", "mirror", "letterbox", "webp", "brighten")
-
-
-def run_dedup(*args, check: int | None = 0, cwd=None, timeout=None) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [DEDUP, *map(os.fsdecode, args)],
-        capture_output=True,
-        text=True,
-        errors="backslashreplace",
-        cwd=cwd,
-        timeout=timeout,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "internal error" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
+from tests.helpers import (
+    FLAGS,
+    VIEWS,
+    captioned,
+    dedup,
+    error_line,
+    outputs,
+    render_in_chromium,
+    rotated,
+    textured,
+    upload,
+)
 
 
 def rows(out: Path) -> dict[str, dict]:
@@ -75,50 +59,19 @@ def tree(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.fixture(scope="module")
-def decontam(tmp_path_factory):
-    """An evaluation set kept as files (12 pictures in nested folders, JPEG and PNG, one
-    damaged file, one text file), and training shards with edited copies of 8 of them
-    hidden among 30 originals with their own copies."""
-    root = tmp_path_factory.mktemp("decontam")
-    ev = root / "eval"
-    originals = {}
-    for k in range(12):
-        folder = ev / ("birds" if k % 3 == 0 else "cars/day" if k % 3 == 1 else "")
-        folder.mkdir(parents=True, exist_ok=True)
-        fmt, ext = ("PNG", "png") if k % 4 == 3 else ("JPEG", "jpg")
-        data = encode(
-            make_image(9000 + k, 160, 120), fmt, **({"quality": 92} if ext == "jpg" else {})
-        )
-        name = folder / f"img{k:02d}.{ext}"
-        name.write_bytes(data)
-        originals[str(name.relative_to(ev))] = data
-    (ev / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    (ev / "README.txt").write_text("evaluation set")
-    samples = planted_dataset(30, {"exact": 4, "reencode": 4}, seed=21, size=(160, 120))
-    planted = {}
-    for k, (relpath, data) in enumerate(sorted(originals.items())[: len(EVAL_EDITS)]):
-        edit = EVAL_EDITS[k]
-        copy = data if edit == "exact" else {**NEAR_EDITS, **HARD_EDITS}[edit](data)
-        sample = PlantedSample("", {"jpg": copy, "txt": b"eval copy"}, 1000 + k, edit)
-        samples.insert((7 * k) % len(samples), sample)
-        planted[id(sample)] = relpath
-    # Two copies of one evaluation picture: both go, whichever would have survived.
-    twin = sorted(originals)[0]
-    second = PlantedSample("", {"jpg": NEAR_EDITS["resize"](originals[twin])}, 1000, "resize")
-    samples.append(second)
-    planted[id(second)] = twin
-    for i, s in enumerate(samples):
-        s.key = f"{i:06d}"
-    write_shards(samples, str(root / "train"), per_shard=16)
-    truth = {s.key: planted[id(s)] for s in samples if id(s) in planted}
-    return root, samples, truth
-
-
-def test_copies_of_evaluation_files_are_removed_and_named(decontam, tmp_path):
-    root, samples, truth = decontam
+def against_eval(decontam, tmp_path_factory):
+    """One run of the training shards --against the evaluation folder (views on, two
+    workers), and every file of that folder as it was before the run: (OUT, tree)."""
+    root, _, _ = decontam
     before = tree(root / "eval")
-    out = tmp_path / "clean"
-    run_dedup(root / "train", "--out", out, "--against", root / "eval", *VIEWS)
+    out = tmp_path_factory.mktemp("against-eval") / "clean"
+    dedup(root / "train", "--out", out, "--against", root / "eval", *VIEWS)
+    return out, before
+
+
+def test_copies_of_evaluation_files_are_removed_and_named(decontam, against_eval):
+    root, samples, truth = decontam
+    out, before = against_eval
     got = rows(out)
     removed = {k: r["reference_key"] for k, r in got.items() if r["reason"] == "reference"}
     assert removed == truth  # every planted copy, nothing else, each with its file
@@ -184,33 +137,34 @@ def test_copies_of_evaluation_files_are_removed_and_named(decontam, tmp_path):
     assert page.count("<span class=pair>") >= len(truth) and "eval: farthest matches" in page
 
 
+@pytest.mark.slow  # three runs
 def test_the_same_bytes_whatever_the_workers_and_on_a_rerun(decontam, tmp_path):
     root, _, _ = decontam
     flags = ["--against", root / "eval", "--signals", "exact,phash,views"]
-    run_dedup(root / "train", "--out", tmp_path / "one", *flags, "--workers", "1")
-    run_dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
+    dedup(root / "train", "--out", tmp_path / "one", *flags, "--workers", "1")
+    dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
     assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
-    again = run_dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
+    again = dedup(root / "train", "--out", tmp_path / "two", *flags, "--workers", "2")
     assert outputs(tmp_path / "one") == outputs(tmp_path / "two")
     assert summary(tmp_path / "two")["shards"][0]["features_reused"] is True
     assert "extract: 12 samples" not in again.stderr  # the folder's features were reused
 
 
-def test_an_index_serves_as_the_folder_does(decontam, tmp_path):
+def test_an_index_serves_as_the_folder_does(decontam, against_eval, tmp_path):
     root, _, truth = decontam
+    direct, _ = against_eval
     index = tmp_path / "index"
-    made = run_dedup("index", root / "eval", "--out", index, *VIEWS, "--json")
+    made = dedup("index", root / "eval", "--out", index, *VIEWS, "--json")
     manifest = json.loads(made.stdout)
     assert manifest["items"] == 12 and manifest["config"]["signals"] == ["exact", "phash", "views"]
-    run_dedup(root / "train", "--out", tmp_path / "direct", "--against", root / "eval", *VIEWS)
-    used = run_dedup(root / "train", "--out", tmp_path / "via", "--against", index, *VIEWS)
+    used = dedup(root / "train", "--out", tmp_path / "via", "--against", index, *VIEWS)
     assert "extract: 12 samples" not in used.stderr  # nothing decoded again
-    a, b = rows(tmp_path / "direct"), rows(tmp_path / "via")
+    a, b = rows(direct), rows(tmp_path / "via")
     assert {k: r["kept"] for k, r in a.items()} == {k: r["kept"] for k, r in b.items()}
     assert {k: r["reference_key"] for k, r in b.items() if r["reference"]} == truth
     assert {r["reference"] for r in b.values() if r["reference"]} == {str(index)}
     # Other settings than the index was built with: exit 2, naming it.
-    other = run_dedup(
+    other = dedup(
         root / "train",
         "--out",
         tmp_path / "x",
@@ -252,11 +206,18 @@ def two_crawls(tmp_path_factory):
 @pytest.mark.parametrize(
     "flags",
     [
-        ["--signals", "exact,phash,views"],
-        ["--signals", "exact,phash", "--cluster-rule", "components"],
-        ["--signals", "exact,phash,views", "--no-verify"],
+        pytest.param(["--signals", "exact,phash,views"], id="views"),
+        pytest.param(
+            ["--signals", "exact,phash", "--cluster-rule", "components"],
+            id="components",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ["--signals", "exact,phash,views", "--no-verify"],
+            id="no-verify",
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["views", "components", "no-verify"],
 )
 def test_two_stages_equal_one_full_run(two_crawls, tmp_path, flags):
     """`dedup week2 --against clean-1` decides week2's samples exactly as one run over
@@ -264,12 +225,12 @@ def test_two_stages_equal_one_full_run(two_crawls, tmp_path, flags):
     do in that run), byte for byte in the shards written."""
     root = two_crawls
     common = [*flags, "--keep", "first", "--workers", "2"]
-    run_dedup(root / "week1", "--out", tmp_path / "clean-1", *common)
-    second = run_dedup(
+    dedup(root / "week1", "--out", tmp_path / "clean-1", *common)
+    second = dedup(
         root / "week2", "--out", tmp_path / "clean-2", "--against", tmp_path / "clean-1", *common
     )
     assert "extract: 3" not in second.stderr.split("extract:", 2)[-1]  # clean-1 not decoded
-    run_dedup(tmp_path / "clean-1", root / "week2", "--out", tmp_path / "full", *common)
+    dedup(tmp_path / "clean-1", root / "week2", "--out", tmp_path / "full", *common)
     incremental, full = rows(tmp_path / "clean-2"), rows(tmp_path / "full")
     week2 = sorted(incremental)
     decided = lambda r: (r["kept"], r["duplicate_of"])  # noqa: E731
@@ -287,6 +248,7 @@ def test_two_stages_equal_one_full_run(two_crawls, tmp_path, flags):
     ]
 
 
+@pytest.mark.slow  # four runs and an index
 def test_verified_copies_of_reference_items(tmp_path):
     """The views signal's grey zone reaches reference items: a 5-degree rotation and a
     captioned copy of evaluation files are checked by local features against the files."""
@@ -303,7 +265,7 @@ def test_verified_copies_of_reference_items(tmp_path):
         PlantedSample("0002", {"jpg": encode(textured(800), "JPEG", quality=90)}, 2, "other"),
     ]
     write_shards(samples, str(tmp_path / "in"), 2)
-    run_dedup(tmp_path / "in", "--out", tmp_path / "out", "--against", ev, *VIEWS)
+    dedup(tmp_path / "in", "--out", tmp_path / "out", "--against", ev, *VIEWS)
     got = rows(tmp_path / "out")
     assert {
         k: (r["reference_key"], r["reference_signal"]) for k, r in got.items() if not r["kept"]
@@ -313,12 +275,12 @@ def test_verified_copies_of_reference_items(tmp_path):
     }
     # From an index, the items' images are read where the index was made from; once they
     # are gone, those pairs are not checked (counted), and nothing fails.
-    run_dedup("index", ev, "--out", tmp_path / "index", *VIEWS)
-    run_dedup(tmp_path / "in", "--out", tmp_path / "via", "--against", tmp_path / "index", *VIEWS)
+    dedup("index", ev, "--out", tmp_path / "index", *VIEWS)
+    dedup(tmp_path / "in", "--out", tmp_path / "via", "--against", tmp_path / "index", *VIEWS)
     assert outputs(tmp_path / "via").keys() == outputs(tmp_path / "out").keys()
     assert [k for k, r in rows(tmp_path / "via").items() if not r["kept"]] == ["0000", "0001"]
     ev.rename(tmp_path / "moved")
-    gone = run_dedup(
+    gone = dedup(
         tmp_path / "in", "--out", tmp_path / "gone", "--against", tmp_path / "index", *VIEWS
     )
     assert all(r["kept"] for r in rows(tmp_path / "gone").values()), gone.stderr
@@ -334,7 +296,7 @@ def listed(tmp_path_factory):
     root = tmp_path_factory.mktemp("blocklist")
     samples = planted_dataset(24, {"exact": 4, "reencode": 4, "mirror": 3}, seed=5, size=(128, 96))
     write_shards(samples, str(root / "in"), 10)
-    run_dedup(root / "in", "--out", root / "plain", *VIEWS)
+    dedup(root / "in", "--out", root / "plain", *VIEWS)
     return root, samples, rows(root / "plain")
 
 
@@ -363,7 +325,7 @@ def test_blocklists_remove_what_they_name_and_the_copies(listed, tmp_path):
         w.writerow(["http://x/1", plain[groups[loner][0]]["digest"].upper(), "dmca"])
         w.writerow(["http://x/2", "", "no digest"])
     out = tmp_path / "out"
-    run_dedup(root / "in", "--out", out, "--blocklist", text, "--blocklist", table, *VIEWS)
+    dedup(root / "in", "--out", out, "--blocklist", text, "--blocklist", table, *VIEWS)
     got = rows(out)
     expected = set(groups[digest_group]) | set(groups[code_group]) | set(groups[loner])
     assert {k for k, r in got.items() if r["reason"] == "blocklist"} == expected
@@ -386,7 +348,7 @@ def test_a_parquet_blocklist_of_raw_bytes(listed, tmp_path):
     key = next(k for k, r in plain.items() if r["kept"] and r["digest"])
     path = tmp_path / "list.parquet"
     pq.write_table(pa.table({"blake3": [bytes.fromhex(plain[key]["digest"])], "x": [1]}), path)
-    run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS)
+    dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS)
     group = next(s.group for s in samples if s.key == key)
     copies = sorted(s.key for s in samples if s.group == group)  # the sample and its copies
     assert [k for k, r in rows(tmp_path / "out").items() if r["reason"] == "blocklist"] == copies
@@ -410,7 +372,7 @@ def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, conten
     root, _, _ = listed
     path = tmp_path / "list.txt"
     path.write_text(content)
-    result = run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS, check=2)
+    result = dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS, check=2)
     assert message in error_line(result)
     assert not (tmp_path / "out").exists()
 
@@ -418,6 +380,7 @@ def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, conten
 # ------------------------------------------------------------ bad references
 
 
+@pytest.mark.slow  # nine runs
 def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
     root, _, _ = decontam
     empty = tmp_path / "empty"
@@ -440,18 +403,17 @@ def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
         tmp_path / "out": "is this run's --out",
     }
     # an earlier OUT made from this run's own input: everything would match itself
-    run_dedup(root / "train", "--out", tmp_path / "earlier", *VIEWS)
+    dedup(root / "train", "--out", tmp_path / "earlier", *VIEWS)
     cases[tmp_path / "earlier"] = f"was made from {root / 'train' / 'shard-000000.tar'}"
     for ref, message in cases.items():
-        result = run_dedup(
-            root / "train", "--out", tmp_path / "out", "--against", ref, *VIEWS, check=2
-        )
+        result = dedup(root / "train", "--out", tmp_path / "out", "--against", ref, *VIEWS, check=2)
         line = error_line(result)
         assert f"--against {ref}: {message}" in line, line
     assert list(broken.iterdir()) == [broken / "a.jpg"]
 
 
-def test_a_shard_set_in_object_storage_as_reference(decontam, s3, bucket, tmp_path):  # noqa: F811
+@pytest.mark.slow  # S3
+def test_a_shard_set_in_object_storage_as_reference(decontam, s3, bucket, tmp_path):
     """--against s3://.../ (a shard set in a bucket), with OUT in the bucket too: the same
     decisions as the evaluation images given as local shards."""
     root, samples, truth = decontam
@@ -461,24 +423,10 @@ def test_a_shard_set_in_object_storage_as_reference(decontam, s3, bucket, tmp_pa
     ]
     write_shards(items, str(tmp_path / "eval-shards"), 5, "eval")
     upload(tmp_path / "eval-shards", f"{bucket}/eval")
-    run_dedup(
+    dedup(
         root / "train", "--out", tmp_path / "local", "--against", tmp_path / "eval-shards", *VIEWS
     )
-    result = subprocess.run(
-        [
-            DEDUP,
-            str(root / "train"),
-            "--out",
-            f"{bucket}/out",
-            "--against",
-            f"{bucket}/eval/",
-            *VIEWS,
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **s3},
-    )
-    assert result.returncode == 0, result.stderr
+    dedup(root / "train", "--out", f"{bucket}/out", "--against", f"{bucket}/eval/", *VIEWS, env=s3)
     local = rows(tmp_path / "local")
     remote = {
         r["key"]: r
@@ -505,11 +453,11 @@ def test_a_damaged_reference_shard_is_named_or_skipped(decontam, tmp_path):
     write_shards(items, str(tmp_path / "ref"), 6, "ref")
     broken = tmp_path / "ref" / "ref-000001.tar"
     broken.write_bytes(broken.read_bytes()[:700])  # cut inside a member
-    failed = run_dedup(
+    failed = dedup(
         root / "train", "--out", tmp_path / "a", "--against", tmp_path / "ref", *VIEWS, check=3
     )
     assert str(broken) in error_line(failed)
-    run_dedup(
+    dedup(
         root / "train",
         "--out",
         tmp_path / "b",
@@ -532,12 +480,9 @@ def test_a_damaged_reference_shard_is_named_or_skipped(decontam, tmp_path):
     assert first <= matched and matched <= {i.key for i in items[:6]}
 
 
-def test_the_reference_section_renders_in_headless_chromium(decontam, tmp_path):
-    from tests.test_htmlreport import render_in_chromium
-
-    root, _, truth = decontam
-    out = tmp_path / "clean"
-    run_dedup(root / "train", "--out", out, "--against", root / "eval", *VIEWS)
+def test_the_reference_section_renders_in_headless_chromium(decontam, against_eval, tmp_path):
+    _, _, truth = decontam
+    out, _ = against_eval
     body, dom, _ = render_in_chromium(out / "dedup-report" / "report.html", tmp_path)
     shown = int(re.search(r'data-match-images="(\d+)"', body).group(1))
     loaded = int(re.search(r'data-match-loaded="(\d+)"', body).group(1))
@@ -546,8 +491,6 @@ def test_the_reference_section_renders_in_headless_chromium(decontam, tmp_path):
 
 
 # ------------------------------------------------------------ hostile references (issue 23)
-
-PLAIN = ["--signals", "exact,phash", "--workers", "2"]
 
 
 def decisions(out: Path) -> list[tuple]:
@@ -558,30 +501,29 @@ def decisions(out: Path) -> list[tuple]:
     ]
 
 
+@pytest.mark.slow  # fifteen runs
 def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_crawls, tmp_path):
     """OUT/.dedup/job.json says whether the run finished, whether it was a dry run and
     where its report went: an OUT whose report is elsewhere (--report) serves as one whose
     report is inside it; a record that says otherwise, or a report gone or since reused by
     another run, is one line, exit 2, naming it."""
     root = two_crawls
-    common = [*PLAIN, "--keep", "first"]
+    common = [*FLAGS, "--keep", "first"]
     home, away, report = tmp_path / "home", tmp_path / "away", tmp_path / "reports" / "week1"
-    run_dedup(root / "week1", "--out", home, *common)
-    run_dedup(root / "week1", "--out", away, "--report", report, *common)
+    dedup(root / "week1", "--out", home, *common)
+    dedup(root / "week1", "--out", away, "--report", report, *common)
     assert not (away / "dedup-report").exists()
     for ref in (home, away):
-        run_dedup(
-            root / "week2", "--out", tmp_path / f"after-{ref.name}", "--against", ref, *common
-        )
+        dedup(root / "week2", "--out", tmp_path / f"after-{ref.name}", "--against", ref, *common)
     assert decisions(tmp_path / "after-home") == decisions(tmp_path / "after-away")
     assert sum(d[2] == "reference" for d in decisions(tmp_path / "after-away")) >= 10
     # An OUT made with --against serves in turn (its report holds only its input's rows).
-    run_dedup(
+    dedup(
         root / "week1", "--out", tmp_path / "chain", "--against", tmp_path / "after-away", *common
     )
 
     def refused(ref: Path) -> str:
-        result = run_dedup(
+        result = dedup(
             root / "week2", "--out", tmp_path / "refused", "--against", ref, *common, check=2
         )
         assert not (tmp_path / "refused").exists()
@@ -605,11 +547,11 @@ def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_
         f"its report {away / 'dedup-report'} is gone or holds no readable summary.json; rerun it"
     )
     edit_job(home, report=None, dry_run=None)
-    run_dedup(root / "week2", "--out", tmp_path / "old-record", "--against", home, *common)
+    dedup(root / "week2", "--out", tmp_path / "old-record", "--against", home, *common)
     assert decisions(tmp_path / "old-record") == decisions(tmp_path / "after-home")
     # The report folder reused by another run, then deleted.
     edit_job(away, report=str(report))
-    run_dedup(root / "week2", "--out", tmp_path / "other", "--report", report, *common)
+    dedup(root / "week2", "--out", tmp_path / "other", "--report", report, *common)
     assert refused(away) == prefix + (
         f"its report {report} now describes another run (of {tmp_path / 'other'})"
     )
@@ -618,10 +560,11 @@ def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_
         f"its report {report} is gone or holds no readable summary.json; rerun it"
     )
     dry = tmp_path / "dry"
-    run_dedup(root / "week1", "--out", dry, "--dry-run", *common)
+    dedup(root / "week1", "--out", dry, "--dry-run", *common)
     assert refused(dry) == f"dedup: error: --against {dry}: its run was a dry run: it kept nothing"
 
 
+@pytest.mark.slow  # eleven runs
 def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
     decontam, tmp_path, monkeypatch
 ):
@@ -646,12 +589,12 @@ def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
         fh.truncate(MAX_FILE_BYTES + 1)
     monkeypatch.chdir(tmp_path)
     expected = {"undecodable": 1, "not_a_regular_file": 5, "too_large": 1}
-    run_dedup(root / "train", "--out", tmp_path / "a", "--against", plain, *PLAIN)
-    run_dedup(root / "train", "--out", tmp_path / "b", "--against", hostile, *PLAIN, timeout=300)
+    dedup(root / "train", "--out", tmp_path / "a", "--against", plain, *FLAGS)
+    dedup(root / "train", "--out", tmp_path / "b", "--against", hostile, *FLAGS, timeout=300)
     assert decisions(tmp_path / "b") == decisions(tmp_path / "a")
     # Fingerprinted by content (every file hashed): the same files are never read either.
-    run_dedup(
-        root / "train", "--out", tmp_path / "bc", "--against", hostile, *PLAIN,
+    dedup(
+        root / "train", "--out", tmp_path / "bc", "--against", hostile, *FLAGS,
         "--fingerprint", "content", timeout=300,
     )  # fmt: skip
     assert decisions(tmp_path / "bc") == decisions(tmp_path / "a")
@@ -661,8 +604,8 @@ def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
     assert (b["items"], b["usable"], b["skipped_by_reason"]) == (19, 12, expected)
     assert (a["items"], a["usable"], a["matched"]) == (13, 12, b["matched"])
     # The same counts through an index made from the folder.
-    run_dedup("index", hostile, "--out", tmp_path / "index", *PLAIN, timeout=300)
-    run_dedup(root / "train", "--out", tmp_path / "c", "--against", tmp_path / "index", *PLAIN)
+    dedup("index", hostile, "--out", tmp_path / "index", *FLAGS, timeout=300)
+    dedup(root / "train", "--out", tmp_path / "c", "--against", tmp_path / "index", *FLAGS)
     (c,) = summary(tmp_path / "c")["references"]["against"]
     assert (c["items"], c["usable"], c["skipped_by_reason"]) == (19, 12, expected)
     assert decisions(tmp_path / "c") == decisions(tmp_path / "a")
@@ -672,15 +615,15 @@ def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
         ("--blocklist", hostile / "pipe.jpg", "cannot read (not a regular file (a FIFO))"),
         ("--blocklist", hostile / "zero.jpg", "cannot read (not a regular file (a character "),
     ):
-        result = run_dedup(
-            root / "train", "--out", tmp_path / "x", flag, path, *PLAIN, check=2, timeout=120
+        result = dedup(
+            root / "train", "--out", tmp_path / "x", flag, path, *FLAGS, check=2, timeout=120
         )
         assert error_line(result).startswith(f"dedup: error: {flag} {path}: {why}")
     assert not (tmp_path / "x").exists()
     # A --config that is a FIFO or a device: one line, exit 2, never a wait or a read
     # without end.
     for path, why in ((hostile / "pipe.jpg", "not a regular file"), ("/dev/zero", "not a ")):
-        result = run_dedup(
+        result = dedup(
             root / "train", "--out", tmp_path / "x", "--config", path, check=2, timeout=120
         )
         assert error_line(result).startswith(f"dedup: error: config {path}: {why}")
@@ -692,9 +635,9 @@ def indexes(decontam, two_crawls, tmp_path_factory):
     earlier OUT (features and the rows it kept, rows.npy)."""
     root = tmp_path_factory.mktemp("indexes")
     decontam_root, _, _ = decontam
-    run_dedup("index", decontam_root / "eval", "--out", root / "files", *PLAIN)
-    run_dedup(two_crawls / "week1", "--out", root / "week1", *PLAIN)
-    run_dedup("index", root / "week1", "--out", root / "run", *PLAIN)
+    dedup("index", decontam_root / "eval", "--out", root / "files", *FLAGS)
+    dedup(two_crawls / "week1", "--out", root / "week1", *FLAGS)
+    dedup("index", root / "week1", "--out", root / "run", *FLAGS)
     return root
 
 
@@ -775,8 +718,8 @@ def test_a_damaged_index_is_exit_2_naming_the_index_and_the_file(
         _, which, hurt, why = INDEX_DAMAGE[damage]
         damaged = files[which]
         hurt(damaged)
-    result = run_dedup(
-        two_crawls / "week2", "--out", tmp_path / "out", "--against", index, *PLAIN, check=2
+    result = dedup(
+        two_crawls / "week2", "--out", tmp_path / "out", "--against", index, *FLAGS, check=2
     )
     line = error_line(result)
     assert line.startswith(f"dedup: error: --against {index}: damaged index: {damaged}: {why}")
@@ -787,8 +730,8 @@ def test_a_damaged_index_is_exit_2_naming_the_index_and_the_file(
 def test_an_intact_index_of_an_earlier_out_serves(indexes, two_crawls, tmp_path):
     """The checks pass what `dedup index` made: the same decisions as the OUT itself."""
     week2 = two_crawls / "week2"
-    run_dedup(week2, "--out", tmp_path / "a", "--against", indexes / "week1", *PLAIN)
-    run_dedup(week2, "--out", tmp_path / "b", "--against", indexes / "run", *PLAIN)
+    dedup(week2, "--out", tmp_path / "a", "--against", indexes / "week1", *FLAGS)
+    dedup(week2, "--out", tmp_path / "b", "--against", indexes / "run", *FLAGS)
     assert decisions(tmp_path / "a") == decisions(tmp_path / "b")
     assert sum(d[2] == "reference" for d in decisions(tmp_path / "b")) >= 10
 
@@ -813,7 +756,7 @@ def test_a_blocklist_error_names_the_line_an_editor_shows(listed, tmp_path, name
     root, _, _ = listed
     path = tmp_path / name
     path.write_bytes(content.encode("utf-8"))
-    result = run_dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *PLAIN, check=2)
+    result = dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *FLAGS, check=2)
     assert error_line(result).startswith(f"dedup: error: {tmp_path / message}")
     assert not (tmp_path / "out").exists()
 
@@ -826,7 +769,7 @@ def test_a_blocklist_with_a_bom_is_read_as_without(listed, tmp_path):
     for name, data in (("plain.txt", entries), ("bom.txt", "\ufeff" + entries)):
         (tmp_path / name).write_bytes(data.encode("utf-8"))
         out = tmp_path / name.split(".")[0]
-        run_dedup(root / "in", "--out", out, "--blocklist", tmp_path / name, *PLAIN)
+        dedup(root / "in", "--out", out, "--blocklist", tmp_path / name, *FLAGS)
         (section,) = summary(out)["references"]["blocklists"]
         counted.append((section["digests"], section["phash_codes"], section["matched"]))
         assert sorted(k for k, r in rows(out).items() if r["reason"] == "blocklist") == sorted(

@@ -5,6 +5,7 @@ phase, and errors that cross Ray's process boundary with their exit code and mes
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,37 +14,46 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from dedup.core import errors
 from dedup.core.progress import Progress
 from dedup.io import storage
-from dedup.synth import planted_dataset, write_shards
-from tests.conftest import RAY_NODE, free_port, held_inputs, read_tar, readers
-from tests.test_grey import grey_set  # noqa: F401 - a fixture
-from tests.test_hostile import DEDUP, FLAGS, dedup, error_line, outputs
-from tests.test_references import decontam  # noqa: F401 - a fixture
-from tests.test_storage import local_outputs, remote_outputs, upload
+from tests.helpers import (
+    DEDUP,
+    FLAGS,
+    RAY_NODE,
+    REPO,
+    PlantedBug,
+    dedup,
+    error_line,
+    free_port,
+    held_inputs,
+    local_outputs,
+    outputs,
+    read_tar,
+    readers,
+    remote_outputs,
+    shards_of_every_kind,
+    upload,
+)
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a simulated two-node cluster
 
 from dedup.executors.ray import RayExecutor  # noqa: E402 - after the skip without Ray
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def on(cluster) -> list[str]:
     return ["--executor", "ray", "--ray-address", cluster.address]
 
 
-@pytest.fixture(scope="module")
-def shard_set(tmp_path_factory):
-    """Five shards of about 20 planted samples, and the output of a local run of them."""
-    root = tmp_path_factory.mktemp("ray")
-    samples = planted_dataset(60, {"exact": 20, "reencode": 15}, seed=11, size=(64, 48))
-    write_shards(samples, str(root / "in"), per_shard=20)
-    dedup(root / "in", "--out", root / "local", check=0)
-    return root, samples
+@pytest.fixture
+def shard_set(five_shards):
+    """Five shards of about 20 planted samples (root/in), and the output of a local run
+    of them (root/clean): (root, samples)."""
+    return five_shards
 
 
 def survivors(out: Path) -> set[str]:
@@ -59,10 +69,10 @@ def survivors(out: Path) -> set[str]:
 def test_a_ray_run_equals_a_local_run(ray_cluster, shard_set, tmp_path):
     root, samples = shard_set
     assert len(list((root / "in").glob("*.tar"))) == 5
-    result = dedup(root / "in", "--out", tmp_path / "out", *on(ray_cluster), check=0)
-    assert outputs(tmp_path / "out") == outputs(root / "local")  # every byte
+    result = dedup(root / "in", "--out", tmp_path / "out", *on(ray_cluster), *FLAGS)
+    assert outputs(tmp_path / "out") == outputs(root / "clean")  # every byte
     kept = survivors(tmp_path / "out")
-    assert kept == survivors(root / "local")
+    assert kept == survivors(root / "clean")
     groups = [s.group for s in samples if s.key in kept and s.group is not None]
     assert sorted(groups) == sorted({s.group for s in samples if s.group is not None})
     assert {s.key for s in samples if s.group is None} <= kept  # passed through
@@ -104,7 +114,7 @@ def test_a_bad_shard_among_several_names_the_shard(ray_cluster, shard_set, tmp_p
     (inputs / "shard-000002.tar").write_bytes(os.urandom(5000))
     # Relative paths, as typed: tasks resolve them where the driver runs, not where the
     # cluster's nodes were started.
-    result = dedup("in", "--out", "out", *on(ray_cluster), check=3, cwd=tmp_path)
+    result = dedup("in", "--out", "out", *on(ray_cluster), *FLAGS, check=3, cwd=tmp_path)
     assert error_line(result).startswith("dedup: error: in/shard-000002.tar")
 
 
@@ -112,10 +122,6 @@ def raise_a_shard_error(n: int) -> int:
     if n == 3:
         raise errors.ShardError("in/x.tar", "damaged tar header", 512)
     return n
-
-
-class PlantedBug(Exception):
-    """An exception type no part of dedup knows."""
 
 
 def raise_a_planted_bug(n: int) -> int:
@@ -137,31 +143,14 @@ def test_a_task_error_comes_back_as_itself(executor):
     assert "in raise_a_planted_bug" in raised.value.worker_traceback
 
 
-class BuggyExtract:
-    """Takes the place of the pipeline's extract task in a driver that a test starts."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __call__(self, shard):
-        if shard.name == "shard-000001.tar":
-            raise PlantedBug(f"planted in {shard.name}")
-        time.sleep(0.5)  # the other parts are still running when it fails
-
-
 def run_with_a_planted_bug(*args) -> subprocess.CompletedProcess:
     code = (
-        "import sys; from dedup.commands import run as pipeline\n"
-        "from tests.test_ray import BuggyExtract\n"
-        "pipeline.ExtractTask = BuggyExtract\n"
+        "import sys; from dedup.engine import reading\n"
+        "from tests.helpers import BuggyExtract\n"
+        "reading.ExtractTask = BuggyExtract\n"
         "from dedup.cli import main; main(sys.argv[1:])"
     )
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args), *FLAGS],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    return dedup(*args, *FLAGS, check=None, cwd=REPO, program=[sys.executable, "-c", code])
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])
@@ -177,20 +166,15 @@ def test_an_unknown_exception_in_a_task_is_one_line(ray_cluster, shard_set, tmp_
 def test_without_ray_the_error_names_the_extra(shard_set, tmp_path):
     root, _ = shard_set
     code = "import sys; sys.modules['ray'] = None\nfrom dedup.cli import main; main(sys.argv[1:])"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            root / "in",
-            "--out",
-            tmp_path / "o",
-            *FLAGS,
-            "--executor",
-            "ray",
-        ],
-        capture_output=True,
-        text=True,
+    result = dedup(
+        root / "in",
+        "--out",
+        tmp_path / "o",
+        *FLAGS,
+        "--executor",
+        "ray",
+        check=errors.EXIT_USAGE,
+        program=[sys.executable, "-c", code],
     )
     assert result.returncode == errors.EXIT_USAGE
     assert result.stderr.strip() == (
@@ -203,7 +187,15 @@ def test_a_cluster_that_is_not_there_is_one_line(shard_set, tmp_path):
     root, _ = shard_set
     address = f"127.0.0.1:{free_port()}"
     result = dedup(
-        root / "in", "--out", tmp_path / "o", "--executor", "ray", "--ray-address", address
+        root / "in",
+        "--out",
+        tmp_path / "o",
+        "--executor",
+        "ray",
+        "--ray-address",
+        address,
+        *FLAGS,
+        check=errors.EXIT_USAGE,
     )
     assert result.returncode == errors.EXIT_USAGE
     assert result.stderr.strip().splitlines()[-1] == (
@@ -245,9 +237,9 @@ def test_s3_in_s3_out_on_ray_equals_a_local_run(ray_cluster, s3, shard_set, tmp_
     bucket = "s3://ray-bucket"
     storage.filesystem(bucket).mkdir("ray-bucket")
     upload(root / "in", f"{bucket}/in")
-    dedup(f"{bucket}/in/", "--out", f"{bucket}/out", *on(ray_cluster), check=0, cwd=tmp_path)
+    dedup(f"{bucket}/in/", "--out", f"{bucket}/out", *on(ray_cluster), *FLAGS, cwd=tmp_path)
     assert list(tmp_path.iterdir()) == []
-    assert remote_outputs(f"{bucket}/out") == local_outputs(root / "local")
+    assert remote_outputs(f"{bucket}/out") == local_outputs(root / "clean")
 
 
 # ------------------------------------------------------------ a node lost mid-phase
@@ -293,7 +285,7 @@ def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_
     remover = threading.Thread(target=remove_the_worker_node)
     remover.start()
     try:
-        dedup(*inputs, "--out", tmp_path / "out", *on(ray_cluster), check=0, timeout=120)
+        dedup(*inputs, "--out", tmp_path / "out", *on(ray_cluster), *FLAGS, timeout=120)
     finally:
         remover.join()
         if worker_node not in ray_cluster.worker_nodes:
@@ -305,7 +297,7 @@ def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_
     assert [name for name, _ in readers(held)].count(lost[0]) >= 2
     # Every shard byte-equal, every table row equal (its shard named by file name: here
     # the input is a pipe: command, there the file).
-    assert local_outputs(tmp_path / "out") == local_outputs(root / "local")
+    assert local_outputs(tmp_path / "out") == local_outputs(root / "clean")
 
 
 # ------------------------------------------------------------ CLIP stages as actors
@@ -314,10 +306,6 @@ def test_a_node_lost_during_extract_changes_nothing(ray_cluster, shard_set, tmp_
 def test_clip_stage_actors_give_the_output_of_a_local_run(ray_cluster, tiny224, tmp_path):
     """The shared CLIP stage as a Ray actor (on the CPU here; num_gpus=1 on a GPU
     cluster): readers on both nodes send it their batches; the output is a local run's."""
-    import json
-
-    from tests.test_clipstage import shards_of_every_kind
-
     shards_of_every_kind(tmp_path / "in")
     config, checkpoint = tiny224
     flags = [
@@ -330,45 +318,29 @@ def test_clip_stage_actors_give_the_output_of_a_local_run(ray_cluster, tiny224, 
         ("local", ["--clip-stage", "inline", "--workers", "1"]),
         ("ray", ["--clip-stage", "shared", *on(ray_cluster)]),
     ]:
-        result = subprocess.run(
-            [DEDUP, str(tmp_path / "in"), "--out", str(tmp_path / name), *flags, *extra],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+        result = dedup(tmp_path / "in", "--out", tmp_path / name, *flags, *extra)
         runs[name] = json.loads(result.stdout)
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
     assert runs["ray"]["counts"]["clip_decode"] == {"cpu_cmyk": 1, "cpu_not_jpeg": 2, "device": 6}
     assert runs["ray"]["counts"] == runs["local"]["counts"]
 
 
-def test_the_verification_tier_on_ray_equals_a_local_run(ray_cluster, grey_set, tmp_path):  # noqa: F811
+def test_the_verification_tier_on_ray_equals_a_local_run(ray_cluster, grey_set, tmp_path):
     """The views signal's grey-zone checks run as Ray tasks (images read again from the
     shards by offset on any node): the same bytes and the same verified pairs."""
-    import json
-
     root, _, _ = grey_set
     args = ["--signals", "exact,phash,views", "--workers", "2", "--keep", "first", "-q"]
     for name, extra in (("local", []), ("ray", on(ray_cluster))):
-        result = subprocess.run(
-            [DEDUP, str(root / "in"), "--out", str(tmp_path / name), *args, *extra],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
+        dedup(root / "in", "--out", tmp_path / name, *args, *extra)
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")
     summary = json.loads((tmp_path / "ray" / "dedup-report" / "summary.json").read_text())
     assert summary["counts"]["verify"]["accepted"] == 3
     assert summary["counts"]["removed_by_reason"] == {"verified": 3}
 
 
-def test_references_and_blocklists_on_ray_equal_a_local_run(ray_cluster, decontam, tmp_path):  # noqa: F811
+def test_references_and_blocklists_on_ray_equal_a_local_run(ray_cluster, decontam, tmp_path):
     """--against an image folder and --blocklist, with every phase's tasks on Ray: the
     same bytes, the same matches."""
-    import json
-
-    import pyarrow.parquet as pq
-
     root, _, truth = decontam
     args = ["--against", str(root / "eval"), "--signals", "exact,phash,views", "--workers", "2"]
     runs = {}
@@ -378,17 +350,8 @@ def test_references_and_blocklists_on_ray_equal_a_local_run(ray_cluster, deconta
             kept = [r for r in table.to_pylist() if r["kept"] and r["digest"]][3]
             (tmp_path / "list.txt").write_text(f"blake3:{kept['digest']}\n")
             args += ["--blocklist", str(tmp_path / "list.txt")]
-            subprocess.run(
-                [DEDUP, str(root / "train"), "--out", str(tmp_path / "local"), *args, "-q"],
-                check=True,
-                capture_output=True,
-            )
-        result = subprocess.run(
-            [DEDUP, str(root / "train"), "--out", str(tmp_path / name), *args, *extra, "-q"],
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
+            dedup(root / "train", "--out", tmp_path / "local", *args, "-q")
+        dedup(root / "train", "--out", tmp_path / name, *args, *extra, "-q")
         runs[name] = json.loads((tmp_path / name / "dedup-report" / "summary.json").read_text())
     runs["local"] = json.loads((tmp_path / "local" / "dedup-report" / "summary.json").read_text())
     assert outputs(tmp_path / "ray") == outputs(tmp_path / "local")

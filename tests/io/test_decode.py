@@ -1,6 +1,4 @@
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ from PIL import Image
 from dedup.core.config import Config
 from dedup.io.decode import decode_image, image_member
 from dedup.synth import encode, make_image
+from tests.helpers import png_bomb
 
 CONFIG = Config()
 
@@ -37,26 +36,6 @@ def test_format_is_sniffed_not_trusted():
 )
 def test_bad_images_get_a_reason(data, reason):
     assert decode_image(data, CONFIG).reason == reason
-
-
-def png_bomb(width, height):
-    """A valid PNG header for a huge grayscale image with a tiny compressed body."""
-
-    def chunk(kind, body):
-        return (
-            struct.pack(">I", len(body))
-            + kind
-            + body
-            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )
-
-    raw = zlib.compress(b"\x00" * (width + 1) * 64, 9)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", raw)
-        + chunk(b"IEND", b"")
-    )
 
 
 def test_pixel_limit_checked_from_header():

@@ -8,7 +8,7 @@ import pytest
 from dedup.core.errors import InputError, ShardError
 from dedup.io.shards import Shard, iter_samples, list_shards, split_member_name
 from dedup.synth import encode, make_image
-from tests.conftest import cfg, write_tar
+from tests.helpers import cfg, write_tar
 
 
 @pytest.mark.parametrize(

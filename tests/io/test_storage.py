@@ -8,8 +8,6 @@ import hashlib
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,11 +17,15 @@ import pytest
 from dedup.core import errors
 from dedup.io import storage
 from dedup.synth import planted_dataset, write_shards
-from tests.conftest import free_port
-from tests.test_hostile import error_line
-
-DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
-FLAGS = ["--signals", "exact,phash", "--workers", "2"]
+from tests.helpers import (
+    FLAGS,
+    dedup,
+    error_line,
+    free_port,
+    local_outputs,
+    remote_outputs,
+    upload,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,77 +34,15 @@ def shard_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     samples = planted_dataset(50, {"exact": 15, "reencode": 12}, seed=21, size=(64, 48))
     write_shards(samples, str(root / "in"), per_shard=20)
-    dedup(root / "in", "--out", root / "local", env=os.environ, check=0)
+    dedup(root / "in", "--out", root / "local", *FLAGS)
     return root
 
 
-def dedup(*args, env, check=None, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [DEDUP, *map(str, args), *FLAGS],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        **kwargs,
-    )
-    assert "Traceback" not in result.stderr, result.stderr
-    assert "internal error" not in result.stderr, result.stderr
-    if check is not None:
-        assert result.returncode == check, result.stderr
-    return result
-
-
-def fs():
-    return storage.filesystem("s3://x")
-
-
-def upload(local: Path, url: str) -> None:
-    for path in sorted(local.glob("*.tar")):
-        storage.put_file(str(path), f"{url.rstrip('/')}/{path.name}")
-
-
-def _tables(read) -> dict[str, list]:
-    """samples.parquet and clusters.parquet rows, shard paths reduced to file names (the
-    report names shards as they were listed: a URL or a local path)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = {}
-    for name in ("samples.parquet", "clusters.parquet"):
-        rows = pq.read_table(pa.BufferReader(read(name))).to_pylist()
-        for row in rows:
-            for column in ("shard", "duplicate_of_shard", "survivor_shard"):
-                if row.get(column):
-                    row[column] = row[column].rsplit("/", 1)[-1]
-        out[name] = rows
-    return out
-
-
-def local_outputs(out: Path) -> dict:
-    shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
-    return {**shards, **_tables(lambda n: (out / "dedup-report" / n).read_bytes())}
-
-
-def remote_outputs(url: str, report: str | None = None) -> dict:
-    report = report or f"{url}/dedup-report"
-    names = [n for n in storage.listdir(url) if n.endswith(".tar")]
-    shards = {n: storage.read_bytes(f"{url}/{n}") for n in names}
-    return {**shards, **_tables(lambda n: storage.read_bytes(f"{report}/{n}"))}
-
-
-_bucket_count = iter(range(1000))
-
-
-@pytest.fixture
-def bucket(s3):
-    name = f"bucket-{next(_bucket_count)}"
-    fs().mkdir(name)
-    return f"s3://{name}"
-
-
+@pytest.mark.slow  # S3: two runs and every object compared
 def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket, tmp_path):
     upload(shard_set / "in", f"{bucket}/in")
     result = dedup(
-        f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0, cwd=tmp_path
+        f"{bucket}/in/", "--out", f"{bucket}/out", "--json", *FLAGS, env=s3, cwd=tmp_path
     )
     assert list(tmp_path.iterdir()) == []  # nothing local, no folder named "s3:"
     summary = json.loads(result.stdout)
@@ -113,7 +53,7 @@ def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket, tmp_path):
     # A rerun reuses every shard's features (identified by size and ETag) and gives
     # the same bytes.
     again = json.loads(
-        dedup(f"{bucket}/in/", "--out", f"{bucket}/out", "--json", env=s3, check=0).stdout
+        dedup(f"{bucket}/in/", "--out", f"{bucket}/out", "--json", *FLAGS, env=s3).stdout
     )
     assert [s["features_reused"] for s in again["shards"]] == [True] * 4
     assert remote_outputs(f"{bucket}/out") == local_outputs(shard_set / "local")
@@ -123,17 +63,19 @@ def test_s3_in_s3_out_equals_a_local_run(s3, shard_set, bucket, tmp_path):
     )
 
 
+@pytest.mark.slow  # S3: a run per pattern
 def test_braces_globs_and_a_local_out(s3, shard_set, bucket, tmp_path):
     upload(shard_set / "in", f"{bucket}/in")
     for spec in (f"{bucket}/in/shard-{{000000..000003}}.tar", f"{bucket}/in/*.tar"):
         out = tmp_path / hashlib.md5(spec.encode()).hexdigest()
-        dedup(spec, "--out", out, env=s3, check=0)
+        dedup(spec, "--out", out, *FLAGS, env=s3)
         assert local_outputs(out) == local_outputs(shard_set / "local")
 
 
+@pytest.mark.slow  # S3
 def test_local_in_s3_out_with_a_local_state_dir(s3, shard_set, bucket, tmp_path):
     state = tmp_path / "state"
-    dedup(shard_set / "in", "--out", f"{bucket}/clean", "--state-dir", state, env=s3, check=0)
+    dedup(shard_set / "in", "--out", f"{bucket}/clean", "--state-dir", state, *FLAGS, env=s3)
     assert remote_outputs(f"{bucket}/clean") == local_outputs(shard_set / "local")
     assert len(list(state.glob("*.done"))) == 4
     assert not [n for n in storage.listdir(f"{bucket}/clean/.dedup") if n == "features"]
@@ -146,13 +88,13 @@ def test_a_shard_that_vanishes_mid_run_is_named(s3, shard_set, bucket, monkeypat
 
     upload(shard_set / "in", f"{bucket}/in")
     gone = f"{bucket}/in/shard-000002.tar"
-    original = pipeline.plan
+    original = pipeline.cluster_phase
 
     def plan_then_delete(*args):
         storage.remove(gone)
         return original(*args)
 
-    monkeypatch.setattr(pipeline, "plan", plan_then_delete)
+    monkeypatch.setattr(pipeline, "cluster_phase", plan_then_delete)
     config = Config(signals=("exact", "phash"), workers=2)
     with pytest.raises(errors.InputError, match=f"^{gone}: no such object"):
         pipeline.run([f"{bucket}/in/"], f"{bucket}/out", config)
@@ -162,7 +104,7 @@ def test_a_shard_that_vanishes_mid_run_is_named(s3, shard_set, bucket, monkeypat
 def test_a_damaged_object_among_several_is_exit_3(s3, shard_set, bucket):
     upload(shard_set / "in", f"{bucket}/in")
     storage.put_bytes(f"{bucket}/in/shard-000001.tar", b"not a tar" * 100)
-    result = dedup(f"{bucket}/in/", "--out", f"{bucket}/out", env=s3, check=3)
+    result = dedup(f"{bucket}/in/", "--out", f"{bucket}/out", *FLAGS, env=s3, check=3)
     assert (
         result.stderr.strip()
         .splitlines()[-1]
@@ -170,6 +112,7 @@ def test_a_damaged_object_among_several_is_exit_3(s3, shard_set, bucket):
     )
 
 
+@pytest.mark.slow  # S3 client retries against a closed port
 def test_an_unreachable_endpoint_is_one_line(shard_set, tmp_path):
     pytest.importorskip("s3fs")
     env = {
@@ -178,27 +121,32 @@ def test_an_unreachable_endpoint_is_one_line(shard_set, tmp_path):
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_MAX_ATTEMPTS": "1",
     }
-    result = dedup("s3://nowhere/in/", "--out", tmp_path / "out", env=env, check=3, timeout=120)
+    result = dedup(
+        "s3://nowhere/in/", "--out", tmp_path / "out", *FLAGS, env=env, check=3, timeout=120
+    )
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dedup: error: s3://nowhere/in/: ")
     assert "after 4 tries" in lines[0]
     assert not (tmp_path / "out").exists()
-    out = dedup(shard_set / "in", "--out", "s3://nowhere/out", env=env, check=4, timeout=120)
+    out = dedup(
+        shard_set / "in", "--out", "s3://nowhere/out", *FLAGS, env=env, check=4, timeout=120
+    )
     assert out.stderr.strip().splitlines()[-1].startswith("dedup: error: s3://nowhere/out")
 
 
+@pytest.mark.slow  # S3: three runs
 def test_s3_out_refusals_and_lock(s3, shard_set, bucket):
     storage.put_bytes(f"{bucket}/mine/notes.txt", b"mine")
-    refused = dedup(shard_set / "in", "--out", f"{bucket}/mine", env=s3, check=4)
+    refused = dedup(shard_set / "in", "--out", f"{bucket}/mine", *FLAGS, env=s3, check=4)
     assert "was not written by dedup" in refused.stderr
     assert storage.read_bytes(f"{bucket}/mine/notes.txt") == b"mine"
     lock = f"{bucket}/out/.dedup/lock"
     storage.put_bytes(f"{bucket}/out/.dedup/job.json", b"{}")
     storage.put_bytes(lock, json.dumps({"host": "elsewhere", "pid": 42}).encode())
-    busy = dedup(shard_set / "in", "--out", f"{bucket}/out", env=s3, check=4)
+    busy = dedup(shard_set / "in", "--out", f"{bucket}/out", *FLAGS, env=s3, check=4)
     assert "another dedup run (pid 42 on elsewhere) is writing here" in busy.stderr
     storage.remove(lock)
-    dedup(shard_set / "in", "--out", f"{bucket}/out", env=s3, check=0)
+    dedup(shard_set / "in", "--out", f"{bucket}/out", *FLAGS, env=s3)
     assert not storage.exists(lock)  # released at the end
 
 
@@ -220,21 +168,21 @@ def http_root(shard_set):
 def test_http_and_pipe_inputs_equal_a_local_run(shard_set, http_root, tmp_path):
     pytest.importorskip("aiohttp")
     out = tmp_path / "http"
-    dedup(f"{http_root}/shard-{{000000..000003}}.tar", "--out", out, env={}, check=0)
+    dedup(f"{http_root}/shard-{{000000..000003}}.tar", "--out", out, *FLAGS)
     assert local_outputs(out) == local_outputs(shard_set / "local")
     shards = sorted((shard_set / "in").glob("*.tar"))
     pipes = [f"pipe:cat {p}" for p in shards]
     out = tmp_path / "pipe"
-    dedup(*pipes, "--out", out, env={}, check=0)
+    dedup(*pipes, "--out", out, *FLAGS)
     assert local_outputs(out) == local_outputs(shard_set / "local")
-    again = json.loads(dedup(*pipes, "--out", out, "--json", env={}, check=0).stdout)
+    again = json.loads(dedup(*pipes, "--out", out, "--json", *FLAGS).stdout)
     assert [s["features_reused"] for s in again["shards"]] == [True] * 4
 
 
 def test_a_failing_pipe_command_is_exit_3(shard_set, tmp_path):
     shards = sorted((shard_set / "in").glob("*.tar"))
     broken = f"pipe:cat {shards[0]}; exit 7 # {shards[0].name}"
-    result = dedup(broken, f"pipe:cat {shards[1]}", "--out", tmp_path / "o", env={}, check=3)
+    result = dedup(broken, f"pipe:cat {shards[1]}", "--out", tmp_path / "o", *FLAGS, check=3)
     assert "exited with status 7" in result.stderr.strip().splitlines()[-1]
 
 
@@ -265,7 +213,7 @@ def test_one_prefix_spelled_two_ways_is_one_place(s3, shard_set, bucket):
         n: storage.read_bytes(f"{bucket}/victim/{n}") for n in storage.listdir(f"{bucket}/victim")
     }
     spelled = bucket.replace("s3://", "s3a://") + "//victim/"
-    result = dedup(spelled, "--out", f"{bucket}/victim", "--overwrite", env=s3, check=4)
+    result = dedup(spelled, "--out", f"{bucket}/victim", "--overwrite", *FLAGS, env=s3, check=4)
     assert "holds input shard" in result.stderr.strip().splitlines()[-1]
     after = {
         n: storage.read_bytes(f"{bucket}/victim/{n}") for n in storage.listdir(f"{bucket}/victim")
@@ -273,11 +221,12 @@ def test_one_prefix_spelled_two_ways_is_one_place(s3, shard_set, bucket):
     assert after == before
 
 
+@pytest.mark.slow  # S3
 def test_uploads_in_the_making_stay_in_the_runs_scratch_folder(s3, shard_set, bucket, tmp_path):
     scratch_root = tmp_path / "tmp"
     scratch_root.mkdir()
     env = {**s3, "TMPDIR": str(scratch_root)}
-    dedup(shard_set / "in", "--out", f"{bucket}/out", env=env, check=0)
+    dedup(shard_set / "in", "--out", f"{bucket}/out", *FLAGS, env=env)
     assert list(scratch_root.iterdir()) == []
 
 
@@ -291,6 +240,7 @@ def test_the_scratch_folder_goes_when_a_run_fails():
     assert not os.path.exists(path) and SCRATCH_ENV not in os.environ
 
 
+@pytest.mark.slow  # S3: two runs
 def test_a_stale_lock_object_is_taken_over_and_a_taken_lock_is_left_alone(
     s3, shard_set, bucket, monkeypatch
 ):
@@ -317,6 +267,7 @@ def test_a_stale_lock_object_is_taken_over_and_a_taken_lock_is_left_alone(
     assert storage.read_bytes(lock) == b'{"token": "the new owner"}'
 
 
+@pytest.mark.slow  # S3: four runs
 def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, bucket, tmp_path):
     """Objects and prefixes whose names hold glob or brace characters, each given as an
     input, with decoys that the pattern would match (not tars: reading one fails the
@@ -336,7 +287,7 @@ def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, 
         storage.put_bytes(url, b"a decoy, not a tar" * 40)
     inputs = [f"{lit}/x[1].tar", f"{lit}/y{{1,2}}.tar", f"{lit}/d[1]/", f"{lit}/e{{1,2}}"]
     out = tmp_path / "out"
-    result = dedup(*inputs, "--out", out, "--json", env=s3, check=0)
+    result = dedup(*inputs, "--out", out, "--json", *FLAGS, env=s3)
     summary = json.loads(result.stdout)
     assert [s["shard"] for s in summary["shards"]] == list(named)
     local = json.loads((shard_set / "local" / "dedup-report" / "summary.json").read_text())
@@ -349,7 +300,9 @@ def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, 
     assert written == expected
     # A prefix that exists but holds no shard is named, even after one that does.
     storage.put_bytes(f"{lit}/notes[1]/readme.txt", b"no shards here")
-    empty = dedup(f"{lit}/x[1].tar", f"{lit}/notes[1]/", "--out", tmp_path / "o2", env=s3, check=3)
+    empty = dedup(
+        f"{lit}/x[1].tar", f"{lit}/notes[1]/", "--out", tmp_path / "o2", *FLAGS, env=s3, check=3
+    )
     assert error_line(empty) == f"dedup: error: {lit}/notes[1]/: names no *.tar shards"
     # --against goes through the same listing: the object, never the decoy; it counts and
     # removes exactly what the same shard given as a local file does.
@@ -359,7 +312,7 @@ def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, 
     runs = {}
     for name, ref in (("url", f"{lit}/x[1].tar"), ("local", copy)):
         out = tmp_path / name
-        done = dedup(shard_set / "in", "--out", out, "--against", ref, "--json", env=s3, check=0)
+        done = dedup(shard_set / "in", "--out", out, "--against", ref, "--json", *FLAGS, env=s3)
         section = json.loads(done.stdout)["references"]["against"]
         assert [r.pop("reference") for r in section] == [str(ref)]
         samples = pq.read_table(out / "dedup-report" / "samples.parquet").to_pylist()
@@ -370,6 +323,7 @@ def test_a_url_that_names_an_object_or_prefix_is_never_a_pattern(s3, shard_set, 
     assert section[0]["matched"] == sum(reason == "reference" for _, _, reason in decided) >= 19
 
 
+@pytest.mark.slow  # an HTTP server and a run
 def test_an_http_url_that_names_a_file_is_never_a_brace_pattern(shard_set, tmp_path):
     """`https://host/x{1,2}.tar` that the server has is that file, not x1.tar and x2.tar
     (decoys here, not tars: reading one fails the run)."""
@@ -385,7 +339,7 @@ def test_an_http_url_that_names_a_file_is_never_a_brace_pattern(shard_set, tmp_p
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/x{{1,2}}.tar"
-        result = dedup(url, *shards[1:], "--out", tmp_path / "out", "--json", env={}, check=0)
+        result = dedup(url, *shards[1:], "--out", tmp_path / "out", "--json", *FLAGS)
     finally:
         server.shutdown()
     summary = json.loads(result.stdout)

@@ -1,10 +1,8 @@
 """The HTML report: its data without a browser, then the page in headless Chromium."""
 
-import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,9 +13,9 @@ from dedup.commands.run import run
 from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
 from dedup.report.html import risk_tiers
 from dedup.synth import planted_dataset, write_shards
-from tests.conftest import cfg
+from tests.helpers import REPO, cfg, chromium, render_in_chromium
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+ARTIFACTS = REPO / "artifacts"
 
 
 def test_risk_tiers_count_clusters_and_samples():
@@ -93,55 +91,9 @@ def test_report_command_rerenders_the_same_page(report, tmp_path):
     assert (copy / "report.html").read_bytes() == (report_dir / "report.html").read_bytes()
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI"):
-        pytest.fail("CI must install Debian's chromium (.ci/run does)")
-    pytest.skip("no chromium here; .ci/run installs it")
-
-
-def render_in_chromium(page: Path, tmp_path) -> tuple[str, str, list[str]]:
-    """(the page's <body> attributes after load, its DOM, the browser's flags), the
-    network off."""
-    browser = _chromium()
-    flags = chromium_flags(tmp_path)
-    dom = subprocess.run(
-        [browser, *flags, "--dump-dom", page.resolve().as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert not [line for line in console if "ERROR" in line or "Uncaught" in line], console
-    return re.search(r"<body([^>]*)>", dom.stdout).group(1), dom.stdout, flags
-
-
-def chromium_flags(tmp_path) -> list[str]:
-    return [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--proxy-server=127.0.0.1:9",
-        "--proxy-bypass-list=<-loopback>",  # network off
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=5000",
-    ]
-
-
 def test_report_renders_in_headless_chromium(report, tmp_path):
     report_dir, _ = report
-    browser = _chromium()
+    browser = chromium()
     url = (report_dir / "report.html").resolve().as_uri()
     body, _, flags = render_in_chromium(report_dir / "report.html", tmp_path)
     images = int(re.search(r'data-first-strip-images="(\d+)"', body).group(1))

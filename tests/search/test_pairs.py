@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from dedup.core.config import Config
-from dedup.engine.cluster import Candidates, cluster
+from dedup.engine.cluster import cluster
 from dedup.search.pairs import hamming_pairs, unique_codes
+from dedup.signals.edges import Candidates
 from dedup.signals.phash import hamming
 
 
@@ -113,7 +114,7 @@ def test_survivor_rule_largest_then_bytes_then_order():
     )
     result = cluster(cand, Config(keep="largest"))
     assert result.survivor.tolist() == [2] * 5
-    from dedup.engine.cluster import DECISIONS
+    from dedup.signals.edges import DECISIONS
 
     assert [DECISIONS[r] for r in result.reason] == ["phash", "phash", "survivor", "exact", "phash"]
     first = cluster(cand, Config(keep="first"))
@@ -200,7 +201,7 @@ def _chain_candidates(codes):
 
 
 def test_star_rule_cuts_chains():
-    from dedup.engine.cluster import DECISIONS
+    from dedup.signals.edges import DECISIONS
 
     cand = _chain_candidates(_chain_codes())
     comp = cluster(

@@ -15,7 +15,7 @@ from dedup.core.errors import ModelError
 from dedup.search.pairs import cosine_pairs
 from dedup.signals.clip import Embedder, resolve
 from dedup.synth import encode, make_image
-from tests.conftest import cfg, read_tar, tiny_model, write_tar
+from tests.helpers import cfg, read_tar, tiny_model, write_tar
 
 torch = pytest.importorskip("torch")
 faiss = pytest.importorskip("faiss")
@@ -283,7 +283,7 @@ x = torch.randn(1500, 1500)
 (x @ x).sum()  # the driver's own torch work after resolve(), as a 1-shard run does
 from dedup.executors.local import LocalExecutor
 from dedup.core.progress import Progress
-from tests.test_clip import near_identical_pairs
+from tests.helpers import near_identical_pairs
 print(LocalExecutor(2).map(near_identical_pairs, [1, 2], Progress("t", total_items=2)))
 """
     result = subprocess.run(
@@ -293,19 +293,11 @@ print(LocalExecutor(2).map(near_identical_pairs, [1, 2], Progress("t", total_ite
     assert result.stdout.strip() == "[499500, 499500]"
 
 
-def near_identical_pairs(seed: int) -> int:
-    """Pairs among 1,000 near-identical unit vectors: FAISS runs it in parallel."""
-    v = np.random.default_rng(seed).normal(size=(1000, 64)).astype("float32") * 0.01 + 1
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return len(cosine_pairs(v, 0.9)[0])
-
-
 def test_a_model_with_a_timm_image_tower_loads_and_embeds(tmp_path):
     """Towers built by timm (EVA, ConvNeXt, SigLIP configs) have no `output_dim`; the
     embedding size comes from the model config."""
     pytest.importorskip("timm")
     from dedup.signals.clipstage import JPEG, BatchBuilder, ClipStage
-    from tests.conftest import tiny_model
 
     timm_tower = {
         "embed_dim": 24,

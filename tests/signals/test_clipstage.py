@@ -5,6 +5,8 @@ counted; rows kept aligned when some of a batch fail. The same code runs on a GP
 import io
 import os
 import signal
+import subprocess
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -30,7 +32,17 @@ from dedup.signals.clipstage import (
     pixels_of,
 )
 from dedup.synth import make_image
-from tests.conftest import cfg, read_tar, write_tar
+from tests.helpers import (
+    DEDUP,
+    cfg,
+    exif_tagged,
+    held_inputs,
+    read_tar,
+    readers,
+    shards_of_every_kind,
+    with_orientation,
+    write_tar,
+)
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -45,22 +57,6 @@ def jpeg(img, **options) -> bytes:
     out = io.BytesIO()
     img.save(out, "JPEG", **options)
     return out.getvalue()
-
-
-def with_orientation(img, orientation: int) -> bytes:
-    """`img` stored so that a viewer applying EXIF `orientation` shows `img`: stored
-    transformed by the inverse of that orientation's transform."""
-    inverse = {6: 8, 8: 6}.get(orientation, orientation)
-    stored = ImageOps.exif_transpose(_tagged(img, inverse))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return jpeg(stored, quality=95, exif=exif.tobytes())
-
-
-def _tagged(img, orientation):
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return Image.open(io.BytesIO(jpeg(img, quality=95, exif=exif.tobytes())))
 
 
 def varied_images() -> list[tuple[str, bytes]]:
@@ -93,7 +89,7 @@ def test_orient_is_pillows_exif_transpose():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
     for orientation in range(1, 9):
-        img = _tagged(Image.fromarray(pixels), orientation)
+        img = exif_tagged(Image.fromarray(pixels), orientation)
         want = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
         got = orient(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1), orientation)
         # JPEG changed the values; compare with the same decoded values, transposed
@@ -194,33 +190,6 @@ def test_a_stage_that_cannot_start_is_a_model_error(tiny224, tmp_path):
     gone.unlink()
     with pytest.raises(ModelError, match="cannot start the stage on cpu"):
         StageProcesses(moved, ["cpu"])
-
-
-def shards_of_every_kind(root) -> dict[str, bytes]:
-    """Three shards: JPEGs (some repeated and re-encoded), PNG, CMYK, EXIF-rotated,
-    grayscale, a truncated JPEG that no decoder reads, and a caption-only sample."""
-    pictures = [make_image(40 + k, 320, 240) for k in range(6)]
-    items = {
-        "a0": jpeg(pictures[0], quality=92),
-        "a1": jpeg(pictures[1]),
-        "a2": _png(pictures[2]),
-        "a3": jpeg(pictures[0], quality=92),  # a0's bytes
-        "b0": jpeg(pictures[3].convert("CMYK")),
-        "b1": with_orientation(pictures[4], 6),
-        "b2": jpeg(pictures[5].convert("L")),
-        "b3": jpeg(pictures[1])[:900],  # truncated
-        "c0": jpeg(pictures[3]),
-        "c1": jpeg(pictures[2], quality=97),
-        "c2": _png(pictures[1]),
-    }
-    for shard in "abc":
-        members = []
-        for key in sorted(k for k in items if k[0] == shard):
-            members += [(f"{key}.jpg", items[key]), (f"{key}.txt", key.encode())]
-        if shard == "c":
-            members.append(("c9.txt", b"caption only"))
-        write_tar(str(root / f"{shard}.tar"), members)
-    return items
 
 
 def clip_run(tiny224, tmp_path, name, skip_bad_shards=False, **settings):
@@ -325,15 +294,10 @@ def group_processes(pgid: int) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # a held run with a CLIP stage process, then SIGINT
 def test_ctrl_c_stops_a_run_with_a_shared_stage_cleanly(tiny224, tmp_path):
     """Ctrl-C reaches the whole process group, stage included: one line, exit 130, and
     no stage process or shared-memory block left behind."""
-    import subprocess
-    import time
-
-    from tests.conftest import held_inputs, readers
-    from tests.test_hostile import DEDUP
-
     shards_of_every_kind(tmp_path / "in")
     held = tmp_path / "held"
     inputs = held_inputs(tmp_path, held)

@@ -12,9 +12,10 @@ from PIL import Image
 
 from dedup.commands.run import run
 from dedup.core.config import Config
-from dedup.engine.cluster import DECISIONS, Candidates, cluster, direct_links
+from dedup.engine.cluster import cluster
 from dedup.io.decode import decode_image
 from dedup.search.pairs import maxabs_pairs, unique_codes
+from dedup.signals.edges import DECISIONS, Candidates, direct_links
 from dedup.signals.phash import (
     DETAIL_FLOOR,
     LOW_DETAIL_BITS,
@@ -28,7 +29,7 @@ from dedup.signals.phash import (
     stack_shrunk,
 )
 from dedup.synth import encode, make_digit, make_image
-from tests.conftest import cfg, write_tar
+from tests.helpers import cfg, write_tar
 
 COLOURS = {
     "black": (0, 0, 0),
