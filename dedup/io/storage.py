@@ -369,7 +369,12 @@ def exists(url: str, error: type[DedupError] = OutputError) -> bool:
     if not is_url(url):
         return os.path.exists(url)
     fs = filesystem(url)
-    return retry(lambda: fs.exists(url), url, error)
+
+    def now() -> bool:
+        fs.invalidate_cache(url)  # as the store holds it now, not as listed earlier
+        return fs.exists(url)
+
+    return retry(now, url, error)
 
 
 # ---------------------------------------------------------------- a path or a URL
@@ -427,10 +432,13 @@ def names_in(path: str) -> list[str]:
 
 
 def listdir(url: str, error: type[DedupError] = OutputError) -> list[str]:
-    """Names directly under a prefix ([] when there is none)."""
+    """Names directly under a prefix ([] when there is none), as the store holds them now:
+    never a listing cached earlier in this process (a claim, a retired output or another
+    task's results may have changed it since)."""
     fs = filesystem(url)
 
     def names() -> list[str]:
+        fs.invalidate_cache(url.rstrip("/"))
         try:
             return sorted(basename(e) for e in fs.ls(url.rstrip("/"), detail=False))
         except FileNotFoundError:

@@ -18,12 +18,15 @@ from dedup.synth import planted_dataset, write_shards
 from tests.helpers import (
     DEDUP,
     FLAGS,
+    NO_MODEL_FLAGS,
     VIEWS,
     add_sample,
     dedup,
     error_line,
     first_image,
+    local_outputs,
     outputs,
+    remote_outputs,
     started_together,
     upload,
 )
@@ -331,3 +334,53 @@ def test_a_new_job_retires_the_finished_summary_at_once(small_set, tmp_path):
     dedup("write", "--out", out, "--part", "1/2")
     assert json.loads((out / ".dedup" / "job.json").read_text())["complete"] is True
     assert outputs(out) == one_run(fewer, tmp_path / "one")
+
+
+@pytest.mark.slow  # about twenty tasks against the S3 server
+def test_reruns_part_counts_settings_and_new_jobs_in_object_storage(small, s3, bucket, tmp_path):
+    """The orchestrator's schedule in S3: a task's own settings differ between parts; the
+    part count changes; an input object is replaced after a finished run and only
+    cluster and write rerun (the changed object is extracted again); a new job retires
+    the finished summary at once. OUT equals one run over the inputs as they are."""
+    inputs, out = f"{bucket}/in", f"{bucket}/out"
+    upload(small, inputs)
+    summary = f"{out}/dedup-report/summary.json"
+
+    def run_parts(n, *extra, listing=(f"{inputs}/",)):
+        for i in range(n):
+            workers = ["--workers", str(1 + i % 2)]
+            dedup("extract", *listing, "--out", out, "--part", f"{i}/{n}", *NO_MODEL_FLAGS,
+                  *workers, *extra, env=s3)  # fmt: skip
+
+    def oracle(name: str, folder) -> dict:
+        dedup(*sorted(folder.glob("*.tar")), "--out", tmp_path / name, *FLAGS)
+        return local_outputs(tmp_path / name)
+
+    dedup("extract", f"{inputs}/", "--out", out, "--part", "0/2", *FLAGS, env=s3)
+    run_parts(3)  # the part count changed: parts of 2 are discarded
+    dedup("cluster", "--out", out, "--workers", "1", env=s3)
+    dedup("write", "--out", out, "--part", "0/1", env=s3)
+    assert remote_outputs(out) == oracle("one", small)
+    # An input object replaced (a new ETag); only cluster and write rerun.
+    shard = sorted(small.glob("*.tar"))[3]
+    add_sample(shard, "added-copy", first_image(sorted(small.glob("*.tar"))[0]))
+    storage.put_file(str(shard), f"{inputs}/{shard.name}")
+    again = dedup("cluster", "--out", out, env=s3)
+    assert "1 shards changed since their extract part read them" in again.stderr
+    assert not storage.exists(summary)  # OUT is being rewritten
+    for i in range(2):
+        dedup("write", "--out", out, "--part", f"{i}/2", env=s3)
+    assert remote_outputs(out) == oracle("two", small)
+    # A new job (fewer inputs): its first part retires the finished summary.
+    fewer = [f"{inputs}/{p.name}" for p in sorted(small.glob("*.tar"))[:2]]
+    run_parts(2, listing=fewer)
+    assert not storage.exists(summary)
+    job = json.loads(storage.read_bytes(f"{out}/.dedup/job.json"))
+    assert job["complete"] is False
+    dedup("cluster", "--out", out, env=s3)
+    dedup("write", "--out", out, "--part", "0/1", env=s3)
+    folder = tmp_path / "fewer"
+    folder.mkdir()
+    for p in sorted(small.glob("*.tar"))[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    assert remote_outputs(out) == oracle("three", folder)
