@@ -1,4 +1,4 @@
-"""Command line: options -> Config -> pipeline.run(); no logic of its own."""
+"""Command line: options -> Config -> one command call; no logic of its own."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Both plant edited copies of sampled images (dedup.engine.edits) into shards of their own, in a
 scratch folder, read them through the run's own extract phase and executor, and ask of
 each (original, copy) pair what each signal's rule says at the config's thresholds
-(cluster.pair_links), the views signal's grey zone checked by the verification tier as a
+(signals.edges.pair_links), the views signal's grey zone checked by the verification tier as a
 run checks it. Nothing planted ever reaches OUT or a decision about a real sample.
 
 `dedup calibrate` also measures how often unrelated sampled images fall within each

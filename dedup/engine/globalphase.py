@@ -21,9 +21,9 @@ worker count.
 4. components (the driver, from edges only): compact ids, union-find, components
    grouped into parts of about `partition_rows` rows.
 5. members (per shard): the features of the rows in components, scattered by group.
-6. resolve (per group): the star rule (cluster.resolve) on whole components.
+6. resolve (per group): the star rule (engine.cluster.resolve) on whole components.
 
-The driver holds, per sample, the decisions the write phase needs (see pipeline.Plan),
+The driver holds, per sample, the decisions the write phase needs (see engine.plan.Plan),
 and every edge while it forms components; the README gives the figures.
 """
 

@@ -2,7 +2,7 @@
 the hashes alone (beyond phash_threshold for the two full frames, beyond views_threshold
 for a trimmed frame, a crop or a mirror) but within the grey zone's bound
 (Config.grey_bound) are checked by local features under one geometric transform
-(dedup/verify.py): the pairs among the `verify_per_image` nearest candidates of either
+(dedup/engine/verify.py): the pairs among the `verify_per_image` nearest candidates of either
 of their images. The images are read again from the input shards by offset.
 """
 

@@ -6,8 +6,8 @@ features it reads, the settings and constants its features depend on (the featur
 store's fingerprint), its thresholds (the summary), the kinds of link it makes (the
 report), and its pair search over in-memory candidates (`dedup.engine.cluster.cluster`, the
 one-process oracle). The phases loop over the registry; a new signal is a module here,
-an entry below, its compute step in extract.py and its partitioned search in
-globalphase.py.
+an entry below, its compute step in engine/extract.py and its partitioned search in
+engine/pairtasks.py and engine/records.py.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ REGISTRY: dict[str, Signal] = {
             columns=(pa.field("clip", pa.binary()),),  # float16 L2-normalized embedding
             needs=(),
             links=("clip",),
-            settings=(),  # the model's own fingerprint is added by extract.py
+            settings=(),  # the model's own fingerprint is added by engine/extract.py
             constants=(),
             thresholds=lambda c: {"clip": c.clip_threshold},
             pairs="dedup.signals.edges:clip_signal_edges",

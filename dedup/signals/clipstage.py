@@ -14,7 +14,7 @@ Where the stage runs:
 - `shared`: one process per device that owns the model (the GPU default). Readers reach
   it over a local socket; each batch's bytes travel through a shared-memory block the
   reader creates, never as pickled arrays; the vectors come back on the socket.
-- under the Ray executor, one actor per GPU (see dedup/ray_executor.py).
+- under the Ray executor, one actor per GPU (see dedup/executors/ray.py).
 
 Each batch is one reader's batch, never mixed with another reader's, so a vector does not
 depend on which rows other workers happened to send at the same time.

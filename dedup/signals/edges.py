@@ -46,7 +46,7 @@ NOT_ANCHOR, REFERENCE, BLOCKED = 0, 1, 2
 # and `tiny` are the pHash signal's rules for low-detail and for tiny images: their
 # colour signatures match.
 # `views` and `verified` are the views signal's two tiers: its hashes alone, and its grey
-# zone confirmed by local features (dedup/verify.py).
+# zone confirmed by local features (dedup/engine/verify.py).
 SIGNALS = ("exact", "phash", "clip", "flat", "tiny", "views", "verified")
 EXACT, PHASH, CLIP, FLAT, TINY, VIEWS, VERIFIED = range(7)
 # Which signal names a removal when several link a pair: exact, then phash, flat or

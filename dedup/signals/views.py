@@ -9,7 +9,7 @@ one picture matches the whole of its copy, but two crops never match each other
 (neighbouring tiles of one photograph would), nor two mirrors (see KIND). The hashes
 alone link the two full frames within phash_threshold and any other allowed pair within
 the stricter views_threshold; the pairs beyond, up to the grey zone's bound, are what
-dedup/grey.py and dedup/verify.py check by local features (link kind `verified`).
+dedup/engine/grey.py and dedup/engine/verify.py check by local features (link kind `verified`).
 """
 
 from __future__ import annotations
