@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pickle
 import time
 import uuid
@@ -293,10 +292,6 @@ def _markers(out: str, phase: str) -> list[str]:
     folder = _folder(out)
     names = storage.names_in(folder)
     return sorted(n for n in names if n.startswith(phase + "-") and n.endswith(".pickle"))
-
-
-def _local_names(folder: str) -> list[str]:
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
 
 def _plan_name() -> str:

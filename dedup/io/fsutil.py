@@ -16,6 +16,9 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from dedup.core.errors import OUTPUT_ERRNOS, OutputError, output_error
 from dedup.io import storage
 
@@ -133,9 +136,6 @@ def read_regular_file(path: str, limit: int | None = None) -> bytes:
 
 def read_table(path: str, **options):
     """A Parquet file at a path or URL, read whole (options as pyarrow.parquet.read_table)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
     return pq.read_table(source, **options)
 
