@@ -14,7 +14,7 @@ depend on them; saved to a checkpoint and loaded by path, as real weights are):
    the Pillow path it replaced (`--clip-decode pillow --clip-stage inline`) as the
    baseline of the same run; process start included.
 
-The end-to-end input is the image set `--copies` times over (shards linked under other
+The end-to-end input is the image set `--copies` times over (shards copied under other
 names: every copy is read and decoded again), so that a run lasts long enough for its
 start-up (processes, model loading) not to hide the rate. Targets from issue 12 are
 checked and printed; everything is written to bench-data/bench-gpu.json.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -304,9 +305,8 @@ def measure(args: argparse.Namespace) -> None:
         os.makedirs(linked)
         for c in range(args.copies):
             for path in shards:
-                os.symlink(
-                    os.path.abspath(path), os.path.join(linked, f"c{c}-{os.path.basename(path)}")
-                )
+                # copies, not links: dedup refuses one file listed twice under two names
+                shutil.copyfile(path, os.path.join(linked, f"c{c}-{os.path.basename(path)}"))
         total = len(blobs) * args.copies
         print(
             f"end to end on {total:,} images ({args.copies} copies of the set), "
