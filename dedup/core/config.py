@@ -16,7 +16,18 @@ import yaml
 
 from dedup.core.errors import ConfigError
 
-KNOWN_SIGNALS = ("exact", "phash", "views", "clip")  # dedup.signals.REGISTRY's names
+KNOWN_SIGNALS = ("exact", "phash", "views", "clip")  # dedup.signals.REGISTRY's built-ins
+# Signals a plugin registered (dedup.signals.register adds their names here): they may be
+# named in `signals`; `auto` never turns them on.
+PLUGIN_SIGNALS: list[str] = []
+PLUGIN_ERRORS: dict[str, str] = {}  # a plugin that failed to load: why (named: exit 2)
+
+
+def signal_choices() -> tuple[str, ...]:
+    """Every signal a config may name: the built-ins, then the plugins'."""
+    return (*KNOWN_SIGNALS, *PLUGIN_SIGNALS)
+
+
 # `signals: auto` (the default): every signal that can run here. CLIP when torch and
 # open_clip are installed (dedup-wds[clip]) and its weights are found; else the others,
 # with one log line saying why (dedup.commands.run.choose_signals).
@@ -97,14 +108,16 @@ class Config:
 
     def __post_init__(self) -> None:
         if not self.signals:
-            known = ", ".join(KNOWN_SIGNALS)
+            known = ", ".join(signal_choices())
             raise ConfigError(f"signals: at least one signal is needed ({known})")
         if "auto" in self.signals and self.signals != AUTO:
             raise ConfigError("signals: auto stands alone (every signal that can run here)")
         for name in self.signals if self.signals != AUTO else ():
-            if name not in KNOWN_SIGNALS:
+            if name in PLUGIN_ERRORS:
+                raise ConfigError(PLUGIN_ERRORS[name])
+            if name not in signal_choices():
                 raise ConfigError(
-                    f"signals: unknown signal {name!r}; known: {', '.join(KNOWN_SIGNALS)}"
+                    f"signals: unknown signal {name!r}; known: {', '.join(signal_choices())}"
                 )
         if len(set(self.signals)) != len(self.signals):
             raise ConfigError(f"signals: listed twice in {','.join(self.signals)}")

@@ -27,7 +27,7 @@ from dedup.engine.grey import TASK_PAIRS, PairCheck
 from dedup.engine.job import Job
 from dedup.engine.plan import work_folder
 from dedup.engine.reading import extract_all
-from dedup.engine.records import members_candidates, read_members, vectors_of
+from dedup.engine.records import members_candidates, plugin_codes, read_members, vectors_of
 from dedup.engine.rows import starts_of
 from dedup.io import storage
 from dedup.io.decode import decode_image, image_member, is_image_name, read_header
@@ -231,7 +231,7 @@ def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.
     views = "views" in config.signal_names
     for pos, f in enumerate(features):
         good = np.flatnonzero(ok[pos])
-        records = read_members(f.path, int(starts[pos]), good, dim, views)
+        records = read_members(f.path, int(starts[pos]), good, dim, views, plugin_codes(config))
         full = np.zeros(f.rows, dtype=records.dtype)
         full[good] = records
         full["row"] = np.arange(f.rows) + starts[pos]

@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from dedup import __version__, signals
 from dedup.core.config import Config
-from dedup.core.errors import ShardError
+from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import REPORT_EVERY, advance
 from dedup.io import storage
 from dedup.io.decode import decode_image, image_member, is_image_name, read_header
@@ -182,6 +182,10 @@ def compute_features(
     bytes decode to equal features.
     """
     computed = signals.computed(config)
+    # `codes` plugins: their functions read the images the pHash decodes
+    plugins = [
+        (s.columns[0].name, s.compute_function()) for s in signals.plugins() if s.name in computed
+    ]
     want_views = "views" in computed
     want_phash = "phash" in computed  # the views signal starts from the pHash's input
     hash_draft = IMG_SIZE if (want_phash and config.phash_draft) else None
@@ -208,6 +212,7 @@ def compute_features(
     pending_views: list = []
     pending_smalls: list = []
     pending_bytes: list = []  # image bytes, for an RGB decode if the image is low-detail
+    pending_images: list = []  # decoded images, for the plugins (only when there are some)
     seen: dict[bytes, int] = {}  # digest -> first row with those image bytes
     copies: list[tuple[int, int]] = []  # (row, first row) whose features are copied at the end
     skipped: Counter = Counter()
@@ -230,7 +235,10 @@ def compute_features(
                     again = decode_image(data, config, draft=hash_draft, draft_mode="RGB")
                     if again.image is not None:
                         signature_col[row_index] = colour_signature(again.image)
+            for column, compute in plugins:
+                _plugin_codes(column, compute, pending_images, pending_rows, cols[column], config)
             pending_rows.clear()
+            pending_images.clear()
             pending_smalls.clear()
             pending_views.clear()
             pending_bytes.clear()
@@ -297,6 +305,8 @@ def compute_features(
                             pending_rows.append(row)
                             small = shrink(decoded.image)
                             pending_smalls.append(small)
+                            if plugins:
+                                pending_images.append(decoded.image)
                             if want_views:
                                 pending_views.append(view_input(decoded.image, np.asarray(small)))
                             if decoded.image.mode == "RGB" and route:  # colours at hand
@@ -325,6 +335,8 @@ def compute_features(
             signature_col.append(signature)
             clip_col.append(None)
             views_col.append(None)
+            for column in PLUGIN_COLUMNS:  # every plugin's; filled by flush() when computed
+                cols[column].append(None)
             if len(pending_smalls) >= PHASH_BATCH:
                 flush()
         flush()
@@ -351,8 +363,27 @@ def compute_features(
         signature_col[row] = signature_col[first]
         clip_col[row] = clip_col[first]
         views_col[row] = views_col[first]
+        for column, _ in plugins:
+            cols[column][row] = cols[column][first]
     advance(len(cols["index"]) - reported_samples, shard_size(shard) - reported_bytes)
     return pa.table(cols, schema=FEATURE_SCHEMA), dict(sorted(skipped.items())), routes
+
+
+# The columns of every plugin installed (stored, null when not computed).
+PLUGIN_COLUMNS = tuple(s.columns[0].name for s in signals.plugins())
+
+
+def _plugin_codes(column: str, compute, images: list, rows: list, out: list, config) -> None:
+    """A `codes` plugin's codes of a batch of decoded images, into its column: each one
+    8 bytes (anything else is the plugin's fault: a clear error, never a bad store)."""
+    codes = list(compute(images, config))
+    if len(codes) != len(images):
+        raise DedupError(f"signal plugin column {column}: {len(codes)} codes for {len(images)}")
+    for row, code in zip(rows, codes, strict=True):
+        code = bytes(code)
+        if len(code) != 8:
+            raise DedupError(f"signal plugin column {column}: a code of {len(code)} bytes, not 8")
+        out[row] = code
 
 
 def _not_decodable(cols: dict[str, list], row: int) -> None:

@@ -52,6 +52,7 @@ from dedup.engine.pairtasks import (
     Scattered,
     ScatterTask,
     clip_cells,
+    near_edges_name,
 )
 from dedup.engine.records import (
     gather,
@@ -59,6 +60,7 @@ from dedup.engine.records import (
     load_edges,
     member_record,
     members_candidates,
+    plugin_codes,
     read_members,
     save_arrays,
     save_edges,
@@ -102,10 +104,11 @@ class _Members:
     dim: int
     groups: int
     views: bool = False
+    plugins: tuple[str, ...] = ()  # `codes` plugins turned on
 
     def __call__(self, item: tuple[int, str, int, np.ndarray, np.ndarray]):
         pos, path, start, local_rows, group = item
-        records = read_members(path, start, local_rows, self.dim, self.views)
+        records = read_members(path, start, local_rows, self.dim, self.views, self.plugins)
         target = storage.join(self.work, f"members-{pos:08d}")
         return target, write_runs(target, records, group, self.groups)
 
@@ -120,9 +123,10 @@ class _Resolve:
     blocked: np.ndarray  # sorted input rows a blocklist names
 
     def __call__(self, group: int) -> str:
-        records = gather(
-            self.runs, member_record(self.dim, "views" in self.config.signal_names), group
+        dtype = member_record(
+            self.dim, "views" in self.config.signal_names, plugin_codes(self.config)
         )
+        records = gather(self.runs, dtype, group)
         rows = records["row"]
         e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
         local = Edges(np.searchsorted(rows, e.i), np.searchsorted(rows, e.j), e.distance, e.signal)
@@ -218,13 +222,14 @@ def run_global(
     starts_all = np.asarray([start for _, start in sources] + [rows_total], dtype=np.int64)
     layout = Layout.of(rows_total, config)
     views_layout = Layout.of_views(rows_total, config)
+    code_layouts = Layout.of_plugins(rows_total, config)
     grey = grey_zone(config, rows_total)
     stats["layout"] = layout
     centroids = clip_cells(sources, rows_total, config) if "clip" in config.signal_names else None
     cells = 1 if centroids is None else len(centroids)
     stats["clip_cells"] = cells
     scattered: list[Scattered] = executor.map(
-        ScatterTask(work, config, layout, reasons, views_layout, centroids),
+        ScatterTask(work, config, layout, reasons, views_layout, centroids, code_layouts),
         shard_items,
         Progress("scatter", total_items=len(shard_items)),
         describe=_describe_part,
@@ -234,7 +239,7 @@ def run_global(
     candidate = np.concatenate([s.candidate for s in mine] or [np.zeros(0, bool)])
     runs = {
         kind: [s.runs[kind] for s in scattered if s.runs.get(kind)]
-        for kind in ("exact", "phash", "flat", "tiny", "views", "clip")
+        for kind in ("exact", "phash", "flat", "tiny", "views", "clip", *code_layouts)
     }
     dim = max([s.dim for s in scattered] or [0])
     items = [("exact", p) for p in range(layout.parts) if runs["exact"]]
@@ -243,10 +248,12 @@ def run_global(
     items += [("flat", 0)] if runs["flat"] else []
     items += [("tiny", p) for p in range(TINY_PARTS) if runs["tiny"]]
     items += [("clip", p) for p in range(cells) if runs["clip"]]
+    for name, lay in code_layouts.items():
+        items += [(name, p) for p in range(lay.parts) if runs[name]]
     # FAISS on a GPU (faiss-gpu, a CUDA device) needs workers that start CUDA afresh.
     gpu_search = bool(runs["clip"]) and gpu_count(config.device) > 0
     executor.map(
-        PairsTask(work, config, layout, runs, dim, cells, views_layout),
+        PairsTask(work, config, layout, runs, dim, cells, views_layout, code_layouts),
         items,
         Progress("pairs", total_items=len(items)),
         describe=_describe_part,
@@ -261,7 +268,17 @@ def run_global(
             Progress("near pairs", total_items=len(buckets)),
             describe=_describe_part,
         )
-        edge_files += [storage.join(work, f"edges-near-{b:06d}") for b in buckets]
+        edge_files += [storage.join(work, near_edges_name("phash", b)) for b in buckets]
+    for name, lay in code_layouts.items():
+        if runs[name]:
+            buckets = list(range(lay.near_parts))
+            stats[f"{name}_near"] = executor.map(
+                NearTask(work, config, lay, lay.parts, name),
+                buckets,
+                Progress(f"{name} pairs", total_items=len(buckets)),
+                describe=_describe_part,
+            )
+            edge_files += [storage.join(work, near_edges_name(name, b)) for b in buckets]
     grey_files = []
     if runs["views"]:
         buckets = list(range(views_layout.near_parts))
@@ -271,7 +288,7 @@ def run_global(
             Progress("view pairs", total_items=len(buckets)),
             describe=_describe_part,
         )
-        edge_files += [storage.join(work, f"edges-vnear-{b:06d}") for b in buckets]
+        edge_files += [storage.join(work, near_edges_name("views", b)) for b in buckets]
         if grey >= 0:
             grey_files = [storage.join(work, f"grey-{b:06d}") for b in buckets]
     edges = Edges.concat([load_edges(f) for f in edge_files])
@@ -391,7 +408,7 @@ def _components(
         path, start = sources[pos]
         member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
     runs = executor.map(
-        _Members(work, dim, groups_count, "views" in config.signal_names),
+        _Members(work, dim, groups_count, "views" in config.signal_names, plugin_codes(config)),
         member_items,
         Progress("members", total_items=len(member_items)),
         describe=_describe_part,

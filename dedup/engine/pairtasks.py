@@ -49,8 +49,10 @@ from dedup.signals.edges import (
     VIEWS,
     Edges,
     clip_edges,
+    code_threshold,
     exact_edges,
     flat_edges,
+    signal_code,
     tiny_edges,
 )
 from dedup.signals.phash import (
@@ -100,6 +102,15 @@ class Layout:
         zone's bound when verification is on."""
         bound = search_bound(config, rows)
         return Layout.of_codes(rows * VIEWS_PER_ROW, bound, config.partition_rows)
+
+    @staticmethod
+    def of_plugins(rows: int, config: Config) -> dict[str, Layout]:
+        """The layout of each `codes` plugin's search, by signal name."""
+        return {
+            s.name: Layout.of_codes(rows, code_threshold(s.name, config), config.partition_rows)
+            for s in signals.enabled(config)
+            if s.search == "codes"
+        }
 
     @staticmethod
     def of_codes(codes: int, threshold: int, partition_rows: int) -> Layout:
@@ -175,6 +186,7 @@ class ScatterTask:
     reasons: tuple[str, ...]
     views_layout: Layout
     centroids: np.ndarray | None = None  # CLIP cells (float32), when there are several
+    code_layouts: dict[str, Layout] = field(default_factory=dict)  # `codes` plugins'
 
     def __call__(self, item: tuple[int, str, int, np.ndarray | None]) -> Scattered:
         pos, path, start, only = item
@@ -187,8 +199,23 @@ class ScatterTask:
         rows = local.astype(np.int64) + start
         if len(rows):
             for signal in signals.enabled(self.config):
-                getattr(self, f"_scatter_{signal.name}")(pos, rows, cand, out)
+                if signal.search == "codes":
+                    self._scatter_codes(signal.name, pos, rows, cand, out)
+                else:
+                    getattr(self, f"_scatter_{signal.search}")(pos, rows, cand, out)
         return out
+
+    def _scatter_codes(self, name: str, pos: int, rows: np.ndarray, cand: pa.Table, out):
+        """A `codes` plugin's codes (every candidate row), by a hash of the code."""
+        parts = self.code_layouts[name].parts
+        records = np.zeros(len(rows), CODE_RECORD)
+        records["word"] = phash_words(cand.column(signals.REGISTRY[name].columns[0].name))
+        records["row"] = rows
+        path = self._path(pos, name)
+        out.runs[name] = (
+            path,
+            write_runs(path, records, _hash_part(records["word"], parts), parts),
+        )
 
     def _scatter_exact(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
         """Digests, partitioned by their first bytes."""
@@ -329,11 +356,14 @@ class PairsTask:
     clip_dim: int
     clip_cells: int = 1
     views_layout: Layout | None = None
+    code_layouts: dict[str, Layout] = field(default_factory=dict)  # `codes` plugins'
 
     def __call__(self, item: tuple[str, int]) -> int:
         kind, part = item
         target = storage.join(self.work, f"edges-{kind}-{part:06d}")
-        if kind == "exact":
+        if kind in self.code_layouts:
+            edges = self._codes(kind, part, self.code_layouts[kind], signal_code(kind))
+        elif kind == "exact":
             records = gather(self.runs["exact"], DIGEST_RECORD, part)
             e = exact_edges(np.ascontiguousarray(records["digest"]))
             edges = _renumber(e, records["row"])
@@ -399,16 +429,20 @@ class PairsTask:
         return Edges.of(lo[pick], hi[pick], np.round((1.0 - sim[pick]) * 1e6), CLIP)
 
     def _phash(self, part: int) -> Edges:
+        """The pHash's codes of detailed rows (see _codes)."""
+        return self._codes("phash", part, self.layout, PHASH)
+
+    def _codes(self, kind: str, part: int, layout: Layout, signal: int) -> Edges:
         """Equal codes link to their first row; the distinct codes (with that row) are
-        routed to the near-pair parts."""
-        records = gather(self.runs["phash"], CODE_RECORD, part)
+        routed to the near-pair parts (NearTask)."""
+        records = gather(self.runs[kind], CODE_RECORD, part)
         words, rows = records["word"], records["row"]
         unique, first, inverse = np.unique(words, return_index=True, return_inverse=True)
         # Rows arrive in ascending order, so a code's first index is its earliest row.
         rep = rows[first]
         same = np.flatnonzero(first[inverse] != np.arange(len(rows)))
-        edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), PHASH)
-        _route(unique, rep, self.layout, storage.join(self.work, f"routed-{part:06d}"))
+        edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), signal)
+        _route(unique, rep, layout, storage.join(self.work, routed_name(kind, part)))
         return edges
 
     def _views(self, part: int) -> Edges:
@@ -422,8 +456,20 @@ class PairsTask:
         same = np.flatnonzero(first[inverse] != np.arange(len(rows)))
         edges = Edges.of(rep[inverse[same]], rows[same], np.zeros(len(same)), VIEWS)
         ids, words = distinct_codes(rep, vectors[first])
-        _route(words, ids, self.views_layout, storage.join(self.work, f"vrouted-{part:06d}"))
+        _route(words, ids, self.views_layout, storage.join(self.work, routed_name("views", part)))
         return edges
+
+
+def routed_name(kind: str, part: int) -> str:
+    """The file of the distinct codes a pairs part routes to the near parts."""
+    prefix = {"phash": "routed", "views": "vrouted"}.get(kind, f"routed-{kind}")
+    return f"{prefix}-{part:06d}"
+
+
+def near_edges_name(kind: str, bucket: int) -> str:
+    """The file of the edges a near part found."""
+    prefix = {"phash": "edges-near", "views": "edges-vnear"}.get(kind, f"edges-near-{kind}")
+    return f"{prefix}-{bucket:06d}"
 
 
 def _route(words: np.ndarray, ids: np.ndarray, lay: Layout, path: str) -> None:
@@ -460,7 +506,7 @@ class NearTask:
     config: Config
     layout: Layout
     parts: int  # partitions whose routed files are read
-    kind: str = "phash"  # or "views": ids are virtual rows (row, view)
+    kind: str = "phash"  # "views": ids are virtual rows (row, view); or a `codes` plugin
     grey: int = -1  # views: the grey zone's bound (-1: none, no verification)
 
     def __call__(self, bucket: int) -> NearStats:
@@ -474,7 +520,7 @@ class NearTask:
         low_bits = bits - k
         runs = []
         for p in range(self.parts):
-            path = storage.join(self.work, f"{'v' if views else ''}routed-{p:06d}")
+            path = storage.join(self.work, routed_name(self.kind, p))
             offsets = load_arrays(path + ".index")["offsets"].tolist()
             runs.append((path, offsets))
         queries = gather(runs, CODE_RECORD, bucket)
@@ -515,8 +561,9 @@ class NearTask:
         else:
             sort = np.lexsort((j, i))  # the same file whatever order the probes ran in
             i, j, d = i[sort], j[sort], d[sort]
+            code = PHASH if self.kind == "phash" else signal_code(self.kind)
             save_edges(
-                storage.join(self.work, f"edges-near-{bucket:06d}"), Edges.of(i, j, d, PHASH)
+                storage.join(self.work, near_edges_name(self.kind, bucket)), Edges.of(i, j, d, code)
             )
         sizes = np.diff(starts)
         return NearStats(
@@ -530,7 +577,7 @@ class NearTask:
         found = row_pairs(i, j, d, c.phash_threshold, c.views_threshold)
         strict = found.strict
         edges = Edges.of(found.i[strict], found.j[strict], found.distance[strict] + 1, VIEWS)
-        save_edges(storage.join(self.work, f"edges-vnear-{bucket:06d}"), edges)
+        save_edges(storage.join(self.work, near_edges_name("views", bucket)), edges)
         if self.grey < 0:
             return
         grey = ~strict & (found.distance <= self.grey)

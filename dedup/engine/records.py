@@ -36,6 +36,8 @@ CLUSTER_COLUMNS = [
     "colour_signature",
     "clip",
     "views",
+    # a `codes` plugin's column, named after it
+    *(s.columns[0].name for s in signals.plugins()),
 ]
 
 
@@ -55,9 +57,9 @@ def vector_record(dim: int) -> np.dtype:
     return np.dtype([("vector", "<f2", (dim,)), ("row", "<i8")])
 
 
-def member_record(dim: int, views: bool = False) -> np.dtype:
-    """Everything the star rule reads about one row (and its CLIP vector and view codes,
-    if any)."""
+def member_record(dim: int, views: bool = False, plugins: tuple[str, ...] = ()) -> np.dtype:
+    """Everything the star rule reads about one row (and its CLIP vector, view codes and
+    `codes` plugins' codes, if any)."""
     fields = [
         ("row", "<i8"),
         ("pixels", "<i8"),
@@ -71,7 +73,13 @@ def member_record(dim: int, views: bool = False) -> np.dtype:
         fields.append(("vector", "<f2", (dim,)))
     if views:
         fields.append(("views", "u1", VIEW_BYTES))
+    fields += [(f"code_{name}", "u1", 8) for name in plugins]
     return np.dtype(fields)
+
+
+def plugin_codes(config: Config) -> tuple[str, ...]:
+    """The `codes` plugins a config turns on, in registry order."""
+    return tuple(s.name for s in signals.enabled(config) if not s.builtin)
 
 
 def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
@@ -143,11 +151,16 @@ def load_edges(path: str) -> Edges:
 
 
 def read_members(
-    path: str, start: int, local_rows: np.ndarray, dim: int, views: bool = False
+    path: str,
+    start: int,
+    local_rows: np.ndarray,
+    dim: int,
+    views: bool = False,
+    plugins: tuple[str, ...] = (),
 ) -> np.ndarray:
     """Member records of the given rows of one shard (all candidates)."""
     _, _, cand = read_candidates(path, local_rows)
-    records = np.zeros(len(local_rows), member_record(dim, views))
+    records = np.zeros(len(local_rows), member_record(dim, views, plugins))
     records["row"] = local_rows.astype(np.int64) + start
     records["pixels"] = candidate_pixels(cand)
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
@@ -169,6 +182,10 @@ def read_members(
         records["views"] = fixed_binary_array(
             pc.fill_null(cand.column("views"), pa.scalar(bytes(VIEW_BYTES), pa.binary(VIEW_BYTES)))
         )
+    for name in plugins:
+        if len(local_rows):
+            column = cand.column(signals.REGISTRY[name].columns[0].name)
+            records[f"code_{name}"] = fixed_binary_array(column)
     return records
 
 
@@ -189,6 +206,11 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         detail=records["detail"] if phash else None,
         signature=np.ascontiguousarray(records["signature"]) if phash else None,
         views=np.ascontiguousarray(records["views"]) if "views" in records.dtype.names else None,
+        codes={
+            name: np.ascontiguousarray(records[f"code_{name}"])
+            for name in plugin_codes(config)
+            if f"code_{name}" in records.dtype.names
+        },
     )
 
 

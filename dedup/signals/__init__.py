@@ -5,21 +5,38 @@ Each signal declares its name, the feature columns it stores, the other signals 
 features it reads, the settings and constants its features depend on (the feature
 store's fingerprint), its thresholds (the summary), the kinds of link it makes (the
 report), and its pair search over in-memory candidates (`dedup.engine.cluster.cluster`, the
-one-process oracle). The phases loop over the registry; a new signal is a module here,
-an entry below, its compute step in engine/extract.py and its partitioned search in
-engine/pairtasks.py and engine/records.py.
+one-process oracle). The phases loop over the registry.
+
+The four built-in signals share one decode and have searches of their own, written in
+the engine (`search` names them). A new signal needs no engine code: it declares
+`compute` (a function from the images the pHash decodes to its 64-bit codes) and
+`search: "codes"` (codes within `threshold` bits: the engine's partitioned multi-index
+search, the same one the pHash runs), and is registered with `register` or, from an
+installed package, with an entry point in the group `dedup.signals` (loaded when this
+module is imported, so in every worker process too). Its link name follows the built-in
+decisions (samples.parquet's `reason`, the report's signals).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 import pyarrow as pa
 
-from dedup.core.config import Config, settings_digest
+from dedup.core.config import (
+    KNOWN_SIGNALS,
+    PLUGIN_ERRORS,
+    PLUGIN_SIGNALS,
+    Config,
+    settings_digest,
+)
+from dedup.core.errors import ConfigError
 from dedup.signals import views as _views
 from dedup.signals.phash import (
     CODE_BYTES,
@@ -43,12 +60,35 @@ class Signal:
     settings: tuple[str, ...]  # Config fields its features depend on
     constants: tuple  # algorithm constants its features depend on
     thresholds: Callable[[Config], dict[str, Any]]  # for the summary
-    pairs: str  # "module:function" (Candidates, Config) -> list of Edges
+    # "module:function" (Candidates, Config) -> list of Edges; "" for a `codes` signal
+    # (the generic search: dedup.signals.edges.code_signal_edges)
+    pairs: str = ""
+    # The partitioned search (dedup.engine.pairtasks): a built-in's own (its name), or
+    # "codes" for a plugin: its one column holds 64-bit codes (binary(8)), linked within
+    # `threshold` bits.
+    search: str = ""
+    threshold: Callable[[Config], int] | None = None  # `codes`: the largest distance
+    # `codes`: "module:function" (list of PIL images, Config) -> list of 8-byte codes, one
+    # per image: the images the pHash decodes (grayscale, or RGB when CLIP's decode
+    # serves both), EXIF orientation applied, before any resize.
+    compute: str = ""
 
     def find_pairs(self) -> Callable:
         """The signal's in-memory pair search (imported on first use)."""
-        module, function = self.pairs.split(":")
-        return getattr(importlib.import_module(module), function)
+        return _function(self.pairs)
+
+    def compute_function(self) -> Callable:
+        """A plugin's per-image computation (imported on first use)."""
+        return _function(self.compute)
+
+    @property
+    def builtin(self) -> bool:
+        return self.name in KNOWN_SIGNALS
+
+
+def _function(spec: str) -> Callable:
+    module, function = spec.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 REGISTRY: dict[str, Signal] = {
@@ -64,6 +104,7 @@ REGISTRY: dict[str, Signal] = {
             constants=(),
             thresholds=lambda c: {},
             pairs="dedup.signals.edges:exact_signal_edges",
+            search="exact",
         ),
         Signal(
             name="phash",
@@ -81,6 +122,7 @@ REGISTRY: dict[str, Signal] = {
             constants=(DETAIL_FLOOR, SIGNATURE_SIDE, TINY_PIXELS, "tiny: square, rgb"),
             thresholds=lambda c: {"phash": c.phash_threshold},
             pairs="dedup.signals.edges:phash_signal_edges",
+            search="phash",
         ),
         Signal(
             name="views",
@@ -104,6 +146,7 @@ REGISTRY: dict[str, Signal] = {
                 | ({"verify": c.verify_threshold or "auto"} if c.verify else {})
             ),
             pairs="dedup.signals.edges:views_signal_edges",
+            search="views",
         ),
         Signal(
             name="clip",
@@ -115,9 +158,73 @@ REGISTRY: dict[str, Signal] = {
             constants=(),
             thresholds=lambda c: {"clip": c.clip_threshold},
             pairs="dedup.signals.edges:clip_signal_edges",
+            search="clip",
         ),
     )
 }
+
+
+ENTRY_POINTS = "dedup.signals"
+
+
+def register(signal: Signal) -> None:
+    """Add a plugin's signal to the registry (after the built-ins). Call it when this
+    package is imported, before `dedup.signals.edges` is (an entry point in the group
+    `dedup.signals` does so in every process): the decisions' vocabulary is fixed then."""
+    problem = _invalid(signal)
+    if problem:
+        raise ConfigError(f"signal {signal.name!r}: {problem}")
+    if "dedup.signals.edges" in sys.modules:
+        raise ConfigError(
+            "registered after dedup.signals.edges was imported; register it from an "
+            "entry point in the group dedup.signals"
+        )
+    REGISTRY[signal.name] = signal
+    PLUGIN_SIGNALS.append(signal.name)
+
+
+def _invalid(signal: Signal) -> str:
+    """What is wrong with a plugin's declaration ("" when nothing)."""
+    taken = {link for s in REGISTRY.values() for link in s.links} | set(REGISTRY)
+    if not signal.name.isidentifier() or signal.name == "auto":
+        return "a signal's name is an identifier other than auto"
+    if signal.name in taken or any(link in taken for link in signal.links):
+        return "its name or a link name is taken"
+    if signal.links != (signal.name,):
+        return "a plugin makes one kind of link, named after it"
+    if signal.search != "codes" or signal.threshold is None or not signal.compute:
+        return "a plugin declares search='codes', a threshold and a compute function"
+    if len(signal.columns) != 1 or signal.columns[0].type != pa.binary(8):
+        return "a `codes` signal stores one binary(8) column"
+    if signal.columns[0].name in {c.name for c in feature_columns()}:
+        return f"column {signal.columns[0].name!r} is taken"
+    if "phash" not in signal.needs:
+        return "its compute reads the pHash's decode: needs=('phash',)"
+    return ""
+
+
+def load_plugins() -> None:
+    """Register the signals that installed packages declare (entry points in the group
+    `dedup.signals`, each a Signal), in name order."""
+    for point in sorted(entry_points(group=ENTRY_POINTS), key=lambda p: p.name):
+        if point.name in REGISTRY:
+            continue
+        # A broken plugin is an error of the runs that name it (one line, exit 2), not
+        # of every run: its message waits in PLUGIN_ERRORS (see Config).
+        try:
+            signal = point.load()
+            if not isinstance(signal, Signal) or signal.name != point.name:
+                raise ConfigError(f"not a dedup.signals.Signal named {point.name}")
+            register(signal)
+        except Exception as e:
+            PLUGIN_ERRORS[point.name] = f"signal plugin {point.value}: {e}"
+            continue
+        logging.getLogger("dedup").debug("signal plugin %s from %s", point.name, point.value)
+
+
+def plugins() -> list[Signal]:
+    """The registered plugins' signals, in registry order."""
+    return [s for s in REGISTRY.values() if not s.builtin]
 
 
 def enabled(config: Config) -> list[Signal]:
@@ -141,7 +248,8 @@ def feature_columns() -> list[pa.Field]:
 
 
 def fingerprint(config: Config) -> dict[str, Any]:
-    """What the stored features of each signal depend on; None for signals not computed."""
+    """What the stored features of each signal depend on; None for built-ins not
+    computed (a plugin not computed is left out: installing one changes no fingerprint)."""
     on = computed(config)
     return {
         s.name: (
@@ -150,6 +258,7 @@ def fingerprint(config: Config) -> dict[str, Any]:
             else None
         )
         for s in REGISTRY.values()
+        if s.builtin or s.name in on
     }
 
 
@@ -173,3 +282,6 @@ def thresholds(config: Config) -> dict[str, Any]:
     for s in enabled(config):
         out.update(s.thresholds(config))
     return out
+
+
+load_plugins()

@@ -3,7 +3,7 @@ rows, and each signal's edges between them (in memory, for a group of rows)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from dedup.signals.views import view_pairs, views_linked
 
 NO_DISTANCE = -1
 # What happened to a candidate row; Clusters.reason holds indices into this.
+# The built-ins' codes never change; a plugin's link follows them (dedup.signals).
+PLUGIN_LINKS = tuple(s.name for s in signals.plugins())
 DECISIONS = (
     "unique",
     "survivor",
@@ -35,6 +37,7 @@ DECISIONS = (
     "verified",
     "reference",
     "blocklist",
+    *PLUGIN_LINKS,
 )
 UNIQUE, SURVIVOR, EXACT_COPY, PHASH_COPY, CLIP_COPY, FLAT_COPY, TINY_COPY = range(7)
 VIEWS_COPY, VERIFIED_COPY, REFERENCE_COPY, BLOCKLISTED = 7, 8, 9, 10
@@ -47,15 +50,24 @@ NOT_ANCHOR, REFERENCE, BLOCKED = 0, 1, 2
 # colour signatures match.
 # `views` and `verified` are the views signal's two tiers: its hashes alone, and its grey
 # zone confirmed by local features (dedup/engine/verify.py).
-SIGNALS = ("exact", "phash", "clip", "flat", "tiny", "views", "verified")
+SIGNALS = ("exact", "phash", "clip", "flat", "tiny", "views", "verified", *PLUGIN_LINKS)
 EXACT, PHASH, CLIP, FLAT, TINY, VIEWS, VERIFIED = range(7)
 # Which signal names a removal when several link a pair: exact, then phash, flat or
-# tiny (a pair is linked by one of the three at most), then views, verified, clip.
-# Indexed by signal.
-PRECEDENCE = np.array([0, 1, 6, 2, 3, 4, 5], dtype=np.int8)
+# tiny (a pair is linked by one of the three at most), then views, verified, clip, then
+# the plugins' in registry order. Indexed by signal.
+PRECEDENCE = np.array([0, 1, 6, 2, 3, 4, 5, *range(7, len(SIGNALS))], dtype=np.int8)
 # The decision each precedence rank names.
 RANK_DECISION = np.array(
-    [EXACT_COPY, PHASH_COPY, FLAT_COPY, TINY_COPY, VIEWS_COPY, VERIFIED_COPY, CLIP_COPY],
+    [
+        EXACT_COPY,
+        PHASH_COPY,
+        FLAT_COPY,
+        TINY_COPY,
+        VIEWS_COPY,
+        VERIFIED_COPY,
+        CLIP_COPY,
+        *(DECISIONS.index(name) for name in PLUGIN_LINKS),
+    ],
     dtype=np.int8,
 )
 # Signals whose distance-0 edges are not "equal keys": their edges link rows as they are.
@@ -83,6 +95,8 @@ class Candidates:
     signature: np.ndarray | None = None
     views: np.ndarray | None = None  # uint8 (N, VIEW_BYTES), or None when the signal is off
     anchor: np.ndarray | None = None  # int8 (N,): NOT_ANCHOR, REFERENCE or BLOCKED
+    # A `codes` plugin's 64-bit codes (uint8 (N, 8)) by signal name, the plugins turned on
+    codes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def anchors(self) -> np.ndarray:
         """The anchor code of each row (NOT_ANCHOR for all when none is given)."""
@@ -92,7 +106,7 @@ class Candidates:
 
     def take(self, rows: np.ndarray) -> Candidates:
         """The candidates at `rows`, in that order."""
-        return Candidates(
+        out = Candidates(
             *(
                 None if value is None else value[rows]
                 for value in (
@@ -108,6 +122,8 @@ class Candidates:
                 )
             )
         )
+        out.codes = {name: codes[rows] for name, codes in self.codes.items()}
+        return out
 
     def low_detail(self) -> np.ndarray:
         """Rows matched by colour signature instead of pHash bits: low-detail images (their
@@ -279,8 +295,40 @@ def clip_edges(vectors: np.ndarray, threshold: float, index: str, device: str) -
 
 def build_edges(cand: Candidates, config: Config) -> Edges:
     """Edges from every enabled signal (each signal's in-memory search: dedup.signals)."""
+    parts = []
+    for s in signals.enabled(config):
+        if s.search == "codes":
+            parts += code_signal_edges(cand, config, s.name)
+        else:
+            parts += s.find_pairs()(cand, config)
+    return Edges.concat(parts)
 
-    return Edges.concat([e for s in signals.enabled(config) for e in s.find_pairs()(cand, config)])
+
+def signal_code(name: str) -> int:
+    """A link name's code (an index into SIGNALS)."""
+    return SIGNALS.index(name)
+
+
+def code_threshold(name: str, config: Config) -> int:
+    """A `codes` signal's largest distance in bits at this config."""
+    return int(signals.REGISTRY[name].threshold(config))
+
+
+def code_signal_edges(cand: Candidates, config: Config, name: str) -> list[Edges]:
+    """A `codes` plugin's links: rows whose codes are within its threshold; equal codes
+    link to their first row, as the pHash's do."""
+    codes = cand.codes.get(name)
+    if codes is None:
+        return []
+    t = code_threshold(name, config)
+    return [
+        _collapsed_edges(
+            codes,
+            None,
+            lambda unique: hamming_pairs(unique, t, workers=config.worker_count),
+            signal_code(name),
+        )
+    ]
 
 
 def exact_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
@@ -346,6 +394,9 @@ def direct_links(
         first[edges.j[equal]] = edges.i[equal]
         links["verified"] = linked(edges, first[rows], first[others], VERIFIED)
     # later ones win: the order is the precedence, last first
+    for name in reversed(PLUGIN_LINKS):
+        if name in links:
+            out[links[name]] = DECISIONS.index(name)
     for name, code in (
         ("clip", CLIP_COPY),
         ("verified", VERIFIED_COPY),
@@ -367,6 +418,11 @@ def pair_links(
     at the config's thresholds: exact, phash, flat, tiny (the pHash signal's rules for
     detailed, low-detail and tiny images), views (its hashes), clip."""
     out: dict[str, np.ndarray] = {}
+    for name, codes in cand.codes.items():
+        if name in config.signal_names:
+            words = codes.view(">u8").reshape(-1)
+            distance = np.bitwise_count(words[rows] ^ words[others])
+            out[name] = distance <= code_threshold(name, config)
     if "clip" in config.signal_names and cand.clip is not None:
         out["clip"] = cosine_of_rows(cand.clip, rows, others) >= np.float32(config.clip_threshold)
     if "views" in config.signal_names and cand.views is not None:
