@@ -106,7 +106,7 @@ def test_bench_ray(tmp_path):
 
 
 def test_bench_gpu(tmp_path):
-    """make bench-gpu: its ceilings and the three end-to-end runs, on the GPU if there is
+    """make bench-gpu: its ceilings and the four end-to-end runs, on the GPU if there is
     one and else on the CPU, with a tiny random model."""
     pytest.importorskip("torch")
     pytest.importorskip("open_clip")
@@ -115,12 +115,18 @@ def test_bench_gpu(tmp_path):
         assert re.search(rf"{re.escape(label)} .* images/s +\(\d+ in", out), label
     assert "one stage: bytes to vectors" in out
     assert "end to end on 40 images" in out
-    for label in ("exact,phash ", "exact,phash,clip ", "the Pillow path (baseline) "):
+    labels = (
+        "exact,phash ",
+        "exact,phash,clip ",
+        "the Pillow path (baseline) ",
+        "(default signals)",
+    )
+    for label in labels:
         (line,) = [x for x in lines_with(out, label) if "images/s" in x]
         assert "(40 in " in line
     decoded = [json.loads(x.split("decoded by: ")[1].replace("'", '"')) for x in out.splitlines()
                if "decoded by: " in x]  # fmt: skip
-    assert len(decoded) == 2 and all(sum(d.values()) > 0 for d in decoded)
+    assert len(decoded) == 3 and all(sum(d.values()) > 0 for d in decoded)
     assert "written: " in out
 
 
