@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-smoke clean
+.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-keep bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -87,6 +87,12 @@ bench-against: $(BENCH_STAMP)
 # What canaries cost a run, and dedup calibrate on the edit suite's photographs.
 bench-calibrate: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_calibrate.py
+
+# Which sample of each duplicate group survives, per --keep policy: the original (or its
+# lossless copy) or a padded, captioned, screenshot, watermarked, noisy or smaller copy of
+# it (web-style copies of the bench extra's photographs; builds bench-data/bench-keep/ once).
+bench-keep: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_keep.py
 
 bench-storage: $(STAMP)
 	$(BIN)/python benchmarks/bench_storage.py

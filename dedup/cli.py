@@ -134,8 +134,16 @@ _SETTING_OPTIONS = [
     ),
     click.option(
         "--keep",
-        type=click.Choice(KEEP_RULES),
-        help="Survivor rule: largest (most pixels, then bytes, then input order) or first.",
+        metavar="CRITERIA",
+        help="Survivor of each cluster: the best by these criteria, in order (comma list of "
+        f"{', '.join(KEEP_RULES)}; largest: the old rule, pixels then bytes).",
+    ),
+    click.option(
+        "--keep-by",
+        metavar="json:FIELD[:asc|desc]",
+        multiple=True,
+        help="Rank survivors first by a number in each sample's JSON sidecar (descending "
+        "unless :asc); samples without one rank last; repeatable, then --keep.",
     ),
     click.option(
         "--cluster-rule",

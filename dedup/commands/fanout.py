@@ -157,13 +157,19 @@ def job_settings(config: Config) -> dict:
     return {k: v for k, v in config.to_dict().items() if k not in TASK_SETTINGS}
 
 
+def _shown(value):
+    """A setting as a user writes it: a list as a comma list."""
+    return ",".join(map(str, value)) if isinstance(value, list | tuple) else value
+
+
 def _difference(earlier: FanoutJob, job: FanoutJob) -> str:
     """What sets two jobs apart, for the refusal's message."""
     if earlier.inputs != job.inputs:
         return "inputs differ"
     for name in sorted(set(earlier.config) | set(job.config)):
         if earlier.config.get(name) != job.config.get(name):
-            return f"{name}: {job.config.get(name)!r} here, {earlier.config.get(name)!r} there"
+            here, there = _shown(job.config.get(name)), _shown(earlier.config.get(name))
+            return f"{name}: {here!r} here, {there!r} there"
     for name in ("report_dir", "state_dir", "skip_bad_shards"):
         if getattr(earlier, name) != getattr(job, name):
             return f"{name}: {getattr(job, name)!r} here, {getattr(earlier, name)!r} there"

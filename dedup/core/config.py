@@ -33,7 +33,11 @@ def signal_choices() -> tuple[str, ...]:
 # with one log line saying why (dedup.commands.run.choose_signals).
 AUTO = ("auto",)
 WITHOUT_CLIP = ("exact", "phash", "views")
-KEEP_RULES = ("largest", "first")
+# The keep policy's criteria (dedup.signals.keep says what each measures), best first;
+# `largest` and `first` alone are the old rules. keep_by adds json:FIELD[:asc|desc].
+KEEP_CRITERIA = ("clean", "content", "hub", "quality", "first", "largest")
+DEFAULT_KEEP = ("clean", "content", "quality", "hub", "first")
+KEEP_RULES = KEEP_CRITERIA  # names --keep's help lists
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
 CLIP_DECODES = ("auto", "device", "pillow")
@@ -76,7 +80,9 @@ class Config:
     # Where the model runs: `shared`, one process per device fed by every reader (the
     # default on a GPU); `inline`, in each reader (the default on a CPU).
     clip_stage: str = "auto"
-    keep: str = "largest"
+    keep: tuple[str, ...] = DEFAULT_KEEP
+    # Criteria ranked before `keep`: json:FIELD[:asc|desc], a number in the JSON sidecar.
+    keep_by: tuple[str, ...] = ()
     cluster_rule: str = "star"
     # Canaries: edited copies of this many sampled images, planted virtually; the run
     # reports the share each signal catches, per edit (never written, never decisive).
@@ -162,8 +168,26 @@ class Config:
             raise ConfigError(
                 f"cluster_rule: {self.cluster_rule!r} is not one of {', '.join(CLUSTER_RULES)}"
             )
-        if self.keep not in KEEP_RULES:
-            raise ConfigError(f"keep: {self.keep!r} is not one of {', '.join(KEEP_RULES)}")
+        if isinstance(self.keep, str):  # Config(keep="first") from Python
+            object.__setattr__(self, "keep", tuple(k.strip() for k in self.keep.split(",")))
+        if not self.keep:
+            raise ConfigError(
+                f"keep: at least one criterion is needed ({', '.join(KEEP_CRITERIA)})"
+            )
+        for name in self.keep:
+            if name not in KEEP_CRITERIA:
+                raise ConfigError(
+                    f"keep: unknown criterion {name!r}; known: {', '.join(KEEP_CRITERIA)} "
+                    "(a JSON field: keep_by json:FIELD[:asc|desc])"
+                )
+        if len(set(self.keep)) != len(self.keep):
+            raise ConfigError(f"keep: a criterion listed twice in {','.join(self.keep)}")
+        if isinstance(self.keep_by, str):
+            object.__setattr__(self, "keep_by", (self.keep_by,) if self.keep_by else ())
+        for spec in self.keep_by:
+            keep_by_field(spec)  # raises naming what is wrong
+        if len({keep_by_field(s)[0] for s in self.keep_by}) != len(self.keep_by):
+            raise ConfigError("keep_by: a field listed twice")
         if self.workers < 0:
             raise ConfigError(f"workers: {self.workers} is negative (0 means all cores)")
         if self.executor not in EXECUTORS:
@@ -221,6 +245,17 @@ def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
     if quota is not None:
         count = min(count, max(1, math.ceil(quota)))
     return max(1, count)
+
+
+def keep_by_field(spec: str) -> tuple[str, bool]:
+    """(field, descending) of a keep_by spec `json:FIELD[:asc|desc]`; a ConfigError naming
+    the spec otherwise. FIELD may go into objects with dots (scores.aesthetic)."""
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[0] != "json" or not parts[1] or not all(parts[1].split(".")):
+        raise ConfigError(f"keep_by: {spec!r} is not json:FIELD[:asc|desc]")
+    if len(parts) > 3 or (len(parts) == 3 and parts[2] not in ("asc", "desc")):
+        raise ConfigError(f"keep_by: {spec!r}: the order is asc or desc")
+    return parts[1], not (len(parts) == 3 and parts[2] == "asc")
 
 
 def _cgroup_quota(root: str) -> float | None:

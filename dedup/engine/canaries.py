@@ -231,7 +231,9 @@ def candidates(features: list[ShardFeatures], config: Config) -> tuple[Rows, np.
     views = "views" in config.signal_names
     for pos, f in enumerate(features):
         good = np.flatnonzero(ok[pos])
-        records = read_members(f.path, int(starts[pos]), good, dim, views, plugin_codes(config))
+        records = read_members(
+            f.path, int(starts[pos]), good, dim, views, plugin_codes(config), len(config.keep_by)
+        )
         full = np.zeros(f.rows, dtype=records.dtype)
         full[good] = records
         full["row"] = np.arange(f.rows) + starts[pos]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.core.config import Config
+from dedup.engine.ranking import link_degree, rank, why
 from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
 from dedup.search.pairs import cosine_pairs, hamming_pairs, unique_codes
 from dedup.signals.edges import (
@@ -45,6 +46,13 @@ class Groups:
     max_phash_distance: np.ndarray  # int32 largest pairwise pHash distance, NO_DISTANCE if none
     max_phash_distance_to_survivor: np.ndarray  # int32, NO_DISTANCE if none
     min_clip_similarity_to_survivor: np.ndarray  # float32 cosine, NaN without clip
+    # Why the survivor won (engine.ranking.why): the deciding criterion, an index into
+    # ranking.because_names(config), the survivor's and the runner-up's values there,
+    # and the runner-up row (the best removed member)
+    kept_by: np.ndarray | None = None  # int8
+    kept_value: np.ndarray | None = None  # float64
+    runner_value: np.ndarray | None = None  # float64
+    runner_up: np.ndarray | None = None  # int64 row
 
     def __len__(self) -> int:
         return len(self.cluster_id)
@@ -65,6 +73,8 @@ class Clusters:
     clip_similarity: np.ndarray  # float32 cosine to the survivor, NaN when n/a
     groups: Groups
     calibration: list = field(default_factory=list)  # (signal, side, row, row, value)
+    # bool per row: alone in its cluster although some signal links it to another row
+    detached: np.ndarray | None = None
     link: np.ndarray | None = None  # int8 DECISIONS code: the signal that links a removed
 
 
@@ -88,11 +98,14 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     of any set of whole components can be resolved apart from the rest."""
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
+    ranking = rank(cand, config, link_degree(edges, n))
+    anchored = cand.anchors() != NOT_ANCHOR
+    order = ranking.lexsort([~anchored], rows)  # anchors first, then the keep policy
     if config.cluster_rule == "components":
         cluster_id = connected_components(n, edges.i, edges.j)
-        survivor = _survivors(cluster_id, cand, config.keep)
+        survivor = _survivors(cluster_id, order)
     else:
-        survivor = star_survivors(cand, edges, config.keep)
+        survivor = star_survivors(cand, edges, order)
         # A cluster's id is its first row in input order: stable across runs and engines.
         first = np.full(n, n, dtype=np.int64)
         np.minimum.at(first, survivor, rows)
@@ -128,7 +141,22 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     if cand.clip is not None:
         similarity[removed] = cosine_of_rows(cand.clip, removed, survivor[removed])
     groups = _describe(cluster_id, size, survivor, distance, similarity, edges, words, hashed)
-    return Clusters(cluster_id, size, survivor, reason, distance, similarity, groups, link=links)
+    groups.kept_by, groups.kept_value, groups.runner_value, groups.runner_up = why(
+        ranking, survivor, order, anchored, groups.survivor
+    )
+    linked = np.zeros(n, dtype=bool)
+    linked[edges.i] = linked[edges.j] = True
+    return Clusters(
+        cluster_id,
+        size,
+        survivor,
+        reason,
+        distance,
+        similarity,
+        groups,
+        detached=linked & (size == 1),
+        link=links,
+    )
 
 
 CALIBRATION_PAIRS = 6  # per signal and side of its threshold
@@ -258,7 +286,7 @@ def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
             parent = grand
 
 
-def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
+def star_survivors(cand: Candidates, edges: Edges, order: np.ndarray) -> np.ndarray:
     """Each row's survivor under the star rule: best rows first (the keep rule), each
     row not yet claimed is kept and claims every unclaimed row it links to directly.
 
@@ -269,13 +297,7 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     """
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
-    by_size = keep == "largest"
     anchor = cand.anchors() != NOT_ANCHOR
-    # Anchors first (in row order), then the keep rule's order.
-    if by_size:
-        order = np.lexsort((rows, -cand.nbytes, -cand.pixels, ~anchor))
-    else:
-        order = np.lexsort((rows, ~anchor))
     # Only signals that have edges take part: the others leave every row alone.
     present = [s for s in range(len(SIGNALS)) if (edges.signal == s).any()]
     group = np.tile(rows, (len(present), 1))
@@ -303,21 +325,14 @@ def star_survivors(cand: Candidates, edges: Edges, keep: str) -> np.ndarray:
     return star_claims(order.astype(np.int64), group, mem_start, members, adj_start, adj, anchor)
 
 
-def _survivors(cluster_id: np.ndarray, cand: Candidates, keep: str) -> np.ndarray:
-    """The survivor row of each row's cluster, by the keep rule; ties go to input order."""
+def _survivors(cluster_id: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The survivor row of each row's cluster: its first row in `order` (best first)."""
     n = len(cluster_id)
-    rows = np.arange(n, dtype=np.int64)
-    anchor = cand.anchors() != NOT_ANCHOR  # an anchor in a cluster is its survivor
-    if keep == "largest":
-        order = np.lexsort((rows, -cand.nbytes, -cand.pixels, ~anchor, cluster_id))
-    else:  # first
-        order = np.lexsort((rows, ~anchor, cluster_id))
-    sorted_ids = cluster_id[order]
-    is_first = np.ones(n, dtype=bool)
-    is_first[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    best = np.empty(n, dtype=np.int64)
-    best[sorted_ids[is_first]] = order[is_first]
-    return best[cluster_id]
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    best = np.full(n, n, dtype=np.int64)
+    np.minimum.at(best, cluster_id, position)
+    return order[best[cluster_id]]
 
 
 def _describe(

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from dedup import __version__, signals
-from dedup.core.config import Config
+from dedup.core.config import Config, keep_by_field
 from dedup.core.errors import DedupError, ShardError
 from dedup.core.progress import REPORT_EVERY, advance
 from dedup.io import storage
@@ -31,7 +31,8 @@ from dedup.io.shards import (
     spool_shard,
 )
 from dedup.signals.exact import digest
-from dedup.signals.views import view_codes, view_input
+from dedup.signals.keep import content_of, is_json_name, json_values, quality_of
+from dedup.signals.views import grey_levels, view_codes, view_input
 
 if TYPE_CHECKING:
     from dedup.signals.clip import ClipSpec
@@ -203,6 +204,14 @@ def compute_features(
         clip_size = max(clip.pixels[0])
         on_device = clip.decode == "device"
     cols: dict[str, list] = {name: [] for name in FEATURE_SCHEMA.names}
+    keep_fields = [keep_by_field(spec)[0] for spec in config.keep_by]
+
+    # Members whose bytes the reader holds: images, and JSON sidecars for keep_by.
+    if keep_fields:
+        held = lambda name: is_image_name(name, config) or is_json_name(name)  # noqa: E731
+    else:
+        held = lambda name: is_image_name(name, config)  # noqa: E731
+
     phash_col = cols["phash"]
     detail_col = cols["detail"]
     signature_col = cols["colour_signature"]
@@ -259,7 +268,7 @@ def compute_features(
     try:
         reported_samples = reported_bytes = 0
         # Only image members are held in memory; captions and other members are measured.
-        for sample in iter_samples(shard, skipped, keep=lambda name: is_image_name(name, config)):
+        for sample in iter_samples(shard, skipped, keep=held):
             row = sample.index
             if row - reported_samples >= REPORT_EVERY:
                 advance(row - reported_samples, sample.offset - reported_bytes)
@@ -275,6 +284,7 @@ def compute_features(
             pos = image_member(names, config)
             status, width, height, nbytes, image_digest = "no_image", None, None, None, None
             signature = None
+            keep_frame, quality = (None, None), None
             if pos is not None:
                 data = members[pos].data
                 nbytes = len(data)
@@ -286,12 +296,17 @@ def compute_features(
                         cols["width"][first],
                         cols["height"][first],
                     )
+                    keep_frame = (cols["content_pixels"][first], cols["overlay"][first])
+                    quality = cols["quality"][first]
                     if status == STATUS_OK:
                         copies.append((row, first))
                 else:
                     seen[image_digest] = row
                     header = read_header(data, config)
                     status, width, height = header.reason or STATUS_OK, header.width, header.height
+                    quality = quality_of(data, header.format)
+                    if width is not None and height is not None:
+                        keep_frame = (width * height, 0)  # unless a decode says more
                     route = clip_route(header) if feed is not None and header.img else None
                     if route == "":  # the stage decodes it, while this process hashes
                         feed.add(row, clipstage.JPEG, data, header.orientation)
@@ -301,6 +316,10 @@ def compute_features(
                         draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "L")
                         decoded = decode_image(data, config, draft, draft_mode, header=header)
                         status = decoded.reason or STATUS_OK
+                        grey = None
+                        if decoded.image is not None:
+                            grey = grey_levels(decoded.image)
+                            keep_frame = content_of(grey[1], width, height)
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
                             small = shrink(decoded.image)
@@ -308,7 +327,9 @@ def compute_features(
                             if plugins:
                                 pending_images.append(decoded.image)
                             if want_views:
-                                pending_views.append(view_input(decoded.image, np.asarray(small)))
+                                pending_views.append(
+                                    view_input(decoded.image, np.asarray(small), grey)
+                                )
                             if decoded.image.mode == "RGB" and route:  # colours at hand
                                 signature = colour_signature(decoded.image)
                                 pending_bytes.append(None)
@@ -323,6 +344,13 @@ def compute_features(
                             )
                 if status != STATUS_OK:
                     image_digest = None
+            content, overlay = keep_frame
+            cols["content_pixels"].append(content)
+            cols["overlay"].append(overlay)
+            cols["quality"].append(quality)
+            values, notes = json_values(members, keep_fields)
+            cols["keep_values"].append(values)
+            cols["keep_notes"].append(notes)
             cols["image_member"].append(None if pos is None else display_name(names[pos]))
             cols["status"].append(status)
             cols["width"].append(width)

@@ -34,6 +34,13 @@ FEATURE_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("bytes", pa.int64()),
+        # The keep policy's features (dedup.signals.keep): pixels of picture, overlay
+        # evidence bits, quality; keep_by's JSON values (NaN: none) and why not
+        ("content_pixels", pa.int64()),
+        ("overlay", pa.int8()),
+        ("quality", pa.int16()),
+        ("keep_values", pa.list_(pa.float64())),
+        ("keep_notes", pa.list_(pa.int8())),
         *signals.feature_columns(),
     ]
 )

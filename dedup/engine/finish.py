@@ -41,6 +41,7 @@ from dedup.io.shards import (
     sidecars,
 )
 from dedup.signals.edges import DECISIONS, NO_DISTANCE
+from dedup.signals.keep import OVERLAY_NAMES, quality_name
 
 log = logging.getLogger("dedup")
 
@@ -331,12 +332,49 @@ def samples_part(job: FinishJob, f: pa.Table) -> pa.Table:
             "image_member": f.column("image_member"),
             "digest": hexed["digest"],
             "phash": hexed["phash"],
+            **keep_columns(f),
         },
         schema=SAMPLES_SCHEMA,
     )
 
 
-SAMPLE_COLUMNS = ["key", "width", "height", "bytes", "image_member", "digest", "phash"]
+def keep_columns(f: pa.Table) -> dict[str, pa.Array]:
+    """samples.parquet's keep features, from the feature store's (null without an image)."""
+    content = f.column("content_pixels").to_numpy(zero_copy_only=False)
+    area = pc.multiply(
+        pc.cast(f.column("width"), pa.int64()), pc.cast(f.column("height"), pa.int64())
+    ).to_numpy(zero_copy_only=False)
+    content = np.asarray(content, dtype=np.float64)
+    area = np.asarray(area, dtype=np.float64)
+    unknown = np.isnan(content) | np.isnan(area) | (area <= 0)
+    padding = np.where(unknown, 0.0, 1.0 - content / np.where(unknown, 1.0, area))
+    overlay = [
+        None if v is None else "+".join(n for bit, n in OVERLAY_NAMES.items() if v & bit)
+        for v in f.column("overlay").to_pylist()
+    ]
+    quality = [None if v is None else quality_name(v) for v in f.column("quality").to_pylist()]
+    return {
+        "content_pixels": f.column("content_pixels"),
+        "padding": pa.array(padding.astype(np.float32), mask=unknown),
+        "overlay": pa.array(overlay, type=pa.string()),
+        "quality": pa.array(quality, type=pa.string()),
+        "keep_values": f.column("keep_values"),
+    }
+
+
+SAMPLE_COLUMNS = [
+    "key",
+    "width",
+    "height",
+    "bytes",
+    "image_member",
+    "digest",
+    "phash",
+    "content_pixels",
+    "overlay",
+    "quality",
+    "keep_values",
+]
 
 
 FINISH_COLUMNS = [*SAMPLE_COLUMNS, "member_names", "member_offsets", "member_sizes"]

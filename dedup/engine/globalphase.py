@@ -105,10 +105,13 @@ class _Members:
     groups: int
     views: bool = False
     plugins: tuple[str, ...] = ()  # `codes` plugins turned on
+    keep_by: int = 0  # keep_by's JSON fields
 
     def __call__(self, item: tuple[int, str, int, np.ndarray, np.ndarray]):
         pos, path, start, local_rows, group = item
-        records = read_members(path, start, local_rows, self.dim, self.views, self.plugins)
+        records = read_members(
+            path, start, local_rows, self.dim, self.views, self.plugins, self.keep_by
+        )
         target = storage.join(self.work, f"members-{pos:08d}")
         return target, write_runs(target, records, group, self.groups)
 
@@ -123,9 +126,8 @@ class _Resolve:
     blocked: np.ndarray  # sorted input rows a blocklist names
 
     def __call__(self, group: int) -> str:
-        dtype = member_record(
-            self.dim, "views" in self.config.signal_names, plugin_codes(self.config)
-        )
+        c = self.config
+        dtype = member_record(self.dim, "views" in c.signal_names, plugin_codes(c), len(c.keep_by))
         records = gather(self.runs, dtype, group)
         rows = records["row"]
         e = load_edges(storage.join(self.work, f"group-edges-{group:06d}"))
@@ -145,6 +147,7 @@ class _Resolve:
             phash_distance=result.phash_distance,
             clip_similarity=result.clip_similarity,
             link=result.link,
+            detached=result.detached,
             g_cluster_id=rows[g.cluster_id],
             g_size=g.size,
             g_survivor=rows[g.survivor],
@@ -152,6 +155,10 @@ class _Resolve:
             g_max_phash_distance=g.max_phash_distance,
             g_max_phash_distance_to_survivor=g.max_phash_distance_to_survivor,
             g_min_clip_similarity_to_survivor=g.min_clip_similarity_to_survivor,
+            g_kept_by=g.kept_by,
+            g_kept_value=g.kept_value,
+            g_runner_value=g.runner_value,
+            g_runner_up=np.where(g.runner_up >= 0, rows[np.maximum(g.runner_up, 0)], -1),
         )
         return target
 
@@ -408,7 +415,14 @@ def _components(
         path, start = sources[pos]
         member_items.append((pos, path, start, nodes[at] - start, node_group[at]))
     runs = executor.map(
-        _Members(work, dim, groups_count, "views" in config.signal_names, plugin_codes(config)),
+        _Members(
+            work,
+            dim,
+            groups_count,
+            "views" in config.signal_names,
+            plugin_codes(config),
+            len(config.keep_by),
+        ),
         member_items,
         Progress("members", total_items=len(member_items)),
         describe=_describe_part,
@@ -431,6 +445,7 @@ def _components(
             "phash_distance",
             "clip_similarity",
             "link",
+            "detached",
         )
     }
     g_cols = {
@@ -443,6 +458,10 @@ def _components(
             "max_phash_distance",
             "max_phash_distance_to_survivor",
             "min_clip_similarity_to_survivor",
+            "kept_by",
+            "kept_value",
+            "runner_value",
+            "runner_up",
         )
     }
     order = np.argsort(g_cols["cluster_id"], kind="stable")

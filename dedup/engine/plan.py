@@ -20,6 +20,7 @@ from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
 from dedup.engine.featurestore import read_features
 from dedup.engine.globalphase import Resolved, run_global
 from dedup.engine.job import Job
+from dedup.engine.ranking import kept_because
 from dedup.engine.references import (
     Reference,
 )
@@ -69,6 +70,9 @@ class Plan:
     blocked: dict = field(default_factory=dict)
     # Matches the HTML report shows per reference: (label, "closest"/"farthest", row).
     shown_matches: list = field(default_factory=list)
+    # bool per row: alone in its cluster although a signal links it to another row (the
+    # star rule left it apart from the survivor of the rows it links to)
+    detached: np.ndarray | None = None
 
     def rows(self, shard: int) -> slice:
         return slice(int(self.shard_starts[shard]), int(self.shard_starts[shard + 1]))
@@ -193,6 +197,7 @@ def _assemble(
     phash_distance = np.full(n, NO_DISTANCE, dtype=np.int32)
     clip_similarity = np.full(n, np.nan, dtype=np.float32)
     link = np.zeros(n, dtype=np.int8)
+    detached = np.zeros(n, dtype=bool)
     if r.members is not None:
         mine = r.members["rows"] < n
         m = {name: value[mine] for name, value in r.members.items()}
@@ -206,7 +211,8 @@ def _assemble(
         phash_distance[rows] = m["phash_distance"]
         clip_similarity[rows] = m["clip_similarity"]
         link[rows] = m["link"]
-    clusters = _clusters_table(features, shard_starts, r.groups, references, blocked or {})
+        detached[rows] = m["detached"]
+    clusters = _clusters_table(features, shard_starts, r.groups, config, references, blocked or {})
     return Plan(
         shard_starts,
         keep,
@@ -221,6 +227,7 @@ def _assemble(
         r.calibration,
         r.stats.get("verify"),
         link,
+        detached=detached,
     )
 
 
@@ -267,7 +274,7 @@ def identities(features, shard_starts, references, rows: np.ndarray):
 
 
 def _clusters_table(
-    features, shard_starts, groups: Groups | None, references=(), blocked=None
+    features, shard_starts, groups: Groups | None, config: Config, references=(), blocked=None
 ) -> pa.Table:
     """One row per cluster of two or more, in cluster-id order (groups over global rows);
     a cluster whose survivor is a reference item or a blocklisted sample names it."""
@@ -297,6 +304,7 @@ def _clusters_table(
             ),
             "reference": pa.array(labels, type=pa.string()),
             "reference_key": pa.array(ref_keys, type=pa.string()),
+            **kept_because(groups, config),
         },
         schema=CLUSTERS_SCHEMA,
     )

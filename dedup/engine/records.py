@@ -30,6 +30,10 @@ CLUSTER_COLUMNS = [
     "width",
     "height",
     "bytes",
+    "content_pixels",
+    "overlay",
+    "quality",
+    "keep_values",
     "digest",
     "phash",
     "detail",
@@ -57,7 +61,9 @@ def vector_record(dim: int) -> np.dtype:
     return np.dtype([("vector", "<f2", (dim,)), ("row", "<i8")])
 
 
-def member_record(dim: int, views: bool = False, plugins: tuple[str, ...] = ()) -> np.dtype:
+def member_record(
+    dim: int, views: bool = False, plugins: tuple[str, ...] = (), keep_by: int = 0
+) -> np.dtype:
     """Everything the star rule reads about one row (and its CLIP vector, view codes and
     `codes` plugins' codes, if any)."""
     fields = [
@@ -68,7 +74,12 @@ def member_record(dim: int, views: bool = False, plugins: tuple[str, ...] = ()) 
         ("word", "<u8"),
         ("detail", "<i2"),
         ("signature", "u1", SIGNATURE_BYTES),
+        ("content", "<i8"),
+        ("overlay", "i1"),
+        ("quality", "<i2"),
     ]
+    if keep_by:
+        fields.append(("keep_values", "<f8", (keep_by,)))
     if dim:
         fields.append(("vector", "<f2", (dim,)))
     if views:
@@ -157,16 +168,18 @@ def read_members(
     dim: int,
     views: bool = False,
     plugins: tuple[str, ...] = (),
+    keep_by: int = 0,
 ) -> np.ndarray:
     """Member records of the given rows of one shard (all candidates)."""
     _, _, cand = read_candidates(path, local_rows)
-    records = np.zeros(len(local_rows), member_record(dim, views, plugins))
+    records = np.zeros(len(local_rows), member_record(dim, views, plugins, keep_by))
     records["row"] = local_rows.astype(np.int64) + start
     records["pixels"] = candidate_pixels(cand)
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
     records["digest"] = fixed_binary_array(
         pc.fill_null(cand.column("digest"), pa.scalar(bytes(32), pa.binary(32)))
     )
+    keep_features(cand, records, keep_by)
     phash = cand.column("phash")
     if phash.null_count == 0 and len(local_rows):
         records["word"] = phash_words(phash)
@@ -189,6 +202,21 @@ def read_members(
     return records
 
 
+def keep_features(cand: pa.Table, records: np.ndarray, keep_by: int) -> None:
+    """The keep policy's features of candidate rows into member records (a feature store
+    older than them reads as content = pixels, no overlay, unknown quality)."""
+    pixels = candidate_pixels(cand)
+    content = pc.fill_null(cand.column("content_pixels"), -1).to_numpy()
+    records["content"] = np.where(content < 0, pixels, content)
+    records["overlay"] = pc.fill_null(cand.column("overlay"), 0).to_numpy()
+    records["quality"] = pc.fill_null(cand.column("quality"), 0).to_numpy()
+    if keep_by and len(records):
+        flat = pc.list_flatten(cand.column("keep_values")).to_numpy(zero_copy_only=False)
+        if len(flat) != len(records) * keep_by:
+            raise DedupError("the feature store lacks keep_by values; rerun with --overwrite")
+        records["keep_values"] = np.asarray(flat, dtype=np.float64).reshape(-1, keep_by)
+
+
 def members_candidates(records: np.ndarray, config: Config) -> Candidates:
     """Candidates (in record order) from member records."""
     # The views signal needs detail and signatures too (low-detail rows take no part).
@@ -206,6 +234,14 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         detail=records["detail"] if phash else None,
         signature=np.ascontiguousarray(records["signature"]) if phash else None,
         views=np.ascontiguousarray(records["views"]) if "views" in records.dtype.names else None,
+        content=records["content"],
+        overlay=records["overlay"],
+        quality=records["quality"],
+        keep_values=(
+            np.ascontiguousarray(records["keep_values"])
+            if "keep_values" in records.dtype.names
+            else np.zeros((len(records), 0))
+        ),
         codes={
             name: np.ascontiguousarray(records[f"code_{name}"])
             for name in plugin_codes(config)

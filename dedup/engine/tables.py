@@ -32,6 +32,13 @@ SAMPLES_SCHEMA = pa.schema(
         ("image_member", pa.string()),
         ("digest", pa.string()),
         ("phash", pa.string()),
+        # the keep policy's features (dedup.signals.keep): pixels of picture, the share of
+        # the frame that is bars, bands or frame, the overlay evidence, the quality
+        ("content_pixels", pa.int64()),
+        ("padding", pa.float32()),
+        ("overlay", pa.string()),
+        ("quality", pa.string()),
+        ("keep_values", pa.list_(pa.float64())),
     ]
 )
 
@@ -49,6 +56,10 @@ CLUSTERS_SCHEMA = pa.schema(
         # the survivor is a reference item (--against REF), or a blocklisted sample
         ("reference", pa.string()),
         ("reference_key", pa.string()),
+        # why the survivor won over the best removed member: the keep policy's deciding
+        # criterion (or reference, or input order) and both values
+        ("kept_by", pa.string()),
+        ("kept_detail", pa.string()),
     ]
 )
 

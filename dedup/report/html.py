@@ -295,9 +295,17 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
         # Survivor first, then the others in input order (the order of samples.parquet);
         # the pipeline made previews for exactly these.
         group = sorted(by_cluster.get(cl["cluster_id"], []), key=lambda r: not r["kept"])
+        why = cl.get("kept_by")
+        because = (
+            f"; kept by {esc(why)}"
+            + (f": {esc(cl['kept_detail'])}" if cl.get("kept_detail") else "")
+            if why
+            else ""
+        )
         out.append(
             f"<h3 id=c{cl['cluster_id']}>cluster {cl['cluster_id']}: {cl['size']:,} "
-            f"samples, linked by {esc(', '.join(cl['signals']))}</h3><div class=strip>"
+            f"samples, linked by {esc(', '.join(cl['signals']))}{because}</h3>"
+            "<div class=strip>"
         )
         for r in group[:SHOWN_MEMBERS]:
             preview = thumbs.get((r["shard"], r["key"]), {})

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dedup import signals
 from dedup.core.config import Config
@@ -47,6 +48,7 @@ from dedup.report.tables import (
     write_summary,
 )
 from dedup.signals.edges import DECISIONS, NO_DISTANCE
+from dedup.signals.keep import NOTE_NAMES, NOTE_OK
 
 
 def make_report(
@@ -312,6 +314,20 @@ def _check_counts(features, p: Plan, finished, dry_run) -> list[dict[str, Any]]:
     return out
 
 
+def keep_by_counts(features, config: Config) -> dict[str, dict[str, int]]:
+    """Per keep_by spec, the decoded images whose JSON gave no usable number, by why
+    (they rank after those with one)."""
+    counts = [Counter() for _ in config.keep_by]
+    for f in features:
+        table = read_features(f.path, ["status", "keep_notes"])
+        ok = pc.equal(table.column("status"), STATUS_OK)
+        for notes in table.filter(ok).column("keep_notes").to_pylist():
+            for k, note in enumerate(notes or []):
+                if note != NOTE_OK:
+                    counts[k][NOTE_NAMES[note]] += 1
+    return {spec: dict(sorted(c.items())) for spec, c in zip(config.keep_by, counts, strict=True)}
+
+
 def _summary(
     features, p: Plan, shard_counts, config: Config, phases, out, report_dir, dry_run
 ) -> dict[str, Any]:
@@ -343,6 +359,10 @@ def _summary(
             ),
             # the views signal's grey zone: pairs checked by local features (README)
             **({"verify": p.verify} if p.verify is not None else {}),
+            # alone in their cluster though linked to another row (README: Which copy
+            # survives)
+            "detached": int(p.detached.sum()) if p.detached is not None else 0,
+            **({"keep_by": keep_by_counts(features, config)} if config.keep_by else {}),
         },
         "clusters": {
             "count": clusters.num_rows,

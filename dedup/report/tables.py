@@ -83,8 +83,16 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
         f"passed through {c['passthrough']:,} ({by(c['passthrough_by_reason'])})",
         f"{summary['clusters']['count']:,} clusters of 2 or more "
         f"(sizes {', '.join(f'{k}: {v:,}' for k, v in hist.items())})"
-        + (f"; largest has {largest[0]['size']:,}" if largest else ""),
+        + (f"; largest has {largest[0]['size']:,}" if largest else "")
+        + (
+            f"; {c['detached']:,} linked samples kept apart from their links' survivors"
+            if c.get("detached")
+            else ""
+        ),
     ]
+    for spec, notes in c.get("keep_by", {}).items():
+        if notes:
+            lines.append(f"keep-by {spec}: no usable number in {by(notes)} (ranked last)")
     for r in summary.get("references", {}).get("against", []):
         skipped = r["skipped_by_reason"]
         lines.append(

@@ -181,3 +181,117 @@ def undirected_csr(i, j, keep, group, n):
             targets[fill[b]] = a
             fill[b] += 1
     return starts, targets
+
+
+@numba.njit(cache=True, nogil=True)
+def band_scan(
+    lines, tolerance, flat_share, text_lines, picture_share, lowest, limit, uniform, stroke
+):
+    """A band along the first lines of `lines` (2-D uint8, the edge first), for
+    dedup.signals.keep: (depth, strokes share). A band's lines mostly (flat_share) lie
+    within `tolerance` of the edge line's median, with runs of up to `text_lines` other
+    lines between such lines, and end at a line mostly unlike it (at most picture_share
+    alike); then `depth` is its lines and the share of its pixels (the inner line left
+    out) more than `stroke` levels from that colour. Failing that, leading lines of one
+    exact colour (their levels spanning at most `uniform`, their median within 4 of the
+    edge's) give -depth and no strokes. 0 when neither lies within lowest..limit-1."""
+    n, m = lines.shape
+    edge = int(np.median(lines[0]))
+    depth = 0
+    gap = 0
+    for k in range(limit):
+        near = 0
+        for x in range(m):
+            if abs(int(lines[k, x]) - edge) <= tolerance:
+                near += 1
+        if near >= flat_share * m:
+            depth = k + 1
+            gap = 0
+        else:
+            gap += 1
+            if gap > text_lines or depth == 0:
+                break
+    next_line = min(depth, n - 1)
+    near = 0
+    for x in range(m):
+        if abs(int(lines[next_line, x]) - edge) <= tolerance:
+            near += 1
+    if near > picture_share * m or depth < lowest or depth >= limit:
+        run = 0
+        while run < n:
+            lo, hi = 255, 0
+            for x in range(m):
+                v = int(lines[run, x])
+                lo = min(lo, v)
+                hi = max(hi, v)
+            if hi - lo > uniform or abs(np.median(lines[run]) - edge) > 4:
+                break
+            run += 1
+        if run < lowest or run >= limit:
+            return 0, 0.0
+        return -run, 0.0
+    rows = max(1, depth - 1)
+    far = 0
+    for k in range(rows):
+        for x in range(m):
+            if abs(int(lines[k, x]) - edge) > stroke:
+                far += 1
+    return depth, far / (rows * m)
+
+
+@numba.njit(cache=True, nogil=True)
+def frame_features(
+    gray, tolerance, flat_share, text_lines, picture_share, min_band, max_band, uniform, stroke,
+    stroke_share,
+):  # fmt: skip
+    """The picture inside a frame of a 2-D uint8 image, for dedup.signals.keep: (content
+    share, overlay bits: 1 bars, 2 caption, 4 frame). Per side (top, bottom, left,
+    right), band_scan on the side's lines (edge first; lowest: min_band of the side and 2
+    lines at least; limit: max_band of it plus one, short of the last line). A bar of one
+    colour found without a clear edge (a negative depth) counts only opposite another
+    band. Strokes in a top or bottom band, none at the sides: a caption; bands on three
+    sides or more, one with strokes: a frame; any band: bars. Less than a quarter of a
+    side left: no bands (a graphic, not padding)."""
+    h, w = gray.shape
+    if h < 8 or w < 8:
+        return 1.0, 0
+    depths = np.zeros(4, np.int64)
+    strokes = np.zeros(4, np.bool_)
+    for s in range(4):
+        if s == 0:
+            lines = gray.copy()
+        elif s == 1:
+            lines = gray[::-1].copy()
+        elif s == 2:
+            lines = gray.T.copy()
+        else:
+            lines = gray.T[::-1].copy()
+        n = lines.shape[0]
+        limit = min(int(max_band * n) + 1, n - 1)
+        lowest = max(2, int(np.ceil(min_band * n)))
+        d, share = band_scan(
+            lines, tolerance, flat_share, text_lines, picture_share, lowest, limit, uniform, stroke
+        )
+        depths[s] = d
+        strokes[s] = d > 0 and share >= stroke_share
+    for a in (0, 2):  # opposite sides: top and bottom, left and right
+        b = a + 1
+        da, db = depths[a], depths[b]
+        depths[a] = abs(da) if (da > 0 or (da < 0 and db != 0)) else 0
+        depths[b] = abs(db) if (db > 0 or (db < 0 and da != 0)) else 0
+    inner_h = h - depths[0] - depths[1]
+    inner_w = w - depths[2] - depths[3]
+    if inner_h < 0.25 * h or inner_w < 0.25 * w:
+        return 1.0, 0
+    bits = 0
+    sides = 0
+    for s in range(4):
+        if depths[s] > 0:
+            sides += 1
+    if sides > 0:
+        bits |= 1
+    if (strokes[0] or strokes[1]) and not (strokes[2] or strokes[3]):
+        bits |= 2
+    if sides >= 3 and (strokes[0] or strokes[1] or strokes[2] or strokes[3]):
+        bits = (bits | 4) & ~2
+    return (inner_h * inner_w) / (h * w), bits

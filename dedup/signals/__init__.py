@@ -34,9 +34,11 @@ from dedup.core.config import (
     PLUGIN_ERRORS,
     PLUGIN_SIGNALS,
     Config,
+    keep_by_field,
     settings_digest,
 )
 from dedup.core.errors import ConfigError
+from dedup.signals import keep as _keep
 from dedup.signals import views as _views
 from dedup.signals.phash import (
     CODE_BYTES,
@@ -272,6 +274,11 @@ def feature_fingerprint(config: Config) -> str:
         # the digest is stored whatever the signals: the verification tier checks it
         "exact_digest": config.exact_digest,
         "signals": fingerprint(config),
+        # the keep policy's features: how bands are found, and the JSON fields read
+        "keep": {
+            "constants": _keep.CONSTANTS,
+            "keep_by": [keep_by_field(s)[0] for s in config.keep_by],
+        },
     }
     return settings_digest(relevant)
 

@@ -95,6 +95,11 @@ class Candidates:
     signature: np.ndarray | None = None
     views: np.ndarray | None = None  # uint8 (N, VIEW_BYTES), or None when the signal is off
     anchor: np.ndarray | None = None  # int8 (N,): NOT_ANCHOR, REFERENCE or BLOCKED
+    # The keep policy's features (dedup.signals.keep; None: not read, every row alike):
+    content: np.ndarray | None = None  # int64 (N,) pixels of picture
+    overlay: np.ndarray | None = None  # int8 (N,) overlay evidence bits
+    quality: np.ndarray | None = None  # int16 (N,) LOSSLESS, a JPEG quality, or unknown
+    keep_values: np.ndarray | None = None  # float64 (N, F) keep_by's values, NaN: none
     # A `codes` plugin's 64-bit codes (uint8 (N, 8)) by signal name, the plugins turned on
     codes: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -122,6 +127,9 @@ class Candidates:
                 )
             )
         )
+        for name in ("content", "overlay", "quality", "keep_values"):
+            value = getattr(self, name)
+            setattr(out, name, None if value is None else value[rows])
         out.codes = {name: codes[rows] for name, codes in self.codes.items()}
         return out
 

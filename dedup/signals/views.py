@@ -120,13 +120,22 @@ class ViewInput:
     grid: np.ndarray
 
 
-def view_input(image: Image.Image, full: np.ndarray) -> ViewInput:
+def grey_levels(image: Image.Image) -> tuple[Image.Image, np.ndarray]:
+    """A decoded image in grayscale, as an image and as an array (made once: the views
+    and the keep features both read them)."""
+    gray = image if image.mode == "L" else image.convert("L")
+    return gray, np.asarray(gray)
+
+
+def view_input(
+    image: Image.Image, full: np.ndarray, grey: tuple[Image.Image, np.ndarray] | None = None
+) -> ViewInput:
     """The views' pixels of a decoded image whose pHash input (32 x 32 uint8) is `full`:
     the trimmed frame on the GRID x GRID raster (Pillow's bilinear resize: a matrix
     product per image cost 5 ms at 2 MP, BLAS threads fighting the worker processes),
-    and, when something was trimmed, the trimmed frame shrunk as the pHash shrinks."""
-    gray = image if image.mode == "L" else image.convert("L")
-    pixels = np.asarray(gray)
+    and, when something was trimmed, the trimmed frame shrunk as the pHash shrinks.
+    `grey`: grey_levels(image), when the caller has it."""
+    gray, pixels = grey if grey is not None else grey_levels(image)
     h, w = pixels.shape
     box = content_box(pixels)
     trim = None

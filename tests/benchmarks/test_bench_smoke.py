@@ -1,8 +1,8 @@
 """Every benchmark behind a make target (bench, bench-scale, bench-gpu, bench-storage,
-bench-against, bench-calibrate, calibrate, calibrate-photos, golden-record) run at a tiny
-size in a subprocess, as a user runs it: it must finish, print its figures, and find the
-copies it planted. Counts are asserted, never timings. Each runs in a temporary folder
-as its working directory, and none may write a bench-data/ there."""
+bench-against, bench-calibrate, bench-keep, calibrate, calibrate-photos, golden-record)
+run at a tiny size in a subprocess, as a user runs it: it must finish, print its figures,
+and find the copies it planted. Counts are asserted, never timings. Each runs in a
+temporary folder as its working directory, and none may write a bench-data/ there."""
 
 from __future__ import annotations
 
@@ -168,6 +168,27 @@ def test_bench_calibrate(tmp_path):
         r"\(c\) calibrate --sample 20 on the web-size set: .*\(([\d,]+) copies\)", out
     )
     assert number(copies[1]) > 0
+
+
+def test_bench_keep(tmp_path):
+    """make bench-keep: every kind of copy planted; each default policy's run is scored,
+    every group that lost a member is counted, and most planted copies are removed."""
+    out = bench(tmp_path, "bench_keep.py", "--smoke")
+    head = re.search(r"(\d+) samples in 4 shards: 10 originals, (\d+) copies, 6 distractors", out)
+    copies = int(head[2])
+    assert int(head[1]) == 16 + copies
+    planted = re.findall(r"(\w+) (\d+)", out.split("copies per kind: ")[1].splitlines()[0])
+    assert len(planted) == 14 and all(int(n) >= 2 for _, n in planted)
+    assert sum(int(n) for _, n in planted) == copies
+    for policy in ("largest", "first", "clean,content,quality,hub,first"):
+        section = out.split(f"== keep {policy}: ")[1].split("== keep ")[0]
+        rows = re.findall(r"^\| (\w+) \| (\d+) \| ", section, re.M)
+        assert [(k, int(n)) for k, n in rows] == [(k, int(n)) for k, n in planted]
+        kept = re.search(r"original kept: (\d+)/(\d+) .*\((\d+) groups untouched", section)
+        assert int(kept[1]) <= int(kept[2]) and int(kept[2]) + int(kept[3]) == 10
+        pairs = re.search(r"pair recall: (\d+)/(\d+) .*; precision: (\d+)/(\d+)", section)
+        assert int(pairs[2]) == copies and int(pairs[1]) == int(pairs[3])
+        assert copies // 2 <= int(pairs[1]) <= int(pairs[4])
 
 
 def test_calibrate(tmp_path):

@@ -33,7 +33,7 @@ def test_flags_override_config_file(tmp_path):
     )
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output)
-    assert printed["phash_threshold"] == 6 and printed["keep"] == "first"
+    assert printed["phash_threshold"] == 6 and printed["keep"] == ["first"]
 
 
 def test_bad_config_is_one_line_exit_2(tmp_path):

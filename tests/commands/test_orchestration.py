@@ -104,7 +104,12 @@ def test_without_torch_the_default_runs_and_clip_by_name_fails(small_set, tmp_pa
 
 def test_help_shows_each_default():
     text = dedup("--help").stdout
-    for shown in ("[default: 8]", "[default: auto]", "[default: largest]", "[default: verify]"):
+    for shown in (
+        "[default: 8]",
+        "[default: auto]",
+        "[default: clean,content,quality,hub,first]",
+        "[default: verify]",
+    ):
         assert shown in " ".join(text.split()), shown
 
 

@@ -41,7 +41,7 @@ def expected_survivors(samples, keep="largest"):
 def result(planted, tmp_path_factory):
     samples, paths, shard_dir = planted
     out = str(tmp_path_factory.mktemp("run") / "clean")
-    summary = run([shard_dir], out, cfg(workers=2))
+    summary = run([shard_dir], out, cfg(workers=2, keep=("largest",)))
     return samples, paths, out, summary
 
 
@@ -123,7 +123,7 @@ def test_report_schema_and_reasons(result):
 def test_two_runs_give_identical_bytes(planted, tmp_path, result):
     _, paths, out1, _ = result
     out2 = str(tmp_path / "again")
-    run([planted[2]], out2, cfg(workers=1))
+    run([planted[2]], out2, cfg(workers=1, keep=("largest",)))
     for name in [os.path.basename(p) for p in paths] + [
         "dedup-report/samples.parquet",
         "dedup-report/clusters.parquet",

@@ -157,7 +157,7 @@ def test_a_verified_pair_holds_for_every_row_with_the_same_view_codes():
     )
     edges = Edges.concat([Edges.of([0], [1], [0], VIEWS), Edges.of([0], [2], [13], VERIFIED)])
     for rule in ("star", "components"):
-        config = Config(signals=("views",), cluster_rule=rule)
+        config = Config(signals=("views",), cluster_rule=rule, keep=("largest",))
         result = resolve(cand, edges, config)
         assert result.survivor.tolist() == [1, 1, 1]
         assert [DECISIONS[r] for r in result.reason] == ["views", "survivor", "verified"]

@@ -272,10 +272,14 @@ def test_each_solid_colour_as_png_and_jpeg_is_one_sample(tmp_path):
     for name, rgb in COLOURS.items():
         shard += [(f"{name}-png.png", png(solid(rgb))), (f"{name}-jpg.jpg", jpeg(solid(rgb)))]
     rows = dedup_run(tmp_path, [shard])
+    # Equal pixels, no bars (a solid colour is no padding): the lossless copy survives.
+    want = {f"{name}-jpg": ("flat", f"{name}-png") for name in COLOURS}
+    assert removed(rows) == want
+    rows = dedup_run(tmp_path / "largest", [shard], keep="largest")
     sizes = dict((n.split(".")[0], len(d)) for n, d in shard)
     want = {}
     for name in COLOURS:
-        # Equal pixels: the larger file survives.
+        # keep largest, equal pixels: the larger file survives.
         small, large = sorted([f"{name}-png", f"{name}-jpg"], key=sizes.get)
         want[small] = ("flat", large)
     assert removed(rows) == want

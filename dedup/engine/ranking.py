@@ -1,0 +1,201 @@
+"""The keep policy in phase 2: rows ranked by its criteria (the per-image features are
+dedup.signals.keep's), the `hub` criterion's link counts, and why each survivor won."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from dedup.core.config import Config, keep_by_field
+from dedup.signals.edges import GROUPS_OF, LINKS_ONLY, PHASH, VIEWS, Candidates, Edges
+from dedup.signals.keep import content_bin, quality_name, severity
+
+
+def criteria(config: Config) -> tuple[str, ...]:
+    """The policy's criteria in rank order: keep_by's JSON fields, then keep."""
+    return (*config.keep_by, *config.keep)
+
+
+def because_names(config: Config) -> tuple[str, ...]:
+    """What Groups.kept_by indexes: an anchor, the criteria, input order."""
+    return ("reference", *criteria(config), "input order")
+
+
+def link_degree(edges: Edges, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the rows it links to directly, summed over the signals, and the mean
+    distance in bits to those the pHash and the views link (the `hub` criterion: an
+    original links to all its copies, each one edit away; a copy is two edits from the
+    others). Edges come collapsed as the star rule reads them (engine.cluster): rows of one
+    key group link to each other at distance 0 and to every row of an adjacent group at
+    that edge's distance."""
+    degree = np.zeros(n, dtype=np.int64)
+    bits = np.zeros(n, dtype=np.int64)  # summed distances of the hashes' links
+    hashed = np.zeros(n, dtype=np.int64)  # how many links those are
+    for s in np.unique(edges.signal).tolist():
+        keys = GROUPS_OF.get(s, s)
+        group = np.arange(n, dtype=np.int64)
+        star = np.zeros(len(edges.i), dtype=bool)
+        if keys not in LINKS_ONLY:
+            star = (edges.signal == keys) & (edges.distance == 0)
+            group[edges.j[star]] = edges.i[star]
+        size = np.bincount(group, minlength=n)
+        link = (edges.signal == s) & ~star
+        gi, gj = group[edges.i[link]], group[edges.j[link]]
+        d = edges.distance[link].astype(np.int64)
+        apart = gi != gj
+        lo, hi, d = np.minimum(gi, gj)[apart], np.maximum(gi, gj)[apart], d[apart]
+        # one link per pair of groups: the shortest
+        order = np.lexsort((d, hi, lo))
+        lo, hi, d = lo[order], hi[order], d[order]
+        first = np.ones(len(lo), dtype=bool)
+        first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        lo, hi, d = lo[first], hi[first], d[first]
+        adjacent = np.zeros(n, dtype=np.int64)
+        np.add.at(adjacent, lo, size[hi])
+        np.add.at(adjacent, hi, size[lo])
+        linked = size[group] - 1 + adjacent[group]
+        degree += linked
+        if s in (PHASH, VIEWS):
+            # views edges between distinct vectors carry their distance plus one
+            d = d - 1 if s == VIEWS else d
+            far = np.zeros(n, dtype=np.int64)
+            np.add.at(far, lo, size[hi] * d)
+            np.add.at(far, hi, size[lo] * d)
+            bits += far[group]
+            hashed += linked
+    mean = np.where(hashed > 0, bits / np.maximum(hashed, 1), 0.0)
+    return degree, mean
+
+
+@dataclass
+class Ranking:
+    """Rows ranked by a keep policy: per criterion, its sort keys (ascending: best first)
+    and the value the report shows."""
+
+    names: tuple[str, ...]
+    keys: list[list[np.ndarray]]
+    values: list[np.ndarray]
+
+    def lexsort(self, first: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
+        """Rows best first: by `first` keys (anchors), the criteria, then input order."""
+        flat = [k for ks in self.keys for k in ks]
+        return np.lexsort(tuple(reversed([*first, *flat, rows])))
+
+
+def rank(cand: Candidates, config: Config, links: tuple[np.ndarray, np.ndarray]) -> Ranking:
+    """The keep policy's keys for every candidate row (see the module's criteria)."""
+    n = len(cand.pixels)
+    pixels, nbytes = cand.pixels.astype(np.int64), cand.nbytes.astype(np.int64)
+    content = pixels if cand.content is None else cand.content.astype(np.int64)
+    overlay = np.zeros(n, np.int8) if cand.overlay is None else cand.overlay
+    quality = np.zeros(n, np.int64) if cand.quality is None else cand.quality.astype(np.int64)
+    values = cand.keep_values if cand.keep_values is not None else np.zeros((n, 0))
+    degree, distance = links
+    names, keys, shown = [], [], []
+    field = 0
+    for name in criteria(config):
+        if name.startswith("json:"):
+            _, descending = keep_by_field(name)
+            v = values[:, field] if field < values.shape[1] else np.full(n, np.nan)
+            field += 1
+            missing = np.isnan(v)
+            filled = np.where(missing, 0.0, v)
+            k, value = [missing.astype(np.int8), -filled if descending else filled], v
+        elif name == "clean":
+            k, value = [severity(overlay)], severity(overlay)
+        elif name == "content":
+            k, value = [-content_bin(content)], content
+        elif name == "hub":  # more links, then closer to those the hashes make
+            k, value = [-degree, np.round(distance * 1000).astype(np.int64)], degree
+        elif name == "quality":
+            k, value = [-quality], quality
+        elif name == "largest":
+            k, value = [-pixels, -nbytes], pixels
+        else:  # first: rows are in input order (the report names no row: they are local)
+            k, value = [np.arange(n, dtype=np.int64)], np.full(n, np.nan)
+        names.append(name)
+        keys.append(k)
+        shown.append(np.asarray(value, dtype=np.float64))
+    return Ranking(tuple(names), keys, shown)
+
+
+def why(
+    ranking: Ranking, survivor: np.ndarray, order: np.ndarray, anchor: np.ndarray, ids
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For the clusters whose survivors are `ids` (rows): (kept_by, survivor's value,
+    runner-up's value, runner-up row): the first criterion on which the survivor beats
+    the best removed member of its cluster, as an index into because_names (0: an
+    anchor; the last: input order), with both values (NaN when none is compared)."""
+    n = len(survivor)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    rows = np.arange(n, dtype=np.int64)
+    removed = rows[survivor != rows]
+    best = np.full(n, n, dtype=np.int64)  # by survivor: the best removed position
+    np.minimum.at(best, survivor[removed], position[removed])
+    runner = np.full(len(ids), -1, dtype=np.int64)
+    has = best[ids] < n
+    runner[has] = order[best[ids][has]]
+    kept_by = np.full(len(ids), len(ranking.names) + 1, dtype=np.int8)
+    s_value = np.full(len(ids), np.nan)
+    r_value = np.full(len(ids), np.nan)
+    undecided = has.copy()
+    undecided &= ~(anchor[ids] & ~anchor[np.maximum(runner, 0)])
+    kept_by[has & ~undecided] = 0
+    for c, (keys, value) in enumerate(zip(ranking.keys, ranking.values, strict=True)):
+        if not undecided.any():
+            break
+        at = np.flatnonzero(undecided)
+        a, b = ids[at], runner[at]
+        differs = np.zeros(len(at), dtype=bool)
+        for k in keys:
+            differs |= k[a] != k[b]
+        decided = at[differs]
+        kept_by[decided] = c + 1
+        s_value[decided] = value[ids[decided]]
+        r_value[decided] = value[runner[decided]]
+        undecided[decided] = False
+    kept_by[~has] = len(ranking.names) + 1
+    return kept_by, s_value, r_value, runner
+
+
+SEVERITY_NAMES = ("clean", "bars", "caption", "frame")
+
+
+def describe_value(name: str, value: float) -> str:
+    """A criterion's value as the report shows it."""
+    if math.isnan(value):
+        return "none"
+    if name == "clean":
+        return SEVERITY_NAMES[int(value)]
+    if name in ("content", "largest"):
+        return f"{int(value):,} px"
+    if name == "hub":
+        return f"{int(value)} links"
+    if name == "quality":
+        return quality_name(int(value))
+    return f"{value:g}"
+
+
+def kept_because(groups, config: Config) -> dict[str, list]:
+    """clusters.parquet's `kept_by` (the criterion that chose the survivor over the best
+    removed member: a criterion's name, `reference` for an anchor, `input order` when
+    every criterion ties) and `kept_detail` (both values)."""
+    names = because_names(config)
+    if groups.kept_by is None:
+        return {"kept_by": [None] * len(groups), "kept_detail": [None] * len(groups)}
+    by, detail = [], []
+    for k, c in enumerate(groups.kept_by.tolist()):
+        name = names[c]
+        by.append(name)
+        if name in ("first", "input order"):
+            detail.append("earlier in the input")
+        elif 0 < c < len(names) - 1:
+            a = describe_value(name, float(groups.kept_value[k]))
+            b = describe_value(name, float(groups.runner_value[k]))
+            detail.append(f"{a} over {b}")
+        else:
+            detail.append(None)
+    return {"kept_by": by, "kept_detail": detail}

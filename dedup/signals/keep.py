@@ -1,0 +1,241 @@
+"""Which copy survives: per-image keep features and the keep policy's order.
+
+The features are cheap and come from what phase 1 already has: the image's bytes (its
+JPEG quantization tables) and the grayscale decode the pHash makes (a draft of at least
+32 pixels a side). The policy is an ordered list of criteria; rows are ranked by the
+first, ties broken by the next, and input order last, so the order is total and the
+same whatever the partitioning.
+
+Criteria (best first):
+- `clean`: no evidence of an overlay: a picture inside an application frame (a
+  screenshot), a caption or banner band (a flat band across the top or bottom holding
+  strokes), uniform bars or a border. Worse evidence ranks lower: frame, caption, bars.
+- `content`: more pixels of picture, after uniform bars, borders, caption bands and frames
+  are taken away (compared in steps of about 9%: a re-encode or a copy with a border has
+  the original's content; a resize or a crop has less).
+- `quality`: lossless before lossy, then the JPEG quality its quantization tables say.
+- `hub`: linked directly to more rows (summed over the signals), then closer to them (the
+  mean distance in bits of the pHash's and the views' links). An original links to all
+  its copies, each one edit away; copies of different kinds rarely link to each other.
+- `first`: input order.
+- `largest`: pixels, then bytes (the old default; bars are pixels and noise is bytes).
+- `json:FIELD[:asc|desc]` (from `keep_by`): a number in the sample's JSON sidecar,
+  descending unless `:asc`; samples without a usable number rank after those with one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+
+from dedup.search.kernels import frame_features as _frame_features
+
+# Overlay evidence, a bit each; `clean` ranks by the worst (frame > caption > bars).
+BARS, CAPTION, FRAME = 1, 2, 4
+OVERLAY_NAMES = {BARS: "bars", CAPTION: "caption", FRAME: "frame"}
+
+LOSSLESS = 101  # `quality` of a lossless format (PNG, BMP, TIFF, lossless WebP)
+UNKNOWN_QUALITY = 0
+
+# keep_note: why a `json:` value is missing
+NOTE_OK, NOTE_NO_FIELD, NOTE_NOT_NUMBER, NOTE_BAD_JSON, NOTE_NO_JSON = range(5)
+NOTE_NAMES = ("ok", "missing_field", "not_a_number", "unparseable_json", "no_json_member")
+
+# A band: lines from an edge whose pixels mostly (FLAT_SHARE) lie within BAND_TOLERANCE of
+# the edge line's colour; it ends where the picture starts: a line mostly unlike it.
+BAND_TOLERANCE = 12
+FLAT_SHARE = 0.6
+TEXT_LINES = 3
+PICTURE_SHARE = 0.35
+MIN_BAND = 0.02  # of the side (and 2 lines at least): thinner bands are not counted
+UNIFORM_LEVELS = 6  # a bar of one colour: its lines' grey levels span at most this
+MAX_BAND = 0.35
+STROKE_LEVELS = 40  # a pixel this far from the band's colour is a stroke (text, icons)
+STROKE_SHARE = 0.02  # of a band's pixels: a band holding this many strokes has text
+# What the stored features depend on (the feature fingerprint).
+CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, PICTURE_SHARE, MIN_BAND, MAX_BAND,
+             STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table")  # fmt: skip
+
+
+def frame_features(gray: np.ndarray) -> tuple[float, int]:
+    """(content share, overlay bits) of a 2-D uint8 image: the share of the frame left
+    after bands are taken from each side (uniform bars and borders, caption bands, an
+    application's toolbars and margins), and the evidence: BARS, CAPTION (a band holding
+    strokes at the top or the bottom), FRAME (bands on three sides, holding strokes: a
+    screenshot). Per side, a band's lines are mostly (FLAT_SHARE) within BAND_TOLERANCE
+    of the edge line's colour, but for runs of up to TEXT_LINES lines between two such
+    lines (a line of text), and the picture starts sharply after it (a line at most
+    PICTURE_SHARE alike); without a clear edge, lines of one exact colour (spanning
+    UNIFORM_LEVELS) make a bar, but only opposite another band (bars come in pairs; a
+    flat sky on one side is no bar). dedup.search.kernels.frame_features does the work."""
+    share, bits = _frame_features(
+        np.ascontiguousarray(gray, dtype=np.uint8),
+        BAND_TOLERANCE,
+        FLAT_SHARE,
+        TEXT_LINES,
+        PICTURE_SHARE,
+        MIN_BAND,
+        MAX_BAND,
+        UNIFORM_LEVELS,
+        STROKE_LEVELS,
+        STROKE_SHARE,
+    )
+    return float(share), int(bits)
+
+
+def warm() -> None:
+    """Load the compiled band search now (before worker processes are forked: they then
+    share it instead of each loading it)."""
+    frame_features(np.zeros((8, 8), dtype=np.uint8))
+
+
+def severity(overlay: np.ndarray) -> np.ndarray:
+    """How bad the overlay evidence is: 0 clean, then bars, caption, frame."""
+    o = overlay.astype(np.int64)
+    return np.where(o & FRAME, 3, np.where(o & CAPTION, 2, np.where(o & BARS, 1, 0)))
+
+
+# The IJG's standard luminance table (JPEG Annex K), row by row; DQT segments store
+# tables in zigzag order (ZIGZAG: the row-by-row index of each stored value).
+_STD_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+     14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+     18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+    dtype=np.float64,
+)  # fmt: skip
+ZIGZAG = np.array(
+    [0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48,
+     41, 34, 27, 20, 13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15,
+     23, 30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63],
+)  # fmt: skip
+
+
+def jpeg_quality(data: bytes) -> int:
+    """The IJG quality (1-100) whose scaling of the standard luminance table comes closest
+    to the image's first quantization table (read from the DQT segment, no decode);
+    UNKNOWN_QUALITY when the bytes are not a JPEG with one."""
+    if data[:2] != b"\xff\xd8":
+        return UNKNOWN_QUALITY
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return UNKNOWN_QUALITY
+        marker = data[pos + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xDB:
+            body = data[pos + 4 : pos + 2 + length]
+            if not body:
+                return UNKNOWN_QUALITY
+            precision = body[0] >> 4
+            if precision:
+                values = np.frombuffer(body[1:129], dtype=">u2").astype(np.float64)
+            else:
+                values = np.frombuffer(body[1:65], dtype=np.uint8).astype(np.float64)
+            if len(values) != 64:
+                return UNKNOWN_QUALITY
+            return _quality_of(values)
+        if marker in (0xDA, 0xD9):  # scan data: no table before it
+            return UNKNOWN_QUALITY
+        pos += 2 + length
+    return UNKNOWN_QUALITY
+
+
+def _ijg_table(quality: int) -> np.ndarray:
+    """libjpeg's luminance table at `quality` (jpeg_quality_scaling, baseline: 1..255)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((_STD_LUMA[ZIGZAG] * scale + 50) // 100, 1, 255)
+
+
+_IJG_TABLES = np.stack([_ijg_table(q) for q in range(1, 101)])
+
+
+_QUALITIES: dict[bytes, int] = {}  # tables seen -> quality: a data set has few tables
+
+
+def _quality_of(table: np.ndarray) -> int:
+    """The IJG quality whose luminance table is closest to `table` (exact for libjpeg's
+    and Pillow's encoders; the nearest for others)."""
+    key = table.tobytes()
+    quality = _QUALITIES.get(key)
+    if quality is None:
+        quality = int(np.argmin(np.abs(_IJG_TABLES - table[None, :]).sum(axis=1))) + 1
+        if len(_QUALITIES) < 4096:
+            _QUALITIES[key] = quality
+    return quality
+
+
+def quality_of(data: bytes, image_format: str | None) -> int:
+    """`quality` of an image's bytes: LOSSLESS for lossless formats, the JPEG estimate,
+    UNKNOWN_QUALITY for the rest (GIF, lossy WebP, ...)."""
+    if image_format in ("PNG", "BMP", "TIFF"):
+        return LOSSLESS
+    if image_format == "WEBP" and data[12:16] == b"VP8L":
+        return LOSSLESS
+    if image_format in ("JPEG", "MPO"):
+        return jpeg_quality(data)
+    return UNKNOWN_QUALITY
+
+
+def quality_name(value: int) -> str:
+    """`quality` as text: lossless, qN, or unknown."""
+    if value == LOSSLESS:
+        return "lossless"
+    return "unknown" if value == UNKNOWN_QUALITY else f"q{value}"
+
+
+def content_bin(content_pixels: np.ndarray) -> np.ndarray:
+    """Content pixels in steps of 1/8 of an octave of area (about 9%): equal content
+    whatever the encoder's rounding, a resize or a crop less."""
+    c = np.maximum(content_pixels.astype(np.float64), 1.0)
+    return np.floor(np.log2(c) * 8).astype(np.int64)
+
+
+def json_value(data: bytes | None, field: str) -> tuple[float, int]:
+    """(value, note) of `field` (dots go into objects: a.b) in a JSON sidecar's bytes:
+    NaN and a NOTE_* saying why when there is no usable number."""
+    if data is None:
+        return math.nan, NOTE_NO_JSON
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return math.nan, NOTE_BAD_JSON
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return math.nan, NOTE_NO_FIELD
+        value = value[part]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan, NOTE_NOT_NUMBER
+    number = float(value)
+    if not math.isfinite(number):
+        return math.nan, NOTE_NOT_NUMBER
+    return number, NOTE_OK
+
+
+def is_json_name(name: str) -> bool:
+    """Whether a member is a sample's JSON sidecar (its last extension is json)."""
+    base = name.rsplit("/", 1)[-1]
+    return "." in base and base.rsplit(".", 1)[1].lower() == "json"
+
+
+def json_values(members, fields: list[str]) -> tuple[list[float], list[int]]:
+    """Each keep_by field's value (NaN when unusable) and note, from a sample's first JSON
+    member (members: objects with .name and .data)."""
+    if not fields:
+        return [], []
+    data = next((m.data for m in members if is_json_name(m.name)), None)
+    pairs = [json_value(data, f) for f in fields]
+    return [v for v, _ in pairs], [n for _, n in pairs]
+
+
+def content_of(gray: np.ndarray, width: int, height: int) -> tuple[int, int]:
+    """(content pixels at full size, overlay bits) of a decoded image's grey levels (any
+    scale) whose full size is width x height."""
+    share, bits = frame_features(gray)
+    return int(round(share * width * height)), bits

@@ -1,0 +1,204 @@
+"""Which copy survives, through the real CLI on the default path (several shards, two
+workers): the default keep policy keeps the original over padded, captioned, re-encoded
+and resized copies that come first in the input; clusters.parquet says why; keep_by
+ranks by a JSON sidecar's number and counts the samples without one; the same bytes for
+any partitioning and worker count."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from tests.helpers import dedup, error_line, local_outputs, textured, write_tar
+
+FLAGS = ["--signals", "exact,phash,views", "--workers", "2"]
+
+
+def _jpeg(image: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _border(image):
+    w, h = image.size
+    out = Image.new("RGB", (w + 36, h + 36), (210, 40, 90))
+    out.paste(image, (18, 18))
+    return out
+
+
+def _letterbox(image):
+    w, h = image.size
+    out = Image.new("RGB", (w, h + 80), (0, 0, 0))
+    out.paste(image, (0, 40))
+    return out
+
+
+def _caption(image, at):
+    w, h = image.size
+    band = 40
+    out = Image.new("RGB", (w, h + band), (255, 255, 255) if at == "bottom" else (25, 25, 25))
+    out.paste(image, (0, band if at == "top" else 0))
+    ink = (0, 0, 0) if at == "bottom" else (250, 250, 250)
+    font = ImageFont.load_default(size=22)
+    ImageDraw.Draw(out).text((8, 4 if at == "top" else h + 4), "Photo of the day", ink, font)
+    return out
+
+
+EDITS = {
+    "border": lambda im: _jpeg(_border(im), 95),
+    "letterbox": lambda im: _jpeg(_letterbox(im), 95),
+    "caption_bottom": lambda im: _jpeg(_caption(im, "bottom"), 95),
+    "caption_top": lambda im: _jpeg(_caption(im, "top"), 95),
+    "reencode": lambda im: _jpeg(im, 45),
+    "resize": lambda im: _jpeg(im.resize((im.width // 2, im.height // 2)), 95),
+}
+# What decides each cluster: the copy's overlay, its quality, its content
+DECIDED_BY = {
+    "border": "clean",
+    "letterbox": "clean",
+    "caption_bottom": "clean",
+    "caption_top": "clean",
+    "reencode": "quality",
+    "resize": "content",
+}
+
+
+@pytest.fixture(scope="module")
+def web_copies(tmp_path_factory):
+    """Three shards: every copy (one edit per original) in the first two, the originals
+    last, so that input order favours the copies. Returns the folder, {copy: original}
+    and {copy: edit}."""
+    root = tmp_path_factory.mktemp("web")
+    shards: list[list] = [[], [], []]
+    of, edit_of = {}, {}
+    for k, (edit, make) in enumerate(EDITS.items()):
+        image = textured(300 + k)
+        shards[k % 2].append((f"c{k}.jpg", make(image)))
+        shards[2].append((f"o{k}.jpg", _jpeg(image)))
+        of[f"c{k}"], edit_of[f"c{k}"] = f"o{k}", edit
+    for n, members in enumerate(shards):
+        write_tar(str(root / f"part-{n}.tar"), members)
+    return root, of, edit_of
+
+
+def _tables(out):
+    report = out / "dedup-report"
+    samples = {r["key"]: r for r in pq.read_table(report / "samples.parquet").to_pylist()}
+    clusters = {
+        r["survivor_key"]: r for r in pq.read_table(report / "clusters.parquet").to_pylist()
+    }
+    return samples, clusters
+
+
+def test_the_default_policy_keeps_the_originals(web_copies, tmp_path):
+    folder, of, edit_of = web_copies
+    result = dedup(folder, "--out", tmp_path / "out", *FLAGS, "--json")
+    summary = json.loads(result.stdout)
+    samples, clusters = _tables(tmp_path / "out")
+    removed = {k: r["duplicate_of"] for k, r in samples.items() if not r["kept"]}
+    assert removed == of
+    assert summary["counts"]["detached"] == 0
+    for copy, original in of.items():
+        why = clusters[original]
+        assert why["kept_by"] == DECIDED_BY[edit_of[copy]], (edit_of[copy], why)
+        assert why["kept_detail"], why
+        assert samples[original]["overlay"] == "" and samples[original]["padding"] == 0
+        assert samples[original]["quality"] == "q92"
+    padded = [c for c, e in edit_of.items() if DECIDED_BY[e] == "clean"]
+    assert all(samples[c]["overlay"] and samples[c]["padding"] > 0.05 for c in padded)
+    assert samples["c4"]["quality"] == "q45"  # the re-encode
+    assert clusters["o4"]["kept_detail"] == "q92 over q45"
+    page = (tmp_path / "out" / "dedup-report" / "report.html").read_text()
+    assert "kept by clean: clean over bars" in page and "kept by quality: q92 over q45" in page
+    # The old rule keeps the padded copies (bars are pixels) and names its criterion.
+    dedup(folder, "--out", tmp_path / "largest", *FLAGS, "--keep", "largest")
+    samples, clusters = _tables(tmp_path / "largest")
+    assert {c for c in padded if samples[c]["kept"]} == set(padded)
+    assert {clusters[c]["kept_by"] for c in padded} == {"largest"}
+
+
+@pytest.mark.slow  # four runs
+def test_the_same_bytes_for_any_partitioning_and_worker_count(web_copies, tmp_path):
+    folder, _, _ = web_copies
+    small = tmp_path / "small.yaml"
+    small.write_text("partition_rows: 2\n")
+    dedup(folder, "--out", tmp_path / "a", *FLAGS)
+    dedup(folder, "--out", tmp_path / "b", *FLAGS, "--config", small)
+    dedup(folder, "--out", tmp_path / "c", "--signals", "exact,phash,views", "--workers", "1")
+    expected = local_outputs(tmp_path / "a")
+    assert local_outputs(tmp_path / "b") == expected
+    assert local_outputs(tmp_path / "c") == expected
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Three groups of three re-encodes of one picture each, with JSON sidecars: group
+    0 scored 1, 5, 3; group 1: one score, one missing field, one NaN; group 2: a string,
+    unparseable JSON, no JSON member."""
+    root = tmp_path_factory.mktemp("scored")
+    members, shards = [], [[], []]
+    sidecars = {
+        "g0a": b'{"score": 1}',
+        "g0b": b'{"score": 5}',
+        "g0c": b'{"score": 3}',
+        "g1a": b'{"other": 9}',
+        "g1b": b'{"score": NaN}',
+        "g1c": b'{"score": 0.5}',
+        "g2a": b'{"score": "high"}',
+        "g2b": b'{"score": ',
+        "g2c": None,
+    }
+    for k, (key, sidecar) in enumerate(sidecars.items()):
+        image = textured(400 + int(key[1]))
+        members = [(f"{key}.jpg", _jpeg(image, 90 - k))]  # g*a best by quality
+        if sidecar is not None:
+            members.append((f"{key}.json", sidecar))
+        shards[k % 2] += members
+    for n, m in enumerate(shards):
+        write_tar(str(root / f"p{n}.tar"), m)
+    return root
+
+
+def test_keep_by_a_json_field(scored, tmp_path):
+    result = dedup(scored, "--out", tmp_path / "out", *FLAGS, "--keep-by", "json:score", "--json")
+    summary = json.loads(result.stdout)
+    samples, clusters = _tables(tmp_path / "out")
+    kept = {k for k, r in samples.items() if r["kept"]}
+    # the highest score; one numeric among unusable ones; none usable: the keep policy
+    assert kept == {"g0b", "g1c", "g2a"}
+    assert clusters["g0b"]["kept_by"] == "json:score"
+    assert clusters["g0b"]["kept_detail"] == "5 over 3"
+    assert clusters["g2a"]["kept_by"] == "quality"
+    assert samples["g0b"]["keep_values"] == [5.0]
+    assert summary["counts"]["keep_by"] == {
+        "json:score": {
+            "missing_field": 1,
+            "no_json_member": 1,
+            "not_a_number": 2,
+            "unparseable_json": 1,
+        }
+    }
+    dedup(scored, "--out", tmp_path / "asc", *FLAGS, "--keep-by", "json:score:asc")
+    samples, _ = _tables(tmp_path / "asc")
+    assert {k for k, r in samples.items() if r["kept"]} == {"g0a", "g1c", "g2a"}
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--keep", "biggest"], "unknown criterion 'biggest'"),
+        (["--keep", "first,first"], "listed twice"),
+        (["--keep-by", "json"], "not json:FIELD"),
+        (["--keep-by", "yaml:score"], "not json:FIELD"),
+        (["--keep-by", "json:score:up"], "asc or desc"),
+    ],
+)
+def test_bad_keep_specs_are_one_line_errors(scored, tmp_path, flags, words):
+    result = dedup(scored, "--out", tmp_path / "out", *flags, check=2)
+    assert words in error_line(result)
+    assert not (tmp_path / "out").exists()

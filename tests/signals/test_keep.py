@@ -1,0 +1,148 @@
+"""The keep policy's per-image features: JPEG quality from the quantization tables,
+bars, caption bands and application frames found on the decode the pHash makes, and
+JSON sidecar values."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from dedup.core.config import Config
+from dedup.io.decode import decode_image
+from dedup.signals.keep import (
+    BARS,
+    CAPTION,
+    FRAME,
+    LOSSLESS,
+    NOTE_BAD_JSON,
+    NOTE_NO_FIELD,
+    NOTE_NO_JSON,
+    NOTE_NOT_NUMBER,
+    NOTE_OK,
+    UNKNOWN_QUALITY,
+    content_of,
+    jpeg_quality,
+    json_value,
+    quality_of,
+)
+from tests.helpers import textured
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("quality", [1, 10, 37, 50, 51, 75, 88, 95, 100])
+def test_jpeg_quality_is_read_exactly_from_the_tables(quality):
+    image = textured(1)
+    assert jpeg_quality(_jpeg(image, quality)) == quality
+    assert jpeg_quality(_jpeg(image.convert("L"), quality)) == quality
+
+
+def test_quality_of_formats():
+    image = textured(2)
+    png, webp_lossless, webp = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    image.save(png, "PNG")
+    image.save(webp_lossless, "WEBP", lossless=True)
+    image.save(webp, "WEBP", quality=80)
+    assert quality_of(png.getvalue(), "PNG") == LOSSLESS
+    assert quality_of(webp_lossless.getvalue(), "WEBP") == LOSSLESS
+    assert quality_of(webp.getvalue(), "WEBP") == UNKNOWN_QUALITY
+    assert quality_of(_jpeg(image, 64), "JPEG") == 64
+    # damaged or truncated tables never raise
+    assert jpeg_quality(b"\xff\xd8\xff\xdb\x00") == UNKNOWN_QUALITY
+    assert jpeg_quality(b"not a jpeg") == UNKNOWN_QUALITY
+
+
+def _bordered(image, colour, share):
+    w, h = image.size
+    d = int(share * min(w, h))
+    out = Image.new("RGB", (w + 2 * d, h + 2 * d), colour)
+    out.paste(image, (d, d))
+    return out
+
+
+def _letterboxed(image, colour=(0, 0, 0), share=0.15):
+    w, h = image.size
+    d = int(share * h)
+    out = Image.new("RGB", (w, h + 2 * d), colour)
+    out.paste(image, (0, d))
+    return out
+
+
+def _caption_band(image, at="bottom", colour=(255, 255, 255), ink=(0, 0, 0)):
+    w, h = image.size
+    d = int(0.15 * h)
+    out = Image.new("RGB", (w, h + d), colour)
+    out.paste(image, (0, d if at == "top" else 0))
+    font = ImageFont.load_default(size=int(d * 0.6))
+    y = 2 if at == "top" else h + 2
+    ImageDraw.Draw(out).text((8, y), "Photo of the day, all rights", fill=ink, font=font)
+    return out
+
+
+def _screenshot(image):
+    w, h = image.size
+    canvas = Image.new("RGB", (int(w * 1.5), int(h * 1.45)), (236, 236, 240))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, canvas.width, int(0.12 * canvas.height)], fill=(50, 54, 64))
+    font = ImageFont.load_default(size=14)
+    for k in range(4):
+        draw.text((12 + 70 * k, 8), f"Tab {k}", fill=(255, 255, 255), font=font)
+    top = int(0.16 * canvas.height)
+    canvas.paste(image, ((canvas.width - w) // 2, top))
+    for k in range(5):
+        draw.text((6, top + 24 * k), f"link {k}", fill=(20, 20, 20), font=font)
+    return canvas
+
+
+def _features(image: Image.Image) -> tuple[int, int]:
+    """content pixels and overlay bits as the extract phase computes them: from the
+    pHash's grayscale draft decode of the JPEG."""
+    data = _jpeg(image, 90)
+    decoded = decode_image(data, Config(), 32, "L")
+    return content_of(decoded.image, image.width, image.height)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bars_captions_and_frames_are_found_and_originals_are_clean(seed):
+    original = textured(100 + seed)
+    pixels = original.width * original.height
+    content, bits = _features(original)
+    assert (content, bits) == (pixels, 0)
+    rng = np.random.default_rng(seed)
+    colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+    for edited, expected in (
+        (_bordered(original, colour, 0.06), BARS),
+        (_letterboxed(original), BARS),
+        (_caption_band(original, "bottom"), CAPTION),
+        (_caption_band(original, "top", (30, 30, 30), (250, 250, 250)), CAPTION),
+        (_screenshot(original), FRAME),
+    ):
+        content, bits = _features(edited)
+        assert bits & expected, (expected, bits)
+        # the picture's own pixels, within the decode's block size
+        assert abs(content - pixels) < 0.12 * pixels, (expected, content, pixels)
+
+
+def test_json_values_and_why_they_are_missing():
+    assert json_value(b'{"score": 3.5}', "score") == (3.5, NOTE_OK)
+    assert json_value(b'{"a": {"b": 2}}', "a.b") == (2.0, NOTE_OK)
+    for data, note in (
+        (b'{"other": 1}', NOTE_NO_FIELD),
+        (b'{"score": "high"}', NOTE_NOT_NUMBER),
+        (b'{"score": NaN}', NOTE_NOT_NUMBER),
+        (b'{"score": true}', NOTE_NOT_NUMBER),
+        (b'{"score": ', NOTE_BAD_JSON),
+        (b"\xff\xfe", NOTE_BAD_JSON),
+        (b"[1, 2]", NOTE_NO_FIELD),
+        (None, NOTE_NO_JSON),
+    ):
+        value, why = json_value(data, "score")
+        assert math.isnan(value) and why == note, data
