@@ -304,7 +304,7 @@ def compute_features(
                     seen[image_digest] = row
                     header = read_header(data, config)
                     status, width, height = header.reason or STATUS_OK, header.width, header.height
-                    quality = quality_of(data, header.format)
+                    quality = quality_of(data, header.format, header.img)
                     if width is not None and height is not None:
                         keep_frame = (width * height, 0)  # unless a decode says more
                     route = clip_route(header) if feed is not None and header.img else None

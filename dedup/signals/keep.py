@@ -171,16 +171,34 @@ def _quality_of(table: np.ndarray) -> int:
     return quality
 
 
-def quality_of(data: bytes, image_format: str | None) -> int:
+def quality_of(data: bytes, image_format: str | None, img=None) -> int:
     """`quality` of an image's bytes: LOSSLESS for lossless formats, the JPEG estimate,
-    UNKNOWN_QUALITY for the rest (GIF, lossy WebP, ...)."""
+    UNKNOWN_QUALITY for the rest (GIF, lossy WebP, ...). `img`: the image as Pillow opened
+    it, whose parsed tables (natural order) spare reading them again."""
     if image_format in ("PNG", "BMP", "TIFF"):
         return LOSSLESS
     if image_format == "WEBP" and data[12:16] == b"VP8L":
         return LOSSLESS
     if image_format in ("JPEG", "MPO"):
+        tables = getattr(img, "quantization", None)
+        if tables and 0 in tables and len(tables[0]) == 64:
+            return _natural_quality(tuple(tables[0]))
         return jpeg_quality(data)
     return UNKNOWN_QUALITY
+
+
+_NATURAL: dict[tuple, int] = {}  # Pillow's tables seen -> quality
+
+
+def _natural_quality(table: tuple) -> int:
+    """_quality_of for a table in natural order (as Pillow gives it)."""
+    quality = _NATURAL.get(table)
+    if quality is None:
+        zigzag = np.asarray(table, dtype=np.float64)[ZIGZAG]
+        quality = _quality_of(zigzag)
+        if len(_NATURAL) < 4096:
+            _NATURAL[table] = quality
+    return quality
 
 
 def quality_name(value: int) -> str:

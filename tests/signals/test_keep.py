@@ -146,3 +146,10 @@ def test_json_values_and_why_they_are_missing():
     ):
         value, why = json_value(data, "score")
         assert math.isnan(value) and why == note, data
+
+
+@pytest.mark.parametrize("quality", [5, 50, 77, 90, 100])
+def test_the_tables_pillow_parsed_give_the_same_quality(quality):
+    data = _jpeg(textured(3), quality)
+    opened = Image.open(io.BytesIO(data))
+    assert quality_of(data, "JPEG", opened) == quality_of(data, "JPEG") == quality
