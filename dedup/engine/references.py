@@ -323,10 +323,15 @@ def open_index(ref: str, config: Config, clip=None) -> Reference:
     if manifest.get("feature_fingerprint") != signals.feature_fingerprint(config):
         built = manifest.get("config")
         built = ",".join(map(str, built.get("signals", []))) if isinstance(built, dict) else "?"
+        mine = ",".join(config.signals)
+        how = (
+            f"signals {built}; this run: {mine}"
+            if built != mine
+            else f"signals {built} as this run's, features computed another way: another "
+            "dedup version, or other reading settings"
+        )
         raise _fail(
-            ref,
-            f"an index built with other settings (signals {built}; this run: "
-            f"{','.join(config.signals)}); rebuild it with this run's options",
+            ref, f"an index built with other settings ({how}); rebuild it with this run's options"
         )
     try:
         entries = [_IndexEntry.of(entry) for entry in manifest["sources"]]
