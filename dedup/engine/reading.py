@@ -28,7 +28,6 @@ from dedup.io.shards import (
     raw_name,
     shard_size,
 )
-from dedup.signals import keep
 from dedup.signals.clip import stage_devices
 
 log = logging.getLogger("dedup")
@@ -59,7 +58,6 @@ def extract_all(
     executor = executor or LocalExecutor(config.worker_count)
     total = sum(shard_size(s) for s in shards)
     progress = Progress("extract", total_bytes=total)
-    keep.warm()  # the band search's compiled code, loaded once for the forked workers
     if clip is None:
         task = ExtractTask(config, store, skip_bad_shards, spool=spool)
         return executor.map(task, shards, progress, _shard_path)

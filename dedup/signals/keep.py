@@ -86,12 +86,6 @@ def frame_features(gray: np.ndarray) -> tuple[float, int]:
     return float(share), int(bits)
 
 
-def warm() -> None:
-    """Load the compiled band search now (before worker processes are forked: they then
-    share it instead of each loading it)."""
-    frame_features(np.zeros((8, 8), dtype=np.uint8))
-
-
 def severity(overlay: np.ndarray) -> np.ndarray:
     """How bad the overlay evidence is: 0 clean, then bars, caption, frame."""
     o = overlay.astype(np.int64)
