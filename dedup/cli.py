@@ -23,7 +23,7 @@ from dedup.core.config import (
     CLUSTER_RULES,
     EXECUTORS,
     FINGERPRINTS,
-    KEEP_RULES,
+    KEEP_CRITERIA,
     Config,
     dump_config,
     load_config,
@@ -136,7 +136,7 @@ _SETTING_OPTIONS = [
         "--keep",
         metavar="CRITERIA",
         help="Survivor of each cluster: the best by these criteria, in order (comma list of "
-        f"{', '.join(KEEP_RULES)}; largest: the old rule, pixels then bytes).",
+        f"{', '.join(KEEP_CRITERIA)}; largest: the old rule, pixels then bytes).",
     ),
     click.option(
         "--keep-by",

@@ -37,7 +37,6 @@ WITHOUT_CLIP = ("exact", "phash", "views")
 # `largest` and `first` alone are the old rules. keep_by adds json:FIELD[:asc|desc].
 KEEP_CRITERIA = ("clean", "content", "hub", "quality", "first", "largest")
 DEFAULT_KEEP = ("clean", "content", "quality", "hub", "first")
-KEEP_RULES = KEEP_CRITERIA  # names --keep's help lists
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
 CLIP_DECODES = ("auto", "device", "pillow")

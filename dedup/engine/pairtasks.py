@@ -207,15 +207,15 @@ class ScatterTask:
 
     def _scatter_codes(self, name: str, pos: int, rows: np.ndarray, cand: pa.Table, out):
         """A `codes` plugin's codes (every candidate row), by a hash of the code."""
-        parts = self.code_layouts[name].parts
+        words = phash_words(cand.column(signals.REGISTRY[name].columns[0].name))
+        self._code_runs(name, pos, words, rows, self.code_layouts[name].parts, out)
+
+    def _code_runs(self, kind, pos, words: np.ndarray, rows: np.ndarray, parts: int, out):
+        """64-bit codes of `rows` into `parts` runs by a hash of the code (out.runs[kind])."""
         records = np.zeros(len(rows), CODE_RECORD)
-        records["word"] = phash_words(cand.column(signals.REGISTRY[name].columns[0].name))
-        records["row"] = rows
-        path = self._path(pos, name)
-        out.runs[name] = (
-            path,
-            write_runs(path, records, _hash_part(records["word"], parts), parts),
-        )
+        records["word"], records["row"] = words, rows
+        path = self._path(pos, kind)
+        out.runs[kind] = (path, write_runs(path, records, _hash_part(words, parts), parts))
 
     def _scatter_exact(self, pos: int, rows: np.ndarray, cand: pa.Table, out: Scattered):
         """Digests, partitioned by their first bytes."""
@@ -237,14 +237,7 @@ class ScatterTask:
         low = by_signature(detail, candidate_pixels(cand))
         words = phash_words(cand.column("phash"))
         detailed = np.flatnonzero(~low)
-        records = np.zeros(len(detailed), CODE_RECORD)
-        records["word"], records["row"] = words[detailed], rows[detailed]
-        out.runs["phash"] = (
-            self._path(pos, "phash"),
-            write_runs(
-                self._path(pos, "phash"), records, _hash_part(records["word"], parts), parts
-            ),
-        )
+        self._code_runs("phash", pos, words[detailed], rows[detailed], parts, out)
         tiny = is_tiny(candidate_pixels(cand))
         flat = np.flatnonzero(is_low_detail(detail))
         if len(flat):

@@ -191,13 +191,18 @@ def exact_edges(digests: np.ndarray) -> Edges:
 
 
 def phash_edges(
-    codes: np.ndarray, threshold: int, workers: int = 1, rows: np.ndarray | None = None
+    codes: np.ndarray,
+    threshold: int,
+    workers: int = 1,
+    rows: np.ndarray | None = None,
+    signal: int = PHASH,
 ) -> Edges:
     """Rows within `threshold` bits: equal codes link to one representative row, and
     representatives of distinct codes link when their codes are close enough. With
-    `rows`, only those rows take part."""
+    `rows`, only those rows take part. `signal`: whose codes they are (a `codes`
+    plugin's, searched the same way)."""
     return _collapsed_edges(
-        codes, rows, lambda unique: hamming_pairs(unique, threshold, workers=workers), PHASH
+        codes, rows, lambda unique: hamming_pairs(unique, threshold, workers=workers), signal
     )
 
 
@@ -329,14 +334,7 @@ def code_signal_edges(cand: Candidates, config: Config, name: str) -> list[Edges
     if codes is None:
         return []
     t = code_threshold(name, config)
-    return [
-        _collapsed_edges(
-            codes,
-            None,
-            lambda unique: hamming_pairs(unique, t, workers=config.worker_count),
-            signal_code(name),
-        )
-    ]
+    return [phash_edges(codes, t, config.worker_count, None, signal_code(name))]
 
 
 def exact_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
