@@ -35,8 +35,8 @@ AUTO = ("auto",)
 WITHOUT_CLIP = ("exact", "phash", "views")
 # The keep policy's criteria (dedup.signals.keep says what each measures), best first;
 # `largest` and `first` alone are the old rules. keep_by adds json:FIELD[:asc|desc].
-KEEP_CRITERIA = ("clean", "content", "hub", "quality", "first", "largest")
-DEFAULT_KEEP = ("clean", "content", "quality", "hub", "first")
+KEEP_CRITERIA = ("clean", "content", "hub", "quality", "typical", "noise", "first", "largest")
+DEFAULT_KEEP = ("clean", "content", "quality", "hub", "typical", "noise", "first")
 CLUSTER_RULES = ("star", "components")
 CLIP_INDEXES = ("auto", "flat", "ivf")
 CLIP_DECODES = ("auto", "device", "pillow")

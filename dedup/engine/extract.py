@@ -31,7 +31,7 @@ from dedup.io.shards import (
     spool_shard,
 )
 from dedup.signals.exact import digest
-from dedup.signals.keep import content_of, is_json_name, json_values, quality_of
+from dedup.signals.keep import content_of, is_json_name, json_values, quality_of, texture_of
 from dedup.signals.views import grey_levels, view_codes, view_input
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 from dedup.engine.featurestore import (
     FEATURE_SCHEMA,
     SIGNAL_COLUMNS,
+    TEXTURE_COLUMNS,
     feature_path,
     load_if_current,
     store_features,
@@ -284,7 +285,7 @@ def compute_features(
             pos = image_member(names, config)
             status, width, height, nbytes, image_digest = "no_image", None, None, None, None
             signature = None
-            keep_frame, quality = (None, None), None
+            keep_frame, quality, texture = (None, None), None, (None, None, None)
             if pos is not None:
                 data = members[pos].data
                 nbytes = len(data)
@@ -297,6 +298,7 @@ def compute_features(
                         cols["height"][first],
                     )
                     keep_frame = (cols["content_pixels"][first], cols["overlay"][first])
+                    texture = tuple(cols[c][first] for c in TEXTURE_COLUMNS)
                     quality = cols["quality"][first]
                     if status == STATUS_OK:
                         copies.append((row, first))
@@ -320,6 +322,7 @@ def compute_features(
                         if decoded.image is not None:
                             grey = grey_levels(decoded.image)
                             keep_frame = content_of(grey[1], width, height)
+                            texture = texture_of(grey[0], width, height, grey[1])
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
                             small = shrink(decoded.image)
@@ -348,6 +351,8 @@ def compute_features(
             cols["content_pixels"].append(content)
             cols["overlay"].append(overlay)
             cols["quality"].append(quality)
+            for column, value in zip(TEXTURE_COLUMNS, texture, strict=True):
+                cols[column].append(value)
             values, notes = json_values(members, keep_fields)
             cols["keep_values"].append(values)
             cols["keep_notes"].append(notes)

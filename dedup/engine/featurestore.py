@@ -35,15 +35,22 @@ FEATURE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("bytes", pa.int64()),
         # The keep policy's features (dedup.signals.keep): pixels of picture, overlay
-        # evidence bits, quality; keep_by's JSON values (NaN: none) and why not
+        # evidence bits, quality, fine noise; keep_by's JSON values (NaN: none) and why not
         ("content_pixels", pa.int64()),
         ("overlay", pa.int8()),
         ("quality", pa.int16()),
+        ("noise", pa.float32()),
+        ("level", pa.float32()),
+        ("contrast", pa.float32()),
         ("keep_values", pa.list_(pa.float64())),
         ("keep_notes", pa.list_(pa.int8())),
         *signals.feature_columns(),
     ]
 )
+
+
+# The keep features texture_of measures, in its order.
+TEXTURE_COLUMNS = ("noise", "level", "contrast")
 
 
 # Every signal's columns: cleared together when an image turns out undecodable.

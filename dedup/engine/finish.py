@@ -358,6 +358,7 @@ def keep_columns(f: pa.Table) -> dict[str, pa.Array]:
         "padding": pa.array(padding.astype(np.float32), mask=unknown),
         "overlay": pa.array(overlay, type=pa.string()),
         "quality": pa.array(quality, type=pa.string()),
+        "noise": f.column("noise"),
         "keep_values": f.column("keep_values"),
     }
 
@@ -373,6 +374,7 @@ SAMPLE_COLUMNS = [
     "content_pixels",
     "overlay",
     "quality",
+    "noise",
     "keep_values",
 ]
 

@@ -9,8 +9,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from dedup.core.config import Config, keep_by_field
-from dedup.signals.edges import GROUPS_OF, LINKS_ONLY, PHASH, VIEWS, Candidates, Edges
-from dedup.signals.keep import content_bin, quality_name, severity
+from dedup.signals.edges import (
+    EXACT,
+    FLAT,
+    GROUPS_OF,
+    LINKS_ONLY,
+    PHASH,
+    TINY,
+    VIEWS,
+    Candidates,
+    Edges,
+)
+from dedup.signals.keep import content_bin, quality_name, quality_tier, severity
 
 
 def criteria(config: Config) -> tuple[str, ...]:
@@ -23,13 +33,25 @@ def because_names(config: Config) -> tuple[str, ...]:
     return ("reference", *criteria(config), "input order")
 
 
-def link_degree(edges: Edges, n: int) -> tuple[np.ndarray, np.ndarray]:
+def link_degree(
+    edges: Edges, n: int, tone: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the rows it links to directly, summed over the signals, and the mean
     distance in bits to those the pHash and the views link (the `hub` criterion: an
     original links to all its copies, each one edit away; a copy is two edits from the
-    others). Edges come collapsed as the star rule reads them (engine.cluster): rows of one
-    key group link to each other at distance 0 and to every row of an adjacent group at
-    that edge's distance."""
+    others); and how far its tone (grey level and contrast, (n, 2)) lies from the mean
+    tone of the rows it links to (the `typical` criterion: a brighter or flatter copy is
+    the odd one out; 0 without links or tones). Edges come collapsed as the star rule
+    reads them (engine.cluster): rows of one key group link to each other at distance 0
+    and to every row of an adjacent group at that edge's distance."""
+    # In thousandths of a grey level, as integers: sums in any order give one value, so
+    # the order is the same whatever the partitioning.
+    tone = np.zeros((n, 0), np.int64) if tone is None else np.round(np.asarray(tone) * 1000)
+    tone = tone.astype(np.int64)
+    around = np.zeros(
+        tone.shape, dtype=np.int64
+    )  # summed tones of the rows linked whole frame to whole
+    aligned = np.zeros(n, dtype=np.int64)  # how many those are
     degree = np.zeros(n, dtype=np.int64)
     bits = np.zeros(n, dtype=np.int64)  # summed distances of the hashes' links
     hashed = np.zeros(n, dtype=np.int64)  # how many links those are
@@ -57,6 +79,15 @@ def link_degree(edges: Edges, n: int) -> tuple[np.ndarray, np.ndarray]:
         np.add.at(adjacent, hi, size[lo])
         linked = size[group] - 1 + adjacent[group]
         degree += linked
+        if s in WHOLE_FRAME:
+            aligned += linked
+        for c in range(tone.shape[1] if s in WHOLE_FRAME else 0):
+            total = np.zeros(n, dtype=np.int64)
+            np.add.at(total, group, tone[:, c])
+            near = np.zeros(n, dtype=np.int64)
+            np.add.at(near, lo, total[hi])
+            np.add.at(near, hi, total[lo])
+            around[:, c] += total[group] - tone[:, c] + near[group]
         if s in (PHASH, VIEWS):
             # views edges between distinct vectors carry their distance plus one
             d = d - 1 if s == VIEWS else d
@@ -66,7 +97,18 @@ def link_degree(edges: Edges, n: int) -> tuple[np.ndarray, np.ndarray]:
             bits += far[group]
             hashed += linked
     mean = np.where(hashed > 0, bits / np.maximum(hashed, 1), 0.0)
-    return degree, mean
+    count = np.maximum(aligned, 1)
+    apart = np.abs(tone * count[:, None] - around).sum(axis=1)  # times count
+    odd = np.where(aligned > 0, apart // (TONE_STEP * 1000 * count), 0)
+    return degree, mean, odd
+
+
+# `typical` compares tones (grey level plus contrast) in steps of TONE_STEP grey levels
+# from the mean of the rows a row links to whole frame to whole frame (same bytes, pHash,
+# or its colour signature): a re-encode, resize or noisy copy moves them by less than a
+# step, a brightness or contrast edit by many; bars, crops and views move them anyway.
+TONE_STEP = 2
+WHOLE_FRAME = (EXACT, PHASH, FLAT, TINY)
 
 
 @dataclass
@@ -84,7 +126,9 @@ class Ranking:
         return np.lexsort(tuple(reversed([*first, *flat, rows])))
 
 
-def rank(cand: Candidates, config: Config, links: tuple[np.ndarray, np.ndarray]) -> Ranking:
+def rank(
+    cand: Candidates, config: Config, links: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> Ranking:
     """The keep policy's keys for every candidate row (see the module's criteria)."""
     n = len(cand.pixels)
     pixels, nbytes = cand.pixels.astype(np.int64), cand.nbytes.astype(np.int64)
@@ -92,7 +136,8 @@ def rank(cand: Candidates, config: Config, links: tuple[np.ndarray, np.ndarray])
     overlay = np.zeros(n, np.int8) if cand.overlay is None else cand.overlay
     quality = np.zeros(n, np.int64) if cand.quality is None else cand.quality.astype(np.int64)
     values = cand.keep_values if cand.keep_values is not None else np.zeros((n, 0))
-    degree, distance = links
+    noise = np.full(n, np.inf, np.float32) if cand.noise is None else cand.noise
+    degree, distance, odd = links
     names, keys, shown = [], [], []
     field = 0
     for name in criteria(config):
@@ -109,8 +154,12 @@ def rank(cand: Candidates, config: Config, links: tuple[np.ndarray, np.ndarray])
             k, value = [-content_bin(content)], content
         elif name == "hub":  # more links, then closer to those the hashes make
             k, value = [-degree, np.round(distance * 1000).astype(np.int64)], degree
+        elif name == "typical":  # nearer the tone of the rows it links to first
+            k, value = [odd], odd
+        elif name == "noise":  # less first; unmeasured last
+            k, value = [noise], noise
         elif name == "quality":
-            k, value = [-quality], quality
+            k, value = [-quality_tier(quality)], quality
         elif name == "largest":
             k, value = [-pixels, -nbytes], pixels
         else:  # first: rows are in input order (the report names no row: they are local)
@@ -176,6 +225,10 @@ def describe_value(name: str, value: float) -> str:
         return f"{int(value)} links"
     if name == "quality":
         return quality_name(int(value))
+    if name == "noise":
+        return f"noise {value:.2f}"
+    if name == "typical":
+        return f"{value * TONE_STEP:g}-{(value + 1) * TONE_STEP:g} grey levels off"
     return f"{value:g}"
 
 

@@ -4,6 +4,7 @@ partition, arrays and edges saved between tasks, and the member records of rows.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,9 @@ CLUSTER_COLUMNS = [
     "content_pixels",
     "overlay",
     "quality",
+    "noise",
+    "level",
+    "contrast",
     "keep_values",
     "digest",
     "phash",
@@ -77,6 +81,8 @@ def member_record(
         ("content", "<i8"),
         ("overlay", "i1"),
         ("quality", "<i2"),
+        ("noise", "<f4"),
+        ("tone", "<f4", 2),
     ]
     if keep_by:
         fields.append(("keep_values", "<f8", (keep_by,)))
@@ -210,6 +216,9 @@ def keep_features(cand: pa.Table, records: np.ndarray, keep_by: int) -> None:
     records["content"] = np.where(content < 0, pixels, content)
     records["overlay"] = pc.fill_null(cand.column("overlay"), 0).to_numpy()
     records["quality"] = pc.fill_null(cand.column("quality"), 0).to_numpy()
+    records["noise"] = pc.fill_null(cand.column("noise"), math.inf).to_numpy()
+    for c, name in enumerate(("level", "contrast")):
+        records["tone"][:, c] = pc.fill_null(cand.column(name), 0.0).to_numpy()
     if keep_by and len(records):
         flat = pc.list_flatten(cand.column("keep_values")).to_numpy(zero_copy_only=False)
         if len(flat) != len(records) * keep_by:
@@ -237,6 +246,8 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         content=records["content"],
         overlay=records["overlay"],
         quality=records["quality"],
+        noise=records["noise"],
+        tone=records["tone"],
         keep_values=(
             np.ascontiguousarray(records["keep_values"])
             if "keep_values" in records.dtype.names

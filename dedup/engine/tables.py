@@ -33,11 +33,13 @@ SAMPLES_SCHEMA = pa.schema(
         ("digest", pa.string()),
         ("phash", pa.string()),
         # the keep policy's features (dedup.signals.keep): pixels of picture, the share of
-        # the frame that is bars, bands or frame, the overlay evidence, the quality
+        # the frame that is bars, bands or frame, the overlay evidence, the quality, the
+        # fine noise estimate
         ("content_pixels", pa.int64()),
         ("padding", pa.float32()),
         ("overlay", pa.string()),
         ("quality", pa.string()),
+        ("noise", pa.float32()),
         ("keep_values", pa.list_(pa.float64())),
     ]
 )

@@ -241,13 +241,14 @@ def band_scan(
 
 @numba.njit(cache=True, nogil=True)
 def frame_features(
-    gray, tolerance, flat_share, text_lines, picture_share, min_band, max_band, uniform, stroke,
-    stroke_share,
+    gray, tolerance, flat_share, text_lines, text_share, picture_share, min_band, max_band,
+    uniform, stroke, stroke_share,
 ):  # fmt: skip
     """The picture inside a frame of a 2-D uint8 image, for dedup.signals.keep: (content
     share, overlay bits: 1 bars, 2 caption, 4 frame). Per side (top, bottom, left,
     right), band_scan on the side's lines (edge first; lowest: min_band of the side and 2
-    lines at least; limit: max_band of it plus one, short of the last line). A bar of one
+    lines at least; limit: max_band of it plus one, short of the last line; runs of text:
+    text_share of the side, text_lines at least). A bar of one
     colour found without a clear edge (a negative depth) counts only opposite another
     band. Strokes in a top or bottom band, none at the sides: a caption; bands on three
     sides or more, one with strokes: a frame; any band: bars. Less than a quarter of a
@@ -269,8 +270,9 @@ def frame_features(
         n = lines.shape[0]
         limit = min(int(max_band * n) + 1, n - 1)
         lowest = max(2, int(np.ceil(min_band * n)))
+        text = max(text_lines, int(text_share * n))
         d, share = band_scan(
-            lines, tolerance, flat_share, text_lines, picture_share, lowest, limit, uniform, stroke
+            lines, tolerance, flat_share, text, picture_share, lowest, limit, uniform, stroke
         )
         depths[s] = d
         strokes[s] = d > 0 and share >= stroke_share
@@ -295,3 +297,30 @@ def frame_features(
     if sides >= 3 and (strokes[0] or strokes[1] or strokes[2] or strokes[3]):
         bits = (bits | 4) & ~2
     return (inner_h * inner_w) / (h * w), bits
+
+
+@numba.njit(cache=True, nogil=True)
+def texture_sums(gray):
+    """Integer sums over a 2-D uint8 image, for dedup.signals.keep.texture_of: (the
+    absolute responses to the 3x3 Laplacian difference mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
+    over the inner pixels, the levels, the squared levels)."""
+    h, w = gray.shape
+    lap = 0
+    total = 0
+    squares = 0
+    for y in range(h):
+        for x in range(w):
+            v = np.int64(gray[y, x])
+            total += v
+            squares += v * v
+    for y in range(1, h - 1):
+        for x in range(1, w - 1):
+            r = (
+                np.int64(gray[y - 1, x - 1]) + np.int64(gray[y - 1, x + 1])
+                + np.int64(gray[y + 1, x - 1]) + np.int64(gray[y + 1, x + 1])
+                - 2 * (np.int64(gray[y - 1, x]) + np.int64(gray[y, x - 1])
+                       + np.int64(gray[y, x + 1]) + np.int64(gray[y + 1, x]))
+                + 4 * np.int64(gray[y, x])
+            )  # fmt: skip
+            lap += r if r >= 0 else -r
+    return lap, total, squares

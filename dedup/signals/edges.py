@@ -99,6 +99,8 @@ class Candidates:
     content: np.ndarray | None = None  # int64 (N,) pixels of picture
     overlay: np.ndarray | None = None  # int8 (N,) overlay evidence bits
     quality: np.ndarray | None = None  # int16 (N,) LOSSLESS, a JPEG quality, or unknown
+    noise: np.ndarray | None = None  # float32 (N,) fine noise (inf: not measured)
+    tone: np.ndarray | None = None  # float32 (N, 2) grey level and contrast
     keep_values: np.ndarray | None = None  # float64 (N, F) keep_by's values, NaN: none
     # A `codes` plugin's 64-bit codes (uint8 (N, 8)) by signal name, the plugins turned on
     codes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -127,7 +129,7 @@ class Candidates:
                 )
             )
         )
-        for name in ("content", "overlay", "quality", "keep_values"):
+        for name in ("content", "overlay", "quality", "noise", "tone", "keep_values"):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value[rows])
         out.codes = {name: codes[rows] for name, codes in self.codes.items()}

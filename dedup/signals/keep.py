@@ -13,10 +13,20 @@ Criteria (best first):
 - `content`: more pixels of picture, after uniform bars, borders, caption bands and frames
   are taken away (compared in steps of about 9%: a re-encode or a copy with a border has
   the original's content; a resize or a crop has less).
-- `quality`: lossless before lossy, then the JPEG quality its quantization tables say.
+- `quality`: lossless before lossy, then the JPEG quality its quantization tables say,
+  in tiers (85 and above, 70-84, 50-69, 30-49, below): above about 85 a JPEG's artefacts
+  are not visible, and a copy saved again at a higher quality is no better than its
+  original, so the criteria after this one decide.
 - `hub`: linked directly to more rows (summed over the signals), then closer to them (the
   mean distance in bits of the pHash's and the views' links). An original links to all
   its copies, each one edit away; copies of different kinds rarely link to each other.
+- `typical`: a tone (mean grey level plus contrast) nearer the mean tone of the rows it
+  links to whole frame to whole frame (same bytes, the pHash), in steps of 2 grey levels
+  (engine.ranking): a brightness or contrast edit is the odd one out among re-encodes
+  and resizes of one picture.
+- `noise`: less fine noise per level of contrast (Immerkaer's estimate on the pHash's
+  decode, at the JPEG draft's scale): added noise, a watermark's strokes and JPEG's
+  blocking raise it; a change of tone does not.
 - `first`: input order.
 - `largest`: pixels, then bytes (the old default; bars are pixels and noise is bytes).
 - `json:FIELD[:asc|desc]` (from `keep_by`): a number in the sample's JSON sidecar,
@@ -32,6 +42,7 @@ import struct
 import numpy as np
 
 from dedup.search.kernels import frame_features as _frame_features
+from dedup.search.kernels import texture_sums as _texture_sums
 
 # Overlay evidence, a bit each; `clean` ranks by the worst (frame > caption > bars).
 BARS, CAPTION, FRAME = 1, 2, 4
@@ -49,15 +60,23 @@ NOTE_NAMES = ("ok", "missing_field", "not_a_number", "unparseable_json", "no_jso
 BAND_TOLERANCE = 12
 FLAT_SHARE = 0.6
 TEXT_LINES = 3
+TEXT_SHARE = 0.10  # of the side: a caption's text in large type spans more lines than 3
 PICTURE_SHARE = 0.35
 MIN_BAND = 0.02  # of the side (and 2 lines at least): thinner bands are not counted
 UNIFORM_LEVELS = 6  # a bar of one colour: its lines' grey levels span at most this
 MAX_BAND = 0.35
 STROKE_LEVELS = 40  # a pixel this far from the band's colour is a stroke (text, icons)
 STROKE_SHARE = 0.02  # of a band's pixels: a band holding this many strokes has text
+# `noise` is measured at the scale of the pHash's JPEG draft: the largest of 1/1, 1/2, 1/4
+# and 1/8 that leaves at least NOISE_SIDE pixels a side (Pillow's rule); an image decoded
+# larger (a PNG, a WebP, CLIP's decode) is box-reduced to it first, so every format and
+# route measures at one scale.
+NOISE_SIDE = 32
+NOISE_DIGITS = 3  # rounded: one value on every platform's float arithmetic
 # What the stored features depend on (the feature fingerprint).
-CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, PICTURE_SHARE, MIN_BAND, MAX_BAND,
-             STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table")  # fmt: skip
+CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,
+             STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table",
+             "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS)  # fmt: skip
 
 
 def frame_features(gray: np.ndarray) -> tuple[float, int]:
@@ -66,8 +85,9 @@ def frame_features(gray: np.ndarray) -> tuple[float, int]:
     application's toolbars and margins), and the evidence: BARS, CAPTION (a band holding
     strokes at the top or the bottom), FRAME (bands on three sides, holding strokes: a
     screenshot). Per side, a band's lines are mostly (FLAT_SHARE) within BAND_TOLERANCE
-    of the edge line's colour, but for runs of up to TEXT_LINES lines between two such
-    lines (a line of text), and the picture starts sharply after it (a line at most
+    of the edge line's colour, but for runs of up to TEXT_SHARE of the side (TEXT_LINES
+    lines at least) between two such lines (a line of text), and the picture starts
+    sharply after it (a line at most
     PICTURE_SHARE alike); without a clear edge, lines of one exact colour (spanning
     UNIFORM_LEVELS) make a bar, but only opposite another band (bars come in pairs; a
     flat sky on one side is no bar). dedup.search.kernels.frame_features does the work."""
@@ -76,6 +96,7 @@ def frame_features(gray: np.ndarray) -> tuple[float, int]:
         BAND_TOLERANCE,
         FLAT_SHARE,
         TEXT_LINES,
+        TEXT_SHARE,
         PICTURE_SHARE,
         MIN_BAND,
         MAX_BAND,
@@ -202,6 +223,15 @@ def quality_name(value: int) -> str:
     return "unknown" if value == UNKNOWN_QUALITY else f"q{value}"
 
 
+def quality_tier(quality: np.ndarray) -> np.ndarray:
+    """`quality` in tiers: lossless, then JPEG q85 and above, q70-84, q50-69, q30-49, lower,
+    unknown."""
+    q = np.asarray(quality, dtype=np.int64)
+    return np.where(
+        q == LOSSLESS, 6, np.searchsorted(np.array([1, 30, 50, 70, 85]), q, side="right")
+    )
+
+
 def content_bin(content_pixels: np.ndarray) -> np.ndarray:
     """Content pixels in steps of 1/8 of an octave of area (about 9%): equal content
     whatever the encoder's rounding, a resize or a crop less."""
@@ -244,6 +274,41 @@ def json_values(members, fields: list[str]) -> tuple[list[float], list[int]]:
     data = next((m.data for m in members if is_json_name(m.name)), None)
     pairs = [json_value(data, f) for f in fields]
     return [v for v, _ in pairs], [n for _, n in pairs]
+
+
+def noise_scale(width: int, height: int) -> int:
+    """The reduction the pHash's JPEG draft applies to a width x height image."""
+    fit = min(width // NOISE_SIDE, height // NOISE_SIDE)
+    return next((s for s in (8, 4, 2) if s <= fit), 1)
+
+
+def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float, float]:
+    """(noise, level, contrast) of a decoded image's grey levels (a PIL "L" image at any
+    scale of a width x height image; `pixels`: its array, when at hand), measured at the
+    draft's scale (see noise_scale): the mean grey level, its standard deviation, and the
+    fine noise: Immerkaer's
+    estimate (the mean absolute response to the 3x3 Laplacian difference mask, times
+    sqrt(pi/2)/6) per 100 levels of contrast. Added noise, a watermark's strokes and
+    JPEG's blocking raise the noise; a change of brightness or contrast moves the level
+    and contrast but leaves the noise per contrast as it was."""
+    scale = noise_scale(width, height)
+    target_w = -(-width // scale)
+    k = gray.width // target_w if target_w else 1
+    if k >= 2:
+        pixels = np.asarray(gray.reduce(k))
+    elif pixels is None:
+        pixels = np.asarray(gray)
+    g = np.ascontiguousarray(pixels, dtype=np.uint8)
+    if g.ndim != 2 or g.size == 0:
+        return 0.0, 0.0, 0.0
+    lap, total, squares = _texture_sums(g)
+    h, w = g.shape
+    level = total / g.size
+    contrast = math.sqrt(max(squares / g.size - level * level, 0.0))
+    inner = max(h - 2, 0) * max(w - 2, 0)
+    value = lap / inner * math.sqrt(math.pi / 2) / 6 if inner else 0.0
+    noise = 100 * value / max(contrast, 1.0)
+    return tuple(round(v, NOISE_DIGITS) for v in (noise, level, contrast))
 
 
 def content_of(gray: np.ndarray, width: int, height: int) -> tuple[int, int]:

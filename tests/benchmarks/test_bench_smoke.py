@@ -180,7 +180,7 @@ def test_bench_keep(tmp_path):
     planted = re.findall(r"(\w+) (\d+)", out.split("copies per kind: ")[1].splitlines()[0])
     assert len(planted) == 14 and all(int(n) >= 2 for _, n in planted)
     assert sum(int(n) for _, n in planted) == copies
-    for policy in ("largest", "first", "clean,content,quality,hub,first"):
+    for policy in ("largest", "first", "clean,content,quality,hub,typical,noise,first"):
         section = out.split(f"== keep {policy}: ")[1].split("== keep ")[0]
         rows = re.findall(r"^\| (\w+) \| (\d+) \| ", section, re.M)
         assert [(k, int(n)) for k, n in rows] == [(k, int(n)) for k, n in planted]

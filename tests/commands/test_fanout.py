@@ -284,7 +284,10 @@ def test_a_task_chooses_its_own_workers_and_executor(small_set, tmp_path):
     other = dedup(
         "extract", small, "--out", out, "--part", "2/3", *signals, "--keep", "first", check=2
     )
-    assert "keep: 'first' here, 'clean,content,quality,hub,first' there" in error_line(other)
+    assert (
+        "keep: 'first' here, 'clean,content,quality,hub,typical,noise,first' there"
+        in error_line(other)
+    )
     dedup("cluster", "--out", out, "--workers", "1")
     dedup("write", "--out", out, "--part", "0/1", "--workers", "2")
     assert outputs(out) == oracle

@@ -145,7 +145,15 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
                 ),
             }
         )
-        for name in ("content_pixels", "overlay", "quality", "keep_values"):  # not known
+        for name in (
+            "content_pixels",
+            "overlay",
+            "quality",
+            "noise",
+            "level",
+            "contrast",
+            "keep_values",
+        ):  # not known
             table = table.append_column(name, pa.nulls(size, FEATURE_SCHEMA.field(name).type))
         schema = pa.schema([FEATURE_SCHEMA.field(name) for name in table.column_names])
         path = str(tmp_path / f"{pos:04d}.parquet")

@@ -9,10 +9,14 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from dedup.core.config import Config
+from dedup.engine.ranking import link_degree, rank
+from dedup.signals.edges import PHASH, VIEWS, Candidates, Edges
 from tests.helpers import dedup, error_line, local_outputs, textured, write_tar
 
 FLAGS = ["--signals", "exact,phash,views", "--workers", "2"]
@@ -49,6 +53,12 @@ def _caption(image, at):
     return out
 
 
+def _noisy(image, sigma=6.0):
+    pixels = np.asarray(image, np.float32)
+    pixels += np.random.default_rng(0).normal(0, sigma, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 EDITS = {
     "border": lambda im: _jpeg(_border(im), 95),
     "letterbox": lambda im: _jpeg(_letterbox(im), 95),
@@ -56,6 +66,7 @@ EDITS = {
     "caption_top": lambda im: _jpeg(_caption(im, "top"), 95),
     "reencode": lambda im: _jpeg(im, 45),
     "resize": lambda im: _jpeg(im.resize((im.width // 2, im.height // 2)), 95),
+    "noise": lambda im: _jpeg(_noisy(im), 95),  # saved at a higher quality than the original
 }
 # What decides each cluster: the copy's overlay, its quality, its content
 DECIDED_BY = {
@@ -65,6 +76,7 @@ DECIDED_BY = {
     "caption_top": "clean",
     "reencode": "quality",
     "resize": "content",
+    "noise": "noise",
 }
 
 
@@ -155,7 +167,7 @@ def scored(tmp_path_factory):
     }
     for k, (key, sidecar) in enumerate(sidecars.items()):
         image = textured(400 + int(key[1]))
-        members = [(f"{key}.jpg", _jpeg(image, 90 - k))]  # g*a best by quality
+        members = [(f"{key}.jpg", _jpeg(image, (95, 75, 55)[k % 3]))]  # g*a best by quality
         if sidecar is not None:
             members.append((f"{key}.json", sidecar))
         shards[k % 2] += members
@@ -202,3 +214,48 @@ def test_bad_keep_specs_are_one_line_errors(scored, tmp_path, flags, words):
     result = dedup(scored, "--out", tmp_path / "out", *flags, check=2)
     assert words in error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_typical_is_how_far_a_tone_lies_from_the_whole_frame_links():
+    # 0: the original; 1: a brighter copy; 2: a re-encode; 3: a letterboxed copy the
+    # views link (bars move the tone: not compared)
+    edges = Edges.concat(
+        [Edges.of([0, 0, 1], [1, 2, 2], [2, 3, 4], PHASH), Edges.of([0], [3], [5], VIEWS)]
+    )
+    tone = np.array([[120, 40], [150, 48], [120.3, 40.2], [100, 30]], dtype=np.float32)
+    degree, _, odd = link_degree(edges, 4, tone)
+    assert degree.tolist() == [3, 2, 2, 1]
+    # |tone - mean of the rows linked whole frame|, in steps of 2 grey levels
+    assert odd.tolist() == [9, 18, 9, 0]
+    n = 4
+    cand = Candidates(
+        pixels=np.full(n, 100), nbytes=np.full(n, 10), digest=np.zeros((n, 32), np.uint8),
+        phash=None, tone=tone, noise=np.array([2.0, 2.0, 2.5, 1.0], np.float32),
+    )  # fmt: skip
+    ranking = rank(cand, Config(keep=("typical", "noise", "first")), (degree, _, odd))
+    order = ranking.lexsort([], np.arange(n))
+    assert order.tolist() == [3, 0, 2, 1]  # no aligned link ranks as typical
+
+
+def test_a_contrast_edit_is_the_odd_one_out(tmp_path):
+    """An original, a copy of higher contrast and a re-encode, all of one pHash and one
+    quality tier, the copies first in the input. The contrast edit measures less noise
+    than the original, so without `typical` it survives; with it (the default) its tone
+    lies furthest from the others' and the original survives."""
+    image = textured(450)
+    contrast = ImageEnhance.Contrast(image).enhance(1.3)
+    copies = [("b.jpg", _jpeg(contrast, 95)), ("r.jpg", _jpeg(image, 88))]
+    write_tar(str(tmp_path / "a.tar"), copies)
+    write_tar(str(tmp_path / "b.tar"), [("o.jpg", _jpeg(image, 92))])
+    dedup(tmp_path, "--out", tmp_path / "out", *FLAGS)
+    samples, clusters = _tables(tmp_path / "out")
+    assert {k: r["duplicate_of"] for k, r in samples.items() if not r["kept"]} == {
+        "b": "o",
+        "r": "o",
+    }
+    assert clusters["o"]["kept_by"] == "noise"  # over the runner-up, the re-encode
+    assert samples["b"]["noise"] < samples["o"]["noise"] < samples["r"]["noise"]
+    without = ("--keep", "clean,content,quality,hub,noise,first")
+    dedup(tmp_path, "--out", tmp_path / "without", *FLAGS, *without)
+    samples, clusters = _tables(tmp_path / "without")
+    assert {k for k, r in samples.items() if r["kept"]} == {"b"}

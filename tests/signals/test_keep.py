@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from dedup.core.config import Config
 from dedup.io.decode import decode_image
@@ -28,7 +28,11 @@ from dedup.signals.keep import (
     jpeg_quality,
     json_value,
     quality_of,
+    quality_tier,
+    texture_of,
 )
+from dedup.signals.views import grey_levels
+from dedup.synth import make_image
 from tests.helpers import textured
 
 
@@ -153,3 +157,41 @@ def test_the_tables_pillow_parsed_give_the_same_quality(quality):
     data = _jpeg(textured(3), quality)
     opened = Image.open(io.BytesIO(data))
     assert quality_of(data, "JPEG", opened) == quality_of(data, "JPEG") == quality
+
+
+def test_quality_tiers():
+    q = np.array([LOSSLESS, 100, 85, 84, 70, 69, 50, 49, 30, 29, 1, UNKNOWN_QUALITY])
+    assert quality_tier(q).tolist() == [6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0]
+
+
+def _texture(data: bytes, size: tuple[int, int]) -> tuple[tuple[float, float, float], tuple]:
+    """texture_of on the decode the pHash makes (a JPEG draft; a PNG at full size)."""
+    decoded = decode_image(data, Config(), 32, "L")
+    return texture_of(grey_levels(decoded.image)[0], *size), decoded.image.size
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_noise_rises_with_added_noise_and_not_with_a_tone_change(seed):
+    image = textured(seed) if seed % 2 else make_image(seed, 640, 480)
+    w, h = image.size
+    rng = np.random.default_rng(seed)
+    grain = rng.normal(0, 6, (h, w, 3))
+    noisy = Image.fromarray(np.clip(np.asarray(image, np.float32) + grain, 0, 255).astype("u1"))
+    (noise, level, contrast), drafted = _texture(_jpeg(image, 92), (w, h))
+    assert drafted == (80, 60)  # the draft at 1/8 (640x480) or 1/4 (320x240)
+    # a noisy copy saved at a higher quality: more noise
+    assert _texture(_jpeg(noisy, 95), (w, h))[0][0] > 1.08 * noise
+    # brighter, or flatter: the tone moves, the noise per contrast does not
+    for edit in (
+        ImageEnhance.Brightness(image).enhance(1.25),
+        ImageEnhance.Contrast(image).enhance(0.75),
+    ):
+        n, lv, c = _texture(_jpeg(edit, 92), (w, h))[0]
+        assert abs(n - noise) < 0.07 * noise
+        assert abs(lv - level) + abs(c - contrast) > 8
+    # a PNG decodes at full size and is measured at the draft's scale: the same noise
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    (n, lv, c), decoded = _texture(png.getvalue(), (w, h))
+    assert decoded == (w, h)
+    assert abs(n - noise) < 0.03 * noise and abs(lv - level) < 0.5 and abs(c - contrast) < 0.5
