@@ -21,9 +21,9 @@ into 4 shards under opaque keys (s000123): a .jpg or .png and a .json sidecar
 {"group", "kind", "params"}.
 
 For each policy of `--policies` (verbatim `--keep` values separated by ';', default
-'largest;first;clean,content,quality,hub,first': the old rule, input order and the
-default): `dedup SHARDS --out OUT --keep POLICY --signals exact,phash,views --workers 2
---json -q`, scored from its samples.parquet:
+'largest;first;clean,content,quality,hub,typical,noise,first': the old rule, input
+order and the default): `dedup SHARDS --out OUT --keep POLICY --signals
+exact,phash,views --workers 2 --json -q`, scored from its samples.parquet:
 
 - **original kept**: of the groups (original + copies) that lost a member, the share
   whose kept members include the original or its png copy (a group with nothing
@@ -35,9 +35,10 @@ default): `dedup SHARDS --out OUT --keep POLICY --signals exact,phash,views --wo
   members but one per group; **precision**: the same of all removed samples;
 - the wall time and extract seconds of each run.
 
-Tables to stdout, figures to bench-data/bench-keep.json. `--smoke`: 10 originals and 6
-distractors from three photographs (synthetic pictures without the bench extra), in a
-temporary folder (tests/benchmarks/test_bench_smoke.py).
+Tables to stdout, figures to bench-data/bench-keep.json. `--seed N` draws other
+pictures, copies and parameters (a held-out set) under bench-data/bench-keep-seedN/.
+`--smoke`: 10 originals and 6 distractors from three photographs (synthetic pictures
+without the bench extra), in a temporary folder (tests/benchmarks/test_bench_smoke.py).
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ from dedup.synth import PlantedSample, make_image, write_shards  # noqa: E402
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
 VERSION = "v1"  # bump when the built data changes
-SEED = 0
 SHARDS = 4
 KINDS = ("reencode", "resize", "thumbnail", "png", "border", "letterbox", "pillarbox", "caption",
          "letterbox_caption", "watermark", "screenshot", "noise", "colour", "crop")  # fmt: skip
@@ -275,10 +275,10 @@ def make_copy(kind: str, original: bytes, rng: np.random.Generator) -> tuple[byt
 # ------------------------------------------------------------------ data, runs, scores
 
 
-def build(data: str, n_originals: int, n_distractors: int, smoke: bool) -> dict:
+def build(data: str, n_originals: int, n_distractors: int, smoke: bool, seed: int) -> dict:
     """Pictures, copies and shards under data/; returns the ground truth by key."""
-    pics = pictures(n_originals + n_distractors, smoke, np.random.default_rng(SEED))
-    plan = np.random.default_rng([SEED, 1])  # apart from the pictures': counts stay fixed
+    pics = pictures(n_originals + n_distractors, smoke, np.random.default_rng(seed))
+    plan = np.random.default_rng([seed, 1])  # apart from the pictures': counts stay fixed
     rows, load = [], Counter()
     for g, pic in enumerate(pics):
         size = list(Image.open(io.BytesIO(pic.data)).size)
@@ -291,7 +291,7 @@ def build(data: str, n_originals: int, n_distractors: int, smoke: bool) -> dict:
             kinds.append(ties[int(plan.integers(len(ties)))])
             load[kinds[-1]] += 1
         for j, kind in enumerate(kinds):  # each copy its own generator
-            rows.append((g, kind, *make_copy(kind, pic.data, np.random.default_rng([SEED, g, j]))))
+            rows.append((g, kind, *make_copy(kind, pic.data, np.random.default_rng([seed, g, j]))))
     truth, samples = {}, []
     for i, pos in enumerate(plan.permutation(len(rows))):
         g, kind, body, ext, params = rows[pos]
@@ -306,6 +306,8 @@ def build(data: str, n_originals: int, n_distractors: int, smoke: bool) -> dict:
 
 def load_or_build(data: str, opts) -> tuple[dict, bool]:
     params = {"version": VERSION, "originals": opts.originals, "distractors": opts.distractors}
+    if opts.seed:
+        params["seed"] = opts.seed
     path = os.path.join(data, "truth.json")
     if not opts.rebuild and os.path.exists(path):
         with open(path) as f:
@@ -313,7 +315,7 @@ def load_or_build(data: str, opts) -> tuple[dict, bool]:
         if cached["params"] == params and os.path.isdir(os.path.join(data, "shards")):
             return cached["samples"], False
     os.makedirs(data, exist_ok=True)
-    truth = build(data, opts.originals, opts.distractors, opts.smoke)
+    truth = build(data, opts.originals, opts.distractors, opts.smoke, opts.seed)
     with open(path, "w") as f:
         json.dump({"params": params, "samples": truth}, f)
     return truth, True
@@ -421,19 +423,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--policies",
-        default="largest;first;clean,content,quality,hub,first",
+        default="largest;first;clean,content,quality,hub,typical,noise,first",
         help="--keep values, ';'-separated",
     )
     ap.add_argument("--originals", type=int, default=60, help="pictures that get copies")
     ap.add_argument("--distractors", type=int, default=60, help="pictures without copies")
     ap.add_argument("--rebuild", action="store_true", help="build the data again")
+    ap.add_argument(
+        "--seed", type=int, default=0, help="another draw of pictures and copies (held out)"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes, in a temporary folder")
     opts = ap.parse_args()
     policies = [p.strip() for p in opts.policies.split(";") if p.strip()]
     root = tempfile.mkdtemp(prefix="bench-keep-") if opts.smoke else "bench-data"
     if opts.smoke:
         opts.originals, opts.distractors = 10, 6
-    data, results_path = os.path.join(root, "bench-keep"), os.path.join(root, "bench-keep.json")
+    name = f"bench-keep-seed{opts.seed}" if opts.seed else "bench-keep"
+    data, results_path = os.path.join(root, name), os.path.join(root, f"{name}.json")
     try:
         start = time.monotonic()
         truth, built = load_or_build(data, opts)
