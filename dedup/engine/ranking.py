@@ -39,9 +39,10 @@ def link_degree(
     """Per row, the rows it links to directly, summed over the signals, and the mean
     distance in bits to those the pHash and the views link (the `hub` criterion: an
     original links to all its copies, each one edit away; a copy is two edits from the
-    others); and how far its tone (grey level and contrast, (n, 2)) lies from the mean
-    tone of the rows it links to (the `typical` criterion: a brighter or flatter copy is
-    the odd one out; 0 without links or tones). Edges come collapsed as the star rule
+    others); and how far its tone (n, k: typical_features) lies from the mean tone of
+    the rows it links to whole frame to whole frame, in steps of TONE_STEP (the `typical`
+    criterion: a brighter, flatter, noisier or blurred copy is the odd one out; 0
+    without such links or tones). Edges come collapsed as the star rule
     reads them (engine.cluster): rows of one key group link to each other at distance 0
     and to every row of an adjacent group at that edge's distance."""
     # In thousandths of a grey level, as integers: sums in any order give one value, so
@@ -103,12 +104,29 @@ def link_degree(
     return degree, mean, odd
 
 
-# `typical` compares tones (grey level plus contrast) in steps of TONE_STEP grey levels
-# from the mean of the rows a row links to whole frame to whole frame (same bytes, pHash,
-# or its colour signature): a re-encode, resize or noisy copy moves them by less than a
-# step, a brightness or contrast edit by many; bars, crops and views move them anyway.
+# `typical` compares tones (grey level, contrast, and the noise at NOISE_WEIGHT) in steps
+# of TONE_STEP grey levels from the mean of the rows a row links to whole frame to whole
+# frame (same bytes, pHash, or its colour signature): a re-encode moves them by less
+# than a step, a brightness, contrast, noise or blur edit by more; bars, crops and views
+# move them anyway, so their links are not counted.
 TONE_STEP = 2
 WHOLE_FRAME = (EXACT, PHASH, FLAT, TINY)
+# The noise joins the tone at this weight (one unit of noise counts as 5 grey levels),
+# so that a noisy copy (its noise up by 10-25%) and a blurred one (down) lie a step or
+# more from the others. Measured (README, "Which copy survives"): without it, `noise`
+# keeps a blurred copy over its original in 14 of the edit suite's 104 groups; with
+# it, 3, for 2 to 4 points less on bench-keep's noisy copies.
+NOISE_WEIGHT = 5.0
+
+
+def typical_features(cand: Candidates) -> np.ndarray | None:
+    """What `typical` compares, per row: grey level, contrast, and the noise times
+    NOISE_WEIGHT (0 where not measured); None without tones."""
+    if cand.tone is None:
+        return None
+    noise = np.zeros(len(cand.tone)) if cand.noise is None else cand.noise.astype(np.float64)
+    noise = np.where(np.isfinite(noise), noise, 0.0)
+    return np.column_stack([cand.tone.astype(np.float64), np.round(noise * NOISE_WEIGHT, 3)])
 
 
 @dataclass
