@@ -51,6 +51,8 @@ FEATURE_SCHEMA = pa.schema(
 
 # The keep features texture_of measures, in its order.
 TEXTURE_COLUMNS = ("noise", "level", "contrast")
+# The keep features the global phase reads (dedup.engine.records).
+KEEP_COLUMNS = ("content_pixels", "overlay", "quality", *TEXTURE_COLUMNS, "keep_values")
 
 
 # Every signal's columns: cleared together when an image turns out undecodable.

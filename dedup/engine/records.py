@@ -14,7 +14,7 @@ from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.engine.extract import STATUS_OK
-from dedup.engine.featurestore import read_features
+from dedup.engine.featurestore import KEEP_COLUMNS, read_features
 from dedup.io import storage
 from dedup.io.fsutil import read_file, write_atomic
 from dedup.signals.edges import Candidates, Edges
@@ -31,13 +31,7 @@ CLUSTER_COLUMNS = [
     "width",
     "height",
     "bytes",
-    "content_pixels",
-    "overlay",
-    "quality",
-    "noise",
-    "level",
-    "contrast",
-    "keep_values",
+    *KEEP_COLUMNS,
     "digest",
     "phash",
     "detail",

@@ -9,7 +9,7 @@ import pytest
 from dedup.core.config import Config
 from dedup.engine.cluster import cluster
 from dedup.engine.extract import PASSTHROUGH_REASONS
-from dedup.engine.featurestore import FEATURE_SCHEMA, store_features
+from dedup.engine.featurestore import FEATURE_SCHEMA, KEEP_COLUMNS, store_features
 from dedup.engine.globalphase import run_global
 from dedup.engine.pairtasks import Layout
 from dedup.engine.records import CLUSTER_COLUMNS
@@ -145,15 +145,7 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
                 ),
             }
         )
-        for name in (
-            "content_pixels",
-            "overlay",
-            "quality",
-            "noise",
-            "level",
-            "contrast",
-            "keep_values",
-        ):  # not known
+        for name in KEEP_COLUMNS:  # not known
             table = table.append_column(name, pa.nulls(size, FEATURE_SCHEMA.field(name).type))
         schema = pa.schema([FEATURE_SCHEMA.field(name) for name in table.column_names])
         path = str(tmp_path / f"{pos:04d}.parquet")
