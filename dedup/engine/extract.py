@@ -31,7 +31,13 @@ from dedup.io.shards import (
     spool_shard,
 )
 from dedup.signals.exact import digest
-from dedup.signals.keep import content_of, is_json_name, json_values, quality_of, texture_of
+from dedup.signals.keep import (
+    content_of,
+    is_json_name,
+    json_values,
+    quality_of,
+    texture_of,
+)
 from dedup.signals.views import grey_levels, view_codes, view_input
 
 if TYPE_CHECKING:
@@ -321,7 +327,8 @@ def compute_features(
                         grey = None
                         if decoded.image is not None:
                             grey = grey_levels(decoded.image)
-                            keep_frame = content_of(grey[1], width, height)
+                            content, bits, picture = content_of(grey[1], width, height)
+                            keep_frame = (content, bits)
                             texture = texture_of(grey[0], width, height, grey[1])
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
@@ -331,7 +338,7 @@ def compute_features(
                                 pending_images.append(decoded.image)
                             if want_views:
                                 pending_views.append(
-                                    view_input(decoded.image, np.asarray(small), grey)
+                                    view_input(decoded.image, np.asarray(small), grey, picture)
                                 )
                             if decoded.image.mode == "RGB" and route:  # colours at hand
                                 signature = colour_signature(decoded.image)

@@ -245,7 +245,8 @@ def frame_features(
     uniform, stroke, stroke_share,
 ):  # fmt: skip
     """The picture inside a frame of a 2-D uint8 image, for dedup.signals.keep: (content
-    share, overlay bits: 1 bars, 2 caption, 4 frame). Per side (top, bottom, left,
+    share, overlay bits: 1 bars, 2 caption, 4 frame, and the bands' depths: top, bottom,
+    left, right; all 0 when none counts). Per side (top, bottom, left,
     right), band_scan on the side's lines (edge first; lowest: min_band of the side and 2
     lines at least; limit: max_band of it plus one, short of the last line; runs of text:
     text_share of the side, text_lines at least). A bar of one
@@ -255,7 +256,7 @@ def frame_features(
     side left: no bands (a graphic, not padding)."""
     h, w = gray.shape
     if h < 8 or w < 8:
-        return 1.0, 0
+        return 1.0, 0, 0, 0, 0, 0
     depths = np.zeros(4, np.int64)
     strokes = np.zeros(4, np.bool_)
     for s in range(4):
@@ -284,7 +285,7 @@ def frame_features(
     inner_h = h - depths[0] - depths[1]
     inner_w = w - depths[2] - depths[3]
     if inner_h < 0.25 * h or inner_w < 0.25 * w:
-        return 1.0, 0
+        return 1.0, 0, 0, 0, 0, 0
     bits = 0
     sides = 0
     for s in range(4):
@@ -296,7 +297,7 @@ def frame_features(
         bits |= 2
     if sides >= 3 and (strokes[0] or strokes[1] or strokes[2] or strokes[3]):
         bits = (bits | 4) & ~2
-    return (inner_h * inner_w) / (h * w), bits
+    return (inner_h * inner_w) / (h * w), bits, depths[0], depths[1], depths[2], depths[3]
 
 
 @numba.njit(cache=True, nogil=True)

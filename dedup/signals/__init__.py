@@ -138,6 +138,7 @@ REGISTRY: dict[str, Signal] = {
                 _views.CROP_FRACTIONS,
                 _views.GRID,
                 "grid: bilinear; trim: Lanczos; weak views: the full frame's code",
+                "trim: the keep bands' picture when smaller (dedup.signals.keep.CONSTANTS)",
                 _views.BORDER_TOLERANCE,
                 _views.MAX_TRIM,
                 LOW_DETAIL_BITS,

@@ -20,10 +20,10 @@ Criteria (best first):
 - `hub`: linked directly to more rows (summed over the signals), then closer to them (the
   mean distance in bits of the pHash's and the views' links). An original links to all
   its copies, each one edit away; copies of different kinds rarely link to each other.
-- `typical`: a tone (mean grey level plus contrast) nearer the mean tone of the rows it
-  links to whole frame to whole frame (same bytes, the pHash), in steps of 2 grey levels
-  (engine.ranking): a brightness or contrast edit is the odd one out among re-encodes
-  and resizes of one picture.
+- `typical`: a tone (mean grey level, contrast, and the noise below) nearer the mean
+  tone of the rows it links to whole frame to whole frame (same bytes, the pHash), in
+  steps of 2 grey levels (engine.ranking): a brightness, contrast, noise or blur edit is
+  the odd one out among re-encodes and resizes of one picture.
 - `noise`: less fine noise per level of contrast (Immerkaer's estimate on the pHash's
   decode, at the JPEG draft's scale): added noise, a watermark's strokes and JPEG's
   blocking raise it; a change of tone does not.
@@ -67,6 +67,7 @@ UNIFORM_LEVELS = 6  # a bar of one colour: its lines' grey levels span at most t
 MAX_BAND = 0.35
 STROKE_LEVELS = 40  # a pixel this far from the band's colour is a stroke (text, icons)
 STROKE_SHARE = 0.02  # of a band's pixels: a band holding this many strokes has text
+BLEND_SHARE = 0.75  # the picture's box leaves out a line this much nearer the band
 # `noise` is measured at the scale of the pHash's JPEG draft: the largest of 1/1, 1/2, 1/4
 # and 1/8 that leaves at least NOISE_SIDE pixels a side (Pillow's rule); an image decoded
 # larger (a PNG, a WebP, CLIP's decode) is box-reduced to it first, so every format and
@@ -76,11 +77,12 @@ NOISE_DIGITS = 3  # rounded: one value on every platform's float arithmetic
 # What the stored features depend on (the feature fingerprint).
 CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,
              STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table",
-             "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS)  # fmt: skip
+             "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS,
+             BLEND_SHARE)  # fmt: skip
 
 
-def frame_features(gray: np.ndarray) -> tuple[float, int]:
-    """(content share, overlay bits) of a 2-D uint8 image: the share of the frame left
+def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, int]]:
+    """(content share, overlay bits, box) of a 2-D uint8 image: the share of the frame left
     after bands are taken from each side (uniform bars and borders, caption bands, an
     application's toolbars and margins), and the evidence: BARS, CAPTION (a band holding
     strokes at the top or the bottom), FRAME (bands on three sides, holding strokes: a
@@ -90,8 +92,11 @@ def frame_features(gray: np.ndarray) -> tuple[float, int]:
     sharply after it (a line at most
     PICTURE_SHARE alike); without a clear edge, lines of one exact colour (spanning
     UNIFORM_LEVELS) make a bar, but only opposite another band (bars come in pairs; a
-    flat sky on one side is no bar). dedup.search.kernels.frame_features does the work."""
-    share, bits = _frame_features(
+    flat sky on one side is no bar). The box (x0, y0, x1, y1; x1, y1 exclusive) is the
+    picture inside the bands: the whole frame when there are none.
+    dedup.search.kernels.frame_features does the work."""
+    h, w = np.shape(gray)[:2]
+    share, bits, top, bottom, left, right = _frame_features(
         np.ascontiguousarray(gray, dtype=np.uint8),
         BAND_TOLERANCE,
         FLAT_SHARE,
@@ -104,7 +109,23 @@ def frame_features(gray: np.ndarray) -> tuple[float, int]:
         STROKE_LEVELS,
         STROKE_SHARE,
     )
-    return float(share), int(bits)
+    g = np.asarray(gray)
+    sides = (g.T, g, g.T[::-1], g[::-1])  # left, top, right, bottom: the edge line first
+    found = (left, top, right, bottom)
+    depths = [_blend_inset(lines, int(d)) for lines, d in zip(sides, found, strict=True)]
+    return float(share), int(bits), (depths[0], depths[1], w - depths[2], h - depths[3])
+
+
+def _blend_inset(lines: np.ndarray, depth: int) -> int:
+    """A band's depth, plus the line where it meets the picture when that line blends the
+    two (a draft's pixel straddles the edge unless the picture starts on a JPEG block):
+    that line lies nearer the band's colour than the next one does, by BLEND_SHARE."""
+    if depth <= 0 or depth + 1 >= len(lines):
+        return max(depth, 0)
+    colour = float(np.median(lines[0]))
+    line = np.abs(lines[depth].astype(np.float64) - colour).mean()
+    inner = np.abs(lines[depth + 1].astype(np.float64) - colour).mean()
+    return depth + 1 if line < BLEND_SHARE * inner else depth
 
 
 def severity(overlay: np.ndarray) -> np.ndarray:
@@ -311,8 +332,11 @@ def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float
     return tuple(round(v, NOISE_DIGITS) for v in (noise, level, contrast))
 
 
-def content_of(gray: np.ndarray, width: int, height: int) -> tuple[int, int]:
-    """(content pixels at full size, overlay bits) of a decoded image's grey levels (any
-    scale) whose full size is width x height."""
-    share, bits = frame_features(gray)
-    return int(round(share * width * height)), bits
+def content_of(
+    gray: np.ndarray, width: int, height: int
+) -> tuple[int, int, tuple[int, int, int, int]]:
+    """(content pixels at full size, overlay bits, the picture's box in the decode's
+    pixels) of a decoded image's grey levels (any scale) whose full size is width x
+    height."""
+    share, bits, box = frame_features(gray)
+    return int(round(share * width * height)), bits, box

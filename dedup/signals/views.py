@@ -1,7 +1,8 @@
 """The `views` signal: several 64-bit DCT hashes per image, so that copies one pHash of
-the whole frame cannot see are found without model weights: the frame with uniform
-borders trimmed (letterbox, pillarbox, padding), corner and centre crops of it, and the
-mirror image of the whole and the trimmed frame.
+the whole frame cannot see are found without model weights: the trimmed frame (uniform
+borders, letterbox, pillarbox, padding; or the picture inside the bands the keep
+features find: a caption band with text, an application's toolbar and margins),
+corner and centre crops of it, and the mirror image of the whole and the trimmed frame.
 
 Two images are candidates when a code of one comes close to a code of the other and at
 least one of the two codes is of a whole frame (full, trimmed or mirrored): a crop of
@@ -128,21 +129,34 @@ def grey_levels(image: Image.Image) -> tuple[Image.Image, np.ndarray]:
 
 
 def view_input(
-    image: Image.Image, full: np.ndarray, grey: tuple[Image.Image, np.ndarray] | None = None
+    image: Image.Image,
+    full: np.ndarray,
+    grey: tuple[Image.Image, np.ndarray] | None = None,
+    picture: tuple[int, int, int, int] | None = None,
 ) -> ViewInput:
     """The views' pixels of a decoded image whose pHash input (32 x 32 uint8) is `full`:
     the trimmed frame on the GRID x GRID raster (Pillow's bilinear resize: a matrix
     product per image cost 5 ms at 2 MP, BLAS threads fighting the worker processes),
     and, when something was trimmed, the trimmed frame shrunk as the pHash shrinks.
-    `grey`: grey_levels(image), when the caller has it."""
+    `grey`: grey_levels(image), when the caller has it. `picture`: the picture inside
+    the bands the keep features found (dedup.signals.keep.frame_features: bars, caption
+    bands, an application's frame), the trimmed frame when it is smaller than the
+    uniform borders' (content_box), so that a screenshot or a captioned copy has its
+    picture as a view."""
     gray, pixels = grey if grey is not None else grey_levels(image)
     h, w = pixels.shape
     box = content_box(pixels)
+    if picture is not None and _area(picture) < _area(box):
+        box = picture
     trim = None
     if box != (0, 0, w, h):
         trim = np.asarray(gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS, box=box))
     grid = np.asarray(gray.resize((GRID, GRID), Image.Resampling.BILINEAR, box=box))
     return ViewInput(full, trim, grid)
+
+
+def _area(box: tuple[int, int, int, int]) -> int:
+    return (box[2] - box[0]) * (box[3] - box[1])
 
 
 def view_codes(inputs: list[ViewInput]) -> np.ndarray:

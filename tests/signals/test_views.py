@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dedup.commands.run import run
 from dedup.core.config import Config
 from dedup.core.errors import ConfigError
 from dedup.io.decode import decode_image
+from dedup.signals.keep import frame_features
 from dedup.signals.phash import IMG_SIZE, phash_batch, phash_input
 from dedup.signals.views import (
     KIND,
@@ -23,16 +24,21 @@ from dedup.signals.views import (
     WHOLE_VIEWS,
     code_words,
     content_box,
+    grey_levels,
     view_codes,
     view_input,
 )
 from dedup.synth import PlantedSample, encode, make_image, write_shards
 
 
-def codes_of(image: Image.Image) -> np.ndarray:
-    """(VIEWS,) words of an image, through dedup's own JPEG draft decode."""
+def codes_of(image: Image.Image, bands: bool = True) -> np.ndarray:
+    """(VIEWS,) words of an image, through dedup's own JPEG draft decode, with the
+    picture inside the bands the keep features find, as the extract phase does (without
+    `bands`: the uniform-border trim alone)."""
     decoded = decode_image(encode(image, "JPEG", quality=90), Config(), draft=IMG_SIZE).image
-    return code_words(view_codes([view_input(decoded, phash_input(decoded))]))[0]
+    grey = grey_levels(decoded)
+    picture = frame_features(grey[1])[2] if bands else None
+    return code_words(view_codes([view_input(decoded, phash_input(decoded), grey, picture)]))[0]
 
 
 def letterbox(image: Image.Image, colour=(0, 0, 0)) -> Image.Image:
@@ -98,6 +104,17 @@ def test_two_crops_and_two_mirrors_never_match_and_only_full_frames_are_plain():
     assert (KIND[0, :] == TRANSFORMED).sum() == len(VIEW_NAMES) - 1
 
 
+def caption(image: Image.Image) -> Image.Image:
+    """A white band under the picture, a fifth of its height, holding a line of text: not
+    uniform, so the uniform-border trim keeps it; the keep features' bands find it."""
+    w, h = image.size
+    out = Image.new("RGB", (w, h + h // 5), (250, 250, 250))
+    out.paste(image, (0, 0))
+    font = ImageFont.load_default(size=h // 10)
+    ImageDraw.Draw(out).text((6, h + h // 20), "Photo of the day", (10, 10, 10), font)
+    return out
+
+
 EDITS = {
     "mirror": ImageOps.mirror,
     "letterbox": letterbox,
@@ -106,16 +123,17 @@ EDITS = {
     "crop_br20": lambda i: crop(i, 0.2, "br"),
     "crop_c10": lambda i: crop(i, 0.1, "c"),
     "mirror_crop": lambda i: ImageOps.mirror(crop(i, 0.2, "tl")),
+    "caption": caption,
 }
 
 
 @pytest.fixture(scope="module")
 def edited(tmp_path_factory):
-    """12 originals (first, in input order), a copy of each of the first seven by one
-    edit, and hard negatives: a quadrant of original 9 and the two halves of original
-    10 (crops of one picture that are not copies of it or of each other); 4 shards."""
+    """14 originals (first, in input order), a copy of each of the first eight by one
+    edit, and hard negatives: a quadrant of original 11 and the two halves of original
+    12 (crops of one picture that are not copies of it or of each other); 4 shards."""
     root = tmp_path_factory.mktemp("views")
-    originals = [make_image(1000 + k, 256, 192) for k in range(12)]
+    originals = [make_image(1000 + k, 256, 192) for k in range(14)]
     samples, truth = [], {}
 
     def add(image: Image.Image, label: str, quality: int = 90) -> None:
@@ -129,9 +147,9 @@ def edited(tmp_path_factory):
         add(image, f"original {k}")
     for k, (name, edit) in enumerate(EDITS.items()):
         add(edit(originals[k]), f"{name} {k}", quality=85)
-    add(originals[9].crop((0, 0, 128, 96)), "quadrant 9")
-    add(originals[10].crop((0, 0, 150, 192)), "left 10")
-    add(originals[10].crop((106, 0, 256, 192)), "right 10")
+    add(originals[11].crop((0, 0, 128, 96)), "quadrant 11")
+    add(originals[12].crop((0, 0, 150, 192)), "left 12")
+    add(originals[12].crop((106, 0, 256, 192)), "right 12")
     write_shards(samples, str(root / "in"), 6)
     return root, truth
 
@@ -154,10 +172,11 @@ def test_views_find_mirrored_padded_and_cropped_copies_that_phash_misses(edited,
     want["crop_c10 5"] = ("original 5", "phash")  # the stronger signal names it
     assert _removed(out, truth) == want  # the tile and the two halves are kept
     summary = json.loads(Path(out, "dedup-report", "summary.json").read_text())
-    assert summary["counts"]["removed_by_reason"] == {"phash": 1, "views": 6}
+    assert summary["counts"]["removed_by_reason"] == {"phash": 1, "views": len(EDITS) - 1}
     assert summary["thresholds"] == {"phash": 8, "views": 4}
     clusters = pq.read_table(f"{out}/dedup-report/clusters.parquet").to_pylist()
-    assert sorted(tuple(c["signals"]) for c in clusters) == [("phash", "views")] + [("views",)] * 6
+    signals = sorted(tuple(c["signals"]) for c in clusters)
+    assert signals == [("phash", "views")] + [("views",)] * (len(EDITS) - 1)
 
 
 def test_views_alone_link_a_copy_the_same_way_round_at_the_phash_threshold(edited, tmp_path):
@@ -186,3 +205,34 @@ def test_views_alone_link_a_copy_the_same_way_round_at_the_phash_threshold(edite
 def test_views_settings_are_checked(settings, message):
     with pytest.raises(ConfigError, match=message):
         Config(**settings)
+
+
+def _window(image: Image.Image) -> Image.Image:
+    """The picture in an application window: a dark toolbar with text above it, light
+    margins around it."""
+    w, h = image.size
+    window = Image.new("RGB", (round(w * 1.4), round(h * 1.45)), (235, 235, 235))
+    draw = ImageDraw.Draw(window)
+    top = round(h * 0.3)
+    draw.rectangle((0, 0, window.width, top), fill=(60, 60, 70))
+    font = ImageFont.load_default(size=top // 3)
+    draw.text((10, 4), "File  Edit  View  Share", (240, 240, 240), font)
+    window.paste(image, ((window.width - w) // 2, top))
+    return window
+
+
+def test_the_picture_inside_a_caption_band_or_an_app_window_is_a_view():
+    """The trimmed view of a captioned copy, or of the picture in an application window,
+    comes within the views' threshold of the original's full frame: every caption, and
+    most windows (on a 1/8 draft the picture's edge blends into the margin); the
+    uniform-border trim alone finds none of them."""
+    trim, limit = VIEW_NAMES.index("trim"), Config().views_threshold
+    matched = {"caption": 0, "window": 0}
+    for seed in range(10):
+        image = make_image(2000 + seed, 512, 384)
+        full = codes_of(image)[0]
+        for name, copy in (("caption", caption(image)), ("window", _window(image))):
+            matched[name] += int(np.bitwise_count(full ^ codes_of(copy)[trim])) <= limit
+            uniform = codes_of(copy, bands=False)[trim]
+            assert int(np.bitwise_count(full ^ uniform)) > 2 * limit
+    assert matched["caption"] == 10 and matched["window"] >= 7, matched
