@@ -85,8 +85,8 @@ def setting_options(command):
     for param in getattr(command, "__click_params__", []):
         if param.name in defaults:
             value = defaults[param.name]
-            if isinstance(value, list):
-                value = ",".join(map(str, value)) or "none"
+            if isinstance(value, list):  # spaced, so that a long list wraps between items
+                value = ", ".join(map(str, value)) or "none"
             elif isinstance(value, bool):
                 value = param.opts[0].lstrip("-") if value else param.secondary_opts[0].lstrip("-")
             param.help = f"{param.help}  [default: {value if value != '' else 'none'}]"

@@ -107,7 +107,7 @@ def test_help_shows_each_default():
     for shown in (
         "[default: 8]",
         "[default: auto]",
-        "[default: clean,content,quality,hub,typical,noise,first]",
+        "[default: clean, content, quality, hub, typical, noise, first]",
         "[default: verify]",
     ):
         assert shown in " ".join(text.split()), shown
