@@ -89,12 +89,11 @@ def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, i
     screenshot). Per side, a band's lines are mostly (FLAT_SHARE) within BAND_TOLERANCE
     of the edge line's colour, but for runs of up to TEXT_SHARE of the side (TEXT_LINES
     lines at least) between two such lines (a line of text), and the picture starts
-    sharply after it (a line at most
-    PICTURE_SHARE alike); without a clear edge, lines of one exact colour (spanning
-    UNIFORM_LEVELS) make a bar, but only opposite another band (bars come in pairs; a
-    flat sky on one side is no bar). The box (x0, y0, x1, y1; x1, y1 exclusive) is the
-    picture inside the bands: the whole frame when there are none.
-    dedup.search.kernels.frame_features does the work."""
+    sharply after it (a line at most PICTURE_SHARE alike); without a clear edge, lines
+    of one exact colour (spanning UNIFORM_LEVELS) make a bar, but only opposite another
+    band (bars come in pairs; a flat sky on one side is no bar). The box (x0, y0, x1,
+    y1; x1, y1 exclusive) is the picture inside the bands: the whole frame when there
+    are none. dedup.search.kernels.frame_features does the work."""
     h, w = np.shape(gray)[:2]
     share, bits, top, bottom, left, right = _frame_features(
         np.ascontiguousarray(gray, dtype=np.uint8),
@@ -307,11 +306,10 @@ def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float
     """(noise, level, contrast) of a decoded image's grey levels (a PIL "L" image at any
     scale of a width x height image; `pixels`: its array, when at hand), measured at the
     draft's scale (see noise_scale): the mean grey level, its standard deviation, and the
-    fine noise: Immerkaer's
-    estimate (the mean absolute response to the 3x3 Laplacian difference mask, times
-    sqrt(pi/2)/6) per 100 levels of contrast. Added noise, a watermark's strokes and
-    JPEG's blocking raise the noise; a change of brightness or contrast moves the level
-    and contrast but leaves the noise per contrast as it was."""
+    fine noise: Immerkaer's estimate (the mean absolute response to the 3x3 Laplacian
+    difference mask, times sqrt(pi/2)/6) per 100 levels of contrast. Added noise, a
+    watermark's strokes and JPEG's blocking raise the noise; a change of brightness or
+    contrast moves the level and contrast but leaves the noise per contrast as it was."""
     scale = noise_scale(width, height)
     target_w = -(-width // scale)
     k = gray.width // target_w if target_w else 1
