@@ -14,7 +14,7 @@ from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
 from dedup.engine.extract import STATUS_OK
-from dedup.engine.featurestore import KEEP_COLUMNS, read_features
+from dedup.engine.featurestore import KEEP_COLUMNS, TEXTURE_COLUMNS, read_features
 from dedup.io import storage
 from dedup.io.fsutil import read_file, write_atomic
 from dedup.signals.edges import Candidates, Edges
@@ -211,7 +211,7 @@ def keep_features(cand: pa.Table, records: np.ndarray, keep_by: int) -> None:
     records["overlay"] = pc.fill_null(cand.column("overlay"), 0).to_numpy()
     records["quality"] = pc.fill_null(cand.column("quality"), 0).to_numpy()
     records["noise"] = pc.fill_null(cand.column("noise"), math.inf).to_numpy()
-    for c, name in enumerate(("level", "contrast")):
+    for c, name in enumerate(TEXTURE_COLUMNS[1:]):  # level, contrast
         records["tone"][:, c] = pc.fill_null(cand.column(name), 0.0).to_numpy()
     if keep_by and len(records):
         flat = pc.list_flatten(cand.column("keep_values")).to_numpy(zero_copy_only=False)

@@ -43,6 +43,7 @@ import numpy as np
 
 from dedup.search.kernels import frame_features as _frame_features
 from dedup.search.kernels import texture_sums as _texture_sums
+from dedup.signals.phash import IMG_SIZE
 
 # Overlay evidence, a bit each; `clean` ranks by the worst (frame > caption > bars).
 BARS, CAPTION, FRAME = 1, 2, 4
@@ -69,10 +70,10 @@ STROKE_LEVELS = 40  # a pixel this far from the band's colour is a stroke (text,
 STROKE_SHARE = 0.02  # of a band's pixels: a band holding this many strokes has text
 BLEND_SHARE = 0.75  # the picture's box leaves out a line this much nearer the band
 # `noise` is measured at the scale of the pHash's JPEG draft: the largest of 1/1, 1/2, 1/4
-# and 1/8 that leaves at least NOISE_SIDE pixels a side (Pillow's rule); an image decoded
-# larger (a PNG, a WebP, CLIP's decode) is box-reduced to it first, so every format and
-# route measures at one scale.
-NOISE_SIDE = 32
+# and 1/8 that leaves at least NOISE_SIDE pixels a side (Pillow's rule; the pHash drafts
+# to its input's side); an image decoded larger (a PNG, a WebP, CLIP's decode) is
+# box-reduced to it first, so every format and route measures at one scale.
+NOISE_SIDE = IMG_SIZE
 NOISE_DIGITS = 3  # rounded: one value on every platform's float arithmetic
 # What the stored features depend on (the feature fingerprint).
 CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,

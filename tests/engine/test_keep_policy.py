@@ -223,7 +223,7 @@ def test_typical_is_how_far_a_tone_lies_from_the_whole_frame_links():
         [Edges.of([0, 0, 1], [1, 2, 2], [2, 3, 4], PHASH), Edges.of([0], [3], [5], VIEWS)]
     )
     tone = np.array([[120, 40], [150, 48], [120.3, 40.2], [100, 30]], dtype=np.float32)
-    degree, _, odd = link_degree(edges, 4, tone)
+    degree, distance, odd = link_degree(edges, 4, tone)
     assert degree.tolist() == [3, 2, 2, 1]
     # |tone - mean of the rows linked whole frame|, in steps of 2 grey levels
     assert odd.tolist() == [9, 18, 9, 0]
@@ -232,7 +232,7 @@ def test_typical_is_how_far_a_tone_lies_from_the_whole_frame_links():
         pixels=np.full(n, 100), nbytes=np.full(n, 10), digest=np.zeros((n, 32), np.uint8),
         phash=None, tone=tone, noise=np.array([2.0, 2.0, 2.5, 1.0], np.float32),
     )  # fmt: skip
-    ranking = rank(cand, Config(keep=("typical", "noise", "first")), (degree, _, odd))
+    ranking = rank(cand, Config(keep=("typical", "noise", "first")), (degree, distance, odd))
     order = ranking.lexsort([], np.arange(n))
     assert order.tolist() == [3, 0, 2, 1]  # no aligned link ranks as typical
 
