@@ -242,14 +242,17 @@ def band_scan(
 @numba.njit(cache=True, nogil=True)
 def frame_features(
     gray, tolerance, flat_share, text_lines, text_share, picture_share, min_band, max_band,
-    uniform, stroke, stroke_share,
+    uniform, stroke, stroke_share, exact, exact_flat,
 ):  # fmt: skip
     """The picture inside a frame of a 2-D uint8 image, for dedup.signals.keep: (content
     share, overlay bits: 1 bars, 2 caption, 4 frame, and the bands' depths: top, bottom,
     left, right; all 0 when none counts). Per side (top, bottom, left,
     right), band_scan on the side's lines (edge first; lowest: min_band of the side and 2
     lines at least; limit: max_band of it plus one, short of the last line; runs of text:
-    text_share of the side, text_lines at least). A bar of one
+    text_share of the side, text_lines at least); where that finds no band, band_scan
+    again with `exact` for the tolerance and `exact_flat` for the flat share, its band
+    counted only when it holds strokes (a caption's band of one colour, the picture
+    next to it near that colour: a blue band under a dark blue sky). A bar of one
     colour found without a clear edge (a negative depth) counts only opposite another
     band. Strokes in a top or bottom band, none at the sides: a caption; bands on three
     sides or more, one with strokes: a frame; any band: bars. Less than a quarter of a
@@ -275,6 +278,12 @@ def frame_features(
         d, share = band_scan(
             lines, tolerance, flat_share, text, picture_share, lowest, limit, uniform, stroke
         )
+        if d <= 0:  # a band of one exact colour holding strokes, the picture near its tone
+            d2, share2 = band_scan(
+                lines, exact, exact_flat, text, picture_share, lowest, limit, uniform, stroke
+            )
+            if d2 > 0 and share2 >= stroke_share:
+                d, share = d2, share2
         depths[s] = d
         strokes[s] = d > 0 and share >= stroke_share
     for a in (0, 2):  # opposite sides: top and bottom, left and right

@@ -68,6 +68,12 @@ UNIFORM_LEVELS = 6  # a bar of one colour: its lines' grey levels span at most t
 MAX_BAND = 0.35
 STROKE_LEVELS = 40  # a pixel this far from the band's colour is a stroke (text, icons)
 STROKE_SHARE = 0.02  # of a band's pixels: a band holding this many strokes has text
+# A band of one exact colour: its lines mostly (EXACT_FLAT) within EXACT_TOLERANCE of the
+# edge's colour, then a line mostly unlike it at that tolerance; counted where the first
+# scan finds none, and only when it holds strokes: a caption band of one colour next to
+# a picture of nearly that tone (a blue band under a dark blue sky, grey 65 against 60).
+EXACT_TOLERANCE = 1
+EXACT_FLAT = 0.8
 BLEND_SHARE = 0.75  # the picture's box leaves out a line this much nearer the band
 # `noise` is measured at the scale of the pHash's JPEG draft: the largest of 1/1, 1/2, 1/4
 # and 1/8 that leaves at least NOISE_SIDE pixels a side (Pillow's rule; the pHash drafts
@@ -79,7 +85,7 @@ NOISE_DIGITS = 3  # rounded: one value on every platform's float arithmetic
 CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,
              STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table",
              "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS,
-             BLEND_SHARE)  # fmt: skip
+             BLEND_SHARE, EXACT_TOLERANCE, EXACT_FLAT)  # fmt: skip
 
 
 def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, int]]:
@@ -90,7 +96,8 @@ def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, i
     screenshot). Per side, a band's lines are mostly (FLAT_SHARE) within BAND_TOLERANCE
     of the edge line's colour, but for runs of up to TEXT_SHARE of the side (TEXT_LINES
     lines at least) between two such lines (a line of text), and the picture starts
-    sharply after it (a line at most PICTURE_SHARE alike); without a clear edge, lines
+    sharply after it (a line at most PICTURE_SHARE alike); failing that, a band of one
+    exact colour (EXACT_TOLERANCE, EXACT_FLAT) that holds strokes; without a clear edge, lines
     of one exact colour (spanning UNIFORM_LEVELS) make a bar, but only opposite another
     band (bars come in pairs; a flat sky on one side is no bar). The box (x0, y0, x1,
     y1; x1, y1 exclusive) is the picture inside the bands: the whole frame when there
@@ -108,6 +115,8 @@ def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, i
         UNIFORM_LEVELS,
         STROKE_LEVELS,
         STROKE_SHARE,
+        EXACT_TOLERANCE,
+        EXACT_FLAT,
     )
     g = np.asarray(gray)
     sides = (g.T, g, g.T[::-1], g[::-1])  # left, top, right, bottom: the edge line first

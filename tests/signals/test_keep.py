@@ -195,3 +195,38 @@ def test_noise_rises_with_added_noise_and_not_with_a_tone_change(seed):
     (n, lv, c), decoded = _texture(png.getvalue(), (w, h))
     assert decoded == (w, h)
     assert abs(n - noise) < 0.03 * noise and abs(lv - level) < 0.5 and abs(c - contrast) < 0.5
+
+
+def _under_a_dark_sky(seed: int) -> Image.Image:
+    """A picture whose top 45% is a dark blue evening sky (grey about 55-62, clouds of
+    low frequency and sensor noise): a band of grey 65 above it lies within 12 levels of
+    it all the way down, so no edge shows at that tolerance."""
+    picture = textured(300 + seed)
+    w, h = picture.size
+    rng = np.random.default_rng(seed)
+    clouds = Image.fromarray(rng.normal(0, 2.5, (3, 6)).astype(np.float32), "F")
+    clouds = np.asarray(clouds.resize((w, int(0.45 * h)), Image.Resampling.BILINEAR))
+    shade = clouds[:, :, None] + rng.normal(0, 1.5, clouds.shape + (1,))
+    sky = np.array([35, 58, 120], np.float32) + shade
+    picture.paste(Image.fromarray(np.clip(np.rint(sky), 0, 255).astype(np.uint8)), (0, 0))
+    return picture
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_caption_band_near_the_pictures_tone_is_found_by_its_exact_colour(seed):
+    # a blue band (grey 65) holding white text, above or below a dark blue sky (grey
+    # 50-60): no sharp edge at 12 grey levels, but the band is one exact colour
+    picture = _under_a_dark_sky(seed)
+    if seed % 2:
+        picture = picture.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    pixels = picture.width * picture.height
+    assert _features(picture) == (pixels, 0)
+    at = "bottom" if seed % 2 else "top"
+    captioned = _caption_band(picture, at, (27, 53, 226), (250, 250, 250))
+    content, bits = _features(captioned)
+    assert bits & CAPTION and not bits & FRAME, bits
+    assert abs(content - pixels) < 0.12 * pixels
+    # the same band without text is no evidence: a flat sky's edge looks the same
+    plain = Image.new("RGB", captioned.size, (27, 53, 226))
+    plain.paste(picture, (0, captioned.height - picture.height if at == "top" else 0))
+    assert _features(plain)[1] == 0
