@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from dedup.core.config import Config, keep_by_field
 from dedup.signals.edges import (
@@ -39,20 +41,11 @@ def link_degree(
     """Per row, the rows it links to directly, summed over the signals, and the mean
     distance in bits to those the pHash and the views link (the `hub` criterion: an
     original links to all its copies, each one edit away; a copy is two edits from the
-    others); and how far its tone (n, k: typical_features) lies from the mean tone of
-    the rows it links to whole frame to whole frame, in steps of TONE_STEP (the `typical`
-    criterion: a brighter, flatter, noisier or blurred copy is the odd one out; 0
-    without such links or tones). Edges come collapsed as the star rule
-    reads them (engine.cluster): rows of one key group link to each other at distance 0
-    and to every row of an adjacent group at that edge's distance."""
-    # In thousandths of a grey level, as integers: sums in any order give one value, so
-    # the order is the same whatever the partitioning.
-    tone = np.zeros((n, 0), np.int64) if tone is None else np.round(np.asarray(tone) * 1000)
-    tone = tone.astype(np.int64)
-    around = np.zeros(
-        tone.shape, dtype=np.int64
-    )  # summed tones of the rows linked whole frame to whole
-    aligned = np.zeros(n, dtype=np.int64)  # how many those are
+    others); and how far its tone (n, k: typical_features) lies from the median tone of
+    the rows linked to it whole frame to whole frame, directly or through others
+    (typical_off: the `typical` criterion). Edges come collapsed as the star rule reads
+    them (engine.cluster): rows of one key group link to each other at distance 0 and to
+    every row of an adjacent group at that edge's distance."""
     degree = np.zeros(n, dtype=np.int64)
     bits = np.zeros(n, dtype=np.int64)  # summed distances of the hashes' links
     hashed = np.zeros(n, dtype=np.int64)  # how many links those are
@@ -80,15 +73,6 @@ def link_degree(
         np.add.at(adjacent, hi, size[lo])
         linked = size[group] - 1 + adjacent[group]
         degree += linked
-        if s in WHOLE_FRAME:
-            aligned += linked
-        for c in range(tone.shape[1] if s in WHOLE_FRAME else 0):
-            total = np.zeros(n, dtype=np.int64)
-            np.add.at(total, group, tone[:, c])
-            near = np.zeros(n, dtype=np.int64)
-            np.add.at(near, lo, total[hi])
-            np.add.at(near, hi, total[lo])
-            around[:, c] += total[group] - tone[:, c] + near[group]
         if s in (PHASH, VIEWS):
             # views edges between distinct vectors carry their distance plus one
             d = d - 1 if s == VIEWS else d
@@ -98,14 +82,41 @@ def link_degree(
             bits += far[group]
             hashed += linked
     mean = np.where(hashed > 0, bits / np.maximum(hashed, 1), 0.0)
-    count = np.maximum(aligned, 1)
-    apart = np.abs(tone * count[:, None] - around).sum(axis=1)  # times count
-    odd = np.where(aligned > 0, apart // (TONE_STEP * 1000 * count), 0)
-    return degree, mean, odd
+    return degree, mean, typical_off(edges, n, tone)
+
+
+def typical_off(edges: Edges, n: int, tone: np.ndarray | None) -> np.ndarray:
+    """Per row, how far its tone (n, k) lies from the median tone of its whole-frame
+    component (the rows linked to it by EXACT, PHASH, FLAT or TINY, directly or through
+    others), summed over the k features, in steps of TONE_STEP; 0 alone or without tones.
+    A median, not the mean of its neighbours: an original links to every copy, so one
+    darkened copy pulls the mean of its neighbours away from it, while a noisy copy that
+    links to the original alone has the original's tone for that mean; the median of
+    the component is the tone most of its rows share. Of an even count, the mean of the
+    middle two: two rows lie equally far from it. In thousandths, as integers: one value
+    whatever the partitioning (a component is resolved whole)."""
+    odd = np.zeros(n, dtype=np.int64)
+    if tone is None or n == 0:
+        return odd
+    tone = np.round(np.asarray(tone, dtype=np.float64) * 1000).astype(np.int64)
+    whole = np.isin(edges.signal, WHOLE_FRAME)
+    graph = sparse.coo_matrix(
+        (np.ones(int(whole.sum()), np.int8), (edges.i[whole], edges.j[whole])), shape=(n, n)
+    )
+    _, part = csgraph.connected_components(graph, directed=False)
+    size = np.bincount(part, minlength=n)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])[part]
+    count = size[part]
+    twice = np.zeros(tone.shape, dtype=np.int64)  # twice the component's median
+    for c in range(tone.shape[1]):
+        v = tone[np.lexsort((tone[:, c], part)), c]
+        twice[:, c] = v[start + (count - 1) // 2] + v[start + count // 2]
+    apart = np.abs(2 * tone - twice).sum(axis=1)
+    return np.where(count > 1, apart // (2 * TONE_STEP * 1000), 0)
 
 
 # `typical` compares tones (grey level, contrast, and the noise at NOISE_WEIGHT) in steps
-# of TONE_STEP grey levels from the mean of the rows a row links to whole frame to whole
+# of TONE_STEP grey levels from the median of the rows linked to it whole frame to whole
 # frame (same bytes, pHash, or its colour signature): a re-encode moves them by less
 # than a step, a brightness, contrast, noise or blur edit by more; bars, crops and views
 # move them anyway, so their links are not counted.

@@ -225,8 +225,9 @@ def test_typical_is_how_far_a_tone_lies_from_the_whole_frame_links():
     tone = np.array([[120, 40], [150, 48], [120.3, 40.2], [100, 30]], dtype=np.float32)
     degree, distance, odd = link_degree(edges, 4, tone)
     assert degree.tolist() == [3, 2, 2, 1]
-    # |tone - mean of the rows linked whole frame|, in steps of 2 grey levels
-    assert odd.tolist() == [9, 18, 9, 0]
+    # |tone - median of the whole-frame component| summed, in steps of 2 grey levels:
+    # the median is (120.3, 40.2); the brighter copy is 29.7 + 7.8 = 37.5 levels off
+    assert odd.tolist() == [0, 18, 0, 0]
     n = 4
     cand = Candidates(
         pixels=np.full(n, 100), nbytes=np.full(n, 10), digest=np.zeros((n, 32), np.uint8),
@@ -235,6 +236,23 @@ def test_typical_is_how_far_a_tone_lies_from_the_whole_frame_links():
     ranking = rank(cand, Config(keep=("typical", "noise", "first")), (degree, distance, odd))
     order = ranking.lexsort([], np.arange(n))
     assert order.tolist() == [3, 0, 2, 1]  # no aligned link ranks as typical
+
+
+def test_typical_is_not_pulled_off_the_original_by_its_other_copies():
+    # 0: the original; 1: a darkened copy and 2: a noisy copy (noise x5 in the tone), each
+    # linked to the original alone. The mean of the original's neighbours lies between
+    # them (19 levels off) while the noisy copy's lies on the original (5.5 off): the
+    # component's median is the original's tone.
+    edges = Edges.of([0, 0], [1, 2], [6, 2], PHASH)
+    tone = np.array([[100, 40, 20], [75, 30, 21], [100.5, 41, 24]], dtype=np.float32)
+    assert link_degree(edges, 3, tone)[2].tolist() == [0, 17, 2]
+    # a pair: both lie half their difference from the mean of the two, equally off
+    pair = link_degree(Edges.of([0], [1], [2], PHASH), 2, tone[[0, 2]])[2]
+    assert pair.tolist() == [1, 1]
+    # two components apart: each its own median; a row linked by the views alone is 0
+    edges = Edges.concat([Edges.of([0, 2], [1, 3], [2, 2], PHASH), Edges.of([0], [4], [3], VIEWS)])
+    tone = np.array([[10, 1], [10, 1], [50, 5], [60, 5], [99, 9]], dtype=np.float32)
+    assert link_degree(edges, 5, tone)[2].tolist() == [0, 0, 2, 2, 0]
 
 
 def test_a_contrast_edit_is_the_odd_one_out(tmp_path):
