@@ -32,6 +32,7 @@ from dedup.io.shards import (
 )
 from dedup.signals.exact import digest
 from dedup.signals.keep import (
+    chroma_of,
     content_of,
     is_json_name,
     json_values,
@@ -291,7 +292,7 @@ def compute_features(
             pos = image_member(names, config)
             status, width, height, nbytes, image_digest = "no_image", None, None, None, None
             signature = None
-            keep_frame, quality, texture = (None, None), None, (None, None, None)
+            keep_frame, quality, texture = (None, None), None, (None,) * len(TEXTURE_COLUMNS)
             if pos is not None:
                 data = members[pos].data
                 nbytes = len(data)
@@ -321,7 +322,7 @@ def compute_features(
                     if header.img is not None and (want_phash or route):
                         # One decode serves both signals when this process prepares CLIP's
                         # pixels too: RGB, at the scale CLIP needs.
-                        draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "L")
+                        draft, draft_mode = (clip_size, "RGB") if route else (hash_draft, "YCbCr")
                         decoded = decode_image(data, config, draft, draft_mode, header=header)
                         status = decoded.reason or STATUS_OK
                         grey = None
@@ -329,7 +330,10 @@ def compute_features(
                             grey = grey_levels(decoded.image)
                             content, bits, picture = content_of(grey[1], width, height)
                             keep_frame = (content, bits)
-                            texture = texture_of(grey[0], width, height, grey[1])
+                            texture = (
+                                *texture_of(grey[0], width, height, grey[1]),
+                                chroma_of(decoded.image, decoded.chroma, width, height),
+                            )
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
                             small = shrink(decoded.image)

@@ -35,13 +35,15 @@ FEATURE_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("bytes", pa.int64()),
         # The keep policy's features (dedup.signals.keep): pixels of picture, overlay
-        # evidence bits, quality, fine noise; keep_by's JSON values (NaN: none) and why not
+        # evidence bits, quality, fine noise, tone (level, contrast) and colour (chroma);
+        # keep_by's JSON values (NaN: none) and why not
         ("content_pixels", pa.int64()),
         ("overlay", pa.int8()),
         ("quality", pa.int16()),
         ("noise", pa.float32()),
         ("level", pa.float32()),
         ("contrast", pa.float32()),
+        ("chroma", pa.float32()),
         ("keep_values", pa.list_(pa.float64())),
         ("keep_notes", pa.list_(pa.int8())),
         *signals.feature_columns(),
@@ -49,8 +51,8 @@ FEATURE_SCHEMA = pa.schema(
 )
 
 
-# The keep features texture_of measures, in its order.
-TEXTURE_COLUMNS = ("noise", "level", "contrast")
+# The keep features texture_of measures, in its order, and chroma_of's.
+TEXTURE_COLUMNS = ("noise", "level", "contrast", "chroma")
 # The keep features the global phase reads (dedup.engine.records).
 KEEP_COLUMNS = ("content_pixels", "overlay", "quality", *TEXTURE_COLUMNS, "keep_values")
 

@@ -131,8 +131,8 @@ NOISE_WEIGHT = 5.0
 
 
 def typical_features(cand: Candidates) -> np.ndarray | None:
-    """What `typical` compares, per row: grey level, contrast, and the noise times
-    NOISE_WEIGHT (0 where not measured); None without tones."""
+    """What `typical` compares, per row: grey level, contrast, chroma, and the noise
+    times NOISE_WEIGHT (0 where not measured); None without tones."""
     if cand.tone is None:
         return None
     noise = np.zeros(len(cand.tone)) if cand.noise is None else cand.noise.astype(np.float64)

@@ -76,7 +76,7 @@ def member_record(
         ("overlay", "i1"),
         ("quality", "<i2"),
         ("noise", "<f4"),
-        ("tone", "<f4", 2),
+        ("tone", "<f4", len(TEXTURE_COLUMNS) - 1),
     ]
     if keep_by:
         fields.append(("keep_values", "<f8", (keep_by,)))
@@ -211,7 +211,7 @@ def keep_features(cand: pa.Table, records: np.ndarray, keep_by: int) -> None:
     records["overlay"] = pc.fill_null(cand.column("overlay"), 0).to_numpy()
     records["quality"] = pc.fill_null(cand.column("quality"), 0).to_numpy()
     records["noise"] = pc.fill_null(cand.column("noise"), math.inf).to_numpy()
-    for c, name in enumerate(TEXTURE_COLUMNS[1:]):  # level, contrast
+    for c, name in enumerate(TEXTURE_COLUMNS[1:]):  # level, contrast, chroma
         records["tone"][:, c] = pc.fill_null(cand.column(name), 0.0).to_numpy()
     if keep_by and len(records):
         flat = pc.list_flatten(cand.column("keep_values")).to_numpy(zero_copy_only=False)

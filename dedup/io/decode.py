@@ -21,13 +21,16 @@ BACKGROUND = (255, 255, 255)
 
 @dataclass
 class Decoded:
-    """A decode outcome: `image` (RGB or L) when ok, else `reason` says why not."""
+    """A decode outcome: `image` (RGB or L) when ok, else `reason` says why not.
+    `chroma`: with draft_mode "YCbCr", a colour JPEG's Cb and Cr planes (h, w, 2 uint8,
+    oriented as `image`), its `image` then the Y plane as L."""
 
     image: Image.Image | None
     reason: str | None
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    chroma: np.ndarray | None = None
 
 
 def image_member(member_names: list[str], config: Config) -> int | None:
@@ -95,7 +98,8 @@ def decode_image(
 ) -> Decoded:
     """Sniff, size-check from the header, decode and normalize; never raises on bad bytes.
 
-    With `draft`, a JPEG is decoded (in `draft_mode`: "L" grayscale or "RGB") at the
+    With `draft`, a JPEG is decoded (in `draft_mode`: "L" grayscale, "RGB", or "YCbCr":
+    the L decode's very pixels as `image`, and the colour planes apart) at the
     smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least `draft` pixels:
     enough for a 32x32 hash or a 224x224 CLIP input, several times cheaper than a full
     decode. `width` and `height` are always the full image's,
@@ -111,10 +115,16 @@ def decode_image(
             if draft is not None and fmt == "JPEG":
                 img.draft(draft_mode, (draft, draft))
             img.load()
-            image = normalize(img, h.orientation)
+            chroma = None
+            if img.mode == "YCbCr":  # a colour JPEG drafted in YCbCr: Y is the L decode
+                planes = np.asarray(_oriented(img, h.orientation))
+                chroma = np.ascontiguousarray(planes[:, :, 1:])
+                image = Image.fromarray(np.ascontiguousarray(planes[:, :, 0]), "L")
+            else:
+                image = normalize(img, h.orientation)
     except Exception:
         return Decoded(None, "undecodable", width, height, fmt)
-    return Decoded(image, None, width, height, fmt)
+    return Decoded(image, None, width, height, fmt, chroma)
 
 
 # EXIF orientations that swap width and height.
@@ -132,17 +142,23 @@ def _orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def _oriented(img: Image.Image, orientation: int | None) -> Image.Image:
+    """The image turned as its EXIF orientation says (None: read it)."""
+    if orientation is None:
+        orientation = _orientation(img)
+    if orientation != 1:
+        with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation
+            img = ImageOps.exif_transpose(img)
+    return img
+
+
 def normalize(img: Image.Image, orientation: int | None = None) -> Image.Image:
     """Orientation applied, first frame, 8-bit RGB or L; alpha composited on white.
 
     Unrelated images must not collide after this: 16-bit data is scaled rather than
     clipped, and transparent pixels take one fixed background.
     """
-    if orientation is None:
-        orientation = _orientation(img)
-    if orientation != 1:
-        with contextlib.suppress(Exception):  # malformed EXIF: keep the stored orientation
-            img = ImageOps.exif_transpose(img)
+    img = _oriented(img, orientation)
     mode = img.mode
     if mode in ("L", "RGB"):
         return img

@@ -100,7 +100,7 @@ class Candidates:
     overlay: np.ndarray | None = None  # int8 (N,) overlay evidence bits
     quality: np.ndarray | None = None  # int16 (N,) LOSSLESS, a JPEG quality, or unknown
     noise: np.ndarray | None = None  # float32 (N,) fine noise (inf: not measured)
-    tone: np.ndarray | None = None  # float32 (N, 2) grey level and contrast
+    tone: np.ndarray | None = None  # float32 (N, 3) grey level, contrast and chroma
     keep_values: np.ndarray | None = None  # float64 (N, F) keep_by's values, NaN: none
     # A `codes` plugin's 64-bit codes (uint8 (N, 8)) by signal name, the plugins turned on
     codes: dict[str, np.ndarray] = field(default_factory=dict)

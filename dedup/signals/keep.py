@@ -85,7 +85,8 @@ NOISE_DIGITS = 3  # rounded: one value on every platform's float arithmetic
 CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,
              STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table",
              "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS,
-             BLEND_SHARE, EXACT_TOLERANCE, EXACT_FLAT)  # fmt: skip
+             BLEND_SHARE, EXACT_TOLERANCE, EXACT_FLAT,
+             "chroma: mean |cb-128|+|cr-128| at the draft scale")  # fmt: skip
 
 
 def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, int]]:
@@ -338,6 +339,27 @@ def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float
     value = lap / inner * math.sqrt(math.pi / 2) / 6 if inner else 0.0
     noise = 100 * value / max(contrast, 1.0)
     return tuple(round(v, NOISE_DIGITS) for v in (noise, level, contrast))
+
+
+def chroma_of(image, planes, width: int, height: int) -> float:
+    """How colourful a decoded image is: the mean of |Cb - 128| + |Cr - 128| (ITU-R 601
+    YCbCr, as JPEG stores it) at the draft's scale (see noise_scale). `planes`: the Cb
+    and Cr planes of a YCbCr draft (dedup.io.decode), already at that scale; else an
+    RGB `image` (at any scale of a width x height image) is box-reduced to it first and
+    converted; a grey image is 0. A saturation edit scales it by its factor, as a
+    brightness or contrast edit does; re-encodes and resizes leave it."""
+    if planes is None:
+        if image.mode != "RGB":
+            return 0.0
+        target = -(-max(width, height) // noise_scale(width, height))
+        k = max(image.size) // target if target else 1
+        small = image.reduce(k) if k >= 2 else image
+        planes = np.asarray(small.convert("YCbCr"))[:, :, 1:]
+    count = planes.shape[0] * planes.shape[1]
+    if count == 0:
+        return 0.0
+    total = int(np.abs(planes.astype(np.int64) - 128).sum())  # an integer: one value anywhere
+    return round(total / count, NOISE_DIGITS)
 
 
 def content_of(

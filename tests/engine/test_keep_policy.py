@@ -277,3 +277,22 @@ def test_a_contrast_edit_is_the_odd_one_out(tmp_path):
     dedup(tmp_path, "--out", tmp_path / "without", *FLAGS, *without)
     samples, clusters = _tables(tmp_path / "without")
     assert {k for k, r in samples.items() if r["kept"]} == {"b"}
+
+
+def test_a_saturation_edit_is_the_odd_one_out_by_its_colour(tmp_path):
+    """A saturation edit leaves the grey levels as they were (Pillow blends with the
+    picture's own grey): only the chroma tells it from its original and a re-encode.
+    It comes first in the input, so `first` alone keeps it; `typical` does not."""
+    image = textured(451)
+    vivid = ImageEnhance.Color(image).enhance(1.3)
+    write_tar(str(tmp_path / "a.tar"), [("s.jpg", _jpeg(vivid, 92)), ("r.jpg", _jpeg(image, 90))])
+    write_tar(str(tmp_path / "b.tar"), [("o.jpg", _jpeg(image, 92))])
+    dedup(tmp_path, "--out", tmp_path / "first", *FLAGS, "--keep", "first")
+    samples, _ = _tables(tmp_path / "first")
+    assert {k for k, r in samples.items() if r["kept"]} == {"s"}
+    dedup(tmp_path, "--out", tmp_path / "typical", *FLAGS, "--keep", "typical,first")
+    samples, clusters = _tables(tmp_path / "typical")
+    assert {k for k, r in samples.items() if r["kept"]} == {"r"}
+    # over the runner-up, the original: as typical as the re-encode, later in the input
+    assert clusters["r"]["kept_by"] == "first"
+    assert samples["s"]["duplicate_of"] == "r" and samples["o"]["duplicate_of"] == "r"

@@ -86,3 +86,26 @@ def test_cmyk_and_animated_first_frame():
     frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
     d = decode_image(buf.getvalue(), CONFIG)
     assert d.image.getpixel((5, 5)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+def test_a_ycbcr_draft_is_the_grey_draft_plus_the_colour_planes(orientation, subsampling):
+    # the pHash, the views and the keep features read `image`: it must be the L draft's
+    # very pixels, turned the same way; the colour planes come turned with it
+    img = make_image(7 + subsampling, 330, 250)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, "JPEG", exif=exif.tobytes(), subsampling=subsampling, quality=90)
+    grey = decode_image(data, CONFIG, 32, "L")
+    both = decode_image(data, CONFIG, 32, "YCbCr")
+    assert both.image.mode == "L" and grey.chroma is None
+    assert np.array_equal(np.asarray(both.image), np.asarray(grey.image))
+    assert both.chroma.shape == (*np.asarray(grey.image).shape, 2)
+    rgb = decode_image(data, CONFIG, 32, "RGB").image.convert("YCbCr")
+    assert np.abs(np.asarray(rgb)[:, :, 1:].astype(int) - both.chroma).mean() < 1.5
+    # a grey JPEG, a CMYK one and a PNG: as the L draft, no planes
+    for other in (img.convert("L"), img.convert("CMYK")):
+        d = decode_image(encode(other, "JPEG"), CONFIG, 32, "YCbCr")
+        assert d.chroma is None and d.image.mode == ("L" if other.mode == "L" else "RGB")
+    assert decode_image(encode(img, "PNG"), CONFIG, 32, "YCbCr").chroma is None

@@ -24,6 +24,7 @@ from dedup.signals.keep import (
     NOTE_NOT_NUMBER,
     NOTE_OK,
     UNKNOWN_QUALITY,
+    chroma_of,
     content_of,
     jpeg_quality,
     json_value,
@@ -195,6 +196,31 @@ def test_noise_rises_with_added_noise_and_not_with_a_tone_change(seed):
     (n, lv, c), decoded = _texture(png.getvalue(), (w, h))
     assert decoded == (w, h)
     assert abs(n - noise) < 0.03 * noise and abs(lv - level) < 0.5 and abs(c - contrast) < 0.5
+
+
+def _chroma(data: bytes, size: tuple[int, int]) -> float:
+    """chroma_of on the decode the pHash makes (a JPEG's YCbCr draft; a PNG in full)."""
+    decoded = decode_image(data, Config(), 32, "YCbCr")
+    return chroma_of(decoded.image, decoded.chroma, *size)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_chroma_scales_with_saturation_and_stays_under_reencodes(seed):
+    image = textured(seed) if seed % 2 else make_image(seed, 640, 480)
+    size = image.size
+    chroma = _chroma(_jpeg(image, 92), size)
+    assert chroma > 5
+    for factor in (0.7, 0.85, 1.2):  # a saturation edit scales it by about its factor
+        edited = _chroma(_jpeg(ImageEnhance.Color(image).enhance(factor), 92), size)
+        assert abs(edited / chroma - factor) < 0.05 * factor, (factor, edited, chroma)
+    # re-encoded, resized, or lossless (a PNG measured at the draft's scale): within 5%
+    half = image.resize((size[0] // 2, size[1] // 2), Image.Resampling.LANCZOS)
+    png = io.BytesIO()
+    image.save(png, "PNG")
+    same = ((_jpeg(image, 60), size), (_jpeg(half, 90), half.size), (png.getvalue(), size))
+    for data, at in same:
+        assert abs(_chroma(data, at) - chroma) < 0.05 * chroma
+    assert _chroma(_jpeg(image.convert("L"), 92), size) == 0.0
 
 
 def _under_a_dark_sky(seed: int) -> Image.Image:
