@@ -98,7 +98,7 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     of any set of whole components can be resolved apart from the rest."""
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
-    ranking = rank(cand, config, link_degree(edges, n, typical_features(cand)))
+    ranking = rank(cand, config, link_degree(edges, n, typical_features(cand), cand.overlay))
     anchored = cand.anchors() != NOT_ANCHOR
     order = ranking.lexsort([~anchored], rows)  # anchors first, then the keep policy
     if config.cluster_rule == "components":

@@ -331,8 +331,8 @@ def compute_features(
                             content, bits, picture = content_of(grey[1], width, height)
                             keep_frame = (content, bits)
                             texture = (
-                                *texture_of(grey[0], width, height, grey[1]),
-                                chroma_of(decoded.image, decoded.chroma, width, height),
+                                *texture_of(grey[0], width, height, grey[1], picture),
+                                chroma_of(decoded.image, decoded.chroma, width, height, picture),
                             )
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)

@@ -18,6 +18,7 @@ from dedup.signals.edges import (
     LINKS_ONLY,
     PHASH,
     TINY,
+    VERIFIED,
     VIEWS,
     Candidates,
     Edges,
@@ -36,7 +37,7 @@ def because_names(config: Config) -> tuple[str, ...]:
 
 
 def link_degree(
-    edges: Edges, n: int, tone: np.ndarray | None = None
+    edges: Edges, n: int, tone: np.ndarray | None = None, overlay: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the rows it links to directly, summed over the signals, and the mean
     distance in bits to those the pHash and the views link (the `hub` criterion: an
@@ -82,13 +83,18 @@ def link_degree(
             bits += far[group]
             hashed += linked
     mean = np.where(hashed > 0, bits / np.maximum(hashed, 1), 0.0)
-    return degree, mean, typical_off(edges, n, tone)
+    return degree, mean, typical_off(edges, n, tone, overlay)
 
 
-def typical_off(edges: Edges, n: int, tone: np.ndarray | None) -> np.ndarray:
+def typical_off(
+    edges: Edges, n: int, tone: np.ndarray | None, overlay: np.ndarray | None = None
+) -> np.ndarray:
     """Per row, how far its tone (n, k) lies from the median tone of its whole-frame
     component (the rows linked to it by EXACT, PHASH, FLAT or TINY, directly or through
-    others), summed over the k features, in steps of TONE_STEP; 0 alone or without tones.
+    others, and by VIEWS or VERIFIED where either row has overlay evidence: the tone is
+    measured inside the picture's box, so a letterboxed, captioned or framed copy has its
+    original's; a crop's view link is left out, its tone being another part's), summed
+    over the k features, in steps of TONE_STEP; 0 alone or without tones.
     A median, not the mean of its neighbours: an original links to every copy, so one
     darkened copy pulls the mean of its neighbours away from it, while a noisy copy that
     links to the original alone has the original's tone for that mean; the median of
@@ -100,6 +106,9 @@ def typical_off(edges: Edges, n: int, tone: np.ndarray | None) -> np.ndarray:
         return odd
     tone = np.round(np.asarray(tone, dtype=np.float64) * 1000).astype(np.int64)
     whole = np.isin(edges.signal, WHOLE_FRAME)
+    if overlay is not None:  # a padded, captioned or framed copy: its picture's tone
+        framed = (overlay[edges.i] != 0) | (overlay[edges.j] != 0)
+        whole |= np.isin(edges.signal, (VIEWS, VERIFIED)) & framed
     graph = sparse.coo_matrix(
         (np.ones(int(whole.sum()), np.int8), (edges.i[whole], edges.j[whole])), shape=(n, n)
     )

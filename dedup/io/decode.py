@@ -22,15 +22,15 @@ BACKGROUND = (255, 255, 255)
 @dataclass
 class Decoded:
     """A decode outcome: `image` (RGB or L) when ok, else `reason` says why not.
-    `chroma`: with draft_mode "YCbCr", a colour JPEG's Cb and Cr planes (h, w, 2 uint8,
-    oriented as `image`), its `image` then the Y plane as L."""
+    `chroma`: with draft_mode "YCbCr", a colour JPEG's YCbCr draft (oriented as
+    `image`, which is then its Y plane as L: the L draft's very pixels)."""
 
     image: Image.Image | None
     reason: str | None
     width: int | None = None
     height: int | None = None
     format: str | None = None
-    chroma: np.ndarray | None = None
+    chroma: Image.Image | None = None
 
 
 def image_member(member_names: list[str], config: Config) -> int | None:
@@ -117,9 +117,8 @@ def decode_image(
             img.load()
             chroma = None
             if img.mode == "YCbCr":  # a colour JPEG drafted in YCbCr: Y is the L decode
-                planes = np.asarray(_oriented(img, h.orientation))
-                chroma = np.ascontiguousarray(planes[:, :, 1:])
-                image = Image.fromarray(np.ascontiguousarray(planes[:, :, 0]), "L")
+                chroma = _oriented(img, h.orientation)
+                image = chroma.getchannel(0)
             else:
                 image = normalize(img, h.orientation)
     except Exception:

@@ -86,7 +86,8 @@ CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, 
              STROKE_LEVELS, STROKE_SHARE, UNIFORM_LEVELS, "dqt: nearest ijg table",
              "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS,
              BLEND_SHARE, EXACT_TOLERANCE, EXACT_FLAT,
-             "chroma: mean |cb-128|+|cr-128| at the draft scale")  # fmt: skip
+             "chroma: mean |cb-128|+|cr-128| at the draft scale",
+             "tone: inside the picture's box")  # fmt: skip
 
 
 def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, int]]:
@@ -313,17 +314,21 @@ def noise_scale(width: int, height: int) -> int:
     return next((s for s in (8, 4, 2) if s <= fit), 1)
 
 
-def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float, float]:
+def texture_of(gray, width: int, height: int, pixels=None, box=None) -> tuple[float, float, float]:
     """(noise, level, contrast) of a decoded image's grey levels (a PIL "L" image at any
     scale of a width x height image; `pixels`: its array, when at hand), measured at the
     draft's scale (see noise_scale): the mean grey level, its standard deviation, and the
     fine noise: Immerkaer's estimate (the mean absolute response to the 3x3 Laplacian
     difference mask, times sqrt(pi/2)/6) per 100 levels of contrast. Added noise, a
     watermark's strokes and JPEG's blocking raise the noise; a change of brightness or
-    contrast moves the level and contrast but leaves the noise per contrast as it was."""
+    contrast moves the level and contrast but leaves the noise per contrast as it was.
+    `box` (x0, y0, x1, y1 in the decode's pixels): measure the picture inside it only
+    (frame_features' picture: a letterboxed or captioned copy measures as its original)."""
     scale = noise_scale(width, height)
     target_w = -(-width // scale)
     k = gray.width // target_w if target_w else 1
+    if box is not None and tuple(box) != (0, 0, gray.width, gray.height):
+        gray, pixels = gray.crop(tuple(box)), None
     if k >= 2:
         pixels = np.asarray(gray.reduce(k))
     elif pixels is None:
@@ -341,25 +346,33 @@ def texture_of(gray, width: int, height: int, pixels=None) -> tuple[float, float
     return tuple(round(v, NOISE_DIGITS) for v in (noise, level, contrast))
 
 
-def chroma_of(image, planes, width: int, height: int) -> float:
+def chroma_of(image, ycbcr, width: int, height: int, box=None) -> float:
     """How colourful a decoded image is: the mean of |Cb - 128| + |Cr - 128| (ITU-R 601
-    YCbCr, as JPEG stores it) at the draft's scale (see noise_scale). `planes`: the Cb
-    and Cr planes of a YCbCr draft (dedup.io.decode), already at that scale; else an
-    RGB `image` (at any scale of a width x height image) is box-reduced to it first and
-    converted; a grey image is 0. A saturation edit scales it by its factor, as a
-    brightness or contrast edit does; re-encodes and resizes leave it."""
-    if planes is None:
+    YCbCr, as JPEG stores it) at the draft's scale (see noise_scale). `ycbcr`: a JPEG's
+    YCbCr draft (dedup.io.decode), already at that scale; else an RGB `image` (at any
+    scale of a width x height image) is box-reduced to it first and converted; a grey
+    image is 0. A saturation edit scales it by its factor, as a brightness or contrast
+    edit does; re-encodes and resizes leave it. `box`: as texture_of's, in the decode's
+    pixels. Counted from the planes' histograms (Pillow's, in C: a few microseconds)."""
+    whole = box is None or tuple(box) == (0, 0, image.width, image.height)
+    if ycbcr is None:
         if image.mode != "RGB":
             return 0.0
         target = -(-max(width, height) // noise_scale(width, height))
         k = max(image.size) // target if target else 1
-        small = image.reduce(k) if k >= 2 else image
-        planes = np.asarray(small.convert("YCbCr"))[:, :, 1:]
-    count = planes.shape[0] * planes.shape[1]
+        image = image if whole else image.crop(tuple(box))
+        ycbcr = (image.reduce(k) if k >= 2 else image).convert("YCbCr")
+    elif not whole:
+        ycbcr = ycbcr.crop(tuple(box))
+    count = ycbcr.width * ycbcr.height
     if count == 0:
         return 0.0
-    total = int(np.abs(planes.astype(np.int64) - 128).sum())  # an integer: one value anywhere
+    counts = np.asarray(ycbcr.histogram(), dtype=np.int64)[256:]  # Cb's 256, then Cr's
+    total = int(counts @ _AWAY_FROM_GREY)  # an integer: one value on every platform
     return round(total / count, NOISE_DIGITS)
+
+
+_AWAY_FROM_GREY = np.tile(np.abs(np.arange(256, dtype=np.int64) - 128), 2)
 
 
 def content_of(

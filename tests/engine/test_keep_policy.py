@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from dedup.core.config import Config
 from dedup.engine.ranking import link_degree, rank
 from dedup.signals.edges import PHASH, VIEWS, Candidates, Edges
+from dedup.signals.keep import BARS, CAPTION
 from tests.helpers import dedup, error_line, local_outputs, textured, write_tar
 
 FLAGS = ["--signals", "exact,phash,views", "--workers", "2"]
@@ -253,6 +254,22 @@ def test_typical_is_not_pulled_off_the_original_by_its_other_copies():
     edges = Edges.concat([Edges.of([0, 2], [1, 3], [2, 2], PHASH), Edges.of([0], [4], [3], VIEWS)])
     tone = np.array([[10, 1], [10, 1], [50, 5], [60, 5], [99, 9]], dtype=np.float32)
     assert link_degree(edges, 5, tone)[2].tolist() == [0, 0, 2, 2, 0]
+
+
+def test_typical_counts_view_links_of_padded_copies_not_of_crops():
+    # 0: the original; 1: a saturation copy (pHash); 2: a letterboxed copy and 3: a
+    # captioned one (views; their tone measured inside the picture: the original's);
+    # 4: a crop (views; another part's tone). Without the padded copies the pair 0-1
+    # would tie; with them the median is the original's tone; the crop stays out.
+    edges = Edges.concat(
+        [Edges.of([0], [1], [4], PHASH), Edges.of([0, 0, 0], [2, 3, 4], [3, 3, 3], VIEWS)]
+    )
+    tone = np.array(
+        [[100, 40, 20], [100, 40, 28], [100.5, 40, 20], [99.5, 40.5, 20], [60, 30, 28]], np.float32
+    )
+    overlay = np.array([0, 0, BARS, BARS | CAPTION, 0], np.int8)
+    assert link_degree(edges, 5, tone, overlay)[2].tolist() == [0, 4, 0, 0, 0]
+    assert link_degree(edges, 5, tone)[2].tolist() == [2, 2, 0, 0, 0]
 
 
 def test_a_contrast_edit_is_the_odd_one_out(tmp_path):

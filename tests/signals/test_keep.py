@@ -256,3 +256,33 @@ def test_a_caption_band_near_the_pictures_tone_is_found_by_its_exact_colour(seed
     plain = Image.new("RGB", captioned.size, (27, 53, 226))
     plain.paste(picture, (0, captioned.height - picture.height if at == "top" else 0))
     assert _features(plain)[1] == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_padded_copy_measures_its_pictures_tone_inside_the_box(seed):
+    # the tone (level, contrast, noise) and the chroma inside frame_features' picture:
+    # a letterboxed or captioned copy measures as its original; the whole frame does not
+    image = make_image(40 + seed, 640, 480)
+    w, h = image.size
+
+    def measured(picture, box=True):
+        data = _jpeg(picture, 92)
+        decoded = decode_image(data, Config(), 32, "YCbCr")
+        grey = grey_levels(decoded.image)
+        inside = content_of(grey[1], *picture.size)[2] if box else None
+        return (
+            *texture_of(grey[0], *picture.size, grey[1], inside),
+            chroma_of(decoded.image, decoded.chroma, *picture.size, inside),
+        )
+
+    original = measured(image)
+    for copy in (
+        _letterboxed(image, (250, 250, 250), 0.12),
+        _caption_band(image, "bottom", (20, 90, 200)),
+    ):
+        noise, level, contrast, chroma = measured(copy)
+        assert abs(level - original[1]) < 2 and abs(contrast - original[2]) < 2
+        assert abs(chroma - original[3]) < 0.05 * original[3]
+        assert abs(noise - original[0]) < 0.1 * original[0]
+        whole = measured(copy, box=False)
+        assert abs(whole[1] - original[1]) + abs(whole[2] - original[2]) > 4
