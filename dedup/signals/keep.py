@@ -1,8 +1,9 @@
 """Which copy survives: per-image keep features and the keep policy's order.
 
 The features are cheap and come from what phase 1 already has: the image's bytes (its
-JPEG quantization tables) and the grayscale decode the pHash makes (a draft of at least
-32 pixels a side). The policy is an ordered list of criteria; rows are ranked by the
+JPEG quantization tables) and the decode the pHash makes (a draft of at least 32 pixels
+a side; a colour JPEG's in YCbCr, its Y plane the grey decode, its Cb and Cr the
+chroma). The policy is an ordered list of criteria; rows are ranked by the
 first, ties broken by the next, and input order last, so the order is total and the
 same whatever the partitioning.
 
@@ -18,12 +19,14 @@ Criteria (best first):
   are not visible, and a copy saved again at a higher quality is no better than its
   original, so the criteria after this one decide.
 - `hub`: linked directly to more rows (summed over the signals), then closer to them (the
-  mean distance in bits of the pHash's and the views' links). An original links to all
-  its copies, each one edit away; copies of different kinds rarely link to each other.
-- `typical`: a tone (mean grey level, contrast, and the noise below) nearer the mean
-  tone of the rows it links to whole frame to whole frame (same bytes, the pHash), in
-  steps of 2 grey levels (engine.ranking): a brightness, contrast, noise or blur edit is
-  the odd one out among re-encodes and resizes of one picture.
+  mean distance in bits of the pHash's and the views' links, in steps of 4 bits). An
+  original links to all its copies, each one edit away; copies of different kinds
+  rarely link to each other.
+- `typical`: a tone (mean grey level, contrast, chroma, and the noise below, measured
+  inside the picture's box) nearer the median tone of the rows linked to it whole frame
+  to whole frame (same bytes, the pHash; the views too where a row has bands), in steps
+  of 2 grey levels (engine.ranking): a brightness, contrast, saturation, noise or blur
+  edit is the odd one out among re-encodes, resizes and padded copies of one picture.
 - `noise`: less fine noise per level of contrast (Immerkaer's estimate on the pHash's
   decode, at the JPEG draft's scale): added noise, a watermark's strokes and JPEG's
   blocking raise it; a change of tone does not.

@@ -272,6 +272,19 @@ def test_typical_counts_view_links_of_padded_copies_not_of_crops():
     assert link_degree(edges, 5, tone)[2].tolist() == [2, 2, 0, 0, 0]
 
 
+def test_hub_compares_mean_distances_in_steps_of_four_bits():
+    # rows 0-2 alike in links; mean distances 5.0, 7.9 and 8.0 bits: 0 and 1 tie on the
+    # hub (steps 4-7), so `typical` decides between them; 2 (8-11) ranks after both
+    n = 3
+    cand = Candidates(
+        pixels=np.full(n, 100), nbytes=np.full(n, 10), digest=np.zeros((n, 32), np.uint8),
+        phash=None,
+    )  # fmt: skip
+    links = (np.full(n, 3), np.array([5.0, 7.9, 8.0]), np.array([1, 0, 0]))
+    ranking = rank(cand, Config(keep=("hub", "typical", "first")), links)
+    assert ranking.lexsort([], np.arange(n)).tolist() == [1, 0, 2]
+
+
 def test_a_contrast_edit_is_the_odd_one_out(tmp_path):
     """An original, a copy of higher contrast and a re-encode, all of one pHash and one
     quality tier, the copies first in the input. The contrast edit measures less noise
