@@ -310,6 +310,20 @@ def frame_features(
 
 
 @numba.njit(cache=True, nogil=True)
+def chroma_sum(ycbcr):
+    """Sum of |Cb - 128| + |Cr - 128| over an (h, w, 3) uint8 YCbCr image, for
+    dedup.signals.keep.chroma_of."""
+    h, w, _ = ycbcr.shape
+    total = 0
+    for y in range(h):
+        for x in range(w):
+            cb = np.int64(ycbcr[y, x, 1]) - 128
+            cr = np.int64(ycbcr[y, x, 2]) - 128
+            total += (cb if cb >= 0 else -cb) + (cr if cr >= 0 else -cr)
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
 def texture_sums(gray):
     """Integer sums over a 2-D uint8 image, for dedup.signals.keep.texture_of: (the
     absolute responses to the 3x3 Laplacian difference mask [[1,-2,1],[-2,4,-2],[1,-2,1]]
