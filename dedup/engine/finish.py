@@ -359,6 +359,9 @@ def keep_columns(f: pa.Table) -> dict[str, pa.Array]:
         "overlay": pa.array(overlay, type=pa.string()),
         "quality": pa.array(quality, type=pa.string()),
         "noise": f.column("noise"),
+        "level": f.column("level"),
+        "contrast": f.column("contrast"),
+        "chroma": f.column("chroma"),
         "keep_values": f.column("keep_values"),
     }
 
@@ -375,6 +378,9 @@ SAMPLE_COLUMNS = [
     "overlay",
     "quality",
     "noise",
+    "level",
+    "contrast",
+    "chroma",
     "keep_values",
 ]
 

@@ -34,12 +34,16 @@ SAMPLES_SCHEMA = pa.schema(
         ("phash", pa.string()),
         # the keep policy's features (dedup.signals.keep): pixels of picture, the share of
         # the frame that is bars, bands or frame, the overlay evidence, the quality, the
-        # fine noise estimate
+        # fine noise estimate, and the tone `typical` compares (grey level, contrast and
+        # chroma inside the picture's box)
         ("content_pixels", pa.int64()),
         ("padding", pa.float32()),
         ("overlay", pa.string()),
         ("quality", pa.string()),
         ("noise", pa.float32()),
+        ("level", pa.float32()),
+        ("contrast", pa.float32()),
+        ("chroma", pa.float32()),
         ("keep_values", pa.list_(pa.float64())),
     ]
 )

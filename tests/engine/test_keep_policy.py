@@ -326,3 +326,7 @@ def test_a_saturation_edit_is_the_odd_one_out_by_its_colour(tmp_path):
     # over the runner-up, the original: as typical as the re-encode, later in the input
     assert clusters["r"]["kept_by"] == "first"
     assert samples["s"]["duplicate_of"] == "r" and samples["o"]["duplicate_of"] == "r"
+    # samples.parquet shows why: the grey tone alike, the chroma 30% up
+    o, s = samples["o"], samples["s"]
+    assert abs(o["level"] - s["level"]) < 1 and abs(o["contrast"] - s["contrast"]) < 1
+    assert 1.2 < s["chroma"] / o["chroma"] < 1.4
