@@ -199,7 +199,8 @@ def rank(
         elif name == "content":
             k, value = [-content_bin(content)], content
         elif name == "hub":  # more links, then closer to those the hashes make
-            k, value = [-degree, np.floor(distance / HUB_STEP).astype(np.int64)], degree
+            step = np.floor(distance / HUB_STEP).astype(np.int64)
+            k, value = [-degree, step], degree + step / 1000  # shown: links, then the step
         elif name == "typical":  # nearer the tone of the rows it links to first
             k, value = [odd], odd
         elif name == "noise":  # less first; unmeasured last
@@ -268,7 +269,9 @@ def describe_value(name: str, value: float) -> str:
     if name in ("content", "largest"):
         return f"{int(value):,} px"
     if name == "hub":
-        return f"{int(value)} links"
+        links = int(value)
+        step = round((value - links) * 1000)
+        return f"{links} links, {step * HUB_STEP}-{(step + 1) * HUB_STEP} bits away"
     if name == "quality":
         return quality_name(int(value))
     if name == "noise":

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 from dedup.core.config import Config
-from dedup.engine.ranking import link_degree, rank
+from dedup.engine.ranking import describe_value, link_degree, rank
 from dedup.signals.edges import PHASH, VIEWS, Candidates, Edges
 from dedup.signals.keep import BARS, CAPTION
 from tests.helpers import dedup, error_line, local_outputs, textured, write_tar
@@ -283,6 +283,9 @@ def test_hub_compares_mean_distances_in_steps_of_four_bits():
     links = (np.full(n, 3), np.array([5.0, 7.9, 8.0]), np.array([1, 0, 0]))
     ranking = rank(cand, Config(keep=("hub", "typical", "first")), links)
     assert ranking.lexsort([], np.arange(n)).tolist() == [1, 0, 2]
+    # the report names both: the links, then the step of the mean distance
+    shown = [describe_value("hub", v) for v in ranking.values[0].tolist()]
+    assert shown == ["3 links, 4-8 bits away", "3 links, 4-8 bits away", "3 links, 8-12 bits away"]
 
 
 def test_a_contrast_edit_is_the_odd_one_out(tmp_path):
