@@ -132,11 +132,13 @@ def typical_off(
 # 108, 109, 109, 107 (watermarked copies, farther from the others, win more).
 HUB_STEP = 4
 
-# `typical` compares tones (grey level, contrast, and the noise at NOISE_WEIGHT) in steps
-# of TONE_STEP grey levels from the median of the rows linked to it whole frame to whole
-# frame (same bytes, pHash, or its colour signature): a re-encode moves them by less
-# than a step, a brightness, contrast, noise or blur edit by more; bars, crops and views
-# move them anyway, so their links are not counted.
+# `typical` compares tones (grey level, contrast, chroma, and the noise at NOISE_WEIGHT,
+# measured inside the picture's box) in steps of TONE_STEP grey levels from the median
+# of the rows linked to it whole frame to whole frame (same bytes, pHash, or its colour
+# signature), and by the views where a row has bands (typical_off): a re-encode moves
+# them by less than a step, a brightness, contrast, saturation, noise or blur edit by
+# more; a crop moves them anyway (another part of the picture), so its links are not
+# counted.
 TONE_STEP = 2
 WHOLE_FRAME = (EXACT, PHASH, FLAT, TINY)
 # The noise joins the tone at this weight (one unit of noise counts as 5 grey levels),
