@@ -122,8 +122,23 @@ def decode_image(
             else:
                 image = normalize(img, h.orientation)
     except Exception:
+        if draft_mode == "YCbCr" and draft is not None and fmt == "JPEG":
+            return _grey_and_colours(data, config, draft)
         return Decoded(None, "undecodable", width, height, fmt)
     return Decoded(image, None, width, height, fmt, chroma)
+
+
+def _grey_and_colours(data: bytes, config: Config, draft: int) -> Decoded:
+    """A JPEG that libjpeg will not draft in YCbCr (one stored in RGB, Adobe's transform
+    0: it converts RGB to grey, not to YCbCr): its L draft, as every other JPEG's image,
+    and its colours from an RGB draft of the same scale, converted."""
+    grey = decode_image(data, config, draft, "L")
+    if grey.image is None:
+        return grey
+    rgb = decode_image(data, config, draft, "RGB").image
+    colours = rgb if rgb is not None and rgb.mode == "RGB" and rgb.size == grey.image.size else None
+    chroma = None if colours is None else colours.convert("YCbCr")
+    return Decoded(grey.image, None, grey.width, grey.height, grey.format, chroma)
 
 
 # EXIF orientations that swap width and height.

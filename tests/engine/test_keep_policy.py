@@ -333,3 +333,21 @@ def test_a_saturation_edit_is_the_odd_one_out_by_its_colour(tmp_path):
     o, s = samples["o"], samples["s"]
     assert abs(o["level"] - s["level"]) < 1 and abs(o["contrast"] - s["contrast"]) < 1
     assert 1.2 < s["chroma"] / o["chroma"] < 1.4
+
+
+def test_a_jpeg_stored_in_rgb_is_read_and_matched(tmp_path):
+    """A JPEG in RGB (Adobe's transform 0) cannot be drafted in YCbCr: it is read as
+    before (its grey draft) with its colours apart, found as a copy, never passed
+    through as undecodable; two shards, two workers."""
+    image = textured(452)
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=93, keep_rgb=True)
+    write_tar(str(tmp_path / "a.tar"), [("rgb.jpg", buf.getvalue())])
+    write_tar(str(tmp_path / "b.tar"), [("copy.jpg", _jpeg(image, 80))])
+    result = dedup(tmp_path, "--out", tmp_path / "out", *FLAGS, "--json")
+    summary = json.loads(result.stdout)
+    assert summary["counts"]["passthrough"] == 0
+    samples, _ = _tables(tmp_path / "out")
+    assert {k for k, r in samples.items() if r["kept"]} == {"rgb"}
+    assert samples["copy"]["duplicate_of"] == "rgb"
+    assert samples["rgb"]["chroma"] > 5

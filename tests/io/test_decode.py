@@ -110,3 +110,21 @@ def test_a_ycbcr_draft_is_the_grey_draft_plus_the_colour_planes(orientation, sub
         d = decode_image(encode(other, "JPEG"), CONFIG, 32, "YCbCr")
         assert d.chroma is None and d.image.mode == ("L" if other.mode == "L" else "RGB")
     assert decode_image(encode(img, "PNG"), CONFIG, 32, "YCbCr").chroma is None
+
+
+def test_a_jpeg_stored_in_rgb_is_drafted_grey_with_its_colours_apart():
+    # Adobe's transform 0 (keep_rgb): libjpeg converts RGB to grey but not to YCbCr, so a
+    # YCbCr draft fails; the decode falls back to the L draft (the pixels every run used
+    # before) and takes the colours from an RGB draft: never "undecodable"
+    img = make_image(11, 400, 300)
+    data = encode(img, "JPEG", quality=90, keep_rgb=True)
+    grey = decode_image(data, CONFIG, 32, "L")
+    both = decode_image(data, CONFIG, 32, "YCbCr")
+    assert both.reason is None and both.image.mode == "L"
+    assert np.array_equal(np.asarray(both.image), np.asarray(grey.image))
+    assert both.chroma.mode == "YCbCr" and both.chroma.size == grey.image.size
+    usual = decode_image(encode(img, "JPEG", quality=90), CONFIG, 32, "YCbCr").chroma
+    planes = np.asarray(both.chroma)[:, :, 1:].astype(int)
+    assert np.abs(planes - np.asarray(usual)[:, :, 1:]).mean() < 2
+    # a damaged one is still undecodable, one line of reason
+    assert decode_image(data[: len(data) // 3], CONFIG, 32, "YCbCr").reason == "undecodable"
