@@ -10,7 +10,7 @@ import numpy as np
 from dedup.core.config import Config
 from dedup.engine.ranking import link_degree, rank, typical_features, why
 from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
-from dedup.search.pairs import cosine_pairs, hamming_pairs, unique_codes
+from dedup.search.pairs import connected_components, cosine_pairs, hamming_pairs, unique_codes
 from dedup.signals.edges import (
     BLOCKED,
     BLOCKLISTED,
@@ -255,35 +255,6 @@ def _strongest_incident(edges: Edges, rows: np.ndarray) -> np.ndarray:
     for side in (edges.i, edges.j):
         np.minimum.at(best, side, PRECEDENCE[edges.signal])
     return RANK_DECISION[best[rows]]
-
-
-def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Union-find over edges (i, j), vectorized: each row's label is the smallest row of
-    its component.
-
-    Hook-and-compress: every edge points the larger of its two roots at the smaller,
-    then paths are halved until every row points at a root; repeat until no edge joins
-    two roots. A root only ever points lower, so the last root of a component is its
-    smallest row.
-    """
-    parent = np.arange(n, dtype=np.int64)
-    if len(i) == 0:
-        return parent
-    i = np.asarray(i, dtype=np.int64)
-    j = np.asarray(j, dtype=np.int64)
-    while True:
-        ri, rj = parent[i], parent[j]
-        differ = ri != rj
-        if not differ.any():
-            return parent
-        lo = np.minimum(ri[differ], rj[differ])
-        hi = np.maximum(ri[differ], rj[differ])
-        np.minimum.at(parent, hi, lo)
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
 
 
 def star_survivors(cand: Candidates, edges: Edges, order: np.ndarray) -> np.ndarray:

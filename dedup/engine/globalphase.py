@@ -40,7 +40,6 @@ from dedup.engine.cluster import (
     Groups,
     calibration_from,
     calibration_sample,
-    connected_components,
     resolve,
 )
 from dedup.engine.grey import VerifyStats, verify_grey
@@ -70,6 +69,7 @@ from dedup.engine.rows import References, rows_by_shard
 from dedup.executors.base import Executor
 from dedup.io import storage
 from dedup.search.pairs import (
+    connected_components,
     gpu_count,
 )
 from dedup.signals.edges import BLOCKED, CLIP, NOT_ANCHOR, REFERENCE, VIEWS, Edges

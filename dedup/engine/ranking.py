@@ -7,10 +7,9 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse
-from scipy.sparse import csgraph
 
 from dedup.core.config import Config, keep_by_field
+from dedup.search.pairs import connected_components
 from dedup.signals.edges import (
     EXACT,
     FLAT,
@@ -101,18 +100,14 @@ def typical_off(
     the component is the tone most of its rows share. Of an even count, the mean of the
     middle two: two rows lie equally far from it. In thousandths, as integers: one value
     whatever the partitioning (a component is resolved whole)."""
-    odd = np.zeros(n, dtype=np.int64)
     if tone is None or n == 0:
-        return odd
+        return np.zeros(n, dtype=np.int64)
     tone = np.round(np.asarray(tone, dtype=np.float64) * 1000).astype(np.int64)
     whole = np.isin(edges.signal, WHOLE_FRAME)
     if overlay is not None:  # a padded, captioned or framed copy: its picture's tone
         framed = (overlay[edges.i] != 0) | (overlay[edges.j] != 0)
         whole |= np.isin(edges.signal, (VIEWS, VERIFIED)) & framed
-    graph = sparse.coo_matrix(
-        (np.ones(int(whole.sum()), np.int8), (edges.i[whole], edges.j[whole])), shape=(n, n)
-    )
-    _, part = csgraph.connected_components(graph, directed=False)
+    part = connected_components(n, edges.i[whole], edges.j[whole])
     size = np.bincount(part, minlength=n)
     start = np.concatenate([[0], np.cumsum(size)[:-1]])[part]
     count = size[part]

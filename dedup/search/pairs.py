@@ -348,3 +348,32 @@ def _range_search(index, queries: np.ndarray, radius: float):
         out_l.append(labels.astype(np.int64))
         out_s.append(sims)
     return np.concatenate(out_q), np.concatenate(out_l), np.concatenate(out_s)
+
+
+def connected_components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Union-find over edges (i, j), vectorized: each row's label is the smallest row of
+    its component.
+
+    Hook-and-compress: every edge points the larger of its two roots at the smaller,
+    then paths are halved until every row points at a root; repeat until no edge joins
+    two roots. A root only ever points lower, so the last root of a component is its
+    smallest row.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    if len(i) == 0:
+        return parent
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    while True:
+        ri, rj = parent[i], parent[j]
+        differ = ri != rj
+        if not differ.any():
+            return parent
+        lo = np.minimum(ri[differ], rj[differ])
+        hi = np.maximum(ri[differ], rj[differ])
+        np.minimum.at(parent, hi, lo)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand

@@ -318,6 +318,13 @@ def noise_scale(width: int, height: int) -> int:
     return next((s for s in (8, 4, 2) if s <= fit), 1)
 
 
+def _draft_factor(decoded: int, full: int, width: int, height: int) -> int:
+    """The box reduction that brings a side decoded at `decoded` pixels (of `full` at full
+    size, in a width x height image) to the draft's scale (noise_scale)."""
+    target = -(-full // noise_scale(width, height))
+    return decoded // target if target else 1
+
+
 def texture_of(gray, width: int, height: int, pixels=None, box=None) -> tuple[float, float, float]:
     """(noise, level, contrast) of a decoded image's grey levels (a PIL "L" image at any
     scale of a width x height image; `pixels`: its array, when at hand), measured at the
@@ -328,9 +335,7 @@ def texture_of(gray, width: int, height: int, pixels=None, box=None) -> tuple[fl
     contrast moves the level and contrast but leaves the noise per contrast as it was.
     `box` (x0, y0, x1, y1 in the decode's pixels): measure the picture inside it only
     (frame_features' picture: a letterboxed or captioned copy measures as its original)."""
-    scale = noise_scale(width, height)
-    target_w = -(-width // scale)
-    k = gray.width // target_w if target_w else 1
+    k = _draft_factor(gray.width, width, width, height)
     if box is not None and tuple(box) != (0, 0, gray.width, gray.height):
         gray, pixels = gray.crop(tuple(box)), None
     if k >= 2:
@@ -365,8 +370,7 @@ def chroma_of(image, ycbcr, width: int, height: int, box=None) -> float:
             x0, y0, x1, y1 = box
             planes = planes[y0:y1, x0:x1]
     elif image.mode == "RGB":
-        target = -(-max(width, height) // noise_scale(width, height))
-        k = max(image.size) // target if target else 1
+        k = _draft_factor(max(image.size), max(width, height), width, height)
         image = image if whole else image.crop(tuple(box))
         planes = np.asarray((image.reduce(k) if k >= 2 else image).convert("YCbCr"))
     else:

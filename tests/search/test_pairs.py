@@ -3,7 +3,7 @@ import pytest
 
 from dedup.core.config import Config
 from dedup.engine.cluster import cluster
-from dedup.search.pairs import hamming_pairs, unique_codes
+from dedup.search.pairs import connected_components, hamming_pairs, unique_codes
 from dedup.signals.edges import Candidates
 from dedup.signals.phash import hamming
 
@@ -122,7 +122,6 @@ def test_survivor_rule_largest_then_bytes_then_order():
 
 
 def test_connected_components_on_long_chains_and_stars():
-    from dedup.engine.cluster import connected_components
 
     n = 2000
     rng = np.random.default_rng(4)
