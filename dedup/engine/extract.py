@@ -31,14 +31,7 @@ from dedup.io.shards import (
     spool_shard,
 )
 from dedup.signals.exact import digest
-from dedup.signals.keep import (
-    chroma_of,
-    content_of,
-    is_json_name,
-    json_values,
-    quality_of,
-    texture_of,
-)
+from dedup.signals.keep import is_json_name, json_values, measure, quality_of
 from dedup.signals.views import grey_levels, view_codes, view_input
 
 if TYPE_CHECKING:
@@ -328,12 +321,10 @@ def compute_features(
                         grey = None
                         if decoded.image is not None:
                             grey = grey_levels(decoded.image)
-                            content, bits, picture = content_of(grey[1], width, height)
-                            keep_frame = (content, bits)
-                            texture = (
-                                *texture_of(grey[0], width, height, grey[1], picture),
-                                chroma_of(decoded.image, decoded.chroma, width, height, picture),
+                            content, bits, picture, texture = measure(
+                                grey, width, height, decoded.image, decoded.chroma
                             )
+                            keep_frame = (content, bits)
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
                             small = shrink(decoded.image)

@@ -348,3 +348,45 @@ def texture_sums(gray):
             )  # fmt: skip
             lap += r if r >= 0 else -r
     return lap, total, squares
+
+
+@numba.njit(cache=True, nogil=True)
+def blend_inset(lines, depth, blend_share):
+    """A band's depth along `lines` (2-D uint8, the edge first), plus the line where it
+    meets the picture when that line blends the two: nearer the edge line's median than
+    the next line is, by blend_share (mean absolute differences; the sums are exact)."""
+    if depth <= 0 or depth + 1 >= lines.shape[0]:
+        return max(depth, 0)
+    colour = np.median(lines[0])
+    m = lines.shape[1]
+    line = 0.0
+    inner = 0.0
+    for x in range(m):
+        line += abs(np.float64(lines[depth, x]) - colour)
+        inner += abs(np.float64(lines[depth + 1, x]) - colour)
+    return depth + 1 if line / m < blend_share * (inner / m) else depth
+
+
+@numba.njit(cache=True, nogil=True)
+def keep_measure(gray, ycbcr, colour, params):
+    """The keep features of a draft in one pass, for dedup.signals.keep.measure:
+    frame_features, each band's blend_inset, then texture_sums of the grey levels and
+    (`colour`: ycbcr holds the draft's YCbCr planes) chroma_sum inside the picture's box.
+    `params` (float64, one array: a call's arguments cost more than its work): tolerance,
+    flat_share, text_lines, text_share, picture_share, min_band, max_band, uniform,
+    stroke, stroke_share, exact, exact_flat, blend_share. Returns (content share, overlay
+    bits, x0, y0, x1, y1, laplacian, levels, squares, chroma)."""
+    h, w = gray.shape
+    share, bits, top, bottom, left, right = frame_features(
+        gray, np.int64(params[0]), params[1], np.int64(params[2]), params[3], params[4],
+        params[5], params[6], np.int64(params[7]), np.int64(params[8]), params[9],
+        np.int64(params[10]), params[11],
+    )  # fmt: skip
+    blend_share = params[12]
+    x0 = blend_inset(gray.T, left, blend_share)
+    y0 = blend_inset(gray, top, blend_share)
+    x1 = w - blend_inset(gray.T[::-1], right, blend_share)
+    y1 = h - blend_inset(gray[::-1], bottom, blend_share)
+    lap, total, squares = texture_sums(gray[y0:y1, x0:x1])
+    chroma = chroma_sum(ycbcr[y0:y1, x0:x1]) if colour else 0
+    return share, bits, x0, y0, x1, y1, lap, total, squares, chroma

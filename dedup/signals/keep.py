@@ -46,6 +46,7 @@ import numpy as np
 
 from dedup.search.kernels import chroma_sum as _chroma_sum
 from dedup.search.kernels import frame_features as _frame_features
+from dedup.search.kernels import keep_measure as _keep_measure
 from dedup.search.kernels import texture_sums as _texture_sums
 from dedup.signals.phash import IMG_SIZE
 
@@ -345,10 +346,16 @@ def texture_of(gray, width: int, height: int, pixels=None, box=None) -> tuple[fl
     g = np.ascontiguousarray(pixels, dtype=np.uint8)
     if g.ndim != 2 or g.size == 0:
         return 0.0, 0.0, 0.0
-    lap, total, squares = _texture_sums(g)
-    h, w = g.shape
-    level = total / g.size
-    contrast = math.sqrt(max(squares / g.size - level * level, 0.0))
+    return _texture(*_texture_sums(g), *g.shape)
+
+
+def _texture(lap: int, total: int, squares: int, h: int, w: int) -> tuple[float, float, float]:
+    """(noise, level, contrast) from texture_sums' sums over h x w pixels."""
+    if h <= 0 or w <= 0:
+        return 0.0, 0.0, 0.0
+    size = h * w
+    level = total / size
+    contrast = math.sqrt(max(squares / size - level * level, 0.0))
     inner = max(h - 2, 0) * max(w - 2, 0)
     value = lap / inner * math.sqrt(math.pi / 2) / 6 if inner else 0.0
     noise = 100 * value / max(contrast, 1.0)
@@ -378,8 +385,12 @@ def chroma_of(image, ycbcr, width: int, height: int, box=None) -> float:
     count = planes.shape[0] * planes.shape[1]
     if count == 0:
         return 0.0
-    total = int(_chroma_sum(np.ascontiguousarray(planes)))  # an integer: one value anywhere
-    return round(total / count, NOISE_DIGITS)
+    return _chroma(int(_chroma_sum(np.ascontiguousarray(planes))), count)
+
+
+def _chroma(total: int, count: int) -> float:
+    """chroma_of's value from chroma_sum's integer total over `count` pixels."""
+    return round(total / count, NOISE_DIGITS) if count > 0 else 0.0
 
 
 def content_of(
@@ -390,3 +401,38 @@ def content_of(
     height."""
     share, bits, box = frame_features(gray)
     return int(round(share * width * height)), bits, box
+
+
+_NO_PLANES = np.zeros((1, 1, 3), dtype=np.uint8)
+# keep_measure's parameters, in its order
+_PARAMS = np.array(
+    [BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, MIN_BAND, MAX_BAND,
+     UNIFORM_LEVELS, STROKE_LEVELS, STROKE_SHARE, EXACT_TOLERANCE, EXACT_FLAT, BLEND_SHARE],
+    dtype=np.float64,
+)  # fmt: skip
+
+
+def measure(
+    grey: tuple, width: int, height: int, image, ycbcr=None
+) -> tuple[int, int, tuple[int, int, int, int], tuple[float, float, float, float]]:
+    """Every keep feature of one decode: (content pixels, overlay bits, the picture's box,
+    (noise, level, contrast, chroma)), as content_of, texture_of and chroma_of give
+    them. `grey`: dedup.signals.views.grey_levels(image); `ycbcr`: a JPEG's YCbCr draft.
+    A decode already at the draft's scale (every JPEG draft) is measured in one compiled
+    pass (dedup.search.kernels.keep_measure); a larger one (a PNG, a WebP) is reduced
+    first, by the three functions."""
+    gray, pixels = grey
+    colour = ycbcr is not None
+    if _draft_factor(gray.width, width, width, height) >= 2 or (not colour and image.mode != "L"):
+        content, bits, box = content_of(pixels, width, height)
+        texture = texture_of(gray, width, height, pixels, box)
+        return content, bits, box, (*texture, chroma_of(image, ycbcr, width, height, box))
+    planes = np.asarray(ycbcr) if colour else _NO_PLANES
+    share, bits, x0, y0, x1, y1, lap, total, squares, chroma = _keep_measure(
+        np.ascontiguousarray(pixels, dtype=np.uint8), planes, colour, _PARAMS
+    )
+    h, w = int(y1 - y0), int(x1 - x0)
+    texture = _texture(int(lap), int(total), int(squares), h, w)
+    hue = _chroma(int(chroma), h * w) if colour else 0.0
+    content = int(round(float(share) * width * height))
+    return content, int(bits), (int(x0), int(y0), int(x1), int(y1)), (*texture, hue)

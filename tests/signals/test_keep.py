@@ -28,6 +28,7 @@ from dedup.signals.keep import (
     content_of,
     jpeg_quality,
     json_value,
+    measure,
     quality_of,
     quality_tier,
     texture_of,
@@ -286,3 +287,33 @@ def test_a_padded_copy_measures_its_pictures_tone_inside_the_box(seed):
         assert abs(noise - original[0]) < 0.1 * original[0]
         whole = measured(copy, box=False)
         assert abs(whole[1] - original[1]) + abs(whole[2] - original[2]) > 4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_measure_in_one_pass_equals_the_three_functions(seed):
+    # the compiled pass (a JPEG draft: YCbCr or grey) and the reduce-first route (a PNG
+    # decoded in full, an RGB draft) give content_of's, texture_of's and chroma_of's values
+    image = make_image(60 + seed, 480 + 40 * seed, 360)
+    copies = [image, _letterboxed(image, (30, 30, 30), 0.1), _caption_band(image, "top")]
+    boxes = 0
+    for picture in copies:
+        for mode, fmt in (("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("L", "PNG")):
+            buf = io.BytesIO()
+            picture.convert(mode).save(buf, fmt, quality=70 + 5 * seed)
+            for draft, draft_mode in ((32, "YCbCr"), (32, "L"), (224, "RGB"), (None, "L")):
+                decoded = decode_image(buf.getvalue(), Config(), draft, draft_mode)
+                grey = grey_levels(decoded.image)
+                size = picture.size
+                content, bits, box = content_of(grey[1], *size)
+                expected = (
+                    content,
+                    bits,
+                    box,
+                    (
+                        *texture_of(grey[0], *size, grey[1], box),
+                        chroma_of(decoded.image, decoded.chroma, *size, box),
+                    ),
+                )
+                assert measure(grey, *size, decoded.image, decoded.chroma) == expected
+                boxes += box != (0, 0, *decoded.image.size)
+    assert boxes >= 16  # the padded copies' boxes were measured inside
