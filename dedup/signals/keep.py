@@ -45,7 +45,6 @@ import struct
 import numpy as np
 
 from dedup.search.kernels import chroma_sum as _chroma_sum
-from dedup.search.kernels import frame_features as _frame_features
 from dedup.search.kernels import keep_measure as _keep_measure
 from dedup.search.kernels import texture_sums as _texture_sums
 from dedup.signals.phash import IMG_SIZE
@@ -108,40 +107,11 @@ def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, i
     of one exact colour (spanning UNIFORM_LEVELS) make a bar, but only opposite another
     band (bars come in pairs; a flat sky on one side is no bar). The box (x0, y0, x1,
     y1; x1, y1 exclusive) is the picture inside the bands: the whole frame when there
-    are none. dedup.search.kernels.frame_features does the work."""
-    h, w = np.shape(gray)[:2]
-    share, bits, top, bottom, left, right = _frame_features(
-        np.ascontiguousarray(gray, dtype=np.uint8),
-        BAND_TOLERANCE,
-        FLAT_SHARE,
-        TEXT_LINES,
-        TEXT_SHARE,
-        PICTURE_SHARE,
-        MIN_BAND,
-        MAX_BAND,
-        UNIFORM_LEVELS,
-        STROKE_LEVELS,
-        STROKE_SHARE,
-        EXACT_TOLERANCE,
-        EXACT_FLAT,
-    )
-    g = np.asarray(gray)
-    sides = (g.T, g, g.T[::-1], g[::-1])  # left, top, right, bottom: the edge line first
-    found = (left, top, right, bottom)
-    depths = [_blend_inset(lines, int(d)) for lines, d in zip(sides, found, strict=True)]
-    return float(share), int(bits), (depths[0], depths[1], w - depths[2], h - depths[3])
-
-
-def _blend_inset(lines: np.ndarray, depth: int) -> int:
-    """A band's depth, plus the line where it meets the picture when that line blends the
-    two (a draft's pixel straddles the edge unless the picture starts on a JPEG block):
-    that line lies nearer the band's colour than the next one does, by BLEND_SHARE."""
-    if depth <= 0 or depth + 1 >= len(lines):
-        return max(depth, 0)
-    colour = float(np.median(lines[0]))
-    line = np.abs(lines[depth].astype(np.float64) - colour).mean()
-    inner = np.abs(lines[depth + 1].astype(np.float64) - colour).mean()
-    return depth + 1 if line < BLEND_SHARE * inner else depth
+    are none, where a band meets the picture on a blended line, past it.
+    dedup.search.kernels.keep_measure does the work."""
+    g = np.ascontiguousarray(gray, dtype=np.uint8)
+    share, bits, x0, y0, x1, y1, *_ = _keep_measure(g, _NO_PLANES, False, _PARAMS)
+    return float(share), int(bits), (int(x0), int(y0), int(x1), int(y1))
 
 
 def severity(overlay: np.ndarray) -> np.ndarray:
