@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dedup.core.config import Config
-from dedup.engine.ranking import link_degree, rank, typical_features, why
+from dedup.engine.ranking import content_scale, link_degree, rank, typical_features, why
 from dedup.search.kernels import cluster_diameters, star_claims, undirected_csr
 from dedup.search.pairs import connected_components, cosine_pairs, hamming_pairs, unique_codes
 from dedup.signals.edges import (
@@ -98,7 +98,8 @@ def resolve(cand: Candidates, edges: Edges, config: Config) -> Clusters:
     of any set of whole components can be resolved apart from the rest."""
     n = len(cand.pixels)
     rows = np.arange(n, dtype=np.int64)
-    ranking = rank(cand, config, link_degree(edges, n, typical_features(cand), cand.overlay))
+    links = link_degree(edges, n, typical_features(cand), cand.overlay, content_scale(cand))
+    ranking = rank(cand, config, links)
     anchored = cand.anchors() != NOT_ANCHOR
     order = ranking.lexsort([~anchored], rows)  # anchors first, then the keep policy
     if config.cluster_rule == "components":

@@ -36,7 +36,11 @@ def because_names(config: Config) -> tuple[str, ...]:
 
 
 def link_degree(
-    edges: Edges, n: int, tone: np.ndarray | None = None, overlay: np.ndarray | None = None
+    edges: Edges,
+    n: int,
+    tone: np.ndarray | None = None,
+    overlay: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row, the rows it links to directly, summed over the signals, and the mean
     distance in bits to those the pHash and the views link (the `hub` criterion: an
@@ -82,18 +86,25 @@ def link_degree(
             bits += far[group]
             hashed += linked
     mean = np.where(hashed > 0, bits / np.maximum(hashed, 1), 0.0)
-    return degree, mean, typical_off(edges, n, tone, overlay)
+    return degree, mean, typical_off(edges, n, tone, overlay, scale)
 
 
 def typical_off(
-    edges: Edges, n: int, tone: np.ndarray | None, overlay: np.ndarray | None = None
+    edges: Edges,
+    n: int,
+    tone: np.ndarray | None,
+    overlay: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per row, how far its tone (n, k) lies from the median tone of its whole-frame
     component (the rows linked to it by EXACT, PHASH, FLAT or TINY, directly or through
     others, and by VIEWS or VERIFIED where either row has overlay evidence: the tone is
     measured inside the picture's box, so a letterboxed, captioned or framed copy has its
     original's; a crop's view link is left out, its tone being another part's), summed
-    over the k features, in steps of TONE_STEP; 0 alone or without tones.
+    over the k features, in steps of TONE_STEP; 0 alone or without tones. The last
+    feature, the noise, depends on the scale it was measured at (a resize's or a
+    thumbnail's draft holds the picture in fewer pixels): with `scale` (content_scale),
+    its median is taken over the rows of the component at the row's own scale.
     A median, not the mean of its neighbours: an original links to every copy, so one
     darkened copy pulls the mean of its neighbours away from it, while a noisy copy that
     links to the original alone has the original's tone for that mean; the median of
@@ -108,15 +119,24 @@ def typical_off(
         framed = (overlay[edges.i] != 0) | (overlay[edges.j] != 0)
         whole |= np.isin(edges.signal, (VIEWS, VERIFIED)) & framed
     part = connected_components(n, edges.i[whole], edges.j[whole])
-    size = np.bincount(part, minlength=n)
-    start = np.concatenate([[0], np.cumsum(size)[:-1]])[part]
-    count = size[part]
+    count = np.bincount(part, minlength=n)[part]
     twice = np.zeros(tone.shape, dtype=np.int64)  # twice the component's median
     for c in range(tone.shape[1]):
-        v = tone[np.lexsort((tone[:, c], part)), c]
-        twice[:, c] = v[start + (count - 1) // 2] + v[start + count // 2]
+        twice[:, c] = _twice_median(tone[:, c], part)
+    if scale is not None:  # the noise: against the rows measured at its scale
+        _, same = np.unique(np.column_stack([part, scale]), axis=0, return_inverse=True)
+        twice[:, -1] = _twice_median(tone[:, -1], same.ravel())
     apart = np.abs(2 * tone - twice).sum(axis=1)
     return np.where(count > 1, apart // (2 * TONE_STEP * 1000), 0)
+
+
+def _twice_median(values: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """Per row, twice the median of `values` over the rows of its group (labels 0..n-1)."""
+    size = np.bincount(group, minlength=len(values))
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])[group]
+    count = size[group]
+    v = values[np.lexsort((values, group))]
+    return v[start + (count - 1) // 2] + v[start + count // 2]
 
 
 # `hub` compares the mean distance of a row's hash links in steps of HUB_STEP bits: finer
@@ -154,6 +174,17 @@ def typical_features(cand: Candidates) -> np.ndarray | None:
     return np.column_stack([cand.tone.astype(np.float64), np.round(noise * NOISE_WEIGHT, 3)])
 
 
+def content_pixels(cand: Candidates) -> np.ndarray:
+    """Per row, its pixels of picture (all its pixels where not measured)."""
+    return (cand.pixels if cand.content is None else cand.content).astype(np.int64)
+
+
+def content_scale(cand: Candidates) -> np.ndarray:
+    """Per row, its content pixels in bins of about 9% (keep.content_bin): the `content`
+    criterion's key, and the scale `typical` compares the noise at."""
+    return content_bin(content_pixels(cand))
+
+
 @dataclass
 class Ranking:
     """Rows ranked by a keep policy: per criterion, its sort keys (ascending: best first)
@@ -175,7 +206,6 @@ def rank(
     """The keep policy's keys for every candidate row (see the module's criteria)."""
     n = len(cand.pixels)
     pixels, nbytes = cand.pixels.astype(np.int64), cand.nbytes.astype(np.int64)
-    content = pixels if cand.content is None else cand.content.astype(np.int64)
     overlay = np.zeros(n, np.int8) if cand.overlay is None else cand.overlay
     quality = np.zeros(n, np.int64) if cand.quality is None else cand.quality.astype(np.int64)
     values = cand.keep_values if cand.keep_values is not None else np.zeros((n, 0))
@@ -194,7 +224,7 @@ def rank(
         elif name == "clean":
             k, value = [severity(overlay)], severity(overlay)
         elif name == "content":
-            k, value = [-content_bin(content)], content
+            k, value = [-content_scale(cand)], content_pixels(cand)
         elif name == "hub":  # more links, then closer to those the hashes make
             step = np.floor(distance / HUB_STEP).astype(np.int64)
             k, value = [-degree, step], degree + step / 1000  # shown: links, then the step

@@ -24,9 +24,10 @@ Criteria (best first):
   rarely link to each other.
 - `typical`: a tone (mean grey level, contrast, chroma, and the noise below, measured
   inside the picture's box) nearer the median tone of the rows linked to it whole frame
-  to whole frame (same bytes, the pHash; the views too where a row has bands), in steps
-  of 2 grey levels (engine.ranking): a brightness, contrast, saturation, noise or blur
-  edit is the odd one out among re-encodes, resizes and padded copies of one picture.
+  to whole frame (same bytes, the pHash; the views too where a row has bands; the
+  noise's median over those at the row's own scale), in steps of 2 grey levels
+  (engine.ranking): a brightness, contrast, saturation, noise or blur edit is the odd
+  one out among re-encodes, resizes and padded copies of one picture.
 - `noise`: less fine noise per level of contrast (Immerkaer's estimate on the pHash's
   decode, at the JPEG draft's scale): added noise, a watermark's strokes and JPEG's
   blocking raise it; a change of tone does not.

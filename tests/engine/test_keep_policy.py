@@ -272,6 +272,27 @@ def test_typical_counts_view_links_of_padded_copies_not_of_crops():
     assert link_degree(edges, 5, tone)[2].tolist() == [2, 2, 0, 0, 0]
 
 
+def test_typical_compares_the_noise_at_its_own_scale():
+    # 0: the original; 1: a noisy copy (noise x5 in the tone: 2 levels more); 2 and 3:
+    # thumbnails, their noise measured on a draft that holds the picture in fewer pixels
+    # (higher: more detail per pixel). Over the whole component the noise's median (71)
+    # lies between the thumbnails and the noisy copy, which is nearer it than the
+    # original (9 against 11 levels); at their own scale the original and the noisy copy
+    # are equally off (the pair's mean, 1 level), as are the thumbnails (2 levels).
+    edges = Edges.of([0, 0, 0, 1, 1, 2], [1, 2, 3, 2, 3, 3], [4, 6, 6, 8, 8, 2], PHASH)
+    tone = np.array([[100, 40, 60], [100, 40, 62], [100, 40, 80], [100, 40, 84]], np.float32)
+    assert link_degree(edges, 4, tone)[2].tolist() == [5, 4, 4, 6]
+    scale = np.array([150, 150, 120, 120])
+    assert link_degree(edges, 4, tone, None, scale)[2].tolist() == [0, 0, 1, 1]
+    # a third row at the original's scale (a re-encode): the noisy copy is the odd one
+    tone = np.vstack([tone, [[100, 40, 60.4]]]).astype(np.float32)
+    edges = Edges.concat([edges, Edges.of([0, 1], [4, 4], [1, 4], PHASH)])
+    scale = np.array([150, 150, 120, 120, 150])
+    assert link_degree(edges, 5, tone, None, scale)[2].tolist() == [0, 0, 1, 1, 0]
+    tone[1, 2] = 70  # 9.6 levels over the re-encode's: 4 steps of 2
+    assert link_degree(edges, 5, tone, None, scale)[2].tolist() == [0, 4, 1, 1, 0]
+
+
 def test_hub_compares_mean_distances_in_steps_of_four_bits():
     # rows 0-2 alike in links; mean distances 5.0, 7.9 and 8.0 bits: 0 and 1 tie on the
     # hub (steps 4-7), so `typical` decides between them; 2 (8-11) ranks after both
