@@ -99,7 +99,17 @@ def write_calibration_report(report_dir: str, result: dict, planted, pairs, imag
             f"<td>{f['per_image_at_dataset_size']:.3g} "
             f"(upper {f['upper95_per_image']:.3g})</td></tr>"
         )
-    out.append("</table><h2>Thresholds</h2>")
+    out.append("</table>")
+    c = result.get("copies_in_sample")
+    if c and c["pairs"]:
+        out.append(
+            f"<p>Left out as copies of each other (the input holds duplicates): {c['pairs']:,} "
+            f"pairs of sampled images, linked and accepted by the local-feature check (of "
+            f"{c['checked']:,} checked)"
+            + (f"; {c['unchecked']:,} linked pairs not checked" if c["unchecked"] else "")
+            + ".</p>"
+        )
+    out.append("<h2>Thresholds</h2>")
     rec = result["recommend"]
     for name, curve in result["curves"].items():
         key = f"{name}_threshold"

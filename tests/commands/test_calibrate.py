@@ -109,6 +109,36 @@ def test_false_links_and_recommendations_are_stated(photos):
     assert json.loads((root / "report" / "calibration.json").read_text()) == result
 
 
+def test_copies_in_the_input_are_not_counted_as_false_links(tmp_path):
+    # 24 distinct pictures, and copies of some of them in the input itself: 3 of the
+    # same bytes (one picture to the sampler), 3 re-encodes at q60, 3 resizes to 75%.
+    # Every image is sampled: the 6 pairs of copies are counted apart (linked, and
+    # verified), the false links are the distinct pictures' (none), the pHash gets a
+    # threshold, and the report says so.
+    jpegs = [encode(textured(900 + k), "JPEG", quality=90) for k in range(24)]
+    copies = [jpegs[k] for k in (0, 1, 2)]
+    copies += [encode(textured(900 + k), "JPEG", quality=60) for k in (3, 4, 5)]
+    small = [textured(900 + k) for k in (6, 7, 8)]
+    copies += [encode(im.resize((240, 180)), "JPEG", quality=90) for im in small]
+    samples = [
+        PlantedSample(f"{k:04d}", {"jpg": data}, k, "o") for k, data in enumerate(jpegs + copies)
+    ]
+    write_shards(samples, str(tmp_path / "in"), 12)
+    args = ["--sample", 40, "--edits", "jpeg_q30", "--report", tmp_path / "report", "--json"]
+    made = dedup("calibrate", tmp_path / "in", *args, *VIEWS)
+    result = json.loads(made.stdout)
+    n = result["sample"]["images"]
+    assert n == 30
+    assert result["copies_in_sample"] == {"pairs": 6, "checked": 6, "unchecked": 0}
+    for name, f in result["false_links"].items():
+        assert f["pairs"] == n * (n - 1) // 2 - 6
+        assert f["linked"] == 0, name
+    assert result["recommend"]["phash_threshold"]["value"] is not None
+    assert "copies in the sample: 6 pairs of sampled images" in made.stderr
+    page = (tmp_path / "report" / "calibration.html").read_text()
+    assert "Left out as copies of each other" in page
+
+
 @pytest.mark.slow  # four calibrations
 def test_calibrate_is_reproducible_and_one_line(photos):
     root, result, _ = photos
