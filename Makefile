@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-keep bench-smoke clean
+.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-keep bench-transfer bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -93,6 +93,11 @@ bench-calibrate: $(BENCH_STAMP)
 # it (web-style copies of the bench extra's photographs; builds bench-data/bench-keep/ once).
 bench-keep: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_keep.py
+
+# Does dedup calibrate transfer? Its per-edit estimates on bench-keep's originals against
+# a real run over bench-keep's own copies of them (held-out draw 1).
+bench-transfer: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/bench_transfer.py --seed 1
 
 bench-storage: $(STAMP)
 	$(BIN)/python benchmarks/bench_storage.py

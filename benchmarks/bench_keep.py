@@ -58,12 +58,13 @@ from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+from PIL import Image, ImageDraw, ImageEnhance
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from edit_suite import Picture, _cut, _fit_long_side, _grid, _low_detail, _round_robin  # noqa: E402
 from scale_codes import _photo_files  # noqa: E402  (the bundled photographs)
 
+from dedup.engine.edits import draw_text, ink_for, padded, random_colour  # noqa: E402
 from dedup.synth import PlantedSample, make_image, write_shards  # noqa: E402
 
 DEDUP = os.path.join(os.path.dirname(sys.executable), "dedup")
@@ -113,38 +114,12 @@ def pictures(n: int, smoke: bool, rng: np.random.Generator) -> list[Picture]:
 # ------------------------------------------------------------------ copies
 
 
-def _rgb(rng, tone: str | None = None) -> tuple[int, int, int]:
-    low, high = {"dark": (0, 60), "light": (196, 256), None: (0, 256)}[tone]
-    return tuple(int(v) for v in rng.integers(low, high, 3))
-
-
-def _ink(colour) -> tuple[int, int, int]:
-    return (20, 20, 20) if sum(colour) > 380 else (245, 245, 245)
-
-
-def _text(draw, box, text, fill, share: float = 0.6) -> int:
-    """Text in box (left-aligned, centred vertically) in PIL's default font, at the
-    largest size up to `share` of the box's height that fits its width; returns it."""
-    left, top, right, bottom = box
-    size = max(6, int((bottom - top) * share))
-    while size > 6 and ImageFont.load_default(size).getlength(text) > (right - left) * 0.92:
-        size -= 1
-    font = ImageFont.load_default(size)
-    draw.text((left + (right - left) * 0.04, (top + bottom - size) / 2), text, font=font, fill=fill)
-    return size
-
-
-def _pad(img, left, top, right, bottom, colour) -> Image.Image:
-    canvas = Image.new("RGB", (img.width + left + right, img.height + top + bottom), colour)
-    canvas.paste(img, (left, top))
-    return canvas
-
-
 def _bars(img, rng, p, vertical: bool) -> Image.Image:
     p["tone"] = ("dark", "light")[int(rng.integers(2))]
-    p["colour"], p["share"] = _rgb(rng, p["tone"]), round(float(rng.uniform(0.08, 0.20)), 3)
+    p["colour"] = random_colour(rng, p["tone"])
+    p["share"] = round(float(rng.uniform(0.08, 0.20)), 3)
     pad = round((img.height if vertical else img.width) * p["share"])
-    return _pad(img, *((0, pad, 0, pad) if vertical else (pad, 0, pad, 0)), p["colour"])
+    return padded(img, *((0, pad, 0, pad) if vertical else (pad, 0, pad, 0)), p["colour"])
 
 
 def _caption(img, rng, p, letterbox: bool) -> Image.Image:
@@ -153,12 +128,12 @@ def _caption(img, rng, p, letterbox: bool) -> Image.Image:
         out = _bars(img, rng, p, vertical=True)
         band = (0, out.height - round(img.height * p["share"]), out.width, out.height)
     else:
-        p["colour"], p["share"] = _rgb(rng), round(float(rng.uniform(0.08, 0.18)), 3)
+        p["colour"], p["share"] = random_colour(rng), round(float(rng.uniform(0.08, 0.18)), 3)
         p["at"], h = ("top", "bottom")[int(rng.integers(2))], round(img.height * p["share"])
         top = p["at"] == "top"
-        out = _pad(img, 0, h if top else 0, 0, 0 if top else h, p["colour"])
+        out = padded(img, 0, h if top else 0, 0, 0 if top else h, p["colour"])
         band = (0, 0, out.width, h) if top else (0, img.height, out.width, out.height)
-    p["font_size"] = _text(ImageDraw.Draw(out), band, p["text"], _ink(p["colour"]), 0.5)
+    p["font_size"] = draw_text(ImageDraw.Draw(out), band, p["text"], ink_for(p["colour"]), 0.5)
     return out
 
 
@@ -172,11 +147,11 @@ def _watermark(img, rng, p) -> Image.Image:
     mark = Image.new("RGBA", (w, h), (0, 0, 0, 0))
     draw, white = ImageDraw.Draw(mark), (255, 255, 255, round(255 * p["opacity"]))
     if p["mark"] == "text":
-        _text(draw, (0, 0, w, h), "\u00a9 stock.example", white, 0.9)
+        draw_text(draw, (0, 0, w, h), "\u00a9 stock.example", white, 0.9)
     else:  # a ring with a letter in it, and a word beside it
         draw.ellipse((2, 2, h - 2, h - 2), outline=white, width=max(2, h // 10))
-        _text(draw, (h * 0.25, 0, h, h * 0.9), "P", white)
-        _text(draw, (h, 0, w, h), "photonews", white, 0.5)
+        draw_text(draw, (h * 0.25, 0, h, h * 0.9), "P", white)
+        draw_text(draw, (h, 0, w, h), "photonews", white, 0.5)
     m, base = round(min(img.size) * 0.03), img.convert("RGBA")
     x = m if p["corner"][1] == "l" else img.width - w - m
     base.alpha_composite(mark, (x, m if p["corner"][0] == "t" else img.height - h - m))
@@ -190,7 +165,7 @@ def _screenshot(img, rng, p) -> Image.Image:
     pic = _scaled(img, p["scale"])
     width, height = (round(s * float(rng.uniform(1.3, 1.6))) for s in pic.size)
     p["window"], p["status_bar"] = [width, height], bool(rng.random() < 0.5)
-    margin, bar = _rgb(rng, p["theme"]), _rgb(rng, p["theme"])
+    margin, bar = random_colour(rng, p["theme"]), random_colour(rng, p["theme"])
     extra = height - pic.height
     bottom = round(extra * (rng.uniform(0.15, 0.3) if p["status_bar"] else rng.uniform(0, 0.15)))
     top, left = extra - bottom, round((width - pic.width) * rng.uniform(0.2, 0.8))
@@ -200,20 +175,20 @@ def _screenshot(img, rng, p) -> Image.Image:
     row = max(10, top // 3)  # window buttons and a title, then labels and buttons
     for k in range(3):
         x = 8 + k * row * 0.7
-        draw.ellipse((x, row * 0.3, x + row * 0.45, row * 0.75), fill=_rgb(rng))
-    _text(draw, (row * 2.5, 0, width * 0.7, row), str(rng.choice(TEXTS)), _ink(bar))
+        draw.ellipse((x, row * 0.3, x + row * 0.45, row * 0.75), fill=random_colour(rng))
+    draw_text(draw, (row * 2.5, 0, width * 0.7, row), str(rng.choice(TEXTS)), ink_for(bar))
     labels = rng.choice(UI_LABELS, int(rng.integers(3, 6)), replace=False)
     slot = min(row * 3, width * 0.6 / len(labels))  # labels on the left 60%, buttons right
     for k, label in enumerate(labels):
-        _text(draw, (k * slot, row, (k + 1) * slot, 2 * row), str(label), _ink(bar))
+        draw_text(draw, (k * slot, row, (k + 1) * slot, 2 * row), str(label), ink_for(bar))
     buttons = int(rng.integers(2, 5))
     slot = min(row * 1.6, width * 0.35 / buttons)
     for k in range(buttons):
         x = width - (k + 1) * slot
-        draw.rectangle((x, row * 1.2, x + slot * 0.75, row * 1.8), fill=_rgb(rng))
+        draw.rectangle((x, row * 1.2, x + slot * 0.75, row * 1.8), fill=random_colour(rng))
     if p["status_bar"]:
         draw.rectangle((0, height - bottom, width, height), fill=bar)
-        _text(draw, (0, height - bottom, width * 0.6, height), "Ready  |  100%", _ink(bar))
+        draw_text(draw, (0, height - bottom, width * 0.6, height), "Ready  |  100%", ink_for(bar))
     canvas.paste(pic, (left, top))
     return canvas
 
@@ -230,9 +205,9 @@ def _edit(kind: str, img: Image.Image, rng: np.random.Generator, p: dict) -> Ima
     if kind == "thumbnail":
         return _fit_long_side(img, p.setdefault("long_side", int(rng.integers(128, 201))))
     if kind == "border":
-        p["colour"], p["share"] = _rgb(rng), round(float(rng.uniform(0.03, 0.10)), 3)
+        p["colour"], p["share"] = random_colour(rng), round(float(rng.uniform(0.03, 0.10)), 3)
         dx, dy = round(img.width * p["share"]), round(img.height * p["share"])
-        return _pad(img, dx, dy, dx, dy, p["colour"])
+        return padded(img, dx, dy, dx, dy, p["colour"])
     if kind in ("letterbox", "pillarbox"):
         return _bars(img, rng, p, vertical=kind == "letterbox")
     if kind in ("caption", "letterbox_caption"):

@@ -1,8 +1,9 @@
 """Every benchmark behind a make target (bench, bench-scale, bench-gpu, bench-storage,
-bench-against, bench-calibrate, bench-keep, calibrate, calibrate-photos, golden-record)
-run at a tiny size in a subprocess, as a user runs it: it must finish, print its figures,
-and find the copies it planted. Counts are asserted, never timings. Each runs in a
-temporary folder as its working directory, and none may write a bench-data/ there."""
+bench-against, bench-calibrate, bench-keep, bench-transfer, calibrate, calibrate-photos,
+golden-record) run at a tiny size in a subprocess, as a user runs it: it must finish,
+print its figures, and find the copies it planted. Counts are asserted, never timings.
+Each runs in a temporary folder as its working directory, and none may write a
+bench-data/ there."""
 
 from __future__ import annotations
 
@@ -189,6 +190,23 @@ def test_bench_keep(tmp_path):
         pairs = re.search(r"pair recall: (\d+)/(\d+) .*; precision: (\d+)/(\d+)", section)
         assert int(pairs[2]) == copies and int(pairs[1]) == int(pairs[3])
         assert copies // 2 <= int(pairs[1]) <= int(pairs[4])
+
+
+def test_bench_transfer(tmp_path):
+    """make bench-transfer: calibrate's estimate and the real run's share for every kind of
+    bench-keep copy, the difference in points, and the count within 10 points."""
+    out = bench(tmp_path, "bench_transfer.py", "--smoke")
+    assert "10 originals of" in out
+    rows = re.findall(
+        r"^\| (\w+) \| [\w, +]+ \| (\d+)% \| (\d+)% \((\d+)/(\d+)\) \| ([+-]\d+) \|", out, re.M
+    )
+    assert len(rows) >= 10
+    for _, said, real, found, copies, points in rows:
+        assert int(found) <= int(copies) and int(copies) >= 1
+        assert abs(int(said) - int(real) - int(points)) <= 1  # rounding
+    within = re.search(r"within 10 points: (\d+) of (\d+) kinds", out)
+    assert int(within[2]) == len(rows)
+    assert int(within[1]) == sum(abs(int(p)) <= 10 for *_, p in rows)
 
 
 def test_calibrate(tmp_path):
