@@ -374,19 +374,42 @@ def keep_measure(gray, ycbcr, colour, params):
     (`colour`: ycbcr holds the draft's YCbCr planes) chroma_sum inside the picture's box.
     `params` (float64, one array: a call's arguments cost more than its work): tolerance,
     flat_share, text_lines, text_share, picture_share, min_band, max_band, uniform,
-    stroke, stroke_share, exact, exact_flat, blend_share. Returns (content share, overlay
-    bits, x0, y0, x1, y1, laplacian, levels, squares, chroma)."""
+    stroke, stroke_share, exact, exact_flat, blend_share, rounds: frame_features runs
+    again inside the box it found, up to `rounds` times in all, while it finds bands and
+    the box keeps a quarter of each side (the content share is the product of the
+    rounds'; the overlay bits their union, a FRAME where the rounds found bands on three
+    sides and strokes). Returns (content share, overlay bits, x0, y0, x1, y1, laplacian,
+    levels, squares, chroma)."""
     h, w = gray.shape
-    share, bits, top, bottom, left, right = frame_features(
-        gray, np.int64(params[0]), params[1], np.int64(params[2]), params[3], params[4],
-        params[5], params[6], np.int64(params[7]), np.int64(params[8]), params[9],
-        np.int64(params[10]), params[11],
-    )  # fmt: skip
     blend_share = params[12]
-    x0 = blend_inset(gray.T, left, blend_share)
-    y0 = blend_inset(gray, top, blend_share)
-    x1 = w - blend_inset(gray.T[::-1], right, blend_share)
-    y1 = h - blend_inset(gray[::-1], bottom, blend_share)
+    share, bits = 1.0, 0
+    x0, y0, x1, y1 = 0, 0, w, h
+    sides = np.zeros(4, np.bool_)
+    for _ in range(np.int64(params[13])):
+        inner = gray[y0:y1, x0:x1]
+        sh, sw = inner.shape
+        found, more, top, bottom, left, right = frame_features(
+            inner, np.int64(params[0]), params[1], np.int64(params[2]), params[3], params[4],
+            params[5], params[6], np.int64(params[7]), np.int64(params[8]), params[9],
+            np.int64(params[10]), params[11],
+        )  # fmt: skip
+        if more == 0:
+            break
+        nx0 = blend_inset(inner.T, left, blend_share)
+        ny0 = blend_inset(inner, top, blend_share)
+        nx1 = sw - blend_inset(inner.T[::-1], right, blend_share)
+        ny1 = sh - blend_inset(inner[::-1], bottom, blend_share)
+        if bits != 0 and (nx1 - nx0 < 0.25 * w or ny1 - ny0 < 0.25 * h):
+            break  # what is left is a quarter of a side: a graphic, not a frame
+        sides[0] |= top > 0
+        sides[1] |= bottom > 0
+        sides[2] |= left > 0
+        sides[3] |= right > 0
+        share *= found
+        bits |= more
+        x0, y0, x1, y1 = x0 + nx0, y0 + ny0, x0 + nx1, y0 + ny1
+    if sides.sum() >= 3 and bits & 6:  # bands on three sides over the rounds, strokes
+        bits = (bits | 4) & ~2
     lap, total, squares = texture_sums(gray[y0:y1, x0:x1])
     chroma = chroma_sum(ycbcr[y0:y1, x0:x1]) if colour else 0
     return share, bits, x0, y0, x1, y1, lap, total, squares, chroma

@@ -317,3 +317,48 @@ def test_measure_in_one_pass_equals_the_three_functions(seed):
                 assert measure(grey, *size, decoded.image, decoded.chroma) == expected
                 boxes += box != (0, 0, *decoded.image.size)
     assert boxes >= 16  # the padded copies' boxes were measured inside
+
+
+def _window(image, bar=(40, 44, 52), margin=(222, 226, 232)):
+    """The picture in an application window whose toolbar (28% of the height) and status
+    bar (15%) cross its side margins: the margins' lines are 57% margin colour, short of
+    FLAT_SHARE, until the bars are taken away."""
+    w, h = image.size
+    width, height = int(w * 1.5), int(h * 1.9)
+    top, bottom = int(0.28 * height), int(0.15 * height)
+    canvas = Image.new("RGB", (width, height), margin)
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, width, top], fill=bar)
+    draw.rectangle([0, height - bottom, width, height], fill=bar)
+    font = ImageFont.load_default(size=top // 3)  # large enough to show in a 1/8 draft
+    for k in range(3):
+        draw.text((12 + top * k, top // 3), f"Menu{k}", fill=(250, 250, 250), font=font)
+    draw.text((12, height - bottom + 6), "Ready | 100%", fill=(250, 250, 250), font=font)
+    left = int((width - w) * 0.3)
+    y = top + (height - top - bottom - h) // 2
+    canvas.paste(image, (left, y))
+    return canvas, (left, y, left + w, y + h)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_window_frame_is_found_in_rounds(seed):
+    # one round finds the toolbar and the status bar only; the next, inside them, the
+    # side margins: the box is the picture (to a draft pixel) and the evidence a frame
+    image = textured(300 + seed)
+    window, picture = _window(image)
+    data = _jpeg(window, 92)
+    decoded = decode_image(data, Config(), 32, "YCbCr")
+    grey = grey_levels(decoded.image)
+    content, bits, box = measure(grey, *window.size, decoded.image, decoded.chroma)[:3]
+    scale = window.width / decoded.image.width
+    assert [abs(b * scale - p) <= 2 * scale for b, p in zip(box, picture, strict=True)] == [
+        True
+    ] * 4, (box, picture, scale)
+    assert bits & FRAME
+    # content counts the bands' depths in draft pixels (8 of the window's): the picture
+    # and a draft pixel's line or two
+    assert 1.0 <= content / (image.width * image.height) < 1.15
+    # the same picture alone: no bands, in any round
+    alone = decode_image(_jpeg(image, 92), Config(), 32, "YCbCr")
+    g = grey_levels(alone.image)
+    assert measure(g, *image.size, alone.image, alone.chroma)[1:3] == (0, (0, 0, *alone.image.size))
