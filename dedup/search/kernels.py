@@ -245,11 +245,12 @@ def frame_features(
     uniform, stroke, stroke_share, exact, exact_flat,
 ):  # fmt: skip
     """The picture inside a frame of a 2-D uint8 image, for dedup.signals.keep: (content
-    share, overlay bits: 1 bars, 2 caption, 4 frame, and the bands' depths: top, bottom,
-    left, right; all 0 when none counts). Per side (top, bottom, left,
-    right), band_scan on the side's lines (edge first; lowest: min_band of the side and 2
-    lines at least; limit: max_band of it plus one, short of the last line; runs of text:
-    text_share of the side, text_lines at least); where that finds no band, band_scan
+    share, overlay bits: 1 bars, 2 caption, 4 frame, the bands' depths: top, bottom,
+    left, right, and whether a band holds strokes; all 0 when none counts). Per side
+    (top, bottom, left, right), band_scan on the side's lines (edge first; lowest:
+    min_band of the side and 2 lines at least; limit: max_band of it plus one, short of
+    the last line; runs of text: text_share of the side, text_lines at least); where
+    that finds no band, band_scan
     again with `exact` for the tolerance and `exact_flat` for the flat share, its band
     counted only when it holds strokes (a caption's band of one colour, the picture
     next to it near that colour: a blue band under a dark blue sky). A bar of one
@@ -259,7 +260,7 @@ def frame_features(
     side left: no bands (a graphic, not padding)."""
     h, w = gray.shape
     if h < 8 or w < 8:
-        return 1.0, 0, 0, 0, 0, 0
+        return 1.0, 0, 0, 0, 0, 0, False
     depths = np.zeros(4, np.int64)
     strokes = np.zeros(4, np.bool_)
     for s in range(4):
@@ -294,7 +295,7 @@ def frame_features(
     inner_h = h - depths[0] - depths[1]
     inner_w = w - depths[2] - depths[3]
     if inner_h < 0.25 * h or inner_w < 0.25 * w:
-        return 1.0, 0, 0, 0, 0, 0
+        return 1.0, 0, 0, 0, 0, 0, False
     bits = 0
     sides = 0
     for s in range(4):
@@ -304,9 +305,11 @@ def frame_features(
         bits |= 1
     if (strokes[0] or strokes[1]) and not (strokes[2] or strokes[3]):
         bits |= 2
-    if sides >= 3 and (strokes[0] or strokes[1] or strokes[2] or strokes[3]):
+    marked = strokes[0] or strokes[1] or strokes[2] or strokes[3]
+    if sides >= 3 and marked:
         bits = (bits | 4) & ~2
-    return (inner_h * inner_w) / (h * w), bits, depths[0], depths[1], depths[2], depths[3]
+    share = (inner_h * inner_w) / (h * w)
+    return share, bits, depths[0], depths[1], depths[2], depths[3], marked
 
 
 @numba.njit(cache=True, nogil=True)
@@ -385,10 +388,11 @@ def keep_measure(gray, ycbcr, colour, params):
     share, bits = 1.0, 0
     x0, y0, x1, y1 = 0, 0, w, h
     sides = np.zeros(4, np.bool_)
+    strokes = False
     for _ in range(np.int64(params[13])):
         inner = gray[y0:y1, x0:x1]
         sh, sw = inner.shape
-        found, more, top, bottom, left, right = frame_features(
+        found, more, top, bottom, left, right, marked = frame_features(
             inner, np.int64(params[0]), params[1], np.int64(params[2]), params[3], params[4],
             params[5], params[6], np.int64(params[7]), np.int64(params[8]), params[9],
             np.int64(params[10]), params[11],
@@ -407,8 +411,9 @@ def keep_measure(gray, ycbcr, colour, params):
         sides[3] |= right > 0
         share *= found
         bits |= more
+        strokes |= marked
         x0, y0, x1, y1 = x0 + nx0, y0 + ny0, x0 + nx1, y0 + ny1
-    if sides.sum() >= 3 and bits & 6:  # bands on three sides over the rounds, strokes
+    if sides.sum() >= 3 and strokes:  # bands on three sides over the rounds, strokes
         bits = (bits | 4) & ~2
     lap, total, squares = texture_sums(gray[y0:y1, x0:x1])
     chroma = chroma_sum(ycbcr[y0:y1, x0:x1]) if colour else 0

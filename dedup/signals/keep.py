@@ -98,7 +98,8 @@ CONSTANTS = (BAND_TOLERANCE, FLAT_SHARE, TEXT_LINES, TEXT_SHARE, PICTURE_SHARE, 
              "noise: immerkaer at the draft scale", NOISE_SIDE, NOISE_DIGITS,
              BLEND_SHARE, EXACT_TOLERANCE, EXACT_FLAT,
              "chroma: mean |cb-128|+|cr-128| at the draft scale",
-             "tone: inside the picture's box", "rounds", FRAME_ROUNDS)  # fmt: skip
+             "tone: inside the picture's box", "rounds", FRAME_ROUNDS,
+             "draft factor: nearest ratio")  # fmt: skip
 
 
 def frame_features(gray: np.ndarray) -> tuple[float, int, tuple[int, int, int, int]]:
@@ -302,9 +303,10 @@ def noise_scale(width: int, height: int) -> int:
 
 def _draft_factor(decoded: int, full: int, width: int, height: int) -> int:
     """The box reduction that brings a side decoded at `decoded` pixels (of `full` at full
-    size, in a width x height image) to the draft's scale (noise_scale)."""
+    size, in a width x height image) to the draft's scale (noise_scale): the nearest whole
+    ratio (a 65-pixel side decoded in full is 2 of a 33-pixel draft side, not 1)."""
     target = -(-full // noise_scale(width, height))
-    return decoded // target if target else 1
+    return max(1, int(decoded / target + 0.5)) if target else 1
 
 
 def texture_of(gray, width: int, height: int, pixels=None, box=None) -> tuple[float, float, float]:

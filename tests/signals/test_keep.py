@@ -362,3 +362,38 @@ def test_a_window_frame_is_found_in_rounds(seed):
     alone = decode_image(_jpeg(image, 92), Config(), 32, "YCbCr")
     g = grey_levels(alone.image)
     assert measure(g, *image.size, alone.image, alone.chroma)[1:3] == (0, (0, 0, *alone.image.size))
+
+
+def test_strokes_found_in_a_later_round_make_a_frame():
+    # plain bars above and below (44% of the height: the side lines are not flat until
+    # they are taken away), then a sidebar of links at the left, found in the second
+    # round: bands on three sides over the rounds, one holding strokes, make a frame
+    image = textured(320)
+    w, h = image.size
+    bar, side = int(0.28 * h), int(0.35 * w)
+    canvas = Image.new("RGB", (w + side, h + 2 * bar), (230, 232, 236))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, canvas.width, bar], fill=(40, 40, 48))
+    draw.rectangle([0, bar + h, canvas.width, canvas.height], fill=(40, 40, 48))
+    font = ImageFont.load_default(size=bar // 3)
+    for k in range(4):
+        draw.text((8, bar + 10 + k * (h // 4)), f"link {k}", fill=(10, 10, 10), font=font)
+    canvas.paste(image, (side, bar))
+    decoded = decode_image(_jpeg(canvas, 92), Config(), 32, "YCbCr")
+    grey = grey_levels(decoded.image)
+    _, bits, box = measure(grey, *canvas.size, decoded.image, decoded.chroma)[:3]
+    scale = canvas.width / decoded.image.width
+    picture = (side, bar, side + w, bar + h)
+    assert all(abs(b * scale - p) <= 2 * scale for b, p in zip(box, picture, strict=True))
+    assert bits & FRAME and not bits & CAPTION
+
+
+def test_a_full_decode_is_reduced_to_the_drafts_scale_by_the_nearest_ratio():
+    from dedup.signals.keep import _draft_factor, noise_scale
+
+    # the draft of a side of n pixels at scale s holds ceil(n / s): a full decode of 65,
+    # 129 or 257 pixels is 2, 4 or 8 draft pixels each, not 1, 3 or 7 (floor division)
+    for side, scale in ((65, 2), (129, 4), (257, 8), (64, 2), (512, 8)):
+        assert noise_scale(side, side) == scale
+        assert _draft_factor(side, side, side, side) == scale
+        assert _draft_factor(-(-side // scale), side, side, side) == 1  # the draft itself
