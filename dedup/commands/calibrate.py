@@ -42,7 +42,7 @@ from dedup.engine.rows import source_of
 from dedup.executors import make_executor
 from dedup.io.fsutil import scratch_dir
 from dedup.io.shards import list_shards
-from dedup.report.calibration import write_calibration_report
+from dedup.report.calibration import copies_in_sample, write_calibration_report
 from dedup.signals.choice import choose_signals
 from dedup.signals.edges import pair_links
 from dedup.signals.views import grey_zone
@@ -380,14 +380,9 @@ def human_table(result: dict) -> list[str]:
     for edit, row in result["recall"].items():
         cells = "".join(f"{_pct(row.get(x)):>7}" for x in signals)
         lines.append(f"{edit:<24}{row['copies']:>7}{_pct(row['any']):>7}{cells}")
-    c = result.get("copies_in_sample")
-    if c and c["pairs"]:
-        lines.append(
-            f"copies in the sample: {c['pairs']:,} pairs of sampled images are copies of each "
-            f"other (linked, and accepted by the local-feature check of {c['checked']:,} "
-            f"checked), left out of the false links"
-            + (f"; {c['unchecked']:,} linked pairs not checked" if c["unchecked"] else "")
-        )
+    copies = copies_in_sample(result)
+    if copies:
+        lines.append(f"copies in the sample: {copies}; left out of the false links")
     for name, f in result["false_links"].items():
         v = f.get("verification")
         checked = (

@@ -58,6 +58,19 @@ def _img(data: bytes | None) -> str:
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(thumb).decode()}" alt="">'
 
 
+def copies_in_sample(result: dict) -> str | None:
+    """The calibration's copies in its sample, as a phrase (stderr and the page say it):
+    None when there are none."""
+    c = result.get("copies_in_sample")
+    if not c or not c["pairs"]:
+        return None
+    return (
+        f"{c['pairs']:,} pairs of sampled images are copies of each other (linked, and "
+        f"accepted by the local-feature check of {c['checked']:,} checked)"
+        + (f"; {c['unchecked']:,} linked pairs not checked" if c["unchecked"] else "")
+    )
+
+
 def write_calibration_report(report_dir: str, result: dict, planted, pairs, image_of) -> None:
     """`image_of(row)`: the bytes of a planted row (an original or a copy)."""
     os.makedirs(report_dir, exist_ok=True)
@@ -100,14 +113,10 @@ def write_calibration_report(report_dir: str, result: dict, planted, pairs, imag
             f"(upper {f['upper95_per_image']:.3g})</td></tr>"
         )
     out.append("</table>")
-    c = result.get("copies_in_sample")
-    if c and c["pairs"]:
+    copies = copies_in_sample(result)
+    if copies:
         out.append(
-            f"<p>Left out as copies of each other (the input holds duplicates): {c['pairs']:,} "
-            f"pairs of sampled images, linked and accepted by the local-feature check (of "
-            f"{c['checked']:,} checked)"
-            + (f"; {c['unchecked']:,} linked pairs not checked" if c["unchecked"] else "")
-            + ".</p>"
+            f"<p>Left out as copies of each other (the input holds duplicates): {esc(copies)}.</p>"
         )
     out.append("<h2>Thresholds</h2>")
     rec = result["recommend"]

@@ -24,11 +24,13 @@ from dedup.signals.keep import (
     NOTE_NOT_NUMBER,
     NOTE_OK,
     UNKNOWN_QUALITY,
+    _draft_factor,
     chroma_of,
     content_of,
     jpeg_quality,
     json_value,
     measure,
+    noise_scale,
     quality_of,
     quality_tier,
     texture_of,
@@ -389,8 +391,6 @@ def test_strokes_found_in_a_later_round_make_a_frame():
 
 
 def test_a_full_decode_is_reduced_to_the_drafts_scale_by_the_nearest_ratio():
-    from dedup.signals.keep import _draft_factor, noise_scale
-
     # the draft of a side of n pixels at scale s holds ceil(n / s): a full decode of 65,
     # 129 or 257 pixels is 2, 4 or 8 draft pixels each, not 1, 3 or 7 (floor division)
     for side, scale in ((65, 2), (129, 4), (257, 8), (64, 2), (512, 8)):
