@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: golden-record golden-check install test test-fast lint format demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-keep bench-transfer bench-smoke clean
+.PHONY: golden-record golden-check install test test-fast lint format docs demo light-check airflow-check bench-calibrate calibrate calibrate-photos bench bench-scale bench-gpu gpu-wheels bench-storage bench-against bench-keep bench-transfer bench-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,17 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix dedup tests benchmarks examples
 	$(BIN)/ruff format dedup tests benchmarks examples
+
+# The documentation site (docs/, mkdocs.yml) into site/, every link checked (--strict).
+# The reference pages import dedup, so the site is built in the test venv with the docs
+# extra added (CI has made it already for `make test`).
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 demo: $(STAMP)
 	rm -rf demo-data

@@ -148,15 +148,19 @@ def summary_keys(summary: dict, maps: set[str]) -> dict[str, str]:
     key of the objects in list `a`; below a path in `maps` (keys that are data, such as
     reasons or package names) nothing is listed. `config` is the config reference's."""
     found: dict[str, str] = {}
-    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-             float: "number", type(None): "null"}
+    names = {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }
 
     def walk(value, path: str) -> None:
-        if path:
-            kind = names[type(value)]
-            if path in found and found[path] != kind and "null" not in (found[path], kind):
-                kind = f"{found[path]} or {kind}"
-            found[path] = kind if found.get(path, "null") in ("null", kind) else found[path]
+        if path and found.get(path, "null") == "null":  # a null in one item, a value in another
+            found[path] = names[type(value)]
         if path in maps or path == "config":
             return
         if isinstance(value, dict):
