@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     command = ["dedup", shards_dir, "--out", out, "--signals", SIGNALS, "--quiet"]
     print(f"\n$ {' '.join(command)}")
     # Its lines are printed here, in order with the demo's own (it writes them to stderr).
-    done = subprocess.run(
-        [sys.executable, "-m", "dedup", *command[1:]], capture_output=True, text=True
-    )
+    done = subprocess.run([*_cli(), *command[1:]], capture_output=True, text=True)
     if done.returncode:
         print(done.stdout + done.stderr, end="", file=sys.stderr)
         return done.returncode
@@ -117,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         "clusters.parquet"
     )
     return 0
+
+
+def _cli() -> list[str]:
+    """The console script beside this Python: the installed CLI (`python -m dedup` would
+    run a dedup/ folder in the current directory first, a checkout's)."""
+    script = os.path.join(os.path.dirname(sys.executable), "dedup")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "dedup"]
 
 
 def planted_lines(samples: list[PlantedSample], copies: dict[str, int], shards: int) -> list[str]:
