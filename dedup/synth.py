@@ -190,15 +190,16 @@ def write_shards(
     return paths
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m dedup.synth OUT_DIR [ORIGINALS] [PER_SHARD]`: a demo dataset."""
-    import sys
+# The demo's draw (`python -m dedup.synth`, `python -m dedup.demo`): one seed for both, so
+# that the two show the same samples.
+DEMO_SEED = 1
 
-    args = sys.argv[1:] if argv is None else argv
-    out_dir = args[0] if args else "demo-data/shards"
-    n = int(args[1]) if len(args) > 1 else 200
-    per_shard = int(args[2]) if len(args) > 2 else 100
-    copies = {
+
+def demo_copies(n_originals: int) -> dict[str, int]:
+    """How many originals get a copy by each edit in the demo: a fifth an exact copy, a
+    tenth each re-encoded and resized, a twentieth each of the other edits."""
+    n = n_originals
+    return {
         "exact": n // 5,
         "reencode": n // 10,
         "resize": n // 10,
@@ -208,7 +209,18 @@ def main(argv: list[str] | None = None) -> None:
         "crop": n // 20,
         "mirror": n // 20,
     }
-    samples = planted_dataset(n, copies, seed=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dedup.synth OUT_DIR [ORIGINALS] [PER_SHARD]`: a demo dataset."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    out_dir = args[0] if args else "demo-data/shards"
+    n = int(args[1]) if len(args) > 1 else 200
+    per_shard = int(args[2]) if len(args) > 2 else 100
+    copies = demo_copies(n)
+    samples = planted_dataset(n, copies, seed=DEMO_SEED)
     paths = write_shards(samples, out_dir, per_shard)
     planted = sum(1 for s in samples if s.edit not in ("original", "no_image", "undecodable"))
     print(
