@@ -2,8 +2,10 @@
 config, the CLIP hint, the order of refusals, config errors, the Python API's errors)."""
 
 import re
+import sys
 
-from tests.helpers import dedup
+from dedup.synth import encode, make_image
+from tests.helpers import dedup, error_line, write_tar
 
 
 def test_top_level_help_names_every_command_and_the_default_one():
@@ -21,3 +23,71 @@ def test_top_level_help_names_every_command_and_the_default_one():
     # `-h` is the same page; `dedup run --help` is run's own
     assert dedup("-h").stdout == text
     assert dedup("run", "--help").stdout.startswith("Usage: dedup run [OPTIONS] INPUT...\n")
+
+
+# The CLI run in-process in a fresh Python, so that what it imported can be asked after.
+IN_PROCESS = """
+import sys
+{block}
+from dedup.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print("exit", e.code)
+print("torch imported" if "torch" in sys.modules else "torch not imported")
+"""
+# The light install, simulated: open_clip cannot be found (torch and the rest can).
+NO_OPEN_CLIP = """
+class NoOpenClip:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "open_clip":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoOpenClip())
+"""
+
+
+def in_process(tmp_path, *args, block=""):
+    """The CLI in a fresh Python with an empty home (no weights cached) and no hub."""
+    hub = str(tmp_path / "home/.cache/huggingface/hub")
+    env = {"HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": hub}
+    program = (sys.executable, "-c", IN_PROCESS.format(block=block))
+    return dedup(*args, program=program, env=env, check=0)
+
+
+def one_shard(tmp_path):
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    return tmp_path / "in"
+
+
+def test_clip_off_without_weights_says_so_and_never_imports_torch(tmp_path):
+    cache = tmp_path / "home/.cache"
+    result = in_process(tmp_path, one_shard(tmp_path), "--out", tmp_path / "out", "-q")
+    assert result.stdout.splitlines()[-2:] == ["exit 0", "torch not imported"]
+    asked = in_process(
+        tmp_path, one_shard(tmp_path), "--out", tmp_path / "o2", "--signals", "exact,clip"
+    )
+    assert asked.stdout.splitlines()[-2:] == ["exit 6", "torch not imported"]
+    assert error_line(asked) == (
+        "dedup: error: clip: weights ViT-B-32/laion2b_s34b_b79k are not in the local cache "
+        f"(looked in {cache}/huggingface/hub and {cache}/clip) and the model hub cannot be "
+        "reached; pass --clip-pretrained PATH to a local ViT-B-32 checkpoint, or run without "
+        "CLIP: --signals exact,phash,views"
+    )
+    assert "dedup-wds[clip]" not in asked.stderr
+
+
+def test_clip_off_without_open_clip_names_the_package(tmp_path):
+    asked = in_process(
+        tmp_path,
+        one_shard(tmp_path),
+        "--out",
+        tmp_path / "out",
+        "--signals",
+        "exact,clip",
+        block=NO_OPEN_CLIP,
+    )
+    assert asked.stdout.splitlines()[-2:] == ["exit 6", "torch not imported"]
+    assert error_line(asked) == (
+        "dedup: error: clip: needs torch and open_clip (cannot import open_clip): "
+        "pip install 'dedup-wds[clip]', or run without CLIP: --signals exact,phash,views"
+    )
