@@ -42,6 +42,7 @@ from dedup.core.errors import (
 from dedup.core.processes import request_stop
 from dedup.report.html import render
 from dedup.report.tables import human_summary
+from dedup.signals.choice import resolved_config
 from dedup.signals.clip import pick_device, resolve
 
 log = logging.getLogger("dedup")
@@ -342,7 +343,7 @@ def run_command(
         settings = {k: (None if v == () else v) for k, v in settings.items()}
         config = load_config(config_path, settings)  # flags given override the file
         if print_config:
-            click.echo(dump_config(config), nl=False)
+            click.echo(dump_config(resolved_config(config)), nl=False)
             return
         if check_clip:
             spec = resolve(config.clip_model, config.clip_pretrained)

@@ -46,6 +46,13 @@ def choose_signals(config: Config) -> tuple[Config, Any]:
         return dataclasses.replace(config, signals=WITHOUT_CLIP), None
 
 
+def resolved_config(config: Config) -> Config:
+    """The settings a run here would use (what --print-config shows): `signals: auto` made
+    concrete as a run makes it, and `workers: 0` as the worker count it means."""
+    chosen, _ = choose_signals(config)
+    return dataclasses.replace(chosen, workers=chosen.worker_count)
+
+
 def resolve_clip(config: Config):
     """The CLIP weights and device for this run, found before any work starts (a missing
     checkpoint ends the run in seconds, with the remedies); None without the signal."""

@@ -4,6 +4,9 @@ config, the CLIP hint, the order of refusals, config errors, the Python API's er
 import re
 import sys
 
+import yaml
+
+from dedup.core.config import Config, available_cpus
 from dedup.synth import encode, make_image
 from tests.helpers import dedup, error_line, write_tar
 
@@ -91,3 +94,20 @@ def test_clip_off_without_open_clip_names_the_package(tmp_path):
         "dedup: error: clip: needs torch and open_clip (cannot import open_clip): "
         "pip install 'dedup-wds[clip]', or run without CLIP: --signals exact,phash,views"
     )
+
+
+def test_print_config_shows_the_values_auto_and_zero_resolve_to(tmp_path):
+    printed = yaml.safe_load(in_process(tmp_path, "--print-config").stdout.split("exit 0")[0])
+    assert printed["signals"] == ["exact", "phash", "views"]  # no CLIP weights here
+    assert printed["workers"] == available_cpus()
+    assert printed == {
+        **Config().to_dict(),
+        "signals": printed["signals"],
+        "workers": printed["workers"],
+    }
+    printed = yaml.safe_load(
+        in_process(tmp_path, "--print-config", "--workers", "3", "--signals", "phash").stdout.split(
+            "exit 0"
+        )[0]
+    )
+    assert (printed["signals"], printed["workers"]) == (["phash"], 3)
