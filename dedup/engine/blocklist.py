@@ -9,6 +9,8 @@ Read from a file:
   bare hex (64 digits: a digest of the run's kind; 16 digits: a pHash code). Blank lines
   and lines starting with `#` are skipped. Lines end at `\n` (or `\r\n`) only: a form feed
   or U+2028 inside a comment is part of it. A leading UTF-8 BOM is ignored (CSV too).
+A list with no entries (only comments, or empty: an opt-out list before its first
+request) is valid and matches nothing.
 A digest matches exactly; a pHash code matches detailed images within phash_threshold.
 """
 
@@ -93,8 +95,6 @@ def load_blocklist(path: str, config: Config) -> Blocklist:
             b.digests.setdefault(bytes.fromhex(text), len(b.entries))
             b.digest_kind = kind
         b.entries.append(f"{kind}:{text}")
-    if not b.entries:
-        raise BlocklistError(f"--blocklist {path}: holds no entries")
     if codes and "phash" not in signals.computed(config):
         raise BlocklistError(
             f"--blocklist {path}: lists pHash codes; no pHash is computed (signals "

@@ -365,7 +365,6 @@ def test_a_parquet_blocklist_of_raw_bytes(listed, tmp_path):
             "list.txt:1: a sha256 digest, but this run's digests are blake3",
         ),
         ("hello\n", "list.txt:1: not a digest"),
-        ("# nothing\n", "holds no entries"),
     ],
 )
 def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, content, message):
@@ -375,6 +374,19 @@ def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, conten
     result = dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS, check=2)
     assert message in error_line(result)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["# opt-out requests, none yet\n# one per line\n", ""])
+def test_a_blocklist_without_entries_matches_nothing(listed, tmp_path, content):
+    root, _, plain = listed
+    path = tmp_path / "list.txt"
+    path.write_text(content)
+    dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS)
+    got = rows(tmp_path / "out")
+    assert {k: r["kept"] for k, r in got.items()} == {k: r["kept"] for k, r in plain.items()}
+    assert not [k for k, r in got.items() if r["reason"] == "blocklist"]
+    lists = summary(tmp_path / "out")["references"]["blocklists"]
+    assert [(b["digests"], b["phash_codes"], b["matched"]) for b in lists] == [(0, 0, 0)]
 
 
 # ------------------------------------------------------------ bad references
