@@ -18,11 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dedup.commands.run import run
+from dedup.core.errors import EXIT_USAGE
+from dedup.engine.references import ReferencesError
 from dedup.io import storage
 from dedup.io.shards import MAX_FILE_BYTES
 from dedup.synth import (
     PlantedSample,
     encode,
+    make_image,
     planted_dataset,
     write_shards,
 )
@@ -30,6 +34,7 @@ from tests.helpers import (
     FLAGS,
     VIEWS,
     captioned,
+    cfg,
     dedup,
     error_line,
     outputs,
@@ -37,6 +42,7 @@ from tests.helpers import (
     rotated,
     textured,
     upload,
+    write_tar,
 )
 
 
@@ -390,6 +396,15 @@ def test_a_blocklist_without_entries_matches_nothing(listed, tmp_path, content):
 
 
 # ------------------------------------------------------------ bad references
+
+
+def test_a_missing_reference_is_a_references_error_from_the_python_api(tmp_path):
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    config = cfg(against=(str(tmp_path / "missing"),))
+    with pytest.raises(ReferencesError) as raised:
+        run([str(tmp_path / "in")], str(tmp_path / "out"), config)
+    assert str(raised.value) == f"--against {tmp_path / 'missing'}: does not exist"
+    assert raised.value.exit_code == EXIT_USAGE
 
 
 @pytest.mark.slow  # nine runs
