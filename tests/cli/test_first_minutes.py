@@ -4,11 +4,12 @@ config, the CLIP hint, the order of refusals, config errors, the Python API's er
 import re
 import sys
 
+import pytest
 import yaml
 
 from dedup.core.config import Config, available_cpus
 from dedup.synth import encode, make_image
-from tests.helpers import dedup, error_line, write_tar
+from tests.helpers import REPO, dedup, error_line, write_tar
 
 
 def test_top_level_help_names_every_command_and_the_default_one():
@@ -111,3 +112,12 @@ def test_print_config_shows_the_values_auto_and_zero_resolve_to(tmp_path):
         )[0]
     )
     assert (printed["signals"], printed["workers"]) == (["phash"], 3)
+
+
+def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(REPO / "pyproject.toml", "rb") as fh:
+        project = tomllib.load(fh)
+    assert project["project"]["license"] == "Apache-2.0"  # a table is deprecated
+    # setuptools reads the SPDX string form (License-Expression) from version 77
+    assert "setuptools>=77" in project["build-system"]["requires"]
