@@ -112,6 +112,10 @@ class Config:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
     def __post_init__(self) -> None:
+        # A value of the wrong type from Python (Config(phash_threshold="8")) is the same
+        # one-line ConfigError naming the field as one from YAML, not a TypeError below.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         if not self.signals:
             known = ", ".join(signal_choices())
             raise ConfigError(f"signals: at least one signal is needed ({known})")
