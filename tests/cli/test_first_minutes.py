@@ -4,11 +4,12 @@ config, the CLIP hint, the order of refusals, config errors, the Python API's er
 import re
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from dedup.core.config import Config, available_cpus
-from dedup.synth import encode, make_image
+from dedup.synth import encode, make_image, planted_dataset, write_shards
 from tests.helpers import REPO, dedup, error_line, write_tar
 
 
@@ -121,3 +122,15 @@ def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning()
     assert project["project"]["license"] == "Apache-2.0"  # a table is deprecated
     # setuptools reads the SPDX string form (License-Expression) from version 77
     assert "setuptools>=77" in project["build-system"]["requires"]
+
+
+def test_the_strict_preset_removes_a_reencode_and_keeps_a_mirror_and_a_crop(tmp_path):
+    samples = planted_dataset(6, {"reencode": 1, "mirror": 1, "crop": 1}, seed=3, size=(128, 96))
+    write_shards(samples, str(tmp_path / "in"), per_shard=10)
+    strict = REPO / "configs/strict.yaml"
+    dedup(tmp_path / "in", "--out", tmp_path / "out", "--config", strict, "--workers", "2")
+    table = pq.read_table(tmp_path / "out/dedup-report/samples.parquet").to_pylist()
+    kept = {r["key"]: r["kept"] for r in table}
+    edits = {s.key: s.edit for s in samples}
+    assert sorted(edits[k] for k, was_kept in kept.items() if not was_kept) == ["reencode"]
+    assert {edits[k] for k, was_kept in kept.items() if was_kept} >= {"mirror", "crop"}
