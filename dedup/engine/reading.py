@@ -124,7 +124,7 @@ def extract_references(references: list[Reference], job: Job) -> list[BadShard]:
                 else:
                     ref.sources.append(Source(result, None, result.shard))
         if not any(usable_rows(source) for source in ref.sources):
-            raise ReferencesError(f"--against {ref.label}: holds no usable images")
+            raise ReferencesError(f"against {ref.label}: holds no usable images")
     return bad
 
 

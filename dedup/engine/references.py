@@ -79,7 +79,7 @@ class Reference:
 
 
 def _fail(ref: str, why: str) -> ReferencesError:
-    return ReferencesError(f"--against {ref}: {why}")
+    return ReferencesError(f"against {ref}: {why}")
 
 
 def resolve_references(

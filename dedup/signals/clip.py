@@ -269,7 +269,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"clip: --device {device} asked for, but torch sees no GPU")
+        raise ModelError(f"clip: device {device} asked for, but torch sees no GPU")
     return device
 
 
@@ -286,7 +286,7 @@ def stage_devices(device: str) -> list[str]:
         return [f"cuda:{i}" for i in range(count)]
     index = picked.split(":", 1)[1]
     if not index.isdigit() or int(index) >= count:
-        raise ModelError(f"clip: --device {device}: torch sees {count} GPU(s) (cuda:0..)")
+        raise ModelError(f"clip: device {device}: torch sees {count} GPU(s) (cuda:0..)")
     return [picked]
 
 
