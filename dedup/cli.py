@@ -42,10 +42,12 @@ from dedup.core.errors import (
 from dedup.core.processes import request_stop
 from dedup.report.html import render
 from dedup.report.tables import human_summary
+from dedup.signals.choice import resolved_config
 from dedup.signals.clip import pick_device, resolve
 
 log = logging.getLogger("dedup")
-CONTEXT = {"help_option_names": ["-h", "--help"]}
+HELP_OPTIONS = ("-h", "--help")
+CONTEXT = {"help_option_names": list(HELP_OPTIONS)}
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -59,13 +61,27 @@ def _setup_logging(quiet: bool) -> None:
 
 
 class _DefaultToRun(click.Group):
-    """`dedup ARGS` means `dedup run ARGS` unless ARGS starts with another command's name,
-    so `dedup shards/ --out clean/` and `dedup --help` (run's options) work as written."""
+    """`dedup ARGS` means `dedup run ARGS` unless ARGS starts with another command's name
+    or is a bare `--help`, so `dedup shards/ --out clean/` works as written and `dedup
+    --help` names every command, then shows the default command's options."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if not args or args[0] not in self.commands:
+        if not args or (args[0] not in self.commands and args[0] not in HELP_OPTIONS):
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "[run] INPUT... --out DIR [OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_help(ctx, formatter)
+        run = self.commands["run"]
+        run_ctx = click.Context(run, info_name="run", parent=ctx)
+        options = [p for p in run.get_params(run_ctx) if isinstance(p, click.Option)]
+        rows = [row for p in options if (row := p.get_help_record(run_ctx))]
+        with formatter.section("Options of `dedup run`, the default command"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=_DefaultToRun, context_settings=CONTEXT)
@@ -327,7 +343,7 @@ def run_command(
         settings = {k: (None if v == () else v) for k, v in settings.items()}
         config = load_config(config_path, settings)  # flags given override the file
         if print_config:
-            click.echo(dump_config(config), nl=False)
+            click.echo(dump_config(resolved_config(config)), nl=False)
             return
         if check_clip:
             spec = resolve(config.clip_model, config.clip_pretrained)

@@ -112,6 +112,10 @@ class Config:
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
 
     def __post_init__(self) -> None:
+        # A value of the wrong type from Python (Config(phash_threshold="8")) is the same
+        # one-line ConfigError naming the field as one from YAML, not a TypeError below.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name)))
         if not self.signals:
             known = ", ".join(signal_choices())
             raise ConfigError(f"signals: at least one signal is needed ({known})")
@@ -341,18 +345,39 @@ def _read_text(path: str) -> str:
     return data.decode("utf-8")
 
 
+def _key_lines(text: str) -> dict[str, int]:
+    """The line (1-based) of each top-level key of a YAML mapping, for error messages;
+    composing builds nodes without constructing values (an alias is not expanded)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {
+        str(key.value): key.start_mark.line + 1
+        for key, _ in node.value
+        if isinstance(key, yaml.ScalarNode)
+    }
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at `path`, then `overrides` (None values are ignored)."""
+    """Defaults, then the YAML file at `path`, then `overrides` (None values are ignored).
+    An error in the file names it, with the line (and column) where YAML or the setting
+    went wrong: `config FILE:LINE: setting: ...`."""
     values: dict[str, Any] = {}
+    lines: dict[str, int] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(_read_text(path))
+            text = _read_text(path)
+            loaded = yaml.safe_load(text)
+            lines = _key_lines(text)
         except OSError as e:
             raise ConfigError(f"config {path}: {e.strerror or e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config {path}: not UTF-8 text") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config {where}: not valid YAML ({problem})") from None
         except RecursionError:
             raise ConfigError(f"config {path}: nested too deeply to be a dedup config") from None
         except ValueError as e:  # e.g. an integer of thousands of digits
@@ -362,20 +387,34 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: expected a mapping of settings")
         for name, value in loaded.items():
+            where = f"{path}:{lines[str(name)]}" if str(name) in lines else path
             if name not in _FIELD_TYPES:
                 import difflib
 
                 close = difflib.get_close_matches(str(name), list(_FIELD_TYPES), n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
-                    f"config {path}: unknown setting {_short(name)}; {hint}"
+                    f"config {where}: unknown setting {_short(name)}; {hint}"
                     "`dedup --print-config` lists every setting"
                 )
-            values[name] = _coerce(name, value)
+            try:
+                values[name] = _coerce(name, value)
+            except ConfigError as e:
+                raise ConfigError(f"config {where}: {e}") from None
+    from_file = set(values)
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value)
-    return Config(**values)
+            from_file.discard(name)
+    try:
+        return Config(**values)
+    except ConfigError as e:
+        # A value the file set and no flag replaced: say where it came from.
+        name = str(e).split(":", 1)[0]
+        if path is None or name not in from_file:
+            raise
+        where = f"{path}:{lines[name]}" if name in lines else path
+        raise ConfigError(f"config {where}: {e}") from None
 
 
 def dump_config(config: Config) -> str:

@@ -73,6 +73,10 @@ class ModelError(DedupError):
     exit_code = EXIT_MODEL
 
 
+class ClipNotInstalled(ModelError):
+    """torch, torchvision or open_clip is not installed (the light install)."""
+
+
 class WorkerDied(DedupError):
     """A worker process ended without a result (killed, out of memory, crashed)."""
 

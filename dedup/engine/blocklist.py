@@ -9,6 +9,8 @@ Read from a file:
   bare hex (64 digits: a digest of the run's kind; 16 digits: a pHash code). Blank lines
   and lines starting with `#` are skipped. Lines end at `\n` (or `\r\n`) only: a form feed
   or U+2028 inside a comment is part of it. A leading UTF-8 BOM is ignored (CSV too).
+A list with no entries (only comments, or empty: an opt-out list before its first
+request) is valid and matches nothing.
 A digest matches exactly; a pHash code matches detailed images within phash_threshold.
 """
 
@@ -63,7 +65,7 @@ def load_blocklist(path: str, config: Config) -> Blocklist:
         data = read_regular_file(path)  # never a FIFO or a device (/dev/zero never ends)
     except (OSError, DedupError) as e:  # a URL's failure is an OutputError
         why = getattr(e, "strerror", None) or e
-        raise BlocklistError(f"--blocklist {path}: cannot read ({why})") from None
+        raise BlocklistError(f"blocklist {path}: cannot read ({why})") from None
     b = Blocklist(path)
     codes: dict[int, int] = {}
     lower = path.lower()
@@ -93,11 +95,9 @@ def load_blocklist(path: str, config: Config) -> Blocklist:
             b.digests.setdefault(bytes.fromhex(text), len(b.entries))
             b.digest_kind = kind
         b.entries.append(f"{kind}:{text}")
-    if not b.entries:
-        raise BlocklistError(f"--blocklist {path}: holds no entries")
     if codes and "phash" not in signals.computed(config):
         raise BlocklistError(
-            f"--blocklist {path}: lists pHash codes; no pHash is computed (signals "
+            f"blocklist {path}: lists pHash codes; no pHash is computed (signals "
             f"{','.join(config.signals)}: add phash)"
         )
     if codes:
@@ -117,7 +117,7 @@ def _text_rows(path: str, data: bytes, config: Config):
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise BlocklistError(f"--blocklist {path}: not UTF-8 text, CSV or Parquet") from None
+        raise BlocklistError(f"blocklist {path}: not UTF-8 text, CSV or Parquet") from None
     # str.splitlines would also end lines at form feeds, U+2028 and other separators,
     # and so number them differently from every editor.
     for number, raw in enumerate(text.split("\n"), 1):
@@ -149,11 +149,11 @@ def _csv_rows(path: str, data: bytes):
         reader = csv.reader(io.StringIO(data.decode("utf-8-sig")))
         header = [h.strip().lower() for h in next(reader, [])]
     except (UnicodeDecodeError, csv.Error) as e:
-        raise BlocklistError(f"--blocklist {path}: not a readable CSV file ({e})") from None
+        raise BlocklistError(f"blocklist {path}: not a readable CSV file ({e})") from None
     wanted = [(k, c) for k, c in enumerate(header) if c in COLUMNS]
     if not wanted:
         raise BlocklistError(
-            f"--blocklist {path}: no {', '.join(COLUMNS)} column in its header line"
+            f"blocklist {path}: no {', '.join(COLUMNS)} column in its header line"
         )
     try:
         for row in reader:  # line_num: a quoted value may span lines
@@ -168,10 +168,10 @@ def _parquet_rows(path: str, data: bytes):
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowException as e:
-        raise BlocklistError(f"--blocklist {path}: not a readable Parquet file ({e})") from None
+        raise BlocklistError(f"blocklist {path}: not a readable Parquet file ({e})") from None
     columns = [c for c in table.column_names if c.lower() in COLUMNS]
     if not columns:
-        raise BlocklistError(f"--blocklist {path}: no {', '.join(COLUMNS)} column")
+        raise BlocklistError(f"blocklist {path}: no {', '.join(COLUMNS)} column")
     for column in columns:
         for number, value in enumerate(table.column(column).to_pylist(), 1):
             if value is None or value == "":

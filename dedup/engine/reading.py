@@ -14,7 +14,7 @@ from dedup.engine.extract import ShardFeatures, extract_shard, input_identity
 from dedup.engine.job import Job, spool_folder
 from dedup.engine.references import (
     Reference,
-    ReferenceError_,
+    ReferencesError,
     Source,
     usable_rows,
 )
@@ -105,7 +105,7 @@ class ExtractTask:
 
 def extract_references(references: list[Reference], job: Job) -> list[BadShard]:
     """Features of the shard sets and folders among `references` (reused when current);
-    a REF left with no usable image is a ReferenceError_."""
+    a REF left with no usable image is a ReferencesError."""
     bad = []
     for ref in references:
         if ref.shards and not ref.sources:
@@ -124,7 +124,7 @@ def extract_references(references: list[Reference], job: Job) -> list[BadShard]:
                 else:
                     ref.sources.append(Source(result, None, result.shard))
         if not any(usable_rows(source) for source in ref.sources):
-            raise ReferenceError_(f"--against {ref.label}: holds no usable images")
+            raise ReferencesError(f"against {ref.label}: holds no usable images")
     return bad
 
 

@@ -97,7 +97,9 @@ def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
     """Stored float16 embeddings (all of one length) as an (N, dim) array."""
     array = column.combine_chunks()
     if array.null_count:
-        raise DedupError("the feature store lacks CLIP embeddings; rerun with --overwrite")
+        raise DedupError(
+            "the feature store lacks CLIP embeddings; rerun with overwrite (--overwrite)"
+        )
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset :]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
     start, stop = int(offsets[0]), int(offsets[len(array)])
@@ -216,7 +218,9 @@ def keep_features(cand: pa.Table, records: np.ndarray, keep_by: int) -> None:
     if keep_by and len(records):
         flat = pc.list_flatten(cand.column("keep_values")).to_numpy(zero_copy_only=False)
         if len(flat) != len(records) * keep_by:
-            raise DedupError("the feature store lacks keep_by values; rerun with --overwrite")
+            raise DedupError(
+                "the feature store lacks keep_by values; rerun with overwrite (--overwrite)"
+            )
         records["keep_values"] = np.asarray(flat, dtype=np.float64).reshape(-1, keep_by)
 
 

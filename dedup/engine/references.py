@@ -46,7 +46,7 @@ FILES_PER_GROUP = 1000
 KINDS = ("index", "run", "store", "shards", "files")
 
 
-class ReferenceError_(ConfigError):
+class ReferencesError(ConfigError):
     """A REF that cannot serve this run (exit 2): missing, empty, no images, or stored
     with other settings."""
 
@@ -78,8 +78,8 @@ class Reference:
         return f"{display_name(shard.path)} {key}"
 
 
-def _fail(ref: str, why: str) -> ReferenceError_:
-    return ReferenceError_(f"--against {ref}: {why}")
+def _fail(ref: str, why: str) -> ReferencesError:
+    return ReferencesError(f"against {ref}: {why}")
 
 
 def resolve_references(
@@ -87,7 +87,7 @@ def resolve_references(
 ) -> list[Reference]:
     """Each REF's kind and sources; shard sets and folders still to be extracted (into
     `store_root`/<digest of REF>). A REF that is missing, empty, holds no images, is an
-    input shard or OUT itself, or was stored with other settings: ReferenceError_."""
+    input shard or OUT itself, or was stored with other settings: ReferencesError."""
     inputs = {storage.real(s.path) for s in forbidden}
     found = []
     for ref in refs:
@@ -169,7 +169,7 @@ def image_files(root: str, config: Config) -> list[str]:
 
 def _stored(path: str, config: Config, clip, ref: str) -> int:
     """Rows of an intact stored feature file computed with this run's feature settings;
-    else a ReferenceError_ naming REF."""
+    else a ReferencesError naming REF."""
     try:
         marker = json.loads(read_regular_file(path + DONE_SUFFIX))
         data = read_regular_file(path)
@@ -308,7 +308,7 @@ def open_index(ref: str, config: Config, clip=None) -> Reference:
     """A stored reference index: its manifest, sources and settings. Every file the
     manifest names is checked before any is used (present, a regular file inside the
     index, a Parquet footer with the feature schema and the manifest's rows, its .done
-    marker, its rows.npy in range): a damaged index is a ReferenceError_ naming the file."""
+    marker, its rows.npy in range): a damaged index is a ReferencesError naming the file."""
     manifest_path = os.path.join(ref, INDEX_FILE)
     try:
         manifest = json.loads(read_regular_file(manifest_path))
@@ -403,7 +403,7 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:80] + "..."
 
 
-def _index_damaged(ref: str, path: str, why: str) -> ReferenceError_:
+def _index_damaged(ref: str, path: str, why: str) -> ReferencesError:
     return _fail(ref, f"damaged index: {path}: {why}; rebuild it with `dedup index`")
 
 

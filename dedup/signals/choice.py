@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from dedup.core.config import AUTO, WITHOUT_CLIP, Config
-from dedup.core.errors import ModelError
+from dedup.core.errors import ClipNotInstalled, ModelError
 from dedup.signals.clip import pick_device, resolve
 from dedup.signals.clipstage import DEVICE_MAX_PIXELS, device_decodes
 
@@ -32,15 +32,25 @@ def choose_signals(config: Config) -> tuple[Config, Any]:
             default.clip_model,
             default.clip_pretrained,
         )
-        if named and "needs torch" not in str(e):
+        missing_package = isinstance(e, ClipNotInstalled)
+        if named and not missing_package:
             raise
         log.info(
-            "clip: off, %s. Signals %s. To turn CLIP on: pip install 'dedup-wds[clip]' and "
-            "give its weights (--clip-pretrained PATH, or the open_clip cache)",
+            "clip: off, %s. Signals %s. To turn CLIP on: %s",
             str(e).removeprefix("clip: ").split(";")[0].split(": pip")[0],
             ",".join(WITHOUT_CLIP),
+            "pip install 'dedup-wds[clip]'"
+            if missing_package
+            else "give its weights (--clip-pretrained PATH, or in a cache looked in)",
         )
         return dataclasses.replace(config, signals=WITHOUT_CLIP), None
+
+
+def resolved_config(config: Config) -> Config:
+    """The settings a run here would use (what --print-config shows): `signals: auto` made
+    concrete as a run makes it, and `workers: 0` as the worker count it means."""
+    chosen, _ = choose_signals(config)
+    return dataclasses.replace(chosen, workers=chosen.worker_count)
 
 
 def resolve_clip(config: Config):

@@ -6,6 +6,7 @@ torch and open_clip are imported only here, and only when the clip signal is on.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dedup.core.errors import ModelError
+from dedup.core.errors import ClipNotInstalled, ModelError
 
 HUB_HOST = ("huggingface.co", 443)
 PROBE_SECONDS = 3.0
@@ -43,15 +44,23 @@ def _remedy(model: str) -> str:
 
 def resolve(model: str, pretrained: str) -> ClipSpec:
     """Find the weights for `model` and `pretrained` (an open_clip tag or a checkpoint path)
-    without downloading unless the hub answers; raise ModelError with the remedies."""
+    without downloading unless the hub answers; raise ModelError with the remedies.
+
+    What is missing is found before torch is imported (seconds): the packages first, then
+    the weights in the caches open_clip downloads to, so a run without them pays nothing."""
+    _check_installed()
+    if _is_tag(model, pretrained):
+        places = weight_caches()
+        if not any(_holds_weights(place) for place in places) and not _hub_reachable():
+            raise ModelError(
+                f"clip: weights {model}/{pretrained} are not in the local cache (looked in "
+                f"{' and '.join(places)}) and the model hub cannot be reached; {_remedy(model)}"
+            )
     try:
         import open_clip
         import torch
-    except ImportError as e:  # the light install: no torch
-        raise ModelError(
-            f"clip: needs torch and open_clip (cannot import {e.name}): "
-            "pip install 'dedup-wds[clip]', or run without CLIP: --signals exact,phash,views"
-        ) from None
+    except ImportError as e:  # found, but broken
+        raise ClipNotInstalled(_not_installed(e.name)) from None
     # This process forks the workers of every later phase. Once torch has run a parallel
     # region on more than one thread, its OpenMP pool is part of the process, and a
     # forked child that enters OpenMP (FAISS's searches do) hangs on threads it does not
@@ -162,6 +171,59 @@ def _file_text(path: str | None) -> str | None:
         return fh.read()
 
 
+CLIP_PACKAGES = ("torch", "torchvision", "open_clip")  # dedup-wds[clip]
+
+
+def _not_installed(name: str | None) -> str:
+    return (
+        f"clip: needs torch and open_clip (cannot import {name}): "
+        "pip install 'dedup-wds[clip]', or run without CLIP: --signals exact,phash,views"
+    )
+
+
+def _check_installed() -> None:
+    """ClipNotInstalled unless torch, torchvision and open_clip can be found (not imported)."""
+    for name in CLIP_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ClipNotInstalled(_not_installed(name))
+
+
+def _is_tag(model: str, pretrained: str) -> bool:
+    """Whether `pretrained` names weights open_clip downloads for one of its built-in
+    models (whose configs it ships as JSON files), not a checkpoint file; anything else
+    is left to open_clip itself to judge."""
+    path_like = os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)
+    if path_like or os.path.isfile(pretrained) or os.sep in model:
+        return False
+    package = importlib.util.find_spec("open_clip")
+    folders = (package.submodule_search_locations or []) if package else []
+    return any(os.path.isfile(os.path.join(f, "model_configs", f"{model}.json")) for f in folders)
+
+
+def weight_caches() -> list[str]:
+    """Where open_clip puts the weights of a pretrained tag it downloads: the Hugging Face
+    hub cache, and ~/.cache/clip for those it fetches by URL."""
+    from huggingface_hub import constants
+
+    return [constants.HF_HUB_CACHE, os.path.expanduser("~/.cache/clip")]
+
+
+WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+def _holds_weights(folder: str) -> bool:
+    """Whether a cache folder holds any weights file at all: when none does, no tag's
+    weights are there, and open_clip (which imports torch) need not be asked which."""
+    for _, _, files in os.walk(folder):
+        if any(name.endswith(WEIGHT_SUFFIXES) for name in files):
+            return True
+    return False
+
+
 def _cached_weights(tag_cfg: dict) -> str | None:
     """The local file of a pretrained tag, if a download already put it in a cache."""
     if tag_cfg.get("file"):
@@ -207,7 +269,7 @@ def pick_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"clip: --device {device} asked for, but torch sees no GPU")
+        raise ModelError(f"clip: device {device} asked for, but torch sees no GPU")
     return device
 
 
@@ -224,7 +286,7 @@ def stage_devices(device: str) -> list[str]:
         return [f"cuda:{i}" for i in range(count)]
     index = picked.split(":", 1)[1]
     if not index.isdigit() or int(index) >= count:
-        raise ModelError(f"clip: --device {device}: torch sees {count} GPU(s) (cuda:0..)")
+        raise ModelError(f"clip: device {device}: torch sees {count} GPU(s) (cuda:0..)")
     return [picked]
 
 

@@ -18,11 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from dedup.commands.run import run
+from dedup.core.errors import EXIT_USAGE
+from dedup.engine.references import ReferencesError
 from dedup.io import storage
 from dedup.io.shards import MAX_FILE_BYTES
 from dedup.synth import (
     PlantedSample,
     encode,
+    make_image,
     planted_dataset,
     write_shards,
 )
@@ -30,6 +34,7 @@ from tests.helpers import (
     FLAGS,
     VIEWS,
     captioned,
+    cfg,
     dedup,
     error_line,
     outputs,
@@ -37,6 +42,7 @@ from tests.helpers import (
     rotated,
     textured,
     upload,
+    write_tar,
 )
 
 
@@ -365,7 +371,6 @@ def test_a_parquet_blocklist_of_raw_bytes(listed, tmp_path):
             "list.txt:1: a sha256 digest, but this run's digests are blake3",
         ),
         ("hello\n", "list.txt:1: not a digest"),
-        ("# nothing\n", "holds no entries"),
     ],
 )
 def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, content, message):
@@ -377,7 +382,29 @@ def test_a_blocklist_line_that_does_not_parse_is_exit_2(listed, tmp_path, conten
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("content", ["# opt-out requests, none yet\n# one per line\n", ""])
+def test_a_blocklist_without_entries_matches_nothing(listed, tmp_path, content):
+    root, _, plain = listed
+    path = tmp_path / "list.txt"
+    path.write_text(content)
+    dedup(root / "in", "--out", tmp_path / "out", "--blocklist", path, *VIEWS)
+    got = rows(tmp_path / "out")
+    assert {k: r["kept"] for k, r in got.items()} == {k: r["kept"] for k, r in plain.items()}
+    assert not [k for k, r in got.items() if r["reason"] == "blocklist"]
+    lists = summary(tmp_path / "out")["references"]["blocklists"]
+    assert [(b["digests"], b["phash_codes"], b["matched"]) for b in lists] == [(0, 0, 0)]
+
+
 # ------------------------------------------------------------ bad references
+
+
+def test_a_missing_reference_is_a_references_error_from_the_python_api(tmp_path):
+    write_tar(str(tmp_path / "in/s.tar"), [("x.jpg", encode(make_image(1, 32, 32)))])
+    config = cfg(against=(str(tmp_path / "missing"),))
+    with pytest.raises(ReferencesError) as raised:
+        run([str(tmp_path / "in")], str(tmp_path / "out"), config)
+    assert str(raised.value) == f"against {tmp_path / 'missing'}: does not exist"
+    assert raised.value.exit_code == EXIT_USAGE
 
 
 @pytest.mark.slow  # nine runs
@@ -408,7 +435,7 @@ def test_bad_references_are_one_line_exit_2(decontam, tmp_path):
     for ref, message in cases.items():
         result = dedup(root / "train", "--out", tmp_path / "out", "--against", ref, *VIEWS, check=2)
         line = error_line(result)
-        assert f"--against {ref}: {message}" in line, line
+        assert f"against {ref}: {message}" in line, line
     assert list(broken.iterdir()) == [broken / "a.jpg"]
 
 
@@ -534,7 +561,7 @@ def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_
         job = {**json.loads(path.read_text()), **change}
         path.write_text(json.dumps({k: v for k, v in job.items() if v is not None}))
 
-    prefix = f"dedup: error: --against {away}: "
+    prefix = f"dedup: error: against {away}: "
     edit_job(away, complete=False)
     assert refused(away) == prefix + "its run did not finish (.dedup/job.json says so); " + (
         "rerun it to the end"
@@ -561,7 +588,7 @@ def test_an_earlier_out_is_known_by_its_own_record_wherever_its_report_went(two_
     )
     dry = tmp_path / "dry"
     dedup(root / "week1", "--out", dry, "--dry-run", *common)
-    assert refused(dry) == f"dedup: error: --against {dry}: its run was a dry run: it kept nothing"
+    assert refused(dry) == f"dedup: error: against {dry}: its run was a dry run: it kept nothing"
 
 
 @pytest.mark.slow  # eleven runs
@@ -618,7 +645,7 @@ def test_what_is_not_a_regular_file_in_a_reference_folder_is_counted_never_read(
         result = dedup(
             root / "train", "--out", tmp_path / "x", flag, path, *FLAGS, check=2, timeout=120
         )
-        assert error_line(result).startswith(f"dedup: error: {flag} {path}: {why}")
+        assert error_line(result).startswith(f"dedup: error: {flag[2:]} {path}: {why}")
     assert not (tmp_path / "x").exists()
     # A --config that is a FIFO or a device: one line, exit 2, never a wait or a read
     # without end.
@@ -722,7 +749,7 @@ def test_a_damaged_index_is_exit_2_naming_the_index_and_the_file(
         two_crawls / "week2", "--out", tmp_path / "out", "--against", index, *FLAGS, check=2
     )
     line = error_line(result)
-    assert line.startswith(f"dedup: error: --against {index}: damaged index: {damaged}: {why}")
+    assert line.startswith(f"dedup: error: against {index}: damaged index: {damaged}: {why}")
     assert line.endswith("; rebuild it with `dedup index`")
     assert not (tmp_path / "out").exists()
 
