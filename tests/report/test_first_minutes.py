@@ -1,0 +1,84 @@
+"""What a newcomer reads in the first minutes: summary.json's paths and names, the
+stderr summary, report.html's notes, progress lines (issue 27)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from dedup.report.summary import absolute
+from dedup.synth import encode, make_image, planted_dataset, write_shards
+from tests.helpers import FLAGS, dedup, first_image, write_tar
+
+
+@pytest.fixture(scope="module")
+def relative_run(tmp_path_factory):
+    """A run given relative paths from its folder: two shards, one named with a byte that
+    is not UTF-8 (caf\\xe9.tar), a damaged one skipped, a reference folder that holds a
+    copy of an input image. (root, stderr, summary.json's text)."""
+    root = tmp_path_factory.mktemp("relative")
+    samples = planted_dataset(12, {"exact": 3, "reencode": 2}, seed=3, size=(64, 48))
+    (first,) = write_shards(samples[:10], str(root / "in"), per_shard=10)
+    write_tar(
+        os.fsdecode(os.path.join(os.fsencode(root / "in"), b"caf\xe9.tar")),
+        [(f"c{k}.jpg", encode(make_image(900 + k, 64, 48), "JPEG")) for k in range(3)],
+    )
+    write_tar(str(root / "in" / "damaged.tar"), [("x.jpg", b"x" * 3000)])
+    (root / "in" / "damaged.tar").write_bytes((root / "in" / "damaged.tar").read_bytes()[:700])
+    write_tar(str(root / "ref" / "ref-0.tar"), [("r.jpg", first_image(first))])
+    result = dedup(
+        "in", "--out", "out", "--against", "ref", "--skip-bad-shards", *FLAGS, cwd=root, check=5
+    )
+    text = (root / "out" / "dedup-report" / "summary.json").read_text(encoding="utf-8")
+    return root, result.stderr, text
+
+
+def test_summary_paths_are_absolute(relative_run):
+    root, _, text = relative_run
+    s = json.loads(text)
+    assert [x["shard"] for x in s["shards"]] == [
+        f"{root}/in/caf\\xe9.tar",
+        f"{root}/in/shard-000000.tar",
+    ]
+    assert [x["output"] for x in s["shards"]] == [
+        f"{root}/out/caf\\xe9.tar",
+        f"{root}/out/shard-000000.tar",
+    ]
+    assert [x["shard"] for x in s["skipped_shards"]] == [f"{root}/in/damaged.tar"]
+    assert [r["reference"] for r in s["references"]["against"]] == [f"{root}/ref"]
+    assert s["references"]["against"][0]["matched"] == 1
+    assert s["config"]["against"] == [f"{root}/ref"]
+    assert s["output"]["dir"] == f"{root}/out"
+    page = (root / "out" / "dedup-report" / "report.html").read_text()
+    assert f"<h3>{root}/ref: closest matches</h3>" in page  # matched by the same name
+
+
+def test_summary_is_strict_utf8_json(relative_run):
+    """A shard name's byte that is not UTF-8 is written as the text \\xe9, not as a lone
+    surrogate (\\udce9) that strict JSON parsers reject."""
+    _, _, text = relative_run
+    assert "\\udce9" not in text and "caf\\\\xe9.tar" in text
+
+    def strings(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                yield k
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+        elif isinstance(value, str):
+            yield value
+
+    for s in strings(json.loads(text)):
+        s.encode("utf-8")  # raises on a lone surrogate
+
+
+def test_summary_keeps_urls():
+    assert absolute("s3://bucket/ref/") == "s3://bucket/ref/"
+    assert absolute("http://host/a.tar") == "http://host/a.tar"
+    assert absolute("pipe:cat a.tar") == "pipe:cat a.tar"
+    assert Path(absolute("in")).is_absolute()
