@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from dedup.report.summary import absolute
 from dedup.synth import encode, make_image, planted_dataset, write_shards
-from tests.helpers import FLAGS, dedup, first_image, write_tar
+from tests.helpers import FLAGS, dedup, error_line, first_image, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,37 @@ def test_summary_keeps_urls():
     assert absolute("http://host/a.tar") == "http://host/a.tar"
     assert absolute("pipe:cat a.tar") == "pipe:cat a.tar"
     assert Path(absolute("in")).is_absolute()
+
+
+def test_report_command_given_out_uses_the_report_inside(relative_run, tmp_path):
+    """`dedup report OUT`, as typed after `dedup IN --out OUT`: the one report OUT holds."""
+    root, _, _ = relative_run
+    out = tmp_path / "out"
+    shutil.copytree(root / "out" / "dedup-report", out / "dedup-report")
+    page = out / "dedup-report" / "report.html"
+    page.unlink()
+    result = dedup("report", out)
+    assert result.stderr == f"dedup: wrote {page}\n"
+    assert page.read_bytes() == (root / "out" / "dedup-report" / "report.html").read_bytes()
+
+
+def test_report_command_names_what_it_expected(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = dedup("report", tmp_path / "empty", check=2)
+    assert error_line(result) == (
+        f"dedup: error: {tmp_path}/empty: not a dedup report (no summary.json here, nor a "
+        "dedup-report folder with one; expected a report folder: OUT/dedup-report)"
+    )
+    result = dedup("report", tmp_path / "nowhere", check=2)
+    assert error_line(result) == (
+        f"dedup: error: {tmp_path}/nowhere: no such folder (expected a report folder: "
+        "OUT/dedup-report)"
+    )
+    for name in ("dedup-report", "dedup-report-dry-run"):
+        (tmp_path / "two" / name).mkdir(parents=True)
+        (tmp_path / "two" / name / "summary.json").write_text("{}")
+    result = dedup("report", tmp_path / "two", check=2)
+    assert error_line(result) == (
+        f"dedup: error: {tmp_path}/two: holds two reports: give one of "
+        f"{tmp_path}/two/dedup-report or {tmp_path}/two/dedup-report-dry-run"
+    )
