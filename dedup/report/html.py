@@ -10,12 +10,13 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
 from dedup.io.fsutil import write_atomic
-from dedup.report.tables import RISK_TIERS
+from dedup.report.tables import RISK_TIERS, SIZE_TIERS, size_histogram
 
 PREVIEWS_SCHEMA = pa.schema(
     [
@@ -74,28 +75,24 @@ def _img(thumb: bytes | None, alt: str) -> str:
 
 
 def _histogram_svg(sizes: list[int]) -> str:
-    """Cluster sizes in powers-of-two bins, counts on a log scale, as inline SVG."""
+    """Cluster sizes in the tiers summary.json and the terminal summary use
+    (size_histogram), counts on a log scale, as inline SVG."""
     if not sizes:
         return "<p>No clusters of two or more.</p>"
-    bins: dict[int, int] = {}
-    for s in sizes:
-        b = int(math.log2(s))
-        bins[b] = bins.get(b, 0) + 1
-    top = max(bins)
-    width, height, pad, top_pad = max(40 * (top + 1) + 60, 560), 220, 40, 20
+    bins = size_histogram(np.asarray(sizes))
+    width, height, pad, top_pad = 560, 220, 40, 20
     peak = math.log10(max(bins.values()) + 1)
     parts = [
         f'<svg class="hist" width="{width}" height="{height + top_pad + 50}" role="img" '
         f'aria-label="cluster sizes"><g transform="translate(0,{top_pad})">'
     ]
-    for b in range(1, top + 1):
-        count = bins.get(b, 0)
+    for k, (label, lo, _) in enumerate(SIZE_TIERS):
+        count = bins[label]
         h = 0 if count == 0 else max(2.0, height * math.log10(count + 1) / peak)
-        x = pad + 40 * (b - 1)
-        label = f"{2**b}-{2 ** (b + 1) - 1}"
+        x = pad + 40 * k
         parts.append(
             f'<rect x="{x}" y="{height - h:.1f}" width="32" height="{h:.1f}" '
-            f'class="{"risk" if 2**b >= RISK_TIERS[0] else "bar"}">'
+            f'class="{"risk" if lo >= RISK_TIERS[0] else "bar"}">'
             f"<title>{label}: {count:,}</title></rect>"
         )
         parts.append(f'<text x="{x + 16}" y="{height - h - 4:.1f}" class="n">{count:,}</text>')

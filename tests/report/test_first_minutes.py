@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -117,3 +118,12 @@ def test_report_command_names_what_it_expected(tmp_path):
         f"dedup: error: {tmp_path}/two: holds two reports: give one of "
         f"{tmp_path}/two/dedup-report or {tmp_path}/two/dedup-report-dry-run"
     )
+
+
+def test_terminal_and_page_bin_cluster_sizes_alike(relative_run):
+    root, stderr, _ = relative_run
+    sizes = re.search(r"clusters of 2 or more \(sizes ([^)]*)\)", stderr).group(1)
+    page = (root / "out" / "dedup-report" / "report.html").read_text()
+    bars = re.findall(r"<rect [^>]*><title>([^<]*)</title>", page)
+    assert sizes == "2: 3, 3-9: 0, 10-99: 0, 100+: 0"
+    assert ", ".join(bars) == sizes
