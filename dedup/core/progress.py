@@ -38,8 +38,17 @@ def advance(items: int, nbytes: int = 0) -> None:
     _bytes.value += nbytes
 
 
+def counted(n: int, noun: str) -> str:
+    """`n` with thousands separators and `noun` in the plural unless n is 1."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 class Progress:
-    """Shows one phase's progress; `total_bytes` or `total_items` gives the ETA."""
+    """Shows one phase's progress; `total_bytes` or `total_items` gives the ETA.
+    `total_items` counts tasks (the global phase's steps, whose tasks advance nothing)
+    unless `unit` is "samples" (a phase whose tasks advance per sample: write). Work a
+    rerun finds done (stored features, unchanged outputs) is advanced as done, so a
+    resumed phase ends at 100%."""
 
     def __init__(
         self,
@@ -48,8 +57,10 @@ class Progress:
         total_bytes: int | None = None,
         log_interval: float = 30.0,
         stream=None,
+        unit: str = "tasks",
     ) -> None:
         self.phase = phase
+        self.unit = unit
         self.total_items = total_items
         self.total_bytes = total_bytes
         self.stream = stream or sys.stderr  # None when stderr is closed (2>&-)
@@ -74,9 +85,10 @@ class Progress:
     def _text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         items = _items.value
-        if items == 0 and self.total_items and not self.total_bytes:  # tasks, not samples
-            return f"{self.phase}: {self.total_items:,} tasks, running for {elapsed:.0f} s"
-        text = f"{self.phase}: {items:,} samples, {items / elapsed:,.0f}/s"
+        if self._of_tasks():
+            tasks = counted(self.total_items, "task")
+            return f"{self.phase}: {tasks}, running for {elapsed:.0f} s"
+        text = f"{self.phase}: {counted(items, 'sample')}, {items / elapsed:,.0f}/s"
         fraction = self._fraction()
         if fraction is not None:
             text += f", {fraction:.0%}"
@@ -84,6 +96,15 @@ class Progress:
                 eta = elapsed * (1 - fraction) / fraction
                 text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
         return text
+
+    def _of_tasks(self) -> bool:
+        """A phase of tasks, not of samples: its line counts the tasks."""
+        return (
+            self.unit == "tasks"
+            and _items.value == 0
+            and bool(self.total_items)
+            and not self.total_bytes
+        )
 
     def tick(self) -> None:
         """Refresh the live line, or log when the interval has passed."""
@@ -102,6 +123,6 @@ class Progress:
         text = self._text()
         if _items.value == 0 and self.total_bytes:  # every shard's stored features reused
             text = f"{self.phase}: nothing to read (stored features reused)"
-        elif _items.value == 0 and self.total_items:  # a phase of tasks, not of samples
-            text = f"{self.phase}: {self.total_items:,} tasks"
+        elif self._of_tasks():
+            text = f"{self.phase}: {counted(self.total_items, 'task')}"
         log.info("%s, done in %.1f s", text, time.monotonic() - self.started)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
 from dedup.io.fsutil import write_atomic
-from dedup.report.tables import RISK_TIERS, SIZE_TIERS, size_histogram
+from dedup.report.tables import RISK_TIERS, SIZE_TIERS, size_histogram, thresholds_text
 
 PREVIEWS_SCHEMA = pa.schema(
     [
@@ -246,6 +246,7 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
     rows += [("passed through", c["passthrough"])]
     rows += [(f"passed through: {k}", v) for k, v in c["passthrough_by_reason"].items()]
     config = summary.get("config", {})
+    thresholds = thresholds_text(summary.get("thresholds", {}))
     models = (
         f"{config.get('clip_model')} / {config.get('clip_pretrained')}"
         if "clip" in config.get("signals", [])
@@ -260,7 +261,7 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
         "<h1>dedup report</h1>",
         "<table class=t>",
         *(f"<tr><th>{esc(k)}</th><td>{v:,}</td></tr>" for k, v in rows),
-        f"<tr><th>thresholds</th><td>{esc(json.dumps(summary.get('thresholds', {})))}</td></tr>",
+        f"<tr><th>thresholds</th><td>{esc(thresholds)}</td></tr>",
         f"<tr><th>signals</th><td>{esc(', '.join(config.get('signals', [])))}</td></tr>",
         f"<tr><th>CLIP model</th><td>{esc(models)}</td></tr>",
         f"<tr><th>run time</th><td>{total_s:,.1f} s"

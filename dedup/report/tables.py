@@ -68,6 +68,11 @@ def report_paths(report_dir: str) -> dict[str, str]:
     }
 
 
+def thresholds_text(thresholds: dict[str, Any]) -> str:
+    """Thresholds as a person reads them: `phash 8, views 4, verify 12`."""
+    return ", ".join(f"{name} {value}" for name, value in thresholds.items()) or "none"
+
+
 def human_summary(summary: dict[str, Any]) -> list[str]:
     """A few lines for a person reading stderr or a task log."""
     c = summary["counts"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dedup.commands.calibrate import human_table
 from dedup.report.summary import absolute
 from dedup.synth import encode, make_image, planted_dataset, write_shards
 from tests.helpers import FLAGS, dedup, error_line, first_image, write_tar
@@ -127,3 +128,40 @@ def test_terminal_and_page_bin_cluster_sizes_alike(relative_run):
     bars = re.findall(r"<rect [^>]*><title>([^<]*)</title>", page)
     assert sizes == "2: 3, 3-9: 0, 10-99: 0, 100+: 0"
     assert ", ".join(bars) == sizes
+
+
+def test_a_resumed_run_ends_its_phases_at_100_percent(tmp_path):
+    """The second run reads one new shard and reuses the first's stored features; the third
+    reads nothing and leaves every output as it was: each phase's line still ends at 100%."""
+    samples = planted_dataset(12, {"exact": 3}, seed=4, size=(64, 48), bad=False)
+    first, _ = write_shards(samples, str(tmp_path / "in"), per_shard=8)
+    dedup(first, "--out", tmp_path / "out", *FLAGS)
+    lines = {}
+    for run in ("resumed", "again"):
+        stderr = dedup(tmp_path / "in", "--out", tmp_path / "out", *FLAGS).stderr
+        lines[run] = [ln.split(" INFO ", 1)[1] for ln in stderr.splitlines() if " INFO " in ln]
+    extract, write = (
+        [ln for ln in lines["resumed"] if ln.startswith(phase)] for phase in ("extract:", "write:")
+    )
+    assert re.fullmatch(r"extract: 7 samples, [\d,]+/s, 100%, done in [\d.]+ s", extract[0])
+    assert re.fullmatch(r"write: 12 samples, [\d,]+/s, 100%, done in [\d.]+ s", write[0])
+    (done,) = [ln for ln in lines["resumed"] if ln.startswith("phase extract done in")]
+    assert done.endswith(": 2 shards, 15 samples (stored features of 1 shard reused)")
+    write = [ln for ln in lines["again"] if ln.startswith("write:")]
+    assert re.fullmatch(r"write: 12 samples, [\d,]+/s, 100%, done in [\d.]+ s", write[0])
+    assert "resolve: 1 task, done in " in "\n".join(lines["again"])
+
+
+def test_calibrate_states_its_thresholds_as_words():
+    result = {
+        "signals": ["phash", "views"],
+        "sample": {"images": 1500, "copies": 21000, "dataset_estimate": 1_200_000},
+        "thresholds": {"phash": 8, "views": 4, "verify": 12},
+        "recall": {},
+        "false_links": {},
+        "recommend": {"target_precision": 0.99},
+    }
+    assert human_table(result)[0] == (
+        "calibrate: 1,500 sampled images, 21,000 edited copies; dataset about 1,200,000 "
+        "images; thresholds phash 8, views 4, verify 12"
+    )
