@@ -13,8 +13,10 @@ import time
 
 log = logging.getLogger("dedup")
 
-_items = multiprocessing.get_context("fork").Value("q", 0, lock=False)
-_bytes = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+# Locked: two workers adding at once would lose one's update, and a phase whose last
+# tasks land together would end short of 100%.
+_items = multiprocessing.get_context("fork").Value("q", 0)
+_bytes = multiprocessing.get_context("fork").Value("q", 0)
 REPORT_EVERY = 64  # samples between counter updates in a worker
 
 
@@ -32,10 +34,11 @@ def counters():
 
 def advance(items: int, nbytes: int = 0) -> None:
     """Called by a phase's inner loop (in any process) as work gets done."""
-    # One writer per counter slot is not guaranteed, but a lost update only skews the
-    # display; the final counts come from results, never from here.
-    _items.value += items
-    _bytes.value += nbytes
+    # The display only: the final counts come from results, never from here.
+    with _items.get_lock():
+        _items.value += items
+    with _bytes.get_lock():
+        _bytes.value += nbytes
 
 
 def counted(n: int, noun: str) -> str:

@@ -9,12 +9,13 @@ import re
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from dedup.commands.calibrate import human_table
 from dedup.report.summary import absolute
 from dedup.synth import encode, make_image, planted_dataset, write_shards
-from tests.helpers import FLAGS, dedup, error_line, first_image, write_tar
+from tests.helpers import FLAGS, VIEWS, dedup, error_line, first_image, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,57 @@ def test_calibrate_states_its_thresholds_as_words():
         "calibrate: 1,500 sampled images, 21,000 edited copies; dataset about 1,200,000 "
         "images; thresholds phash 8, views 4, verify 12"
     )
+
+
+def test_skipped_shards_are_in_the_final_lines_and_the_page(relative_run):
+    root, stderr, _ = relative_run
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("dedup: ")]
+    skipped = [ln for ln in lines if ln.startswith("dedup: skipped damaged shard ")]
+    assert [ln.split(": ")[1] for ln in skipped] == [f"skipped damaged shard {root}/in/damaged.tar"]
+    assert lines[-1] == (
+        f"dedup: wrote 2 shards to {root}/out (1 skipped: exit code 5); "
+        f"report in {root}/out/dedup-report"
+    )
+    page = (root / "out" / "dedup-report" / "report.html").read_text()
+    assert "<h2 id=skipped>Skipped shards (1)</h2>" in page
+    assert f"<tr><th>{root}/in/damaged.tar</th>" in page
+
+
+def test_a_dry_runs_page_says_so(relative_run, tmp_path):
+    root, _, _ = relative_run
+    dedup(root / "in", "--out", tmp_path / "out", "--dry-run", "--skip-bad-shards", *FLAGS, check=5)
+    page = (tmp_path / "out" / "dedup-report" / "report.html").read_text()
+    assert "<h1>dedup report (dry run)</h1><p class=note><b>Dry run</b>: nothing was " in page
+    real = (root / "out" / "dedup-report" / "report.html").read_text()
+    assert "<h1>dedup report</h1>" in real and "Dry run" not in real
+
+
+def test_views_copies_and_calibration_pairs_say_what_they_show(tmp_path):
+    """A views copy's pHash distance is the whole frame's; a pair just outside the pHash
+    threshold that the views signal linked is not called kept apart; the page says which
+    signals' calibration pairs it shows."""
+    samples = planted_dataset(30, {"letterbox": 6, "rotate": 6, "exact": 3}, seed=5, size=(96, 72))
+    write_shards(samples, str(tmp_path / "in"), per_shard=40)
+    dedup(tmp_path / "in", "--out", tmp_path / "out", *VIEWS)
+    page = (tmp_path / "out" / "dedup-report" / "report.html").read_text()
+    links = re.findall(r"<div>((?:views|verified|phash|exact)[^<]*)</div>", page)
+    assert links and all(
+        re.fullmatch(r"(views|verified|exact), whole-frame pHash \d+ bits|phash, \d+ bits", x)
+        for x in links
+    )
+    assert any(re.fullmatch(r"(views|verified), whole-frame pHash \d+ bits", x) for x in links)
+    outside = page.split("<h3>phash, outside the threshold</h3>")[1].split("</div>")[0]
+    calibration = pq.read_table(tmp_path / "out" / "dedup-report" / "calibration.parquet")
+    rows = pq.read_table(tmp_path / "out" / "dedup-report" / "samples.parquet").to_pylist()
+    cluster = {(r["shard"], r["key"]): r["cluster_id"] for r in rows}
+    linked = [
+        cluster[(p["shard_a"], p["key_a"])] == cluster[(p["shard_b"], p["key_b"])]
+        for p in calibration.to_pylist()
+        if p["side"] == "outside"
+    ]
+    assert any(linked)
+    assert outside.count("<br>linked by another signal<br>") == sum(linked)
+    assert (
+        "Pairs are shown for the pHash and CLIP thresholds only (here: phash); for the views "
+        "signal's, run <code>dedup calibrate</code>."
+    ) in page
