@@ -15,6 +15,7 @@ from dedup import __version__
 from dedup.commands.calibrate import calibrate, human_table
 from dedup.commands.fanout import cluster_task, extract_part, write_part
 from dedup.commands.index import build_index
+from dedup.commands.report import rerender
 from dedup.commands.run import run
 from dedup.core.config import (
     CLIP_DECODES,
@@ -40,7 +41,6 @@ from dedup.core.errors import (
     output_error,
 )
 from dedup.core.processes import request_stop
-from dedup.report.html import render
 from dedup.report.tables import human_summary
 from dedup.signals.choice import resolved_config
 from dedup.signals.clip import pick_device, resolve
@@ -667,12 +667,13 @@ def calibrate_command(
 @click.argument("report_dir", metavar="REPORT_DIR", type=click.Path(file_okay=False))
 def report_command(report_dir: str) -> None:
     """Re-render REPORT_DIR/report.html from samples.parquet, clusters.parquet,
-    previews.parquet, calibration.parquet and summary.json."""
+    previews.parquet, calibration.parquet and summary.json (REPORT_DIR: the report folder,
+    or the OUT that holds it)."""
     import pyarrow as pa
 
     try:
-        path = render(report_dir)
-    except DedupError as e:  # the page cannot be written
+        path = rerender(report_dir)
+    except DedupError as e:  # no report there, or the page cannot be written
         click.echo(f"dedup: error: {e}", err=True)
         sys.exit(e.exit_code)
     except (

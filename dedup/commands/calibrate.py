@@ -22,6 +22,7 @@ import numpy as np
 from dedup import signals
 from dedup.core.config import Config
 from dedup.core.errors import ConfigError, InputError
+from dedup.core.progress import counted
 from dedup.engine.canaries import (
     LINKS,
     PairResult,
@@ -43,6 +44,7 @@ from dedup.executors import make_executor
 from dedup.io.fsutil import scratch_dir
 from dedup.io.shards import list_shards
 from dedup.report.calibration import copies_in_sample, write_calibration_report
+from dedup.report.tables import thresholds_text
 from dedup.signals.choice import choose_signals
 from dedup.signals.edges import pair_links
 from dedup.signals.views import grey_zone
@@ -105,14 +107,13 @@ def calibrate(
         raise InputError("calibrate: the input holds no decodable image")
     dataset = max(len(originals), round(seen / max(read, 1) * len(shards)))
     log.info(
-        "calibrate: %d images sampled (of %d read in %d of %d shards; about %d in all), "
-        "%d edits each",
-        len(originals),
-        seen,
-        read,
-        len(shards),
-        dataset,
-        len(edits),
+        "calibrate: %s sampled (of %s read in %s of %s; about %s in all), %s each",
+        counted(len(originals), "image"),
+        f"{seen:,}",
+        f"{read:,}",
+        counted(len(shards), "shard"),
+        f"{dataset:,}",
+        counted(len(edits), "edit"),
     )
     with (
         scratch_dir() as scratch,
@@ -374,7 +375,8 @@ def human_table(result: dict) -> list[str]:
     s = result["sample"]
     lines = [
         f"calibrate: {s['images']:,} sampled images, {s['copies']:,} edited copies; "
-        f"dataset about {s['dataset_estimate']:,} images; thresholds {result['thresholds']}",
+        f"dataset about {s['dataset_estimate']:,} images; "
+        f"thresholds {thresholds_text(result['thresholds'])}",
         f"{'edit':<24}{'copies':>7}{'any':>7}" + "".join(f"{x:>7}" for x in signals),
     ]
     for edit, row in result["recall"].items():

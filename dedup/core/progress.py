@@ -13,8 +13,10 @@ import time
 
 log = logging.getLogger("dedup")
 
-_items = multiprocessing.get_context("fork").Value("q", 0, lock=False)
-_bytes = multiprocessing.get_context("fork").Value("q", 0, lock=False)
+# Locked: two workers adding at once would lose one's update, and a phase whose last
+# tasks land together would end short of 100%.
+_items = multiprocessing.get_context("fork").Value("q", 0)
+_bytes = multiprocessing.get_context("fork").Value("q", 0)
 REPORT_EVERY = 64  # samples between counter updates in a worker
 
 
@@ -32,14 +34,24 @@ def counters():
 
 def advance(items: int, nbytes: int = 0) -> None:
     """Called by a phase's inner loop (in any process) as work gets done."""
-    # One writer per counter slot is not guaranteed, but a lost update only skews the
-    # display; the final counts come from results, never from here.
-    _items.value += items
-    _bytes.value += nbytes
+    # The display only: the final counts come from results, never from here.
+    with _items.get_lock():
+        _items.value += items
+    with _bytes.get_lock():
+        _bytes.value += nbytes
+
+
+def counted(n: int, noun: str) -> str:
+    """`n` with thousands separators and `noun` in the plural unless n is 1."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 class Progress:
-    """Shows one phase's progress; `total_bytes` or `total_items` gives the ETA."""
+    """Shows one phase's progress; `total_bytes` or `total_items` gives the ETA.
+    `total_items` counts tasks (the global phase's steps, whose tasks advance nothing)
+    unless `unit` is "samples" (a phase whose tasks advance per sample: write). Work a
+    rerun finds done (stored features, unchanged outputs) is advanced as done, so a
+    resumed phase ends at 100%."""
 
     def __init__(
         self,
@@ -48,8 +60,10 @@ class Progress:
         total_bytes: int | None = None,
         log_interval: float = 30.0,
         stream=None,
+        unit: str = "tasks",
     ) -> None:
         self.phase = phase
+        self.unit = unit
         self.total_items = total_items
         self.total_bytes = total_bytes
         self.stream = stream or sys.stderr  # None when stderr is closed (2>&-)
@@ -74,9 +88,10 @@ class Progress:
     def _text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         items = _items.value
-        if items == 0 and self.total_items and not self.total_bytes:  # tasks, not samples
-            return f"{self.phase}: {self.total_items:,} tasks, running for {elapsed:.0f} s"
-        text = f"{self.phase}: {items:,} samples, {items / elapsed:,.0f}/s"
+        if self._of_tasks():
+            tasks = counted(self.total_items, "task")
+            return f"{self.phase}: {tasks}, running for {elapsed:.0f} s"
+        text = f"{self.phase}: {counted(items, 'sample')}, {items / elapsed:,.0f}/s"
         fraction = self._fraction()
         if fraction is not None:
             text += f", {fraction:.0%}"
@@ -84,6 +99,15 @@ class Progress:
                 eta = elapsed * (1 - fraction) / fraction
                 text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
         return text
+
+    def _of_tasks(self) -> bool:
+        """A phase of tasks, not of samples: its line counts the tasks."""
+        return (
+            self.unit == "tasks"
+            and _items.value == 0
+            and bool(self.total_items)
+            and not self.total_bytes
+        )
 
     def tick(self) -> None:
         """Refresh the live line, or log when the interval has passed."""
@@ -102,6 +126,6 @@ class Progress:
         text = self._text()
         if _items.value == 0 and self.total_bytes:  # every shard's stored features reused
             text = f"{self.phase}: nothing to read (stored features reused)"
-        elif _items.value == 0 and self.total_items:  # a phase of tasks, not of samples
-            text = f"{self.phase}: {self.total_items:,} tasks"
+        elif self._of_tasks():
+            text = f"{self.phase}: {counted(self.total_items, 'task')}"
         log.info("%s, done in %.1f s", text, time.monotonic() - self.started)

@@ -166,6 +166,7 @@ def extract_shard(
     cached = load_if_current(path, fingerprint)
     if cached is not None:
         rows, skipped, routes = cached
+        advance(0, shard_size(shard))  # read before: a resumed extract still ends at 100%
         return ShardFeatures(shard, path, rows, skipped, identity, True, content, routes)
     table, skipped, routes = compute_features(shard, config, clip, stage)
     if input_identity(shard) != identity:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dedup.core.errors import DedupError
-from dedup.core.progress import Progress
+from dedup.core.progress import Progress, advance, counted
 from dedup.engine.extract import ShardFeatures, input_identity
 from dedup.engine.featurestore import read_features
 from dedup.engine.job import Job
@@ -145,9 +145,8 @@ def finish_all(
             )
         )
     total = sum(int(j.keep.sum()) if not dry_run else len(j.keep) for j in jobs)
-    return executor.map(
-        _finish, jobs, Progress("write", total_items=total), describe=_job_shard_path
-    )
+    progress = Progress("write", total_items=total, unit="samples")
+    return executor.map(_finish, jobs, progress, describe=_job_shard_path)
 
 
 def _job_shard_path(job: FinishJob) -> str:
@@ -164,7 +163,9 @@ def _finish(job: FinishJob) -> Finished:
         plan_digest = _output_plan(job)
         written = _unchanged(job.output, record, plan_digest) if same_input(job.features) else None
         unchanged = written is not None
-        if not unchanged:
+        if unchanged:  # written before: a resumed write still ends at 100%
+            advance(written)
+        else:
             written, captured = write_shard(
                 job.features,
                 job.keep.tolist(),
@@ -181,6 +182,8 @@ def _finish(job: FinishJob) -> Finished:
                     "beside": [(t, _identity(t)) for _, t in job.sidecars if _exists(t)],
                 }
                 write_atomic(record, json.dumps(mark, sort_keys=True).encode())
+    else:  # a dry run: the samples judged, their report rows written
+        advance(len(job.keep))
     write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part)
     previews = []
     if job.preview_rows:
@@ -397,9 +400,9 @@ def write_phase(
     finished = finish_all(features, p, job.out, parts_dir, job.dry_run, job.executor, only)
     same = sum(f.unchanged for f in finished)
     log.info(
-        "phase write done in %.1f s: %d shards%s",
+        "phase write done in %.1f s: %s%s",
         time.monotonic() - t,
-        len(finished),
-        f", {same} of them unchanged since the last run (left as they were)" if same else "",
+        counted(len(finished), "shard"),
+        f", {same:,} of them unchanged since the last run (left as they were)" if same else "",
     )
     return finished

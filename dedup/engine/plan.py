@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from dedup.core.config import Config
 from dedup.core.errors import DedupError
+from dedup.core.progress import counted
 from dedup.engine.blocklist import Blocklist, match_blocklists
 from dedup.engine.cluster import Groups
 from dedup.engine.extract import PASSTHROUGH_REASONS, ShardFeatures
@@ -316,9 +317,9 @@ def cluster_phase(features: list[ShardFeatures], job: Job) -> Plan:
     work = storage.join(storage.join(job.out, STATE_DIR), GLOBAL_DIR)
     the_plan = plan(features, job.config, job.executor, work, job.references, job.blocklists)
     log.info(
-        "phase cluster done in %.1f s: %d clusters of 2 or more, %d samples to remove",
+        "phase cluster done in %.1f s: %s of 2 or more, %s to remove",
         time.monotonic() - t,
-        the_plan.clusters.num_rows,
-        int((~the_plan.keep).sum()),
+        counted(the_plan.clusters.num_rows, "cluster"),
+        counted(int((~the_plan.keep).sum()), "sample"),
     )
     return the_plan

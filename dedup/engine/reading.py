@@ -9,7 +9,7 @@ from typing import Any
 
 from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
-from dedup.core.progress import Progress
+from dedup.core.progress import Progress, counted
 from dedup.engine.extract import ShardFeatures, extract_shard, input_identity
 from dedup.engine.job import Job, spool_folder
 from dedup.engine.references import (
@@ -151,9 +151,9 @@ def extract_phase(shards: list[Shard], job: Job) -> tuple[list[ShardFeatures], l
 def log_extract(features: list[ShardFeatures], seconds: float) -> None:
     reused = sum(f.reused for f in features)
     log.info(
-        "phase extract done in %.1f s: %d shards, %d samples%s",
+        "phase extract done in %.1f s: %s, %s%s",
         seconds,
-        len(features),
-        sum(f.rows for f in features),
-        f" ({reused} shards' stored features reused)" if reused else "",
+        counted(len(features), "shard"),
+        counted(sum(f.rows for f in features), "sample"),
+        f" (stored features of {counted(reused, 'shard')} reused)" if reused else "",
     )

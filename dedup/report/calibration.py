@@ -14,6 +14,7 @@ import numpy as np
 
 from dedup.engine.thumbs import thumbnail
 from dedup.io.fsutil import write_atomic
+from dedup.report.tables import thresholds_text
 
 EXAMPLES = 6  # pairs per side of a recommended threshold
 
@@ -89,7 +90,7 @@ def write_calibration_report(report_dir: str, result: dict, planted, pairs, imag
         "max-height:90px}.noimg{color:#888}</style></head><body>",
         "<h1>dedup calibrate</h1>",
         f"<p>{esc(json.dumps(result['sample']))}</p>",
-        f"<p>thresholds: {esc(json.dumps(result['thresholds']))}</p>",
+        f"<p>thresholds: {esc(thresholds_text(result['thresholds']))}</p>",
         "<h2>Recall per edit</h2><table><tr><th>edit</th><th>copies</th><th>any</th>",
         *(f"<th>{esc(s)}</th>" for s in signals),
         "</tr>",

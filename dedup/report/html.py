@@ -10,12 +10,13 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dedup.engine.tables import SHOWN_MEMBERS, shown_clusters
 from dedup.io.fsutil import write_atomic
-from dedup.report.tables import RISK_TIERS
+from dedup.report.tables import RISK_TIERS, SIZE_TIERS, size_histogram, thresholds_text
 
 PREVIEWS_SCHEMA = pa.schema(
     [
@@ -74,28 +75,24 @@ def _img(thumb: bytes | None, alt: str) -> str:
 
 
 def _histogram_svg(sizes: list[int]) -> str:
-    """Cluster sizes in powers-of-two bins, counts on a log scale, as inline SVG."""
+    """Cluster sizes in the tiers summary.json and the terminal summary use
+    (size_histogram), counts on a log scale, as inline SVG."""
     if not sizes:
         return "<p>No clusters of two or more.</p>"
-    bins: dict[int, int] = {}
-    for s in sizes:
-        b = int(math.log2(s))
-        bins[b] = bins.get(b, 0) + 1
-    top = max(bins)
-    width, height, pad, top_pad = max(40 * (top + 1) + 60, 560), 220, 40, 20
+    bins = size_histogram(np.asarray(sizes))
+    width, height, pad, top_pad = 560, 220, 40, 20
     peak = math.log10(max(bins.values()) + 1)
     parts = [
         f'<svg class="hist" width="{width}" height="{height + top_pad + 50}" role="img" '
         f'aria-label="cluster sizes"><g transform="translate(0,{top_pad})">'
     ]
-    for b in range(1, top + 1):
-        count = bins.get(b, 0)
+    for k, (label, lo, _) in enumerate(SIZE_TIERS):
+        count = bins[label]
         h = 0 if count == 0 else max(2.0, height * math.log10(count + 1) / peak)
-        x = pad + 40 * (b - 1)
-        label = f"{2**b}-{2 ** (b + 1) - 1}"
+        x = pad + 40 * k
         parts.append(
             f'<rect x="{x}" y="{height - h:.1f}" width="32" height="{h:.1f}" '
-            f'class="{"risk" if 2**b >= RISK_TIERS[0] else "bar"}">'
+            f'class="{"risk" if lo >= RISK_TIERS[0] else "bar"}">'
             f"<title>{label}: {count:,}</title></rect>"
         )
         parts.append(f'<text x="{x + 16}" y="{height - h - 4:.1f}" class="n">{count:,}</text>')
@@ -105,6 +102,17 @@ def _histogram_svg(sizes: list[int]) -> str:
         "(members); bar height: number of clusters, log scale</text></g></svg>"
     )
     return "".join(parts)
+
+
+def _bits(signal: str, distance: int | None) -> str:
+    """A copy's pHash distance, said as what it is: for a copy the views signal linked
+    (views, verified) or any signal but pHash, the whole frame's distance, which may lie
+    beyond the pHash threshold without contradicting the link."""
+    if distance is None:
+        return ""
+    if signal == "phash":
+        return f", {distance} bits"
+    return f", whole-frame pHash {distance} bits"
 
 
 def _canaries(c: dict) -> str:
@@ -134,6 +142,21 @@ def _canaries(c: dict) -> str:
         )
     out.append("</table>")
     return "".join(out)
+
+
+def _skipped_shards(skipped: list[dict]) -> str:
+    """The damaged shards --skip-bad-shards left out: none of their samples is counted."""
+    if not skipped:
+        return ""
+    esc = html.escape
+    rows = "".join(
+        f"<tr><th>{esc(b['shard'])}</th><td>{esc(b['error'])}</td></tr>" for b in skipped
+    )
+    return (
+        f"<h2 id=skipped>Skipped shards ({len(skipped):,})</h2><p class=note>Damaged shards "
+        "left out (--skip-bad-shards): no output shard was written for them and none of "
+        f"their samples is counted below.</p><table class=t>{rows}</table>"
+    )
 
 
 def _references(section: dict, matches: list[dict], thumbs: dict) -> str:
@@ -173,9 +196,7 @@ def _references(section: dict, matches: list[dict], thumbs: dict) -> str:
             for m in pairs:
                 a = thumbs.get((m["shard"], m["key"]), {})
                 b = thumbs.get((m["reference_shard"], m["reference_item"]), {})
-                how = m["signal"]
-                if m["phash_distance"] is not None:
-                    how += f", {m['phash_distance']} bits"
+                how = m["signal"] + _bits(m["signal"], m["phash_distance"])
                 if m["clip_similarity"] is not None:
                     how += f", cos {m['clip_similarity']:.3f}"
                 out.append(
@@ -221,7 +242,20 @@ def render(report_dir: str) -> str:
     )
     thumbs = {(r["shard"], r["key"]): r for r in previews.to_pylist()}
     matches = _read_optional(os.path.join(report_dir, "matches.parquet"), MATCHES_SCHEMA)
-    page = _page(summary, clusters, shown, members, thumbs, calibration.to_pylist())
+    pairs = calibration.to_pylist()
+    keys = sorted({k for p in pairs for k in (p["key_a"], p["key_b"])})
+    cluster_of = {
+        (r["shard"], r["key"]): r["cluster_id"]
+        for r in pq.read_table(
+            os.path.join(report_dir, "samples.parquet"),
+            columns=["shard", "key", "cluster_id"],
+            filters=[("key", "in", keys)] if keys else [("cluster_id", "<", -1)],
+        ).to_pylist()
+    }
+    for p in pairs:  # an outside pair that another signal links is no pair kept apart
+        a = cluster_of.get((p["shard_a"], p["key_a"]))
+        p["linked"] = a is not None and a == cluster_of.get((p["shard_b"], p["key_b"]))
+    page = _page(summary, clusters, shown, members, thumbs, pairs)
     if "canaries" in summary:
         section = _canaries(summary["canaries"])
         page = page.replace("<h2>Cluster sizes</h2>", section + "<h2>Cluster sizes</h2>", 1)
@@ -249,6 +283,9 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
     rows += [("passed through", c["passthrough"])]
     rows += [(f"passed through: {k}", v) for k, v in c["passthrough_by_reason"].items()]
     config = summary.get("config", {})
+    dry_run = summary.get("output", {}).get("dry_run", False)
+    skipped = summary.get("skipped_shards", [])
+    thresholds = thresholds_text(summary.get("thresholds", {}))
     models = (
         f"{config.get('clip_model')} / {config.get('clip_pretrained')}"
         if "clip" in config.get("signals", [])
@@ -260,10 +297,15 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
         "<title>dedup report</title><style>",
         CSS,
         "</style></head><body>",
-        "<h1>dedup report</h1>",
+        "<h1>dedup report" + (" (dry run)" if dry_run else "") + "</h1>",
+        "<p class=note><b>Dry run</b>: nothing was written to the output folder; the report "
+        "says what a run would keep and remove.</p>"
+        if dry_run
+        else "",
+        _skipped_shards(skipped),
         "<table class=t>",
         *(f"<tr><th>{esc(k)}</th><td>{v:,}</td></tr>" for k, v in rows),
-        f"<tr><th>thresholds</th><td>{esc(json.dumps(summary.get('thresholds', {})))}</td></tr>",
+        f"<tr><th>thresholds</th><td>{esc(thresholds)}</td></tr>",
         f"<tr><th>signals</th><td>{esc(', '.join(config.get('signals', [])))}</td></tr>",
         f"<tr><th>CLIP model</th><td>{esc(models)}</td></tr>",
         f"<tr><th>run time</th><td>{total_s:,.1f} s"
@@ -313,7 +355,7 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
                 "survivor"
                 if r["kept"]
                 else f"{r['reason']}"
-                + (f", {r['phash_distance']} bits" if r.get("phash_distance") is not None else "")
+                + _bits(r["reason"], r.get("phash_distance"))
                 + (
                     f", cos {r['clip_similarity']:.3f}"
                     if r.get("clip_similarity") is not None
@@ -331,15 +373,19 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
         if len(group) > SHOWN_MEMBERS:
             out.append(f"<div class=m>and {len(group) - SHOWN_MEMBERS:,} more</div>")
         out.append("</div>")
+    shown_signals = sorted({p["signal"] for p in calibration})
     out.append(
-        "<h2>Calibration</h2><p class=note>Pairs just inside each threshold (counted "
-        "as duplicates) and just outside it (kept apart), side by side: if the outside "
+        "<h2>Calibration</h2><p class=note>Pairs just inside each threshold (linked by that "
+        "signal) and just outside it (not linked by it), side by side: if the outside "
         "pairs look like copies, loosen the threshold; if the inside ones do not, "
-        "tighten it.</p>"
+        "tighten it. An outside pair that another signal linked into one cluster says so. "
+        "Pairs are shown for the pHash and CLIP thresholds only"
+        + (f" (here: {esc(', '.join(shown_signals))})" if shown_signals else "")
+        + "; for the views signal's, run <code>dedup calibrate</code>.</p>"
     )
     if not calibration:
         out.append("<p>No pairs near a threshold.</p>")
-    for signal in sorted({p["signal"] for p in calibration}):
+    for signal in shown_signals:
         for side in ("inside", "outside"):
             pairs = [p for p in calibration if p["signal"] == signal and p["side"] == side]
             out.append(f"<h3>{esc(signal)}, {side} the threshold</h3><div>")
@@ -348,9 +394,13 @@ def _page(summary, clusters, shown, members, thumbs, calibration) -> str:
                 b = thumbs.get((p["shard_b"], p["key_b"]), {})
                 unit = "bits" if signal == "phash" else "cosine"
                 value = f"{p['value']:.0f}" if signal == "phash" else f"{p['value']:.3f}"
+                if side == "outside" and p.get("linked"):
+                    value += f" {unit}<br>linked by another signal"
+                else:
+                    value += f" {unit}"
                 out.append(
                     f"<span class=pair>{_img(a.get('thumbnail'), p['key_a'])}"
-                    f"{_img(b.get('thumbnail'), p['key_b'])}<span>{value} {unit}<br>"
+                    f"{_img(b.get('thumbnail'), p['key_b'])}<span>{value}<br>"
                     f"{esc(p['key_a'])}<br>{esc(p['key_b'])}</span></span>"
                 )
             out.append("</div>")

@@ -98,7 +98,8 @@ def make_report(
         summary["references"] = match_counts(the_plan, job.references, job.blocklists)
     if canaries is not None:
         summary["canaries"] = canaries
-    summary["skipped_shards"] = [{"shard": b.shard.path, "error": b.error} for b in bad]
+    summary["skipped_shards"] = [{"shard": absolute(b.shard.path), "error": b.error} for b in bad]
+    summary = displayable(summary)
     check_stop()  # a stop signal that came while the report was made still stops the run
     write_summary(summary, paths["summary"])
     render_html(report_dir)
@@ -184,7 +185,7 @@ def match_counts(p: Plan, references: list[Reference], blocklists: list[Blocklis
         usable = statuses.pop(STATUS_OK, 0)
         out["against"].append(
             {
-                "reference": ref.label,
+                "reference": absolute(ref.label),
                 "kind": ref.kind,
                 "items": usable + sum(statuses.values()),
                 "usable": usable,
@@ -196,7 +197,7 @@ def match_counts(p: Plan, references: list[Reference], blocklists: list[Blocklis
     for b in blocklists:
         out["blocklists"].append(
             {
-                "blocklist": b.label,
+                "blocklist": absolute(b.label),
                 **b.counts(),
                 "matched": sum(by_list[b.label].values()),
                 "matched_by_signal": dict(sorted(by_list[b.label].items())),
@@ -216,7 +217,7 @@ def _matches_table(features, p: Plan, references: list[Reference]):
     names = np.array(DECISIONS, dtype=object)
     table = pa.table(
         {
-            "reference": [label for label, _, _ in shown],
+            "reference": [absolute(label) for label, _, _ in shown],  # as in summary.json
             "side": [side for _, side, _ in shown],
             "signal": [names[p.link[row]] for row in rows.tolist()],
             "phash_distance": pa.array(
@@ -272,6 +273,19 @@ def absolute(path: str) -> str:
     return storage.absolute(path)
 
 
+def displayable(value):
+    """`value` with every string as valid UTF-8 text: a file name's bytes that are not
+    UTF-8 (held as lone surrogates) become \\xNN, as in samples.parquet, since strict JSON
+    parsers (jq, Go, Rust) reject the "\\udce9" escapes json.dumps would write."""
+    if isinstance(value, str):
+        return display_name(value)
+    if isinstance(value, dict):
+        return {displayable(k): displayable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [displayable(v) for v in value]
+    return value
+
+
 def _phase(seconds: float, items: int) -> dict[str, float]:
     return {
         "seconds": round(seconds, 3),
@@ -300,7 +314,7 @@ def _check_counts(features, p: Plan, finished, dry_run) -> list[dict[str, Any]]:
             )
         out.append(
             {
-                "shard": f.shard.path,
+                "shard": absolute(f.shard.path),
                 "output": None if finished[pos].output is None else absolute(finished[pos].output),
                 "samples": samples,
                 "kept": kept,
@@ -372,7 +386,9 @@ def _summary(
         "thresholds": signals.thresholds(config)
         | ({"verify": p.verify["bound"]} if p.verify is not None else {}),
         "digest": config.exact_digest,
-        "config": config.to_dict(),
+        "config": config.to_dict()
+        | {"against": [absolute(a) for a in config.against]}
+        | {"blocklist": [absolute(b) for b in config.blocklist]},
         "versions": package_versions(),
         "phases": phases,
         "shards": shard_counts,

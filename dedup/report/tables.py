@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from dedup.core.errors import EXIT_SKIPPED_SHARDS
+from dedup.core.progress import counted
 from dedup.io.fsutil import write_atomic
 
 # Cluster sizes from which memorization risk is flagged: Carlini et al. (2023) extracted
@@ -21,6 +23,7 @@ SIZE_TIERS = (
     (f"{RISK_TIERS[1]}+", RISK_TIERS[1], None),
 )
 LARGEST_CLUSTERS = 20
+SKIPPED_SHOWN = 5  # skipped shards named in the stderr summary; summary.json lists all
 PACKAGES = (
     "dedup-wds",
     "numpy",
@@ -68,6 +71,11 @@ def report_paths(report_dir: str) -> dict[str, str]:
     }
 
 
+def thresholds_text(thresholds: dict[str, Any]) -> str:
+    """Thresholds as a person reads them: `phash 8, views 4, verify 12`."""
+    return ", ".join(f"{name} {value}" for name, value in thresholds.items()) or "none"
+
+
 def human_summary(summary: dict[str, Any]) -> list[str]:
     """A few lines for a person reading stderr or a task log."""
     c = summary["counts"]
@@ -78,7 +86,8 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
     hist = summary["clusters"]["size_histogram"]
     largest = summary["clusters"]["largest"]
     lines = [
-        f"{c['samples']:,} samples in {len(summary['shards'])} shards: kept {c['kept']:,}, "
+        f"{c['samples']:,} samples in {counted(len(summary['shards']), 'shard')}: "
+        f"kept {c['kept']:,}, "
         f"removed {c['removed']:,} ({by(c['removed_by_reason'])}), "
         f"passed through {c['passthrough']:,} ({by(c['passthrough_by_reason'])})",
         f"{summary['clusters']['count']:,} clusters of 2 or more "
@@ -114,6 +123,11 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
             f"blocklist {b['blocklist']} ({b['digests']:,} digests, {b['phash_codes']:,} pHash "
             f"codes): removed {b['matched']:,} ({by(b['matched_by_signal'])})"
         )
+    skipped = summary.get("skipped_shards", [])
+    for b in skipped[:SKIPPED_SHOWN]:
+        lines.append(f"skipped damaged shard {b['shard']}: {b['error']}")
+    if len(skipped) > SKIPPED_SHOWN:
+        lines.append(f"skipped {len(skipped) - SKIPPED_SHOWN:,} more damaged shards")
     phases = summary["phases"]
     lines.append(
         "time: "
@@ -123,10 +137,12 @@ def human_summary(summary: dict[str, Any]) -> list[str]:
         )
     )
     out = summary["output"]
+    left_out = f" ({len(skipped):,} skipped: exit code {EXIT_SKIPPED_SHARDS})" if skipped else ""
     if out["dry_run"]:
-        lines.append(f"dry run: no shards written; report in {out['report']}")
+        lines.append(f"dry run: no shards written{left_out}; report in {out['report']}")
     else:
         lines.append(
-            f"wrote {len(summary['shards'])} shards to {out['dir']}; report in {out['report']}"
+            f"wrote {counted(len(summary['shards']), 'shard')} to {out['dir']}{left_out}; "
+            f"report in {out['report']}"
         )
     return lines

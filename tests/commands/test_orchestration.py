@@ -121,7 +121,7 @@ def test_phase_lines_and_a_rerun_that_reuses_features(small_set, tmp_path):
     again = dedup(small_set / "in", "--out", tmp_path / "out", *flags)
     assert "extract: nothing to read (stored features reused)" in again.stderr
     assert "extract: 0 samples" not in again.stderr
-    assert "(3 shards' stored features reused)" in again.stderr
+    assert "(stored features of 3 shards reused)" in again.stderr
 
 
 def test_summary_paths_do_not_depend_on_the_working_directory(small_set, tmp_path):

@@ -1,7 +1,7 @@
 import io
 import logging
 
-from dedup.core.progress import Progress, advance
+from dedup.core.progress import Progress, advance, counted
 
 
 class FakeTerminal(io.StringIO):
@@ -35,3 +35,29 @@ def test_log_lines_without_a_terminal(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("write: 100 samples") and "50%" in lines[0]
     assert lines[-1].startswith("write: 200 samples") and "100%" in lines[-1]
+
+
+def test_counts_read_as_words():
+    assert counted(1, "task") == "1 task"
+    assert counted(0, "sample") == "0 samples"
+    assert counted(1234567, "sample") == "1,234,567 samples"
+
+
+def test_a_phase_of_tasks_counts_one_task(caplog):
+    progress = Progress("resolve", total_items=1, stream=io.StringIO())
+    with caplog.at_level(logging.INFO, logger="dedup"):
+        progress.close()
+    assert caplog.records[-1].getMessage().startswith("resolve: 1 task, done in ")
+
+
+def test_a_phase_of_samples_never_counts_tasks(caplog):
+    """write's total is samples: with none written yet it says 0 samples, not 1,234 tasks."""
+    stream = io.StringIO()
+    progress = Progress("write", total_items=1234, stream=stream, log_interval=0, unit="samples")
+    with caplog.at_level(logging.INFO, logger="dedup"):
+        progress.tick()
+        advance(1234)
+        progress.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("write: 0 samples, 0/s, 0%")
+    assert lines[-1].startswith("write: 1,234 samples, ") and ", 100%, done in " in lines[-1]
