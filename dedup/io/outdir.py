@@ -23,12 +23,10 @@ from collections.abc import Iterator
 from dedup.core.errors import ConfigError, DedupError, OutputError
 from dedup.io import storage
 from dedup.io.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
-from dedup.io.shards import SPOOL_DIR, Shard, remove_spool, sidecars
+from dedup.io.shards import JOB_FILE, SPOOL_DIR, STATE_DIR, Shard, remove_spool, sidecars
 
 log = logging.getLogger("dedup")
 
-STATE_DIR = ".dedup"
-JOB_FILE = "job.json"
 LOCK_FILE = "lock"
 FEATURES_DIR = "features"
 GLOBAL_DIR = "global"  # the global phase's files while it runs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FLAGS, dedup, error_line
+from tests.helpers import FLAGS, dedup, error_line, outputs
 
 NOT_A_TAR = b'{"note": "a small file that is not a tar"}\n'
 
@@ -43,3 +43,17 @@ def test_a_small_file_named_tar_is_not_called_a_truncated_tar(
     assert sorted(p.name for p in (tmp_path / "out2").glob("*.tar")) == [
         f"shard-00000{n}.tar" for n in (0, 1, 3, 4)
     ]
+
+
+def test_an_out_named_tar_inside_the_input_folder_is_not_an_input(five_shards, tmp_path):
+    inputs = copy_inputs(five_shards, tmp_path / "in")
+    out = inputs / "clean.tar"
+    dedup(inputs, "--out", out, *FLAGS)
+    first = outputs(out)
+    again = dedup(inputs, "--out", out, *FLAGS)
+    assert "5 shards" in again.stderr
+    assert outputs(out) == first
+    clean = five_shards[0] / "clean"
+    assert {n: b for n, b in first.items() if n.endswith(".tar")} == {
+        p.name: p.read_bytes() for p in sorted(clean.glob("*.tar"))
+    }
