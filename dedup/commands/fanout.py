@@ -15,6 +15,7 @@ the input listing and N only; I counts from 0 (Airflow's map_index).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,6 +23,7 @@ import logging
 import pickle
 import time
 import uuid
+from collections.abc import Iterator
 
 from dedup.core.config import Config, load_config
 from dedup.core.errors import ConfigError, DedupError, InputError
@@ -45,6 +47,7 @@ from dedup.io.outdir import (
     mark_job,
     mark_report,
     output_names,
+    remove_empty_temporaries,
     remove_output,
     retire_outputs,
 )
@@ -244,6 +247,23 @@ def extract_part(
 ) -> dict:
     """`dedup extract INPUT... --out OUT --part I/N`: phase 1 for part I of N."""
 
+    report = report_dir or storage.join(out, "dedup-report")
+    with _tidied(out, report, feature_store(out, state_dir)):
+        return _extract_part(
+            inputs, out, config, part, report_dir, state_dir, skip_bad_shards, overwrite
+        )
+
+
+def _extract_part(
+    inputs: list[str],
+    out: str,
+    config: Config,
+    part: str,
+    report_dir: str | None,
+    state_dir: str | None,
+    skip_bad_shards: bool,
+    overwrite: bool,
+) -> dict:
     i, n = parse_part(part)
     shards = list_shards(inputs)
     config, clip = choose_signals(config)
@@ -292,6 +312,18 @@ def extract_part(
     }
     _save(storage.join(_folder(out), _name("extract", i, n)), result)
     return {"part": f"{i}/{n}", "shards": len(mine), "bad": len(bad), "seconds": round(seconds, 3)}
+
+
+@contextlib.contextmanager
+def _tidied(out: str, report: str, store: str) -> Iterator[None]:
+    """A task's body; after it, however it ends, the temporary folders it may have made
+    are removed where empty, so a fanned-out OUT holds what one run's does. Tasks take
+    no lock on OUT and may run at once: none sweeps the folders, as one run's end does,
+    and a folder another task is using stays."""
+    try:
+        yield
+    finally:
+        remove_empty_temporaries(out, report, store)
 
 
 def _markers(out: str, phase: str) -> list[str]:
@@ -396,6 +428,11 @@ def cluster_task(out: str, given: dict) -> dict:
     extracted again here, so the plan always describes the current inputs."""
 
     fan = _read_job(out)
+    with _tidied(out, _report(out, fan), feature_store(out, fan.state_dir)):
+        return _cluster_task(out, fan, given)
+
+
+def _cluster_task(out: str, fan: FanoutJob, given: dict) -> dict:
     config = fan.settings(given)
     placed, bad, extract_seconds = _gather_extract(out, fan)
     shards = list_shards(fan.inputs)
@@ -451,6 +488,11 @@ def write_part(out: str, part: str, given: dict) -> dict | None:
 
     i, n = parse_part(part)
     fan = _read_job(out)
+    with _tidied(out, _report(out, fan), feature_store(out, fan.state_dir)):
+        return _write_part(out, fan, i, n, given)
+
+
+def _write_part(out: str, fan: FanoutJob, i: int, n: int, given: dict) -> dict | None:
     config = fan.settings(given)
     try:
         state = _load(storage.join(_folder(out), _plan_name()))

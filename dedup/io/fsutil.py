@@ -41,7 +41,7 @@ def atomic_path(final: str) -> Iterator[str]:
     temp_dir = os.path.join(directory, TEMP_DIR)
     tmp = os.path.join(temp_dir, f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
     try:
-        os.makedirs(temp_dir, exist_ok=True)
+        _create_temporary(temp_dir, tmp)
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -55,6 +55,20 @@ def atomic_path(final: str) -> Iterator[str]:
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def _create_temporary(temp_dir: str, tmp: str) -> None:
+    """Create `tmp` empty in `temp_dir` (the folder first). While a temporary is being
+    written its folder is not empty, so a task that removes the folder once it is empty
+    (remove_empty_temp_dir: fan-out tasks share OUT and run at once) never removes it
+    from under this one; a removal between the two steps is retried."""
+    for _ in range(100):
+        os.makedirs(temp_dir, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return
+    os.makedirs(temp_dir, exist_ok=True)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def write_atomic(final: str, data: bytes) -> None:
@@ -202,6 +216,16 @@ def remove_temporaries(directory: str) -> list[str]:
     names = sorted(os.listdir(temp_dir))
     shutil.rmtree(temp_dir, ignore_errors=True)
     return names
+
+
+def remove_empty_temp_dir(directory: str) -> None:
+    """Remove `directory`'s temporary folder if it is empty, and only then: a task that
+    runs beside others sharing the folder (fan-out parts) leaves no empty folder behind
+    and never removes another's temporary. One removed or made meanwhile is no error."""
+    if storage.is_url(directory):
+        return
+    with contextlib.suppress(OSError):  # not empty (in use), gone, or never made
+        os.rmdir(os.path.join(directory, TEMP_DIR))
 
 
 def _unlink(path: str) -> None:

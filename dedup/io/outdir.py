@@ -22,13 +22,17 @@ from collections.abc import Iterator
 
 from dedup.core.errors import ConfigError, DedupError, OutputError
 from dedup.io import storage
-from dedup.io.fsutil import TEMP_DIR, read_file, remove_temporaries, write_atomic
-from dedup.io.shards import SPOOL_DIR, Shard, remove_spool, sidecars
+from dedup.io.fsutil import (
+    TEMP_DIR,
+    read_file,
+    remove_empty_temp_dir,
+    remove_temporaries,
+    write_atomic,
+)
+from dedup.io.shards import JOB_FILE, SPOOL_DIR, STATE_DIR, Shard, remove_spool, sidecars
 
 log = logging.getLogger("dedup")
 
-STATE_DIR = ".dedup"
-JOB_FILE = "job.json"
 LOCK_FILE = "lock"
 FEATURES_DIR = "features"
 GLOBAL_DIR = "global"  # the global phase's files while it runs
@@ -278,27 +282,41 @@ def _clear_store(store: str) -> None:
             remove_output(storage.join(store, name))
 
 
-def sweep(out: str, report_dir: str, store: str) -> None:
-    """Remove the temporary folders of OUT, its state and the report directory."""
+def _temp_parents(out: str, report_dir: str, store: str) -> list[str]:
+    """The folders in which a run or a fan-out task makes temporary folders."""
     state = storage.join(out, STATE_DIR)
     references = storage.join(state, REFERENCES_DIR)
-    stores = [storage.join(references, n) for n in _listdir_quiet(references)]
-    for directory in (
+    fanout = storage.join(state, FANOUT_DIR)
+    return [
         out,
         state,
         store,
         report_dir,
         storage.join(report_dir, ".parts"),
         storage.join(state, WRITTEN_DIR),
-        storage.join(state, FANOUT_DIR),
-        *stores,
-    ):
+        fanout,
+        storage.join(fanout, PARTS_DIR),
+        *(storage.join(references, n) for n in _listdir_quiet(references)),
+    ]
+
+
+def sweep(out: str, report_dir: str, store: str) -> None:
+    """Remove the temporary folders of OUT, its state and the report directory."""
+    for directory in _temp_parents(out, report_dir, store):
         remove_temporaries(directory)
     # A killed run's copies of its pipe: inputs (a finished run removes its own).
-    remove_spool(storage.join(state, SPOOL_DIR))
+    remove_spool(storage.join(storage.join(out, STATE_DIR), SPOOL_DIR))
     if not storage.is_url(report_dir):
         with contextlib.suppress(OSError):  # the report parts' folder, once merged
             os.rmdir(os.path.join(report_dir, ".parts"))
+
+
+def remove_empty_temporaries(out: str, report_dir: str, store: str) -> None:
+    """At the end of a fan-out task, which holds no lock on OUT: the temporary folders
+    it may have made, removed where empty (another task may be using one), so a
+    fanned-out OUT holds what one run's does."""
+    for directory in _temp_parents(out, report_dir, store):
+        remove_empty_temp_dir(directory)
 
 
 def _listdir_quiet(directory: str) -> list[str]:

@@ -33,6 +33,10 @@ MAX_FILE_BYTES = 1 << 30
 # The folder in OUT's state (OUT/.dedup/spool) where a run keeps the bytes of its pipe:
 # inputs, read once, until the run ends.
 SPOOL_DIR = "spool"
+# OUT's state folder and the job file in it that marks a folder as dedup's OUT (outdir.py
+# uses them; they are here so that a folder's scan knows an OUT named *.tar inside it).
+STATE_DIR = ".dedup"
+JOB_FILE = "job.json"
 
 
 @dataclass(frozen=True)
@@ -241,13 +245,24 @@ def list_shards(inputs: list[str]) -> list[Shard]:
     return shards
 
 
+def is_dedup_out(path: str) -> bool:
+    """Whether a local path is a folder that a dedup run wrote as its OUT (its job file is
+    there): an OUT named `clean.tar` inside a scanned input folder is no input shard, so
+    the same command runs again."""
+    return os.path.isfile(os.path.join(path, STATE_DIR, JOB_FILE))
+
+
 def _expand_one(item: str, literal: bool = False) -> list[str]:
     if os.path.isdir(item):
         try:
             names = os.listdir(item)
         except OSError as e:
             raise InputError(f"{item}: cannot list ({e.strerror or e})") from None
-        found = sorted(os.path.join(item, n) for n in names if n.endswith(SHARD_SUFFIX))
+        found = sorted(
+            os.path.join(item, n)
+            for n in names
+            if n.endswith(SHARD_SUFFIX) and not is_dedup_out(os.path.join(item, n))
+        )
         if not found:
             raise InputError(f"{item}: directory holds no *{SHARD_SUFFIX} shards")
         return [_check_shard_file(p) for p in found]

@@ -57,6 +57,31 @@ def header_checksum_ok(header: bytes) -> bool:
         return False
 
 
+# The numeric fields of a header (mode, uid, gid, size, mtime, checksum): octal digits,
+# spaces and NULs, or GNU base-256 (first byte 0x80 or 0xff).
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (148, 156))
+_OCTAL_BYTES = frozenset(b"01234567 \x00")
+
+
+def _header_prefix(partial: bytes) -> bool:
+    """Whether the bytes of a file shorter than one block can be the start of a tar
+    header (a tar cut short inside its first header), rather than some other small file
+    named .tar: a NUL-padded name, then numeric fields as far as they go, then ustar's
+    magic. A cut inside a name of 100 bytes or more cannot be told from other bytes."""
+    name = partial[:100]
+    end = name.find(b"\x00")
+    if end <= 0 or name[end:].count(0) != len(name) - end:
+        return False
+    for start, stop in _NUMERIC_FIELDS:
+        field = partial[start:stop]
+        if field[:1] in (b"\x80", b"\xff") and start != 148:
+            continue
+        if not set(field) <= _OCTAL_BYTES:
+            return False
+    magic = partial[257:263]
+    return magic == b"ustar\x00"[: len(magic)] or magic == b"ustar "[: len(magic)] or not any(magic)
+
+
 def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
@@ -100,6 +125,9 @@ def scan(
         if not header:
             raise ShardError(path, "tar ends without its end-of-archive blocks (truncated?)", pos)
         if len(header) < BLOCK:
+            if pos == 0 and not _header_prefix(header):
+                size = len(header)
+                raise ShardError(path, f"not a tar archive ({size} bytes, less than one header)")
             raise ShardError(path, "tar is truncated inside a header", pos)
         if header == ZERO_BLOCK:
             _check_trailer(fh, path, pos + BLOCK)

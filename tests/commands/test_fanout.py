@@ -54,6 +54,21 @@ def crawl(tmp_path_factory):
     return root, extra
 
 
+def user_tree(out: Path) -> list[str]:
+    """The files and folders of an OUT outside its state folder (.dedup), but the lock
+    file a run holds on its report folder (fan-out tasks take no lock)."""
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob("*")
+        if p.relative_to(out).parts[0] != ".dedup" and p.name != ".dedup-report.lock"
+    )
+
+
+def temporaries(out: Path) -> list[Path]:
+    """Temporary folders (.dedup-tmp) anywhere in OUT, its state folder's included."""
+    return [p for p in out.rglob("*") if p.name == ".dedup-tmp"]
+
+
 def test_parts_are_balanced_by_bytes():
     assert parts_of([10, 1, 1, 1, 7, 2], 2) == [[0, 2], [1, 3, 4, 5]]  # 11 and 11 bytes
     assert parts_of([5, 5, 5], 4) == [[0], [1], [2], []]
@@ -74,6 +89,8 @@ def test_all_parts_equal_one_run_byte_for_byte(crawl, tmp_path):
     last = dedup("write", "--out", out, "--part", "0/2", "--json")
     summary = json.loads(last.stdout)
     assert outputs(out) == outputs(root / "one")
+    assert user_tree(out) == user_tree(root / "one")
+    assert temporaries(out) == []
     one = json.loads((root / "one" / "dedup-report" / "summary.json").read_text())
     for counts in (summary["counts"], one["counts"]):
         counts["verify"].pop("task_seconds")  # a timing
@@ -109,6 +126,7 @@ def test_cluster_waits_for_every_extract_part(crawl, tmp_path):
     ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0, 0]
     assert outputs(out) == outputs(root / "one")
+    assert temporaries(out) == []  # the last part to finish removed them
     # a write part run again after a failure: the same bytes, its shards left as they were
     again = dedup("write", "--out", out, "--part", "2/3")
     assert "unchanged since the last run" in again.stderr

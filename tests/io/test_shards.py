@@ -134,6 +134,25 @@ def test_not_a_tar_and_empty_file(tmp_path):
         list(iter_samples(Shard(str(tmp_path / "empty.tar"))))
 
 
+def test_a_small_file_is_not_a_tar_and_a_cut_first_header_is_truncated(tmp_path):
+    """Below one 512-byte block, a tar cut inside its first header (long name, ustar and
+    PAX headers) is a truncated tar; a small file of another kind is not a tar at all."""
+    for name in ("a.jpg", "x" * 90 + ".jpg", "ключ.jpg"):
+        data = Path(_shard(tmp_path, [(name, b"x" * 10)]).path).read_bytes()
+        for cut in range(data.index(0) + 1, 512):  # past the first header's name
+            Path(tmp_path / "t.tar").write_bytes(data[:cut])
+            with pytest.raises(ShardError, match="at byte 0: tar is truncated inside a header"):
+                list(iter_samples(Shard(str(tmp_path / "t.tar"))))
+    small = [b"hello\n", b"{}" * 100, encode(make_image(1, 4, 4), "PNG"), b"\x00" * 300]
+    for data in small:
+        (tmp_path / "small.tar").write_bytes(data)
+        with pytest.raises(ShardError) as error:
+            list(iter_samples(Shard(str(tmp_path / "small.tar"))))
+        assert str(error.value) == (
+            f"{tmp_path / 'small.tar'}: not a tar archive ({len(data)} bytes, less than one header)"
+        )
+
+
 def test_non_regular_members_are_counted_not_read(tmp_path):
     import tarfile
     from collections import Counter
