@@ -43,7 +43,6 @@ $(DOCS_STAMP): $(STAMP)
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-
 # The demo and the light check share one venv with the base install only (`pip install .`,
 # no extras: no torch; about 0.9 GB), reinstalled when the package's code changes.
 # `python -I` runs the installed package, not the checkout's dedup/ beside it.

@@ -28,6 +28,7 @@ from dedup.io.outdir import (
     STATE_DIR,
     claim_output,
     feature_store,
+    refuse_output,
 )
 from dedup.io.shards import (
     Shard,
@@ -56,8 +57,9 @@ def run(
 
     `out`, `report_dir` and `state_dir` may be local paths or s3:// / gs:// prefixes."""
     shards = list_shards(inputs)
-    config, clip = choose_signals(config)
     report_dir = _report_dir(out, report_dir, dry_run)
+    refuse_output(out, report_dir, shards)  # cheap refusals before CLIP's weights load
+    config, clip = choose_signals(config)
     store = feature_store(out, state_dir)
     # What the run matches against, checked before OUT is touched.
     references = resolve_references(list(config.against), config, reference_store(out), shards, out)

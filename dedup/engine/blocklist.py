@@ -152,9 +152,7 @@ def _csv_rows(path: str, data: bytes):
         raise BlocklistError(f"blocklist {path}: not a readable CSV file ({e})") from None
     wanted = [(k, c) for k, c in enumerate(header) if c in COLUMNS]
     if not wanted:
-        raise BlocklistError(
-            f"blocklist {path}: no {', '.join(COLUMNS)} column in its header line"
-        )
+        raise BlocklistError(f"blocklist {path}: no {', '.join(COLUMNS)} column in its header line")
     try:
         for row in reader:  # line_num: a quoted value may span lines
             for k, column in wanted:

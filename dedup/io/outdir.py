@@ -161,6 +161,17 @@ def mark_job(out: str, shards: list[Shard], complete: bool, report_dir: str) -> 
     _write_job(job_path, outputs, complete, report=report_dir)
 
 
+def refuse_output(out: str, report_dir: str, shards: list[Shard]) -> None:
+    """The refusals that need no look inside OUT: a scheme dedup cannot write to, and OUT
+    or the report directory where an input shard lies. Nothing is created, so a run asks
+    them first, before anything slow (CLIP's weights, a cluster) is set up."""
+    for where in (out, report_dir):
+        if storage.is_url(where) and storage.scheme(where) not in ("s3", "s3a", "gs", "gcs"):
+            raise OutputError(f"{where}: dedup writes to local paths, s3:// or gs:// only")
+    _refuse_input_dirs(out, "--out", shards)
+    _refuse_input_dirs(report_dir, "--report", shards)
+
+
 def check_output(
     out: str,
     shards: list[Shard],
@@ -170,11 +181,7 @@ def check_output(
 ) -> tuple[str, bool]:
     """OUT, the report directory and the feature store checked and created (no lock):
     (OUT's job.json, whether OUT is dedup's)."""
-    for where in (out, report_dir):
-        if storage.is_url(where) and storage.scheme(where) not in ("s3", "s3a", "gs", "gcs"):
-            raise OutputError(f"{where}: dedup writes to local paths, s3:// or gs:// only")
-    _refuse_input_dirs(out, "--out", shards)
-    _refuse_input_dirs(report_dir, "--report", shards)
+    refuse_output(out, report_dir, shards)
     job_path = storage.join(storage.join(out, STATE_DIR), JOB_FILE)
 
     # Each question is asked after the look that raised it: a task starting beside this

@@ -81,6 +81,26 @@ def test_clip_off_without_weights_says_so_and_never_imports_torch(tmp_path):
     assert "dedup-wds[clip]" not in asked.stderr
 
 
+def test_cheap_refusals_come_before_the_clip_check(tmp_path):
+    """CLIP asked for by name with no weights: an OUT that is the input's directory, or a
+    missing input, is refused for what it is (exit 4, exit 3), not as a CLIP error."""
+    shards = one_shard(tmp_path)
+    clip = ("--signals", "exact,clip")
+    same = in_process(tmp_path, shards, "--out", shards, *clip)
+    assert same.stdout.splitlines()[-2:] == ["exit 4", "torch not imported"]
+    assert error_line(same) == (
+        f"dedup: error: {shards}: is the directory of input shard {shards / 's.tar'}; "
+        "choose another --out"
+    )
+    report = in_process(tmp_path, shards, "--out", tmp_path / "o", "--report", shards, *clip)
+    assert report.stdout.splitlines()[-2] == "exit 4"
+    assert "choose another --report" in error_line(report)
+    missing = in_process(tmp_path, tmp_path / "nowhere", "--out", tmp_path / "o", *clip)
+    assert missing.stdout.splitlines()[-2] == "exit 3"
+    assert "nowhere" in error_line(missing) and "clip" not in error_line(missing)
+    assert not (tmp_path / "o").exists()
+
+
 def test_clip_off_without_open_clip_names_the_package(tmp_path):
     asked = in_process(
         tmp_path,
