@@ -22,6 +22,7 @@ from dedup.engine.records import (
     SIGNATURE_RECORD,
     VIEWS_RECORD,
     candidate_pixels,
+    candidate_shape,
     fixed_binary_array,
     gather,
     load_arrays,
@@ -244,7 +245,7 @@ class ScatterTask:
             sig = fixed_binary_array(cand.column("colour_signature").take(pa.array(flat)))
             records = np.zeros(len(flat), SIGNATURE_RECORD)
             records["signature"], records["row"] = sig, rows[flat]
-            records["tiny"] = tiny[flat]
+            records["tiny"], records["shape"] = tiny[flat], candidate_shape(cand)[flat]
             out.runs["flat"] = (
                 self._path(pos, "flat"),
                 write_runs(self._path(pos, "flat"), records, np.zeros(len(flat), int), 1),
@@ -370,6 +371,7 @@ class PairsTask:
                 np.ascontiguousarray(records["signature"]),
                 np.arange(len(records), dtype=np.int64),
                 records["tiny"],
+                records["shape"],
             )
             edges = _renumber(e, records["row"])
         elif kind == "tiny":

@@ -20,6 +20,7 @@ from dedup.io.fsutil import read_file, write_atomic
 from dedup.signals.edges import Candidates, Edges
 from dedup.signals.phash import (
     SIGNATURE_BYTES,
+    shape_code,
 )
 from dedup.signals.views import (
     VIEW_BYTES,
@@ -49,7 +50,9 @@ DIGEST_RECORD = np.dtype([("digest", "u1", 32), ("row", "<i8")])
 CODE_RECORD = np.dtype([("word", "<u8"), ("row", "<i8")])
 
 
-SIGNATURE_RECORD = np.dtype([("signature", "u1", SIGNATURE_BYTES), ("row", "<i8"), ("tiny", "?")])
+SIGNATURE_RECORD = np.dtype(
+    [("signature", "u1", SIGNATURE_BYTES), ("row", "<i8"), ("tiny", "?"), ("shape", "u1")]
+)
 
 
 VIEWS_RECORD = np.dtype([("views", "u1", VIEW_BYTES), ("row", "<i8")])
@@ -72,6 +75,7 @@ def member_record(
         ("word", "<u8"),
         ("detail", "<i2"),
         ("signature", "u1", SIGNATURE_BYTES),
+        ("shape", "u1"),
         ("content", "<i8"),
         ("overlay", "i1"),
         ("quality", "<i2"),
@@ -177,6 +181,7 @@ def read_members(
     records = np.zeros(len(local_rows), member_record(dim, views, plugins, keep_by))
     records["row"] = local_rows.astype(np.int64) + start
     records["pixels"] = candidate_pixels(cand)
+    records["shape"] = candidate_shape(cand)
     records["nbytes"] = np.asarray(cand.column("bytes").to_numpy(), dtype=np.int64)
     records["digest"] = fixed_binary_array(
         pc.fill_null(cand.column("digest"), pa.scalar(bytes(32), pa.binary(32)))
@@ -240,6 +245,7 @@ def members_candidates(records: np.ndarray, config: Config) -> Candidates:
         ),
         detail=records["detail"] if phash else None,
         signature=np.ascontiguousarray(records["signature"]) if phash else None,
+        shape=records["shape"],
         views=np.ascontiguousarray(records["views"]) if "views" in records.dtype.names else None,
         content=records["content"],
         overlay=records["overlay"],
@@ -279,6 +285,11 @@ def candidate_pixels(cand: pa.Table) -> np.ndarray:
     """width x height of candidate rows (decoded images: never null)."""
     width = np.asarray(cand.column("width").to_numpy(), dtype=np.int64)
     return width * np.asarray(cand.column("height").to_numpy(), dtype=np.int64)
+
+
+def candidate_shape(cand: pa.Table) -> np.ndarray:
+    """Shape codes of candidate rows (dedup.signals.phash.shape_code)."""
+    return shape_code(cand.column("width").to_numpy(), cand.column("height").to_numpy())
 
 
 def phash_words(column: pa.ChunkedArray) -> np.ndarray:

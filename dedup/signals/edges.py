@@ -104,6 +104,9 @@ class Candidates:
     keep_values: np.ndarray | None = None  # float64 (N, F) keep_by's values, NaN: none
     # A `codes` plugin's 64-bit codes (uint8 (N, 8)) by signal name, the plugins turned on
     codes: dict[str, np.ndarray] = field(default_factory=dict)
+    # Shape codes (uint8 (N,), dedup.signals.phash.shape_code): low-detail rows of other
+    # shapes never link by the flat rule. None: shape unknown, every row alike.
+    shape: np.ndarray | None = None
 
     def anchors(self) -> np.ndarray:
         """The anchor code of each row (NOT_ANCHOR for all when none is given)."""
@@ -129,7 +132,7 @@ class Candidates:
                 )
             )
         )
-        for name in ("content", "overlay", "quality", "noise", "tone", "keep_values"):
+        for name in ("content", "overlay", "quality", "noise", "tone", "keep_values", "shape"):
             value = getattr(self, name)
             setattr(out, name, None if value is None else value[rows])
         out.codes = {name: codes[rows] for name, codes in self.codes.items()}
@@ -208,14 +211,20 @@ def phash_edges(
     )
 
 
-def flat_edges(signatures: np.ndarray, rows: np.ndarray, tiny: np.ndarray) -> Edges:
+def flat_edges(
+    signatures: np.ndarray, rows: np.ndarray, tiny: np.ndarray, shape: np.ndarray | None = None
+) -> Edges:
     """Low-detail `rows` whose colour signatures differ by at most SIGNATURE_TOLERANCE
-    in every value (signal `flat`; the distance is the largest difference), except pairs
+    in every value, and whose shape codes (`shape`, aligned with `signatures`; None: one
+    shape) do too (signal `flat`; the distance is the largest difference), except pairs
     of two tiny images (`tiny`, aligned with `rows`), which the tiny rule decides. The
-    tiny flag is part of the key, so that equal signatures of tiny and other images are
-    not collapsed into one group whose links the exception would then cut."""
-    keys = np.zeros((len(signatures), signatures.shape[1] + 1), dtype=np.uint8)
-    keys[rows, :-1] = signatures[rows]
+    shape and the tiny flag are part of the key, so that equal signatures of tiny and
+    other images are not collapsed into one group whose links the exception would then
+    cut, nor equal colours of other shapes into one group."""
+    width = signatures.shape[1]
+    keys = np.zeros((len(signatures), width + 2), dtype=np.uint8)
+    keys[rows, :width] = signatures[rows]
+    keys[rows, width] = 128 if shape is None else shape[rows]
     keys[rows, -1] = tiny
     e = _collapsed_edges(keys, rows, lambda unique: _flat_pairs(unique), FLAT)
     if not len(e.i) or not tiny.any():
@@ -230,8 +239,9 @@ def flat_edges(signatures: np.ndarray, rows: np.ndarray, tiny: np.ndarray) -> Ed
 
 
 def _flat_pairs(keys: np.ndarray):
-    """maxabs pairs of signatures, the last column (the tiny flag) left out of the
-    distance but kept apart: an equal signature of a tiny and another image is 1."""
+    """maxabs pairs of signatures and shape codes, the last column (the tiny flag) left
+    out of the distance but kept apart: an equal signature of a tiny and another image
+    is 1."""
     i, j, d = maxabs_pairs(keys[:, :-1], SIGNATURE_TOLERANCE)
     return i, j, np.maximum(d, (keys[i, -1] != keys[j, -1]).astype(np.int32))
 
@@ -355,7 +365,7 @@ def phash_signal_edges(cand: Candidates, config: Config) -> list[Edges]:
     flat, tiny = cand.flat(), cand.tiny()
     if flat.any():
         rows = np.flatnonzero(flat)
-        parts.append(flat_edges(cand.signature, rows, tiny[rows]))
+        parts.append(flat_edges(cand.signature, rows, tiny[rows], cand.shape))
     if tiny.any():
         parts.append(tiny_edges(cand.signature, np.flatnonzero(tiny)))
     return parts
@@ -453,7 +463,11 @@ def pair_links(
         if len(both_flat):
             a = cand.signature[rows[both_flat]].astype(np.int16)
             b = cand.signature[others[both_flat]].astype(np.int16)
-            out["flat"][both_flat[np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE]] = True
+            close = np.abs(a - b).max(axis=1) <= SIGNATURE_TOLERANCE
+            if cand.shape is not None:
+                sa = cand.shape[rows[both_flat]].astype(np.int16)
+                close &= np.abs(sa - cand.shape[others[both_flat]]) <= SIGNATURE_TOLERANCE
+            out["flat"][both_flat[close]] = True
         both_tiny = np.flatnonzero(both_tiny)
         if len(both_tiny):
             a, b = cand.signature[rows[both_tiny]], cand.signature[others[both_tiny]]

@@ -69,6 +69,13 @@ SIGNATURE_TOLERANCE = 4
 # 1.7, of 28x28 digits by 2.4; different digits by 5.2 at the least). Luminance, not
 # RGB: JPEG's chroma subsampling moves a 32x32 picture's colours by up to 11 RMS.
 TINY_PIXELS = 32 * 32
+# A low-detail image's shape counts too, as a tiny one's does (its signature is taken on
+# a square): a 100000x1 strip is not a 1x100000 strip of the same colour. The shape code
+# is 128 + SHAPE_SCALE * log2(width / height), rounded and clipped to a byte, and two
+# low-detail images link only when their codes differ by at most SIGNATURE_TOLERANCE:
+# aspect ratios within about a fifth (4:3 and 3:2 link, 4:3 and 16:9 do not; a resize
+# keeps its code).
+SHAPE_SCALE = 16
 TINY_RMS = 3.0
 # ... and their colours too, more loosely (JPEG q50 moves a 32x32 picture's colours by up
 # to 11.4 RMS): a picture and its recoloured copy of equal luminance stay apart.
@@ -100,6 +107,12 @@ def is_low_detail(detail: np.ndarray) -> np.ndarray:
 def is_tiny(pixels: np.ndarray) -> np.ndarray:
     """True for images of at most TINY_PIXELS pixels (width x height)."""
     return np.asarray(pixels) <= TINY_PIXELS
+
+
+def shape_code(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """(N,) uint8 shape codes of images width x height (SHAPE_SCALE)."""
+    ratio = np.log2(np.asarray(width, dtype=np.float64) / np.asarray(height, dtype=np.float64))
+    return np.clip(128 + np.round(SHAPE_SCALE * ratio), 0, 255).astype(np.uint8)
 
 
 def by_signature(detail: np.ndarray, pixels: np.ndarray) -> np.ndarray:

@@ -15,7 +15,12 @@ from dedup.engine.pairtasks import Layout
 from dedup.engine.records import CLUSTER_COLUMNS
 from dedup.executors.local import LocalExecutor
 from dedup.signals.edges import DECISIONS, SIGNALS, Candidates, build_edges
-from dedup.signals.phash import LOW_DETAIL_BITS, SIGNATURE_BYTES, SIGNATURE_TOLERANCE
+from dedup.signals.phash import (
+    LOW_DETAIL_BITS,
+    SIGNATURE_BYTES,
+    SIGNATURE_TOLERANCE,
+    shape_code,
+)
 from dedup.signals.views import VIEW_BYTES, VIEWS, WHOLE_VIEWS
 
 REASONS = (*DECISIONS, *PASSTHROUGH_REASONS)
@@ -165,6 +170,7 @@ def oracle(data, config):
         detail=data["detail"][ok],
         signature=np.where(data["low"][ok, None], data["signature"][ok], 0).astype(np.uint8),
         views=data["views"][ok],
+        shape=shape_code(data["pixels"][ok] // 10, np.full(len(ok), 10)),
     )
     return ok, cand, cluster(cand, config), build_edges(cand, config)
 

@@ -25,6 +25,7 @@ from dedup.signals.phash import (
     phash_and_detail,
     phash_batch,
     phash_input,
+    shape_code,
     shrink,
     stack_shrunk,
 )
@@ -485,3 +486,29 @@ def test_tiny_images_of_equal_luminance_or_equal_means_but_other_shapes_stay_apa
         ("d.png", png(solid((128, 128, 128), size=(32, 32)))),
     ]
     assert removed(dedup_run(tmp_path, [shard], keep="first")) == {"b2": ("tiny", "b")}
+
+
+@pytest.mark.parametrize("partition_rows", [1_000_000, 2])
+def test_low_detail_images_of_other_shapes_stay_apart(tmp_path, partition_rows):
+    """The flat rule counts shape, as the tiny rule does: a 100000x1 strip and a 1x100000
+    strip of one colour, or a 300x10 and a 10x300 bar, are different images; a copy of the
+    same shape (another size, another format) still merges; several shards, two workers,
+    the global phase in one process and in tasks."""
+    colour = (90, 140, 200)
+    shards = [
+        [
+            ("strip_h.png", png(solid(colour, (100_000, 1)))),
+            ("wide.png", png(solid(colour, (300, 10)))),
+            ("square.png", png(solid(colour, (64, 64)))),
+        ],
+        [
+            ("strip_v.png", png(solid(colour, (1, 100_000)))),
+            ("tall.png", png(solid(colour, (10, 300)))),
+            ("wide2.png", png(solid(colour, (600, 20)))),
+            ("square2.jpg", jpeg(solid(colour, (96, 96)))),
+        ],
+    ]
+    rows = dedup_run(tmp_path, shards, keep="first", partition_rows=partition_rows)
+    assert removed(rows) == {"wide2": ("flat", "wide"), "square2": ("flat", "square")}
+    codes = shape_code(np.array([100_000, 1, 300, 600, 64]), np.array([1, 100_000, 10, 20, 64]))
+    assert codes.tolist() == [255, 0, 207, 207, 128]  # 128 + 16 log2(w / h), clipped
