@@ -1,3 +1,3 @@
-from dedup.cli import main
+from dedup.entry import main
 
 main()

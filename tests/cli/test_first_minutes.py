@@ -2,10 +2,12 @@
 config, the CLIP hint, the order of refusals, config errors, the Python API's errors)."""
 
 import re
+import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
+import tomllib
 import yaml
 
 from dedup.core.config import Config, available_cpus
@@ -33,6 +35,7 @@ def test_top_level_help_names_every_command_and_the_default_one():
 # The CLI run in-process in a fresh Python, so that what it imported can be asked after.
 IN_PROCESS = """
 import sys
+import tomllib
 {block}
 from dedup.cli import main
 try:
@@ -154,3 +157,30 @@ def test_the_strict_preset_removes_a_reencode_and_keeps_a_mirror_and_a_crop(tmp_
     edits = {s.key: s.edit for s in samples}
     assert sorted(edits[k] for k, was_kept in kept.items() if not was_kept) == ["reencode"]
     assert {edits[k] for k, was_kept in kept.items() if was_kept} >= {"mirror", "crop"}
+
+
+# The console script's own first step, with a Ctrl-C arriving while dedup's modules load
+# (delivered by the import system when it reaches dedup.engine.grey, half way in).
+CTRL_C_WHILE_LOADING = """
+import os, signal, sys
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "dedup.engine.grey":
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["dedup", "--help"]
+module, _, function = {entry!r}.partition(":")
+getattr(__import__(module, fromlist=[function]), function)()
+"""
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130():
+    """SIGINT to the process group as the command starts: it may land while the modules
+    load, before the CLI's handlers exist; it ends with the interrupted line, never a
+    KeyboardInterrupt traceback from inside an import."""
+    with open(REPO / "pyproject.toml", "rb") as fh:
+        entry = tomllib.load(fh)["project"]["scripts"]["dedup"]
+    program = CTRL_C_WHILE_LOADING.format(entry=entry)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.stderr == "dedup: interrupted: SIGINT: stopped before the run began\n"
+    assert result.returncode == 130 and result.stdout == ""
