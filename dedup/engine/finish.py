@@ -316,7 +316,9 @@ def samples_part(job: FinishJob, f: pa.Table) -> pa.Table:
     }
     return pa.table(
         {
-            "shard": pa.array([display_name(job.features.shard.path)] * n, type=pa.string()),
+            "shard": pa.array(
+                [display_name(storage.absolute(job.features.shard.path))] * n, type=pa.string()
+            ),
             "key": f.column("key"),
             "cluster_id": job.cluster_id,
             "cluster_size": job.cluster_size,

@@ -241,7 +241,8 @@ def keys_at(features, shard_starts, rows: np.ndarray) -> tuple[list, list]:
         at = np.flatnonzero(shard_of == pos)
         column = read_features(features[pos].path, ["key"]).column("key")
         keys[at] = column.take(pa.array(rows[at] - shard_starts[pos])).to_pylist()
-    paths = [display_name(features[pos].shard.path) for pos in shard_of.tolist()]
+    # as summary.json names them: absolute (a URL as it is), so the tables join with it
+    paths = [display_name(storage.absolute(features[pos].shard.path)) for pos in shard_of.tolist()]
     return paths, keys.tolist()
 
 
@@ -267,10 +268,10 @@ def identities(features, shard_starts, references, rows: np.ndarray):
         for k in np.flatnonzero(rows >= n).tolist():
             pos = int(pos_of[k])
             ref, shard = owner[pos - len(features)], all_features[pos].shard
-            labels[k] = ref.label
+            labels[k] = storage.absolute(ref.label)
             ref_keys[k] = ref.key_of(shard, keys[k])
             if isinstance(shard, FileGroup):
-                paths[k] = display_name(shard.root)
+                paths[k] = display_name(storage.absolute(shard.root))
     return paths, keys, labels, ref_keys
 
 

@@ -62,9 +62,11 @@ def _create_temporary(temp_dir: str, tmp: str) -> None:
     written its folder is not empty, so a task that removes the folder once it is empty
     (remove_empty_temp_dir: fan-out tasks share OUT and run at once) never removes it
     from under this one; a removal between the two steps is retried."""
-    for _ in range(100):
-        os.makedirs(temp_dir, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
+    for _ in range(1000):
+        # makedirs can also lose the race itself: its mkdir finds the folder, which is
+        # gone again when it checks that it is one (FileExistsError): retried too.
+        with contextlib.suppress(FileNotFoundError, FileExistsError):
+            os.makedirs(temp_dir, exist_ok=True)
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return
     os.makedirs(temp_dir, exist_ok=True)

@@ -114,7 +114,7 @@ def _write_report_extras(
     shard_col, key_col, thumb_col, cap_col = [], [], [], []
     for done in finished:
         for key, thumb, cap in done.previews:
-            shard_col.append(display_name(done.shard_path))
+            shard_col.append(display_name(absolute(done.shard_path)))
             key_col.append(key)
             thumb_col.append(thumb)
             cap_col.append(cap)
