@@ -34,11 +34,22 @@ def counters():
 
 def advance(items: int, nbytes: int = 0) -> None:
     """Called by a phase's inner loop (in any process) as work gets done."""
-    # The display only: the final counts come from results, never from here.
-    with _items.get_lock():
-        _items.value += items
-    with _bytes.get_lock():
-        _bytes.value += nbytes
+    # The display only: the final counts come from results, never from here. A worker
+    # killed inside this lock (SIGKILL, the OOM killer) would hold it for ever: wait a
+    # second at most, then drop the update rather than hang.
+    for counter, amount in ((_items, items), (_bytes, nbytes)):
+        lock = counter.get_lock()
+        if lock.acquire(timeout=1.0):
+            try:
+                counter.get_obj().value += amount
+            finally:
+                lock.release()
+
+
+def _read(counter) -> int:
+    """A counter's value without its lock (one aligned 8-byte word): the main process
+    never waits on a lock a killed worker may hold."""
+    return counter.get_obj().value
 
 
 def counted(n: int, noun: str) -> str:
@@ -75,19 +86,19 @@ class Progress:
         self.log_interval = log_interval
         self.started = time.monotonic()
         self.last_log = self.started
-        _items.value = 0
-        _bytes.value = 0
+        _items.get_obj().value = 0
+        _bytes.get_obj().value = 0
 
     def _fraction(self) -> float | None:
         if self.total_bytes:
-            return min(_bytes.value / self.total_bytes, 1.0)
+            return min(_read(_bytes) / self.total_bytes, 1.0)
         if self.total_items:
-            return min(_items.value / self.total_items, 1.0)
+            return min(_read(_items) / self.total_items, 1.0)
         return None
 
     def _text(self) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
-        items = _items.value
+        items = _read(_items)
         if self._of_tasks():
             tasks = counted(self.total_items, "task")
             return f"{self.phase}: {tasks}, running for {elapsed:.0f} s"
@@ -104,7 +115,7 @@ class Progress:
         """A phase of tasks, not of samples: its line counts the tasks."""
         return (
             self.unit == "tasks"
-            and _items.value == 0
+            and _read(_items) == 0
             and bool(self.total_items)
             and not self.total_bytes
         )
@@ -124,7 +135,7 @@ class Progress:
             self.stream.write("\r\033[K")
             self.stream.flush()
         text = self._text()
-        if _items.value == 0 and self.total_bytes:  # every shard's stored features reused
+        if _read(_items) == 0 and self.total_bytes:  # every shard's stored features reused
             text = f"{self.phase}: nothing to read (stored features reused)"
         elif self._of_tasks():
             text = f"{self.phase}: {counted(self.total_items, 'task')}"

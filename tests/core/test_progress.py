@@ -1,7 +1,11 @@
 import io
 import logging
+import multiprocessing
+import os
+import signal
+import time
 
-from dedup.core.progress import Progress, advance, counted
+from dedup.core.progress import Progress, advance, attach, counted, counters
 
 
 class FakeTerminal(io.StringIO):
@@ -61,3 +65,36 @@ def test_a_phase_of_samples_never_counts_tasks(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("write: 0 samples, 0/s, 0%")
     assert lines[-1].startswith("write: 1,234 samples, ") and ", 100%, done in " in lines[-1]
+
+
+def test_a_worker_killed_inside_the_counters_lock_stops_nothing(caplog):
+    """A worker SIGKILLed (the OOM killer, a stop) while it holds a counter's lock holds
+    it for ever: the main process's display and reset must not wait on it, and the
+    other workers' updates give up after a second instead of hanging the run."""
+    saved = counters()
+    ctx = multiprocessing.get_context("fork")
+    fresh = (ctx.Value("q", 0), ctx.Value("q", 0))
+    attach(*fresh)
+    try:
+        held = ctx.Event()
+
+        def hold_and_wait():
+            fresh[0].get_lock().acquire()
+            held.set()
+            time.sleep(60)
+
+        worker = ctx.Process(target=hold_and_wait)
+        worker.start()
+        assert held.wait(10)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join()
+        start = time.monotonic()
+        progress = Progress("write", total_items=10, stream=io.StringIO(), unit="samples")
+        advance(4, 100)  # the items' lock is lost: that update is dropped, the bytes' kept
+        with caplog.at_level(logging.INFO, logger="dedup"):
+            progress.close()
+        assert time.monotonic() - start < 5
+        assert fresh[1].get_obj().value == 100 and fresh[0].get_obj().value == 0
+        assert "write: 0 samples" in caplog.text
+    finally:
+        attach(*saved)
