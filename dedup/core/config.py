@@ -7,11 +7,13 @@ import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import stat
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import yaml
 
 from dedup.core.errors import ConfigError
@@ -297,23 +299,29 @@ def _coerce(name: str, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: expected a list of names, got {value_text}")
         return tuple(value)
+    # numbers.Integral and Real: numpy's scalars too (a threshold from a numpy sweep).
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
+        if _is_bool(value) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{name}: expected a whole number, got {value_text}")
-        return value
+        return int(value)
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if _is_bool(value) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{name}: expected a number, got {value_text}")
         return float(value)
     if kind == "bool":
-        if not isinstance(value, bool):
+        if not _is_bool(value):
             raise ConfigError(f"{name}: expected true or false, got {value_text}")
-        return value
+        return bool(value)
     if kind == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected text, got {value_text}")
         return value
     raise AssertionError(f"unhandled config type {kind} for {name}")
+
+
+def _is_bool(value: Any) -> bool:
+    """Python's bool or numpy's (which is no int subclass)."""
+    return isinstance(value, (bool, np.bool_))
 
 
 def _short(value: Any) -> str:

@@ -1,5 +1,6 @@
 """Config from the Python API: a wrong value is a ConfigError naming the field."""
 
+import numpy as np
 import pytest
 
 from dedup.core.config import Config, load_config
@@ -61,3 +62,13 @@ def test_a_flag_that_replaces_a_files_value_is_not_blamed_on_the_file(tmp_path):
     path = tmp_path / "dedup.yaml"
     path.write_text("phash_threshold: 8\n")
     assert _error(path, {"phash_threshold": 99}).startswith("phash_threshold: 99 ")
+
+
+def test_numpy_scalars_are_taken_as_numbers():
+    """A threshold computed in a numpy sweep is a numpy scalar: taken, as a Python one."""
+    config = Config(phash_threshold=np.int64(6), clip_threshold=np.float32(0.5), verify=np.True_)
+    assert config.phash_threshold == 6 and type(config.phash_threshold) is int
+    assert config.clip_threshold == 0.5 and type(config.clip_threshold) is float
+    assert config.verify is True
+    with pytest.raises(ConfigError, match="phash_threshold: expected a whole number"):
+        Config(phash_threshold=np.float64(6.0))
