@@ -246,10 +246,11 @@ def list_shards(inputs: list[str]) -> list[Shard]:
 
 
 def is_dedup_out(path: str) -> bool:
-    """Whether a local path is a folder that a dedup run wrote as its OUT (its job file is
-    there): an OUT named `clean.tar` inside a scanned input folder is no input shard, so
-    the same command runs again."""
-    return os.path.isfile(os.path.join(path, STATE_DIR, JOB_FILE))
+    """Whether a local path is a folder that a dedup run made as its OUT: its state
+    folder is there (made first, before the job file, so a run killed early or one
+    starting beside this listing counts too). An OUT named `clean.tar` inside a scanned
+    input folder is no input shard, so the same command runs again."""
+    return os.path.isdir(os.path.join(path, STATE_DIR))
 
 
 def _expand_one(item: str, literal: bool = False) -> list[str]:

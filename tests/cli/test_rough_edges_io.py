@@ -57,3 +57,11 @@ def test_an_out_named_tar_inside_the_input_folder_is_not_an_input(five_shards, t
     assert {n: b for n, b in first.items() if n.endswith(".tar")} == {
         p.name: p.read_bytes() for p in sorted(clean.glob("*.tar"))
     }
+    # An OUT whose run was killed before its job file was written (its state folder
+    # made first) is dedup's too: left out of the scan, and the rerun finishes it.
+    early = inputs / "early.tar"
+    (early / ".dedup").mkdir(parents=True)
+    finished = dedup(inputs, "--out", early, *FLAGS)
+    assert "5 shards" in finished.stderr
+    shards = {n: b for n, b in outputs(early).items() if n.endswith(".tar")}
+    assert shards == {n: b for n, b in first.items() if n.endswith(".tar")}
