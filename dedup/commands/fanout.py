@@ -47,6 +47,7 @@ from dedup.io.outdir import (
     mark_job,
     mark_report,
     output_names,
+    refuse_output,
     remove_empty_temporaries,
     remove_output,
     retire_outputs,
@@ -266,8 +267,9 @@ def _extract_part(
 ) -> dict:
     i, n = parse_part(part)
     shards = list_shards(inputs)
-    config, clip = choose_signals(config)
     report = report_dir or storage.join(out, "dedup-report")
+    refuse_output(out, report, shards)  # cheap refusals before CLIP's weights load
+    config, clip = choose_signals(config)
     check_output(out, shards, overwrite, report, state_dir)
     job = FanoutJob(list(inputs), job_settings(config), report_dir, state_dir, skip_bad_shards)
     path = storage.join(_folder(out), JOB)

@@ -9,7 +9,7 @@ from typing import Any
 
 from dedup.core.config import AUTO, WITHOUT_CLIP, Config
 from dedup.core.errors import ClipNotInstalled, ModelError
-from dedup.signals.clip import pick_device, resolve
+from dedup.signals.clip import pick_device, resolve, weights_found
 from dedup.signals.clipstage import DEVICE_MAX_PIXELS, device_decodes
 
 log = logging.getLogger("dedup")
@@ -48,9 +48,15 @@ def choose_signals(config: Config) -> tuple[Config, Any]:
 
 def resolved_config(config: Config) -> Config:
     """The settings a run here would use (what --print-config shows): `signals: auto` made
-    concrete as a run makes it, and `workers: 0` as the worker count it means."""
-    chosen, _ = choose_signals(config)
-    return dataclasses.replace(chosen, workers=chosen.worker_count)
+    concrete, and `workers: 0` as the worker count it means. Printing loads nothing: auto
+    takes CLIP when its packages and weights are on disk (clip.weights_found; a run then
+    checks that they load), and signals named are shown as named, even when a run would
+    refuse them (exit 6)."""
+    signals = config.signals
+    if signals == AUTO:
+        found = weights_found(config.clip_model, config.clip_pretrained)
+        signals = (*WITHOUT_CLIP, "clip") if found else WITHOUT_CLIP
+    return dataclasses.replace(config, signals=signals, workers=config.worker_count)
 
 
 def resolve_clip(config: Config):

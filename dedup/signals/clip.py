@@ -192,6 +192,20 @@ def _check_installed() -> None:
             raise ClipNotInstalled(_not_installed(name))
 
 
+def weights_found(model: str, pretrained: str) -> bool:
+    """Whether CLIP looks runnable here, from what is on disk alone: its packages are
+    installed and its weights are at the path given or, for an open_clip tag, some
+    cache holds weights. No import of torch, no network, no error (a run checks it all:
+    resolve)."""
+    try:
+        _check_installed()
+    except ClipNotInstalled:
+        return False
+    if _is_tag(model, pretrained):
+        return any(_holds_weights(place) for place in weight_caches())
+    return os.path.isfile(pretrained)
+
+
 def _is_tag(model: str, pretrained: str) -> bool:
     """Whether `pretrained` names weights open_clip downloads for one of its built-in
     models (whose configs it ships as JSON files), not a checkpoint file; anything else

@@ -7,7 +7,6 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-import tomllib
 import yaml
 
 from dedup.core.config import Config, available_cpus
@@ -35,7 +34,6 @@ def test_top_level_help_names_every_command_and_the_default_one():
 # The CLI run in-process in a fresh Python, so that what it imported can be asked after.
 IN_PROCESS = """
 import sys
-import tomllib
 {block}
 from dedup.cli import main
 try:
@@ -98,6 +96,9 @@ def test_cheap_refusals_come_before_the_clip_check(tmp_path):
     report = in_process(tmp_path, shards, "--out", tmp_path / "o", "--report", shards, *clip)
     assert report.stdout.splitlines()[-2] == "exit 4"
     assert "choose another --report" in error_line(report)
+    part = in_process(tmp_path, "extract", shards, "--out", shards, "--part", "0/1", *clip)
+    assert part.stdout.splitlines()[-2:] == ["exit 4", "torch not imported"]
+    assert "choose another --out" in error_line(part)
     missing = in_process(tmp_path, tmp_path / "nowhere", "--out", tmp_path / "o", *clip)
     assert missing.stdout.splitlines()[-2] == "exit 3"
     assert "nowhere" in error_line(missing) and "clip" not in error_line(missing)
@@ -136,6 +137,10 @@ def test_print_config_shows_the_values_auto_and_zero_resolve_to(tmp_path):
         )[0]
     )
     assert (printed["signals"], printed["workers"]) == (["phash"], 3)
+    # CLIP named without its weights: printed as named; nothing loaded, nothing refused
+    named = in_process(tmp_path, "--print-config", "--signals", "exact,clip")
+    assert named.stdout.splitlines()[-2:] == ["exit 0", "torch not imported"]
+    assert yaml.safe_load(named.stdout.split("exit 0")[0])["signals"] == ["exact", "clip"]
 
 
 def test_the_licence_is_an_spdx_string_that_setuptools_reads_without_a_warning():
@@ -178,6 +183,7 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130():
     """SIGINT to the process group as the command starts: it may land while the modules
     load, before the CLI's handlers exist; it ends with the interrupted line, never a
     KeyboardInterrupt traceback from inside an import."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     with open(REPO / "pyproject.toml", "rb") as fh:
         entry = tomllib.load(fh)["project"]["scripts"]["dedup"]
     program = CTRL_C_WHILE_LOADING.format(entry=entry)
