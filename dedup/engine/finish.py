@@ -120,7 +120,7 @@ def finish_all(
                 ref[k] = ref_key[k] = None
         for row in p.blocked_in(rows):
             k = row - rows.start
-            ref[k], ref_key[k] = p.blocked[row]
+            ref[k], ref_key[k] = storage.absolute(p.blocked[row][0]), p.blocked[row][1]
             ref_signal[k] = "phash" if ref_key[k].startswith("phash:") else "exact"
         jobs.append(
             FinishJob(

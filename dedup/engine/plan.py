@@ -285,7 +285,7 @@ def _clusters_table(
     paths, keys, labels, ref_keys = identities(features, shard_starts, references, groups.survivor)
     for k, row in enumerate(groups.survivor.tolist()):
         if blocked and row in blocked:
-            labels[k], ref_keys[k] = blocked[row]
+            labels[k], ref_keys[k] = storage.absolute(blocked[row][0]), blocked[row][1]
     return pa.table(
         {
             "cluster_id": groups.cluster_id,

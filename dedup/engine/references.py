@@ -194,6 +194,15 @@ def _check_settings(stored: dict, config: Config, clip, ref: str) -> None:
         raise _fail(ref, "its CLIP embeddings come from another model or route")
 
 
+def _raw_path(path: str, raw_names: dict[str, str]) -> str:
+    """A shard path as summary.json writes it (a name's bytes that are not UTF-8 as \\xNN
+    text), with its file name as the run's own record (job.json's outputs: outputs keep
+    input names) holds it, so that its stored features are found by that name."""
+    head, sep, name = path.rpartition("/")
+    raw = raw_names.get(name)
+    return path if raw is None else head + sep + raw
+
+
 def _earlier_run(ref: str, config: Config) -> Reference:
     """An earlier OUT: its kept samples, from its feature store and samples.parquet.
 
@@ -235,7 +244,11 @@ def _earlier_run(ref: str, config: Config) -> Reference:
     r = Reference(ref, "run")
     start = 0
     try:
-        entries = [(Shard(e["shard"]), int(e["samples"])) for e in summary.get("shards", [])]
+        raw = {display_name(n): n for n in job.get("outputs") or [] if isinstance(n, str)}
+        entries = [
+            (Shard(_raw_path(e["shard"], raw)), int(e["samples"]))
+            for e in summary.get("shards", [])
+        ]
     except (KeyError, TypeError, ValueError):
         raise _fail(ref, f"its report {report} holds a damaged summary.json") from None
     for shard, n in entries:

@@ -60,6 +60,24 @@ def test_summary_paths_are_absolute(relative_run):
     assert f"<h3>{root}/ref: closest matches</h3>" in page  # matched by the same name
 
 
+def test_the_tables_name_shards_and_references_as_the_summary_does(relative_run, tmp_path):
+    """samples.parquet and clusters.parquet spell a shard and a reference as summary.json
+    does (absolute), so the files join; and a later run matched --against this OUT (whose
+    report was written from relative paths) reads it."""
+    root, _, text = relative_run
+    s = json.loads(text)
+    report = root / "out" / "dedup-report"
+    samples = pq.read_table(report / "samples.parquet").to_pylist()
+    assert sorted({r["shard"] for r in samples}) == sorted(x["shard"] for x in s["shards"])
+    assert {r["reference"] for r in samples if r["reference"]} == {f"{root}/ref"}
+    clusters = pq.read_table(report / "clusters.parquet").to_pylist()
+    shards = {x["shard"] for x in s["shards"]} | {f"{root}/ref/ref-0.tar"}  # a reference item
+    assert clusters and {c["survivor_shard"] for c in clusters} <= shards
+    shutil.copytree(root / "in", tmp_path / "again", ignore=shutil.ignore_patterns("damaged*"))
+    later = dedup(tmp_path / "again", "--out", tmp_path / "o", "--against", root / "out", *FLAGS)
+    assert "error" not in later.stderr
+
+
 def test_summary_is_strict_utf8_json(relative_run):
     """A shard name's byte that is not UTF-8 is written as the text \\xe9, not as a lone
     surrogate (\\udce9) that strict JSON parsers reject."""
