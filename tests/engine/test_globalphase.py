@@ -64,6 +64,8 @@ def planted_rows(n: int, seed: int, dim: int = 0):
     signature[low] = np.clip(colours[rng.integers(0, 6, n)] + noise, 0, 255)[low]
     status = np.array(["ok"] * n, dtype=object)
     status[rng.random(n) < 0.03] = "undecodable"
+    # Shapes from wide to tall (equal signatures of other shapes stay apart: flat rule)
+    height = np.where(tiny, 10, rng.choice(np.array([10, 250, 400, 640]), n))
     vectors = None
     if dim:
         centres = rng.normal(size=(30, dim))
@@ -77,6 +79,7 @@ def planted_rows(n: int, seed: int, dim: int = 0):
         "low": low,
         "status": status,
         "pixels": pixels,
+        "height": height,
         "nbytes": rng.integers(1000, 1010, n),
         "vectors": vectors,
         "views": planted_views(words, rng),
@@ -131,8 +134,8 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
                 "index": np.arange(size),
                 "key": [f"{pos:03d}-{k:05d}" for k in range(size)],
                 "status": list(data["status"][sl]),
-                "width": (data["pixels"][sl] // 10).astype(np.int32),
-                "height": np.full(size, 10, dtype=np.int32),
+                "width": (data["pixels"][sl] // data["height"][sl]).astype(np.int32),
+                "height": data["height"][sl].astype(np.int32),
                 "bytes": data["nbytes"][sl],
                 "digest": [
                     bytes(d) if g else None for d, g in zip(data["digest"][sl], ok, strict=True)
@@ -162,7 +165,7 @@ def write_features(tmp_path, data, shard_sizes) -> list[str]:
 def oracle(data, config):
     ok = np.flatnonzero(data["status"] == "ok")
     cand = Candidates(
-        pixels=data["pixels"][ok] // 10 * 10,
+        pixels=data["pixels"][ok] // data["height"][ok] * data["height"][ok],
         nbytes=data["nbytes"][ok],
         digest=data["digest"][ok],
         phash=data["words"][ok].astype(">u8").view(np.uint8).reshape(-1, 8),
@@ -170,7 +173,7 @@ def oracle(data, config):
         detail=data["detail"][ok],
         signature=np.where(data["low"][ok, None], data["signature"][ok], 0).astype(np.uint8),
         views=data["views"][ok],
-        shape=shape_code(data["pixels"][ok] // 10, np.full(len(ok), 10)),
+        shape=shape_code(data["pixels"][ok] // data["height"][ok], data["height"][ok]),
     )
     return ok, cand, cluster(cand, config), build_edges(cand, config)
 
@@ -378,6 +381,7 @@ def test_tiny_rows_are_searched_in_luminance_buckets_without_losing_a_pair(tmp_p
     noise = rng.integers(-2, 3, (n, SIGNATURE_BYTES))
     data["signature"] = np.clip(level[:, None] + noise, 0, 255).astype(np.uint8)
     data["pixels"] = np.full(n, 28 * 28 // 10 * 10)  # every row tiny
+    data["height"] = np.full(n, 10)
     data["low"] = np.ones(n, dtype=bool)  # every row stores its signature
     sizes = [500, 0, 700]
     paths = write_features(tmp_path, data, sizes)
