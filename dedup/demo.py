@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from dedup.core.config import Config
 from dedup.engine.featurestore import feature_path, read_features
-from dedup.engine.verify import VERIFY_SIDE, features, verify
+from dedup.engine.verify import VERIFY_SIDE, features, verify_both
 from dedup.io.decode import decode_image
 from dedup.io.shards import Shard
 from dedup.signals.phash import LOW_DETAIL_BITS
@@ -268,8 +268,7 @@ class MissExplainer:
             features(decode_image(_image(s), self.config, VERIFY_SIDE, "L").image, m)
             for s, m in ((first, False), (second, mirrored))
         )
-        found = verify(fa, fb)
-        return verify(fb, fa) if found.accepted else found
+        return verify_both(fa, fb)
 
 
 def _image(sample: PlantedSample) -> bytes:

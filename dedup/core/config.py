@@ -353,17 +353,23 @@ def _read_text(path: str) -> str:
     return data.decode("utf-8")
 
 
-def _key_lines(text: str) -> dict[str, int]:
-    """The line (1-based) of each top-level key of a YAML mapping, for error messages;
-    composing builds nodes without constructing values (an alias is not expanded)."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {
-        str(key.value): key.start_mark.line + 1
-        for key, _ in node.value
-        if isinstance(key, yaml.ScalarNode)
-    }
+def _parse(text: str) -> tuple[Any, dict[str, int]]:
+    """A YAML document's value (as yaml.safe_load gives it) and the line (1-based) of
+    each top-level key, for error messages: one parse, the values built from its nodes."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        value = None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+    lines = {}
+    if isinstance(node, yaml.MappingNode):
+        lines = {
+            str(key.value): key.start_mark.line + 1
+            for key, _ in node.value
+            if isinstance(key, yaml.ScalarNode)
+        }
+    return value, lines
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -374,9 +380,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     lines: dict[str, int] = {}
     if path is not None:
         try:
-            text = _read_text(path)
-            loaded = yaml.safe_load(text)
-            lines = _key_lines(text)
+            loaded, lines = _parse(_read_text(path))
         except OSError as e:
             raise ConfigError(f"config {path}: {e.strerror or e}") from None
         except UnicodeDecodeError:

@@ -21,7 +21,7 @@ from dedup.core.progress import Progress
 from dedup.engine.featurestore import image_ranges, read_features
 from dedup.engine.records import load_arrays
 from dedup.engine.rows import rows_by_shard
-from dedup.engine.verify import VERIFY_SIDE, features, verify
+from dedup.engine.verify import VERIFY_SIDE, features, verify_both
 from dedup.executors.base import Executor
 from dedup.io.decode import decode_image
 from dedup.io.shards import Shard, read_ranges_of
@@ -146,11 +146,7 @@ class PairCheck:
                 rejected["undecodable"] += 1
                 continue
             try:
-                verdict = verify(fa, fb)
-                # the pixels are compared in the first picture's frame: both ways round,
-                # so that a pair's fate does not depend on which comes first
-                if verdict.accepted:
-                    verdict = verify(fb, fa)
+                verdict = verify_both(fa, fb)
             except cv2.error:  # a degenerate picture OpenCV refuses: never a duplicate
                 rejected["unverifiable"] += 1
                 continue

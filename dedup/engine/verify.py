@@ -214,6 +214,14 @@ def mutual_matches(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([rows[keep], nearest_b[keep]], axis=1)
 
 
+def verify_both(a: Features, b: Features) -> Verdict:
+    """verify, both ways round: the pixels are compared in the first picture's frame, so
+    a pair is accepted only when each way accepts it, and its fate does not depend on
+    which comes first (the verification tier's rule)."""
+    verdict = verify(a, b)
+    return verify(b, a) if verdict.accepted else verdict
+
+
 def verify(a: Features, b: Features) -> Verdict:
     """Whether `b` is an edited copy of `a` under one similarity transform (see the
     module's docstring); the same inputs always give the same Verdict."""

@@ -28,7 +28,7 @@ from dedup.core.errors import (
     WorkerDied,
 )
 from dedup.core.processes import check_stop
-from dedup.core.progress import Progress
+from dedup.core.progress import Progress, counted
 from dedup.core.progress import advance as progress_advance
 from dedup.core.progress import counters as progress_counters
 from dedup.executors.base import Executor, Guarded
@@ -54,10 +54,6 @@ def _import_ray():
             "executor ray: Ray is not installed; pip install 'dedup-wds[ray]'"
         ) from None
     return ray
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _run_task(fn: Callable, item: Any, cwd: str) -> tuple[str, tuple[int, int], Any]:
@@ -151,7 +147,7 @@ class RayExecutor(Executor):
         log.info(
             "ray: %s: %s, %d CPUs, %d GPUs",
             what,
-            _count(len(nodes), "node"),
+            counted(len(nodes), "node"),
             self.parallelism,
             self.gpus,
         )
@@ -298,8 +294,8 @@ class RayExecutor(Executor):
             tasks = sum(self.tasks_by_node.values())
             log.info(
                 "ray: %s ran on %s",
-                _count(tasks, "task"),
-                _count(len(self.tasks_by_node), "node"),
+                counted(tasks, "task"),
+                counted(len(self.tasks_by_node), "node"),
             )
         if self._connected:
             # Disconnects from a joined cluster; stops the Ray this executor started.
