@@ -23,7 +23,7 @@ from dedup.core.progress import Progress
 from dedup.engine.edits import EDITS, apply
 from dedup.engine.extract import STATUS_OK, ShardFeatures
 from dedup.engine.featurestore import image_ranges, read_features
-from dedup.engine.grey import TASK_PAIRS, PairCheck
+from dedup.engine.grey import PairCheck, pair_items
 from dedup.engine.job import Job
 from dedup.engine.plan import work_folder
 from dedup.engine.reading import extract_all
@@ -291,17 +291,14 @@ def judge_pairs(
 
 def make_verifier(config: Config, sources, inputs, starts, executor=None):
     """The views' verification tier on given pairs, as a run's tasks check them (in the
-    executor's tasks, TASK_PAIRS at a time, when one is given)."""
+    executor's tasks, split as the run splits them, when one is given)."""
 
     check = PairCheck(config, sources, inputs, np.asarray(starts))
 
     def verify(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
         # a mirror relation holds whichever side is mirrored: the check mirrors the second
         lo, hi = np.minimum(i, j), np.maximum(i, j)
-        items = [
-            (lo[s : s + TASK_PAIRS], hi[s : s + TASK_PAIRS], mirrored[s : s + TASK_PAIRS])
-            for s in range(0, len(lo), TASK_PAIRS)
-        ]
+        items = pair_items(lo, hi, mirrored, executor.parallelism if executor else 1)
         if executor is None or len(items) < 2:
             results = [check(item) for item in items]
         else:

@@ -34,6 +34,23 @@ NOT_AT_HAND = "not at hand"
 # Pairs per verification task: each task decodes the images of its pairs once and holds
 # their features (about 40 KB an image).
 TASK_PAIRS = 500
+MIN_TASK_PAIRS = 16  # below this, a task's start costs more than the pairs
+
+
+def task_pairs(pairs: int, parallelism: int) -> int:
+    """Pairs per task: at most TASK_PAIRS, and few enough that every worker gets some
+    when there are pairs for all (a verdict depends on its pair alone: any split gives
+    the same edges)."""
+    share = -(-pairs // max(1, parallelism))
+    return max(1, min(TASK_PAIRS, max(MIN_TASK_PAIRS, share)))
+
+
+def pair_items(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray, parallelism: int) -> list:
+    """The verification tasks' items: (i, j, mirrored) slices of task_pairs pairs."""
+    size = task_pairs(len(i), parallelism)
+    return [
+        (i[s : s + size], j[s : s + size], mirrored[s : s + size]) for s in range(0, len(i), size)
+    ]
 
 
 @dataclass
@@ -233,10 +250,7 @@ def verify_grey(
     if not len(grey.i) or inputs is None:
         return Edges.concat([]), stats.to_dict()
     stats.checked = len(grey.i)
-    items = [
-        (grey.i[s : s + TASK_PAIRS], grey.j[s : s + TASK_PAIRS], grey.mirrored[s : s + TASK_PAIRS])
-        for s in range(0, len(grey.i), TASK_PAIRS)
-    ]
+    items = pair_items(grey.i, grey.j, grey.mirrored, executor.parallelism)
     results = executor.map(
         PairCheck(config, sources, inputs, np.asarray(shard_starts), first_reference),
         items,

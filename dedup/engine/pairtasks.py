@@ -475,7 +475,7 @@ def _route(words: np.ndarray, ids: np.ndarray, lay: Layout, path: str) -> None:
     k, r = lay.prefix_bits, lay.radius
     flips = _masks(k, range(min(r, k) + 1))
     offsets = [0]
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, durable=False) as tmp, open(tmp, "wb") as fh:  # scratch
         for shift, bits in code_chunks(lay.chunks):
             prefix = (words >> np.uint64(shift + bits - k)).astype(np.int64) & ((1 << k) - 1)
             targets = (prefix[:, None] ^ flips[None, :]).reshape(-1)

@@ -126,7 +126,7 @@ def write_runs(path: str, records: np.ndarray, part: np.ndarray, parts: int) -> 
     the record offset of each part (parts + 1 entries)."""
     order = np.argsort(part, kind="stable")
     counts = np.bincount(part, minlength=parts) if len(part) else np.zeros(parts, np.int64)
-    write_atomic(path, np.ascontiguousarray(records[order]).tobytes())
+    write_atomic(path, np.ascontiguousarray(records[order]).tobytes(), durable=False)
     return [0, *np.cumsum(counts).tolist()]
 
 
@@ -148,9 +148,10 @@ def gather(runs: list[tuple[str, list[int]]], dtype: np.dtype, part: int) -> np.
 
 
 def save_arrays(path: str, **arrays: np.ndarray) -> None:
+    """The global phase's scratch arrays (not synced: see fsutil.atomic_path)."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), durable=False)
 
 
 def load_arrays(path: str) -> dict[str, np.ndarray]:

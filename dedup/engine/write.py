@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 
 from dedup.core.errors import ShardError
@@ -26,9 +27,11 @@ def member_header(name: str, size: int) -> bytes:
     if size < MAX_USTAR_SIZE and len(name) <= 100 and name.isascii():
         header = bytearray(_TEMPLATE)
         raw = name.encode("ascii")
+        field = b"%011o\x00" % size
         header[: len(raw)] = raw
-        header[124:136] = b"%011o\x00" % size
-        header[148:155] = b"%06o\x00" % sum(header)
+        header[124:136] = field
+        # the template's sum plus the two fields filled in: the sum of the whole block
+        header[148:155] = b"%06o\x00" % (_TEMPLATE_SUM + sum(raw) + sum(field))
         return bytes(header)
     return _tarfile_header(name, size)
 
@@ -50,6 +53,7 @@ _TEMPLATE[0:100] = bytes(100)
 _TEMPLATE[124:136] = bytes(12)
 _TEMPLATE[148:156] = b" " * 8  # the checksum is summed with its own field as spaces
 _TEMPLATE = bytes(_TEMPLATE)
+_TEMPLATE_SUM = sum(_TEMPLATE)
 
 
 WRITE_COLUMNS = ["member_names", "member_offsets", "member_sizes"]
@@ -87,36 +91,13 @@ def write_shard(
         ShardSource(features.shard, features.identity, features.content) as src,
         atomic_path(output) as tmp,
     ):
-        with open(tmp, "wb", buffering=1 << 20) as out:
-            written = 0
+        with open(tmp, "wb", buffering=0) as out:
+            copy = _Copy(src, out.fileno(), shard.path)
             for row, kept in enumerate(keep):
                 if not kept and row not in capture:
                     continue
-                # Members are read one by one, each in bounded chunks: the header in
-                # front of it is checked, its bytes are copied; nothing is held whole but
-                # what the report's thumbnails need.
-                members = zip(raw_names[row], offsets[row], sizes[row], strict=True)
-                held = []
-                for raw, offset, size in members:
-                    src.skip_to(offset - BLOCK)
-                    header_block = src.read(BLOCK)
-                    _check_header(header_block, raw, size, shard.path, offset - BLOCK)
-                    keep_bytes = row in capture and size <= CAPTURE_MAX
-                    parts = []
-                    if kept:
-                        header = member_header(raw.decode("utf-8", "surrogateescape"), size)
-                        out.write(header)
-                        written += len(header)
-                    for chunk in src.chunks(size):
-                        if kept:
-                            out.write(chunk)
-                        if keep_bytes:
-                            parts.append(chunk)
-                    if kept:
-                        pad = -size % BLOCK
-                        out.write(bytes(pad))
-                        written += size + pad
-                    held.append(b"".join(parts) if keep_bytes else b"")
+                members = list(zip(raw_names[row], offsets[row], sizes[row], strict=True))
+                held = copy.sample(members, kept, row in capture)
                 if row in capture:
                     captured[row] = held
                 if not kept:
@@ -125,10 +106,128 @@ def write_shard(
                 if samples % REPORT_EVERY == 0:
                     advance(REPORT_EVERY)
             advance(samples % REPORT_EVERY)
-            end = 2 * BLOCK + (-(written + 2 * BLOCK) % RECORD)
-            out.write(bytes(end))
+            copy.pieces.append(
+                bytes(2 * BLOCK + (-(copy.written + copy.pending + 2 * BLOCK) % RECORD))
+            )
+            copy.flush()
         src.finish()
     return samples, captured
+
+
+WINDOW = 1 << 24  # bytes of a local shard read at once by the writer
+FLUSH = 1 << 22  # bytes of output gathered before they are written (one writev)
+IOV_MAX = 1024  # buffers per writev (Linux's limit)
+_PADS = [bytes(n) for n in range(BLOCK)]
+_window: bytearray | None = None  # one per process, reused: no page faults per window
+
+
+class _Copy:
+    """The writer's member copy. A local shard is read a window at a time (one read for
+    many samples, into a buffer the process reuses) and the output written by writev
+    from that buffer: no per-member system call, no copy but the kernel's. A sample
+    larger than a window, an object store's stream or an input checked by its bytes (a
+    pipe:'s spool) is read member by member in bounded chunks instead."""
+
+    def __init__(self, src: ShardSource, fd: int, path: str) -> None:
+        self.src, self.fd, self.path = src, fd, path
+        self.direct = src.direct
+        self.window = memoryview(b"")
+        self.start = 0  # the window's offset in the shard
+        self.position = 0  # where the last member read ends: offsets only go forward
+        self.pieces: list = []
+        self.pending = 0  # bytes in pieces
+        self.written = 0
+
+    def sample(self, members: list, kept: bool, capture: bool) -> list[bytes]:
+        """Copy one sample's members (when `kept`); the member bytes when `capture`."""
+        if not members:
+            return []
+        lo = members[0][1] - BLOCK
+        hi = max(offset + size for _, offset, size in members)
+        if not self.direct or hi - lo > WINDOW:
+            return self._streamed(members, kept, capture)
+        if lo < self.position:
+            raise ShardError(self.path, "stored offsets are out of order; rerun", lo)
+        if hi > self.start + len(self.window):
+            self._fill(lo, hi)
+        held = []
+        for raw, offset, size in members:
+            if offset - BLOCK < self.position:
+                raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
+            self.position = offset + size
+            at = offset - self.start
+            _check_header(
+                self.window[at - BLOCK : at].tobytes(), raw, size, self.path, offset - BLOCK
+            )
+            data = self.window[at : at + size]
+            if kept:
+                header = member_header(raw.decode("utf-8", "surrogateescape"), size)
+                pad = _PADS[-size % BLOCK]
+                self.pieces += (header, data, pad)
+                self.pending += len(header) + size + len(pad)
+            held.append(data.tobytes() if capture and size <= CAPTURE_MAX else b"")
+        if self.pending >= FLUSH:
+            self.flush()
+        return held
+
+    def _fill(self, lo: int, hi: int) -> None:
+        """Read the window from `lo` (at least to `hi`) into the process's buffer."""
+        global _window
+        self.flush()  # the pieces gathered point into the buffer
+        if _window is None:
+            _window = bytearray(WINDOW)
+        got = os.preadv(self.src.fileno(), [_window], lo)
+        if got < hi - lo:
+            raise ShardError(self.path, "shard is shorter than when it was read", lo + got)
+        self.window, self.start = memoryview(_window)[:got], lo
+
+    def flush(self) -> None:
+        """Write the pieces gathered, all of them (writev may write less than asked)."""
+        pieces = self.pieces
+        while pieces:
+            batch = pieces[:IOV_MAX]
+            done = os.writev(self.fd, batch)
+            size = sum(len(p) for p in batch)
+            if done < size:  # rare: the rest of the batch goes again, from where it stopped
+                rest = memoryview(b"".join(batch))[done:]
+                while len(rest):
+                    rest = rest[os.write(self.fd, rest) :]
+            pieces = pieces[IOV_MAX:]
+        self.written += self.pending
+        self.pieces, self.pending = [], 0
+
+    def _streamed(self, members: list, kept: bool, capture: bool) -> list[bytes]:
+        """Members one by one, each in bounded chunks: the header in front of it is
+        checked, its bytes copied; nothing is held whole but what `capture` asks for."""
+        self.flush()
+        src = self.src
+        held = []
+        for raw, offset, size in members:
+            if offset - BLOCK < self.position:
+                raise ShardError(self.path, "stored offsets are out of order; rerun", offset)
+            self.position = offset + size
+            src.skip_to(offset - BLOCK)
+            header_block = src.read(BLOCK)
+            _check_header(header_block, raw, size, self.path, offset - BLOCK)
+            keep_bytes = capture and size <= CAPTURE_MAX
+            parts = []
+            if kept:
+                header = member_header(raw.decode("utf-8", "surrogateescape"), size)
+                self.pieces.append(header)
+                self.pending += len(header)
+            for chunk in src.chunks(size):
+                if kept:
+                    self.pieces.append(chunk)
+                    self.pending += len(chunk)
+                    self.flush()
+                if keep_bytes:
+                    parts.append(chunk)
+            if kept:
+                self.pieces.append(_PADS[-size % BLOCK])
+                self.pending += -size % BLOCK
+            held.append(b"".join(parts) if keep_bytes else b"")
+        self.window, self.start = memoryview(b""), self.position
+        return held
 
 
 def _check_header(header: bytes, raw_name: bytes, size: int, path: str, offset: int) -> None:

@@ -26,8 +26,12 @@ TEMP_DIR = ".dedup-tmp"
 
 
 @contextlib.contextmanager
-def atomic_path(final: str) -> Iterator[str]:
+def atomic_path(final: str, durable: bool = True) -> Iterator[str]:
     """Yield a temporary path for `final`; on success fsync it and rename it into place.
+
+    `durable=False`, for scratch files that one run writes and reads back (the global
+    phase's runs and edges): renamed into place whole, but not synced; a machine that
+    loses power loses them, and the next run writes them again (nothing reuses them).
 
     `final` may be a URL: the temporary is then a local file, uploaded when complete (an
     object appears whole or not at all). A full or read-only destination raises
@@ -43,10 +47,12 @@ def atomic_path(final: str) -> Iterator[str]:
     try:
         _create_temporary(temp_dir, tmp)
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        if durable:
+            _fsync_dir(directory)
     except OSError as e:
         _unlink(tmp)
         if e.errno in OUTPUT_ERRNOS or e.filename in (tmp, temp_dir, directory, final):
@@ -73,12 +79,12 @@ def _create_temporary(temp_dir: str, tmp: str) -> None:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
-def write_atomic(final: str, data: bytes) -> None:
-    """Write `data` to `final` (a path or URL) atomically."""
+def write_atomic(final: str, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `final` (a path or URL) atomically (`durable`: as atomic_path)."""
     if storage.is_url(final):
         storage.put_bytes(final, data)
         return
-    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(final, durable) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
 
 

@@ -428,6 +428,8 @@ class ShardSource:
         self.content = content
         self.remote = storage.is_url(self.source)
         self.hasher = blake3.blake3() if identity is None else None
+        # A local file checked by its identity: readable at any offset (fileno, pread).
+        self.direct = not self.remote and self.hasher is None
 
     def __enter__(self) -> ShardSource:
         known = self.identity
@@ -445,6 +447,9 @@ class ShardSource:
                 raise ShardError(self.path, "shard changed since its features were computed; rerun")
         self.position = 0
         return self
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
 
     def read(self, n: int) -> bytes:
         data = self.reader.read(n)
