@@ -28,6 +28,7 @@ from dedup.io.shards import (
     raw_name,
     shard_size,
 )
+from dedup.search import kernels
 from dedup.signals.clip import stage_devices
 
 log = logging.getLogger("dedup")
@@ -56,6 +57,7 @@ def extract_all(
     `spool`: the folder where each pipe: input's output is kept, its command run once
     (see spool_folder); without it a pipe: input is read again by each later phase."""
     executor = executor or LocalExecutor(config.worker_count)
+    kernels.warm()  # before the workers fork: they inherit it (the global phase's too)
     total = sum(shard_size(s) for s in shards)
     progress = Progress("extract", total_bytes=total)
     if clip is None:

@@ -47,11 +47,13 @@ def map_local(
     progress: Progress,
     start_method: str = "fork",
     describe: Callable[[Any], str] = str,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list:
     """fn over items in up to `workers` processes, results in input order.
 
     The first failure stops every worker and is raised here; `describe(item)` names the
-    part a dead worker was processing.
+    part a dead worker was processing. `pool`: a pool of the caller's to run in (left
+    running after a success; stopped, as its own, after a failure).
     """
     results: list = [None] * len(items)
     check_stop()
@@ -62,12 +64,9 @@ def map_local(
             progress.tick()
         progress.close()
         return results
-    pool = ProcessPoolExecutor(
-        max_workers=min(workers, len(items)),
-        mp_context=multiprocessing.get_context(start_method),
-        initializer=worker_init,
-        initargs=(os.getpid(), *progress_counters()),
-    )
+    owned = pool is None
+    if owned:
+        pool = new_pool(min(workers, len(items)), start_method)
     guarded = Guarded(fn)
     try:
         with signals_deferred():  # submit() forks the workers
@@ -88,19 +87,54 @@ def map_local(
     except BaseException:
         stop_workers(pool)
         raise
-    pool.shutdown(wait=True)
+    if owned:
+        pool.shutdown(wait=True)
     progress.close()
     return results
 
 
+def new_pool(workers: int, start_method: str = "fork") -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context(start_method),
+        initializer=worker_init,
+        initargs=(os.getpid(), *progress_counters()),
+    )
+
+
 class LocalExecutor(Executor):
-    """This machine's processes (forked; spawned for CUDA, which cannot be forked)."""
+    """This machine's processes (forked; spawned for CUDA, which cannot be forked).
+
+    Used as a context manager (as a run uses it), the executor keeps one pool of forked
+    workers for all its phases: each worker imports, and loads the compiled kernels it
+    needs, once a run rather than once a phase. A failed phase stops the pool; the next
+    phase forks a new one. Without `with`, each map has a pool of its own."""
 
     name = "local"
 
     def __init__(self, workers: int) -> None:
         self.parallelism = max(1, workers)
+        self.keep_pool = False
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalExecutor:
+        self.keep_pool = True
+        return self
 
     def map(self, fn, items, progress, describe=str, cuda=False) -> list:
-        start_method = "spawn" if cuda else "fork"
-        return map_local(fn, items, self.parallelism, progress, start_method, describe)
+        if cuda or not self.keep_pool or self.parallelism <= 1 or len(items) <= 1:
+            start_method = "spawn" if cuda else "fork"
+            return map_local(fn, items, self.parallelism, progress, start_method, describe)
+        if self.pool is None:
+            with signals_deferred():
+                self.pool = new_pool(self.parallelism)
+        try:
+            return map_local(fn, items, self.parallelism, progress, "fork", describe, self.pool)
+        except BaseException:
+            self.pool = None  # stopped by map_local
+            raise
+
+    def close(self) -> None:
+        pool, self.pool, self.keep_pool = self.pool, None, False
+        if pool is not None:
+            pool.shutdown(wait=True)

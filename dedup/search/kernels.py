@@ -3,8 +3,32 @@ whole-array steps, which materialize several arrays per candidate pair."""
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
+from numba.core import config as numba_config
+
+
+def cache_dir() -> str:
+    """Where the compiled kernels are kept between runs: NUMBA_CACHE_DIR when set (numba's
+    own setting), else $DEDUP_CACHE_DIR/numba, else $XDG_CACHE_HOME/dedup/numba
+    (~/.cache/dedup/numba). Outside the installed package, so a reinstall of the same
+    version finds them (numba keys them by the source's content); the first run on a
+    machine compiles them (seconds). Unwritable: numba's own places, or no cache."""
+    if numba_config.CACHE_DIR:
+        return numba_config.CACHE_DIR
+    root = os.environ.get("DEDUP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "dedup",
+    )
+    return os.path.join(root, "numba")
+
+
+# numba picks a function's cache folder when the function is decorated: these kernels'
+# is set for the decorations below only (other libraries' numba caches are untouched).
+_numba_cache_before = numba_config.CACHE_DIR
+numba_config.CACHE_DIR = cache_dir()
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
@@ -312,6 +336,13 @@ def frame_features(
     return share, bits, depths[0], depths[1], depths[2], depths[3], marked
 
 
+def warm() -> None:
+    """Set up numba's compiler state in this process (about 0.2 s, once a process; each
+    kernel then loads from its cache in milliseconds). Done before workers are forked,
+    they inherit it rather than each paying for it."""
+    chroma_sum(np.zeros((1, 1, 3), np.uint8))
+
+
 @numba.njit(cache=True, nogil=True)
 def chroma_sum(ycbcr):
     """Sum of |Cb - 128| + |Cr - 128| over an (h, w, 3) uint8 YCbCr image, for
@@ -418,3 +449,6 @@ def keep_measure(gray, ycbcr, colour, params):
     lap, total, squares = texture_sums(gray[y0:y1, x0:x1])
     chroma = chroma_sum(ycbcr[y0:y1, x0:x1]) if colour else 0
     return share, bits, x0, y0, x1, y1, lap, total, squares, chroma
+
+
+numba_config.CACHE_DIR = _numba_cache_before
