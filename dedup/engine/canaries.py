@@ -298,7 +298,7 @@ def make_verifier(config: Config, sources, inputs, starts, executor=None):
     def verify(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
         # a mirror relation holds whichever side is mirrored: the check mirrors the second
         lo, hi = np.minimum(i, j), np.maximum(i, j)
-        items = pair_items(lo, hi, mirrored, executor.parallelism if executor else 1)
+        items = pair_items(lo, hi, mirrored)
         if executor is None or len(items) < 2:
             results = [check(item) for item in items]
         else:

@@ -34,20 +34,22 @@ NOT_AT_HAND = "not at hand"
 # Pairs per verification task: each task decodes the images of its pairs once and holds
 # their features (about 40 KB an image).
 TASK_PAIRS = 500
-MIN_TASK_PAIRS = 16  # below this, a task's start costs more than the pairs
+# Fewer pairs than TASK_PAIRS are still spread over this many tasks (of MIN_TASK_PAIRS
+# at least), so that every worker has some. The split depends on the pairs alone, never
+# on the workers: the summary's count of images decoded is the same whatever runs it.
+SPREAD_TASKS = 8
+MIN_TASK_PAIRS = 16
 
 
-def task_pairs(pairs: int, parallelism: int) -> int:
-    """Pairs per task: at most TASK_PAIRS, and few enough that every worker gets some
-    when there are pairs for all (a verdict depends on its pair alone: any split gives
+def task_pairs(pairs: int) -> int:
+    """Pairs per verification task (a verdict depends on its pair alone: any split gives
     the same edges)."""
-    share = -(-pairs // max(1, parallelism))
-    return max(1, min(TASK_PAIRS, max(MIN_TASK_PAIRS, share)))
+    return max(1, min(TASK_PAIRS, max(MIN_TASK_PAIRS, -(-pairs // SPREAD_TASKS))))
 
 
-def pair_items(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray, parallelism: int) -> list:
+def pair_items(i: np.ndarray, j: np.ndarray, mirrored: np.ndarray) -> list:
     """The verification tasks' items: (i, j, mirrored) slices of task_pairs pairs."""
-    size = task_pairs(len(i), parallelism)
+    size = task_pairs(len(i))
     return [
         (i[s : s + size], j[s : s + size], mirrored[s : s + size]) for s in range(0, len(i), size)
     ]
@@ -250,7 +252,7 @@ def verify_grey(
     if not len(grey.i) or inputs is None:
         return Edges.concat([]), stats.to_dict()
     stats.checked = len(grey.i)
-    items = pair_items(grey.i, grey.j, grey.mirrored, executor.parallelism)
+    items = pair_items(grey.i, grey.j, grey.mirrored)
     results = executor.map(
         PairCheck(config, sources, inputs, np.asarray(shard_starts), first_reference),
         items,

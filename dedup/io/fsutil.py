@@ -156,10 +156,18 @@ def read_regular_file(path: str, limit: int | None = None) -> bytes:
     return data
 
 
-def read_table(path: str, **options):
-    """A Parquet file at a path or URL, read whole (options as pyarrow.parquet.read_table)."""
+def read_table(
+    path: str, columns: list[str] | None = None, page_checksum_verification: bool = False
+) -> pa.Table:
+    """A Parquet file at a path or URL, read whole (`columns`: only those, in that order).
+
+    One file's reader, not pyarrow.parquet.read_table's dataset machinery: a few
+    milliseconds less per file, which a run reading hundreds of small per-shard files
+    pays once a file."""
     source = pa.BufferReader(read_file(path)) if storage.is_url(path) else path
-    return pq.read_table(source, **options)
+    parquet = pq.ParquetFile(source, page_checksum_verification=page_checksum_verification)
+    with contextlib.closing(parquet):
+        return parquet.read(columns=columns)
 
 
 @contextlib.contextmanager
