@@ -52,8 +52,7 @@ from dedup.signals.phash import (
     TINY_PIXELS,
     colour_signature,
     phash_and_detail,
-    shrink,
-    stack_shrunk,
+    shrink_pixels,
 )
 
 STATUS_OK = "ok"
@@ -230,7 +229,7 @@ def compute_features(
 
     def flush() -> None:
         if pending_smalls:
-            codes, detail = phash_and_detail(stack_shrunk(pending_smalls))
+            codes, detail = phash_and_detail(np.stack(pending_smalls))
             if want_views:
                 for row_index, code in zip(pending_rows, view_codes(pending_views), strict=True):
                     views_col[row_index] = code.tobytes()
@@ -328,13 +327,13 @@ def compute_features(
                             keep_frame = (content, bits)
                         if decoded.image is not None and want_phash:
                             pending_rows.append(row)
-                            small = shrink(decoded.image)
+                            small = shrink_pixels(grey[1])  # shrink(decoded.image)
                             pending_smalls.append(small)
                             if plugins:
                                 pending_images.append(decoded.image)
                             if want_views:
                                 pending_views.append(
-                                    view_input(decoded.image, np.asarray(small), grey, picture)
+                                    view_input(decoded.image, small, grey, picture)
                                 )
                             if decoded.image.mode == "RGB" and route:  # colours at hand
                                 signature = colour_signature(decoded.image)

@@ -9,6 +9,7 @@ from typing import Any
 
 from dedup.core.config import Config
 from dedup.core.errors import DedupError, ShardError
+from dedup.core.processes import signals_deferred
 from dedup.core.progress import Progress, counted
 from dedup.engine.extract import ShardFeatures, extract_shard, input_identity
 from dedup.engine.job import Job, spool_folder
@@ -57,7 +58,8 @@ def extract_all(
     `spool`: the folder where each pipe: input's output is kept, its command run once
     (see spool_folder); without it a pipe: input is read again by each later phase."""
     executor = executor or LocalExecutor(config.worker_count)
-    kernels.warm()  # before the workers fork: they inherit it (the global phase's too)
+    with signals_deferred():  # a stop signal lands after it, never inside numba
+        kernels.warm()  # before the workers fork: they inherit it (the global phase's too)
     total = sum(shard_size(s) for s in shards)
     progress = Progress("extract", total_bytes=total)
     if clip is None:

@@ -451,4 +451,108 @@ def keep_measure(gray, ycbcr, colour, params):
     return share, bits, x0, y0, x1, y1, lap, total, squares, chroma
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clip8(ss):
+    v = ss >> 22
+    return 0 if v < 0 else (255 if v > 255 else v)
+
+
+@numba.njit(cache=True, nogil=True)
+def _horizontal(src, first, rows, hb, hk):
+    # the vertical pass over the transposed rows: its inner loop runs along memory
+    turned = np.ascontiguousarray(src[first : first + rows].T)
+    return np.ascontiguousarray(_vertical(turned, 0, hb, hk).T)
+
+
+@numba.njit(cache=True, nogil=True)
+def _vertical(src, shift, vb, vk):
+    width = src.shape[1]
+    out = np.empty((vb.shape[0], width), np.uint8)
+    acc = np.empty(width, np.int32)
+    for yy in range(vb.shape[0]):
+        lo = vb[yy, 0] - shift
+        acc[:] = 1 << 21
+        for y in range(vb[yy, 1]):
+            k = vk[yy, y]
+            line = src[y + lo]
+            for xx in range(width):  # the sums are exact integers: any order gives them
+                acc[xx] += np.int32(line[xx]) * k
+        for xx in range(width):
+            out[yy, xx] = _clip8(acc[xx])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def resample_grey(src, hb, hk, vb, vk, need_h, need_v, horizontal_first):
+    """Pillow's two-pass 8-bit resampling (ImagingResampleInner) of an (H, W) uint8
+    image, given each pass's bounds (first source pixel, count) and 22-bit fixed-point
+    weights per output pixel, as dedup.signals.resample computes them. Horizontal first:
+    over the rows the vertical pass reads only; else the vertical pass over every
+    column first. Each sum is rounded and clipped as Pillow's clip8 does."""
+    if horizontal_first:
+        first = vb[0, 0]
+        out = src
+        if need_h:
+            last = vb[vb.shape[0] - 1, 0] + vb[vb.shape[0] - 1, 1]
+            out = _horizontal(src, first, last - first, hb, hk)
+        if need_v:
+            out = _vertical(out, first if need_h else 0, vb, vk)
+    else:
+        out = src
+        if need_v:
+            out = _vertical(src, 0, vb, vk)
+        if need_h:
+            out = _horizontal(out, 0, out.shape[0], hb, hk)
+    return out.copy() if not (need_h or need_v) else out
+
+
+@numba.njit(cache=True, nogil=True)
+def _uniform_run(lo, hi, tolerance, reverse):
+    """Leading lines (from the end when `reverse`) whose pixels all lie within
+    `tolerance` of the middle of the first line's range (itself no wider than twice it)."""
+    n = lo.shape[0]
+    first = n - 1 if reverse else 0
+    if np.int64(hi[first]) - np.int64(lo[first]) > 2 * tolerance:
+        return 0
+    ref = (np.int64(lo[first]) + np.int64(hi[first])) // 2
+    for k in range(n):
+        at = n - 1 - k if reverse else k
+        if not (lo[at] >= ref - tolerance and hi[at] <= ref + tolerance):
+            return k
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def border_runs(gray, tolerance):
+    """(top, bottom, left, right): the uniform lines on each side of an (h, w) uint8
+    image, for dedup.signals.views.content_box (one pass for the four sides' minima and
+    maxima instead of four numpy reductions and their temporaries)."""
+    h, w = gray.shape
+    row_lo = np.empty(h, np.uint8)
+    row_hi = np.empty(h, np.uint8)
+    col_lo = np.full(w, 255, np.uint8)
+    col_hi = np.zeros(w, np.uint8)
+    for y in range(h):
+        lo = np.uint8(255)
+        hi = np.uint8(0)
+        for x in range(w):
+            v = gray[y, x]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
+            if v < col_lo[x]:
+                col_lo[x] = v
+            if v > col_hi[x]:
+                col_hi[x] = v
+        row_lo[y] = lo
+        row_hi[y] = hi
+    return (
+        _uniform_run(row_lo, row_hi, tolerance, False),
+        _uniform_run(row_lo, row_hi, tolerance, True),
+        _uniform_run(col_lo, col_hi, tolerance, False),
+        _uniform_run(col_lo, col_hi, tolerance, True),
+    )
+
+
 numba_config.CACHE_DIR = _numba_cache_before

@@ -7,6 +7,8 @@ import numpy as np
 import scipy.fftpack
 from PIL import Image
 
+from dedup.signals.resample import LANCZOS, resize_grey
+
 HASH_SIZE = 8
 HIGHFREQ_FACTOR = 4
 IMG_SIZE = HASH_SIZE * HIGHFREQ_FACTOR  # 32
@@ -16,6 +18,13 @@ CODE_BYTES = HASH_SIZE * HASH_SIZE // 8  # one bit per coefficient of the 8x8 bl
 def shrink(image: Image.Image) -> Image.Image:
     """The 32x32 grayscale image imagehash hashes: convert("L"), then a Lanczos resize."""
     return image.convert("L").resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
+
+
+def shrink_pixels(pixels: np.ndarray) -> np.ndarray:
+    """`shrink` of a grayscale image given as an (h, w) uint8 array: the same 32x32
+    pixels (dedup.signals.resample: Pillow's Lanczos resize, bit for bit), five times
+    faster at web size and without a Pillow image."""
+    return resize_grey(pixels, (IMG_SIZE, IMG_SIZE), LANCZOS)
 
 
 def phash_input(image: Image.Image) -> np.ndarray:

@@ -21,8 +21,10 @@ import numpy as np
 from PIL import Image
 
 from dedup.core.config import Config
+from dedup.search.kernels import border_runs
 from dedup.search.pairs import hamming_pairs
 from dedup.signals.phash import CODE_BYTES, DETAIL_FLOOR, IMG_SIZE, LOW_DETAIL_BITS
+from dedup.signals.resample import BILINEAR, LANCZOS, resize_grey
 
 # View order: a row's codes are stored in this order; a code equal to an earlier view's
 # of the same image (a frame with nothing to trim, a symmetric picture) is dropped from
@@ -49,25 +51,16 @@ def content_box(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE) -> tuple[in
     """(x0, y0, x1, y1) of a 2-D uint8 image with uniform borders removed (x1, y1
     exclusive): each side drops its outer rows (or columns) while all their pixels are
     within `tolerance` of the middle of that side's outermost line (itself that uniform).
-    The whole frame when trimming would leave less than 1 - MAX_TRIM of either side."""
+    The whole frame when trimming would leave less than 1 - MAX_TRIM of either side.
+    One compiled pass (dedup.search.kernels.border_runs)."""
     h, w = gray.shape
-
-    def run(low: np.ndarray, high: np.ndarray) -> int:
-        """Leading lines whose pixels all lie within the tolerance of the first's colour."""
-        if high[0] - low[0] > 2 * tolerance:
-            return 0
-        ref = (int(low[0]) + int(high[0])) // 2
-        uniform = (low >= ref - tolerance) & (high <= ref + tolerance)
-        return len(uniform) if uniform.all() else int(np.argmin(uniform))
-
-    row_lo, row_hi = gray.min(axis=1).astype(np.int16), gray.max(axis=1).astype(np.int16)
-    col_lo, col_hi = gray.min(axis=0).astype(np.int16), gray.max(axis=0).astype(np.int16)
-    top, bottom = run(row_lo, row_hi), run(row_lo[::-1], row_hi[::-1])
-    left, right = run(col_lo, col_hi), run(col_lo[::-1], col_hi[::-1])
+    if not h or not w:
+        raise ValueError("content_box of an empty image")
+    top, bottom, left, right = border_runs(gray, tolerance)
     y0, y1, x0, x1 = top, h - bottom, left, w - right
     if (y1 - y0) < (1 - MAX_TRIM) * h or (x1 - x0) < (1 - MAX_TRIM) * w:
         return 0, 0, w, h
-    return x0, y0, x1, y1
+    return int(x0), int(y0), int(x1), int(y1)
 
 
 # Crops are resampled from the trimmed frame on a GRID x GRID raster (one Pillow resize),
@@ -135,7 +128,8 @@ def view_input(
     picture: tuple[int, int, int, int] | None = None,
 ) -> ViewInput:
     """The views' pixels of a decoded image whose pHash input (32 x 32 uint8) is `full`:
-    the trimmed frame on the GRID x GRID raster (Pillow's bilinear resize: a matrix
+    the trimmed frame on the GRID x GRID raster (Pillow's bilinear resize, bit for bit,
+    by dedup.signals.resample: a matrix
     product per image cost 5 ms at 2 MP, BLAS threads fighting the worker processes),
     and, when something was trimmed, the trimmed frame shrunk as the pHash shrinks.
     `grey`: grey_levels(image), when the caller has it. `picture`: the picture inside
@@ -143,15 +137,15 @@ def view_input(
     bands, an application's frame), the trimmed frame when it is smaller than the
     uniform borders' (content_box), so that a screenshot or a captioned copy has its
     picture as a view."""
-    gray, pixels = grey if grey is not None else grey_levels(image)
+    _, pixels = grey if grey is not None else grey_levels(image)
     h, w = pixels.shape
     box = content_box(pixels)
     if picture is not None and _area(picture) < _area(box):
         box = picture
     trim = None
     if box != (0, 0, w, h):
-        trim = np.asarray(gray.resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS, box=box))
-    grid = np.asarray(gray.resize((GRID, GRID), Image.Resampling.BILINEAR, box=box))
+        trim = resize_grey(pixels, (IMG_SIZE, IMG_SIZE), LANCZOS, box)
+    grid = resize_grey(pixels, (GRID, GRID), BILINEAR, box)
     return ViewInput(full, trim, grid)
 
 

@@ -61,7 +61,11 @@ def test_bench(tmp_path):
         assert (number(removed[1]), number(removed[2])) == (copies, images)
         for run in ("(b2)", "(b3)"):
             (line,) = lines_with(text, run)
-            assert number(re.search(r"removed ([\d,]+)\)", line)[1]) >= copies
+            assert number(re.search(r"removed ([\d,]+)[;)]", line)[1]) >= copies
+        assert "signals exact,phash,views)" in lines_with(text, "(b3)")[0]  # the default's
+        limit = re.search(r"limit: floor \+ copy +([\d,]+) images/s", text)
+        assert number(limit[1]) > 0
+        assert len(re.findall(r"start-up and report -?\d+\.\d\d s", text)) == 2
         checked = re.search(r"checked ([\d,]+) pairs \(([\d,]+) accepted\)", text)
         assert number(checked[1]) >= number(checked[2])
         assert "(c) skipped: imagededup is not installed" in text or "(c) imagededup" in text
