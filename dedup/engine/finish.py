@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -30,7 +31,7 @@ from dedup.engine.thumbs import read_previews
 from dedup.engine.write import WRITE_COLUMNS, write_shard
 from dedup.executors import Executor
 from dedup.io import storage
-from dedup.io.fsutil import read_file, write_atomic
+from dedup.io.fsutil import read_file, sync_folders, write_atomic
 from dedup.io.outdir import (
     STATE_DIR,
     WRITTEN_DIR,
@@ -146,7 +147,14 @@ def finish_all(
         )
     total = sum(int(j.keep.sum()) if not dry_run else len(j.keep) for j in jobs)
     progress = Progress("write", total_items=total, unit="samples")
-    return executor.map(_finish, jobs, progress, describe=_job_shard_path)
+    finished = executor.map(_finish, jobs, progress, describe=_job_shard_path)
+    # Each task's files were synced before their renames: their folders once for all of
+    # them (a folder's fsync commits the filesystem's journal: once a file, amid other
+    # workers' writes, it cost more than the writes).
+    written = [f.output for f in finished if f.output is not None and not f.unchanged]
+    folders = {os.path.dirname(path) for path in written + [j.part for j in jobs]}
+    sync_folders(folders | {j.written_dir for j in jobs if j.output is not None})
+    return finished
 
 
 def _job_shard_path(job: FinishJob) -> str:
@@ -181,10 +189,10 @@ def _finish(job: FinishJob) -> Finished:
                     "samples": written,
                     "beside": [(t, _identity(t)) for _, t in job.sidecars if _exists(t)],
                 }
-                write_atomic(record, json.dumps(mark, sort_keys=True).encode())
+                write_atomic(record, json.dumps(mark, sort_keys=True).encode(), sync_folder=False)
     else:  # a dry run: the samples judged, their report rows written
         advance(len(job.keep))
-    write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part)
+    write_table(samples_part(job, f.select(SAMPLE_COLUMNS)), job.part, sync_folder=False)
     previews = []
     if job.preview_rows:
         keys = f.column("key").to_pylist()

@@ -70,9 +70,10 @@ CLUSTERS_SCHEMA = pa.schema(
 )
 
 
-def write_table(table: pa.Table, path: str) -> None:
-    """Parquet, written atomically; no timestamps, so equal tables give equal bytes."""
-    with atomic_path(path) as tmp:
+def write_table(table: pa.Table, path: str, sync_folder: bool = True) -> None:
+    """Parquet, written atomically; no timestamps, so equal tables give equal bytes.
+    `sync_folder`: as dedup.io.fsutil.atomic_path."""
+    with atomic_path(path, sync_folder=sync_folder) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
 

@@ -89,7 +89,7 @@ def write_shard(
     captured: dict[int, list[bytes]] = {}
     with (
         ShardSource(features.shard, features.identity, features.content) as src,
-        atomic_path(output) as tmp,
+        atomic_path(output, sync_folder=False) as tmp,  # the phase syncs OUT once
     ):
         with open(tmp, "wb", buffering=0) as out:
             copy = _Copy(src, out.fileno(), shard.path)

@@ -26,12 +26,16 @@ TEMP_DIR = ".dedup-tmp"
 
 
 @contextlib.contextmanager
-def atomic_path(final: str, durable: bool = True) -> Iterator[str]:
-    """Yield a temporary path for `final`; on success fsync it and rename it into place.
+def atomic_path(final: str, durable: bool = True, sync_folder: bool = True) -> Iterator[str]:
+    """Yield a temporary path for `final`; on success fsync it and rename it into place,
+    then fsync the folder (the rename made durable).
 
     `durable=False`, for scratch files that one run writes and reads back (the global
     phase's runs and edges): renamed into place whole, but not synced; a machine that
     loses power loses them, and the next run writes them again (nothing reuses them).
+    `sync_folder=False`: the file is synced before its rename, the folder left to the
+    caller, who syncs it once for many files (sync_folders: one journal commit, not one
+    a file); until then a power loss can lose the new name, never leave it partial.
 
     `final` may be a URL: the temporary is then a local file, uploaded when complete (an
     object appears whole or not at all). A full or read-only destination raises
@@ -51,7 +55,7 @@ def atomic_path(final: str, durable: bool = True) -> Iterator[str]:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, final)
-        if durable:
+        if durable and sync_folder:
             _fsync_dir(directory)
     except OSError as e:
         _unlink(tmp)
@@ -79,12 +83,13 @@ def _create_temporary(temp_dir: str, tmp: str) -> None:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
-def write_atomic(final: str, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `final` (a path or URL) atomically (`durable`: as atomic_path)."""
+def write_atomic(final: str, data: bytes, durable: bool = True, sync_folder: bool = True) -> None:
+    """Write `data` to `final` (a path or URL) atomically (`durable`, `sync_folder`: as
+    atomic_path)."""
     if storage.is_url(final):
         storage.put_bytes(final, data)
         return
-    with atomic_path(final, durable) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(final, durable, sync_folder) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
 
 
@@ -247,6 +252,12 @@ def remove_empty_temp_dir(directory: str) -> None:
 def _unlink(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def sync_folders(folders) -> None:
+    """fsync each local folder once (see atomic_path's `sync_folder`); URLs have none."""
+    for folder in sorted({f or "." for f in folders if not storage.is_url(f)}):
+        _fsync_dir(folder)
 
 
 def _fsync_dir(directory: str) -> None:
