@@ -15,14 +15,19 @@ def cache_dir() -> str:
     own setting), else $DEDUP_CACHE_DIR/numba, else $XDG_CACHE_HOME/dedup/numba
     (~/.cache/dedup/numba). Outside the installed package, so a reinstall of the same
     version finds them (numba keys them by the source's content); the first run on a
-    machine compiles them (seconds). Unwritable: numba's own places, or no cache."""
+    machine compiles them (seconds). Unwritable, or no home folder to put it in ("" here):
+    numba's own places (beside the source), or no cache."""
     if numba_config.CACHE_DIR:
         return numba_config.CACHE_DIR
-    root = os.environ.get("DEDUP_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "dedup",
-    )
-    return os.path.join(root, "numba")
+    root = os.environ.get("DEDUP_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME", "")
+        if not os.path.isabs(base):  # unset, or relative: ignored, as the XDG spec says
+            base = os.path.join(os.path.expanduser("~"), ".cache")
+        if not os.path.isabs(base):  # no home to expand: numba's own places, never the cwd
+            return ""
+        root = os.path.join(base, "dedup")
+    return os.path.join(os.path.abspath(root), "numba")
 
 
 # numba picks a function's cache folder when the function is decorated: these kernels'

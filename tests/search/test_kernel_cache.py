@@ -56,3 +56,21 @@ def test_numba_cache_dir_is_respected(tmp_path):
         [sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert Path(out[0]).is_relative_to(tmp_path / "mine")
+
+
+def test_no_home_folder_leaves_numba_its_own_places(monkeypatch):
+    """Without DEDUP_CACHE_DIR, XDG_CACHE_HOME or a home to expand, the cache is never a
+    relative folder under the working directory."""
+    from numba.core import config as numba_config
+
+    from dedup.search import kernels
+
+    monkeypatch.setattr(numba_config, "CACHE_DIR", "")
+    monkeypatch.delenv("DEDUP_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(os.path, "expanduser", lambda path: path)  # "~" stays "~"
+    assert kernels.cache_dir() == ""
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    assert kernels.cache_dir() == ""
+    monkeypatch.setenv("DEDUP_CACHE_DIR", "rel")
+    assert kernels.cache_dir() == os.path.join(os.path.abspath("rel"), "numba")
