@@ -125,9 +125,8 @@ class LocalExecutor(Executor):
         if cuda or not self.keep_pool or self.parallelism <= 1 or len(items) <= 1:
             start_method = "spawn" if cuda else "fork"
             return map_local(fn, items, self.parallelism, progress, start_method, describe)
-        if self.pool is None:
-            with signals_deferred():
-                self.pool = new_pool(self.parallelism)
+        if self.pool is None:  # its workers fork at the first submit, signals held there
+            self.pool = new_pool(self.parallelism)
         try:
             return map_local(fn, items, self.parallelism, progress, "fork", describe, self.pool)
         except BaseException:

@@ -63,7 +63,7 @@ def content_box(gray: np.ndarray, tolerance: int = BORDER_TOLERANCE) -> tuple[in
     return int(x0), int(y0), int(x1), int(y1)
 
 
-# Crops are resampled from the trimmed frame on a GRID x GRID raster (one Pillow resize),
+# Crops are resampled from the trimmed frame on a GRID x GRID raster (one resize_grey),
 # by fixed area-average matrices: all crops of a batch in two matrix products.
 GRID = 64
 
@@ -129,8 +129,8 @@ def view_input(
 ) -> ViewInput:
     """The views' pixels of a decoded image whose pHash input (32 x 32 uint8) is `full`:
     the trimmed frame on the GRID x GRID raster (Pillow's bilinear resize, bit for bit,
-    by dedup.signals.resample: a matrix
-    product per image cost 5 ms at 2 MP, BLAS threads fighting the worker processes),
+    by dedup.signals.resample; a float matrix product per image cost 5 ms at 2 MP, BLAS
+    threads fighting the worker processes),
     and, when something was trimmed, the trimmed frame shrunk as the pHash shrinks.
     `grey`: grey_levels(image), when the caller has it. `picture`: the picture inside
     the bands the keep features found (dedup.signals.keep.frame_features: bars, caption
